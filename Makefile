@@ -1,0 +1,33 @@
+# rulecheck: `make demo` runs the main job on the bundled model, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+# torch is pinned first so that pip takes the CPU build on disk, not the CUDA wheels.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/rulecheck extract --heads all --out build/demo
+	$(VENV)/bin/rulecheck summary build/demo
+
+test: install
+	$(PY) -m pytest -n 2 -q
+
+bench: install
+	$(PY) -m benchmarks.run
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build .rulecheck_cache

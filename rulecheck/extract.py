@@ -1,0 +1,296 @@
+"""Extraction: from a model, its SAEs and a corpus to skip-gram rules per head.
+
+One streaming pass per layer collects every requested head's exemplars and the mean LayerNorm
+scale; then, per head and feature, candidates are ranked, evaluated on the exemplars' prefixes,
+and the number of terms is chosen on the validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rulecheck.errors import RulecheckError
+from rulecheck.exemplars import (
+    ExemplarCollector,
+    ExemplarConfig,
+    FeatureExamples,
+    check_corpus_size,
+    sample_features,
+)
+from rulecheck.heads import (
+    encode_head,
+    head_encoder,
+    head_weights,
+    input_directions,
+    layer_hooks,
+    ln_inverse_scale,
+    run_to_layer,
+    z_hook,
+)
+from rulecheck.metrics import binary_scores, spearman
+from rulecheck.rules import predictions_by_terms, prefix_stats, term_contributions, term_counts
+from rulecheck.scores import Terms, candidate_terms, rank_by_weight, value_scores
+
+Progress = Callable[[str, int, int], None]  # (task, advance, total)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of one extraction; recorded in the rulebook's ``extraction`` field."""
+
+    method: str = "weight"
+    keys: int = 100
+    queries_per_key: int = 100
+    max_terms: int = 64
+    features: int | tuple[int, ...] = 100
+    tolerance: float = 0.05
+    batch_size: int = 64
+    top_tokens: int = 3
+    exemplars: ExemplarConfig = field(default_factory=ExemplarConfig)
+
+    @property
+    def seed(self) -> int:
+        return self.exemplars.seed
+
+
+@dataclass
+class FeatureResult:
+    """One output feature's ranked terms and their measured quality."""
+
+    feature: int
+    terms: Terms  # the kept terms, ranked, all live (attn > 0, value > 0)
+    n_terms: int  # terms chosen on the validation split
+    test: dict[str, float]  # f1, precision, recall, spearman, n_test
+    f1_by_terms: dict[int, float]  # test F1 against number of terms
+
+
+@dataclass
+class HeadResult:
+    layer: int
+    head: int
+    ln_scale: float
+    features: list[FeatureResult]
+    n_sequences: int
+    n_eligible: int
+
+
+def _noop(task: str, advance: int, total: int) -> None:
+    return None
+
+
+@torch.no_grad()
+def collect_layer(
+    model: HookedTransformer,
+    sae_outs: dict[int, SAE],
+    tokens: Tensor,
+    layer: int,
+    cfg: ExtractConfig,
+    progress: Progress = _noop,
+) -> tuple[dict[int, ExemplarCollector], float]:
+    """Stream ``tokens [n_seq, pos]`` once: exemplars for every head in ``sae_outs`` and the
+    mean inverse LayerNorm scale of ``blocks.{layer}`` (positions after BOS)."""
+    device = model.cfg.device
+    n_seq, seq_len = tokens.shape
+    collectors = {
+        h: ExemplarCollector(sae.cfg.d_sae, seq_len, cfg.exemplars, torch.device(device))
+        for h, sae in sae_outs.items()
+    }
+    names = layer_hooks(model, layer)
+    inv_sum, inv_count = 0.0, 0
+    for start in range(0, n_seq, cfg.batch_size):
+        batch = tokens[start : start + cfg.batch_size].to(device)
+        store = run_to_layer(model, batch, layer, names)
+        inv = ln_inverse_scale(model, store, layer)[:, 1:]
+        inv_sum += float(inv.double().sum())
+        inv_count += inv.numel()
+        z = store[z_hook(layer)]
+        for h, sae in sae_outs.items():
+            collectors[h].update(encode_head(sae, z, h))
+        progress(f"L{layer} exemplars", len(batch), n_seq)
+    return collectors, inv_sum / max(inv_count, 1)
+
+
+@torch.no_grad()
+def prefix_features(
+    model: HookedTransformer,
+    sae_in: SAE,
+    tokens: Tensor,
+    layer: int,
+    seq: Tensor,
+    t: Tensor,
+    batch_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Input-SAE ``q_act, k_max`` (each ``[n, d_sae_in]``) for the prefixes ``(seq, t)``."""
+    device = model.cfg.device
+    q_parts, k_parts = [], []
+    for start in range(0, len(seq), batch_size):
+        rows = seq[start : start + batch_size].cpu()
+        resid = model(tokens[rows].to(device), stop_at_layer=layer)  # [batch, pos, d_model]
+        feats = sae_in.encode(resid)
+        q, k = prefix_stats(feats, t[start : start + batch_size].to(device))
+        q_parts.append(q)
+        k_parts.append(k)
+    return torch.cat(q_parts), torch.cat(k_parts)
+
+
+def choose_n_terms(val_f1: Tensor, counts: list[int], max_terms: int) -> int:
+    """Index into ``counts`` of the best validation F1 among counts <= max_terms (fewest terms
+    on ties)."""
+    allowed = [i for i, n in enumerate(counts) if n <= max_terms] or [0]
+    best = max(allowed, key=lambda i: (float(val_f1[i]), -i))
+    return best
+
+
+def evaluate_feature(
+    terms: Terms, ex: FeatureExamples, q_act: Tensor, k_max: Tensor, max_terms: int
+) -> FeatureResult:
+    """Score the ranked ``terms`` on one feature's examples; choose ``n`` on validation."""
+    counts = term_counts(len(terms))
+    if not counts:
+        counts = [0]
+    preds = predictions_by_terms(term_contributions(q_act, k_max, terms), counts)
+    act = ex.act.to(preds.device)
+    val, test = ex.part("val").to(preds.device), ex.part("test").to(preds.device)
+    best = choose_n_terms(binary_scores(act[val], preds[val])["f1"], counts, max_terms)
+    test_scores = binary_scores(act[test], preds[test])
+    n = counts[best]
+    top = terms.take(torch.arange(min(n, len(terms)), device=terms.query.device))
+    live = (top.attn > 0) & (top.value > 0)
+    return FeatureResult(
+        feature=ex.feature,
+        terms=top.take(torch.nonzero(live).flatten()),
+        n_terms=n,
+        test={
+            "f1": float(test_scores["f1"][best]),
+            "precision": float(test_scores["precision"][best]),
+            "recall": float(test_scores["recall"][best]),
+            "spearman": spearman(preds[test, best].cpu(), act[test].cpu()),
+            "n_test": int(test.sum()),
+        },
+        f1_by_terms={c: float(f) for c, f in zip(counts, test_scores["f1"], strict=True)},
+    )
+
+
+def pick_features(
+    collector: ExemplarCollector, cfg: ExtractConfig, layer: int, head: int
+) -> list[int]:
+    eligible = collector.eligible()
+    if isinstance(cfg.features, int):
+        if len(eligible) == 0:
+            raise RulecheckError(
+                f"no feature of L{layer}H{head} is active in >= "
+                f"{cfg.exemplars.min_active} and inactive in >= {cfg.exemplars.min_inactive} "
+                f"of {collector.n_seen} sequences",
+                field="corpus",
+                fix="pass a larger corpus or lower --min-active/--min-inactive",
+            )
+        return sample_features(eligible, cfg.features, cfg.seed)
+    ok = set(eligible.tolist())
+    missing = [f for f in cfg.features if f not in ok]
+    if missing:
+        raise RulecheckError(
+            f"features {missing} of L{layer}H{head} are not eligible (active in >= "
+            f"{cfg.exemplars.min_active} and inactive in >= {cfg.exemplars.min_inactive} "
+            f"of {collector.n_seen} sequences)",
+            field="--features",
+            fix="choose eligible features, or lower --min-active/--min-inactive",
+        )
+    return sorted(cfg.features)
+
+
+def extract_head(
+    model: HookedTransformer,
+    sae_in: SAE,
+    sae_out: SAE,
+    tokens: Tensor,
+    layer: int,
+    head: int,
+    collector: ExemplarCollector,
+    ln_scale: float,
+    cfg: ExtractConfig,
+    progress: Progress = _noop,
+) -> HeadResult:
+    """Rank, evaluate and keep the skip-gram terms of the chosen features of one head."""
+    if cfg.method != "weight":
+        raise RulecheckError(
+            f"unknown ranking method {cfg.method!r}", field="--method", fix="use --method weight"
+        )
+    features = pick_features(collector, cfg, layer, head)
+    w = head_weights(model, layer, head)
+    d = input_directions(sae_in, w, ln_scale)
+    u = head_encoder(sae_out, head, model.cfg.d_head).to(d.dtype)
+    vs = value_scores(d, w.W_V, u[:, features])  # [d_sae_in, n_features]
+    results = []
+    for i, f in enumerate(features):
+        terms = candidate_terms(
+            d, w.W_Q, w.W_K, w.attn_scale, vs[:, i], cfg.keys, cfg.queries_per_key
+        )
+        ranked = rank_by_weight(terms)
+        ex = collector.examples(f)
+        q_act, k_max = prefix_features(model, sae_in, tokens, layer, ex.seq, ex.t, cfg.batch_size)
+        results.append(evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms))
+        progress(f"L{layer}H{head} features", 1, len(features))
+    return HeadResult(
+        layer=layer,
+        head=head,
+        ln_scale=ln_scale,
+        features=results,
+        n_sequences=collector.n_seen,
+        n_eligible=len(collector.eligible()),
+    )
+
+
+def extract_layer(
+    model: HookedTransformer,
+    sae_in: SAE,
+    sae_outs: dict[int, SAE],
+    tokens: Tensor,
+    layer: int,
+    cfg: ExtractConfig,
+    corpus_name: str = "corpus",
+    progress: Progress = _noop,
+) -> list[HeadResult]:
+    """Extract every head in ``sae_outs`` of ``layer`` from one pass over ``tokens``."""
+    check_corpus_size(tokens.shape[0], cfg.exemplars, corpus_name)
+    model.eval()
+    collectors, ln_scale = collect_layer(model, sae_outs, tokens, layer, cfg, progress)
+    return [
+        extract_head(model, sae_in, sae, tokens, layer, h, collectors[h], ln_scale, cfg, progress)
+        for h, sae in sae_outs.items()
+    ]
+
+
+@torch.no_grad()
+def token_features(
+    model: HookedTransformer, sae_in: SAE, top: int = 3, batch_size: int = 4096
+) -> tuple[Tensor, Tensor]:
+    """Layer-0 input features read as tokens: ``[d_sae_in, top]`` ids of the tokens whose
+    embedding plus mean position embedding activates each feature most, and the activations
+    (0 where fewer tokens activate it)."""
+    W_E = model.W_E.detach()
+    if model.cfg.positional_embedding_type == "standard":
+        W_E = W_E + model.W_pos.detach().mean(0)
+    d_sae = sae_in.cfg.d_sae
+    best_val = W_E.new_zeros(d_sae, 0)
+    best_id = torch.zeros(d_sae, 0, dtype=torch.int64, device=W_E.device)
+    for start in range(0, W_E.shape[0], batch_size):
+        acts = sae_in.encode(W_E[start : start + batch_size]).T  # [d_sae, chunk]
+        ids = torch.arange(start, start + acts.shape[1], device=W_E.device).expand_as(acts)
+        vals = torch.cat([best_val, acts], dim=1)
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :top]
+        best_val = vals.gather(1, order)
+        best_id = torch.cat([best_id, ids], dim=1).gather(1, order)
+    return best_id, best_val
+
+
+def token_strings(model: HookedTransformer, ids: Sequence[int]) -> list[str]:
+    """Decoded strings of token ids (ids as text when the model has no tokenizer)."""
+    if model.tokenizer is None:
+        return [str(i) for i in ids]
+    return [model.tokenizer.decode([i]) for i in ids]

@@ -1,0 +1,126 @@
+"""A head's weights, its SAEs' views of it, and the activations they read.
+
+The hook names are TransformerLens's: input SAEs read ``blocks.{l}.hook_resid_pre``, output SAEs
+``blocks.{l}.attn.hook_z`` (per head via ``hook_head_index``, or layer-level, sliced per head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rulecheck.scores import reading_directions
+
+
+def resid_pre_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def z_hook(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def ln_scale_hook(layer: int) -> str:
+    return f"blocks.{layer}.ln1.hook_scale"
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """One head's QKV weights, each ``[d_model, d_head]``, and its LayerNorm."""
+
+    W_Q: Tensor
+    W_K: Tensor
+    W_V: Tensor
+    b_Q: Tensor  # [d_head]
+    b_K: Tensor
+    b_V: Tensor
+    attn_scale: float
+    normalization_type: str | None
+    ln_w: Tensor | None  # [d_model], when LayerNorm's weight is not folded
+
+
+def head_weights(model: HookedTransformer, layer: int, head: int) -> HeadWeights:
+    attn = model.blocks[layer].attn
+    ln = model.blocks[layer].ln1
+    ln_w = getattr(ln, "w", None)
+    return HeadWeights(
+        W_Q=model.W_Q[layer, head].detach(),
+        W_K=model.W_K[layer, head].detach(),
+        W_V=model.W_V[layer, head].detach(),
+        b_Q=model.b_Q[layer, head].detach(),
+        b_K=model.b_K[layer, head].detach(),
+        b_V=model.b_V[layer, head].detach(),
+        attn_scale=float(attn.attn_scale),
+        normalization_type=model.cfg.normalization_type,
+        ln_w=None if ln_w is None else ln_w.detach(),
+    )
+
+
+def input_directions(sae_in: SAE, weights: HeadWeights, ln_scale: float) -> Tensor:
+    """``[d_sae_in, d_model]`` decoder rows as this layer's attention reads them."""
+    return reading_directions(
+        sae_in.W_dec.detach().to(weights.W_Q.dtype),
+        weights.normalization_type,
+        ln_scale,
+        weights.ln_w,
+    )
+
+
+def is_per_head(sae: SAE) -> bool:
+    return sae.cfg.metadata.get("hook_head_index") is not None
+
+
+def head_encoder(sae_out: SAE, head: int, d_head: int) -> Tensor:
+    """``[d_head, d_sae_out]`` encoder columns ``u_g`` restricted to ``head``."""
+    W_enc = sae_out.W_enc.detach()
+    if is_per_head(sae_out):
+        return W_enc
+    return W_enc[head * d_head : (head + 1) * d_head]
+
+
+def encode_head(sae_out: SAE, z: Tensor, head: int) -> Tensor:
+    """Output-SAE activations ``[batch, pos, d_sae_out]`` from ``hook_z`` ``[batch, pos,
+    n_heads, d_head]`` (sae_lens's own ``encode``, so its input processing is kept)."""
+    if is_per_head(sae_out):
+        return sae_out.encode(z[:, :, head, :])
+    if sae_out.cfg.reshape_activations == "hook_z":
+        return sae_out.encode(z)
+    return sae_out.encode(z.flatten(-2))
+
+
+@torch.no_grad()
+def run_to_layer(model: HookedTransformer, tokens: Tensor, layer: int, names: tuple[str, ...]):
+    """Run ``tokens [batch, pos]`` up to and including ``layer``'s attention; return the
+    requested hook activations by name."""
+    store: dict[str, Tensor] = {}
+
+    def save(act: Tensor, hook) -> None:
+        store[hook.name] = act
+
+    model.run_with_hooks(
+        tokens,
+        fwd_hooks=[(name, save) for name in names],
+        stop_at_layer=layer + 1,
+    )
+    return store
+
+
+def ln_inverse_scale(model: HookedTransformer, store: dict[str, Tensor], layer: int) -> Tensor:
+    """``[batch, pos]``: the factor LayerNorm multiplies the centred residual by (1 with no
+    normalisation)."""
+    resid = store[resid_pre_hook(layer)]
+    scale = store.get(ln_scale_hook(layer))
+    if scale is None:
+        return torch.ones(resid.shape[:2], device=resid.device, dtype=resid.dtype)
+    return 1.0 / scale[..., 0]
+
+
+def layer_hooks(model: HookedTransformer, layer: int) -> tuple[str, ...]:
+    names = [resid_pre_hook(layer), z_hook(layer)]
+    if ln_scale_hook(layer) in model.hook_dict:
+        names.append(ln_scale_hook(layer))
+    return tuple(names)

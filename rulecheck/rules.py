@@ -1,0 +1,67 @@
+"""Skip-gram disjunctions evaluated on prefixes (pure tensor functions, no I/O).
+
+A term ``[k] ... [q] -> g`` matches the prefix ending at ``t`` when query feature ``q`` is active
+at ``t`` and key feature ``k`` at some ``i <= t``, with ``attn-score > 0`` and
+``value-score > 0``. A feature's description is the disjunction of its first ``n`` terms; the
+predicted activation is the largest matching ``f_q(x_t) f_k attn-score * f_k value-score``,
+with ``f_k`` the key's largest activation in the prefix. Active iff the prediction is > 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rulecheck.scores import Terms
+
+
+def prefix_stats(feats: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Query activations at ``t`` and key activations maxed over the prefix ``[0, t]``.
+
+    ``feats`` is ``[batch, pos, d_sae_in]`` (non-negative), ``t`` is ``[batch]``; returns
+    ``q_act, k_max``, both ``[batch, d_sae_in]``.
+    """
+    batch = torch.arange(feats.shape[0], device=feats.device)
+    q_act = feats[batch, t]
+    k_max = feats.cummax(dim=1).values[batch, t]
+    return q_act, k_max
+
+
+def term_contributions(q_act: Tensor, k_max: Tensor, terms: Terms) -> Tensor:
+    """``[batch, n_terms]``: each term's predicted activation, 0 where it does not match."""
+    fq = q_act[:, terms.query]
+    fk = k_max[:, terms.key]
+    live = (terms.attn > 0) & (terms.value > 0)
+    contrib = fq * fk * terms.attn * fk * terms.value
+    return torch.where(live & (fq > 0) & (fk > 0), contrib, torch.zeros_like(contrib))
+
+
+def predictions_by_terms(contrib: Tensor, n_terms: list[int]) -> Tensor:
+    """``[batch, len(n_terms)]``: the prediction of the disjunction of the first ``n`` terms,
+    for every ``n`` in ``n_terms``, from one running maximum over the ranked terms."""
+    if contrib.shape[1] == 0:
+        return contrib.new_zeros(contrib.shape[0], len(n_terms))
+    running = contrib.cummax(dim=1).values
+    cols = torch.tensor([min(n, contrib.shape[1]) - 1 for n in n_terms], device=contrib.device)
+    out = running[:, cols.clamp(min=0)]
+    out[:, cols < 0] = 0
+    return out
+
+
+def predict(feats: Tensor, t: Tensor, terms: Terms) -> Tensor:
+    """``[batch]`` predicted activation of the disjunction of all ``terms``."""
+    q_act, k_max = prefix_stats(feats, t)
+    contrib = term_contributions(q_act, k_max, terms)
+    return contrib.amax(dim=1) if len(terms) else contrib.new_zeros(feats.shape[0])
+
+
+def term_counts(n_candidates: int, largest: int = 4096) -> list[int]:
+    """The paper's grid 4, 8, ..., 4096, cut at the number of candidates (which is added)."""
+    counts = []
+    n = 4
+    while n <= min(largest, n_candidates):
+        counts.append(n)
+        n *= 2
+    if n_candidates and (not counts or counts[-1] < min(largest, n_candidates)):
+        counts.append(min(largest, n_candidates))
+    return counts

@@ -1,0 +1,50 @@
+"""Zoo: named checkpoints that run offline (``planted``, ``rulecheck-tiny``).
+
+A zoo entry is a directory with a fixed layout, the same formats as any checkpoint::
+
+    model/               config.json, model.safetensors, tokenizer.json
+    sae_in/L{l}/         sae_lens directory (cfg.json, sae_weights.safetensors)
+    sae_out/L{l}H{h}/    sae_lens directory, per-head (hook_head_index in metadata)
+    eval_tokens.npy      int [N, T], BOS in column 0
+    ground_truth.json    (planted only) the rules the weights implement
+
+Specs: ``NAME`` is the model, ``NAME:REL`` a path inside the entry, ``NAME:eval`` the corpus.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENTRIES = ("planted", "rulecheck-tiny")
+ALIASES = {"eval": "eval_tokens.npy", "corpus": "eval_tokens.npy", "model": "model"}
+PACKAGE_DIR = Path(__file__).parent
+
+
+def cache_dir() -> Path:
+    """Where built zoo entries live: ``$RULECHECK_CACHE`` or ``~/.cache/rulecheck``."""
+    return Path(os.environ.get("RULECHECK_CACHE", Path.home() / ".cache" / "rulecheck"))
+
+
+def entry_dir(name: str) -> Path:
+    """The directory of a zoo entry, building it first if it is built by code."""
+    if name == "planted":
+        from rulecheck.zoo.planted import ensure_built
+
+        return ensure_built(cache_dir() / "zoo" / "planted")
+    if name == "rulecheck-tiny":
+        return PACKAGE_DIR / "tiny"
+    raise KeyError(name)
+
+
+def is_zoo_spec(spec: str) -> bool:
+    return spec.split(":", 1)[0] in ENTRIES
+
+
+def resolve(spec: str) -> Path | None:
+    """Path of a zoo spec (``planted``, ``planted:sae_out/L0H1``, ``planted:eval``), else None."""
+    name, _, rel = spec.partition(":")
+    if name not in ENTRIES:
+        return None
+    rel = ALIASES.get(rel or "model", rel or "model")
+    return entry_dir(name) / rel

@@ -1,0 +1,268 @@
+"""``planted``: a one-layer attention-only model whose weights implement known rules.
+
+Built by code, no training. Words are one-hot embeddings; the input SAE has one feature per
+word, in a shuffled order. Head 0 and head 1 each have a per-head output SAE whose features
+read one direction of ``hook_z``:
+
+- L0H0 feature 1: ``[if] ... [then]`` or ``[when] ... [do]``; ``unless`` is a distractor key
+  for ``then`` (higher attention score, negative value score): an absence rule.
+- L0H0 feature 0: ``[open] ... [close]``.
+- L0H1 feature 0: counting: ``score`` attends to ``games`` and to BOS equally, so the feature
+  (threshold 0.6 on ``n / (n + 1)``) turns on when ``games`` occurs at least twice and grows
+  with the count.
+- L0H1 feature 1: ``[from] ... [to]``.
+- Feature 2 of both heads is dead.
+
+The ground truth is written next to the weights as ``ground_truth.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+VERSION = 1
+BOS = "<bos>"
+RULE_WORDS = [
+    "if", "then", "when", "do", "unless", "open", "close", "games", "score", "from", "to",
+]  # fmt: skip
+FILLER = (
+    "the a of and in is it that was for on are as with his they at be this have not by one "
+    "had but what all were we can there an your which their said each she how will up other"
+).split()
+VOCAB = [BOS, "<unk>", *RULE_WORDS, *FILLER]
+D_HEAD = 8
+N_SEQUENCES = 4000
+SEQ_LEN = 64
+SINK = 4.0  # attention logit of BOS for the skip-gram queries
+HIT = 10.0  # attention logit of a skip-gram key
+STEAL = 14.0  # attention logit of the distractor
+COUNT = 12.0  # attention logit of BOS and of the counted key for the counting query
+THRESHOLD = 0.6
+
+# (head, output feature, hook_z dimension) and the rules it implements
+GROUND_TRUTH = {
+    "layer": 0,
+    "features": [
+        {
+            "head": 0,
+            "feature": 1,
+            "skipgrams": [["if", "then"], ["when", "do"]],
+            "absence": [{"key": "if", "query": "then", "distractor": "unless"}],
+            "counting": [],
+        },
+        {"head": 0, "feature": 0, "skipgrams": [["open", "close"]], "absence": [], "counting": []},
+        {
+            "head": 1,
+            "feature": 0,
+            "skipgrams": [["games", "score"]],
+            "absence": [],
+            "counting": [{"key": "games", "query": "score", "threshold_count": 2}],
+        },
+        {"head": 1, "feature": 1, "skipgrams": [["from", "to"]], "absence": [], "counting": []},
+    ],
+    "dead": [{"head": 0, "feature": 2}, {"head": 1, "feature": 2}],
+}
+
+# how often each rule word is placed in a sequence, and how many copies (max)
+PLACEMENT = {
+    "if": (0.4, 1), "then": (0.4, 1), "when": (0.4, 1), "do": (0.4, 1), "unless": (0.12, 1),
+    "open": (0.4, 1), "close": (0.4, 1), "games": (0.5, 4), "score": (0.5, 1),
+    "from": (0.4, 1), "to": (0.4, 1),
+}  # fmt: skip
+
+
+def token_id(word: str) -> int:
+    return VOCAB.index(word)
+
+
+def feature_order(seed: int = 0) -> list[int]:
+    """Input-SAE feature j reads token ``order[j]`` (a fixed shuffle, not token order)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(len(VOCAB), generator=g).tolist()
+
+
+def build_tokenizer():
+    """A word-level tokenizer over ``VOCAB`` with ``<bos>`` as BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS, unk_token="<unk>"
+    )
+    return fast
+
+
+def attach_tokenizer(model: HookedTransformer, tokenizer) -> None:
+    """``model.set_tokenizer`` for a tokenizer built in memory (TransformerLens reloads
+    tokenizers from their ``name_or_path``, so give it one while it does)."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.set_tokenizer(AutoTokenizer.from_pretrained(tmp))
+
+
+def build_model() -> HookedTransformer:
+    """The planted weights (float32, CPU)."""
+    d = len(VOCAB)
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=d,
+        n_heads=2,
+        d_head=D_HEAD,
+        d_vocab=d,
+        n_ctx=SEQ_LEN,
+        attn_only=True,
+        normalization_type=None,
+        act_fn="relu",
+        seed=0,
+    )
+    model = HookedTransformer(cfg)
+    sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    sd["embed.W_E"] = torch.eye(d)
+    g = torch.Generator().manual_seed(1)
+    sd["unembed.W_U"] = torch.randn(d, d, generator=g) / math.sqrt(d)
+    W_Q = sd["blocks.0.attn.W_Q"]  # [n_heads, d_model, d_head]
+    W_K = sd["blocks.0.attn.W_K"]
+    W_V = sd["blocks.0.attn.W_V"]
+    scale = math.sqrt(D_HEAD)  # attention logits are divided by it
+    t = token_id
+
+    def attend(head: int, dim: int, query: str, keys: dict[str, float]) -> None:
+        W_Q[head, t(query), dim] = scale
+        for key, logit in keys.items():
+            W_K[head, t(key), dim] = logit
+
+    # head 0: [if]...[then] | [when]...[do] on value dim 0, unless steals then; [open]...[close]
+    attend(0, 0, "then", {BOS: SINK, "if": HIT, "unless": STEAL})
+    attend(0, 1, "do", {BOS: SINK, "when": HIT})
+    attend(0, 2, "close", {BOS: SINK, "open": HIT})
+    W_V[0, t("if"), 0] = 1.2
+    W_V[0, t("when"), 0] = 1.0
+    W_V[0, t("unless"), 0] = -1.0
+    W_V[0, t("open"), 1] = 1.0
+    # head 1: score counts games against BOS; [from]...[to]
+    attend(1, 0, "score", {BOS: COUNT, "games": COUNT})
+    attend(1, 1, "to", {BOS: SINK, "from": HIT})
+    W_V[1, t("games"), 0] = 1.0
+    W_V[1, t("from"), 1] = 1.0
+    model.load_state_dict(sd)
+    attach_tokenizer(model, build_tokenizer())
+    return model
+
+
+def build_sae_in(seed: int = 0) -> StandardSAE:
+    """One feature per word, shuffled: feature j fires 1.0 on token ``feature_order()[j]``."""
+    d = len(VOCAB)
+    sae = StandardSAE(
+        StandardSAEConfig(
+            d_in=d,
+            d_sae=d,
+            metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre", model_name="planted"),
+        )
+    )
+    W_dec = torch.zeros(d, d)
+    for j, tok in enumerate(feature_order(seed)):
+        W_dec[j, tok] = 1.0
+    with torch.no_grad():
+        sae.W_dec.copy_(W_dec)
+        sae.W_enc.copy_(W_dec.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def build_sae_out(head: int) -> StandardSAE:
+    """Per-head SAE on ``blocks.0.attn.hook_z``: feature 0 reads dim 1 for head 0 (dim 0 for
+    head 1), feature 1 the other, feature 2 is dead."""
+    sae = StandardSAE(
+        StandardSAEConfig(
+            d_in=D_HEAD,
+            d_sae=3,
+            metadata=SAEMetadata(
+                hook_name="blocks.0.attn.hook_z", hook_head_index=head, model_name="planted"
+            ),
+        )
+    )
+    dims = {0: (1, 0), 1: (0, 1)}[head]  # dims read by features 0 and 1
+    W_enc = torch.zeros(D_HEAD, 3)
+    W_enc[dims[0], 0] = 1.0
+    W_enc[dims[1], 1] = 1.0
+    W_enc[D_HEAD - 1, 2] = 1.0  # nothing writes the last dim
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.W_dec.copy_(W_enc.T)
+        sae.b_enc.fill_(-THRESHOLD)
+        sae.b_dec.zero_()
+    return sae
+
+
+def build_corpus(n: int = N_SEQUENCES, seq_len: int = SEQ_LEN, seed: int = 0) -> np.ndarray:
+    """``[n, seq_len]`` int32 tokens, BOS first: filler words with rule words placed at random
+    positions, each word independently with its probability and copy count."""
+    rng = np.random.default_rng(seed)
+    filler = np.array([token_id(w) for w in FILLER])
+    tokens = filler[rng.integers(0, len(filler), size=(n, seq_len))]
+    tokens[:, 0] = token_id(BOS)
+    for row in tokens:
+        free = rng.permutation(np.arange(1, seq_len))
+        used = 0
+        for word, (p, most) in PLACEMENT.items():
+            if rng.random() < p:
+                copies = int(rng.integers(1, most + 1))
+                row[free[used : used + copies]] = token_id(word)
+                used += copies
+    return tokens.astype(np.int32)
+
+
+def build(directory: Path) -> Path:
+    """Write the whole zoo entry (model, SAEs, corpus, ground truth) into ``directory``."""
+    from rulecheck.loading import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(build_model(), directory / "model")
+    build_sae_in().save_model(directory / "sae_in" / "L0")
+    for head in (0, 1):
+        build_sae_out(head).save_model(directory / "sae_out" / f"L0H{head}")
+    np.save(directory / "eval_tokens.npy", build_corpus())
+    order = feature_order()
+    truth = dict(GROUND_TRUTH, input_features={VOCAB[tok]: j for j, tok in enumerate(order)})
+    (directory / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    return directory
+
+
+def ensure_built(directory: Path) -> Path:
+    """Build the entry once, atomically (temp dir + rename), and reuse it afterwards."""
+    directory = Path(directory)
+    marker = directory / f"BUILT-v{VERSION}"
+    if marker.exists():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".planted-", dir=directory.parent))
+    try:
+        build(tmp)
+        (tmp / marker.name).write_text("ok\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        try:
+            tmp.rename(directory)
+        except OSError:  # another process finished first
+            if not marker.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
