@@ -80,7 +80,7 @@ class HeadResult:
     n_eligible: int
 
 
-def _noop(task: str, advance: int, total: int) -> None:
+def no_progress(task: str, advance: int, total: int) -> None:
     return None
 
 
@@ -91,7 +91,7 @@ def collect_layer(
     tokens: Tensor,
     layer: int,
     cfg: ExtractConfig,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> tuple[dict[int, ExemplarCollector], float]:
     """Stream ``tokens [n_seq, pos]`` once: exemplars for every head in ``sae_outs`` and the
     mean inverse LayerNorm scale of ``blocks.{layer}`` (positions after BOS)."""
@@ -214,7 +214,7 @@ def extract_head(
     collector: ExemplarCollector,
     ln_scale: float,
     cfg: ExtractConfig,
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> HeadResult:
     """Rank, evaluate and keep the skip-gram terms of the chosen features of one head."""
     if cfg.method != "weight":
@@ -254,7 +254,7 @@ def extract_layer(
     layer: int,
     cfg: ExtractConfig,
     corpus_name: str = "corpus",
-    progress: Progress = _noop,
+    progress: Progress = no_progress,
 ) -> list[HeadResult]:
     """Extract every head in ``sae_outs`` of ``layer`` from one pass over ``tokens``."""
     check_corpus_size(tokens.shape[0], cfg.exemplars, corpus_name)

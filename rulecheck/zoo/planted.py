@@ -35,10 +35,50 @@ BOS = "<bos>"
 RULE_WORDS = [
     "if", "then", "when", "do", "unless", "open", "close", "games", "score", "from", "to",
 ]  # fmt: skip
-FILLER = (
-    "the a of and in is it that was for on are as with his they at be this have not by one "
-    "had but what all were we can there an your which their said each she how will up other"
-).split()
+FILLER = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "in",
+    "is",
+    "it",
+    "that",
+    "was",
+    "for",
+    "on",
+    "are",
+    "as",
+    "with",
+    "his",
+    "they",
+    "at",
+    "be",
+    "this",
+    "have",
+    "not",
+    "by",
+    "one",
+    "had",
+    "but",
+    "what",
+    "all",
+    "were",
+    "we",
+    "can",
+    "there",
+    "an",
+    "your",
+    "which",
+    "their",
+    "said",
+    "each",
+    "she",
+    "how",
+    "will",
+    "up",
+    "other",
+]
 VOCAB = [BOS, "<unk>", *RULE_WORDS, *FILLER]
 D_HEAD = 8
 N_SEQUENCES = 4000

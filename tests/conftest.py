@@ -1,0 +1,80 @@
+"""Shared fixtures: small random TransformerLens models and sae_lens SAEs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+# zoo entries built by code go to a fresh directory per test process
+os.environ["RULECHECK_CACHE"] = tempfile.mkdtemp(prefix="rulecheck-test-")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+torch.set_num_threads(1)
+
+
+def random_model(seed: int = 0, normalization_type: str | None = "LN") -> HookedTransformer:
+    """Two layers, LayerNorm with non-trivial weights, random biases everywhere."""
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_mlp=32,
+        d_vocab=40,
+        n_ctx=16,
+        act_fn="gelu",
+        normalization_type=normalization_type,
+        seed=seed,
+    )
+    model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".b_Q", ".b_K", ".b_V", ".b_O", ".b")):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            if name.endswith(".w"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    model.eval()
+    return model
+
+
+def random_sae(
+    d_in: int, d_sae: int, hook_name: str, head: int | None = None, seed: int = 0
+) -> StandardSAE:
+    """A sae_lens SAE with random weights and biases (some features fire, most do not)."""
+    sae = StandardSAE(
+        StandardSAEConfig(
+            d_in=d_in,
+            d_sae=d_sae,
+            metadata=SAEMetadata(hook_name=hook_name, hook_head_index=head),
+        )
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
+        sae.b_enc.copy_(0.2 * torch.randn(d_sae, generator=g))
+        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=g))
+    return sae
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedTransformer:
+    return random_model()
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(1, 40, (24, 16), generator=g)
+    t[:, 0] = 0
+    return t

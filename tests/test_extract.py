@@ -1,0 +1,130 @@
+"""Extraction end to end: planted ground truth, determinism, a GPT-2 HF directory, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_sae
+
+from rulecheck import zoo
+from rulecheck.cli import main
+from rulecheck.rulebook import load_rulebook
+
+
+@pytest.fixture(scope="module")
+def planted_books(tmp_path_factory):
+    out = tmp_path_factory.mktemp("planted")
+    assert main(["extract", "--model", "planted", "--layer", "0", "--out", str(out)]) == 0
+    return out
+
+
+def test_planted_rules_are_recovered_with_their_tokens(planted_books):
+    truth = json.loads((zoo.resolve("planted:ground_truth.json")).read_text())
+    feature_of = truth["input_features"]  # word -> input-SAE feature id
+    for entry in truth["features"]:
+        book = load_rulebook(planted_books / f"L0H{entry['head']}.yaml")
+        rules = book.feature(entry["feature"])
+        found = [(s.key.feature, s.query.feature) for s in rules.skipgrams]
+        for key, query in entry["skipgrams"]:
+            assert (feature_of[key], feature_of[query]) in found
+            term = rules.skipgrams[found.index((feature_of[key], feature_of[query]))]
+            assert term.key.tokens[0] == key and term.query.tokens[0] == query
+        assert rules.measured["f1"] >= 0.95
+        assert rules.expect["f1"] <= rules.measured["f1"]
+    for dead in truth["dead"]:
+        with pytest.raises(KeyError):
+            load_rulebook(planted_books / f"L0H{dead['head']}.yaml").feature(dead["feature"])
+
+
+def test_same_inputs_and_seed_give_byte_identical_rulebooks(planted_books, tmp_path):
+    assert main(["extract", "--model", "planted", "--layer", "0", "--out", str(tmp_path)]) == 0
+    for name in ("L0H0.yaml", "L0H1.yaml"):
+        assert (tmp_path / name).read_bytes() == (planted_books / name).read_bytes()
+
+
+def test_a_corpus_too_small_is_a_one_line_error(tmp_path, capsys):
+    tokens = np.load(zoo.resolve("planted:eval"))[:120]
+    np.save(tmp_path / "small.npy", tokens)
+    code = main(
+        [
+            "extract",
+            "--model",
+            "planted",
+            "--layer",
+            "0",
+            "--corpus",
+            str(tmp_path / "small.npy"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "small.npy" in err and "120 sequences" in err and "300" in err and "fix" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out" / "L0H0.yaml").exists()
+
+
+def test_gpt2_huggingface_directory_goes_through_extraction(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=64))
+    hf.save_pretrained(tmp_path / "gpt2-tiny")
+    random_sae(32, 48, "blocks.1.hook_resid_pre", seed=1).save_model(tmp_path / "sae_in" / "L1")
+    for h in range(4):
+        sae = random_sae(8, 16, "blocks.1.attn.hook_z", head=h, seed=10 + h)
+        with torch.no_grad():
+            sae.b_enc.fill_(-0.05)
+        sae.save_model(tmp_path / "sae_out" / f"L1H{h}")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 64, (80, 32), generator=g)
+    tokens[:, 0] = 0
+    np.save(tmp_path / "corpus.npy", tokens.numpy().astype(np.int64))
+    out = tmp_path / "books"
+    code = main(
+        [
+            "extract",
+            "--model",
+            str(tmp_path / "gpt2-tiny"),
+            "--sae-in",
+            str(tmp_path / "sae_in" / "L{layer}"),
+            "--sae-out",
+            str(tmp_path / "sae_out" / "L{layer}H{head}"),
+            "--corpus",
+            str(tmp_path / "corpus.npy"),
+            "--layer",
+            "1",
+            "--heads",
+            "0,2",
+            "--min-active",
+            "8",
+            "--min-inactive",
+            "8",
+            "--n-pos",
+            "9",
+            "--n-neg",
+            "9",
+            "--features",
+            "3",
+            "--keys",
+            "10",
+            "--queries-per-key",
+            "10",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    for head in (0, 2):
+        book = load_rulebook(out / f"L1H{head}.yaml")
+        assert book.layer == 1 and book.head == head
+        assert 1 <= len(book.features) <= 3
+        assert book.extraction["ln_scale"] > 0 and book.extraction["ln_scale"] != 1.0
+        for f in book.features:
+            assert 0.0 <= f.measured["f1"] <= 1.0 and f.measured["n_test"] == 6
+            assert all(s.attn_score > 0 and s.value_score > 0 for s in f.skipgrams)
+    assert not (out / "L1H1.yaml").exists()

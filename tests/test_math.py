@@ -1,0 +1,231 @@
+"""The vectorised core against slow, obviously-correct loops (per pair, per position)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import random_sae
+from scipy.stats import spearmanr
+
+from rulecheck.exemplars import ExemplarCollector, ExemplarConfig
+from rulecheck.extract import ExtractConfig, collect_layer
+from rulecheck.heads import (
+    encode_head,
+    head_encoder,
+    head_weights,
+    input_directions,
+    layer_hooks,
+    run_to_layer,
+    z_hook,
+)
+from rulecheck.metrics import binary_scores, spearman
+from rulecheck.rules import predict, predictions_by_terms, prefix_stats, term_contributions
+from rulecheck.scores import attn_scores, candidate_terms, rank_by_weight, value_scores
+
+LAYER, HEAD = 1, 1
+
+
+def dot(a, b) -> float:
+    return sum(float(x) * float(y) for x, y in zip(a, b, strict=True))
+
+
+def ref_direction(model, sae_in, j: int, ln_scale: float) -> list[float]:
+    """Decoder row j as layer LAYER's attention reads it: centred, scaled, times LN weight."""
+    row = [float(x) for x in sae_in.W_dec[j].detach()]
+    mean = sum(row) / len(row)
+    w = model.blocks[LAYER].ln1.w
+    return [(x - mean) * ln_scale * float(w[i]) for i, x in enumerate(row)]
+
+
+def ref_project(vec: list[float], W) -> list[float]:
+    """vec @ W by loops, W [d_model, d_head]."""
+    return [dot(vec, [float(W[m, n]) for m in range(W.shape[0])]) for n in range(W.shape[1])]
+
+
+@pytest.fixture(scope="module")
+def saes(model):
+    sae_in = random_sae(16, 24, f"blocks.{LAYER}.hook_resid_pre", seed=2)
+    sae_out = random_sae(8, 10, f"blocks.{LAYER}.attn.hook_z", head=HEAD, seed=3)
+    return sae_in, sae_out
+
+
+def test_ln_scale_matches_per_position_loop(model, tokens, saes):
+    _, sae_out = saes
+    cfg = ExtractConfig(batch_size=5, exemplars=ExemplarConfig(n_pos=3, n_neg=3))
+    _, ln_scale = collect_layer(model, {HEAD: sae_out}, tokens, LAYER, cfg)
+    resid = run_to_layer(model, tokens, LAYER, layer_hooks(model, LAYER))[
+        f"blocks.{LAYER}.hook_resid_pre"
+    ]
+    eps = model.cfg.eps
+    total, count = 0.0, 0
+    for b in range(resid.shape[0]):
+        for p in range(1, resid.shape[1]):
+            x = [float(v) for v in resid[b, p]]
+            mu = sum(x) / len(x)
+            var = sum((v - mu) ** 2 for v in x) / len(x)
+            total += 1 / math.sqrt(var + eps)
+            count += 1
+    assert ln_scale == pytest.approx(total / count, rel=1e-5)
+
+
+def test_value_and_attn_scores_match_loops(model, saes):
+    sae_in, sae_out = saes
+    ln_scale = 0.7
+    w = head_weights(model, LAYER, HEAD)
+    d = input_directions(sae_in, w, ln_scale)
+    u = head_encoder(sae_out, HEAD, model.cfg.d_head)
+    vs = value_scores(d, w.W_V, u)
+    att = attn_scores(d, d, w.W_Q, w.W_K, w.attn_scale)
+    assert w.attn_scale == pytest.approx(math.sqrt(model.cfg.d_head))
+    for j in range(sae_in.cfg.d_sae):
+        dj = ref_direction(model, sae_in, j, ln_scale)
+        vj = ref_project(dj, model.W_V[LAYER, HEAD])
+        for g in range(sae_out.cfg.d_sae):
+            ref = dot(vj, [float(sae_out.W_enc[n, g]) for n in range(8)])
+            assert float(vs[j, g]) == pytest.approx(ref, abs=1e-5)
+    for q in range(0, sae_in.cfg.d_sae, 5):
+        qv = ref_project(ref_direction(model, sae_in, q, ln_scale), model.W_Q[LAYER, HEAD])
+        for k in range(sae_in.cfg.d_sae):
+            kv = ref_project(ref_direction(model, sae_in, k, ln_scale), model.W_K[LAYER, HEAD])
+            ref = dot(qv, kv) / math.sqrt(model.cfg.d_head)
+            assert float(att[q, k]) == pytest.approx(ref, abs=1e-5)
+
+
+def test_candidates_and_weight_ranking_match_sorting_by_hand(model, saes):
+    sae_in, sae_out = saes
+    w = head_weights(model, LAYER, HEAD)
+    d = input_directions(sae_in, w, 0.9)
+    vs = value_scores(d, w.W_V, head_encoder(sae_out, HEAD, 8))[:, 4]
+    att = attn_scores(d, d, w.W_Q, w.W_K, w.attn_scale)
+    n_keys, per_key = 5, 7
+    keys = sorted(range(len(vs)), key=lambda j: (-float(vs[j]), j))[:n_keys]
+    pairs = []
+    for k in keys:
+        qs = sorted(range(len(vs)), key=lambda q: (-float(att[q, k]), q))[:per_key]
+        pairs += [(q, k, float(att[q, k]) * float(vs[k])) for q in qs]
+    pairs.sort(key=lambda p: -p[2])
+    ranked = rank_by_weight(candidate_terms(d, w.W_Q, w.W_K, w.attn_scale, vs, n_keys, per_key))
+    got = list(zip(ranked.query.tolist(), ranked.key.tolist(), strict=True))
+    assert got == [(q, k) for q, k, _ in pairs]
+    assert ranked.weight.tolist() == pytest.approx([p[2] for p in pairs], abs=1e-6)
+
+
+def test_predictions_match_per_position_loop(model, tokens, saes):
+    sae_in, sae_out = saes
+    w = head_weights(model, LAYER, HEAD)
+    d = input_directions(sae_in, w, 1.1)
+    vs = value_scores(d, w.W_V, head_encoder(sae_out, HEAD, 8))[:, 2]
+    # all pairs, so that terms with both scores negative (positive weight) are present
+    terms = rank_by_weight(candidate_terms(d, w.W_Q, w.W_K, w.attn_scale, vs, 24, 24))
+    assert bool(((terms.attn < 0) & (terms.value < 0)).any())
+    resid = model(tokens, stop_at_layer=LAYER)
+    feats = sae_in.encode(resid).detach()  # [batch, pos, d_sae_in]
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(1, tokens.shape[1], (tokens.shape[0],), generator=g)
+    fast = predict(feats, t, terms)
+    for b in range(tokens.shape[0]):
+        best = 0.0
+        per_pos = [sae_in.encode(resid[b, i]).tolist() for i in range(int(t[b]) + 1)]
+        for q, k, a, v in zip(terms.query, terms.key, terms.attn, terms.value, strict=True):
+            if a <= 0 or v <= 0:
+                continue
+            fq = per_pos[int(t[b])][q]
+            fk = max(acts[k] for acts in per_pos)
+            if fq > 0 and fk > 0:
+                best = max(best, fq * fk * float(a) * fk * float(v))
+        assert float(fast[b]) == pytest.approx(best, rel=1e-4, abs=1e-6)
+    # the running maximum over term counts equals re-evaluating each prefix of the ranking
+    q_act, k_max = prefix_stats(feats, t)
+    by_n = predictions_by_terms(term_contributions(q_act, k_max, terms), [1, 4, 9, len(terms)])
+    for col, n in enumerate([1, 4, 9, len(terms)]):
+        sub = terms.take(torch.arange(n))
+        assert torch.allclose(by_n[:, col], predict(feats, t, sub))
+
+
+def test_binary_scores_match_counting(model):
+    g = torch.Generator().manual_seed(0)
+    true = torch.relu(torch.randn(50, generator=g))
+    preds = torch.relu(torch.randn(50, 3, generator=g))
+    preds[:, 2] = 0  # predicts nothing: precision 1 by convention
+    got = binary_scores(true, preds)
+    for c in range(3):
+        tp = sum(1 for i in range(50) if true[i] > 0 and preds[i, c] > 0)
+        fp = sum(1 for i in range(50) if true[i] <= 0 and preds[i, c] > 0)
+        fn = sum(1 for i in range(50) if true[i] > 0 and preds[i, c] <= 0)
+        p = tp / (tp + fp) if tp + fp else 1.0
+        r = tp / (tp + fn) if tp + fn else 1.0
+        f = 2 * p * r / (p + r) if p + r else 0.0
+        assert float(got["precision"][c]) == pytest.approx(p)
+        assert float(got["recall"][c]) == pytest.approx(r)
+        assert float(got["f1"][c]) == pytest.approx(f)
+    assert float(got["precision"][2]) == 1.0
+
+
+def test_spearman_matches_scipy_with_ties():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (40,), generator=g).float()
+    b = a + torch.randint(0, 3, (40,), generator=g).float()
+    assert spearman(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic)
+    assert spearman(a, torch.ones(40)) == 0.0
+
+
+def test_layer_level_sae_gives_the_same_scores_as_per_head(model):
+    sae_head = random_sae(8, 10, f"blocks.{LAYER}.attn.hook_z", head=HEAD, seed=4)
+    sae_layer = random_sae(16, 10, f"blocks.{LAYER}.attn.hook_z", seed=5)
+    with torch.no_grad():
+        sae_layer.W_enc[HEAD * 8 : (HEAD + 1) * 8] = sae_head.W_enc
+    sae_in = random_sae(16, 24, f"blocks.{LAYER}.hook_resid_pre", seed=2)
+    w = head_weights(model, LAYER, HEAD)
+    d = input_directions(sae_in, w, 1.0)
+    a = value_scores(d, w.W_V, head_encoder(sae_head, HEAD, 8))
+    b = value_scores(d, w.W_V, head_encoder(sae_layer, HEAD, 8))
+    assert torch.equal(a, b)
+    # and encoding a layer-level SAE reads all heads' z, flattened in head order
+    z = torch.randn(2, 3, 2, 8)
+    flat = z.flatten(-2)
+    assert torch.allclose(encode_head(sae_layer, z, HEAD), sae_layer.encode(flat))
+    assert torch.allclose(encode_head(sae_head, z, HEAD), sae_head.encode(z[:, :, HEAD]))
+
+
+def brute_force_examples(acts: torch.Tensor, n_pos: int):
+    """Top sequences by max activation (after BOS), ties to the earlier sequence."""
+    seq_max, arg = acts[:, 1:].max(dim=1)
+    out = {}
+    for f in range(acts.shape[2]):
+        order = sorted(range(acts.shape[0]), key=lambda s: (-float(seq_max[s, f]), s))[:n_pos]
+        out[f] = (order, [int(arg[s, f]) + 1 for s in order], [float(seq_max[s, f]) for s in order])
+    return out
+
+
+def test_streaming_exemplars_match_brute_force_and_ignore_batch_size(model, tokens):
+    sae_out = random_sae(8, 10, f"blocks.{LAYER}.attn.hook_z", head=HEAD, seed=3)
+    z = run_to_layer(model, tokens, LAYER, layer_hooks(model, LAYER))[z_hook(LAYER)]
+    acts = encode_head(sae_out, z, HEAD).detach()
+    cfg = ExemplarConfig(n_pos=4, n_neg=5, min_active=3, min_inactive=3, seed=7)
+    results = []
+    for batch in (1, 5, 24):
+        col = ExemplarCollector(10, tokens.shape[1], cfg, torch.device("cpu"))
+        for s in range(0, tokens.shape[0], batch):
+            col.update(acts[s : s + batch])
+        results.append(col)
+    ref = brute_force_examples(acts, 4)
+    active = (acts[:, 1:].amax(1) > 0).sum(0)
+    for col in results:
+        assert col.active.tolist() == active.tolist()
+        for f in col.eligible().tolist():
+            ex = col.examples(f)
+            n_pos = min(4, int(active[f]))
+            assert ex.seq[:n_pos].tolist() == ref[f][0][:n_pos]
+            assert ex.t[:n_pos].tolist() == ref[f][1][:n_pos]
+            negs = ex.seq[n_pos:]
+            assert all(float(acts[s, 1:, f].max()) <= 0 for s in negs.tolist())
+            assert len(set(negs.tolist())) == len(negs)
+            assert ((ex.t >= 1) & (ex.t < tokens.shape[1])).all()
+            for part in (ex.split[:n_pos], ex.split[n_pos:]):
+                sizes = torch.bincount(part, minlength=3)
+                assert int(sizes.max() - sizes.min()) <= 1  # equal thirds
+    for f in results[0].eligible().tolist():
+        a, b = results[0].examples(f), results[2].examples(f)
+        assert torch.equal(a.seq, b.seq) and torch.equal(a.t, b.t) and torch.equal(a.split, b.split)
