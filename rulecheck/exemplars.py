@@ -19,6 +19,7 @@ from rulecheck.errors import RulecheckError
 
 SPLITS = ("train", "val", "test")
 _MASK32 = 0xFFFFFFFF
+INACTIVE_ONLY = 1 << 40  # key of an active sequence: never a negative
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,34 @@ class ExemplarCollector:
         self.top_pos = torch.zeros((d_sae, 0), dtype=torch.int64, device=device)
         self.neg_key = torch.zeros((d_sae, 0), dtype=torch.int64, device=device)
         self.neg_seq = torch.zeros((d_sae, 0), dtype=torch.int64, device=device)
+        # per-sequence maxima wait here and are merged in blocks: constant memory, and the
+        # kept state is sorted once per block instead of once per batch
+        self.flush_every = max(1024, cfg.n_pos, cfg.n_neg)
+        self._buffer: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._buffered = 0
 
     @torch.no_grad()
     def update(self, acts: Tensor) -> None:
         """Fold in ``acts [batch, pos, d_sae]`` for the next ``batch`` sequences."""
-        acts = acts[:, 1:].float()  # never BOS
-        batch = acts.shape[0]
+        seq_max, arg = acts[:, 1:].max(dim=1)  # [batch, d_sae], BOS never counts
+        batch = seq_max.shape[0]
         seq = torch.arange(self.n_seen, self.n_seen + batch, device=acts.device)
         self.n_seen += batch
-        seq_max, arg = acts.max(dim=1)  # [batch, d_sae]
-        seq_max, arg = seq_max.T, arg.T + 1  # [d_sae, batch]
-        is_active = seq_max > 0
-        self.active += is_active.sum(dim=1)
+        self.active += (seq_max > 0).sum(dim=0)
+        self._buffer.append((seq, seq_max.T.float(), arg.T + 1))
+        self._buffered += batch
+        if self._buffered >= self.flush_every:
+            self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Merge the buffered sequences into the kept positives and negatives."""
+        if not self._buffer:
+            return
+        seq = torch.cat([b[0] for b in self._buffer])
+        seq_max = torch.cat([b[1] for b in self._buffer], dim=1)  # [d_sae, n]
+        arg = torch.cat([b[2] for b in self._buffer], dim=1)
+        self._buffer, self._buffered = [], 0
         seqs = seq.unsqueeze(0).expand_as(seq_max)
 
         vals = torch.cat([self.top_val, seq_max], dim=1)
@@ -87,7 +104,7 @@ class ExemplarCollector:
         self.top_pos = torch.cat([self.top_pos, arg], dim=1).gather(1, order)
 
         keys = seeded_keys(self.cfg.seed, seqs, self.features.unsqueeze(1))
-        keys = torch.where(is_active, torch.full_like(keys, 1 << 40), keys)
+        keys = torch.where(seq_max > 0, torch.full_like(keys, INACTIVE_ONLY), keys)
         all_keys = torch.cat([self.neg_key, keys], dim=1)
         order = torch.sort(all_keys, dim=1, stable=True).indices[:, : self.cfg.n_neg]
         self.neg_key = all_keys.gather(1, order)
@@ -101,11 +118,12 @@ class ExemplarCollector:
 
     def examples(self, feature: int) -> FeatureExamples:
         """Positives, negatives and their split for one eligible feature."""
+        self.flush()
         n_pos = min(self.cfg.n_pos, int(self.active[feature]))
         pos_seq = self.top_seq[feature, :n_pos]
         pos_t = self.top_pos[feature, :n_pos]
         pos_act = self.top_val[feature, :n_pos]
-        neg_seq = self.neg_seq[feature][self.neg_key[feature] < (1 << 40)]
+        neg_seq = self.neg_seq[feature][self.neg_key[feature] < INACTIVE_ONLY]
         f = torch.full_like(neg_seq, feature)
         neg_t = 1 + seeded_keys(self.cfg.seed, neg_seq, f, salt=1) % (self.seq_len - 1)
         seq = torch.cat([pos_seq, neg_seq])

@@ -23,7 +23,8 @@ def prefix_stats(feats: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """
     batch = torch.arange(feats.shape[0], device=feats.device)
     q_act = feats[batch, t]
-    k_max = feats.cummax(dim=1).values[batch, t]
+    after_t = torch.arange(feats.shape[1], device=feats.device) > t.unsqueeze(1)  # [batch, pos]
+    k_max = feats.masked_fill(after_t.unsqueeze(-1), 0).amax(dim=1)
     return q_act, k_max
 
 

@@ -6,17 +6,19 @@ import os
 import tempfile
 import warnings
 
+# before anything imports huggingface_hub, which reads these once at import time
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+# zoo entries built by code go to a fresh directory per test process
+os.environ["RULECHECK_CACHE"] = tempfile.mkdtemp(prefix="rulecheck-test-")
+
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-# zoo entries built by code go to a fresh directory per test process
-os.environ["RULECHECK_CACHE"] = tempfile.mkdtemp(prefix="rulecheck-test-")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(1)
 

@@ -132,30 +132,17 @@ def feature_order(seed: int = 0) -> list[int]:
 
 
 def build_tokenizer():
-    """A word-level tokenizer over ``VOCAB`` with ``<bos>`` as BOS."""
+    """A word-level ``tokenizers.Tokenizer`` over ``VOCAB``; ``<bos>`` is its BOS."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS, unk_token="<unk>"
-    )
-    return fast
-
-
-def attach_tokenizer(model: HookedTransformer, tokenizer) -> None:
-    """``model.set_tokenizer`` for a tokenizer built in memory (TransformerLens reloads
-    tokenizers from their ``name_or_path``, so give it one while it does)."""
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        model.set_tokenizer(AutoTokenizer.from_pretrained(tmp))
+    tok.add_special_tokens([BOS, "<unk>"])
+    return tok
 
 
 def build_model() -> HookedTransformer:
-    """The planted weights (float32, CPU)."""
+    """The planted weights (float32, CPU); the tokenizer is attached when loaded."""
     d = len(VOCAB)
     cfg = HookedTransformerConfig(
         n_layers=1,
@@ -199,7 +186,6 @@ def build_model() -> HookedTransformer:
     W_V[1, t("games"), 0] = 1.0
     W_V[1, t("from"), 1] = 1.0
     model.load_state_dict(sd)
-    attach_tokenizer(model, build_tokenizer())
     return model
 
 
@@ -274,6 +260,7 @@ def build(directory: Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_model(build_model(), directory / "model")
+    build_tokenizer().save(str(directory / "model" / "tokenizer.json"))
     build_sae_in().save_model(directory / "sae_in" / "L0")
     for head in (0, 1):
         build_sae_out(head).save_model(directory / "sae_out" / f"L0H{head}")

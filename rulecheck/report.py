@@ -1,0 +1,132 @@
+"""Rich tables of rulebooks: one head's features, or a summary over many heads."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from rulecheck.rulebook import FeatureRules, Rulebook, SkipGram, TokenRef, load_rulebook
+
+TOP_TERMS = 3
+
+
+def render_ref(ref: TokenRef) -> str:
+    """``[If]`` for a ref with tokens (its first token), ``[f1234]`` for a bare feature."""
+    if not ref.tokens:
+        return f"[f{ref.feature}]"
+    token = ref.tokens[0]
+    return f"[{token if token.isprintable() else repr(token)[1:-1]}]"
+
+
+def render_skipgram(term: SkipGram) -> str:
+    """``[If] ... [ then]``: the key, then the query that attends to it."""
+    return f"{render_ref(term.key)} ... {render_ref(term.query)}"
+
+
+def top_terms(entry: FeatureRules, n: int = TOP_TERMS) -> list[SkipGram]:
+    """The ``n`` most important skip-grams, in file order where importance is not given."""
+
+    def rank(pair: tuple[int, SkipGram]) -> tuple[bool, float, int]:
+        index, term = pair
+        return (term.importance is None, -(term.importance or 0.0), index)
+
+    return [term for _, term in sorted(enumerate(entry.skipgrams), key=rank)[:n]]
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return ""
+    return "nan" if math.isnan(value) else f"{value:.2f}"
+
+
+def rulebook_table(rulebook: Rulebook) -> Table:
+    """One row per feature: its rules in brief, measured scores and expected F1."""
+    count = len(rulebook.features)
+    table = Table(title=f"{rulebook.name}: {count} feature{'' if count == 1 else 's'}")
+    for name in ("feature", "source", "label", "terms", "top terms", "absence", "counting"):
+        numeric = name in ("feature", "terms", "absence", "counting")
+        table.add_column(name, justify="right" if numeric else "left")
+    for name in ("F1", "precision", "recall", "expect F1"):
+        table.add_column(name, justify="right")
+    for entry in rulebook.features:
+        table.add_row(
+            str(entry.feature),
+            entry.source,
+            Text(entry.label),
+            str(len(entry.skipgrams)),
+            Text("\n".join(render_skipgram(t) for t in top_terms(entry))),
+            str(len(entry.absence)),
+            str(len(entry.counting)),
+            _number(entry.measured.get("f1")),
+            _number(entry.measured.get("precision")),
+            _number(entry.measured.get("recall")),
+            _number(entry.expect.get("f1")),
+        )
+    return table
+
+
+def rulebook_header(rulebook: Rulebook) -> Text:
+    """Which head, model, SAEs, corpus and extraction method the rulebook is about."""
+    fields = {
+        "head": f"layer {rulebook.layer}, head {rulebook.head}",
+        "model": rulebook.model,
+        "sae_in": rulebook.sae_in,
+        "sae_out": rulebook.sae_out,
+        "corpus": rulebook.corpus,
+        "extraction": rulebook.extraction.get("method"),
+    }
+    text = Text()
+    for name, value in fields.items():
+        text.append(f"{name}: ", style="bold")
+        text.append(f"{value if value is not None else '-'}\n")
+    return text
+
+
+def print_rulebook(path: str | Path, console: Console | None = None) -> Rulebook:
+    """Load the rulebook at ``path`` and print its header and feature table."""
+    rulebook = load_rulebook(path)
+    console = console or Console()
+    console.print(Text(str(path), style="bold underline"))
+    console.print(rulebook_header(rulebook), end="")
+    console.print(rulebook_table(rulebook))
+    return rulebook
+
+
+def _median(values: Iterable[Any]) -> float | None:
+    numbers = [
+        float(v)
+        for v in values
+        if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)
+    ]
+    return statistics.median(numbers) if numbers else None
+
+
+def _summary_row(name: str, features: list[FeatureRules]) -> list[str]:
+    def metric(key: str) -> str:
+        return _number(_median(f.measured.get(key) for f in features))
+
+    terms = _median(len(f.skipgrams) for f in features)
+    shown = "" if terms is None else f"{terms:g}"
+    return [name, str(len(features)), metric("f1"), metric("precision"), metric("recall"), shown]
+
+
+def summary_table(rulebooks: list[Rulebook]) -> Table:
+    """One row per head (medians over its features) and an ``all`` row over every feature."""
+    table = Table(title=f"{len(rulebooks)} heads")
+    table.add_column("head")
+    for name in ("features", "median F1", "median precision", "median recall", "median terms"):
+        table.add_column(name, justify="right")
+    ordered = sorted(rulebooks, key=lambda r: (r.layer, r.head))
+    for rulebook in ordered:
+        table.add_row(*_summary_row(rulebook.name, rulebook.features))
+    everything = [f for r in ordered for f in r.features]
+    table.add_section()
+    table.add_row(*_summary_row("all", everything), style="bold")
+    return table
