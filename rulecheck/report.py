@@ -47,21 +47,28 @@ def _number(value: Any) -> str:
 
 
 def rulebook_table(rulebook: Rulebook) -> Table:
-    """One row per feature: its rules in brief, measured scores and expected F1."""
+    """One row per feature: its label, its strongest terms, rule counts and scores."""
     count = len(rulebook.features)
     table = Table(title=f"{rulebook.name}: {count} feature{'' if count == 1 else 's'}")
-    for name in ("feature", "source", "label", "terms", "top terms", "absence", "counting"):
-        numeric = name in ("feature", "terms", "absence", "counting")
-        table.add_column(name, justify="right" if numeric else "left")
-    for name in ("F1", "precision", "recall", "expect F1"):
+    table.add_column("feature", justify="right")
+    table.add_column("src", justify="left")
+    table.add_column("label", no_wrap=True, overflow="ellipsis")
+    table.add_column("terms", justify="right")
+    table.add_column("next terms", no_wrap=True, overflow="ellipsis")
+    table.add_column("abs", justify="right")
+    table.add_column("cnt", justify="right")
+    for name in ("F1", "prec", "recall", "≥F1"):
         table.add_column(name, justify="right")
     for entry in rulebook.features:
+        # the label is normally the first term; list the ones after it
+        shown = [render_skipgram(t) for t in top_terms(entry, TOP_TERMS + 1)]
+        rest = shown[1:] if shown and entry.label == shown[0] else shown[:TOP_TERMS]
         table.add_row(
             str(entry.feature),
-            entry.source,
+            "manual" if entry.source == "manual" else "ext",
             Text(entry.label),
             str(len(entry.skipgrams)),
-            Text("\n".join(render_skipgram(t) for t in top_terms(entry))),
+            Text(", ".join(rest)),
             str(len(entry.absence)),
             str(len(entry.counting)),
             _number(entry.measured.get("f1")),

@@ -868,7 +868,7 @@ def test_rulebook_table_shows_each_feature() -> None:
         FeatureRules(12, "manual", "[bold]not markup[/bold]", terms, expect={"f1": 0.4})
     )
     text = _render(rulebook_table(book))
-    assert "94" in text and "12" in text and "extracted" in text and "manual" in text
+    assert "94" in text and "12" in text and " ext " in text and "manual" in text
     assert "[If] ... [ then]" in text
     assert "[bold]not markup[/bold]" in text
     assert "[f1234] ... [ q4]" in text and "[f1234] ... [ q2]" in text
