@@ -105,13 +105,25 @@ def parse_heads(heads: str | Sequence[int], n_heads: int) -> list[int]:
     return sorted(set(heads))
 
 
+PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+def processing_for(sae: SAE) -> dict[str, bool]:
+    """How to load the model so that it matches what the SAE was trained on: the
+    TransformerLens processing flags recorded in ``model_from_pretrained_kwargs``. An SAE
+    trained on ``from_pretrained_no_processing`` says so with all flags false."""
+    kwargs = sae.cfg.metadata.get("model_from_pretrained_kwargs") or {}
+    return {k: bool(v) for k, v in kwargs.items() if k in PROCESSING_FLAGS}
+
+
 def load_layer(
     specs: Specs, layer: int, heads: str | Sequence[int], device: str = "auto"
 ) -> LayerArtifacts:
     """Load and check everything one layer's extraction needs."""
     specs = specs.completed()
     dev = resolve_device(device)
-    model = load_model(specs.model, device=dev)
+    sae_in = load_sae(specs.sae_in, layer=layer, device=dev)
+    model = load_model(specs.model, device=dev, **processing_for(sae_in))
     if not 0 <= layer < model.cfg.n_layers:
         raise RulecheckError(
             f"layer {layer} is out of range: the model has {model.cfg.n_layers} layers",
@@ -119,7 +131,6 @@ def load_layer(
             fix=f"use a layer in 0..{model.cfg.n_layers - 1}",
         )
     head_ids = parse_heads(heads, model.cfg.n_heads)
-    sae_in = load_sae(specs.sae_in, layer=layer, device=dev)
     check_sae(sae_in, model, layer=layer, head=None, kind="in", spec=specs.sae_in)
     sae_outs = {}
     for h in head_ids:

@@ -128,3 +128,32 @@ def test_gpt2_huggingface_directory_goes_through_extraction(tmp_path):
             assert 0.0 <= f.measured["f1"] <= 1.0 and f.measured["n_test"] == 6
             assert all(s.attn_score > 0 and s.value_score > 0 for s in f.skipgrams)
     assert not (out / "L1H1.yaml").exists()
+
+
+def test_model_is_loaded_the_way_the_input_sae_says(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rulecheck.api import Specs, load_layer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64)).save_pretrained(
+        tmp_path / "m"
+    )
+    tokens = torch.randint(1, 64, (4, 8))
+    tokens[:, 0] = 0
+    np.save(tmp_path / "c.npy", tokens.numpy())
+    ln_w = {}
+    for folded in (True, False):
+        sae = random_sae(32, 8, "blocks.0.hook_resid_pre")
+        sae.cfg.metadata.model_from_pretrained_kwargs = {"fold_ln": folded}
+        sae.save_model(tmp_path / f"in{folded}")
+        random_sae(8, 4, "blocks.0.attn.hook_z", head=0).save_model(tmp_path / "out")
+        specs = Specs(
+            str(tmp_path / "m"),
+            str(tmp_path / f"in{folded}"),
+            str(tmp_path / "out"),
+            str(tmp_path / "c.npy"),
+        )
+        art = load_layer(specs, 0, "0", "cpu")
+        ln_w[folded] = hasattr(art.model.blocks[0].ln1, "w")
+    assert ln_w == {True: False, False: True}
