@@ -1,0 +1,82 @@
+"""SAE quality measures: L0, dead features, explained variance, cross-entropy recovered.
+
+Output SAEs are judged by splicing their reconstruction into their head's ``hook_z`` and
+comparing the loss with the clean model and with that head zero-ablated (the attention-output
+SAE paper's measure). Positions after BOS only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rulecheck.heads import resid_pre_hook, run_to_layer, z_hook
+
+
+def _patch_head(head: int, fn: Callable[[Tensor], Tensor]):
+    def hook(z: Tensor, hook) -> Tensor:  # z [batch, pos, n_heads, d_head]
+        z = z.clone()
+        z[:, :, head] = fn(z[:, :, head])
+        return z
+
+    return hook
+
+
+@torch.no_grad()
+def sae_quality(
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: Tensor,
+    layer: int,
+    head: int | None = None,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """L0, dead fraction and explained variance of an SAE on ``tokens [n, pos]``; for a
+    per-head output SAE (``head`` given) also the clean, spliced and zero-ablated losses and
+    the fraction of cross-entropy recovered."""
+    hook = resid_pre_hook(layer) if head is None else z_hook(layer)
+    l0_sum, n_tok = 0.0, 0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    err_sq, x_sum, x_sq = 0.0, None, 0.0
+    losses = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        x = run_to_layer(model, batch, layer, (hook,))[hook]
+        x = (x if head is None else x[:, :, head])[:, 1:].reshape(-1, sae.cfg.d_in)
+        f = sae.encode(x)
+        recon = sae.decode(f)
+        l0_sum += float((f > 0).sum())
+        n_tok += x.shape[0]
+        fired |= (f > 0).any(0).cpu()
+        err_sq += float((x - recon).square().sum())
+        x_sum = x.sum(0) if x_sum is None else x_sum + x.sum(0)
+        x_sq += float(x.square().sum())
+        if head is not None:
+            spliced = _patch_head(head, lambda z: sae.decode(sae.encode(z)))
+            zeroed = _patch_head(head, torch.zeros_like)
+            losses["clean"] += float(model(batch, return_type="loss", loss_per_token=True).sum())
+            for name, fn in (("spliced", spliced), ("zero", zeroed)):
+                per_tok = model.run_with_hooks(
+                    batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, fn)]
+                )
+                losses[name] += float(per_tok.sum())
+    total_var = x_sq - float(x_sum.square().sum()) / n_tok
+    out = {
+        "l0": l0_sum / n_tok,
+        "dead_fraction": 1.0 - float(fired.float().mean()),
+        "explained_variance": 1.0 - err_sq / total_var,
+    }
+    if head is not None:
+        n_pred = len(tokens) * (tokens.shape[1] - 1)
+        clean, spliced, zero = (losses[k] / n_pred for k in ("clean", "spliced", "zero"))
+        out |= {
+            "loss_clean": clean,
+            "loss_spliced": spliced,
+            "loss_zero_ablated": zero,
+            "ce_recovered": (zero - spliced) / (zero - clean) if zero != clean else 1.0,
+        }
+    return out

@@ -1,0 +1,555 @@
+"""Build ``rulecheck-tiny``: corpus, tokenizer, model and SAEs, deterministically from a seed.
+
+    python -m rulecheck.zoo.train_tiny corpus     # needs Debian's python3.11-doc
+    python -m rulecheck.zoo.train_tiny tokenizer
+    python -m rulecheck.zoo.train_tiny model
+    python -m rulecheck.zoo.train_tiny saes
+    python -m rulecheck.zoo.train_tiny ship       # into the package, with SAE quality
+    python -m rulecheck.zoo.train_tiny rules      # rulebooks/rulecheck-tiny/
+    python -m rulecheck.zoo.train_tiny card       # MODEL_CARD.md from the measured reports
+    python -m rulecheck.zoo.train_tiny all
+
+Corpus: the reStructuredText sources of the Python 3.11 documentation (Debian package
+``python3.11-doc``) and Python standard-library modules (``libpython3.11-stdlib``), both under
+the PSF license. Each file is a document; documents are cut into 63-token pieces, BOS first.
+Whole documents are held out for evaluation. Work files go to ``--work`` (default
+``build/tiny``); the shipped files go to ``--out`` (default the package's ``zoo/tiny``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DOC_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+CODE_ROOT = Path("/usr/lib/python3.11")
+CODE_SKIP = ("test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__")
+BOS = "<|endoftext|>"
+SEQ_LEN = 64
+HELD_OUT_PERCENT = 24
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Every setting of the build; written into the model card."""
+
+    seed: int = 0
+    vocab_size: int = 4096
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    batch_size: int = 64
+    steps: int = 4000
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.1
+    code_share: float = 1.0  # code characters per documentation character, at most
+
+
+def out_default() -> Path:
+    return Path(__file__).parent / "tiny"
+
+
+# ------------------------------------------------------------------------------------ corpus
+
+
+def held_out(name: str) -> bool:
+    """Whole documents go to the held-out split by a hash of their name."""
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100 < HELD_OUT_PERCENT
+
+
+def collect_documents(cfg: TinyConfig) -> list[tuple[str, str]]:
+    """``(name, text)`` of every document, documentation first, then code, sorted by name."""
+    if not DOC_ROOT.is_dir():
+        raise SystemExit(
+            f"{DOC_ROOT}: not found (fix: apt-get install python3.11-doc, the corpus's source)"
+        )
+    docs = [
+        (f"doc/{p.relative_to(DOC_ROOT)}", p.read_text(encoding="utf-8", errors="replace"))
+        for p in sorted(DOC_ROOT.rglob("*.txt"))
+    ]
+    budget = cfg.code_share * sum(len(t) for _, t in docs)
+    code = []
+    for p in sorted(CODE_ROOT.rglob("*.py")):
+        if any(part in CODE_SKIP for part in p.relative_to(CODE_ROOT).parts):
+            continue
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if budget - len(text) < 0:
+            continue
+        budget -= len(text)
+        code.append((f"code/{p.relative_to(CODE_ROOT)}", text))
+    return docs + code
+
+
+def chunk(ids: list[int], bos: int, seq_len: int = SEQ_LEN) -> np.ndarray:
+    """``[n, seq_len]`` pieces of one document, BOS first; a shorter tail is dropped."""
+    body = seq_len - 1
+    n = len(ids) // body
+    if n == 0:
+        return np.zeros((0, seq_len), dtype=np.int32)
+    arr = np.asarray(ids[: n * body], dtype=np.int32).reshape(n, body)
+    return np.concatenate([np.full((n, 1), bos, dtype=np.int32), arr], axis=1)
+
+
+def build_tokenizer(texts: list[str], cfg: TinyConfig):
+    """Byte-level BPE trained on the training documents, ``<|endoftext|>`` as BOS (id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=[BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def step_corpus(cfg: TinyConfig, work: Path) -> None:
+    """Documents -> tokenizer -> train/held-out token arrays in ``work``."""
+    from tokenizers import Tokenizer
+
+    docs = collect_documents(cfg)
+    train_docs = [t for n, t in docs if not held_out(n)]
+    tok_path = work / "tokenizer.json"
+    if not tok_path.exists():
+        build_tokenizer(train_docs, cfg).save(str(tok_path))
+    tok = Tokenizer.from_file(str(tok_path))
+    bos = tok.token_to_id(BOS)
+    splits: dict[str, list[np.ndarray]] = {"train": [], "eval": []}
+    for (name, _), enc in zip(docs, tok.encode_batch([t for _, t in docs]), strict=True):
+        splits["eval" if held_out(name) else "train"].append(chunk(enc.ids, bos))
+    stats = {"documents": len(docs), "doc_files": sum(n.startswith("doc/") for n, _ in docs)}
+    for split, parts in splits.items():
+        arr = np.concatenate(parts)
+        np.save(work / f"{split}_tokens.npy", arr.astype(np.int16))
+        stats[f"{split}_sequences"] = int(arr.shape[0])
+        stats[f"{split}_documents"] = sum(1 for n, _ in docs if held_out(n) == (split == "eval"))
+    stats["characters"] = sum(len(t) for _, t in docs)
+    (work / "corpus.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(json.dumps(stats))
+
+
+# ------------------------------------------------------------------------------------- model
+
+
+def model_config(cfg: TinyConfig):
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        d_head=cfg.d_model // cfg.n_heads,
+        d_mlp=cfg.d_mlp,
+        d_vocab=cfg.vocab_size,
+        n_ctx=SEQ_LEN,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        seed=cfg.seed,
+    )
+
+
+def lr_at(step: int, cfg: TinyConfig) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def held_out_loss(model, tokens: torch.Tensor, batch: int = 256) -> float:
+    """Mean next-token loss over the held-out sequences (positions after BOS)."""
+    total, count = 0.0, 0
+    for s in range(0, len(tokens), batch):
+        x = tokens[s : s + batch]
+        loss = model(x, return_type="loss", loss_per_token=True)  # [batch, pos - 1]
+        total += float(loss.sum())
+        count += loss.numel()
+    return total / count
+
+
+def unigram_loss(train: np.ndarray, held: np.ndarray, vocab: int) -> float:
+    """Cross-entropy of held-out tokens under add-one unigram frequencies of the training set."""
+    counts = np.bincount(train[:, 1:].ravel(), minlength=vocab).astype(np.float64) + 1
+    logp = np.log(counts / counts.sum())
+    return float(-logp[held[:, 1:].ravel()].mean())
+
+
+def step_model(cfg: TinyConfig, work: Path, threads: int) -> None:
+    """Train the model from ``cfg.seed`` and save it (rulecheck model directory)."""
+    from rich.progress import Progress
+    from transformer_lens import HookedTransformer
+
+    from rulecheck.loading import save_model
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(threads)
+    train = torch.from_numpy(np.load(work / "train_tokens.npy").astype(np.int64))
+    held = torch.from_numpy(np.load(work / "eval_tokens.npy").astype(np.int64))[:2000]
+    model = HookedTransformer(model_config(cfg))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(train), generator=g)
+    log = []
+    start = time.time()
+    with Progress() as bar:
+        task = bar.add_task("training rulecheck-tiny", total=cfg.steps)
+        for step in range(cfg.steps):
+            pos = (step * cfg.batch_size) % len(train)
+            if pos + cfg.batch_size > len(train):
+                order = torch.randperm(len(train), generator=g)
+                pos = 0
+            x = train[order[pos : pos + cfg.batch_size]]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss = model(x, return_type="loss")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if (step + 1) % 500 == 0 or step + 1 == cfg.steps:
+                ev = held_out_loss(model, held)
+                log.append({"step": step + 1, "train_loss": float(loss), "held_out_loss": ev})
+                bar.console.print(log[-1])
+            bar.advance(task)
+    seconds = time.time() - start
+    model.eval()
+    from tokenizers import Tokenizer
+
+    model_dir = work / "model"
+    save_model(model, model_dir)
+    Tokenizer.from_file(str(work / "tokenizer.json")).save(str(model_dir / "tokenizer.json"))
+    all_held = torch.from_numpy(np.load(work / "eval_tokens.npy").astype(np.int64))
+    report = {
+        "config": asdict(cfg),
+        "train_seconds": round(seconds, 1),
+        "threads": threads,
+        "machine": machine(),
+        "tokens_seen": cfg.steps * cfg.batch_size * SEQ_LEN,
+        "held_out_loss": round(held_out_loss(model, all_held), 4),
+        "unigram_loss": round(unigram_loss(train.numpy(), all_held.numpy(), cfg.vocab_size), 4),
+        "log": log,
+    }
+    (work / "model.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "log"}))
+
+
+# -------------------------------------------------------------------------------------- saes
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """sae_lens training settings of the input and output SAEs."""
+
+    d_sae_in: int = 1024
+    d_sae_out: int = 512
+    l1_in: float = 5.0
+    l1_out: float = 5.0
+    training_tokens: int = 8_000_000
+    batch_tokens: int = 4096
+    lr: float = 3e-4
+
+
+def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, int, float]]]:
+    """One sae_lens run per head index: that head's output SAE in every layer, plus (in the
+    first run) the input SAE of every layer. SAEs that share a hook in one run must share its
+    head index, hence a run per head. Entry: name -> (hook, head, d_sae, l1)."""
+    runs = []
+    for h in range(model_cfg.n_heads):
+        run = {
+            f"sae_out/L{layer}H{h}": (f"blocks.{layer}.attn.hook_z", h, sc.d_sae_out, sc.l1_out)
+            for layer in range(model_cfg.n_layers)
+        }
+        if h == 0:
+            for layer in range(model_cfg.n_layers):
+                run[f"sae_in/L{layer}"] = (
+                    f"blocks.{layer}.hook_resid_pre",
+                    None,
+                    sc.d_sae_in,
+                    sc.l1_in,
+                )
+        runs.append(run)
+    return runs
+
+
+def step_saes(cfg: TinyConfig, sc: SaeConfig, work: Path, threads: int) -> None:
+    """Train every SAE with sae_lens's multi-SAE runner on the training split."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from datasets import Dataset
+    from sae_lens import LoggingConfig, MultiSAETrainingRunner, StandardTrainingSAEConfig
+    from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
+
+    from rulecheck.loading import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(str(work / "model"))
+    train = np.load(work / "train_tokens.npy").astype(np.int64)
+    dataset = Dataset.from_dict({"input_ids": train.tolist()})
+    report = {"config": asdict(sc), "machine": machine(), "runs": []}
+    for i, run in enumerate(sae_runs(model.cfg, sc)):
+        start = time.time()
+        saes = {
+            name.replace("/", "_"): StandardTrainingSAEConfig(
+                d_in=model.cfg.d_model if head is None else model.cfg.d_head,
+                d_sae=d_sae,
+                l1_coefficient=l1,
+                l1_warm_up_steps=200,
+                normalize_activations="expected_average_only_in",
+            )
+            for name, (hook, head, d_sae, l1) in run.items()
+        }
+        runner = MultiSAETrainingRunner(
+            MultiSAETrainingRunnerConfig(
+                saes=saes,
+                hook_names={n.replace("/", "_"): v[0] for n, v in run.items()},
+                hook_head_indices={n.replace("/", "_"): v[1] for n, v in run.items()},
+                model_name="rulecheck-tiny",
+                context_size=SEQ_LEN,
+                training_tokens=sc.training_tokens,
+                train_batch_size_tokens=sc.batch_tokens,
+                n_batches_in_buffer=128,  # x context_size must cover a batch
+                store_batch_size_prompts=64,
+                lr=sc.lr,
+                lr_warm_up_steps=100,
+                seed=cfg.seed + i,
+                device="cpu",
+                logger=LoggingConfig(log_to_wandb=False),
+                output_path=None,
+                checkpoint_path=None,
+                n_eval_batches=0,
+                n_batches_for_norm_estimate=50,
+            ),
+            override_model=model,
+            override_dataset=dataset,
+        )
+        trained = runner.run()
+        for name in run:
+            trained[name.replace("/", "_")].save_inference_model(work / name)
+        report["runs"].append({"saes": list(run), "seconds": round(time.time() - start, 1)})
+        print(json.dumps(report["runs"][-1]))
+    (work / "saes.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------ ship and card
+
+QUALITY_SEQUENCES = 2000
+
+
+def machine() -> str:
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def step_ship(work: Path, out: Path) -> None:
+    """Copy model, SAEs and held-out tokens into the package (atomically) and measure every
+    SAE on the first held-out sequences."""
+    import shutil
+    import tempfile
+
+    from rulecheck.loading import load_model, load_sae
+    from rulecheck.zoo.quality import sae_quality
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
+    for part in ("model", "sae_in", "sae_out"):
+        shutil.copytree(work / part, tmp / part)
+    shutil.copy(work / "eval_tokens.npy", tmp / "eval_tokens.npy")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+    model = load_model(str(out / "model"))
+    tokens = torch.from_numpy(np.load(out / "eval_tokens.npy")[:QUALITY_SEQUENCES]).long()
+    quality = {}
+    for layer in range(model.cfg.n_layers):
+        name = f"sae_in/L{layer}"
+        quality[name] = sae_quality(model, load_sae(str(out / name)), tokens, layer)
+        for h in range(model.cfg.n_heads):
+            name = f"sae_out/L{layer}H{h}"
+            quality[name] = sae_quality(model, load_sae(str(out / name)), tokens, layer, h)
+        print(json.dumps({k: v for k, v in quality.items() if k.endswith(str(layer))}))
+    (work / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+
+
+def step_rules(work: Path, rulebooks: Path) -> None:
+    """Extract every head of the shipped model with the defaults of ``rulecheck extract``."""
+    from rich.console import Console
+
+    from rulecheck.cli import main as cli
+
+    torch.set_num_threads(1)  # one thread: float sums in a fixed order, so tests can reproduce
+    start = time.time()
+    code = cli(["extract", "--model", "rulecheck-tiny", "--out", str(rulebooks)])
+    if code != 0:
+        raise SystemExit(code)
+    report = {"features": 100, "seconds": round(time.time() - start, 1), "machine": machine()}
+    (work / "extraction.json").write_text(json.dumps(report, indent=2) + "\n")
+    Console().print(report)
+
+
+def f1_by_layer(rulebooks: Path) -> dict[int, dict[int, list[float]]]:
+    """Test F1 of every extracted feature, by layer and number of terms."""
+    from rulecheck.rulebook import load_rulebook
+
+    table: dict[int, dict[int, list[float]]] = {}
+    for path in sorted(rulebooks.glob("L*H*.yaml")):
+        book = load_rulebook(path)
+        for f in book.features:
+            for n, f1 in (f.measured.get("f1_by_terms") or {}).items():
+                table.setdefault(book.layer, {}).setdefault(int(n), []).append(f1)
+    return table
+
+
+def _quartiles(values: list[float]) -> str:
+    q = np.quantile(np.asarray(values), [0.25, 0.5, 0.75])
+    return f"{q[1]:.2f} ({q[0]:.2f}-{q[2]:.2f})"
+
+
+def step_card(work: Path, out: Path, rulebooks: Path) -> None:
+    """MODEL_CARD.md from the measured reports of every step and the shipped rulebooks."""
+    corpus = json.loads((work / "corpus.json").read_text())
+    model = json.loads((work / "model.json").read_text())
+    saes = json.loads((work / "saes.json").read_text())
+    quality = json.loads((work / "quality.json").read_text())
+    extraction = json.loads((work / "extraction.json").read_text())
+    mc = model["config"]
+    lines = [
+        "# rulecheck-tiny",
+        "",
+        "A small GPT-2-style language model trained on real text, with sparse autoencoders",
+        "trained by sae_lens, shipped so that rulecheck runs offline. Everything below is",
+        "measured by `python -m rulecheck.zoo.train_tiny` (corpus, model, saes, ship, card);",
+        "none of it is estimated.",
+        "",
+        "## Corpus",
+        "",
+        "- Text: the reStructuredText sources of the Python 3.11 documentation (Debian package",
+        "  `python3.11-doc`, `/usr/share/doc/python3.11/html/_sources`) and Python standard-library",
+        "  modules (`/usr/lib/python3.11`, Debian `libpython3.11-stdlib`, tests excluded), at most",
+        f"  {TinyConfig.code_share:g} character of code per character of documentation.",
+        "- License: both are distributed under the Python Software Foundation License Version 2,",
+        "  which permits redistribution of derived works with the license notice; the model and",
+        "  its SAEs are derived works of that text.",
+        f"- {corpus['documents']} documents ({corpus['doc_files']} documentation files), "
+        f"{corpus['characters']:,} characters.",
+        f"- Whole documents are held out by a hash of their name ({HELD_OUT_PERCENT}%): "
+        f"{corpus['train_sequences']:,} training sequences from {corpus['train_documents']} "
+        f"documents, {corpus['eval_sequences']:,} held-out sequences from "
+        f"{corpus['eval_documents']} documents, each {SEQ_LEN} tokens, BOS first, from one "
+        "document. The held-out ones ship as `eval_tokens.npy`.",
+        "",
+        "## Tokenizer",
+        "",
+        f"Byte-level BPE ({mc['vocab_size']} tokens) trained with Hugging Face `tokenizers` on the",
+        f"training documents; `{BOS}` (id 0) is BOS.",
+        "",
+        "## Model",
+        "",
+        f"- {mc['n_layers']} layers, d_model {mc['d_model']}, {mc['n_heads']} heads of "
+        f"d_head {mc['d_model'] // mc['n_heads']}, d_mlp {mc['d_mlp']}, LayerNorm, GELU, learned "
+        f"positions, n_ctx {SEQ_LEN}.",
+        f"- AdamW (lr {mc['lr']}, betas 0.9/0.95, weight decay {mc['weight_decay']}), "
+        f"{mc['warmup']} warm-up steps then cosine to a tenth, batch {mc['batch_size']} x "
+        f"{SEQ_LEN}, {mc['steps']} steps ({model['tokens_seen']:,} tokens), seed {mc['seed']}.",
+        f"- Trained in {model['train_seconds'] / 60:.1f} minutes on {model['machine']} "
+        f"({model['threads']} threads).",
+        f"- Held-out loss: **{model['held_out_loss']:.3f}** nats/token, against "
+        f"{model['unigram_loss']:.3f} for a unigram model of the training split.",
+        "",
+        "## SAEs",
+        "",
+        "Trained with sae_lens's `MultiSAETrainingRunner` (standard ReLU SAEs, L1 penalty,",
+        f"inputs normalised to the expected norm and the factor folded in), "
+        f"{saes['config']['training_tokens']:,} tokens each, in "
+        f"{sum(r['seconds'] for r in saes['runs']) / 60:.1f} minutes on {saes['machine']}.",
+        f"Input SAEs read `blocks.{{l}}.hook_resid_pre` (d_sae {saes['config']['d_sae_in']}, "
+        f"L1 {saes['config']['l1_in']}); output SAEs read one head of `blocks.{{l}}.attn.hook_z`",
+        f"(`hook_head_index`, d_sae {saes['config']['d_sae_out']}, L1 {saes['config']['l1_out']}).",
+        f"Measured on the first {QUALITY_SEQUENCES:,} held-out sequences, positions after BOS.",
+        "CE recovered splices the SAE's reconstruction into its head and compares the loss with",
+        "the clean model and with that head's z zero-ablated.",
+        "",
+        "| SAE | L0 | dead | explained variance | CE recovered |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, q in quality.items():
+        ce = f"{q['ce_recovered']:.1%}" if "ce_recovered" in q else ""
+        lines.append(
+            f"| {name} | {q['l0']:.1f} | {q['dead_fraction']:.1%} | "
+            f"{q['explained_variance']:.3f} | {ce} |"
+        )
+    table = f1_by_layer(rulebooks)
+    counts = sorted({n for layer in table.values() for n in layer})
+    lines += [
+        "",
+        "## Rules",
+        "",
+        "`rulebooks/rulecheck-tiny/` holds one rulebook per head, written by `rulecheck extract`",
+        f"(weight-based ranking, {extraction['features']} features per head at most, "
+        f"{extraction['seconds']:.0f} s on {extraction['machine']}). Test-split F1 of the",
+        "skip-gram disjunction against the number of terms, median (quartiles) over features:",
+        "",
+        "| layer | features | " + " | ".join(str(n) for n in counts) + " |",
+        "|---|---:|" + "---:|" * len(counts),
+    ]
+    for layer, by_n in sorted(table.items()):
+        n_feat = max(len(v) for v in by_n.values())
+        cells = [_quartiles(by_n[n]) if n in by_n else "" for n in counts]
+        lines.append(f"| {layer} | {n_feat} | " + " | ".join(cells) + " |")
+    (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------- cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rulecheck.zoo.train_tiny")
+    parser.add_argument("step", choices=["corpus", "model", "saes", "ship", "rules", "card", "all"])
+    parser.add_argument("--rulebooks", type=Path, default=Path("rulebooks/rulecheck-tiny"))
+    parser.add_argument("--work", type=Path, default=Path("build/tiny"))
+    parser.add_argument("--out", type=Path, default=out_default())
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--steps", type=int, default=TinyConfig.steps)
+    parser.add_argument("--sae-tokens", type=int, default=SaeConfig.training_tokens)
+    args = parser.parse_args(argv)
+    cfg = TinyConfig(steps=args.steps)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.step in ("corpus", "all"):
+        step_corpus(cfg, args.work)
+    if args.step in ("model", "all"):
+        step_model(cfg, args.work, args.threads)
+    if args.step in ("saes", "all"):
+        step_saes(cfg, SaeConfig(training_tokens=args.sae_tokens), args.work, args.threads)
+    if args.step in ("ship", "all"):
+        step_ship(args.work, args.out)
+    if args.step in ("rules", "all"):
+        step_rules(args.work, args.rulebooks)
+    if args.step in ("card", "all"):
+        step_card(args.work, args.out, args.rulebooks)
+
+
+if __name__ == "__main__":
+    main()
