@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--layer", type=int, default=None, help="layer (default: every layer)")
     ex.add_argument("--heads", default="all", help="heads, e.g. 0,3 or all")
     ex.add_argument("--features", type=_features, default=100, help="count or ids")
-    ex.add_argument("--method", default="weight", choices=["weight"], help="ranking method")
+    ex.add_argument(
+        "--method",
+        default="weight",
+        choices=["weight", "gradient"],
+        help="rank terms by attn*value (weight) or by mean gradient (gradient)",
+    )
     ex.add_argument("--keys", type=int, default=100, help="candidate keys per feature")
     ex.add_argument("--queries-per-key", type=int, default=100, help="queries per key")
     ex.add_argument("--max-terms", type=int, default=64, help="most terms kept per feature")

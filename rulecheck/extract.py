@@ -7,7 +7,7 @@ and the number of terms is chosen on the validation split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,7 @@ from rulecheck.exemplars import (
     check_corpus_size,
     sample_features,
 )
+from rulecheck.gradient import term_importance, with_importance
 from rulecheck.heads import (
     encode_head,
     head_encoder,
@@ -35,9 +36,16 @@ from rulecheck.heads import (
 )
 from rulecheck.metrics import binary_scores, spearman
 from rulecheck.rules import predictions_by_terms, prefix_stats, term_contributions, term_counts
-from rulecheck.scores import Terms, candidate_terms, rank_by_weight, value_scores
+from rulecheck.scores import (
+    Terms,
+    candidate_terms,
+    rank_by_importance,
+    rank_by_weight,
+    value_scores,
+)
 
 Progress = Callable[[str, int, int], None]  # (task, advance, total)
+METHODS = ("weight", "gradient")
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,24 @@ def collect_layer(
 
 
 @torch.no_grad()
+def prefix_chunks(
+    model: HookedTransformer,
+    sae_in: SAE,
+    tokens: Tensor,
+    layer: int,
+    seq: Tensor,
+    t: Tensor,
+    batch_size: int,
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """Input-SAE activations ``[batch, pos, d_sae_in]`` of the prefixes ``(seq, t)``, a chunk
+    at a time, with the chunk's rows and end positions."""
+    device = model.cfg.device
+    for start in range(0, len(seq), batch_size):
+        rows = slice(start, start + batch_size)
+        resid = model(tokens[seq[rows].cpu()].to(device), stop_at_layer=layer)
+        yield rows, sae_in.encode(resid), t[rows].to(device)
+
+
 def prefix_features(
     model: HookedTransformer,
     sae_in: SAE,
@@ -125,18 +151,27 @@ def prefix_features(
     seq: Tensor,
     t: Tensor,
     batch_size: int,
-) -> tuple[Tensor, Tensor]:
-    """Input-SAE ``q_act, k_max`` (each ``[n, d_sae_in]``) for the prefixes ``(seq, t)``."""
-    device = model.cfg.device
+    terms: Terms | None = None,
+    importance_rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``q_act, k_max`` (each ``[n, d_sae_in]``) for the prefixes ``(seq, t)``, and, when
+    ``terms`` and a boolean ``importance_rows [n]`` are given, the terms' gradient importance
+    averaged over those rows, from the same forward passes."""
     q_parts, k_parts = [], []
-    for start in range(0, len(seq), batch_size):
-        rows = seq[start : start + batch_size].cpu()
-        resid = model(tokens[rows].to(device), stop_at_layer=layer)  # [batch, pos, d_model]
-        feats = sae_in.encode(resid)
-        q, k = prefix_stats(feats, t[start : start + batch_size].to(device))
+    total, count = None, 0
+    for rows, feats, t_rows in prefix_chunks(model, sae_in, tokens, layer, seq, t, batch_size):
+        q, k = prefix_stats(feats, t_rows)
         q_parts.append(q)
         k_parts.append(k)
-    return torch.cat(q_parts), torch.cat(k_parts)
+        if terms is not None and importance_rows is not None:
+            pick = importance_rows[rows].to(feats.device)
+            n = int(pick.sum())
+            if n:
+                part = term_importance(feats[pick], t_rows[pick], terms, batch_size) * n
+                total = part if total is None else total + part
+                count += n
+    importance = None if total is None else total / count
+    return torch.cat(q_parts), torch.cat(k_parts), importance
 
 
 def choose_n_terms(val_f1: Tensor, counts: list[int], max_terms: int) -> int:
@@ -217,9 +252,11 @@ def extract_head(
     progress: Progress = no_progress,
 ) -> HeadResult:
     """Rank, evaluate and keep the skip-gram terms of the chosen features of one head."""
-    if cfg.method != "weight":
+    if cfg.method not in METHODS:
         raise RulecheckError(
-            f"unknown ranking method {cfg.method!r}", field="--method", fix="use --method weight"
+            f"unknown ranking method {cfg.method!r}",
+            field="--method",
+            fix="use --method weight or --method gradient",
         )
     features = pick_features(collector, cfg, layer, head)
     w = head_weights(model, layer, head)
@@ -231,9 +268,17 @@ def extract_head(
         terms = candidate_terms(
             d, w.W_Q, w.W_K, w.attn_scale, vs[:, i], cfg.keys, cfg.queries_per_key
         )
-        ranked = rank_by_weight(terms)
         ex = collector.examples(f)
-        q_act, k_max = prefix_features(model, sae_in, tokens, layer, ex.seq, ex.t, cfg.batch_size)
+        gradient = cfg.method == "gradient"
+        q_act, k_max, importance = prefix_features(
+            model, sae_in, tokens, layer, ex.seq, ex.t, cfg.batch_size,
+            terms=terms if gradient else None,
+            importance_rows=ex.part("train") if gradient else None,
+        )  # fmt: skip
+        if gradient:
+            ranked = rank_by_importance(with_importance(terms, importance))
+        else:
+            ranked = rank_by_weight(terms)
         results.append(evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms))
         progress(f"L{layer}H{head} features", 1, len(features))
     return HeadResult(

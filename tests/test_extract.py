@@ -157,3 +157,21 @@ def test_model_is_loaded_the_way_the_input_sae_says(tmp_path):
         art = load_layer(specs, 0, "0", "cpu")
         ln_w[folded] = hasattr(art.model.blocks[0].ln1, "w")
     assert ln_w == {True: False, False: True}
+
+
+def test_gradient_ranking_recovers_planted_rules(tmp_path):
+    args = ["extract", "--model", "planted", "--layer", "0", "--method", "gradient"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    truth = json.loads(zoo.resolve("planted:ground_truth.json").read_text())
+    feature_of = truth["input_features"]
+    for entry in truth["features"]:
+        book = load_rulebook(tmp_path / f"L0H{entry['head']}.yaml")
+        assert book.extraction["method"] == "gradient"
+        rules = book.feature(entry["feature"])
+        assert rules.measured["f1"] >= 0.95
+        importance = [s.importance for s in rules.skipgrams]
+        assert all(i is not None for i in importance)
+        assert importance == sorted(importance, reverse=True)
+        found = [(s.key.feature, s.query.feature) for s in rules.skipgrams]
+        for key, query in entry["skipgrams"]:
+            assert (feature_of[key], feature_of[query]) in found

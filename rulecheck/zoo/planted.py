@@ -30,7 +30,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-VERSION = 1
+VERSION = 2
 BOS = "<bos>"
 RULE_WORDS = [
     "if", "then", "when", "do", "unless", "open", "close", "games", "score", "from", "to",
@@ -176,7 +176,7 @@ def build_model() -> HookedTransformer:
     attend(0, 0, "then", {BOS: SINK, "if": HIT, "unless": STEAL})
     attend(0, 1, "do", {BOS: SINK, "when": HIT})
     attend(0, 2, "close", {BOS: SINK, "open": HIT})
-    W_V[0, t("if"), 0] = 1.2
+    W_V[0, t("if"), 0] = 1.0
     W_V[0, t("when"), 0] = 1.0
     W_V[0, t("unless"), 0] = -1.0
     W_V[0, t("open"), 1] = 1.0

@@ -1,0 +1,83 @@
+"""Gradient-based ranking of skip-gram terms (pure tensor functions, no I/O).
+
+A mask ``m [n_terms]`` weighs the candidate ``(query, key)`` terms of one output feature in a
+surrogate of the attention head, evaluated on the prefix ending at ``t``:
+
+- ``s_i = sum_j m_j f_{q_j}(x_t) f_{k_j}(x_i) attn_j`` for ``i <= t`` (later positions are out
+  of the softmax),
+- ``a = softmax_i(s)``,
+- ``pred = sum_i a_i sum_{k in K} f_k(x_i) value(k)``, ``K`` the distinct candidate keys.
+
+A term's importance is ``d pred / d m_j`` at ``m = 1``, averaged over prefixes.
+
+Terms are folded into their keys before touching positions, so memory is
+``[batch, pos, n_keys] + [batch, n_terms]``, never ``[batch, pos, n_terms]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from rulecheck.scores import Terms
+
+
+def key_slots(key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The distinct keys ``[n_keys]``, each term's slot among them ``[n_terms]``, and each key's
+    value-score ``[n_keys]`` (taken from its terms, which all carry the same one).
+
+    ``key`` and ``value`` are the terms' ``[n_terms]`` key ids and value-scores."""
+    keys, slot = torch.unique(key, return_inverse=True)
+    return keys, slot, value.new_zeros(keys.shape[0]).scatter(0, slot, value)
+
+
+def surrogate_activation(feats: Tensor, t: Tensor, terms: Terms, mask: Tensor) -> Tensor:
+    """``[batch]`` surrogate activation of the prefixes ending at ``t``.
+
+    ``feats`` is ``[batch, pos, d_sae_in]`` (non-negative), ``t`` is ``[batch]``, ``mask`` is
+    ``[n_terms]``; differentiable in ``mask``.
+    """
+    device = feats.device
+    dtype = torch.promote_types(feats.dtype, mask.dtype)
+    query, key = terms.query.to(device), terms.key.to(device)
+    keys, slot, key_value = key_slots(key, terms.value.to(device, dtype))
+    t = t.to(device)
+    batch = torch.arange(feats.shape[0], device=device)
+    fq = feats[batch.unsqueeze(1), t.unsqueeze(1), query.unsqueeze(0)].to(dtype)  # [B, n_terms]
+    fk = feats[:, :, keys].to(dtype)  # [B, P, n_keys]
+    w = mask.to(dtype) * terms.attn.to(device, dtype) * fq  # [B, n_terms]
+    per_key = w.new_zeros(feats.shape[0], keys.shape[0]).index_add(1, slot, w)  # [B, n_keys]
+    s = torch.einsum("bik,bk->bi", fk, per_key)  # [B, P]
+    after_t = torch.arange(feats.shape[1], device=device) > t.unsqueeze(1)  # [B, P]
+    a = torch.softmax(s.masked_fill(after_t, float("-inf")), dim=1)
+    return (a * (fk @ key_value)).sum(dim=1)
+
+
+def term_importance(feats: Tensor, t: Tensor, terms: Terms, batch_size: int = 64) -> Tensor:
+    """``[n_terms]``: ``d surrogate / d mask`` at ``mask = 1``, averaged over all prefixes.
+
+    ``feats`` is ``[n, pos, d_sae_in]`` and ``t`` ``[n]``; prefixes go through in chunks of
+    ``batch_size``. Zero when there are no prefixes. Works under ``no_grad`` and
+    ``inference_mode``.
+    """
+    dtype = torch.promote_types(feats.dtype, terms.attn.dtype)
+    n = feats.shape[0]
+    with torch.inference_mode(False), torch.enable_grad():
+        total = torch.zeros(len(terms), dtype=dtype, device=feats.device)
+        # attn is saved for backward, which a tensor made under inference_mode cannot be
+        chunk_terms = replace(terms, attn=terms.attn.clone())
+        for start in range(0, n, batch_size):
+            mask = torch.ones(len(terms), dtype=dtype, device=feats.device, requires_grad=True)
+            stop = start + batch_size
+            pred = surrogate_activation(feats[start:stop], t[start:stop], chunk_terms, mask)
+            total += torch.autograd.grad(pred.sum(), mask)[0]
+    return total / max(n, 1)
+
+
+def with_importance(terms: Terms, importance: Tensor) -> Terms:
+    """``terms`` carrying ``importance [n_terms]``, ready for ``rank_by_importance``."""
+    if importance.shape != (len(terms),):
+        raise ValueError(f"importance has shape {tuple(importance.shape)}, want ({len(terms)},)")
+    return replace(terms, importance=importance)
