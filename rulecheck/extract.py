@@ -133,14 +133,15 @@ def prefix_chunks(
     seq: Tensor,
     t: Tensor,
     batch_size: int,
-) -> Iterator[tuple[slice, Tensor, Tensor]]:
+) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
     """Input-SAE activations ``[batch, pos, d_sae_in]`` of the prefixes ``(seq, t)``, a chunk
-    at a time, with the chunk's rows and end positions."""
+    at a time, with the chunk's rows, tokens ``[batch, pos]`` and end positions."""
     device = model.cfg.device
     for start in range(0, len(seq), batch_size):
         rows = slice(start, start + batch_size)
-        resid = model(tokens[seq[rows].cpu()].to(device), stop_at_layer=layer)
-        yield rows, sae_in.encode(resid), t[rows].to(device)
+        toks = tokens[seq[rows].cpu()].to(device)
+        resid = model(toks, stop_at_layer=layer)
+        yield rows, sae_in.encode(resid), toks, t[rows].to(device)
 
 
 def prefix_features(
@@ -159,7 +160,7 @@ def prefix_features(
     averaged over those rows, from the same forward passes."""
     q_parts, k_parts = [], []
     total, count = None, 0
-    for rows, feats, t_rows in prefix_chunks(model, sae_in, tokens, layer, seq, t, batch_size):
+    for rows, feats, _, t_rows in prefix_chunks(model, sae_in, tokens, layer, seq, t, batch_size):
         q, k = prefix_stats(feats, t_rows)
         q_parts.append(q)
         k_parts.append(k)

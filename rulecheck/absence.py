@@ -1,0 +1,256 @@
+"""Absence rules (paper 4.2, A.4): distractor keys that steal attention and suppress a feature.
+
+For a skip-gram term ``[k] ... [q] -> g`` a distractor is a key ``k'`` with
+``attn-score(q, k') > attn-score(q, k)`` and ``value-score(k', g) < 0``: where ``k'`` occurs
+before the query, attention moves from ``k`` to ``k'`` and ``g`` is suppressed, giving the
+absence rule ``[k'] ... [q] -/-> g``. The paper checks only the top term (``k*`` with the
+highest value-score, ``q*`` with the highest attn-score with it) and the first such ``k'`` in
+attention order; ``top_terms`` extends the search to more terms.
+
+Validation works on tokens, so it is for layer 0, where input feature ``j`` is read as the token
+that activates it most (``feature_tokens``). At higher layers a key, query or distractor is
+detected by the input SAE's activations on the residual stream instead of by token identity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rulecheck.counterfactuals import insert_before_batch
+from rulecheck.exemplars import FeatureExamples
+from rulecheck.extract import token_features
+from rulecheck.heads import encode_head, run_to_layer, z_hook
+from rulecheck.scores import Terms, attn_scores
+
+
+@dataclass(frozen=True)
+class Distractor:
+    """A distractor key ``distractor`` (k') of the term ``[key] ... [query]``; ids are input-SAE
+    features. ``attn_score`` is ``attn-score(query, distractor)``, ``value_score``
+    ``value-score(distractor)`` (< 0) and ``key_attn_score`` ``attn-score(query, key)``."""
+
+    query: int
+    key: int
+    distractor: int
+    attn_score: float
+    value_score: float
+    key_attn_score: float
+
+
+def find_distractors(
+    d: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    attn_scale: float,
+    value_score: Tensor,
+    terms: Terms,
+    top_terms: int = 1,
+) -> list[Distractor]:
+    """Distractors of the first ``top_terms`` of ``terms`` (in the order given, e.g.
+    ``candidate_terms``'s, whose first term is the paper's ``(q*, k*)``), at most one per term.
+
+    For term ``(q, k)``: the first key ``k'`` in descending ``attn-score(q, .)`` order (ties to
+    the lower id) with ``attn-score(q, k') > attn-score(q, k)`` and ``value-score(k') < 0``.
+    ``d`` is ``[d_sae_in, d_model]``, ``W_Q``/``W_K`` ``[d_model, d_head]``, ``value_score``
+    ``[d_sae_in]`` for this output feature.
+    """
+    n = min(top_terms, len(terms))
+    if n == 0:
+        return []
+    queries, keys = terms.query[:n], terms.key[:n]
+    attn = attn_scores(d[queries], d, W_Q, W_K, attn_scale)  # [n, d_sae_in]
+    key_attn = attn.gather(1, keys.unsqueeze(1))  # [n, 1]
+    ok = (attn > key_attn) & (value_score < 0).unsqueeze(0)
+    masked = attn.masked_fill(~ok, -math.inf)
+    best = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, 0]
+    found = ok.gather(1, best.unsqueeze(1)).squeeze(1)
+    return [
+        Distractor(
+            query=int(queries[i]),
+            key=int(keys[i]),
+            distractor=int(best[i]),
+            attn_score=float(attn[i, best[i]]),
+            value_score=float(value_score[best[i]]),
+            key_attn_score=float(key_attn[i, 0]),
+        )
+        for i in range(n)
+        if found[i]
+    ]
+
+
+def feature_tokens(model: HookedTransformer, sae_in: SAE) -> Tensor:
+    """``[d_sae_in]``: the token that activates each layer-0 input feature most (-1 where no
+    token activates it)."""
+    ids, vals = token_features(model, sae_in, top=1)
+    return torch.where(vals[:, 0] > 0, ids[:, 0], torch.full_like(ids[:, 0], -1))
+
+
+@torch.no_grad()
+def activation_map(
+    model: HookedTransformer,
+    sae_out: SAE,
+    layer: int,
+    head: int,
+    feature: int,
+    tokens: Tensor,
+    batch_size: int = 256,
+) -> Tensor:
+    """``[B, T]`` true activation of output feature ``feature`` at every position of
+    ``tokens [B, T]`` (model run to ``layer``'s attention, then the output SAE)."""
+    device = model.cfg.device
+    names = (z_hook(layer),)
+    parts = []
+    for start in range(0, tokens.shape[0], batch_size):
+        batch = tokens[start : start + batch_size].to(device)
+        z = run_to_layer(model, batch, layer, names)[names[0]]
+        parts.append(encode_head(sae_out, z, head)[..., feature].float().cpu())
+    if not parts:
+        return torch.zeros(tokens.shape, dtype=torch.float32)
+    return torch.cat(parts)
+
+
+def activation_at(
+    model: HookedTransformer,
+    sae_out: SAE,
+    layer: int,
+    head: int,
+    feature: int,
+    tokens: Tensor,
+    t: Tensor,
+    batch_size: int = 256,
+) -> Tensor:
+    """``[B]`` true activation of ``feature`` at position ``t [B]`` of ``tokens [B, T]``."""
+    acts = activation_map(model, sae_out, layer, head, feature, tokens, batch_size)
+    return acts.gather(1, t.cpu().long().unsqueeze(1)).squeeze(1)
+
+
+def occurs_before(tokens: Tensor, token: int) -> Tensor:
+    """``[B, T]`` bool: ``token`` occurs in ``[1, j)`` (BOS excluded), for every position j."""
+    hit = tokens == token
+    hit[:, 0] = False
+    return (hit.long().cumsum(dim=1) - hit.long()) > 0
+
+
+def matches_term(tokens: Tensor, t: Tensor, key_token: int, query_token: int) -> Tensor:
+    """``[B]`` bool: the prefix ending at ``t`` reads ``key ... query`` (query at ``t``, key
+    somewhere in ``[1, t)``). ``tokens`` is ``[B, T]``."""
+    t = t.long().unsqueeze(1)
+    before = occurs_before(tokens, key_token).gather(1, t).squeeze(1)
+    return before & (tokens.gather(1, t).squeeze(1) == query_token)
+
+
+def split_positives(
+    tokens: Tensor, examples: FeatureExamples, split: str = "test"
+) -> tuple[Tensor, Tensor]:
+    """Token rows ``[n, T]`` and positions ``[n]`` of the positives of one split."""
+    mask = (examples.part(split) & (examples.act > 0)).cpu()
+    seq, t = examples.seq.cpu()[mask], examples.t.cpu()[mask]
+    return tokens[seq.to(tokens.device)], t.to(tokens.device)
+
+
+def distractor_drop(
+    model: HookedTransformer,
+    sae_out: SAE,
+    layer: int,
+    head: int,
+    feature: int,
+    tokens: Tensor,
+    examples: FeatureExamples,
+    distractor_token: int,
+    copies: Sequence[int] = (1, 2, 3, 4),
+    *,
+    key_token: int | None = None,
+    query_token: int | None = None,
+    prepend: bool = True,
+    split: str = "test",
+    batch_size: int = 256,
+) -> list[float]:
+    """Mean relative drop ``(before - after) / before`` of the true activation at ``t`` over the
+    positives of ``split`` when ``distractor_token`` is inserted ``n`` times, one value per
+    ``n`` in ``copies`` (paper Fig. 6c; NaN when no positive qualifies).
+
+    ``tokens`` is the corpus ``[N, T]`` the examples index. With ``key_token``/``query_token``
+    only positives whose prefix reads ``key ... query`` are used. The copies go right after BOS
+    (``prepend``, as in the paper) or right before ``t``; occurrences of the key are never
+    dropped to make room. Token identity: layer 0 only (see module doc).
+    """
+    seqs, t = split_positives(tokens, examples, split)
+    if key_token is not None and query_token is not None:
+        keep = matches_term(seqs, t, key_token, query_token)
+        seqs, t = seqs[keep], t[keep]
+    if len(seqs) == 0:
+        return [math.nan] * len(copies)
+    protect = None if key_token is None else seqs == key_token
+    before = activation_at(model, sae_out, layer, head, feature, seqs, t, batch_size)
+    drops = []
+    for n in copies:
+        at = torch.ones_like(t) if prepend else t
+        edit = insert_before_batch(seqs, t, [distractor_token] * n, at=at, protect=protect)
+        after = activation_at(model, sae_out, layer, head, feature, edit.tokens, edit.t, batch_size)
+        drops.append(float(((before - after) / before).mean()))
+    return drops
+
+
+@dataclass(frozen=True)
+class Cooccurrence:
+    """Corpus statistics of a term ``key ... query`` and its distractor (paper Fig. 6a, 6b).
+
+    A sequence has the pattern when some query position has the key before it; the first such
+    position ``j`` is used. ``share`` is the fraction of those sequences with the distractor in
+    ``[1, j)``; the means are the feature's activation at ``j`` with and without it (NaN when
+    a group is empty).
+    """
+
+    n_pattern: int
+    n_with: int
+    share: float
+    mean_with: float
+    mean_without: float
+
+
+def _mean(x: Tensor) -> float:
+    return float(x.mean()) if len(x) else math.nan
+
+
+def cooccurrence_stats(
+    tokens: Tensor, acts: Tensor, key_token: int, query_token: int, distractor_token: int
+) -> Cooccurrence:
+    """``Cooccurrence`` from ``tokens [N, T]`` and the feature's activations ``acts [N, T]``."""
+    match = occurs_before(tokens, key_token) & (tokens == query_token)
+    has = match.any(dim=1)
+    j = match.long().argmax(dim=1, keepdim=True)  # first match
+    with_d = occurs_before(tokens, distractor_token).gather(1, j).squeeze(1) & has
+    act = acts.to(tokens.device).gather(1, j).squeeze(1)
+    n_pattern, n_with = int(has.sum()), int(with_d.sum())
+    return Cooccurrence(
+        n_pattern=n_pattern,
+        n_with=n_with,
+        share=n_with / n_pattern if n_pattern else math.nan,
+        mean_with=_mean(act[with_d]),
+        mean_without=_mean(act[has & ~with_d]),
+    )
+
+
+def cooccurrence(
+    model: HookedTransformer,
+    sae_out: SAE,
+    layer: int,
+    head: int,
+    feature: int,
+    tokens: Tensor,
+    key_token: int,
+    query_token: int,
+    distractor_token: int,
+    batch_size: int = 256,
+) -> Cooccurrence:
+    """``Cooccurrence`` over the corpus ``tokens [N, T]``, with the feature's true activations.
+    Token identity: layer 0 only (see module doc)."""
+    acts = activation_map(model, sae_out, layer, head, feature, tokens, batch_size)
+    return cooccurrence_stats(tokens.cpu(), acts, key_token, query_token, distractor_token)

@@ -1,0 +1,185 @@
+"""Counting rules (paper 4.3, Fig. 7): a feature that depends on how often a key occurs.
+
+Protocol, for one output feature and a candidate key token:
+
+- Base contexts: the feature's positives of one split (default test) — prefixes where the
+  query side of the rule is present at ``t`` — with every occurrence of the key in ``[1, t)``
+  replaced by a neutral filler token. Negatives are left out: their ``t`` rarely holds a query,
+  so their activation stays 0 for every count and says nothing about counting.
+- Count: ``n = 0 .. max_count`` copies of the key are inserted before ``t``, spaced evenly over
+  the prefix (``spread_positions``), and the true activation at the new ``t`` is measured
+  (model + output SAE). Occurrences of ``protect_tokens`` (e.g. the keys of the feature's other
+  terms) are never dropped to make room.
+- Measures: mean activation and share of active contexts per ``n``; Spearman of activation
+  against ``n`` over all (context, n) pairs.
+- Threshold count ``n*``: the smallest ``n`` at which the majority state (more than half of the
+  contexts active, or not) differs from the state at ``n = 0``; None if it never changes.
+- A counting rule is reported only when ``|Spearman| > min_spearman``, ``n* >= 2`` (one copy is
+  not enough: otherwise it is a presence rule) and the change agrees with the sign of Spearman
+  (off -> on for 'increasing', on -> off for 'decreasing').
+
+Token identity makes this a layer-0 test; at higher layers the key is detected by the input
+SAE's activations rather than by its token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rulecheck.absence import activation_at, split_positives
+from rulecheck.counterfactuals import repeat_token_batch, spread_positions
+from rulecheck.exemplars import FeatureExamples
+from rulecheck.metrics import spearman
+
+
+@dataclass(frozen=True)
+class CountingCurve:
+    """Activation against the number ``n`` of key copies (index ``n`` of each list)."""
+
+    key: int
+    mean_by_count: list[float]
+    active_by_count: list[float]  # share of contexts with activation > 0
+    spearman: float
+    threshold_count: int | None
+    n_contexts: int
+
+
+@dataclass(frozen=True)
+class CountingResult:
+    """A detected counting rule: the feature turns on (``increasing``) or off
+    (``decreasing``) once the key occurs ``threshold_count`` times."""
+
+    key: int
+    direction: str
+    threshold_count: int
+    spearman: float
+    mean_by_count: list[float]
+    active_by_count: list[float]
+    n_contexts: int
+
+
+def default_filler(tokens: Tensor, exclude: tuple[int, ...] = ()) -> int:
+    """The most frequent token after BOS in ``tokens [N, T]`` that is not in ``exclude`` and not
+    a BOS token (ties to the lower id)."""
+    body = tokens[:, 1:].flatten().long()
+    counts = torch.bincount(body, minlength=int(tokens.max()) + 1)
+    for tok in {*exclude, *tokens[:, 0].unique().tolist()}:
+        if 0 <= tok < len(counts):
+            counts[tok] = -1
+    return int(torch.sort(counts, descending=True, stable=True).indices[0])
+
+
+def base_contexts(
+    tokens: Tensor, examples: FeatureExamples, key_token: int, filler_token: int, split: str
+) -> tuple[Tensor, Tensor]:
+    """Rows ``[n, T]`` and positions ``[n]``: the split's positives with the key in ``[1, t)``
+    replaced by ``filler_token``."""
+    seqs, t = split_positives(tokens, examples, split)
+    seqs = seqs.clone()
+    pos = torch.arange(seqs.shape[1], device=seqs.device)
+    before_t = (pos > 0) & (pos < t.unsqueeze(1))
+    seqs[(seqs == key_token) & before_t] = filler_token
+    return seqs, t
+
+
+def threshold_count(active_share: Tensor, majority: float = 0.5) -> int | None:
+    """Smallest ``n`` whose majority state (share active > ``majority``) differs from that at
+    ``n = 0``; ``active_share`` is ``[max_count + 1]``."""
+    state = active_share > majority
+    changed = torch.nonzero(state != state[0]).flatten()
+    return int(changed[0]) if len(changed) else None
+
+
+def counting_curve(
+    model: HookedTransformer,
+    sae_out: SAE,
+    layer: int,
+    head: int,
+    feature: int,
+    tokens: Tensor,
+    examples: FeatureExamples,
+    key_token: int,
+    max_count: int = 6,
+    filler_token: int | None = None,
+    split: str = "test",
+    batch_size: int = 256,
+    protect_tokens: Sequence[int] = (),
+) -> CountingCurve:
+    """Measure the feature against the count of ``key_token`` (see module doc). ``tokens`` is
+    the corpus ``[N, T]`` the examples index; the filler defaults to ``default_filler``."""
+    if filler_token is None:
+        filler_token = default_filler(tokens, exclude=(key_token,))
+    seqs, t = base_contexts(tokens, examples, key_token, filler_token, split)
+    if len(seqs) == 0:
+        zeros = [0.0] * (max_count + 1)
+        return CountingCurve(key_token, zeros, zeros, 0.0, None, 0)
+    guard = torch.tensor(list(protect_tokens), dtype=seqs.dtype, device=seqs.device)
+    protect = torch.isin(seqs, guard)
+    acts = []
+    for n in range(max_count + 1):
+        at = spread_positions(t, n)
+        edit = repeat_token_batch(seqs, t, key_token, n, positions=at, protect=protect)
+        acts.append(
+            activation_at(model, sae_out, layer, head, feature, edit.tokens, edit.t, batch_size)
+        )
+    act = torch.stack(acts, dim=1)  # [n_contexts, max_count + 1]
+    counts = torch.arange(max_count + 1).expand_as(act)
+    active = (act > 0).float().mean(0)
+    return CountingCurve(
+        key=key_token,
+        mean_by_count=act.mean(0).tolist(),
+        active_by_count=active.tolist(),
+        spearman=spearman(counts.double(), act.double()),
+        threshold_count=threshold_count(active),
+        n_contexts=len(seqs),
+    )
+
+
+def as_counting_rule(curve: CountingCurve, min_spearman: float = 0.5) -> CountingResult | None:
+    """The curve as a counting rule, or None when it does not pass the criteria."""
+    n_star = curve.threshold_count
+    if n_star is None or n_star < 2 or abs(curve.spearman) <= min_spearman:
+        return None
+    turns_on = curve.active_by_count[n_star] > curve.active_by_count[0]
+    direction = "increasing" if curve.spearman > 0 else "decreasing"
+    if turns_on != (direction == "increasing"):
+        return None
+    return CountingResult(
+        key=curve.key,
+        direction=direction,
+        threshold_count=n_star,
+        spearman=curve.spearman,
+        mean_by_count=curve.mean_by_count,
+        active_by_count=curve.active_by_count,
+        n_contexts=curve.n_contexts,
+    )
+
+
+def detect_counting(
+    model: HookedTransformer,
+    sae_out: SAE,
+    layer: int,
+    head: int,
+    feature: int,
+    tokens: Tensor,
+    examples: FeatureExamples,
+    key_token: int,
+    max_count: int = 6,
+    min_spearman: float = 0.5,
+    filler_token: int | None = None,
+    split: str = "test",
+    batch_size: int = 256,
+    protect_tokens: Sequence[int] = (),
+) -> CountingResult | None:
+    """A counting rule of ``feature`` on ``key_token``, or None (see module doc)."""
+    curve = counting_curve(
+        model, sae_out, layer, head, feature, tokens, examples, key_token, max_count,
+        filler_token, split, batch_size, protect_tokens,
+    )  # fmt: skip
+    return as_counting_rule(curve, min_spearman)
