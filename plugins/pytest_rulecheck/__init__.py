@@ -1,15 +1,324 @@
-"""pytest plugin for rulecheck rulebooks (collection arrives with the plugin issue)."""
+"""pytest plugin: rulebooks are test files, each claim about a feature is a test item.
+
+``pytest rulebooks/`` collects every YAML file with a top-level ``rulecheck:`` key; each
+feature yields ``f1``, ``precision`` and ``recall`` items (thresholds from ``expect``), and
+``absence[<distractor>]`` and ``counting[<key>]`` items for its absence and counting rules::
+
+    L0H3.yaml::feature[94]::f1
+    L0H3.yaml::feature[94]::absence[twitter]
+"""
 
 from __future__ import annotations
 
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
 import pytest
+
+from rulecheck.errors import RulecheckError
+
+METRIC_ITEMS = ("f1", "precision", "recall")
+STASH_BENCH = pytest.StashKey["Any"]()
+
+
+# ------------------------------------------------------------------------------------ options
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("rulecheck", "rule-based tests of attention-head SAE features")
+
+    def option(name: str, help: str, **kw: Any) -> None:
+        dest = "rulecheck_" + name.replace("-", "_")
+        group.addoption(f"--rulecheck-{name}", dest=dest, default=None, help=help, **kw)
+        parser.addini(dest, help, default=kw.get("ini_default"))
+
+    option("model", "model spec overriding the rulebooks' model")
+    option("sae-in", "input SAE spec ({layer}) overriding the rulebooks'")
+    option("sae-out", "output SAE spec ({layer}, {head}) overriding the rulebooks'")
+    option("corpus", "corpus spec overriding the rulebooks'")
+    option("device", "auto (CUDA when present), cpu or cuda")
+    option("tolerance", "lower every expected minimum by this much (default 0)")
+    option("examples", "Hypothesis examples per absence/counting property (default 25)")
+    option("report", "write a JSON report of every checked rule to this path")
+    option("cache", "directory of cached exemplars (default .rulecheck_cache)")
     group.addoption(
-        "--rulecheck-device",
-        default=None,
-        help="device for models and SAEs: auto (CUDA when present), cpu or cuda",
+        "--rulecheck-extract",
+        action="store_true",
+        default=False,
+        help="regenerate the collected rulebooks from the checkpoint first (manual entries kept)",
     )
-    parser.addini("rulecheck_device", "default device for rulecheck", default="auto")
+
+
+def setting(config: pytest.Config, name: str, default: Any = None) -> Any:
+    """A rulecheck option: command line first, then ``[tool.pytest.ini_options]``."""
+    dest = "rulecheck_" + name.replace("-", "_")
+    value = config.getoption(dest, default=None)
+    if value is None:
+        value = config.getini(dest) or None
+    return default if value is None else value
+
+
+def workbench(config: pytest.Config):
+    """The session's Workbench (created on first use, in each xdist worker)."""
+    if STASH_BENCH not in config.stash:
+        from rulecheck.api import Specs
+        from rulecheck.session import Workbench
+
+        overrides = Specs(
+            model=setting(config, "model"),  # type: ignore[arg-type]
+            sae_in=setting(config, "sae-in"),
+            sae_out=setting(config, "sae-out"),
+            corpus=setting(config, "corpus"),
+        )
+        cache = Path(setting(config, "cache", ".rulecheck_cache"))
+        if not cache.is_absolute():
+            cache = config.rootpath / cache
+        config.stash[STASH_BENCH] = Workbench(
+            overrides=overrides, device=setting(config, "device", "auto"), cache_dir=cache
+        )
+    return config.stash[STASH_BENCH]
+
+
+# ---------------------------------------------------------------------------------- collection
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    if file_path.suffix in (".yaml", ".yml"):
+        from rulecheck.rulebook import is_rulebook_file
+
+        if is_rulebook_file(file_path):
+            return RulebookFile.from_parent(parent, path=file_path)
+    return None
+
+
+class RulebookFile(pytest.File):
+    """A rulebook: one head's claims."""
+
+    def collect(self):
+        from rulecheck.rulebook import load_rulebook
+
+        book = load_rulebook(self.path)
+        self.book = book
+        for rules in book.features:
+            yield FeatureNode.from_parent(self, name=f"feature[{rules.feature}]", rules=rules)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, RulecheckError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+
+class FeatureNode(pytest.Collector):
+    """One output feature and the items checking its rules."""
+
+    def __init__(self, *, rules, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.rules = rules
+        if getattr(rules, "xfail", None):
+            self.add_marker(pytest.mark.xfail(reason=rules.xfail, strict=True))
+
+    def collect(self):
+        for metric in METRIC_ITEMS:
+            if metric in self.rules.expect:
+                yield MetricItem.from_parent(self, name=metric, metric=metric)
+        for i, rule in enumerate(self.rules.absence):
+            name = f"absence[{_ref_name(rule.distractor)}]"
+            yield AbsenceItem.from_parent(self, name=name, index=i)
+        for i, rule in enumerate(self.rules.counting):
+            yield CountingItem.from_parent(self, name=f"counting[{_ref_name(rule.key)}]", index=i)
+
+
+def _ref_name(ref) -> str:
+    return ref.tokens[0] if ref.tokens else f"f{ref.feature}"
+
+
+class RuleFailure(AssertionError):
+    """A rule that does not hold: what was expected and what was measured."""
+
+
+class RuleItem(pytest.Item):
+    """Base of the items: shared access to the rulebook, its head and the workbench."""
+
+    @property
+    def book(self):
+        return self.parent.parent.book
+
+    @property
+    def rules(self):
+        return self.parent.rules
+
+    @property
+    def file(self) -> str:
+        return str(self.path)
+
+    def head(self):
+        return workbench(self.config).head_of(self.book, self.file)
+
+    def record(self, **values: Any) -> None:
+        head = f"L{self.book.layer}H{self.book.head}"
+        self.user_properties.append(("rulecheck", {"head": head,
+                                                   "feature": self.rules.feature, **values}))  # fmt: skip
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, RuleFailure | RulecheckError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, self.nodeid.split("::", 1)[-1]
+
+
+class MetricItem(RuleItem):
+    """``f1``, ``precision`` or ``recall`` of the skip-gram disjunction, at least ``expect``."""
+
+    def __init__(self, *, metric: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.metric = metric
+
+    def runtest(self) -> None:
+        tolerance = float(setting(self.config, "tolerance", 0.0))
+        measured = workbench(self.config).measure(self.head(), self.rules, self.file)
+        value = getattr(measured, self.metric)
+        minimum = self.rules.expect[self.metric] - tolerance
+        self.record(metric=self.metric, measured=value, expected=minimum,
+                    f1=measured.f1, passed=value >= minimum)  # fmt: skip
+        if value < minimum:
+            raise RuleFailure(
+                f"{self.metric} of feature {self.rules.feature} "
+                f"({self.rules.label or 'skip-grams'}) is {value:.3f}, expected >= "
+                f"{minimum:.3f}\n  measured on {measured.n_test} test prefixes: "
+                f"precision {measured.precision:.3f}, recall {measured.recall:.3f}, "
+                f"F1 {measured.f1:.3f}, Spearman {measured.spearman:.3f}"
+            )
+
+
+class AbsenceItem(RuleItem):
+    """A distractor suppresses the feature (checked with Hypothesis counterfactuals)."""
+
+    def __init__(self, *, index: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.index = index
+
+    def runtest(self) -> None:
+        from rulecheck.properties import check_absence
+
+        rule = self.rules.absence[self.index]
+        result = check_absence(workbench(self.config), self.head(), self.rules, rule,
+                               self.file, examples=int(setting(self.config, "examples", 25)))  # fmt: skip
+        self.record(rule="absence", passed=result is None)
+        if result is not None:
+            raise RuleFailure(result)
+
+
+class CountingItem(RuleItem):
+    """The feature grows with the number of key tokens (checked with Hypothesis)."""
+
+    def __init__(self, *, index: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.index = index
+
+    def runtest(self) -> None:
+        from rulecheck.properties import check_counting
+
+        rule = self.rules.counting[self.index]
+        result = check_counting(workbench(self.config), self.head(), self.rules, rule,
+                                self.file, examples=int(setting(self.config, "examples", 25)))  # fmt: skip
+        self.record(rule="counting", passed=result is None)
+        if result is not None:
+            raise RuleFailure(result)
+
+
+# ---------------------------------------------------------------------------------- extraction
+
+
+def pytest_collectstart(collector) -> None:
+    """With ``--rulecheck-extract``, regenerate a rulebook just before it is collected (once,
+    on the xdist controller or the single process)."""
+    config = collector.config
+    if not isinstance(collector, RulebookFile) or not config.getoption("rulecheck_extract"):
+        return
+    if hasattr(config, "workerinput"):
+        return
+    from rulecheck.regenerate import regenerate
+
+    regenerate(collector.path, workbench(config))
+
+
+# -------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def rulecheck_workbench(pytestconfig: pytest.Config):
+    """The session's Workbench: checkpoints, SAEs and exemplars loaded once."""
+    return workbench(pytestconfig)
+
+
+@pytest.fixture
+def feature(rulecheck_workbench):
+    """``feature(model, layer, head, id)``: a handle for checking a feature from Python."""
+    from rulecheck.handle import FeatureHandle
+
+    def make(model: str = "rulecheck-tiny", layer: int = 0, head: int = 0, id: int = 0, **specs):
+        return FeatureHandle(rulecheck_workbench, model, layer, head, id, **specs)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(Summary(config), "rulecheck-summary")
+
+
+class Summary:
+    """Collects every checked rule's outcome (from workers too, under xdist) and prints a
+    table per head at the end; optionally writes them as JSON."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.results: list[dict[str, Any]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" and not (report.when == "setup" and report.failed):
+            return
+        for name, value in report.user_properties:
+            if name == "rulecheck":
+                self.results.append(dict(value, outcome=report.outcome, nodeid=report.nodeid))
+
+    def table(self):
+        from rich.table import Table
+
+        by_head: dict[str, dict[str, Any]] = {}
+        for r in self.results:
+            row = by_head.setdefault(r["head"], {"features": set(), "passed": 0, "failed": 0})
+            row["features"].add(r["feature"])
+            row["passed" if r["outcome"] == "passed" else "failed"] += 1
+            if "f1" in r:
+                row.setdefault("f1", {})[r["feature"]] = r["f1"]
+        table = Table(title="rulecheck: rules by head")
+        for col in ("head", "features", "passed", "failed", "median F1"):
+            table.add_column(col, justify="left" if col == "head" else "right")
+        for head in sorted(by_head, key=_head_order):
+            row = by_head[head]
+            f1 = statistics.median(row["f1"].values()) if row.get("f1") else None
+            table.add_row(head, str(len(row["features"])), str(row["passed"]),
+                          str(row["failed"]), "" if f1 is None else f"{f1:.2f}")  # fmt: skip
+        return table
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config) -> None:
+        if not self.results:
+            return
+        from rich.console import Console
+
+        Console(file=terminalreporter._tw._file, width=100).print(self.table())
+        path = setting(self.config, "report")
+        if path:
+            Path(path).write_text(json.dumps(self.results, indent=2, sort_keys=True) + "\n")
+
+
+def _head_order(name: str) -> tuple[int, int]:
+    layer, head = name[1:].split("H")
+    return int(layer), int(head)

@@ -1,0 +1,266 @@
+"""A checking session: checkpoints loaded once, exemplars collected once, both shared by every
+rule that is checked (the pytest plugin's session state, usable from plain Python too).
+
+Exemplars are the expensive part (a pass over the corpus per layer); they are cached on disk
+under ``.rulecheck_cache/``, keyed by the fingerprints of model, output SAE and corpus and by
+the protocol's settings, so a second run with unchanged inputs skips the pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from sae_lens import SAE
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rulecheck import __version__
+from rulecheck.api import Specs, head_spec, processing_for
+from rulecheck.errors import RulecheckError
+from rulecheck.evaluate import (
+    Measured,
+    columns_of,
+    feature_refs,
+    predict_examples,
+    score_predictions,
+    terms_of,
+)
+from rulecheck.exemplars import ExemplarCollector, ExemplarConfig, FeatureExamples
+from rulecheck.extract import ExtractConfig, collect_layer, prefix_chunks
+from rulecheck.heads import encode_head, run_to_layer, z_hook
+from rulecheck.loading import (
+    check_sae,
+    fingerprint_corpus,
+    fingerprint_model,
+    fingerprint_sae,
+    load_corpus,
+    load_model,
+    load_sae,
+    resolve_device,
+)
+from rulecheck.rulebook import FeatureRules, Rulebook
+from rulecheck.zoo import is_zoo_spec
+
+COLLECTOR_STATE = ("active", "top_val", "top_seq", "top_pos", "neg_key", "neg_seq")
+
+
+@dataclass(frozen=True)
+class Head:
+    """One head of one checkpoint, as a rulebook names it (after overrides)."""
+
+    specs: Specs
+    layer: int
+    head: int
+
+
+class Workbench:
+    """Loads what rulebooks name, once, and measures their rules."""
+
+    def __init__(
+        self,
+        overrides: Specs | None = None,
+        device: str = "auto",
+        cache_dir: Path | None = Path(".rulecheck_cache"),
+        exemplars: ExemplarConfig | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        self.overrides = overrides or Specs(model=None)  # type: ignore[arg-type]
+        self.device = resolve_device(device)
+        self.cache_dir = cache_dir
+        self.exemplar_cfg = exemplars or ExemplarConfig()
+        self.batch_size = batch_size
+        self._models: dict[str, HookedTransformer] = {}
+        self._saes: dict[tuple[str, int, int | None], SAE] = {}
+        self._corpora: dict[tuple[str, str], Tensor] = {}
+        self._collectors: dict[Head, ExemplarCollector] = {}
+        self._measured: dict[tuple[Head, str, int], Measured] = {}
+
+    # ------------------------------------------------------------------------------ loading
+
+    def head_of(self, book: Rulebook, file: str) -> Head:
+        """The head a rulebook is about, with command-line overrides applied."""
+        o = self.overrides
+        model = o.model or book.model
+        if model is None:
+            raise RulecheckError(
+                "names no model",
+                file=file,
+                field="model",
+                fix="add 'model: rulecheck-tiny' (or a path) or pass --rulecheck-model",
+            )
+        specs = Specs(
+            model=model,
+            sae_in=o.sae_in or book.sae_in,
+            sae_out=o.sae_out or book.sae_out,
+            corpus=o.corpus or book.corpus,
+        )
+        if o.model and o.model != book.model and is_zoo_spec(o.model):
+            # another zoo model brings its own SAEs and corpus unless they are given too
+            specs = replace(specs, sae_in=o.sae_in, sae_out=o.sae_out, corpus=o.corpus)
+        return Head(specs.completed(), book.layer, book.head)
+
+    def model(self, spec: str, sae_in: SAE | None = None) -> HookedTransformer:
+        if spec not in self._models:
+            flags = processing_for(sae_in) if sae_in is not None else {}
+            model = load_model(spec, device=self.device, **flags)
+            model.eval()
+            self._models[spec] = model
+        return self._models[spec]
+
+    def sae_in(self, head: Head) -> SAE:
+        spec = head_spec(head.specs.sae_in, head.layer)
+        key = (spec, head.layer, None)
+        if key not in self._saes:
+            sae = load_sae(spec, layer=head.layer, device=self.device)
+            check_sae(sae, self.model(head.specs.model, sae), layer=head.layer, head=None,
+                      kind="in", spec=spec)  # fmt: skip
+            self._saes[key] = sae
+        return self._saes[key]
+
+    def sae_out(self, head: Head) -> SAE:
+        spec = head_spec(head.specs.sae_out, head.layer, head.head)
+        key = (spec, head.layer, head.head)
+        if key not in self._saes:
+            sae = load_sae(spec, layer=head.layer, head=head.head, device=self.device)
+            check_sae(sae, self.model(head.specs.model), layer=head.layer, head=head.head,
+                      kind="out", spec=spec)  # fmt: skip
+            self._saes[key] = sae
+        return self._saes[key]
+
+    def corpus(self, head: Head) -> Tensor:
+        key = (head.specs.corpus, head.specs.model)
+        if key not in self._corpora:
+            model = self.model(head.specs.model)
+            tok = model.tokenizer
+            self._corpora[key] = load_corpus(
+                head.specs.corpus,
+                tokenizer=tok,
+                bos_token_id=None if tok is None else tok.bos_token_id,
+                seq_len=min(64, model.cfg.n_ctx),
+                d_vocab=model.cfg.d_vocab,
+            )
+        return self._corpora[key]
+
+    def load(self, head: Head) -> tuple[HookedTransformer, SAE, SAE, Tensor]:
+        """Model, input SAE, output SAE and corpus of a head (loaded on first use)."""
+        sae_in = self.sae_in(head)
+        model = self.model(head.specs.model, sae_in)
+        if not 0 <= head.head < model.cfg.n_heads:
+            raise RulecheckError(
+                f"head {head.head} is out of range: the model has {model.cfg.n_heads} heads",
+                field="head",
+                fix=f"use a head in 0..{model.cfg.n_heads - 1}",
+            )
+        return model, sae_in, self.sae_out(head), self.corpus(head)
+
+    # ---------------------------------------------------------------------------- exemplars
+
+    def _cache_key(self, head: Head) -> str:
+        model, _, sae_out, tokens = self.load(head)
+        parts = {
+            "model": fingerprint_model(model),
+            "sae_out": fingerprint_sae(sae_out),
+            "corpus": fingerprint_corpus(tokens),
+            "layer": head.layer,
+            "head": head.head,
+            "exemplars": asdict(self.exemplar_cfg),
+            "rulecheck": __version__,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+    def collector(self, head: Head) -> ExemplarCollector:
+        """The head's exemplar state: from memory, the disk cache, or one pass over the corpus."""
+        if head in self._collectors:
+            return self._collectors[head]
+        model, _, sae_out, tokens = self.load(head)
+        path = None
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"exemplars-{self._cache_key(head)}.safetensors"
+        col = ExemplarCollector(sae_out.cfg.d_sae, tokens.shape[1], self.exemplar_cfg,
+                                torch.device(self.device))  # fmt: skip
+        if path is not None and path.exists():
+            state = load_file(str(path), device=str(self.device))
+            for name in COLLECTOR_STATE:
+                setattr(col, name, state[name])
+            col.n_seen = int(state["n_seen"])
+        else:
+            cfg = ExtractConfig(batch_size=self.batch_size, exemplars=self.exemplar_cfg)
+            cols, _ = collect_layer(model, {head.head: sae_out}, tokens, head.layer, cfg)
+            col = cols[head.head]
+            col.flush()
+            if path is not None:
+                state = {name: getattr(col, name).contiguous() for name in COLLECTOR_STATE}
+                state["n_seen"] = torch.tensor(col.n_seen)
+                _save_atomically(state, path)
+        self._collectors[head] = col
+        return col
+
+    def examples(self, head: Head, feature: int, file: str = "") -> FeatureExamples:
+        """A feature's exemplars; an error if the feature is not eligible on this checkpoint."""
+        col = self.collector(head)
+        d_sae = col.active.shape[0]
+        if not 0 <= feature < d_sae:
+            raise RulecheckError(
+                f"feature {feature} is out of range: the output SAE has {d_sae} features",
+                file=file or None,
+                field=f"feature[{feature}]",
+                fix=f"use a feature id in 0..{d_sae - 1}",
+            )
+        if feature not in set(col.eligible().tolist()):
+            active = int(col.active[feature])
+            raise RuleNotEligible(
+                f"feature {feature} of L{head.layer}H{head.head} is active in {active} of "
+                f"{col.n_seen} sequences; the protocol needs >= {self.exemplar_cfg.min_active}"
+                f" active and >= {self.exemplar_cfg.min_inactive} inactive",
+                file=file or None,
+                field=f"feature[{feature}]",
+                fix="check that the checkpoint is the one the rulebook was written for",
+            )
+        return col.examples(feature)
+
+    # ---------------------------------------------------------------------------- measuring
+
+    def measure(self, head: Head, rules: FeatureRules, file: str = "") -> Measured:
+        """The rules' precision, recall, F1 and Spearman on the feature's test split."""
+        key = (head, file, rules.feature)
+        if key in self._measured:
+            return self._measured[key]
+        model, sae_in, _, tokens = self.load(head)
+        refs = feature_refs(rules, model.tokenizer, sae_in.cfg.d_sae, file)
+        columns = columns_of(refs)
+        ex = self.examples(head, rules.feature, file)
+        chunks = prefix_chunks(model, sae_in, tokens, head.layer, ex.seq, ex.t, self.batch_size)
+        pred = predict_examples(chunks, columns, terms_of(refs, columns), len(ex.seq),
+                                torch.device(self.device))  # fmt: skip
+        self._measured[key] = score_predictions(pred, ex)
+        return self._measured[key]
+
+    @torch.no_grad()
+    def activations(self, head: Head, tokens: Tensor) -> Tensor:
+        """Output-SAE activations ``[batch, pos, d_sae]`` of the head on ``tokens``."""
+        model, _, sae_out, _ = self.load(head)
+        z = run_to_layer(model, tokens.to(self.device), head.layer, (z_hook(head.layer),))
+        return encode_head(sae_out, z[z_hook(head.layer)], head.head)
+
+
+class RuleNotEligible(RulecheckError):
+    """The feature is not active often enough on this checkpoint to be checked."""
+
+
+def _save_atomically(state: dict[str, Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.cpu() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
