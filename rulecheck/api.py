@@ -246,6 +246,7 @@ def head_rulebook(
             "queries_per_key": cfg.queries_per_key,
             "max_terms": cfg.max_terms,
             "seed": cfg.seed,
+            "tolerance": cfg.tolerance,
             "ln_scale": round(result.ln_scale, 6),
             "n_sequences": result.n_sequences,
             "n_eligible": result.n_eligible,
@@ -253,6 +254,25 @@ def head_rulebook(
         },
         features=[feature_rules(f, tokens, cfg.tolerance) for f in result.features],
     )
+
+
+def extract_books(
+    specs: Specs,
+    layer: int,
+    heads: str | Sequence[int],
+    cfg: ExtractConfig | None = None,
+    device: str = "auto",
+    progress: Progress = no_progress,
+) -> list[Rulebook]:
+    """Extract one layer's heads from one pass over the corpus; one rulebook per head."""
+    cfg = cfg or ExtractConfig()
+    specs = specs.completed()
+    art = load_layer(specs, layer, heads, device)
+    results = extract_layer(
+        art.model, art.sae_in, art.sae_outs, art.tokens, layer, cfg, specs.corpus, progress
+    )
+    table = layer_token_table(art.model, art.sae_in, layer, cfg.top_tokens)
+    return [head_rulebook(result, specs, art, cfg, table) for result in results]
 
 
 def extract_rulebooks(
@@ -266,17 +286,24 @@ def extract_rulebooks(
 ) -> list[Path]:
     """Extract one layer's heads and write ``out_dir/L{layer}H{head}.yaml`` (manual entries in
     existing files are kept). Returns the written paths."""
-    cfg = cfg or ExtractConfig()
-    specs = specs.completed()
-    art = load_layer(specs, layer, heads, device)
-    results = extract_layer(
-        art.model, art.sae_in, art.sae_outs, art.tokens, layer, cfg, specs.corpus, progress
-    )
-    table = layer_token_table(art.model, art.sae_in, layer, cfg.top_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for result in results:
-        book = head_rulebook(result, specs, art, cfg, table)
-        paths.append(write_rulebook(book, out / f"{book.name}.yaml"))
-    return paths
+    books = extract_books(specs, layer, heads, cfg, device, progress)
+    return [write_rulebook(book, out / f"{book.name}.yaml") for book in books]
+
+
+def config_from_rulebook(book: Rulebook) -> ExtractConfig:
+    """The settings a rulebook was extracted with (defaults where it records none); its
+    extracted features are regenerated, or a fresh sample when it has none."""
+    ex = book.extraction
+    extracted = tuple(f.feature for f in book.features if f.source == "extracted")
+    base = ExtractConfig()
+    return ExtractConfig(
+        method=ex.get("method", base.method),
+        keys=ex.get("keys", base.keys),
+        queries_per_key=ex.get("queries_per_key", base.queries_per_key),
+        max_terms=ex.get("max_terms", base.max_terms),
+        tolerance=ex.get("tolerance", base.tolerance),
+        features=extracted or base.features,
+        exemplars=replace(base.exemplars, seed=ex.get("seed", base.seed)),
+    )

@@ -54,6 +54,14 @@ def token_id(tokenizer, text: str, *, file: str, field: str) -> int:
             fix="give the input feature id instead (feature: N)",
         )
     ids = tokenizer.encode(text, add_special_tokens=False)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids == [unk] and text != tokenizer.unk_token:
+        raise RulecheckError(
+            f"token {text!r} is not in the model's vocabulary",
+            file=file,
+            field=field,
+            fix="name a token of the model's tokenizer, or give the feature id",
+        )
     if len(ids) != 1:
         pieces = [tokenizer.decode([i]) for i in ids]
         raise RulecheckError(

@@ -80,31 +80,37 @@ class Workbench:
         self._saes: dict[tuple[str, int, int | None], SAE] = {}
         self._corpora: dict[tuple[str, str], Tensor] = {}
         self._collectors: dict[Head, ExemplarCollector] = {}
-        self._measured: dict[tuple[Head, str, int], Measured] = {}
+        self._measured: dict[tuple[Head, int, str], Measured] = {}
 
     # ------------------------------------------------------------------------------ loading
 
     def head_of(self, book: Rulebook, file: str) -> Head:
-        """The head a rulebook is about, with command-line overrides applied."""
+        """The head a rulebook is about, with command-line overrides applied: the book's specs
+        (a zoo model fills in its own SAEs and corpus), then each given override; another zoo
+        model brings its own SAEs and corpus unless those are given too."""
         o = self.overrides
-        model = o.model or book.model
-        if model is None:
+        if book.model is None and o.model is None:
             raise RulecheckError(
                 "names no model",
                 file=file,
                 field="model",
                 fix="add 'model: rulecheck-tiny' (or a path) or pass --rulecheck-model",
             )
+        base = Specs(o.model or book.model, book.sae_in, book.sae_out, book.corpus)
+        if book.model is not None and not (o.model and is_zoo_spec(o.model)):
+            base = replace(Specs(book.model, book.sae_in, book.sae_out, book.corpus).completed(),
+                           model=o.model or book.model)  # fmt: skip
         specs = Specs(
-            model=model,
-            sae_in=o.sae_in or book.sae_in,
-            sae_out=o.sae_out or book.sae_out,
-            corpus=o.corpus or book.corpus,
+            model=base.model,
+            sae_in=o.sae_in or base.sae_in,
+            sae_out=o.sae_out or base.sae_out,
+            corpus=o.corpus or base.corpus,
         )
-        if o.model and o.model != book.model and is_zoo_spec(o.model):
-            # another zoo model brings its own SAEs and corpus unless they are given too
-            specs = replace(specs, sae_in=o.sae_in, sae_out=o.sae_out, corpus=o.corpus)
-        return Head(specs.completed(), book.layer, book.head)
+        try:
+            specs = specs.completed()
+        except RulecheckError as e:
+            raise RulecheckError(e.what, file=file, field=e.field, fix=e.fix) from None
+        return Head(specs, book.layer, book.head)
 
     def model(self, spec: str, sae_in: SAE | None = None) -> HookedTransformer:
         if spec not in self._models:
@@ -229,7 +235,7 @@ class Workbench:
 
     def measure(self, head: Head, rules: FeatureRules, file: str = "") -> Measured:
         """The rules' precision, recall, F1 and Spearman on the feature's test split."""
-        key = (head, file, rules.feature)
+        key = (head, rules.feature, json.dumps([t.to_dict() for t in rules.skipgrams]))
         if key in self._measured:
             return self._measured[key]
         model, sae_in, _, tokens = self.load(head)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
+from rich.table import Table
 
 from rulecheck.errors import RulecheckError
 
@@ -106,8 +108,16 @@ class RulebookFile(pytest.File):
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, RulecheckError):
-            return str(excinfo.value)
+            return _relative(self.config, str(excinfo.value), self.path)
         return super().repr_failure(excinfo, style)
+
+
+def _relative(config: pytest.Config, message: str, path: Path) -> str:
+    """``message`` naming ``path`` relative to where pytest was started."""
+    import os
+
+    rel = os.path.relpath(path, config.invocation_params.dir)
+    return message.replace(str(path), rel)
 
 
 class FeatureNode(pytest.Collector):
@@ -163,7 +173,7 @@ class RuleItem(pytest.Item):
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, RuleFailure | RulecheckError):
-            return str(excinfo.value)
+            return _relative(self.config, str(excinfo.value), self.path)
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
@@ -233,17 +243,24 @@ class CountingItem(RuleItem):
 # ---------------------------------------------------------------------------------- extraction
 
 
-def pytest_collectstart(collector) -> None:
-    """With ``--rulecheck-extract``, regenerate a rulebook just before it is collected (once,
-    on the xdist controller or the single process)."""
-    config = collector.config
-    if not isinstance(collector, RulebookFile) or not config.getoption("rulecheck_extract"):
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With ``--rulecheck-extract``, regenerate the rulebooks named on the command line before
+    anything is collected: once, in the main process (before xdist starts its workers)."""
+    config = session.config
+    if not config.getoption("rulecheck_extract") or hasattr(config, "workerinput"):
         return
-    if hasattr(config, "workerinput"):
-        return
-    from rulecheck.regenerate import regenerate
+    from rulecheck.regenerate import regenerate, rulebook_files
 
-    regenerate(collector.path, workbench(config))
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    args = config.args or [str(config.rootpath)]
+    for path in rulebook_files(args):
+        try:
+            regenerate(path, workbench(config))
+        except RulecheckError as e:
+            raise pytest.UsageError(f"--rulecheck-extract: {e}") from None
+        if reporter is not None:
+            reporter.write_line(f"rulecheck: regenerated {path}")
 
 
 # -------------------------------------------------------------------------------------- fixtures
@@ -288,9 +305,7 @@ class Summary:
             if name == "rulecheck":
                 self.results.append(dict(value, outcome=report.outcome, nodeid=report.nodeid))
 
-    def table(self):
-        from rich.table import Table
-
+    def table(self) -> Table:
         by_head: dict[str, dict[str, Any]] = {}
         for r in self.results:
             row = by_head.setdefault(r["head"], {"features": set(), "passed": 0, "failed": 0})
@@ -311,8 +326,6 @@ class Summary:
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config) -> None:
         if not self.results:
             return
-        from rich.console import Console
-
         Console(file=terminalreporter._tw._file, width=100).print(self.table())
         path = setting(self.config, "report")
         if path:

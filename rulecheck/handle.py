@@ -1,0 +1,85 @@
+"""Checking a feature from a Python test: the pytest plugin's ``feature`` fixture.
+
+    def test_if_then(feature):
+        f = feature("rulecheck-tiny", layer=0, head=1, id=37)
+        assert f.activation("If it is, then")[-1] > 0
+        f.assert_rule([(" If", " then")], f1=0.6)
+
+The assertions are the ones the YAML form runs, on the same exemplars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from rulecheck.api import Specs
+from rulecheck.evaluate import Measured
+from rulecheck.rulebook import FeatureRules, SkipGram, TokenRef
+from rulecheck.session import Head, Workbench
+
+Ref = str | int  # a token (text) or an input-SAE feature id
+
+
+def _ref(ref: Ref) -> TokenRef:
+    return TokenRef(feature=ref) if isinstance(ref, int) else TokenRef(tokens=[ref])
+
+
+class FeatureHandle:
+    """One output feature of one head of a checkpoint."""
+
+    def __init__(
+        self,
+        bench: Workbench,
+        model: str,
+        layer: int,
+        head: int,
+        feature: int,
+        sae_in: str | None = None,
+        sae_out: str | None = None,
+        corpus: str | None = None,
+    ) -> None:
+        self.bench = bench
+        self.feature = feature
+        self.head = Head(Specs(model, sae_in, sae_out, corpus).completed(), layer, head)
+
+    def activation(self, prompt: str | Tensor) -> Tensor:
+        """``[pos]`` activation of the feature at every position of ``prompt`` (text gets BOS
+        prepended; token ids are used as given)."""
+        model = self.bench.load(self.head)[0]
+        tokens = model.to_tokens(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
+        return self.bench.activations(self.head, tokens)[0, :, self.feature].cpu()
+
+    def measure(self, skipgrams: Sequence[tuple[Ref, Ref]]) -> Measured:
+        """Precision, recall, F1 and Spearman of ``[(key, query), ...]`` on the test split."""
+        rules = FeatureRules(
+            feature=self.feature,
+            source="manual",
+            skipgrams=[SkipGram(key=_ref(k), query=_ref(q)) for k, q in skipgrams],
+        )
+        return self.bench.measure(self.head, rules, f"<feature {self.feature}>")
+
+    def assert_rule(
+        self,
+        skipgrams: Sequence[tuple[Ref, Ref]],
+        f1: float | None = None,
+        precision: float | None = None,
+        recall: float | None = None,
+    ) -> Measured:
+        """Assert the disjunction of ``skipgrams`` reaches the given minimums."""
+        measured = self.measure(skipgrams)
+        wanted = {"f1": f1, "precision": precision, "recall": recall}
+        short = {k: (getattr(measured, k), v) for k, v in wanted.items() if v is not None}
+        bad = {k: mv for k, mv in short.items() if mv[0] < mv[1]}
+        if bad:
+            rule = " or ".join(f"[{k}] ... [{q}]" for k, q in skipgrams)
+            detail = ", ".join(f"{k} {m:.3f} < {v:.3f}" for k, (m, v) in bad.items())
+            raise AssertionError(
+                f"feature {self.feature} of L{self.head.layer}H{self.head.head}: {rule}: "
+                f"{detail} (on {measured.n_test} test prefixes)"
+            )
+        return measured
+
+    def __repr__(self) -> str:
+        return f"<feature {self.feature} of L{self.head.layer}H{self.head.head}>"
