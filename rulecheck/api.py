@@ -206,10 +206,11 @@ def feature_rules(result: FeatureResult, tokens: dict[int, list[str]] | None, to
 def layer_token_table(
     model: HookedTransformer, sae_in: SAE, layer: int, top: int
 ) -> dict[int, list[str]] | None:
-    """Top tokens of each input feature at layer 0 (None elsewhere)."""
-    if layer != 0 or top <= 0:
+    """Top tokens of each input feature of ``layer`` (None when ``top`` is 0 or the model has
+    no tokenizer to name them with)."""
+    if top <= 0 or model.tokenizer is None:
         return None
-    ids, vals = token_features(model, sae_in, top=top)
+    ids, vals = token_features(model, sae_in, layer, top=top)
     table = {}
     for j in range(ids.shape[0]):
         live = ids[j][vals[j] > 0].tolist()

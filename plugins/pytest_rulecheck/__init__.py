@@ -19,6 +19,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
+import rulecheck.profiles  # noqa: F401  (before Hypothesis reads --hypothesis-profile)
 from rulecheck.errors import RulecheckError
 
 METRIC_ITEMS = ("f1", "precision", "recall")
@@ -133,15 +134,26 @@ class FeatureNode(pytest.Collector):
         for metric in METRIC_ITEMS:
             if metric in self.rules.expect:
                 yield MetricItem.from_parent(self, name=metric, metric=metric)
-        for i, rule in enumerate(self.rules.absence):
-            name = f"absence[{_ref_name(rule.distractor)}]"
+        names = _unique([f"absence[{_ref_name(r.distractor)}]" for r in self.rules.absence])
+        for i, name in enumerate(names):
             yield AbsenceItem.from_parent(self, name=name, index=i)
-        for i, rule in enumerate(self.rules.counting):
-            yield CountingItem.from_parent(self, name=f"counting[{_ref_name(rule.key)}]", index=i)
+        names = _unique([f"counting[{_ref_name(r.key)}]" for r in self.rules.counting])
+        for i, name in enumerate(names):
+            yield CountingItem.from_parent(self, name=name, index=i)
 
 
 def _ref_name(ref) -> str:
     return ref.tokens[0] if ref.tokens else f"f{ref.feature}"
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Item names made unique: a repeated ``absence[x]`` becomes ``absence[x]#2``, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
 
 
 class RuleFailure(AssertionError):
