@@ -16,6 +16,7 @@ from rulecheck import zoo
 from rulecheck.absence import matches_term, split_positives
 from rulecheck.counterfactuals import INSERTED, Edit
 from rulecheck.errors import RulecheckError
+from rulecheck.profiles import CI_PROFILE
 from rulecheck.properties import check_absence, check_counting, ref_token
 from rulecheck.rulebook import (
     AbsenceRule,
@@ -29,7 +30,6 @@ from rulecheck.rulebook import (
 )
 from rulecheck.session import Workbench
 from rulecheck.strategies import (
-    CI_PROFILE,
     check_settings,
     distractor_insertions,
     filler_insertions,
