@@ -26,7 +26,7 @@ from transformer_lens import HookedTransformer
 from rulecheck.counterfactuals import insert_before_batch
 from rulecheck.exemplars import FeatureExamples
 from rulecheck.extract import token_features
-from rulecheck.heads import encode_head, run_to_layer, z_hook
+from rulecheck.heads import Probe
 from rulecheck.scores import Terms, attn_scores
 
 
@@ -92,45 +92,6 @@ def feature_tokens(model: HookedTransformer, sae_in: SAE) -> Tensor:
     return torch.where(vals[:, 0] > 0, ids[:, 0], torch.full_like(ids[:, 0], -1))
 
 
-@torch.no_grad()
-def activation_map(
-    model: HookedTransformer,
-    sae_out: SAE,
-    layer: int,
-    head: int,
-    feature: int,
-    tokens: Tensor,
-    batch_size: int = 256,
-) -> Tensor:
-    """``[B, T]`` true activation of output feature ``feature`` at every position of
-    ``tokens [B, T]`` (model run to ``layer``'s attention, then the output SAE)."""
-    device = model.cfg.device
-    names = (z_hook(layer),)
-    parts = []
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size].to(device)
-        z = run_to_layer(model, batch, layer, names)[names[0]]
-        parts.append(encode_head(sae_out, z, head)[..., feature].float().cpu())
-    if not parts:
-        return torch.zeros(tokens.shape, dtype=torch.float32)
-    return torch.cat(parts)
-
-
-def activation_at(
-    model: HookedTransformer,
-    sae_out: SAE,
-    layer: int,
-    head: int,
-    feature: int,
-    tokens: Tensor,
-    t: Tensor,
-    batch_size: int = 256,
-) -> Tensor:
-    """``[B]`` true activation of ``feature`` at position ``t [B]`` of ``tokens [B, T]``."""
-    acts = activation_map(model, sae_out, layer, head, feature, tokens, batch_size)
-    return acts.gather(1, t.cpu().long().unsqueeze(1)).squeeze(1)
-
-
 def occurs_before(tokens: Tensor, token: int) -> Tensor:
     """``[B, T]`` bool: ``token`` occurs in ``[1, j)`` (BOS excluded), for every position j."""
     hit = tokens == token
@@ -156,11 +117,7 @@ def split_positives(
 
 
 def distractor_drop(
-    model: HookedTransformer,
-    sae_out: SAE,
-    layer: int,
-    head: int,
-    feature: int,
+    probe: Probe,
     tokens: Tensor,
     examples: FeatureExamples,
     distractor_token: int,
@@ -170,7 +127,6 @@ def distractor_drop(
     query_token: int | None = None,
     prepend: bool = True,
     split: str = "test",
-    batch_size: int = 256,
 ) -> list[float]:
     """Mean relative drop ``(before - after) / before`` of the true activation at ``t`` over the
     positives of ``split`` when ``distractor_token`` is inserted ``n`` times, one value per
@@ -188,12 +144,12 @@ def distractor_drop(
     if len(seqs) == 0:
         return [math.nan] * len(copies)
     protect = None if key_token is None else seqs == key_token
-    before = activation_at(model, sae_out, layer, head, feature, seqs, t, batch_size)
+    before = probe.at(seqs, t)
     drops = []
     for n in copies:
         at = torch.ones_like(t) if prepend else t
         edit = insert_before_batch(seqs, t, [distractor_token] * n, at=at, protect=protect)
-        after = activation_at(model, sae_out, layer, head, feature, edit.tokens, edit.t, batch_size)
+        after = probe.at(edit.tokens, edit.t)
         drops.append(float(((before - after) / before).mean()))
     return drops
 
@@ -239,18 +195,9 @@ def cooccurrence_stats(
 
 
 def cooccurrence(
-    model: HookedTransformer,
-    sae_out: SAE,
-    layer: int,
-    head: int,
-    feature: int,
-    tokens: Tensor,
-    key_token: int,
-    query_token: int,
-    distractor_token: int,
-    batch_size: int = 256,
+    probe: Probe, tokens: Tensor, key_token: int, query_token: int, distractor_token: int
 ) -> Cooccurrence:
     """``Cooccurrence`` over the corpus ``tokens [N, T]``, with the feature's true activations.
     Token identity: layer 0 only (see module doc)."""
-    acts = activation_map(model, sae_out, layer, head, feature, tokens, batch_size)
+    acts = probe.activations(tokens)
     return cooccurrence_stats(tokens.cpu(), acts, key_token, query_token, distractor_token)

@@ -28,13 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from rulecheck.absence import activation_at, split_positives
+from rulecheck.absence import split_positives
 from rulecheck.counterfactuals import repeat_token_batch, spread_positions
 from rulecheck.exemplars import FeatureExamples
+from rulecheck.heads import Probe
 from rulecheck.metrics import spearman
 
 
@@ -97,18 +96,13 @@ def threshold_count(active_share: Tensor, majority: float = 0.5) -> int | None:
 
 
 def counting_curve(
-    model: HookedTransformer,
-    sae_out: SAE,
-    layer: int,
-    head: int,
-    feature: int,
+    probe: Probe,
     tokens: Tensor,
     examples: FeatureExamples,
     key_token: int,
     max_count: int = 6,
     filler_token: int | None = None,
     split: str = "test",
-    batch_size: int = 256,
     protect_tokens: Sequence[int] = (),
 ) -> CountingCurve:
     """Measure the feature against the count of ``key_token`` (see module doc). ``tokens`` is
@@ -125,9 +119,7 @@ def counting_curve(
     for n in range(max_count + 1):
         at = spread_positions(t, n)
         edit = repeat_token_batch(seqs, t, key_token, n, positions=at, protect=protect)
-        acts.append(
-            activation_at(model, sae_out, layer, head, feature, edit.tokens, edit.t, batch_size)
-        )
+        acts.append(probe.at(edit.tokens, edit.t))
     act = torch.stack(acts, dim=1)  # [n_contexts, max_count + 1]
     counts = torch.arange(max_count + 1).expand_as(act)
     active = (act > 0).float().mean(0)
@@ -159,27 +151,3 @@ def as_counting_rule(curve: CountingCurve, min_spearman: float = 0.5) -> Countin
         active_by_count=curve.active_by_count,
         n_contexts=curve.n_contexts,
     )
-
-
-def detect_counting(
-    model: HookedTransformer,
-    sae_out: SAE,
-    layer: int,
-    head: int,
-    feature: int,
-    tokens: Tensor,
-    examples: FeatureExamples,
-    key_token: int,
-    max_count: int = 6,
-    min_spearman: float = 0.5,
-    filler_token: int | None = None,
-    split: str = "test",
-    batch_size: int = 256,
-    protect_tokens: Sequence[int] = (),
-) -> CountingResult | None:
-    """A counting rule of ``feature`` on ``key_token``, or None (see module doc)."""
-    curve = counting_curve(
-        model, sae_out, layer, head, feature, tokens, examples, key_token, max_count,
-        filler_token, split, batch_size, protect_tokens,
-    )  # fmt: skip
-    return as_counting_rule(curve, min_spearman)

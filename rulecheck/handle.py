@@ -49,7 +49,7 @@ class FeatureHandle:
         prepended; token ids are used as given)."""
         model = self.bench.load(self.head)[0]
         tokens = model.to_tokens(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
-        return self.bench.activations(self.head, tokens)[0, :, self.feature].cpu()
+        return self.bench.probe(self.head, self.feature).activations(tokens)[0]
 
     def measure(self, skipgrams: Sequence[tuple[Ref, Ref]]) -> Measured:
         """Precision, recall, F1 and Spearman of ``[(key, query), ...]`` on the test split."""

@@ -124,3 +124,33 @@ def layer_hooks(model: HookedTransformer, layer: int) -> tuple[str, ...]:
     if ln_scale_hook(layer) in model.hook_dict:
         names.append(ln_scale_hook(layer))
     return tuple(names)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One output feature of one head: the true activation that counterfactual checks read."""
+
+    model: HookedTransformer
+    sae_out: SAE
+    layer: int
+    head: int
+    feature: int
+    batch_size: int = 256
+
+    @torch.no_grad()
+    def activations(self, tokens: Tensor) -> Tensor:
+        """``[batch, pos]`` activation of the feature at every position of ``tokens``."""
+        device = self.model.cfg.device
+        name = z_hook(self.layer)
+        parts = []
+        for start in range(0, tokens.shape[0], self.batch_size):
+            batch = tokens[start : start + self.batch_size].to(device)
+            z = run_to_layer(self.model, batch, self.layer, (name,))[name]
+            parts.append(encode_head(self.sae_out, z, self.head)[..., self.feature].float().cpu())
+        if not parts:
+            return torch.zeros(tokens.shape, dtype=torch.float32)
+        return torch.cat(parts)
+
+    def at(self, tokens: Tensor, t: Tensor) -> Tensor:
+        """``[batch]`` activation of the feature at position ``t [batch]`` of ``tokens``."""
+        return self.activations(tokens).gather(1, t.cpu().long().unsqueeze(1)).squeeze(1)

@@ -158,7 +158,7 @@ def check_counting(
 ) -> str | None:
     """None when the feature follows the count of the key (see module doc), else a description
     of the minimal counterexample."""
-    model, sae_in, sae_out, corpus = bench.load(head)
+    model, sae_in, _, corpus = bench.load(head)
     where = _field(rules, "counting", rule)
     key = _Refs(model, sae_in, head.layer, file).token(rule.key, f"{where}.key")
     assert key is not None
@@ -171,9 +171,8 @@ def check_counting(
     if len(t) == 0:
         return f"{claim}: cannot be checked, the feature has no test positives"
     curve = counting_curve(
-        model, sae_out, head.layer, head.head, rules.feature, corpus, ex, key,
-        max_count=top, filler_token=filler, batch_size=bench.batch_size,
-    )  # fmt: skip
+        bench.probe(head, rules.feature), corpus, ex, key, max_count=top, filler_token=filler
+    )
     bad = _majority_violation(curve.active_by_count, up, k)
     bases = _Bases(shortest_first(rows, t))
 
@@ -361,14 +360,11 @@ def _shown(model: HookedTransformer, found: dict[str, Any]) -> list[str]:
     ]
 
 
-@torch.no_grad()
 def _activation(
     bench: Workbench, head: Head, feature: int, rows: Sequence[Tensor], t: Sequence[int]
 ) -> list[float]:
     """The feature's activation at ``t[i]`` of each row, in one forward pass."""
-    acts = bench.activations(head, torch.stack(list(rows)))[..., feature]
-    index = torch.arange(len(rows), device=acts.device)
-    return acts[index, torch.tensor(list(t), device=acts.device)].float().cpu().tolist()
+    return bench.probe(head, feature).at(torch.stack(list(rows)), torch.tensor(list(t))).tolist()
 
 
 # ------------------------------------------------------------------------------------ tokens

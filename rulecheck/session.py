@@ -34,7 +34,7 @@ from rulecheck.evaluate import (
 )
 from rulecheck.exemplars import ExemplarCollector, ExemplarConfig, FeatureExamples
 from rulecheck.extract import ExtractConfig, collect_layer, prefix_chunks
-from rulecheck.heads import encode_head, run_to_layer, z_hook
+from rulecheck.heads import Probe
 from rulecheck.loading import (
     check_sae,
     fingerprint_corpus,
@@ -248,12 +248,10 @@ class Workbench:
         self._measured[key] = score_predictions(pred, ex)
         return self._measured[key]
 
-    @torch.no_grad()
-    def activations(self, head: Head, tokens: Tensor) -> Tensor:
-        """Output-SAE activations ``[batch, pos, d_sae]`` of the head on ``tokens``."""
+    def probe(self, head: Head, feature: int) -> Probe:
+        """The true activation of one output feature of the head, for counterfactuals."""
         model, _, sae_out, _ = self.load(head)
-        z = run_to_layer(model, tokens.to(self.device), head.layer, (z_hook(head.layer),))
-        return encode_head(sae_out, z[z_hook(head.layer)], head.head)
+        return Probe(model, sae_out, head.layer, head.head, feature, self.batch_size)
 
 
 class RuleNotEligible(RulecheckError):

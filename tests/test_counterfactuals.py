@@ -32,10 +32,9 @@ from rulecheck.counting import (
     CountingCurve,
     as_counting_rule,
     counting_curve,
-    detect_counting,
     threshold_count,
 )
-from rulecheck.heads import head_encoder, head_weights, input_directions
+from rulecheck.heads import Probe, head_encoder, head_weights, input_directions
 from rulecheck.scores import Terms, candidate_terms, value_scores
 
 BOS = 0
@@ -274,7 +273,7 @@ def test_planted_distractors_match_the_ground_truth(planted):
 def test_distractor_drop_grows_with_copies_and_a_filler_does_nothing(planted):
     art, id_ = planted["art"], planted["id"]
     ex = planted["collectors"][0].examples(1)
-    args = (art.model, art.sae_outs[0], 0, 0, 1, art.tokens, ex)
+    args = (Probe(art.model, art.sae_outs[0], 0, 0, 1), art.tokens, ex)
     term = {"key_token": id_("if"), "query_token": id_("then")}
     drop = distractor_drop(*args, id_("unless"), **term)
     assert len(drop) == 4 and drop[0] > 0.5
@@ -286,7 +285,7 @@ def test_distractor_drop_grows_with_copies_and_a_filler_does_nothing(planted):
     # a key with no distractor: from ... to, with "unless" inserted, keeps its activation
     ex_to = planted["collectors"][1].examples(1)
     other = distractor_drop(
-        art.model, art.sae_outs[1], 0, 1, 1, art.tokens, ex_to, id_("unless"),
+        Probe(art.model, art.sae_outs[1], 0, 1, 1), art.tokens, ex_to, id_("unless"),
         key_token=id_("from"), query_token=id_("to"),
     )  # fmt: skip
     assert max(abs(c) for c in other) < 0.05
@@ -314,14 +313,14 @@ def test_cooccurrence_matches_a_slow_loop(planted):
     art, id_ = planted["art"], planted["id"]
     tokens = art.tokens[:800]
     words = (id_("if"), id_("then"), id_("unless"))
-    stats = cooccurrence(art.model, art.sae_outs[0], 0, 0, 1, tokens, *words)
+    stats = cooccurrence(Probe(art.model, art.sae_outs[0], 0, 0, 1), tokens, *words)
     n_pattern, with_acts, without_acts = reference_cooccurrence(planted, tokens, *words)
     assert stats.n_pattern == n_pattern > 0 and stats.n_with == len(with_acts) > 0
     assert stats.share == pytest.approx(len(with_acts) / n_pattern)
     assert stats.mean_with == pytest.approx(sum(with_acts) / len(with_acts), abs=1e-5)
     assert stats.mean_without == pytest.approx(sum(without_acts) / len(without_acts), abs=1e-5)
     assert 0 < stats.share < 0.5 and stats.mean_with < 0.5 * stats.mean_without  # Fig. 6a, 6b
-    full = cooccurrence(art.model, art.sae_outs[0], 0, 0, 1, art.tokens, *words)
+    full = cooccurrence(Probe(art.model, art.sae_outs[0], 0, 0, 1), art.tokens, *words)
     assert full.n_pattern > stats.n_pattern and math.isfinite(full.mean_with)
 
 
@@ -350,9 +349,8 @@ def test_planted_counting_rule_is_detected(planted):
     rule = truth["counting"][0]
     head, feature = truth["head"], truth["feature"]
     ex = planted["collectors"][head].examples(feature)
-    found = detect_counting(
-        art.model, art.sae_outs[head], 0, head, feature, art.tokens, ex, id_(rule["key"])
-    )
+    probe = Probe(art.model, art.sae_outs[head], 0, head, feature)
+    found = as_counting_rule(counting_curve(probe, art.tokens, ex, id_(rule["key"])))
     assert found is not None and found.key == id_(rule["key"])
     assert found.direction == "increasing" and found.threshold_count == rule["threshold_count"]
     assert found.spearman > 0.8 and found.n_contexts > 10
@@ -365,7 +363,7 @@ def test_planted_counting_rule_is_detected(planted):
 def test_presence_rules_are_not_counting_rules(planted, head, feature, key):
     art, id_ = planted["art"], planted["id"]
     ex = planted["collectors"][head].examples(feature)
-    args = (art.model, art.sae_outs[head], 0, head, feature, art.tokens, ex, id_(key))
-    assert detect_counting(*args) is None
-    curve = counting_curve(*args)
+    curve = counting_curve(Probe(art.model, art.sae_outs[head], 0, head, feature), art.tokens,
+                           ex, id_(key))  # fmt: skip
+    assert as_counting_rule(curve) is None
     assert curve.threshold_count == 1 and curve.active_by_count[1] > 0.9  # one copy suffices

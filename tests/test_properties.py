@@ -320,7 +320,7 @@ def test_prompts_are_positives_shortest_first(bench, books):
     @given(strategy)
     def drawn_positive(prompt):
         tokens, t = prompt
-        assert bench.activations(head, tokens.unsqueeze(0))[0, t, 1] > 0
+        assert bench.probe(head, 1).activations(tokens.unsqueeze(0))[0, t] > 0
         assert any(int(s) == t and torch.equal(r, tokens) for r, s in zip(rows, ts, strict=True))
 
     drawn_positive()

@@ -1,0 +1,93 @@
+"""rulecheck-tiny as shipped: layout, loading, SAE quality bars, reproducible rulebooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rulecheck import zoo
+from rulecheck.cli import main
+from rulecheck.loading import check_sae, load_model, load_sae
+from rulecheck.zoo.quality import sae_quality
+
+ROOT = zoo.entry_dir("rulecheck-tiny")
+SHIPPED_BOOKS = Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny"
+SLICE = 1000  # held-out sequences the bars are re-measured on
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("rulecheck-tiny")
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.from_numpy(np.load(zoo.resolve("rulecheck-tiny:eval"))[:SLICE]).long()
+
+
+def test_shipped_layout_fits_in_40_mb():
+    files = [p for p in ROOT.rglob("*") if p.is_file()]
+    names = {str(p.relative_to(ROOT)) for p in files}
+    for required in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
+                     "eval_tokens.npy", "MODEL_CARD.md", "sae_in/L0/cfg.json",
+                     "sae_out/L1H3/sae_weights.safetensors"):  # fmt: skip
+        assert required in names
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
+
+
+def test_model_tokenizer_and_held_out_tokens(model):
+    assert (model.cfg.n_layers, model.cfg.n_ctx) == (2, 64)
+    assert model.cfg.normalization_type == "LN" and not model.cfg.attn_only
+    assert 4096 <= model.cfg.d_vocab <= 8192
+    toks = model.to_tokens("If the value is None, then return")
+    assert int(toks[0, 0]) == model.tokenizer.bos_token_id
+    assert model.to_string(toks[0, 1:]) == "If the value is None, then return"
+    held = np.load(zoo.resolve("rulecheck-tiny:eval"))
+    assert held.shape[0] >= 20_000 and held.shape[1] == 64
+    assert np.issubdtype(held.dtype, np.integer)
+    assert (held[:, 0] == model.tokenizer.bos_token_id).all()
+
+
+def test_every_sae_loads_and_matches_its_hook(model):
+    for layer in range(model.cfg.n_layers):
+        check_sae(load_sae("rulecheck-tiny:sae_in/L{layer}", layer=layer), model,
+                  layer=layer, head=None, kind="in", spec="sae_in")  # fmt: skip
+        for head in range(model.cfg.n_heads):
+            sae = load_sae("rulecheck-tiny:sae_out/L{layer}H{head}", layer=layer, head=head)
+            check_sae(sae, model, layer=layer, head=head, kind="out", spec="sae_out")
+            assert sae.cfg.metadata.hook_head_index == head
+
+
+def test_input_sae_quality_bars(model, tokens):
+    for layer in range(model.cfg.n_layers):
+        q = sae_quality(model, load_sae(f"rulecheck-tiny:sae_in/L{layer}"), tokens, layer)
+        assert q["explained_variance"] >= 0.85, q
+        assert q["dead_fraction"] < 0.10, q
+
+
+@pytest.mark.parametrize(("layer", "head"), [(0, 0), (1, 3)])
+def test_output_sae_quality_bars(model, tokens, layer, head):
+    sae = load_sae(f"rulecheck-tiny:sae_out/L{layer}H{head}")
+    q = sae_quality(model, sae, tokens, layer, head)
+    assert q["l0"] <= 20, q
+    assert q["ce_recovered"] >= 0.80, q
+    assert q["dead_fraction"] < 0.10, q
+    assert q["loss_zero_ablated"] > q["loss_clean"]  # the head matters, so the bar means something
+
+
+def test_quality_measures_detect_a_broken_sae(model, tokens):
+    sae = load_sae("rulecheck-tiny:sae_out/L0H0")
+    with torch.no_grad():
+        sae.W_dec.mul_(-1)
+    q = sae_quality(model, sae, tokens[:200], 0, 0)
+    assert q["ce_recovered"] < 0.8 and q["explained_variance"] < 0
+
+
+def test_extraction_reproduces_the_shipped_rulebook(tmp_path):
+    torch.set_num_threads(1)  # the shipped rulebooks were extracted with one thread
+    assert main(["extract", "--model", "rulecheck-tiny", "--layer", "0", "--heads", "1",
+                 "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert (tmp_path / "L0H1.yaml").read_bytes() == (SHIPPED_BOOKS / "L0H1.yaml").read_bytes()
