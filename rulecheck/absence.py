@@ -8,7 +8,7 @@ highest value-score, ``q*`` with the highest attn-score with it) and the first s
 attention order; ``top_terms`` extends the search to more terms.
 
 Validation works on tokens, so it is for layer 0, where input feature ``j`` is read as the token
-that activates it most (``feature_tokens``). At higher layers a key, query or distractor is
+that activates it most (``tokens.top_token``). At higher layers a key, query or distractor is
 detected by the input SAE's activations on the residual stream instead of by token identity.
 """
 
@@ -19,13 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from rulecheck.counterfactuals import insert_before_batch
 from rulecheck.exemplars import FeatureExamples
-from rulecheck.extract import token_features
 from rulecheck.heads import Probe
 from rulecheck.scores import Terms, attn_scores
 
@@ -83,13 +80,6 @@ def find_distractors(
         for i in range(n)
         if found[i]
     ]
-
-
-def feature_tokens(model: HookedTransformer, sae_in: SAE) -> Tensor:
-    """``[d_sae_in]``: the token that activates each layer-0 input feature most (-1 where no
-    token activates it)."""
-    ids, vals = token_features(model, sae_in, top=1)
-    return torch.where(vals[:, 0] > 0, ids[:, 0], torch.full_like(ids[:, 0], -1))
 
 
 def occurs_before(tokens: Tensor, token: int) -> Tensor:

@@ -19,8 +19,6 @@ from rulecheck.extract import (
     Progress,
     extract_layer,
     no_progress,
-    token_features,
-    token_strings,
 )
 from rulecheck.loading import (
     check_sae,
@@ -32,7 +30,16 @@ from rulecheck.loading import (
     load_sae,
     resolve_device,
 )
-from rulecheck.rulebook import FeatureRules, Rulebook, SkipGram, TokenRef, write_rulebook
+from rulecheck.rulebook import (
+    AbsenceRule,
+    CountingRule,
+    FeatureRules,
+    Rulebook,
+    SkipGram,
+    TokenRef,
+    write_rulebook,
+)
+from rulecheck.tokens import token_features, token_strings
 
 DEFAULT_MODEL = "planted"
 
@@ -193,11 +200,33 @@ def feature_rules(result: FeatureResult, tokens: dict[int, list[str]] | None, to
     expect = {
         m: round(max(0.0, result.test[m] - tolerance), 6) for m in ("f1", "precision", "recall")
     }
+    absence = [
+        AbsenceRule(
+            key=_ref(f.distractor.key, tokens),
+            query=_ref(f.distractor.query, tokens),
+            distractor=_ref(f.distractor.distractor, tokens),
+            attn_score=float(f.distractor.attn_score),
+            value_score=float(f.distractor.value_score),
+            drop=[round(x, 6) for x in f.drop],
+        )
+        for f in result.absence
+    ]
+    counting = [
+        CountingRule(
+            key=_ref(k, tokens),
+            direction=r.direction,
+            threshold_count=r.threshold_count,
+            spearman=round(r.spearman, 6),
+        )
+        for k, r in result.counting
+    ]
     return FeatureRules(
         feature=result.feature,
         source="extracted",
         label=label,
         skipgrams=skipgrams,
+        absence=absence,
+        counting=counting,
         expect=expect,
         measured=measured,
     )
@@ -273,7 +302,44 @@ def extract_books(
         art.model, art.sae_in, art.sae_outs, art.tokens, layer, cfg, specs.corpus, progress
     )
     table = layer_token_table(art.model, art.sae_in, layer, cfg.top_tokens)
-    return [head_rulebook(result, specs, art, cfg, table) for result in results]
+    books = [head_rulebook(result, specs, art, cfg, table) for result in results]
+    if cfg.rules:
+        books = [
+            keep_rules_that_hold(b, r, specs, art) for b, r in zip(books, results, strict=True)
+        ]
+    return books
+
+
+def keep_rules_that_hold(
+    book: Rulebook, result: HeadResult, specs: Specs, art: LayerArtifacts
+) -> Rulebook:
+    """Drop the absence and counting rules that fail the property the pytest plugin checks,
+    run derandomised, so that a fresh rulebook passes its own tests."""
+    from hypothesis import settings
+
+    from rulecheck.profiles import CI_PROFILE
+    from rulecheck.properties import check_absence, check_counting
+    from rulecheck.session import Head, Workbench
+
+    bench = Workbench(cache_dir=None, device=str(art.model.cfg.device))
+    head = Head(specs, book.layer, book.head)
+    bench.adopt(head, art.model, art.sae_in, art.sae_outs[book.head], art.tokens,
+                result.collector)  # fmt: skip
+    previous = settings.get_current_profile_name()
+    settings.load_profile(CI_PROFILE)
+    try:
+        for rules in book.features:
+            rules.absence = [
+                r for r in rules.absence if check_absence(bench, head, rules, r, book.name) is None
+            ]
+            rules.counting = [
+                r
+                for r in rules.counting
+                if check_counting(bench, head, rules, r, book.name) is None
+            ]
+    finally:
+        settings.load_profile(previous)
+    return book
 
 
 def extract_rulebooks(

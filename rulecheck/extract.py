@@ -7,7 +7,7 @@ and the number of terms is chosen on the validation split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +15,8 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from rulecheck.counting import CountingResult
+from rulecheck.detect import AbsenceFinding, find_absence, find_counting
 from rulecheck.errors import RulecheckError
 from rulecheck.exemplars import (
     ExemplarCollector,
@@ -25,6 +27,7 @@ from rulecheck.exemplars import (
 )
 from rulecheck.gradient import term_importance, with_importance
 from rulecheck.heads import (
+    Probe,
     encode_head,
     head_encoder,
     head_weights,
@@ -43,6 +46,7 @@ from rulecheck.scores import (
     rank_by_weight,
     value_scores,
 )
+from rulecheck.tokens import top_token
 
 Progress = Callable[[str, int, int], None]  # (task, advance, total)
 METHODS = ("weight", "gradient")
@@ -60,6 +64,7 @@ class ExtractConfig:
     tolerance: float = 0.05
     batch_size: int = 64
     top_tokens: int = 3
+    rules: bool = True  # also search absence and counting rules
     exemplars: ExemplarConfig = field(default_factory=ExemplarConfig)
 
     @property
@@ -76,6 +81,8 @@ class FeatureResult:
     n_terms: int  # terms chosen on the validation split
     test: dict[str, float]  # f1, precision, recall, spearman, n_test
     f1_by_terms: dict[int, float]  # test F1 against number of terms
+    absence: list[AbsenceFinding] = field(default_factory=list)
+    counting: list[tuple[int, CountingResult]] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +93,7 @@ class HeadResult:
     features: list[FeatureResult]
     n_sequences: int
     n_eligible: int
+    collector: ExemplarCollector | None = field(default=None, repr=False)
 
 
 def no_progress(task: str, advance: int, total: int) -> None:
@@ -251,8 +259,11 @@ def extract_head(
     ln_scale: float,
     cfg: ExtractConfig,
     progress: Progress = no_progress,
+    token_of: Tensor | None = None,
 ) -> HeadResult:
-    """Rank, evaluate and keep the skip-gram terms of the chosen features of one head."""
+    """Rank, evaluate and keep the skip-gram terms of the chosen features of one head; with
+    ``token_of`` (``[d_sae_in]`` top token per input feature), also its absence and counting
+    rules."""
     if cfg.method not in METHODS:
         raise RulecheckError(
             f"unknown ranking method {cfg.method!r}",
@@ -280,7 +291,13 @@ def extract_head(
             ranked = rank_by_importance(with_importance(terms, importance))
         else:
             ranked = rank_by_weight(terms)
-        results.append(evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms))
+        result = evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms)
+        if cfg.rules and token_of is not None and len(result.terms):
+            probe = Probe(model, sae_out, layer, head, f)
+            result.absence = find_absence(probe, tokens, ex, d, w, vs[:, i], result.terms,
+                                          token_of)  # fmt: skip
+            result.counting = find_counting(probe, tokens, ex, result.terms, token_of)
+        results.append(result)
         progress(f"L{layer}H{head} features", 1, len(features))
     return HeadResult(
         layer=layer,
@@ -289,6 +306,7 @@ def extract_head(
         features=results,
         n_sequences=collector.n_seen,
         n_eligible=len(collector.eligible()),
+        collector=collector,
     )
 
 
@@ -306,53 +324,12 @@ def extract_layer(
     check_corpus_size(tokens.shape[0], cfg.exemplars, corpus_name)
     model.eval()
     collectors, ln_scale = collect_layer(model, sae_outs, tokens, layer, cfg, progress)
+    token_of = None
+    if cfg.rules:
+        token_of = top_token(model, sae_in, layer).cpu()
     return [
-        extract_head(model, sae_in, sae, tokens, layer, h, collectors[h], ln_scale, cfg, progress)
+        extract_head(
+            model, sae_in, sae, tokens, layer, h, collectors[h], ln_scale, cfg, progress, token_of
+        )
         for h, sae in sae_outs.items()
     ]
-
-
-@torch.no_grad()
-def token_inputs(model: HookedTransformer, layer: int, start: int, stop: int) -> Tensor:
-    """``[stop - start, d_model]``: what the input SAE of ``layer`` reads for each token id.
-
-    At layer 0, the token's embedding plus the mean position embedding; deeper, the residual
-    stream at the token in the two-token context ``[BOS, token]``.
-    """
-    ids = torch.arange(start, stop, device=model.W_E.device)
-    if layer == 0:
-        emb = model.W_E.detach()[ids]
-        if model.cfg.positional_embedding_type == "standard":
-            emb = emb + model.W_pos.detach().mean(0)
-        return emb
-    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else 0
-    pairs = torch.stack([torch.full_like(ids, bos), ids], dim=1)
-    return model(pairs, stop_at_layer=layer)[:, 1]
-
-
-@torch.no_grad()
-def token_features(
-    model: HookedTransformer, sae_in: SAE, layer: int = 0, top: int = 3, batch_size: int = 4096
-) -> tuple[Tensor, Tensor]:
-    """Input features read as tokens: ``[d_sae_in, top]`` ids of the tokens that activate each
-    feature most (see ``token_inputs``), and the activations (0 where fewer tokens do)."""
-    d_sae, d_vocab = sae_in.cfg.d_sae, model.cfg.d_vocab
-    device = model.W_E.device
-    best_val = torch.zeros(d_sae, 0, device=device)
-    best_id = torch.zeros(d_sae, 0, dtype=torch.int64, device=device)
-    for start in range(0, d_vocab, batch_size):
-        stop = min(start + batch_size, d_vocab)
-        acts = sae_in.encode(token_inputs(model, layer, start, stop)).T  # [d_sae, chunk]
-        ids = torch.arange(start, stop, device=device).expand_as(acts)
-        vals = torch.cat([best_val, acts.float()], dim=1)
-        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :top]
-        best_val = vals.gather(1, order)
-        best_id = torch.cat([best_id, ids], dim=1).gather(1, order)
-    return best_id, best_val
-
-
-def token_strings(model: HookedTransformer, ids: Sequence[int]) -> list[str]:
-    """Decoded strings of token ids (ids as text when the model has no tokenizer)."""
-    if model.tokenizer is None:
-        return [str(i) for i in ids]
-    return [model.tokenizer.decode([i]) for i in ids]

@@ -44,7 +44,7 @@ from hypothesis import strategies as st
 from hypothesis.strategies import DrawFn, SearchStrategy
 from torch import Tensor
 
-from rulecheck.absence import feature_tokens, matches_term, split_positives
+from rulecheck.absence import matches_term, split_positives
 from rulecheck.counterfactuals import Edit, render, repeat_token
 from rulecheck.counting import base_contexts, counting_curve, default_filler
 from rulecheck.errors import RulecheckError
@@ -59,6 +59,7 @@ from rulecheck.strategies import (
     room,
     shortest_first,
 )
+from rulecheck.tokens import top_token
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -436,7 +437,7 @@ def _feature_token(
             fix=f"use a feature id in 0..{d_sae - 1}",
         )
     if sae_in not in _TOP_TOKENS:
-        _TOP_TOKENS[sae_in] = feature_tokens(model, sae_in).cpu()
+        _TOP_TOKENS[sae_in] = top_token(model, sae_in).cpu()
     token = int(_TOP_TOKENS[sae_in][feature])
     if token < 0:
         raise RulecheckError(

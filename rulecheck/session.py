@@ -166,6 +166,24 @@ class Workbench:
             )
         return model, sae_in, self.sae_out(head), self.corpus(head)
 
+    def adopt(
+        self,
+        head: Head,
+        model: HookedTransformer,
+        sae_in: SAE,
+        sae_out: SAE,
+        tokens: Tensor,
+        collector: ExemplarCollector | None = None,
+    ) -> None:
+        """Use objects already loaded for ``head`` (and its exemplars) instead of loading."""
+        self._models[head.specs.model] = model
+        self._saes[(head_spec(head.specs.sae_in, head.layer), head.layer, None)] = sae_in
+        self._saes[(head_spec(head.specs.sae_out, head.layer, head.head), head.layer,
+                    head.head)] = sae_out  # fmt: skip
+        self._corpora[(head.specs.corpus, head.specs.model)] = tokens
+        if collector is not None:
+            self._collectors[head] = collector
+
     # ---------------------------------------------------------------------------- exemplars
 
     def _cache_key(self, head: Head) -> str:

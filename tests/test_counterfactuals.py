@@ -15,7 +15,6 @@ from rulecheck import zoo
 from rulecheck.absence import (
     cooccurrence,
     distractor_drop,
-    feature_tokens,
     find_distractors,
 )
 from rulecheck.counterfactuals import (
@@ -36,6 +35,7 @@ from rulecheck.counting import (
 )
 from rulecheck.heads import Probe, head_encoder, head_weights, input_directions
 from rulecheck.scores import Terms, candidate_terms, value_scores
+from rulecheck.tokens import top_token
 
 BOS = 0
 INS = 100  # inserted tokens are >= INS, original body tokens < INS
@@ -252,7 +252,7 @@ def test_find_distractors_picks_the_first_negative_key_in_attention_order():
 
 def test_planted_distractors_match_the_ground_truth(planted):
     art, word = planted["art"], planted["word"]
-    top = feature_tokens(art.model, art.sae_in)
+    top = top_token(art.model, art.sae_in)
     for entry in planted["truth"]["features"]:
         d, w, vs, terms = feature_scores(planted, entry["head"], entry["feature"])
         found = find_distractors(d, w.W_Q, w.W_K, w.attn_scale, vs, terms, top_terms=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -34,6 +35,15 @@ def test_planted_rules_are_recovered_with_their_tokens(planted_books):
             assert term.key.tokens[0] == key and term.query.tokens[0] == query
         assert rules.measured["f1"] >= 0.95
         assert rules.expect["f1"] <= rules.measured["f1"]
+        absence = [(a.key.tokens[0], a.query.tokens[0], a.distractor.tokens[0])
+                   for a in rules.absence]  # fmt: skip
+        assert absence == [(a["key"], a["query"], a["distractor"]) for a in entry["absence"]]
+        for a in rules.absence:
+            assert a.drop[0] > 0.5 and all(y >= x for x, y in itertools.pairwise(a.drop))
+            assert a.value_score < 0 < a.attn_score
+        counting = [(c.key.tokens[0], c.threshold_count, c.direction) for c in rules.counting]
+        want = [(c["key"], c["threshold_count"], "increasing") for c in entry["counting"]]
+        assert counting == want
     for dead in truth["dead"]:
         with pytest.raises(KeyError):
             load_rulebook(planted_books / f"L0H{dead['head']}.yaml").feature(dead["feature"])
