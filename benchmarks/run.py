@@ -104,6 +104,28 @@ def bench_candidates(device: torch.device) -> tuple[str, float, float, str]:
     return "candidates, 100 keys x 100 queries, d_sae 24,576", t_fast, t_base, "loop over keys"
 
 
+def bench_gradient(device: torch.device) -> tuple[str, float, float, str]:
+    """Gradient importance of 10,000 candidate terms over 100 train prefixes (d_sae_in 8,192,
+    100 distinct keys): batched over prefixes, against the same pass one prefix at a time."""
+    from rulecheck.gradient import term_importance
+
+    g = torch.Generator().manual_seed(0)
+    d_in = 8192
+    feats = torch.relu(torch.randn(100, 64, d_in, generator=g) - 2.0).to(device)
+    t = torch.randint(1, 64, (100,), generator=g).to(device)
+    keys = torch.randint(0, d_in, (100,), generator=g)
+    terms = Terms(
+        query=torch.randint(0, d_in, (10_000,), generator=g).to(device),
+        key=keys.repeat_interleave(100).to(device),
+        attn=torch.rand(10_000, generator=g).to(device),
+        value=torch.rand(10_000, generator=g).to(device),
+    )
+    t_fast, a = timed(lambda: term_importance(feats, t, terms, batch_size=64))
+    t_base, b = timed(lambda: term_importance(feats, t, terms, batch_size=1), repeat=1)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-8)
+    return "gradient importance, 100 prefixes x 10k terms", t_fast, t_base, "one prefix a time"
+
+
 def bench_exemplars(device: torch.device) -> tuple[str, float, float, str]:
     """Streaming top-k over 4,096 sequences x 2,048 features in batches of 64, against keeping
     every sequence maximum and sorting once at the end (memory grows with the corpus)."""
@@ -154,6 +176,7 @@ def main() -> None:
     cases = [
         bench_predictions(device),
         bench_candidates(device),
+        bench_gradient(device),
         bench_exemplars(device),
         bench_planted_end_to_end(),
     ]

@@ -313,26 +313,30 @@ class Summary:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call" and not (report.when == "setup" and report.failed):
             return
+        outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
         for name, value in report.user_properties:
             if name == "rulecheck":
-                self.results.append(dict(value, outcome=report.outcome, nodeid=report.nodeid))
+                self.results.append(dict(value, outcome=outcome, nodeid=report.nodeid))
 
     def table(self) -> Table:
         by_head: dict[str, dict[str, Any]] = {}
         for r in self.results:
-            row = by_head.setdefault(r["head"], {"features": set(), "passed": 0, "failed": 0})
+            row = by_head.setdefault(
+                r["head"], {"features": set(), "passed": 0, "failed": 0, "xfailed": 0}
+            )
             row["features"].add(r["feature"])
-            row["passed" if r["outcome"] == "passed" else "failed"] += 1
+            row[r["outcome"] if r["outcome"] in ("passed", "xfailed") else "failed"] += 1
             if "f1" in r:
                 row.setdefault("f1", {})[r["feature"]] = r["f1"]
         table = Table(title="rulecheck: rules by head")
-        for col in ("head", "features", "passed", "failed", "median F1"):
+        for col in ("head", "features", "passed", "failed", "xfailed", "median F1"):
             table.add_column(col, justify="left" if col == "head" else "right")
         for head in sorted(by_head, key=_head_order):
             row = by_head[head]
             f1 = statistics.median(row["f1"].values()) if row.get("f1") else None
-            table.add_row(head, str(len(row["features"])), str(row["passed"]),
-                          str(row["failed"]), "" if f1 is None else f"{f1:.2f}")  # fmt: skip
+            counts = [str(row[k]) for k in ("passed", "failed", "xfailed")]
+            table.add_row(head, str(len(row["features"])), *counts,
+                          "" if f1 is None else f"{f1:.2f}")  # fmt: skip
         return table
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config) -> None:
