@@ -200,30 +200,55 @@ class Workbench:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     def collector(self, head: Head) -> ExemplarCollector:
-        """The head's exemplar state: from memory, the disk cache, or one pass over the corpus."""
+        """The head's exemplar state: from memory, the disk cache, or a pass over the corpus.
+
+        A pass serves every head of the layer whose output SAE the ``{head}`` template names
+        and whose state is not cached yet: one pass per layer, however many heads are checked.
+        """
         if head in self._collectors:
             return self._collectors[head]
-        model, _, sae_out, tokens = self.load(head)
-        path = None
-        if self.cache_dir is not None:
-            path = self.cache_dir / f"exemplars-{self._cache_key(head)}.safetensors"
-        col = ExemplarCollector(sae_out.cfg.d_sae, tokens.shape[1], self.exemplar_cfg,
-                                torch.device(self.device))  # fmt: skip
-        if path is not None and path.exists():
-            state = load_file(str(path), device=str(self.device))
-            for name in COLLECTOR_STATE:
-                setattr(col, name, state[name])
-            col.n_seen = int(state["n_seen"])
-        else:
-            cfg = ExtractConfig(batch_size=self.batch_size, exemplars=self.exemplar_cfg)
-            cols, _ = collect_layer(model, {head.head: sae_out}, tokens, head.layer, cfg)
-            col = cols[head.head]
+        cached = self._load_cached(head)
+        if cached is not None:
+            self._collectors[head] = cached
+            return cached
+        model, _, _, tokens = self.load(head)
+        group = [head]
+        if "{head}" in head.specs.sae_out:
+            group += [
+                other
+                for h in range(model.cfg.n_heads)
+                if (other := replace(head, head=h)) != head
+                and other not in self._collectors
+                and self._load_cached(other) is None
+            ]
+        cfg = ExtractConfig(batch_size=self.batch_size, exemplars=self.exemplar_cfg)
+        saes = {g.head: self.sae_out(g) for g in group}
+        cols, _ = collect_layer(model, saes, tokens, head.layer, cfg)
+        for g in group:
+            col = cols[g.head]
             col.flush()
-            if path is not None:
+            self._collectors[g] = col
+            if self.cache_dir is not None:
                 state = {name: getattr(col, name).contiguous() for name in COLLECTOR_STATE}
                 state["n_seen"] = torch.tensor(col.n_seen)
-                _save_atomically(state, path)
-        self._collectors[head] = col
+                _save_atomically(state, self._cache_path(g))
+        return self._collectors[head]
+
+    def _cache_path(self, head: Head) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"exemplars-{self._cache_key(head)}.safetensors"
+
+    def _load_cached(self, head: Head) -> ExemplarCollector | None:
+        """The head's exemplar state from the disk cache, if it is there."""
+        if self.cache_dir is None or not self._cache_path(head).exists():
+            return None
+        _, _, sae_out, tokens = self.load(head)
+        col = ExemplarCollector(sae_out.cfg.d_sae, tokens.shape[1], self.exemplar_cfg,
+                                torch.device(self.device))  # fmt: skip
+        state = load_file(str(self._cache_path(head)), device=str(self.device))
+        for name in COLLECTOR_STATE:
+            setattr(col, name, state[name])
+        col.n_seen = int(state["n_seen"])
         return col
 
     def examples(self, head: Head, feature: int, file: str = "") -> FeatureExamples:

@@ -118,12 +118,13 @@ def test_extract_regenerates_then_runs_keeping_manual_entries(books):
     books.makefile(".yaml", L0H1=stale)
     assert run(books, "L0H1.yaml").ret == 1  # the stale entry fails
     result = run(books, "L0H1.yaml", "--rulecheck-extract", "-v")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)  # f1, precision, recall, counting[games]; the manual f1
     book = load_rulebook(books.path / "L0H1.yaml")
     manual = book.feature(1)
     assert manual.source == "manual" and manual.skipgrams[0].key.tokens == ["from"]
     regenerated = book.feature(0)
     assert regenerated.source == "extracted" and regenerated.label == "[games] ... [score]"
+    assert [c.key.tokens for c in regenerated.counting] == [["games"]]
     result.stdout.fnmatch_lines(["*rulecheck: regenerated*L0H1.yaml*"])
 
 

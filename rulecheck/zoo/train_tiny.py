@@ -294,8 +294,11 @@ def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, 
     return runs
 
 
-def step_saes(cfg: TinyConfig, sc: SaeConfig, work: Path, threads: int) -> None:
-    """Train every SAE with sae_lens's multi-SAE runner on the training split."""
+def step_saes(
+    cfg: TinyConfig, sc: SaeConfig, work: Path, threads: int, heads: list[int] | None = None
+) -> None:
+    """Train the SAEs with sae_lens's multi-SAE runner on the training split (the runs of
+    ``heads`` only, when given: a quick calibration)."""
     os.environ.setdefault("WANDB_MODE", "disabled")
     from datasets import Dataset
     from sae_lens import LoggingConfig, MultiSAETrainingRunner, StandardTrainingSAEConfig
@@ -309,6 +312,8 @@ def step_saes(cfg: TinyConfig, sc: SaeConfig, work: Path, threads: int) -> None:
     dataset = Dataset.from_dict({"input_ids": train.tolist()})
     report = {"config": asdict(sc), "machine": machine(), "runs": []}
     for i, run in enumerate(sae_runs(model.cfg, sc)):
+        if heads is not None and i not in heads:
+            continue
         start = time.time()
         saes = {
             name.replace("/", "_"): StandardTrainingSAEConfig(
@@ -534,6 +539,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--steps", type=int, default=TinyConfig.steps)
     parser.add_argument("--sae-tokens", type=int, default=SaeConfig.training_tokens)
+    parser.add_argument("--l1-in", type=float, default=SaeConfig.l1_in)
+    parser.add_argument("--l1-out", type=float, default=SaeConfig.l1_out)
+    parser.add_argument(
+        "--sae-heads",
+        type=lambda x: [int(h) for h in x.split(",")],
+        default=None,
+        help="train only these head runs (calibration)",
+    )
     args = parser.parse_args(argv)
     cfg = TinyConfig(steps=args.steps)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -542,7 +555,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.step in ("model", "all"):
         step_model(cfg, args.work, args.threads)
     if args.step in ("saes", "all"):
-        step_saes(cfg, SaeConfig(training_tokens=args.sae_tokens), args.work, args.threads)
+        sc = SaeConfig(training_tokens=args.sae_tokens, l1_in=args.l1_in, l1_out=args.l1_out)
+        step_saes(cfg, sc, args.work, args.threads, args.sae_heads)
     if args.step in ("ship", "all"):
         step_ship(args.work, args.out)
     if args.step in ("rules", "all"):
