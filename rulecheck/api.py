@@ -210,6 +210,7 @@ def feature_rules(result: FeatureResult, tokens: dict[int, list[str]] | None, to
             drop=[round(x, 6) for x in f.drop],
         )
         for f in result.absence
+        if f.suppresses
     ]
     counting = [
         CountingRule(

@@ -28,6 +28,11 @@ class AbsenceFinding:
     distractor: Distractor
     drop: list[float]
 
+    @property
+    def suppresses(self) -> bool:
+        """The candidate absence rule: one copy halves the activation, on average."""
+        return not any(math.isnan(x) for x in self.drop) and self.drop[0] >= MIN_DROP
+
 
 def find_absence(
     probe: Probe,
@@ -40,17 +45,16 @@ def find_absence(
     token_of: Tensor,
     top_terms: int = 3,
 ) -> list[AbsenceFinding]:
-    """Distractors of the top terms whose token, inserted before the query, suppresses the
-    feature (mean relative drop >= ``MIN_DROP`` at one copy). ``token_of`` is ``[d_sae_in]``,
-    the top token of each input feature (-1 where none)."""
+    """Distractors of the top terms, each with the mean relative drop of the activation when
+    its token is inserted 1..4 times (NaN where no test positive reads the term). ``token_of``
+    is ``[d_sae_in]``, the top token of each input feature (-1 where none)."""
     found = []
     for dis in find_distractors(d, w.W_Q, w.W_K, w.attn_scale, value_score, terms, top_terms):
         ids = [int(token_of[f]) for f in (dis.distractor, dis.key, dis.query)]
         if min(ids) < 0:
             continue
         drop = distractor_drop(probe, tokens, ex, ids[0], key_token=ids[1], query_token=ids[2])
-        if not any(math.isnan(x) for x in drop) and drop[0] >= MIN_DROP:
-            found.append(AbsenceFinding(dis, drop))
+        found.append(AbsenceFinding(dis, drop))
     return found
 
 

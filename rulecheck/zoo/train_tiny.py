@@ -6,6 +6,7 @@
     python -m rulecheck.zoo.train_tiny saes
     python -m rulecheck.zoo.train_tiny ship       # into the package, with SAE quality
     python -m rulecheck.zoo.train_tiny rules      # rulebooks/rulecheck-tiny/
+    python -m rulecheck.zoo.train_tiny analysis   # weight vs gradient ranking, distractors
     python -m rulecheck.zoo.train_tiny card       # MODEL_CARD.md from the measured reports
     python -m rulecheck.zoo.train_tiny all
 
@@ -264,12 +265,12 @@ class SaeConfig:
     """sae_lens training settings of the input and output SAEs."""
 
     d_sae_in: int = 1024
-    d_sae_out: int = 512
-    l1_in: float = 5.0
-    l1_out: float = 5.0
-    training_tokens: int = 8_000_000
-    batch_tokens: int = 4096
-    lr: float = 3e-4
+    d_sae_out: int = 256
+    l1_in: float = 1.2
+    l1_out: float = 2.0
+    training_tokens: int = 6_000_000
+    batch_tokens: int = 1024
+    lr: float = 1e-3
 
 
 def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, int, float]]]:
@@ -311,6 +312,9 @@ def step_saes(
     train = np.load(work / "train_tokens.npy").astype(np.int64)
     dataset = Dataset.from_dict({"input_ids": train.tolist()})
     report = {"config": asdict(sc), "machine": machine(), "runs": []}
+    previous = work / "saes.json"
+    if previous.exists() and json.loads(previous.read_text())["config"] == asdict(sc):
+        report["runs"] = json.loads(previous.read_text())["runs"]  # runs done before, same settings
     for i, run in enumerate(sae_runs(model.cfg, sc)):
         if heads is not None and i not in heads:
             continue
@@ -334,7 +338,7 @@ def step_saes(
                 context_size=SEQ_LEN,
                 training_tokens=sc.training_tokens,
                 train_batch_size_tokens=sc.batch_tokens,
-                n_batches_in_buffer=128,  # x context_size must cover a batch
+                n_batches_in_buffer=max(32, 2 * sc.batch_tokens // SEQ_LEN),  # must cover a batch
                 store_batch_size_prompts=64,
                 lr=sc.lr,
                 lr_warm_up_steps=100,
@@ -352,7 +356,8 @@ def step_saes(
         trained = runner.run()
         for name in run:
             trained[name.replace("/", "_")].save_inference_model(work / name)
-        report["runs"].append({"saes": list(run), "seconds": round(time.time() - start, 1)})
+        entry = {"saes": list(run), "seconds": round(time.time() - start, 1)}
+        report["runs"] = [r for r in report["runs"] if r["saes"] != entry["saes"]] + [entry]
         print(json.dumps(report["runs"][-1]))
     (work / "saes.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -413,6 +418,135 @@ def step_rules(work: Path, rulebooks: Path) -> None:
     report = {"features": 100, "seconds": round(time.time() - start, 1), "machine": machine()}
     (work / "extraction.json").write_text(json.dumps(report, indent=2) + "\n")
     Console().print(report)
+
+
+F1_TARGETS = (0.5, 0.6, 0.7, 0.8)
+
+
+def _nanmean(values: list[float]) -> float | None:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def step_analysis(work: Path, rulebooks: Path) -> None:
+    """The paper's Fig. 4a, 6a-c and 9 analogues on the shipped model: weight against gradient
+    ranking, and the distractors of every extracted feature's top term."""
+    from rulecheck.absence import cooccurrence
+    from rulecheck.api import Specs, load_layer
+    from rulecheck.extract import ExtractConfig, extract_layer
+    from rulecheck.heads import Probe
+    from rulecheck.rulebook import load_rulebook
+    from rulecheck.tokens import top_token
+
+    torch.set_num_threads(1)
+    report: dict = {"f1_by_terms": {}, "distractors": {}}
+    for layer in range(TinyConfig.n_layers):
+        art = load_layer(Specs("rulecheck-tiny"), layer, "all", "cpu")
+        token_of = top_token(art.model, art.sae_in, layer).cpu()
+        for method in ("weight", "gradient"):
+            cfg = ExtractConfig(method=method, rules=method == "weight")
+            results = extract_layer(art.model, art.sae_in, art.sae_outs, art.tokens, layer, cfg)
+            by_n: dict[int, list[float]] = {}
+            for hr in results:
+                for f in hr.features:
+                    for n, f1 in f.f1_by_terms.items():
+                        by_n.setdefault(n, []).append(f1)
+            report["f1_by_terms"].setdefault(method, {})[layer] = by_n
+            if method != "weight":
+                continue
+            rows = []
+            for hr in results:
+                for f in hr.features:
+                    top = [a for a in f.absence if a.distractor.query == int(f.terms.query[0])
+                           and a.distractor.key == int(f.terms.key[0])] if len(f.terms) else []  # fmt: skip
+                    row = {"head": hr.head, "feature": f.feature, "distractor": bool(top)}
+                    if top:
+                        a = top[0]
+                        probe = Probe(art.model, art.sae_outs[hr.head], layer, hr.head, f.feature)
+                        ids = [int(token_of[x]) for x in (a.distractor.key, a.distractor.query,
+                                                         a.distractor.distractor)]  # fmt: skip
+                        co = cooccurrence(probe, art.tokens, *ids) if min(ids) >= 0 else None
+                        row |= {"drop": a.drop, "suppresses": a.suppresses}
+                        if co is not None:
+                            row |= {"share": co.share, "mean_with": co.mean_with,
+                                    "mean_without": co.mean_without}  # fmt: skip
+                    rows.append(row)
+            report["distractors"][layer] = rows
+    validated = {}
+    for path in sorted(rulebooks.glob("L*H*.yaml")):
+        book = load_rulebook(path)
+        v = validated.setdefault(book.layer, [0, 0, 0])
+        v[0] += len(book.features)
+        v[1] += sum(1 for f in book.features if f.absence)
+        v[2] += sum(1 for f in book.features if f.counting)
+    report["rulebooks"] = validated
+    (work / "analysis.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def fewest_terms(by_n: dict, target: float) -> int | None:
+    """The fewest terms at which the median F1 over features reaches ``target``."""
+    for n in sorted(by_n, key=int):
+        if float(np.median(by_n[n])) >= target:
+            return int(n)
+    return None
+
+
+def analysis_lines(analysis: dict) -> list[str]:
+    """Model-card tables of the analysis step."""
+    lines = [
+        "",
+        "## Weight-based against gradient-based ranking (paper Fig. 4a)",
+        "",
+        "Both rankings of the same candidates, evaluated on the same exemplars (all features of",
+        "every head). The fewest terms at which the median test F1 reaches a level (- if never):",
+        "",
+        "| layer | method | " + " | ".join(f"F1 >= {t}" for t in F1_TARGETS) + " | "
+        "median F1 at 4 terms | at 64 |",
+        "|---|---|" + "---:|" * (len(F1_TARGETS) + 2),
+    ]
+    f1 = analysis["f1_by_terms"]
+    for layer in sorted(f1["weight"], key=int):
+        for method in ("weight", "gradient"):
+            by_n = f1[method][layer]
+            cells = [fewest_terms(by_n, t) for t in F1_TARGETS]
+            med = {n: float(np.median(by_n[n])) for n in ("4", "64") if n in by_n}
+            lines.append(
+                f"| {layer} | {method} | "
+                + " | ".join("-" if c is None else str(c) for c in cells)
+                + f" | {med.get('4', float('nan')):.2f} | {med.get('64', float('nan')):.2f} |"
+            )
+    lines += [
+        "",
+        "## Distractors (paper Fig. 9, 6a-c)",
+        "",
+        "For each extracted feature's top term (q, k): a distractor k' with attn(q, k') >",
+        "attn(q, k) and value(k') < 0 (first in attention order). Its token inserted 1-4 times",
+        "into test positives reading k ... q gives the mean relative drop (Fig. 6c); over the",
+        "corpus, the share of k ... q sequences that also hold k' and the mean activation with",
+        "and without it (Fig. 6a, 6b). Rulebooks keep an absence rule when one copy halves the",
+        "activation on average and the plugin's property holds.",
+        "",
+        "| layer | features | with a distractor | drop 1 / 2 / 3 / 4 copies | co-occurring "
+        "| act. with / without | absence rules kept | counting rules |",
+        "|---|---:|---:|---|---:|---|---:|---:|",
+    ]
+    for layer, rows in sorted(analysis["distractors"].items(), key=lambda kv: int(kv[0])):
+        with_d = [r for r in rows if r["distractor"]]
+        drops = [_nanmean([r["drop"][i] for r in with_d]) for i in range(4)]
+        share = _nanmean([r["share"] for r in with_d if "share" in r])
+        mw = _nanmean([r["mean_with"] for r in with_d if "mean_with" in r])
+        mwo = _nanmean([r["mean_without"] for r in with_d if "mean_without" in r])
+        kept = analysis["rulebooks"].get(layer, analysis["rulebooks"].get(int(layer), [0, 0, 0]))
+
+        def fmt(x: float | None, pct: bool = False) -> str:
+            return "-" if x is None else (f"{x:.0%}" if pct else f"{x:.3f}")
+
+        lines.append(
+            f"| {layer} | {len(rows)} | {len(with_d)} ({len(with_d) / max(len(rows), 1):.0%}) | "
+            + " / ".join(fmt(d, pct=True) for d in drops)
+            + f" | {fmt(share, pct=True)} | {fmt(mw)} / {fmt(mwo)} | {kept[1]} | {kept[2]} |"
+        )
+    return lines
 
 
 def f1_by_layer(rulebooks: Path) -> dict[int, dict[int, list[float]]]:
@@ -524,6 +658,9 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         n_feat = max(len(v) for v in by_n.values())
         cells = [_quartiles(by_n[n]) if n in by_n else "" for n in counts]
         lines.append(f"| {layer} | {n_feat} | " + " | ".join(cells) + " |")
+    analysis_path = work / "analysis.json"
+    if analysis_path.exists():
+        lines += analysis_lines(json.loads(analysis_path.read_text()))
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 
@@ -539,6 +676,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--steps", type=int, default=TinyConfig.steps)
     parser.add_argument("--sae-tokens", type=int, default=SaeConfig.training_tokens)
+    parser.add_argument("--sae-batch", type=int, default=SaeConfig.batch_tokens)
+    parser.add_argument("--sae-lr", type=float, default=SaeConfig.lr)
     parser.add_argument("--l1-in", type=float, default=SaeConfig.l1_in)
     parser.add_argument("--l1-out", type=float, default=SaeConfig.l1_out)
     parser.add_argument(
@@ -555,12 +694,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.step in ("model", "all"):
         step_model(cfg, args.work, args.threads)
     if args.step in ("saes", "all"):
-        sc = SaeConfig(training_tokens=args.sae_tokens, l1_in=args.l1_in, l1_out=args.l1_out)
+        sc = SaeConfig(
+            training_tokens=args.sae_tokens,
+            l1_in=args.l1_in,
+            l1_out=args.l1_out,
+            batch_tokens=args.sae_batch,
+            lr=args.sae_lr,
+        )
         step_saes(cfg, sc, args.work, args.threads, args.sae_heads)
     if args.step in ("ship", "all"):
         step_ship(args.work, args.out)
     if args.step in ("rules", "all"):
         step_rules(args.work, args.rulebooks)
+    if args.step in ("analysis", "all"):
+        step_analysis(args.work, args.rulebooks)
     if args.step in ("card", "all"):
         step_card(args.work, args.out, args.rulebooks)
 
