@@ -12,10 +12,11 @@ from rulecheck import zoo
 from rulecheck.cli import main
 from rulecheck.loading import check_sae, load_model, load_sae
 from rulecheck.zoo.quality import sae_quality
+from rulecheck.zoo.train_tiny import QUALITY_SEQUENCES
 
 ROOT = zoo.entry_dir("rulecheck-tiny")
 SHIPPED_BOOKS = Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny"
-SLICE = 1000  # held-out sequences the bars are re-measured on
+SLICE = QUALITY_SEQUENCES  # the held-out sequences the model card measures on
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,9 @@ def test_input_sae_quality_bars(model, tokens):
         assert q["dead_fraction"] < 0.10, q
 
 
-@pytest.mark.parametrize(("layer", "head"), [(0, 0), (1, 3)])
+@pytest.mark.parametrize(
+    ("layer", "head"), [(layer, head) for layer in (0, 1) for head in range(4)]
+)
 def test_output_sae_quality_bars(model, tokens, layer, head):
     sae = load_sae(f"rulecheck-tiny:sae_out/L{layer}H{head}")
     q = sae_quality(model, sae, tokens, layer, head)

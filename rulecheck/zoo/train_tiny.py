@@ -296,10 +296,16 @@ def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, 
 
 
 def step_saes(
-    cfg: TinyConfig, sc: SaeConfig, work: Path, threads: int, heads: list[int] | None = None
+    cfg: TinyConfig,
+    sc: SaeConfig,
+    work: Path,
+    threads: int,
+    heads: list[int] | None = None,
+    only: list[str] | None = None,
 ) -> None:
-    """Train the SAEs with sae_lens's multi-SAE runner on the training split (the runs of
-    ``heads`` only, when given: a quick calibration)."""
+    """Train the SAEs with sae_lens's multi-SAE runner on the training split: the runs of
+    ``heads`` only, or only the SAEs named in ``only``, when given. The report keeps earlier
+    runs made with the same settings, and the tokens each SAE was trained on."""
     os.environ.setdefault("WANDB_MODE", "disabled")
     from datasets import Dataset
     from sae_lens import LoggingConfig, MultiSAETrainingRunner, StandardTrainingSAEConfig
@@ -311,13 +317,30 @@ def step_saes(
     model = load_model(str(work / "model"))
     train = np.load(work / "train_tokens.npy").astype(np.int64)
     dataset = Dataset.from_dict({"input_ids": train.tolist()})
-    report = {"config": asdict(sc), "machine": machine(), "runs": []}
+    per_sae = ("training_tokens", "l1_in", "l1_out")  # recorded per run instead
+    settings_of = {k: v for k, v in asdict(sc).items() if k not in per_sae}
+    report = {"config": settings_of, "machine": machine(), "runs": []}
     previous = work / "saes.json"
-    if previous.exists() and json.loads(previous.read_text())["config"] == asdict(sc):
-        report["runs"] = json.loads(previous.read_text())["runs"]  # runs done before, same settings
+    if previous.exists():
+        before = json.loads(previous.read_text())
+        if {k: v for k, v in before["config"].items() if k not in per_sae} == settings_of:
+            old = before["config"]
+            report["runs"] = [
+                dict(
+                    r,
+                    tokens=r.get("tokens", old.get("training_tokens")),
+                    l1=r.get("l1")
+                    or {n: old["l1_in" if "in/" in n else "l1_out"] for n in r["saes"]},
+                )
+                for r in before["runs"]
+            ]
     for i, run in enumerate(sae_runs(model.cfg, sc)):
         if heads is not None and i not in heads:
             continue
+        if only is not None:
+            run = {name: spec for name, spec in run.items() if name in only}
+            if not run:
+                continue
         start = time.time()
         saes = {
             name.replace("/", "_"): StandardTrainingSAEConfig(
@@ -356,8 +379,19 @@ def step_saes(
         trained = runner.run()
         for name in run:
             trained[name.replace("/", "_")].save_inference_model(work / name)
-        entry = {"saes": list(run), "seconds": round(time.time() - start, 1)}
-        report["runs"] = [r for r in report["runs"] if r["saes"] != entry["saes"]] + [entry]
+        entry = {
+            "saes": list(run),
+            "l1": {name: spec[3] for name, spec in run.items()},
+            "tokens": sc.training_tokens,
+            "seconds": round(time.time() - start, 1),
+        }
+        # an SAE trained again replaces its earlier run's record
+        kept = []
+        for r in report["runs"]:
+            rest = [n for n in r["saes"] if n not in run]
+            if rest:
+                kept.append(dict(r, saes=rest, l1={n: r["l1"][n] for n in rest}))
+        report["runs"] = [*kept, entry]
         print(json.dumps(report["runs"][-1]))
     (work / "saes.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -621,24 +655,30 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "## SAEs",
         "",
         "Trained with sae_lens's `MultiSAETrainingRunner` (standard ReLU SAEs, L1 penalty,",
-        f"inputs normalised to the expected norm and the factor folded in), "
-        f"{saes['config']['training_tokens']:,} tokens each, in "
-        f"{sum(r['seconds'] for r in saes['runs']) / 60:.1f} minutes on {saes['machine']}.",
-        f"Input SAEs read `blocks.{{l}}.hook_resid_pre` (d_sae {saes['config']['d_sae_in']}, "
-        f"L1 {saes['config']['l1_in']}); output SAEs read one head of `blocks.{{l}}.attn.hook_z`",
-        f"(`hook_head_index`, d_sae {saes['config']['d_sae_out']}, L1 {saes['config']['l1_out']}).",
+        "inputs normalised to the expected norm and the factor folded in), batches of "
+        f"{saes['config']['batch_tokens']:,} tokens at lr {saes['config']['lr']:g}, "
+        f"in {sum(r['seconds'] for r in saes['runs']) / 60:.1f} minutes in all on "
+        f"{saes['machine']} (SAEs sharing a hook point's head index train in one run).",
+        "SAEs that missed a bar were trained again, alone, for longer or with a smaller L1",
+        "coefficient: the table gives each shipped SAE's own.",
+        f"Input SAEs read `blocks.{{l}}.hook_resid_pre` (d_sae {saes['config']['d_sae_in']}); "
+        "output SAEs read one head of `blocks.{l}.attn.hook_z`",
+        f"(`hook_head_index`, d_sae {saes['config']['d_sae_out']}).",
         f"Measured on the first {QUALITY_SEQUENCES:,} held-out sequences, positions after BOS.",
         "CE recovered splices the SAE's reconstruction into its head and compares the loss with",
         "the clean model and with that head's z zero-ablated.",
         "",
-        "| SAE | L0 | dead | explained variance | CE recovered |",
-        "|---|---:|---:|---:|---:|",
+        "| SAE | L1 coefficient | tokens | L0 | dead | explained variance | CE recovered |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    tokens_of = {name: r["tokens"] for r in saes["runs"] for name in r["saes"]}
+    l1_of = {name: r["l1"][name] for r in saes["runs"] for name in r["saes"]}
     for name, q in quality.items():
         ce = f"{q['ce_recovered']:.1%}" if "ce_recovered" in q else ""
         lines.append(
-            f"| {name} | {q['l0']:.1f} | {q['dead_fraction']:.1%} | "
-            f"{q['explained_variance']:.3f} | {ce} |"
+            f"| {name} | {l1_of[name]:g} | {tokens_of[name] / 1e6:g}M | {q['l0']:.1f} "
+            f"| {q['dead_fraction']:.1%} "
+            f"| {q['explained_variance']:.3f} | {ce} |"
         )
     table = f1_by_layer(rulebooks)
     counts = sorted({n for layer in table.values() for n in layer})
@@ -669,7 +709,10 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rulecheck.zoo.train_tiny")
-    parser.add_argument("step", choices=["corpus", "model", "saes", "ship", "rules", "card", "all"])
+    parser.add_argument(
+        "step",
+        choices=["corpus", "model", "saes", "ship", "rules", "analysis", "card", "all"],
+    )
     parser.add_argument("--rulebooks", type=Path, default=Path("rulebooks/rulecheck-tiny"))
     parser.add_argument("--work", type=Path, default=Path("build/tiny"))
     parser.add_argument("--out", type=Path, default=out_default())
@@ -680,6 +723,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sae-lr", type=float, default=SaeConfig.lr)
     parser.add_argument("--l1-in", type=float, default=SaeConfig.l1_in)
     parser.add_argument("--l1-out", type=float, default=SaeConfig.l1_out)
+    parser.add_argument(
+        "--sae-only",
+        type=lambda x: x.split(","),
+        default=None,
+        help="train only these SAEs, e.g. sae_in/L1,sae_out/L0H1",
+    )
     parser.add_argument(
         "--sae-heads",
         type=lambda x: [int(h) for h in x.split(",")],
@@ -701,7 +750,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_tokens=args.sae_batch,
             lr=args.sae_lr,
         )
-        step_saes(cfg, sc, args.work, args.threads, args.sae_heads)
+        step_saes(cfg, sc, args.work, args.threads, args.sae_heads, args.sae_only)
     if args.step in ("ship", "all"):
         step_ship(args.work, args.out)
     if args.step in ("rules", "all"):
