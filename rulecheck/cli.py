@@ -165,7 +165,7 @@ def run_summary(args: argparse.Namespace, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")
+    warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)
     err = Console(stderr=True)
