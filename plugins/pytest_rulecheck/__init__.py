@@ -32,10 +32,10 @@ STASH_BENCH = pytest.StashKey["Any"]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("rulecheck", "rule-based tests of attention-head SAE features")
 
-    def option(name: str, help: str, **kw: Any) -> None:
+    def option(name: str, help: str) -> None:
         dest = "rulecheck_" + name.replace("-", "_")
-        group.addoption(f"--rulecheck-{name}", dest=dest, default=None, help=help, **kw)
-        parser.addini(dest, help, default=kw.get("ini_default"))
+        group.addoption(f"--rulecheck-{name}", dest=dest, default=None, help=help)
+        parser.addini(dest, help, default=None)
 
     option("model", "model spec overriding the rulebooks' model")
     option("sae-in", "input SAE spec ({layer}) overriding the rulebooks'")
@@ -180,6 +180,8 @@ class RuleItem(pytest.Item):
 
     def record(self, **values: Any) -> None:
         head = f"L{self.book.layer}H{self.book.head}"
+        if self.book.model:
+            head = f"{self.book.model} {head}"
         self.user_properties.append(("rulecheck", {"head": head,
                                                    "feature": self.rules.feature, **values}))  # fmt: skip
 
@@ -348,6 +350,8 @@ class Summary:
             Path(path).write_text(json.dumps(self.results, indent=2, sort_keys=True) + "\n")
 
 
-def _head_order(name: str) -> tuple[int, int]:
+def _head_order(name: str) -> tuple[str, int, int]:
+    """Rows by model, then layer and head (``"model L0H3"``)."""
+    model, _, name = name.rpartition(" ")
     layer, head = name[1:].split("H")
-    return int(layer), int(head)
+    return model, int(layer), int(head)
