@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 # the main job: extract every head of the bundled model, run the rulebooks as tests, summarise
 demo: install
 	$(VENV)/bin/rulecheck extract --out build/demo
-	$(PY) -m pytest build/demo -q
+	$(PY) -m pytest build/demo -q -n 2
 	$(VENV)/bin/rulecheck summary build/demo
 
 test: install
