@@ -616,7 +616,8 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "",
         "A small GPT-2-style language model trained on real text, with sparse autoencoders",
         "trained by sae_lens, shipped so that rulecheck runs offline. Everything below is",
-        "measured by `python -m rulecheck.zoo.train_tiny` (corpus, model, saes, ship, card);",
+        "measured by `python -m rulecheck.zoo.train_tiny` (corpus, model, saes, ship, rules,",
+        "analysis, card);",
         "none of it is estimated.",
         "",
         "## Corpus",
@@ -650,7 +651,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         f"{mc['warmup']} warm-up steps then cosine to a tenth, batch {mc['batch_size']} x "
         f"{SEQ_LEN}, {mc['steps']} steps ({model['tokens_seen']:,} tokens), seed {mc['seed']}.",
         f"- Trained in {model['train_seconds'] / 60:.1f} minutes on {model['machine']} "
-        f"({model['threads']} threads).",
+        f"({model['threads']} threads){'; ' + model['note'] if model.get('note') else ''}.",
         f"- Held-out loss: **{model['held_out_loss']:.3f}** nats/token, against "
         f"{model['unigram_loss']:.3f} for a unigram model of the training split.",
         "",
