@@ -41,7 +41,7 @@ from rulecheck.rulebook import (
 )
 from rulecheck.tokens import token_features, token_strings
 
-DEFAULT_MODEL = "planted"
+DEFAULT_MODEL = "rulecheck-tiny"
 
 
 @dataclass(frozen=True)
