@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # the main job: extract every head of the bundled model, run the rulebooks as tests, summarise
 demo: install
-	$(VENV)/bin/rulecheck extract --out build/demo
+	$(VENV)/bin/rulecheck extract --features 25 --out build/demo
 	$(PY) -m pytest build/demo -q -n 2
 	$(VENV)/bin/rulecheck summary build/demo
 
