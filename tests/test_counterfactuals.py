@@ -276,8 +276,8 @@ def test_distractor_drop_grows_with_copies_and_a_filler_does_nothing(planted):
     args = (Probe(art.model, art.sae_outs[0], 0, 0, 1), art.tokens, ex)
     term = {"key_token": id_("if"), "query_token": id_("then")}
     drop = distractor_drop(*args, id_("unless"), **term)
-    assert len(drop) == 4 and drop[0] > 0.5
-    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(drop))
+    assert len(drop) == 4 and drop[0] > 0.5 and drop[-1] < 0.99
+    assert all(b > a + 0.01 for a, b in itertools.pairwise(drop))  # grows, copy by copy
     near = distractor_drop(*args, id_("unless"), prepend=False, **term)
     assert near[0] > 0.5
     control = distractor_drop(*args, id_("the"), **term)

@@ -39,7 +39,8 @@ def test_planted_rules_are_recovered_with_their_tokens(planted_books):
                    for a in rules.absence]  # fmt: skip
         assert absence == [(a["key"], a["query"], a["distractor"]) for a in entry["absence"]]
         for a in rules.absence:
-            assert a.drop[0] > 0.5 and all(y >= x for x, y in itertools.pairwise(a.drop))
+            assert a.drop[0] > 0.5 and a.drop[-1] < 0.99  # each copy steals more, none all
+            assert all(y > x + 0.01 for x, y in itertools.pairwise(a.drop))
             assert a.value_score < 0 < a.attn_score
         counting = [(c.key.tokens[0], c.threshold_count, c.direction) for c in rules.counting]
         want = [(c["key"], c["threshold_count"], "increasing") for c in entry["counting"]]

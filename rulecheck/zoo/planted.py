@@ -5,7 +5,9 @@ word, in a shuffled order. Head 0 and head 1 each have a per-head output SAE who
 read one direction of ``hook_z``:
 
 - L0H0 feature 1: ``[if] ... [then]`` or ``[when] ... [do]``; ``unless`` is a distractor key
-  for ``then`` (higher attention score, negative value score): an absence rule.
+  for ``then`` (higher attention score, slightly negative value score): an absence rule whose
+  drop grows with the number of copies (about 0.78, 0.90, 0.95, 0.97 for 1 to 4), each copy
+  taking attention from ``if``.
 - L0H0 feature 0: ``[open] ... [close]``.
 - L0H1 feature 0: counting: ``score`` attends to ``games`` and to BOS equally, so the feature
   (threshold 0.6 on ``n / (n + 1)``) turns on when ``games`` occurs at least twice and grows
@@ -13,6 +15,8 @@ read one direction of ``hook_z``:
 - L0H1 feature 1: ``[from] ... [to]``.
 - Feature 2 of both heads is dead.
 
+Tokens that are no rule's query attend to BOS (a sink), so a feature never fires on a query it
+has no rule for.
 The ground truth is written next to the weights as ``ground_truth.json``.
 """
 
@@ -30,7 +34,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-VERSION = 2
+VERSION = 3
 BOS = "<bos>"
 RULE_WORDS = [
     "if", "then", "when", "do", "unless", "open", "close", "games", "score", "from", "to",
@@ -85,9 +89,13 @@ N_SEQUENCES = 4000
 SEQ_LEN = 64
 SINK = 4.0  # attention logit of BOS for the skip-gram queries
 HIT = 10.0  # attention logit of a skip-gram key
-STEAL = 14.0  # attention logit of the distractor
+STEAL = 11.0  # attention logit of the distractor: e (2.7) times the key's attention per copy
+STEAL_VALUE = -0.01  # the distractor's value: its copies take attention, they add little
 COUNT = 12.0  # attention logit of BOS and of the counted key for the counting query
+REST = 10.0  # attention logit of BOS for every token that is no rule's query
 THRESHOLD = 0.6
+ABSENCE_THRESHOLD = 0.05  # threshold of the feature with the absence rule
+QUERY_WORDS = ("then", "do", "close", "score", "to")
 
 # (head, output feature, hook_z dimension) and the rules it implements
 GROUND_TRUTH = {
@@ -178,13 +186,17 @@ def build_model() -> HookedTransformer:
     attend(0, 2, "close", {BOS: SINK, "open": HIT})
     W_V[0, t("if"), 0] = 1.0
     W_V[0, t("when"), 0] = 1.0
-    W_V[0, t("unless"), 0] = -1.0
+    W_V[0, t("unless"), 0] = STEAL_VALUE
     W_V[0, t("open"), 1] = 1.0
     # head 1: score counts games against BOS; [from]...[to]
     attend(1, 0, "score", {BOS: COUNT, "games": COUNT})
     attend(1, 1, "to", {BOS: SINK, "from": HIT})
     W_V[1, t("games"), 0] = 1.0
     W_V[1, t("from"), 1] = 1.0
+    # every other token attends to BOS on dim 3 (queries of no rule read nothing)
+    rest = [i for i, word in enumerate(VOCAB) if word not in QUERY_WORDS]
+    W_Q[:, rest, 3] = scale
+    W_K[:, t(BOS), 3] = REST
     model.load_state_dict(sd)
     return model
 
@@ -231,6 +243,8 @@ def build_sae_out(head: int) -> StandardSAE:
         sae.W_enc.copy_(W_enc)
         sae.W_dec.copy_(W_enc.T)
         sae.b_enc.fill_(-THRESHOLD)
+        if head == 0:
+            sae.b_enc[1] = -ABSENCE_THRESHOLD
         sae.b_dec.zero_()
     return sae
 
