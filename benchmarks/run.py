@@ -152,7 +152,8 @@ def bench_exemplars(device: torch.device) -> tuple[str, float, float, str]:
 def bench_planted_end_to_end() -> tuple[str, float, float, str]:
     """Whole extraction of planted (both heads), against the model's plain forward pass over
     the same corpus as the unit of cost."""
-    from rulecheck.api import Specs, extract_rulebooks, load_layer
+    from rulecheck.api import extract_rulebooks, load_layer
+    from rulecheck.specs import Specs
 
     art = load_layer(Specs("planted"), 0, "all", "cpu")
     with tempfile.TemporaryDirectory() as out:

@@ -10,8 +10,7 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from rulecheck import __version__, zoo
-from rulecheck.errors import RulecheckError
+from rulecheck import __version__
 from rulecheck.extract import (
     ExtractConfig,
     FeatureResult,
@@ -19,16 +18,6 @@ from rulecheck.extract import (
     Progress,
     extract_layer,
     no_progress,
-)
-from rulecheck.loading import (
-    check_sae,
-    fingerprint_corpus,
-    fingerprint_model,
-    fingerprint_sae,
-    load_corpus,
-    load_model,
-    load_sae,
-    resolve_device,
 )
 from rulecheck.rulebook import (
     AbsenceRule,
@@ -39,131 +28,41 @@ from rulecheck.rulebook import (
     TokenRef,
     write_rulebook,
 )
+from rulecheck.session import Head, Workbench
+from rulecheck.specs import Specs, head_spec
 from rulecheck.tokens import token_features, token_strings
-
-DEFAULT_MODEL = "rulecheck-tiny"
-
-
-@dataclass(frozen=True)
-class Specs:
-    """What to load: model, input SAE, output SAE (``{layer}``/``{head}`` templates) and
-    corpus. Zoo models fill in their own SAEs and corpus."""
-
-    model: str = DEFAULT_MODEL
-    sae_in: str | None = None
-    sae_out: str | None = None
-    corpus: str | None = None
-
-    def completed(self) -> Specs:
-        """Fill the SAE and corpus specs of a zoo model; other models must name them."""
-        if zoo.is_zoo_spec(self.model):
-            name = self.model.split(":", 1)[0]
-            return replace(
-                self,
-                sae_in=self.sae_in or f"{name}:sae_in/L{{layer}}",
-                sae_out=self.sae_out or f"{name}:sae_out/L{{layer}}H{{head}}",
-                corpus=self.corpus or f"{name}:eval",
-            )
-        for option in ("sae_in", "sae_out", "corpus"):
-            if getattr(self, option) is None:
-                raise RulecheckError(
-                    f"model {self.model!r} is not a zoo model, so --{option.replace('_', '-')} "
-                    "must be given",
-                    field=f"--{option.replace('_', '-')}",
-                    fix="name the SAE directory or registry id (templates {layer}, {head}) "
-                    "and the corpus file",
-                )
-        return self
-
-
-def head_spec(template: str, layer: int, head: int | None = None) -> str:
-    return template.replace("{layer}", str(layer)).replace("{head}", str(head))
 
 
 @dataclass
 class LayerArtifacts:
-    """A model, one layer's SAEs and the corpus, with their fingerprints."""
+    """A model, one layer's SAEs and the corpus, loaded and checked by ``bench``."""
 
+    bench: Workbench
+    heads: list[Head]
     model: HookedTransformer
     sae_in: SAE
     sae_outs: dict[int, SAE]
     tokens: torch.Tensor
-    fingerprints: dict[str, dict[str, str] | str]
 
-
-def parse_heads(heads: str | Sequence[int], n_heads: int) -> list[int]:
-    """``"all"``, ``"0,3"`` or a list of ints, checked against the model."""
-    if isinstance(heads, str):
-        if heads == "all":
-            return list(range(n_heads))
-        try:
-            heads = [int(h) for h in heads.split(",") if h.strip()]
-        except ValueError:
-            raise RulecheckError(
-                f"cannot read heads {heads!r}", field="--heads", fix="use e.g. --heads 0,3 or all"
-            ) from None
-    bad = [h for h in heads if not 0 <= h < n_heads]
-    if bad:
-        raise RulecheckError(
-            f"head {bad[0]} is out of range: the model has {n_heads} heads",
-            field="--heads",
-            fix=f"use heads in 0..{n_heads - 1}",
-        )
-    return sorted(set(heads))
-
-
-PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
-
-
-def processing_for(sae: SAE) -> dict[str, bool]:
-    """How to load the model so that it matches what the SAE was trained on: the
-    TransformerLens processing flags recorded in ``model_from_pretrained_kwargs``. An SAE
-    trained on ``from_pretrained_no_processing`` says so with all flags false."""
-    kwargs = sae.cfg.metadata.get("model_from_pretrained_kwargs") or {}
-    return {k: bool(v) for k, v in kwargs.items() if k in PROCESSING_FLAGS}
+    @property
+    def fingerprints(self) -> dict[str, dict[int, str] | str]:
+        first = self.heads[0]
+        return {
+            **{k: v for k, v in self.bench.fingerprints(first).items() if k != "sae_out"},
+            "sae_out": {h.head: self.bench.fingerprints(h)["sae_out"] for h in self.heads},
+        }
 
 
 def load_layer(
     specs: Specs, layer: int, heads: str | Sequence[int], device: str = "auto"
 ) -> LayerArtifacts:
-    """Load and check everything one layer's extraction needs."""
-    specs = specs.completed()
-    dev = resolve_device(device)
-    sae_in = load_sae(specs.sae_in, layer=layer, device=dev)
-    model = load_model(specs.model, device=dev, **processing_for(sae_in))
-    if not 0 <= layer < model.cfg.n_layers:
-        raise RulecheckError(
-            f"layer {layer} is out of range: the model has {model.cfg.n_layers} layers",
-            field="--layer",
-            fix=f"use a layer in 0..{model.cfg.n_layers - 1}",
-        )
-    head_ids = parse_heads(heads, model.cfg.n_heads)
-    check_sae(sae_in, model, layer=layer, head=None, kind="in", spec=specs.sae_in)
-    sae_outs = {}
-    for h in head_ids:
-        spec = head_spec(specs.sae_out, layer, h)
-        sae_outs[h] = load_sae(specs.sae_out, layer=layer, head=h, device=dev)
-        check_sae(sae_outs[h], model, layer=layer, head=h, kind="out", spec=spec)
-    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
-    tokens = load_corpus(
-        specs.corpus,
-        tokenizer=model.tokenizer,
-        bos_token_id=bos,
-        seq_len=min(64, model.cfg.n_ctx),
-        d_vocab=model.cfg.d_vocab,
-    )
-    return LayerArtifacts(
-        model=model,
-        sae_in=sae_in,
-        sae_outs=sae_outs,
-        tokens=tokens,
-        fingerprints={
-            "model": fingerprint_model(model),
-            "sae_in": fingerprint_sae(sae_in),
-            "sae_out": {h: fingerprint_sae(s) for h, s in sae_outs.items()},
-            "corpus": fingerprint_corpus(tokens),
-        },
-    )
+    """Load and check everything one layer's extraction needs (through a ``Workbench``, the
+    one loader of rulecheck)."""
+    bench = Workbench(cache_dir=None, device=device)
+    group = bench.layer_heads(specs, layer, heads)
+    model, sae_in, _, tokens = bench.load(group[0])
+    sae_outs = {h.head: bench.sae_out(h) for h in group}
+    return LayerArtifacts(bench, group, model, sae_in, sae_outs, tokens)
 
 
 def _ref(feature: int, tokens: dict[int, list[str]] | None) -> TokenRef:
@@ -320,12 +219,10 @@ def keep_rules_that_hold(
 
     from rulecheck.profiles import CI_PROFILE
     from rulecheck.properties import check_absence, check_counting
-    from rulecheck.session import Head, Workbench
 
-    bench = Workbench(cache_dir=None, device=str(art.model.cfg.device))
+    bench = art.bench
     head = Head(specs, book.layer, book.head)
-    bench.adopt(head, art.model, art.sae_in, art.sae_outs[book.head], art.tokens,
-                result.collector)  # fmt: skip
+    bench.adopt_exemplars(head, result.collector)
     previous = settings.get_current_profile_name()
     settings.load_profile(CI_PROFILE)
     try:

@@ -95,10 +95,11 @@ def rich_progress(console: Console) -> Iterator:
 
 
 def run_extract(args: argparse.Namespace, console: Console) -> int:
-    from rulecheck.api import DEFAULT_MODEL, Specs, extract_rulebooks
+    from rulecheck.api import extract_rulebooks
     from rulecheck.exemplars import ExemplarConfig
     from rulecheck.extract import ExtractConfig
     from rulecheck.loading import load_model
+    from rulecheck.specs import DEFAULT_MODEL, Specs
 
     specs = Specs(
         model=args.model or DEFAULT_MODEL,

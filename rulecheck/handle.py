@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from rulecheck.api import Specs
 from rulecheck.evaluate import Measured
 from rulecheck.rulebook import FeatureRules, SkipGram, TokenRef
 from rulecheck.session import Head, Workbench
+from rulecheck.specs import Specs
 
 Ref = str | int  # a token (text) or an input-SAE feature id
 

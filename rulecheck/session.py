@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rulecheck import __version__
-from rulecheck.api import Specs, head_spec, processing_for
 from rulecheck.errors import RulecheckError
 from rulecheck.evaluate import (
     Measured,
@@ -46,6 +46,7 @@ from rulecheck.loading import (
     resolve_device,
 )
 from rulecheck.rulebook import FeatureRules, Rulebook
+from rulecheck.specs import Specs, head_spec, parse_heads, processing_for
 from rulecheck.zoo import is_zoo_spec
 
 COLLECTOR_STATE = ("active", "top_val", "top_seq", "top_pos", "neg_key", "neg_seq")
@@ -154,44 +155,53 @@ class Workbench:
             )
         return self._corpora[key]
 
+    def layer_heads(self, specs: Specs, layer: int, heads: str | Sequence[int]) -> list[Head]:
+        """The heads ``heads`` (``"all"``, ``"0,3"`` or ints) of ``layer``, checked against
+        the model (command-line fields in the errors)."""
+        specs = specs.completed()
+        model = self.model(specs.model, self.sae_in(Head(specs, layer, 0)))
+        if not 0 <= layer < model.cfg.n_layers:
+            raise RulecheckError(
+                f"layer {layer} is out of range: the model has {model.cfg.n_layers} layers",
+                field="--layer",
+                fix=f"use a layer in 0..{model.cfg.n_layers - 1}",
+            )
+        return [Head(specs, layer, h) for h in parse_heads(heads, model.cfg.n_heads)]
+
     def load(self, head: Head) -> tuple[HookedTransformer, SAE, SAE, Tensor]:
         """Model, input SAE, output SAE and corpus of a head (loaded on first use)."""
         sae_in = self.sae_in(head)
         model = self.model(head.specs.model, sae_in)
-        if not 0 <= head.head < model.cfg.n_heads:
-            raise RulecheckError(
-                f"head {head.head} is out of range: the model has {model.cfg.n_heads} heads",
-                field="head",
-                fix=f"use a head in 0..{model.cfg.n_heads - 1}",
-            )
+        for field, value, n in (("layer", head.layer, model.cfg.n_layers),
+                                ("head", head.head, model.cfg.n_heads)):  # fmt: skip
+            if not 0 <= value < n:
+                raise RulecheckError(
+                    f"{field} {value} is out of range: the model has {n} {field}s",
+                    field=field,
+                    fix=f"use a {field} in 0..{n - 1}",
+                )
         return model, sae_in, self.sae_out(head), self.corpus(head)
 
-    def adopt(
-        self,
-        head: Head,
-        model: HookedTransformer,
-        sae_in: SAE,
-        sae_out: SAE,
-        tokens: Tensor,
-        collector: ExemplarCollector | None = None,
-    ) -> None:
-        """Use objects already loaded for ``head`` (and its exemplars) instead of loading."""
-        self._models[head.specs.model] = model
-        self._saes[(head_spec(head.specs.sae_in, head.layer), head.layer, None)] = sae_in
-        self._saes[(head_spec(head.specs.sae_out, head.layer, head.head), head.layer,
-                    head.head)] = sae_out  # fmt: skip
-        self._corpora[(head.specs.corpus, head.specs.model)] = tokens
-        if collector is not None:
-            self._collectors[head] = collector
+    def fingerprints(self, head: Head) -> dict[str, str]:
+        """Fingerprints of the head's model, SAEs and corpus (as rulebooks record them)."""
+        model, sae_in, sae_out, tokens = self.load(head)
+        return {
+            "model": fingerprint_model(model),
+            "sae_in": fingerprint_sae(sae_in),
+            "sae_out": fingerprint_sae(sae_out),
+            "corpus": fingerprint_corpus(tokens),
+        }
+
+    def adopt_exemplars(self, head: Head, collector: ExemplarCollector) -> None:
+        """Use exemplars already collected for ``head`` instead of a pass over the corpus."""
+        self._collectors[head] = collector
 
     # ---------------------------------------------------------------------------- exemplars
 
     def _cache_key(self, head: Head) -> str:
-        model, _, sae_out, tokens = self.load(head)
+        fp = self.fingerprints(head)
         parts = {
-            "model": fingerprint_model(model),
-            "sae_out": fingerprint_sae(sae_out),
-            "corpus": fingerprint_corpus(tokens),
+            **{k: fp[k] for k in ("model", "sae_out", "corpus")},
             "layer": head.layer,
             "head": head.head,
             "exemplars": asdict(self.exemplar_cfg),

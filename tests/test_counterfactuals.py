@@ -209,8 +209,9 @@ def test_render_marks_inserted_tokens(planted):
 
 @pytest.fixture(scope="module")
 def planted():
-    from rulecheck.api import Specs, load_layer
+    from rulecheck.api import load_layer
     from rulecheck.extract import ExtractConfig, collect_layer
+    from rulecheck.specs import Specs
 
     art = load_layer(Specs("planted"), 0, "all", "cpu")
     collectors, ln_scale = collect_layer(art.model, art.sae_outs, art.tokens, 0, ExtractConfig())

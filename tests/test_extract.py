@@ -144,7 +144,8 @@ def test_gpt2_huggingface_directory_goes_through_extraction(tmp_path):
 def test_model_is_loaded_the_way_the_input_sae_says(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rulecheck.api import Specs, load_layer
+    from rulecheck.api import load_layer
+    from rulecheck.specs import Specs
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64)).save_pretrained(

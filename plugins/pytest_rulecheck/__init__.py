@@ -66,8 +66,8 @@ def setting(config: pytest.Config, name: str, default: Any = None) -> Any:
 def workbench(config: pytest.Config):
     """The session's Workbench (created on first use, in each xdist worker)."""
     if STASH_BENCH not in config.stash:
-        from rulecheck.api import Specs
         from rulecheck.session import Workbench
+        from rulecheck.specs import Specs
 
         overrides = Specs(
             model=setting(config, "model"),  # type: ignore[arg-type]

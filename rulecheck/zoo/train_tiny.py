@@ -466,10 +466,11 @@ def step_analysis(work: Path, rulebooks: Path) -> None:
     """The paper's Fig. 4a, 6a-c and 9 analogues on the shipped model: weight against gradient
     ranking, and the distractors of every extracted feature's top term."""
     from rulecheck.absence import cooccurrence
-    from rulecheck.api import Specs, load_layer
+    from rulecheck.api import load_layer
     from rulecheck.extract import ExtractConfig, extract_layer
     from rulecheck.heads import Probe
     from rulecheck.rulebook import load_rulebook
+    from rulecheck.specs import Specs
     from rulecheck.tokens import top_token
 
     torch.set_num_threads(1)

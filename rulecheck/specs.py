@@ -1,0 +1,81 @@
+"""What a run is about: the model, SAE and corpus specs of a head, and how to read them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from sae_lens import SAE
+
+from rulecheck import zoo
+from rulecheck.errors import RulecheckError
+
+DEFAULT_MODEL = "rulecheck-tiny"
+
+
+@dataclass(frozen=True)
+class Specs:
+    """What to load: model, input SAE, output SAE (``{layer}``/``{head}`` templates) and
+    corpus. Zoo models fill in their own SAEs and corpus."""
+
+    model: str = DEFAULT_MODEL
+    sae_in: str | None = None
+    sae_out: str | None = None
+    corpus: str | None = None
+
+    def completed(self) -> Specs:
+        """Fill the SAE and corpus specs of a zoo model; other models must name them."""
+        if zoo.is_zoo_spec(self.model):
+            name = self.model.split(":", 1)[0]
+            return replace(
+                self,
+                sae_in=self.sae_in or f"{name}:sae_in/L{{layer}}",
+                sae_out=self.sae_out or f"{name}:sae_out/L{{layer}}H{{head}}",
+                corpus=self.corpus or f"{name}:eval",
+            )
+        for option in ("sae_in", "sae_out", "corpus"):
+            if getattr(self, option) is None:
+                raise RulecheckError(
+                    f"model {self.model!r} is not a zoo model, so --{option.replace('_', '-')} "
+                    "must be given",
+                    field=f"--{option.replace('_', '-')}",
+                    fix="name the SAE directory or registry id (templates {layer}, {head}) "
+                    "and the corpus file",
+                )
+        return self
+
+
+def head_spec(template: str, layer: int, head: int | None = None) -> str:
+    return template.replace("{layer}", str(layer)).replace("{head}", str(head))
+
+
+def parse_heads(heads: str | Sequence[int], n_heads: int) -> list[int]:
+    """``"all"``, ``"0,3"`` or a list of ints, checked against the model."""
+    if isinstance(heads, str):
+        if heads == "all":
+            return list(range(n_heads))
+        try:
+            heads = [int(h) for h in heads.split(",") if h.strip()]
+        except ValueError:
+            raise RulecheckError(
+                f"cannot read heads {heads!r}", field="--heads", fix="use e.g. --heads 0,3 or all"
+            ) from None
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad:
+        raise RulecheckError(
+            f"head {bad[0]} is out of range: the model has {n_heads} heads",
+            field="--heads",
+            fix=f"use heads in 0..{n_heads - 1}",
+        )
+    return sorted(set(heads))
+
+
+PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+def processing_for(sae: SAE) -> dict[str, bool]:
+    """How to load the model so that it matches what the SAE was trained on: the
+    TransformerLens processing flags recorded in ``model_from_pretrained_kwargs``. An SAE
+    trained on ``from_pretrained_no_processing`` says so with all flags false."""
+    kwargs = sae.cfg.metadata.get("model_from_pretrained_kwargs") or {}
+    return {k: bool(v) for k, v in kwargs.items() if k in PROCESSING_FLAGS}
