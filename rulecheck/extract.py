@@ -7,7 +7,7 @@ and the number of terms is chosen on the validation split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +28,7 @@ from rulecheck.exemplars import (
 from rulecheck.gradient import term_importance, with_importance
 from rulecheck.heads import (
     Probe,
+    encode_columns,
     encode_head,
     head_encoder,
     head_weights,
@@ -141,15 +142,18 @@ def prefix_chunks(
     seq: Tensor,
     t: Tensor,
     batch_size: int,
+    columns: Sequence[int] | None = None,
 ) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
-    """Input-SAE activations ``[batch, pos, d_sae_in]`` of the prefixes ``(seq, t)``, a chunk
-    at a time, with the chunk's rows, tokens ``[batch, pos]`` and end positions."""
+    """Input-SAE activations ``[batch, pos, d_sae_in]`` (only ``columns``, in that order, when
+    given) of the prefixes ``(seq, t)``, a chunk at a time, with the chunk's rows, tokens
+    ``[batch, pos]`` and end positions."""
     device = model.cfg.device
     for start in range(0, len(seq), batch_size):
         rows = slice(start, start + batch_size)
         toks = tokens[seq[rows].cpu()].to(device)
         resid = model(toks, stop_at_layer=layer)
-        yield rows, sae_in.encode(resid), toks, t[rows].to(device)
+        feats = sae_in.encode(resid) if columns is None else encode_columns(sae_in, resid, columns)
+        yield rows, feats, toks, t[rows].to(device)
 
 
 def prefix_features(

@@ -6,6 +6,7 @@ The hook names are TransformerLens's: input SAEs read ``blocks.{l}.hook_resid_pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,23 @@ def head_encoder(sae_out: SAE, head: int, d_head: int) -> Tensor:
     if is_per_head(sae_out):
         return W_enc
     return W_enc[head * d_head : (head + 1) * d_head]
+
+
+COLUMNWISE = ("standard", "jumprelu")  # each feature's activation reads only its own pre-activation
+
+
+def encode_columns(sae: SAE, x: Tensor, columns: Sequence[int]) -> Tensor:
+    """``sae.encode(x)[..., columns]``, ``[..., len(columns)]``, computing only those columns
+    where the architecture allows it (a TopK SAE needs all of them)."""
+    arch = sae.cfg.architecture()
+    if arch not in COLUMNWISE:
+        return sae.encode(x)[..., list(columns)]
+    cols = torch.tensor(list(columns), dtype=torch.long, device=sae.W_enc.device)
+    pre = sae.process_sae_in(x) @ sae.W_enc[:, cols] + sae.b_enc[cols]
+    acts = sae.activation_fn(pre)
+    if arch == "jumprelu":
+        acts = acts * (pre > sae.threshold[cols]).to(acts.dtype)
+    return acts
 
 
 def encode_head(sae_out: SAE, z: Tensor, head: int) -> Tensor:

@@ -25,6 +25,7 @@ from transformer_lens import HookedTransformer
 from rulecheck import __version__
 from rulecheck.errors import RulecheckError
 from rulecheck.evaluate import (
+    Columns,
     Measured,
     columns_of,
     feature_refs,
@@ -295,8 +296,11 @@ class Workbench:
         refs = feature_refs(rules, model.tokenizer, sae_in.cfg.d_sae, file)
         columns = columns_of(refs)
         ex = self.examples(head, rules.feature, file)
-        chunks = prefix_chunks(model, sae_in, tokens, head.layer, ex.seq, ex.t, self.batch_size)
-        pred = predict_examples(chunks, columns, terms_of(refs, columns), len(ex.seq),
+        # encode only the input features the rules read: they come first, numbered 0..n-1
+        chunks = prefix_chunks(model, sae_in, tokens, head.layer, ex.seq, ex.t, self.batch_size,
+                               columns.features)  # fmt: skip
+        read = Columns(tuple(range(len(columns.features))), columns.token_sets)
+        pred = predict_examples(chunks, read, terms_of(refs, columns), len(ex.seq),
                                 torch.device(self.device))  # fmt: skip
         self._measured[key] = score_predictions(pred, ex)
         return self._measured[key]

@@ -12,6 +12,7 @@ from scipy.stats import spearmanr
 from rulecheck.exemplars import ExemplarCollector, ExemplarConfig
 from rulecheck.extract import ExtractConfig, collect_layer
 from rulecheck.heads import (
+    encode_columns,
     encode_head,
     head_encoder,
     head_weights,
@@ -229,3 +230,29 @@ def test_streaming_exemplars_match_brute_force_and_ignore_batch_size(model, toke
     for f in results[0].eligible().tolist():
         a, b = results[0].examples(f), results[2].examples(f)
         assert torch.equal(a.seq, b.seq) and torch.equal(a.t, b.t) and torch.equal(a.split, b.split)
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+def test_encode_columns_equals_encode_then_select(arch):
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig
+
+    d_in, d_sae = 16, 64
+    base = random_sae(d_in, d_sae, "blocks.0.hook_resid_pre", seed=31)
+    if arch == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=base.cfg.metadata))
+    elif arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=5, metadata=base.cfg.metadata))
+    else:
+        sae = base
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(sae, name).copy_(getattr(base, name))
+        if arch == "jumprelu":
+            sae.threshold.copy_(
+                0.3 * torch.rand(d_sae, generator=torch.Generator().manual_seed(32))
+            )
+    x = torch.randn(3, 7, d_in, generator=torch.Generator().manual_seed(33))
+    columns = [40, 3, 17, 3, 63]
+    want = sae.encode(x)[..., columns]
+    assert (want > 0).any()  # the check compares live activations, not only zeros
+    torch.testing.assert_close(encode_columns(sae, x, columns), want, rtol=1e-5, atol=1e-6)
