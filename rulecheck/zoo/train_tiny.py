@@ -268,19 +268,22 @@ class SaeConfig:
     d_sae_out: int = 256
     l1_in: float = 1.2
     l1_out: float = 2.0
+    k_out: int | None = None  # BatchTopK with this k for the output SAEs instead of L1
     training_tokens: int = 6_000_000
     batch_tokens: int = 1024
     lr: float = 1e-3
 
 
-def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, int, float]]]:
+def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, int, dict]]]:
     """One sae_lens run per head index: that head's output SAE in every layer, plus (in the
     first run) the input SAE of every layer. SAEs that share a hook in one run must share its
-    head index, hence a run per head. Entry: name -> (hook, head, d_sae, l1)."""
+    head index, hence a run per head. Entry: name -> (hook, head, d_sae, sparsity), sparsity
+    ``{"l1": c}`` (standard ReLU SAE) or ``{"k": k}`` (BatchTopK)."""
+    out_sparsity = {"l1": sc.l1_out} if sc.k_out is None else {"k": sc.k_out}
     runs = []
     for h in range(model_cfg.n_heads):
         run = {
-            f"sae_out/L{layer}H{h}": (f"blocks.{layer}.attn.hook_z", h, sc.d_sae_out, sc.l1_out)
+            f"sae_out/L{layer}H{h}": (f"blocks.{layer}.attn.hook_z", h, sc.d_sae_out, out_sparsity)
             for layer in range(model_cfg.n_layers)
         }
         if h == 0:
@@ -289,10 +292,21 @@ def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, 
                     f"blocks.{layer}.hook_resid_pre",
                     None,
                     sc.d_sae_in,
-                    sc.l1_in,
+                    {"l1": sc.l1_in},
                 )
         runs.append(run)
     return runs
+
+
+def training_config(d_in: int, d_sae: int, sparsity: dict):
+    """sae_lens's training config for one SAE: a standard ReLU SAE with an L1 penalty, or a
+    BatchTopK SAE (saved for inference as JumpReLU)."""
+    from sae_lens import BatchTopKTrainingSAEConfig, StandardTrainingSAEConfig
+
+    common = {"d_in": d_in, "d_sae": d_sae, "normalize_activations": "expected_average_only_in"}
+    if "k" in sparsity:
+        return BatchTopKTrainingSAEConfig(k=sparsity["k"], **common)
+    return StandardTrainingSAEConfig(l1_coefficient=sparsity["l1"], l1_warm_up_steps=200, **common)
 
 
 def step_saes(
@@ -308,7 +322,7 @@ def step_saes(
     runs made with the same settings, and the tokens each SAE was trained on."""
     os.environ.setdefault("WANDB_MODE", "disabled")
     from datasets import Dataset
-    from sae_lens import LoggingConfig, MultiSAETrainingRunner, StandardTrainingSAEConfig
+    from sae_lens import LoggingConfig, MultiSAETrainingRunner
     from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
 
     from rulecheck.loading import load_model
@@ -317,7 +331,7 @@ def step_saes(
     model = load_model(str(work / "model"))
     train = np.load(work / "train_tokens.npy").astype(np.int64)
     dataset = Dataset.from_dict({"input_ids": train.tolist()})
-    per_sae = ("training_tokens", "l1_in", "l1_out")  # recorded per run instead
+    per_sae = ("training_tokens", "l1_in", "l1_out", "k_out")  # recorded per run instead
     settings_of = {k: v for k, v in asdict(sc).items() if k not in per_sae}
     report = {"config": settings_of, "machine": machine(), "runs": []}
     previous = work / "saes.json"
@@ -329,11 +343,19 @@ def step_saes(
                 dict(
                     r,
                     tokens=r.get("tokens", old.get("training_tokens")),
-                    l1=r.get("l1")
-                    or {n: old["l1_in" if "in/" in n else "l1_out"] for n in r["saes"]},
+                    sparsity=r.get("sparsity")
+                    or {
+                        n: {
+                            "l1": (r.get("l1") or {}).get(n)
+                            or old["l1_in" if "in/" in n else "l1_out"]
+                        }
+                        for n in r["saes"]
+                    },
                 )
                 for r in before["runs"]
             ]
+            for r in report["runs"]:
+                r.pop("l1", None)
     for i, run in enumerate(sae_runs(model.cfg, sc)):
         if heads is not None and i not in heads:
             continue
@@ -343,14 +365,10 @@ def step_saes(
                 continue
         start = time.time()
         saes = {
-            name.replace("/", "_"): StandardTrainingSAEConfig(
-                d_in=model.cfg.d_model if head is None else model.cfg.d_head,
-                d_sae=d_sae,
-                l1_coefficient=l1,
-                l1_warm_up_steps=200,
-                normalize_activations="expected_average_only_in",
+            name.replace("/", "_"): training_config(
+                model.cfg.d_model if head is None else model.cfg.d_head, d_sae, sparsity
             )
-            for name, (hook, head, d_sae, l1) in run.items()
+            for name, (hook, head, d_sae, sparsity) in run.items()
         }
         runner = MultiSAETrainingRunner(
             MultiSAETrainingRunnerConfig(
@@ -381,7 +399,7 @@ def step_saes(
             trained[name.replace("/", "_")].save_inference_model(work / name)
         entry = {
             "saes": list(run),
-            "l1": {name: spec[3] for name, spec in run.items()},
+            "sparsity": {name: spec[3] for name, spec in run.items()},
             "tokens": sc.training_tokens,
             "seconds": round(time.time() - start, 1),
         }
@@ -390,7 +408,7 @@ def step_saes(
         for r in report["runs"]:
             rest = [n for n in r["saes"] if n not in run]
             if rest:
-                kept.append(dict(r, saes=rest, l1={n: r["l1"][n] for n in rest}))
+                kept.append(dict(r, saes=rest, sparsity={n: r["sparsity"][n] for n in rest}))
         report["runs"] = [*kept, entry]
         print(json.dumps(report["runs"][-1]))
     (work / "saes.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -658,13 +676,14 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "",
         "## SAEs",
         "",
-        "Trained with sae_lens's `MultiSAETrainingRunner` (standard ReLU SAEs, L1 penalty,",
-        "inputs normalised to the expected norm and the factor folded in), batches of "
+        "Trained with sae_lens's `MultiSAETrainingRunner` (standard ReLU SAEs with an L1",
+        "penalty, or BatchTopK SAEs that sae_lens saves for inference as JumpReLU; inputs",
+        "normalised to the expected norm and the factor folded in), batches of "
         f"{saes['config']['batch_tokens']:,} tokens at lr {saes['config']['lr']:g}, "
         f"in {sum(r['seconds'] for r in saes['runs']) / 60:.1f} minutes in all on "
         f"{saes['machine']} (SAEs sharing a hook point's head index train in one run).",
-        "SAEs that missed a bar were trained again, alone, for longer or with a smaller L1",
-        "coefficient: the table gives each shipped SAE's own.",
+        "SAEs that missed a bar were trained again, alone, with other settings: the table",
+        "gives each shipped SAE's own.",
         f"Input SAEs read `blocks.{{l}}.hook_resid_pre` (d_sae {saes['config']['d_sae_in']}); "
         "output SAEs read one head of `blocks.{l}.attn.hook_z`",
         f"(`hook_head_index`, d_sae {saes['config']['d_sae_out']}).",
@@ -672,15 +691,17 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "CE recovered splices the SAE's reconstruction into its head and compares the loss with",
         "the clean model and with that head's z zero-ablated.",
         "",
-        "| SAE | L1 coefficient | tokens | L0 | dead | explained variance | CE recovered |",
+        "| SAE | sparsity | tokens | L0 | dead | explained variance | CE recovered |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     tokens_of = {name: r["tokens"] for r in saes["runs"] for name in r["saes"]}
-    l1_of = {name: r["l1"][name] for r in saes["runs"] for name in r["saes"]}
+    sparsity_of = {name: r["sparsity"][name] for r in saes["runs"] for name in r["saes"]}
     for name, q in quality.items():
         ce = f"{q['ce_recovered']:.1%}" if "ce_recovered" in q else ""
+        sp = sparsity_of[name]
+        sparsity = f"BatchTopK k={sp['k']}" if "k" in sp else f"L1 {sp['l1']:g}"
         lines.append(
-            f"| {name} | {l1_of[name]:g} | {tokens_of[name] / 1e6:g}M | {q['l0']:.1f} "
+            f"| {name} | {sparsity} | {tokens_of[name] / 1e6:g}M | {q['l0']:.1f} "
             f"| {q['dead_fraction']:.1%} "
             f"| {q['explained_variance']:.3f} | {ce} |"
         )
@@ -728,6 +749,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--l1-in", type=float, default=SaeConfig.l1_in)
     parser.add_argument("--l1-out", type=float, default=SaeConfig.l1_out)
     parser.add_argument(
+        "--k-out", type=int, default=None, help="train BatchTopK output SAEs with this k"
+    )
+    parser.add_argument(
         "--sae-only",
         type=lambda x: x.split(","),
         default=None,
@@ -751,6 +775,7 @@ def main(argv: list[str] | None = None) -> None:
             training_tokens=args.sae_tokens,
             l1_in=args.l1_in,
             l1_out=args.l1_out,
+            k_out=args.k_out,
             batch_tokens=args.sae_batch,
             lr=args.sae_lr,
         )
