@@ -268,8 +268,10 @@ class SaeConfig:
     d_sae_out: int = 256
     l1_in: float = 1.2
     l1_out: float = 2.0
-    k_out: int | None = None  # BatchTopK with this k for the output SAEs instead of L1
+    k_out: int | None = None  # a TopK-style output SAE with this k instead of L1
+    k_arch: str = "topk"  # "topk" (k per token) or "batchtopk" (k per token on average)
     training_tokens: int = 6_000_000
+    dead_window: int = 1000  # steps without firing before a TopK SAE's AuxK loss revives it
     batch_tokens: int = 1024
     lr: float = 1e-3
 
@@ -278,8 +280,12 @@ def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, 
     """One sae_lens run per head index: that head's output SAE in every layer, plus (in the
     first run) the input SAE of every layer. SAEs that share a hook in one run must share its
     head index, hence a run per head. Entry: name -> (hook, head, d_sae, sparsity), sparsity
-    ``{"l1": c}`` (standard ReLU SAE) or ``{"k": k}`` (BatchTopK)."""
-    out_sparsity = {"l1": sc.l1_out} if sc.k_out is None else {"k": sc.k_out}
+    ``{"l1": c}`` (standard ReLU SAE) or ``{"k": k, "arch": "topk" | "batchtopk"}``."""
+    out_sparsity = (
+        {"l1": sc.l1_out}
+        if sc.k_out is None
+        else {"k": sc.k_out, "arch": sc.k_arch, "dead_window": sc.dead_window}
+    )
     runs = []
     for h in range(model_cfg.n_heads):
         run = {
@@ -299,13 +305,18 @@ def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, 
 
 
 def training_config(d_in: int, d_sae: int, sparsity: dict):
-    """sae_lens's training config for one SAE: a standard ReLU SAE with an L1 penalty, or a
-    BatchTopK SAE (saved for inference as JumpReLU)."""
-    from sae_lens import BatchTopKTrainingSAEConfig, StandardTrainingSAEConfig
+    """sae_lens's training config for one SAE: a standard ReLU SAE with an L1 penalty, a TopK
+    SAE, or a BatchTopK SAE (saved for inference as JumpReLU)."""
+    from sae_lens import (
+        BatchTopKTrainingSAEConfig,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAEConfig,
+    )
 
     common = {"d_in": d_in, "d_sae": d_sae, "normalize_activations": "expected_average_only_in"}
     if "k" in sparsity:
-        return BatchTopKTrainingSAEConfig(k=sparsity["k"], **common)
+        kind = {"topk": TopKTrainingSAEConfig, "batchtopk": BatchTopKTrainingSAEConfig}
+        return kind[sparsity["arch"]](k=sparsity["k"], **common)
     return StandardTrainingSAEConfig(l1_coefficient=sparsity["l1"], l1_warm_up_steps=200, **common)
 
 
@@ -331,7 +342,7 @@ def step_saes(
     model = load_model(str(work / "model"))
     train = np.load(work / "train_tokens.npy").astype(np.int64)
     dataset = Dataset.from_dict({"input_ids": train.tolist()})
-    per_sae = ("training_tokens", "l1_in", "l1_out", "k_out")  # recorded per run instead
+    per_sae = ("training_tokens", "l1_in", "l1_out", "k_out", "k_arch", "d_sae_out", "dead_window")
     settings_of = {k: v for k, v in asdict(sc).items() if k not in per_sae}
     report = {"config": settings_of, "machine": machine(), "runs": []}
     previous = work / "saes.json"
@@ -343,6 +354,8 @@ def step_saes(
                 dict(
                     r,
                     tokens=r.get("tokens", old.get("training_tokens")),
+                    d_sae=r.get("d_sae")
+                    or {n: old["d_sae_in" if "in/" in n else "d_sae_out"] for n in r["saes"]},
                     sparsity=r.get("sparsity")
                     or {
                         n: {
@@ -390,6 +403,7 @@ def step_saes(
                 checkpoint_path=None,
                 n_eval_batches=0,
                 n_batches_for_norm_estimate=50,
+                dead_feature_window=sc.dead_window,
             ),
             override_model=model,
             override_dataset=dataset,
@@ -400,6 +414,7 @@ def step_saes(
         entry = {
             "saes": list(run),
             "sparsity": {name: spec[3] for name, spec in run.items()},
+            "d_sae": {name: spec[2] for name, spec in run.items()},
             "tokens": sc.training_tokens,
             "seconds": round(time.time() - start, 1),
         }
@@ -408,7 +423,14 @@ def step_saes(
         for r in report["runs"]:
             rest = [n for n in r["saes"] if n not in run]
             if rest:
-                kept.append(dict(r, saes=rest, sparsity={n: r["sparsity"][n] for n in rest}))
+                kept.append(
+                    dict(
+                        r,
+                        saes=rest,
+                        sparsity={n: r["sparsity"][n] for n in rest},
+                        d_sae={n: r["d_sae"][n] for n in rest},
+                    )
+                )
         report["runs"] = [*kept, entry]
         print(json.dumps(report["runs"][-1]))
     (work / "saes.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -480,52 +502,70 @@ def _nanmean(values: list[float]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-def step_analysis(work: Path, rulebooks: Path) -> None:
-    """The paper's Fig. 4a, 6a-c and 9 analogues on the shipped model: weight against gradient
-    ranking, and the distractors of every extracted feature's top term."""
+def analyse_layer(layer: int) -> tuple[dict[str, dict[int, list[float]]], list[dict]]:
+    """One layer of the analysis (one thread): F1 against the number of terms for each ranking
+    method, and the distractor of every weight-extracted feature's top term."""
     from rulecheck.absence import cooccurrence
     from rulecheck.api import load_layer
     from rulecheck.extract import ExtractConfig, extract_layer
     from rulecheck.heads import Probe
-    from rulecheck.rulebook import load_rulebook
     from rulecheck.specs import Specs
     from rulecheck.tokens import top_token
 
     torch.set_num_threads(1)
+    art = load_layer(Specs("rulecheck-tiny"), layer, "all", "cpu")
+    token_of = top_token(art.model, art.sae_in, layer).cpu()
+    f1_by_terms: dict[str, dict[int, list[float]]] = {}
+    rows = []
+    for method in ("weight", "gradient"):
+        cfg = ExtractConfig(method=method, rules=method == "weight")
+        results = extract_layer(art.model, art.sae_in, art.sae_outs, art.tokens, layer, cfg)
+        by_n: dict[int, list[float]] = {}
+        for hr in results:
+            for f in hr.features:
+                for n, f1 in f.f1_by_terms.items():
+                    by_n.setdefault(n, []).append(f1)
+        f1_by_terms[method] = by_n
+        if method != "weight":
+            continue
+        for hr in results:
+            for f in hr.features:
+                top = [a for a in f.absence if a.distractor.query == int(f.terms.query[0])
+                       and a.distractor.key == int(f.terms.key[0])] if len(f.terms) else []  # fmt: skip
+                row = {"head": hr.head, "feature": f.feature, "distractor": bool(top)}
+                if top:
+                    a = top[0]
+                    probe = Probe(art.model, art.sae_outs[hr.head], layer, hr.head, f.feature)
+                    ids = [int(token_of[x]) for x in (a.distractor.key, a.distractor.query,
+                                                     a.distractor.distractor)]  # fmt: skip
+                    sample = art.tokens[:QUALITY_SEQUENCES]
+                    co = cooccurrence(probe, sample, *ids) if min(ids) >= 0 else None
+                    row |= {"drop": a.drop, "suppresses": a.suppresses}
+                    if co is not None:
+                        row |= {"share": co.share, "mean_with": co.mean_with,
+                                "mean_without": co.mean_without}  # fmt: skip
+                rows.append(row)
+    return f1_by_terms, rows
+
+
+def step_analysis(work: Path, rulebooks: Path, threads: int) -> None:
+    """The paper's Fig. 4a, 6a-c and 9 analogues on the shipped model: weight against gradient
+    ranking, and the distractors of every extracted feature's top term. Layers run in
+    parallel processes, one thread each, so the numbers do not depend on ``threads``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rulecheck.rulebook import load_rulebook
+
+    layers = list(range(TinyConfig.n_layers))
+    workers = max(1, min(threads, len(layers)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        per_layer = list(pool.map(analyse_layer, layers))
     report: dict = {"f1_by_terms": {}, "distractors": {}}
-    for layer in range(TinyConfig.n_layers):
-        art = load_layer(Specs("rulecheck-tiny"), layer, "all", "cpu")
-        token_of = top_token(art.model, art.sae_in, layer).cpu()
-        for method in ("weight", "gradient"):
-            cfg = ExtractConfig(method=method, rules=method == "weight")
-            results = extract_layer(art.model, art.sae_in, art.sae_outs, art.tokens, layer, cfg)
-            by_n: dict[int, list[float]] = {}
-            for hr in results:
-                for f in hr.features:
-                    for n, f1 in f.f1_by_terms.items():
-                        by_n.setdefault(n, []).append(f1)
+    for layer, (f1_by_terms, rows) in zip(layers, per_layer, strict=True):
+        for method, by_n in f1_by_terms.items():
             report["f1_by_terms"].setdefault(method, {})[layer] = by_n
-            if method != "weight":
-                continue
-            rows = []
-            for hr in results:
-                for f in hr.features:
-                    top = [a for a in f.absence if a.distractor.query == int(f.terms.query[0])
-                           and a.distractor.key == int(f.terms.key[0])] if len(f.terms) else []  # fmt: skip
-                    row = {"head": hr.head, "feature": f.feature, "distractor": bool(top)}
-                    if top:
-                        a = top[0]
-                        probe = Probe(art.model, art.sae_outs[hr.head], layer, hr.head, f.feature)
-                        ids = [int(token_of[x]) for x in (a.distractor.key, a.distractor.query,
-                                                         a.distractor.distractor)]  # fmt: skip
-                        sample = art.tokens[:QUALITY_SEQUENCES]
-                        co = cooccurrence(probe, sample, *ids) if min(ids) >= 0 else None
-                        row |= {"drop": a.drop, "suppresses": a.suppresses}
-                        if co is not None:
-                            row |= {"share": co.share, "mean_with": co.mean_with,
-                                    "mean_without": co.mean_without}  # fmt: skip
-                    rows.append(row)
-            report["distractors"][layer] = rows
+        report["distractors"][layer] = rows
     validated = {}
     for path in sorted(rulebooks.glob("L*H*.yaml")):
         book = load_rulebook(path)
@@ -677,31 +717,33 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "## SAEs",
         "",
         "Trained with sae_lens's `MultiSAETrainingRunner` (standard ReLU SAEs with an L1",
-        "penalty, or BatchTopK SAEs that sae_lens saves for inference as JumpReLU; inputs",
-        "normalised to the expected norm and the factor folded in), batches of "
+        "penalty, or TopK SAEs with the AuxK loss; inputs normalised to the expected norm",
+        "and the factor folded in), batches of "
         f"{saes['config']['batch_tokens']:,} tokens at lr {saes['config']['lr']:g}, "
         f"in {sum(r['seconds'] for r in saes['runs']) / 60:.1f} minutes in all on "
         f"{saes['machine']} (SAEs sharing a hook point's head index train in one run).",
         "SAEs that missed a bar were trained again, alone, with other settings: the table",
         "gives each shipped SAE's own.",
-        f"Input SAEs read `blocks.{{l}}.hook_resid_pre` (d_sae {saes['config']['d_sae_in']}); "
-        "output SAEs read one head of `blocks.{l}.attn.hook_z`",
-        f"(`hook_head_index`, d_sae {saes['config']['d_sae_out']}).",
+        "Input SAEs read `blocks.{l}.hook_resid_pre`; output SAEs read one head of",
+        "`blocks.{l}.attn.hook_z` (`hook_head_index`).",
         f"Measured on the first {QUALITY_SEQUENCES:,} held-out sequences, positions after BOS.",
         "CE recovered splices the SAE's reconstruction into its head and compares the loss with",
         "the clean model and with that head's z zero-ablated.",
         "",
-        "| SAE | sparsity | tokens | L0 | dead | explained variance | CE recovered |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| SAE | d_sae | sparsity | tokens | L0 | dead | explained variance | CE recovered |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     tokens_of = {name: r["tokens"] for r in saes["runs"] for name in r["saes"]}
     sparsity_of = {name: r["sparsity"][name] for r in saes["runs"] for name in r["saes"]}
+    d_sae_of = {name: r["d_sae"][name] for r in saes["runs"] for name in r["saes"]}
     for name, q in quality.items():
         ce = f"{q['ce_recovered']:.1%}" if "ce_recovered" in q else ""
         sp = sparsity_of[name]
-        sparsity = f"BatchTopK k={sp['k']}" if "k" in sp else f"L1 {sp['l1']:g}"
+        arch = {"topk": "TopK", "batchtopk": "BatchTopK"}
+        sparsity = f"{arch[sp['arch']]} k={sp['k']}" if "k" in sp else f"L1 {sp['l1']:g}"
         lines.append(
-            f"| {name} | {sparsity} | {tokens_of[name] / 1e6:g}M | {q['l0']:.1f} "
+            f"| {name} | {d_sae_of[name]} | {sparsity} | {tokens_of[name] / 1e6:g}M "
+            f"| {q['l0']:.1f} "
             f"| {q['dead_fraction']:.1%} "
             f"| {q['explained_variance']:.3f} | {ce} |"
         )
@@ -748,9 +790,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sae-lr", type=float, default=SaeConfig.lr)
     parser.add_argument("--l1-in", type=float, default=SaeConfig.l1_in)
     parser.add_argument("--l1-out", type=float, default=SaeConfig.l1_out)
+    parser.add_argument("--d-sae-out", type=int, default=SaeConfig.d_sae_out)
+    parser.add_argument("--dead-window", type=int, default=SaeConfig.dead_window)
     parser.add_argument(
-        "--k-out", type=int, default=None, help="train BatchTopK output SAEs with this k"
+        "--k-out", type=int, default=None, help="train TopK-style output SAEs with this k"
     )
+    parser.add_argument("--k-arch", choices=("topk", "batchtopk"), default=SaeConfig.k_arch)
     parser.add_argument(
         "--sae-only",
         type=lambda x: x.split(","),
@@ -776,6 +821,9 @@ def main(argv: list[str] | None = None) -> None:
             l1_in=args.l1_in,
             l1_out=args.l1_out,
             k_out=args.k_out,
+            k_arch=args.k_arch,
+            d_sae_out=args.d_sae_out,
+            dead_window=args.dead_window,
             batch_tokens=args.sae_batch,
             lr=args.sae_lr,
         )
@@ -785,7 +833,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.step in ("rules", "all"):
         step_rules(args.work, args.rulebooks)
     if args.step in ("analysis", "all"):
-        step_analysis(args.work, args.rulebooks)
+        step_analysis(args.work, args.rulebooks, args.threads)
     if args.step in ("card", "all"):
         step_card(args.work, args.out, args.rulebooks)
 
