@@ -149,6 +149,33 @@ def bench_exemplars(device: torch.device) -> tuple[str, float, float, str]:
     return "exemplars, 4,096 seq x 2,048 features, streamed", t_fast, t_base, "keep all, sort"
 
 
+def bench_encode_columns(device: torch.device) -> tuple[str, float, float, str]:
+    """Checking one feature's rules reads ~100 input features of a 24,576-feature input SAE at
+    GPT-2 small's d_model over 100 prefixes: encode only those columns, against the full
+    encode then select."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from rulecheck.heads import encode_columns
+
+    g = torch.Generator().manual_seed(0)
+    d_in, d_sae = 768, 24_576
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae)).to(device)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) - 1.0)
+    x = torch.randn(100, 64, d_in, generator=g).to(device)
+    columns = torch.randperm(d_sae, generator=g)[:100].tolist()
+
+    def baseline():
+        return torch.cat([sae.encode(x[s : s + 64])[..., columns] for s in range(0, 100, 64)])
+
+    with torch.no_grad():
+        t_fast, a = timed(lambda: encode_columns(sae, x, columns))
+        t_base, b = timed(baseline, repeat=1)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    return "input features of 100 prefixes, 100 of 24,576 columns", t_fast, t_base, "encode all"
+
+
 def bench_planted_end_to_end() -> tuple[str, float, float, str]:
     """Whole extraction of planted (both heads), against the model's plain forward pass over
     the same corpus as the unit of cost."""
@@ -179,6 +206,7 @@ def main() -> None:
         bench_candidates(device),
         bench_gradient(device),
         bench_exemplars(device),
+        bench_encode_columns(device),
         bench_planted_end_to_end(),
     ]
     for name, fast, base, what in cases:
