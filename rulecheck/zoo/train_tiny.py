@@ -722,8 +722,9 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         f"{saes['config']['batch_tokens']:,} tokens at lr {saes['config']['lr']:g}, "
         f"in {sum(r['seconds'] for r in saes['runs']) / 60:.1f} minutes in all on "
         f"{saes['machine']} (SAEs sharing a hook point's head index train in one run).",
-        "SAEs that missed a bar were trained again, alone, with other settings: the table",
-        "gives each shipped SAE's own.",
+        "Output SAEs that could not meet L0 <= 20 and 80% CE recovered together with an L1",
+        "penalty were trained again, alone, as TopK SAEs (fewer features, and the AuxK loss on",
+        "features silent for `dead_window` steps): the table gives each shipped SAE's own.",
         "Input SAEs read `blocks.{l}.hook_resid_pre`; output SAEs read one head of",
         "`blocks.{l}.attn.hook_z` (`hook_head_index`).",
         f"Measured on the first {QUALITY_SEQUENCES:,} held-out sequences, positions after BOS.",
@@ -740,7 +741,11 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         ce = f"{q['ce_recovered']:.1%}" if "ce_recovered" in q else ""
         sp = sparsity_of[name]
         arch = {"topk": "TopK", "batchtopk": "BatchTopK"}
-        sparsity = f"{arch[sp['arch']]} k={sp['k']}" if "k" in sp else f"L1 {sp['l1']:g}"
+        sparsity = (
+            f"{arch[sp['arch']]} k={sp['k']}, dead_window {sp['dead_window']}"
+            if "k" in sp
+            else f"L1 {sp['l1']:g}"
+        )
         lines.append(
             f"| {name} | {d_sae_of[name]} | {sparsity} | {tokens_of[name] / 1e6:g}M "
             f"| {q['l0']:.1f} "
