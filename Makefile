@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 # the main job: extract every head of the bundled model, run the rulebooks as tests, summarise
 demo: install
 	$(VENV)/bin/rulecheck extract --features 25 --out build/demo
-	$(PY) -m pytest build/demo -q -n 2
+	$(PY) -m pytest build/demo -q -n 2 --dist loadfile
 	$(VENV)/bin/rulecheck summary build/demo
 
 test: install
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadfile -q
 
 bench: install
 	$(PY) -m benchmarks.run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -202,3 +203,23 @@ def test_feature_fixture_runs_the_same_assertions(books):
     result = run(books, "test_hypothesis.py")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*feature 1 of L0H0: [[]open[]] ... [[]close[]]: f1 0.* < 0.500*"])
+
+
+def test_xdist_workers_share_the_cores(pytester, monkeypatch):
+    """Each of n workers gets cores // n torch threads (all cores each oversubscribes them and
+    runs many times slower); an explicit OMP_NUM_THREADS is left alone."""
+    pytester.makepyfile(
+        test_threads="""
+        import os, torch
+
+        def test_threads():
+            want = os.environ.get("WANT")
+            assert torch.get_num_threads() == int(want), (torch.get_num_threads(), want)
+        """
+    )
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("WANT", str(max(1, (os.cpu_count() or 1) // 2)))
+    run(pytester, "-n", "2").assert_outcomes(passed=1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WANT", "1")
+    run(pytester, "-n", "2").assert_outcomes(passed=1)

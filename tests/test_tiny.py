@@ -1,21 +1,17 @@
-"""rulecheck-tiny as shipped: layout, loading, SAE quality bars, reproducible rulebooks."""
+"""rulecheck-tiny as shipped: layout, loading, SAE quality bars."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from rulecheck import zoo
-from rulecheck.cli import main
 from rulecheck.loading import check_sae, load_model, load_sae
 from rulecheck.zoo.quality import sae_quality
 from rulecheck.zoo.train_tiny import QUALITY_SEQUENCES
 
 ROOT = zoo.entry_dir("rulecheck-tiny")
-SHIPPED_BOOKS = Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny"
 SLICE = QUALITY_SEQUENCES  # the held-out sequences the model card measures on
 
 
@@ -86,18 +82,3 @@ def test_quality_measures_detect_a_broken_sae(model, tokens):
         sae.W_dec.mul_(-1)
     q = sae_quality(model, sae, tokens[:200], 0, 0)
     assert q["ce_recovered"] < 0.8 and q["explained_variance"] < 0
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread (float sums in the order the shipped rulebooks were made with)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_extraction_reproduces_the_shipped_rulebook(tmp_path, one_thread):
-    assert main(["extract", "--model", "rulecheck-tiny", "--layer", "0", "--heads", "1",
-                 "--out", str(tmp_path)]) == 0  # fmt: skip
-    assert (tmp_path / "L0H1.yaml").read_bytes() == (SHIPPED_BOOKS / "L0H1.yaml").read_bytes()

@@ -11,6 +11,7 @@ feature yields ``f1``, ``precision`` and ``recall`` items (thresholds from ``exp
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,12 @@ def feature(rulecheck_workbench):
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(Summary(config), "rulecheck-summary")
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        # xdist workers share the cores: torch's default (all cores each) oversubscribes them
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 class Summary:
