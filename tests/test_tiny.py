@@ -8,7 +8,7 @@ import torch
 
 from rulecheck import zoo
 from rulecheck.loading import check_sae, load_model, load_sae
-from rulecheck.zoo.quality import sae_quality
+from rulecheck.zoo.quality import clean_loss, sae_quality
 from rulecheck.zoo.train_tiny import QUALITY_SEQUENCES
 
 ROOT = zoo.entry_dir("rulecheck-tiny")
@@ -66,10 +66,15 @@ def test_input_sae_quality_bars(model, tokens):
 
 
 # The bars of the attention-output SAE paper, for every output SAE (L1 and TopK alike)
+@pytest.fixture(scope="module")
+def loss_clean(model, tokens):
+    return clean_loss(model, tokens)
+
+
 @pytest.mark.parametrize(("layer", "head"), [(layer, h) for layer in (0, 1) for h in range(4)])
-def test_output_sae_quality_bars(model, tokens, layer, head):
+def test_output_sae_quality_bars(model, tokens, loss_clean, layer, head):
     sae = load_sae(f"rulecheck-tiny:sae_out/L{layer}H{head}")
-    q = sae_quality(model, sae, tokens, layer, head)
+    q = sae_quality(model, sae, tokens, layer, head, loss_clean=loss_clean)
     assert q["l0"] <= 20, q
     assert q["ce_recovered"] >= 0.80, q
     assert q["dead_fraction"] < 0.10, q

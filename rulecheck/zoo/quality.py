@@ -27,6 +27,16 @@ def _patch_head(head: int, fn: Callable[[Tensor], Tensor]):
 
 
 @torch.no_grad()
+def clean_loss(model: HookedTransformer, tokens: Tensor, batch_size: int = 128) -> float:
+    """The model's mean next-token loss on ``tokens [n, pos]``."""
+    total = sum(
+        float(model(tokens[s : s + batch_size], return_type="loss", loss_per_token=True).sum())
+        for s in range(0, len(tokens), batch_size)
+    )
+    return total / (len(tokens) * (tokens.shape[1] - 1))
+
+
+@torch.no_grad()
 def sae_quality(
     model: HookedTransformer,
     sae: SAE,
@@ -34,15 +44,17 @@ def sae_quality(
     layer: int,
     head: int | None = None,
     batch_size: int = 128,
+    loss_clean: float | None = None,
 ) -> dict[str, float]:
     """L0, dead fraction and explained variance of an SAE on ``tokens [n, pos]``; for a
     per-head output SAE (``head`` given) also the clean, spliced and zero-ablated losses and
-    the fraction of cross-entropy recovered."""
+    the fraction of cross-entropy recovered. ``loss_clean`` (``clean_loss`` of the same
+    tokens) saves a forward pass per SAE when several are measured."""
     hook = resid_pre_hook(layer) if head is None else z_hook(layer)
     l0_sum, n_tok = 0.0, 0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     err_sq, x_sum, x_sq = 0.0, None, 0.0
-    losses = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    losses = {"spliced": 0.0, "zero": 0.0}
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
         x = run_to_layer(model, batch, layer, (hook,))[hook]
@@ -58,7 +70,6 @@ def sae_quality(
         if head is not None:
             spliced = _patch_head(head, lambda z: sae.decode(sae.encode(z)))
             zeroed = _patch_head(head, torch.zeros_like)
-            losses["clean"] += float(model(batch, return_type="loss", loss_per_token=True).sum())
             for name, fn in (("spliced", spliced), ("zero", zeroed)):
                 per_tok = model.run_with_hooks(
                     batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, fn)]
@@ -72,7 +83,8 @@ def sae_quality(
     }
     if head is not None:
         n_pred = len(tokens) * (tokens.shape[1] - 1)
-        clean, spliced, zero = (losses[k] / n_pred for k in ("clean", "spliced", "zero"))
+        spliced, zero = (losses[k] / n_pred for k in ("spliced", "zero"))
+        clean = clean_loss(model, tokens, batch_size) if loss_clean is None else loss_clean
         out |= {
             "loss_clean": clean,
             "loss_spliced": spliced,

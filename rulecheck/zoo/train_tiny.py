@@ -454,7 +454,7 @@ def step_ship(work: Path, out: Path) -> None:
     import tempfile
 
     from rulecheck.loading import load_model, load_sae
-    from rulecheck.zoo.quality import sae_quality
+    from rulecheck.zoo.quality import clean_loss, sae_quality
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
@@ -468,12 +468,14 @@ def step_ship(work: Path, out: Path) -> None:
     model = load_model(str(out / "model"))
     tokens = torch.from_numpy(np.load(out / "eval_tokens.npy")[:QUALITY_SEQUENCES]).long()
     quality = {}
+    clean = clean_loss(model, tokens)
     for layer in range(model.cfg.n_layers):
         name = f"sae_in/L{layer}"
         quality[name] = sae_quality(model, load_sae(str(out / name)), tokens, layer)
         for h in range(model.cfg.n_heads):
             name = f"sae_out/L{layer}H{h}"
-            quality[name] = sae_quality(model, load_sae(str(out / name)), tokens, layer, h)
+            sae = load_sae(str(out / name))
+            quality[name] = sae_quality(model, sae, tokens, layer, h, loss_clean=clean)
         print(json.dumps({k: v for k, v in quality.items() if k.endswith(str(layer))}))
     (work / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
 
