@@ -160,13 +160,23 @@ class Workbench:
         """The heads ``heads`` (``"all"``, ``"0,3"`` or ints) of ``layer``, checked against
         the model (command-line fields in the errors)."""
         specs = specs.completed()
-        model = self.model(specs.model, self.sae_in(Head(specs, layer, 0)))
-        if not 0 <= layer < model.cfg.n_layers:
-            raise RulecheckError(
-                f"layer {layer} is out of range: the model has {model.cfg.n_layers} layers",
-                field="--layer",
-                fix=f"use a layer in 0..{model.cfg.n_layers - 1}",
-            )
+
+        def check_layer(n_layers: int) -> None:
+            if not 0 <= layer < n_layers:
+                raise RulecheckError(
+                    f"layer {layer} is out of range: the model has {n_layers} layers",
+                    field="--layer",
+                    fix=f"use a layer in 0..{n_layers - 1}",
+                )
+
+        try:
+            sae_in = self.sae_in(Head(specs, layer, 0))
+        except RulecheckError:
+            # a layer past the model has no SAE either: name the layer, not the missing file
+            check_layer(self.model(specs.model).cfg.n_layers)
+            raise
+        model = self.model(specs.model, sae_in)
+        check_layer(model.cfg.n_layers)
         return [Head(specs, layer, h) for h in parse_heads(heads, model.cfg.n_heads)]
 
     def load(self, head: Head) -> tuple[HookedTransformer, SAE, SAE, Tensor]:

@@ -187,3 +187,19 @@ def test_gradient_ranking_recovers_planted_rules(tmp_path):
         found = [(s.key.feature, s.query.feature) for s in rules.skipgrams]
         for key, query in entry["skipgrams"]:
             assert (feature_of[key], feature_of[query]) in found
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["--layer", "3"], "--layer: layer 3 is out of range: the model has 1 layers"),
+        (["--heads", "5"], "--heads: head 5 is out of range: the model has 2 heads"),
+        (["--heads", "x"], "--heads: cannot read heads 'x'"),
+    ],
+)
+def test_out_of_range_layer_or_head_is_a_one_line_error(tmp_path, capsys, args, want):
+    code = main(["extract", "--model", "planted", *args, "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert want in err and "fix:" in err
+    assert not list(tmp_path.iterdir())
