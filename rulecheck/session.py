@@ -83,6 +83,7 @@ class Workbench:
         self._corpora: dict[tuple[str, str], Tensor] = {}
         self._collectors: dict[Head, ExemplarCollector] = {}
         self._measured: dict[tuple[Head, int, str], Measured] = {}
+        self._fingerprints: dict[tuple, str] = {}
 
     # ------------------------------------------------------------------------------ loading
 
@@ -194,14 +195,28 @@ class Workbench:
         return model, sae_in, self.sae_out(head), self.corpus(head)
 
     def fingerprints(self, head: Head) -> dict[str, str]:
-        """Fingerprints of the head's model, SAEs and corpus (as rulebooks record them)."""
+        """Fingerprints of the head's model, SAEs and corpus (as rulebooks record them),
+        each hashed once per session: the heads of a layer share model, input SAE and corpus."""
         model, sae_in, sae_out, tokens = self.load(head)
+        s = head.specs
         return {
-            "model": fingerprint_model(model),
-            "sae_in": fingerprint_sae(sae_in),
-            "sae_out": fingerprint_sae(sae_out),
-            "corpus": fingerprint_corpus(tokens),
+            "model": self._hashed(("model", s.model), fingerprint_model, model),
+            "sae_in": self._hashed(
+                ("sae", head_spec(s.sae_in, head.layer), head.layer, None), fingerprint_sae, sae_in
+            ),
+            "sae_out": self._hashed(
+                ("sae", head_spec(s.sae_out, head.layer, head.head), head.layer, head.head),
+                fingerprint_sae,
+                sae_out,
+            ),
+            "corpus": self._hashed(("corpus", s.corpus, s.model), fingerprint_corpus, tokens),
         }
+
+    def _hashed(self, key: tuple, fingerprint, obj) -> str:
+        """``fingerprint(obj)``, computed once per ``key`` (the key the object is loaded by)."""
+        if key not in self._fingerprints:
+            self._fingerprints[key] = fingerprint(obj)
+        return self._fingerprints[key]
 
     def adopt_exemplars(self, head: Head, collector: ExemplarCollector) -> None:
         """Use exemplars already collected for ``head`` instead of a pass over the corpus."""
