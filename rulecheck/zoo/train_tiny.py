@@ -349,26 +349,7 @@ def step_saes(
     if previous.exists():
         before = json.loads(previous.read_text())
         if {k: v for k, v in before["config"].items() if k not in per_sae} == settings_of:
-            old = before["config"]
-            report["runs"] = [
-                dict(
-                    r,
-                    tokens=r.get("tokens", old.get("training_tokens")),
-                    d_sae=r.get("d_sae")
-                    or {n: old["d_sae_in" if "in/" in n else "d_sae_out"] for n in r["saes"]},
-                    sparsity=r.get("sparsity")
-                    or {
-                        n: {
-                            "l1": (r.get("l1") or {}).get(n)
-                            or old["l1_in" if "in/" in n else "l1_out"]
-                        }
-                        for n in r["saes"]
-                    },
-                )
-                for r in before["runs"]
-            ]
-            for r in report["runs"]:
-                r.pop("l1", None)
+            report["runs"] = before["runs"]
     for i, run in enumerate(sae_runs(model.cfg, sc)):
         if heads is not None and i not in heads:
             continue
