@@ -45,6 +45,14 @@ class Specs:
         return self
 
 
+def locate(spec: str) -> str:
+    """Where a spec's files are: a zoo spec (``rulecheck-tiny:sae_in/L0``) becomes the path
+    inside its entry (a zoo entry built by code is built on first use); any other spec is
+    returned as given (a path, a TransformerLens name, a registry id)."""
+    path = zoo.resolve(spec)
+    return spec if path is None else str(path)
+
+
 def head_spec(template: str, layer: int, head: int | None = None) -> str:
     return template.replace("{layer}", str(layer)).replace("{head}", str(head))
 
