@@ -179,12 +179,13 @@ def bench_encode_columns(device: torch.device) -> tuple[str, float, float, str]:
 def bench_planted_end_to_end() -> tuple[str, float, float, str]:
     """Whole extraction of planted (both heads), against the model's plain forward pass over
     the same corpus as the unit of cost."""
-    from rulecheck.api import extract_rulebooks, load_layer
+    from rulecheck.api import extract_rulebooks
+    from rulecheck.session import Workbench
     from rulecheck.specs import Specs
 
-    art = load_layer(Specs("planted"), 0, "all", "cpu")
+    art = Workbench(device="cpu", cache_dir=None).layer(Specs("planted").resolve(), 0)
     with tempfile.TemporaryDirectory() as out:
-        t_fast, _ = timed(lambda: extract_rulebooks(Specs("planted"), 0, "all", out), repeat=1)
+        t_fast, _ = timed(lambda: extract_rulebooks(Workbench(device="cpu", cache_dir=None), Specs("planted").resolve(), 0, "all", out), repeat=1)
     t_base, _ = timed(lambda: art.model(art.tokens.long()), repeat=1)
     return "extract planted L0 (2 heads), vs one forward pass", t_fast, t_base, "forward pass"
 

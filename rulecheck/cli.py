@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from rulecheck.config import METHODS, ExemplarConfig, ExtractConfig
 from rulecheck.errors import RulecheckError
 
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    cfg, exemplars = ExtractConfig(), ExemplarConfig()
     ex = sub.add_parser("extract", help="extract skip-gram rulebooks for the heads of a layer")
     ex.add_argument("--model", default=None, help="model directory, zoo name or TL model name")
     ex.add_argument("--sae-in", default=None, help="input SAE spec ({layer} template)")
@@ -44,24 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--corpus", default=None, help=".npy [N, T], .txt, .jsonl or dataset name")
     ex.add_argument("--layer", type=int, default=None, help="layer (default: every layer)")
     ex.add_argument("--heads", default="all", help="heads, e.g. 0,3 or all")
-    ex.add_argument("--features", type=_features, default=100, help="count or ids")
+    ex.add_argument("--features", type=_features, default=cfg.features, help="count or ids")
     ex.add_argument(
         "--method",
-        default="weight",
-        choices=["weight", "gradient"],
+        default=cfg.method,
+        choices=list(METHODS),
         help="rank terms by attn*value (weight) or by mean gradient (gradient)",
     )
-    ex.add_argument("--keys", type=int, default=100, help="candidate keys per feature")
-    ex.add_argument("--queries-per-key", type=int, default=100, help="queries per key")
-    ex.add_argument("--max-terms", type=int, default=64, help="most terms kept per feature")
-    ex.add_argument("--tolerance", type=float, default=0.05, help="expect = measured - this")
-    ex.add_argument("--min-active", type=int, default=150)
-    ex.add_argument("--min-inactive", type=int, default=150)
-    ex.add_argument("--n-pos", type=int, default=150, help="positives per feature")
-    ex.add_argument("--n-neg", type=int, default=150, help="negatives per feature")
-    ex.add_argument("--batch-size", type=int, default=64)
+    ex.add_argument("--keys", type=int, default=cfg.keys, help="candidate keys per feature")
+    ex.add_argument("--queries-per-key", type=int, default=cfg.queries_per_key)
+    ex.add_argument("--max-terms", type=int, default=cfg.max_terms, help="most terms kept")
+    ex.add_argument(
+        "--tolerance", type=float, default=cfg.tolerance, help="expect = measured - this"
+    )
+    ex.add_argument("--min-active", type=int, default=exemplars.min_active)
+    ex.add_argument("--min-inactive", type=int, default=exemplars.min_inactive)
+    ex.add_argument("--n-pos", type=int, default=exemplars.n_pos, help="positives per feature")
+    ex.add_argument("--n-neg", type=int, default=exemplars.n_neg, help="negatives per feature")
+    ex.add_argument("--batch-size", type=int, default=cfg.batch_size)
     ex.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--seed", type=int, default=exemplars.seed)
     ex.add_argument("--out", required=True, type=Path, help="directory for L{l}H{h}.yaml")
 
     show = sub.add_parser("show", help="print a rulebook as a table")
@@ -96,17 +100,10 @@ def rich_progress(console: Console) -> Iterator:
 
 def run_extract(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.api import extract_rulebooks
-    from rulecheck.exemplars import ExemplarConfig
-    from rulecheck.extract import ExtractConfig
-    from rulecheck.loading import load_model
-    from rulecheck.specs import DEFAULT_MODEL, Specs
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
 
-    specs = Specs(
-        model=args.model or DEFAULT_MODEL,
-        sae_in=args.sae_in,
-        sae_out=args.sae_out,
-        corpus=args.corpus,
-    ).completed()
+    ckpt = Specs(args.model, args.sae_in, args.sae_out, args.corpus).resolve()
     cfg = ExtractConfig(
         method=args.method,
         keys=args.keys,
@@ -123,15 +120,12 @@ def run_extract(args: argparse.Namespace, console: Console) -> int:
             seed=args.seed,
         ),
     )
-    layers = [args.layer]
-    if args.layer is None:
-        layers = list(range(load_model(specs.model, device="cpu").cfg.n_layers))
+    bench = Workbench(device=args.device, cache_dir=None, batch_size=args.batch_size)
+    layers = [args.layer] if args.layer is not None else range(bench.n_layers(ckpt))
     written = []
     with rich_progress(console) as progress:
         for layer in layers:
-            written += extract_rulebooks(
-                specs, layer, args.heads, args.out, cfg, args.device, progress
-            )
+            written += extract_rulebooks(bench, ckpt, layer, args.heads, args.out, cfg, progress)
     for path in written:
         console.print(f"wrote {path}")
     return 0

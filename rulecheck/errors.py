@@ -1,4 +1,12 @@
-"""The one error type users see: a single line naming the place, the problem and the fix."""
+"""The errors users see, under one base: a single line naming the place, the problem and the
+fix (a failed rule adds the evidence on the lines after it).
+
+``RulecheckError`` (the CLI and the plugin print it without a traceback)
+    ``InvalidRulebook``  a rulebook that cannot be read
+    ``InvalidSpec``      a model, SAE, corpus or option that cannot be used
+    ``NotEligible``      a feature too rarely (or too often) active to check
+    ``RuleFailed``       a claim that does not hold (also an ``AssertionError``)
+"""
 
 from __future__ import annotations
 
@@ -40,3 +48,25 @@ class RulecheckError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class InvalidRulebook(RulecheckError):
+    """A rulebook that cannot be read: bad YAML, an unknown key, a value of the wrong type."""
+
+
+class InvalidSpec(RulecheckError):
+    """A model, SAE, corpus or option that cannot be used as given (missing, malformed, or not
+    matching the rest)."""
+
+
+class NotEligible(RulecheckError):
+    """A feature that is not active often enough on this checkpoint to be checked."""
+
+
+class RuleFailed(RulecheckError, AssertionError):
+    """A claim that does not hold: what was claimed, what was measured, and the minimal
+    counterexample where there is one. ``record`` is what the run report keeps of it."""
+
+    def __init__(self, what: str, *, record: dict | None = None, **where: object) -> None:
+        super().__init__(what, **where)  # type: ignore[arg-type]
+        self.record = dict(record or {})

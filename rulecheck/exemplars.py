@@ -15,27 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rulecheck.config import ExemplarConfig
 from rulecheck.errors import RulecheckError
 
 SPLITS = ("train", "val", "test")
 _MASK32 = 0xFFFFFFFF
 INACTIVE_ONLY = 1 << 40  # key of an active sequence: never a negative
-
-
-@dataclass(frozen=True)
-class ExemplarConfig:
-    """Thresholds of the evaluation protocol; the paper's values are the defaults."""
-
-    n_pos: int = 150
-    n_neg: int = 150
-    min_active: int = 150
-    min_inactive: int = 150
-    max_features: int = 100
-    seed: int = 0
-
-    @property
-    def min_sequences(self) -> int:
-        return max(self.min_active + self.min_inactive, self.n_pos + self.n_neg)
 
 
 def mix32(x: Tensor) -> Tensor:

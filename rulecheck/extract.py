@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rulecheck.counting import CountingResult
-from rulecheck.detect import AbsenceFinding, find_absence, find_counting
-from rulecheck.errors import RulecheckError
+from rulecheck import kinds
+from rulecheck.config import METHODS, ExtractConfig
+from rulecheck.errors import InvalidSpec
 from rulecheck.exemplars import (
     ExemplarCollector,
-    ExemplarConfig,
     FeatureExamples,
     check_corpus_size,
     sample_features,
@@ -39,6 +39,7 @@ from rulecheck.heads import (
     z_hook,
 )
 from rulecheck.metrics import binary_scores, spearman
+from rulecheck.refs import TokenRef
 from rulecheck.rules import predictions_by_terms, prefix_stats, term_contributions, term_counts
 from rulecheck.scores import (
     Terms,
@@ -47,30 +48,9 @@ from rulecheck.scores import (
     rank_by_weight,
     value_scores,
 )
-from rulecheck.tokens import top_token
+from rulecheck.tokens import layer_token_table, top_token
 
 Progress = Callable[[str, int, int], None]  # (task, advance, total)
-METHODS = ("weight", "gradient")
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Settings of one extraction; recorded in the rulebook's ``extraction`` field."""
-
-    method: str = "weight"
-    keys: int = 100
-    queries_per_key: int = 100
-    max_terms: int = 64
-    features: int | tuple[int, ...] = 100
-    tolerance: float = 0.05
-    batch_size: int = 64
-    top_tokens: int = 3
-    rules: bool = True  # also search absence and counting rules
-    exemplars: ExemplarConfig = field(default_factory=ExemplarConfig)
-
-    @property
-    def seed(self) -> int:
-        return self.exemplars.seed
 
 
 @dataclass
@@ -82,8 +62,7 @@ class FeatureResult:
     n_terms: int  # terms chosen on the validation split
     test: dict[str, float]  # f1, precision, recall, spearman, n_test
     f1_by_terms: dict[int, float]  # test F1 against number of terms
-    absence: list[AbsenceFinding] = field(default_factory=list)
-    counting: list[tuple[int, CountingResult]] = field(default_factory=list)
+    claims: dict[str, list[Any]] = field(default_factory=dict)  # candidates, by rule kind
 
 
 @dataclass
@@ -231,7 +210,7 @@ def pick_features(
     eligible = collector.eligible()
     if isinstance(cfg.features, int):
         if len(eligible) == 0:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"no feature of L{layer}H{head} is active in >= "
                 f"{cfg.exemplars.min_active} and inactive in >= {cfg.exemplars.min_inactive} "
                 f"of {collector.n_seen} sequences",
@@ -242,7 +221,7 @@ def pick_features(
     ok = set(eligible.tolist())
     missing = [f for f in cfg.features if f not in ok]
     if missing:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"features {missing} of L{layer}H{head} are not eligible (active in >= "
             f"{cfg.exemplars.min_active} and inactive in >= {cfg.exemplars.min_inactive} "
             f"of {collector.n_seen} sequences)",
@@ -264,12 +243,14 @@ def extract_head(
     cfg: ExtractConfig,
     progress: Progress = no_progress,
     token_of: Tensor | None = None,
+    token_table: dict[int, list[str]] | None = None,
 ) -> HeadResult:
-    """Rank, evaluate and keep the skip-gram terms of the chosen features of one head; with
-    ``token_of`` (``[d_sae_in]`` top token per input feature), also its absence and counting
-    rules."""
+    """Rank, evaluate and keep the skip-gram terms of the chosen features of one head, then
+    ask every rule kind for its candidate claims (``FeatureResult.claims``). With ``token_of``
+    (``[d_sae_in]`` top token per input feature) the kinds that insert tokens find theirs;
+    ``token_table`` names input features by their top tokens."""
     if cfg.method not in METHODS:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"unknown ranking method {cfg.method!r}",
             field="--method",
             fix="use --method weight or --method gradient",
@@ -296,11 +277,19 @@ def extract_head(
         else:
             ranked = rank_by_weight(terms)
         result = evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms)
-        if cfg.rules and token_of is not None and len(result.terms):
-            probe = Probe(model, sae_out, layer, head, f)
-            result.absence = find_absence(probe, tokens, ex, d, w, vs[:, i], result.terms,
-                                          token_of)  # fmt: skip
-            result.counting = find_counting(probe, tokens, ex, result.terms, token_of)
+        found = kinds.Found(
+            feature=f,
+            probe=Probe(model, sae_out, layer, head, f),
+            tokens=tokens,
+            examples=ex,
+            d=d,
+            weights=w,
+            value_score=vs[:, i],
+            terms=result.terms,
+            token_of=token_of if cfg.rules else None,
+            ref=lambda j: TokenRef(feature=j, tokens=list((token_table or {}).get(j, []))),
+        )
+        result.claims = {kind.key: kind.find(found) for kind in kinds.kinds()}
         results.append(result)
         progress(f"L{layer}H{head} features", 1, len(features))
     return HeadResult(
@@ -328,12 +317,22 @@ def extract_layer(
     check_corpus_size(tokens.shape[0], cfg.exemplars, corpus_name)
     model.eval()
     collectors, ln_scale = collect_layer(model, sae_outs, tokens, layer, cfg, progress)
-    token_of = None
-    if cfg.rules:
-        token_of = top_token(model, sae_in, layer).cpu()
+    token_of = top_token(model, sae_in, layer).cpu() if cfg.rules else None
+    table = layer_token_table(model, sae_in, layer, cfg.top_tokens)
     return [
         extract_head(
-            model, sae_in, sae, tokens, layer, h, collectors[h], ln_scale, cfg, progress, token_of
+            model,
+            sae_in,
+            sae,
+            tokens,
+            layer,
+            h,
+            collectors[h],
+            ln_scale,
+            cfg,
+            progress,
+            token_of,
+            table,
         )
         for h, sae in sae_outs.items()
     ]

@@ -5,7 +5,8 @@
         assert f.activation("If it is, then")[-1] > 0
         f.assert_rule([(" If", " then")], f1=0.6)
 
-The assertions are the ones the YAML form runs, on the same exemplars.
+The assertions are the ones the YAML form runs, on the same exemplars, and fail the same way
+(``RuleFailed``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from rulecheck.book import FeatureRules
 from rulecheck.evaluate import Measured
-from rulecheck.rulebook import FeatureRules, SkipGram, TokenRef
+from rulecheck.kinds.skipgram import SkipGram, assert_minimums, claim_text, measure
+from rulecheck.refs import TokenRef
 from rulecheck.session import Head, Workbench
 from rulecheck.specs import Specs
 
@@ -42,7 +45,7 @@ class FeatureHandle:
     ) -> None:
         self.bench = bench
         self.feature = feature
-        self.head = Head(Specs(model, sae_in, sae_out, corpus).completed(), layer, head)
+        self.head = Head(Specs(model, sae_in, sae_out, corpus).resolve(), layer, head)
 
     def activation(self, prompt: str | Tensor) -> Tensor:
         """``[pos]`` activation of the feature at every position of ``prompt`` (text gets BOS
@@ -51,14 +54,14 @@ class FeatureHandle:
         tokens = model.to_tokens(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
         return self.bench.probe(self.head, self.feature).activations(tokens)[0]
 
+    def rules(self, skipgrams: Sequence[tuple[Ref, Ref]]) -> FeatureRules:
+        """``[(key, query), ...]`` as a hand-written feature entry."""
+        terms = [SkipGram(key=_ref(k), query=_ref(q)) for k, q in skipgrams]
+        return FeatureRules(self.feature, "manual", skipgrams=terms)
+
     def measure(self, skipgrams: Sequence[tuple[Ref, Ref]]) -> Measured:
         """Precision, recall, F1 and Spearman of ``[(key, query), ...]`` on the test split."""
-        rules = FeatureRules(
-            feature=self.feature,
-            source="manual",
-            skipgrams=[SkipGram(key=_ref(k), query=_ref(q)) for k, q in skipgrams],
-        )
-        return self.bench.measure(self.head, rules, f"<feature {self.feature}>")
+        return measure(self.bench, self.head, self.rules(skipgrams), f"<feature {self.feature}>")
 
     def assert_rule(
         self,
@@ -67,19 +70,14 @@ class FeatureHandle:
         precision: float | None = None,
         recall: float | None = None,
     ) -> Measured:
-        """Assert the disjunction of ``skipgrams`` reaches the given minimums."""
-        measured = self.measure(skipgrams)
+        """Assert the disjunction of ``skipgrams`` reaches the given minimums (``RuleFailed``
+        otherwise)."""
+        rules = self.rules(skipgrams)
+        measured = measure(self.bench, self.head, rules, f"<feature {self.feature}>")
         wanted = {"f1": f1, "precision": precision, "recall": recall}
-        short = {k: (getattr(measured, k), v) for k, v in wanted.items() if v is not None}
-        bad = {k: mv for k, mv in short.items() if mv[0] < mv[1]}
-        if bad:
-            rule = " or ".join(f"[{k}] ... [{q}]" for k, q in skipgrams)
-            detail = ", ".join(f"{k} {m:.3f} < {v:.3f}" for k, (m, v) in bad.items())
-            raise AssertionError(
-                f"feature {self.feature} of L{self.head.layer}H{self.head.head}: {rule}: "
-                f"{detail} (on {measured.n_test} test prefixes)"
-            )
+        minimums = {k: v for k, v in wanted.items() if v is not None}
+        assert_minimums(measured, minimums, claim_text(rules, self.head.name), {})
         return measured
 
     def __repr__(self) -> str:
-        return f"<feature {self.feature} of L{self.head.layer}H{self.head.head}>"
+        return f"<feature {self.feature} of {self.head.name}>"

@@ -12,17 +12,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from rulecheck.rulebook import FeatureRules, Rulebook, SkipGram, TokenRef, load_rulebook
+from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.kinds.skipgram import SkipGram
+from rulecheck.refs import TokenRef, ref_name
+from rulecheck.rulebook import load_rulebook
 
 TOP_TERMS = 3
 
 
 def render_ref(ref: TokenRef) -> str:
-    """``[If]`` for a ref with tokens (its first token), ``[f1234]`` for a bare feature."""
-    if not ref.tokens:
-        return f"[f{ref.feature}]"
-    token = ref.tokens[0]
-    return f"[{token if token.isprintable() else repr(token)[1:-1]}]"
+    """``[If]`` for a ref with tokens (its first token), ``[f1234]`` for a bare feature;
+    unprintable characters escaped."""
+    name = ref_name(ref)
+    return f"[{name if name.isprintable() else repr(name)[1:-1]}]"
 
 
 def render_skipgram(term: SkipGram) -> str:

@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from sae_lens import SAE
@@ -23,16 +24,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rulecheck import __version__
-from rulecheck.errors import RulecheckError
-from rulecheck.evaluate import (
-    Columns,
-    Measured,
-    columns_of,
-    feature_refs,
-    predict_examples,
-    score_predictions,
-    terms_of,
-)
+from rulecheck.book import Rulebook
+from rulecheck.errors import InvalidRulebook, InvalidSpec, NotEligible, RulecheckError
 from rulecheck.exemplars import ExemplarCollector, ExemplarConfig, FeatureExamples
 from rulecheck.extract import ExtractConfig, collect_layer, prefix_chunks
 from rulecheck.heads import Probe
@@ -46,10 +39,12 @@ from rulecheck.loading import (
     load_sae,
     resolve_device,
 )
-from rulecheck.rulebook import FeatureRules, Rulebook
-from rulecheck.specs import Specs, head_spec, parse_heads, processing_for
+from rulecheck.refs import Resolver
+from rulecheck.specs import Checkpoint, Specs, head_spec, parse_heads, processing_for
+from rulecheck.tokens import top_token
 from rulecheck.zoo import is_zoo_spec
 
+T = TypeVar("T")
 COLLECTOR_STATE = ("active", "top_val", "top_seq", "top_pos", "neg_key", "neg_seq")
 
 
@@ -57,9 +52,25 @@ COLLECTOR_STATE = ("active", "top_val", "top_seq", "top_pos", "neg_key", "neg_se
 class Head:
     """One head of one checkpoint, as a rulebook names it (after overrides)."""
 
-    specs: Specs
+    specs: Checkpoint
     layer: int
     head: int
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a checkpoint as loaded for extraction: its heads, the model, the layer's
+    input SAE, each head's output SAE and the corpus ``[n_seq, pos]``."""
+
+    heads: list[Head]
+    model: HookedTransformer
+    sae_in: SAE
+    sae_outs: dict[int, SAE]
+    tokens: Tensor
 
 
 class Workbench:
@@ -73,7 +84,7 @@ class Workbench:
         exemplars: ExemplarConfig | None = None,
         batch_size: int = 64,
     ) -> None:
-        self.overrides = overrides or Specs(model=None)  # type: ignore[arg-type]
+        self.overrides = overrides or Specs(model=None)
         self.device = resolve_device(device)
         self.cache_dir = cache_dir
         self.exemplar_cfg = exemplars or ExemplarConfig()
@@ -82,7 +93,7 @@ class Workbench:
         self._saes: dict[tuple[str, int, int | None], SAE] = {}
         self._corpora: dict[tuple[str, str], Tensor] = {}
         self._collectors: dict[Head, ExemplarCollector] = {}
-        self._measured: dict[tuple[Head, int, str], Measured] = {}
+        self._memo: dict[tuple, Any] = {}
         self._fingerprints: dict[tuple, str] = {}
 
     # ------------------------------------------------------------------------------ loading
@@ -93,27 +104,32 @@ class Workbench:
         model brings its own SAEs and corpus unless those are given too."""
         o = self.overrides
         if book.model is None and o.model is None:
-            raise RulecheckError(
+            raise InvalidRulebook(
                 "names no model",
                 file=file,
                 field="model",
                 fix="add 'model: rulecheck-tiny' (or a path) or pass --rulecheck-model",
             )
-        base = Specs(o.model or book.model, book.sae_in, book.sae_out, book.corpus)
+        written = Specs(book.model, book.sae_in, book.sae_out, book.corpus)
+        base = written
         if book.model is not None and not (o.model and is_zoo_spec(o.model)):
-            base = replace(Specs(book.model, book.sae_in, book.sae_out, book.corpus).completed(),
-                           model=o.model or book.model)  # fmt: skip
+            # the book's own zoo model fills in its SAEs and corpus before overrides apply
+            try:
+                filled = written.resolve()
+            except InvalidSpec as e:
+                raise InvalidRulebook(e.what, file=file, field=e.field, fix=e.fix) from None
+            base = Specs(o.model or book.model, filled.sae_in, filled.sae_out, filled.corpus)
         specs = Specs(
-            model=base.model,
+            model=o.model or base.model,
             sae_in=o.sae_in or base.sae_in,
             sae_out=o.sae_out or base.sae_out,
             corpus=o.corpus or base.corpus,
         )
         try:
-            specs = specs.completed()
-        except RulecheckError as e:
-            raise RulecheckError(e.what, file=file, field=e.field, fix=e.fix) from None
-        return Head(specs, book.layer, book.head)
+            checkpoint = specs.resolve()
+        except InvalidSpec as e:
+            raise InvalidRulebook(e.what, file=file, field=e.field, fix=e.fix) from None
+        return Head(checkpoint, book.layer, book.head)
 
     def model(self, spec: str, sae_in: SAE | None = None) -> HookedTransformer:
         if spec not in self._models:
@@ -157,14 +173,17 @@ class Workbench:
             )
         return self._corpora[key]
 
-    def layer_heads(self, specs: Specs, layer: int, heads: str | Sequence[int]) -> list[Head]:
+    def n_layers(self, specs: Checkpoint) -> int:
+        """The model's number of layers (loaded the way its layer-0 input SAE asks)."""
+        return self.model(specs.model, self.sae_in(Head(specs, 0, 0))).cfg.n_layers
+
+    def layer_heads(self, specs: Checkpoint, layer: int, heads: str | Sequence[int]) -> list[Head]:
         """The heads ``heads`` (``"all"``, ``"0,3"`` or ints) of ``layer``, checked against
         the model (command-line fields in the errors)."""
-        specs = specs.completed()
 
         def check_layer(n_layers: int) -> None:
             if not 0 <= layer < n_layers:
-                raise RulecheckError(
+                raise InvalidSpec(
                     f"layer {layer} is out of range: the model has {n_layers} layers",
                     field="--layer",
                     fix=f"use a layer in 0..{n_layers - 1}",
@@ -180,6 +199,12 @@ class Workbench:
         check_layer(model.cfg.n_layers)
         return [Head(specs, layer, h) for h in parse_heads(heads, model.cfg.n_heads)]
 
+    def layer(self, specs: Checkpoint, layer: int, heads: str | Sequence[int] = "all") -> Layer:
+        """Everything one layer's extraction reads, loaded (once) and checked."""
+        group = self.layer_heads(specs, layer, heads)
+        model, sae_in, _, tokens = self.load(group[0])
+        return Layer(group, model, sae_in, {h.head: self.sae_out(h) for h in group}, tokens)
+
     def load(self, head: Head) -> tuple[HookedTransformer, SAE, SAE, Tensor]:
         """Model, input SAE, output SAE and corpus of a head (loaded on first use)."""
         sae_in = self.sae_in(head)
@@ -187,7 +212,7 @@ class Workbench:
         for field, value, n in (("layer", head.layer, model.cfg.n_layers),
                                 ("head", head.head, model.cfg.n_heads)):  # fmt: skip
             if not 0 <= value < n:
-                raise RulecheckError(
+                raise InvalidRulebook(
                     f"{field} {value} is out of range: the model has {n} {field}s",
                     field=field,
                     fix=f"use a {field} in 0..{n - 1}",
@@ -292,7 +317,7 @@ class Workbench:
         col = self.collector(head)
         d_sae = col.active.shape[0]
         if not 0 <= feature < d_sae:
-            raise RulecheckError(
+            raise InvalidRulebook(
                 f"feature {feature} is out of range: the output SAE has {d_sae} features",
                 file=file or None,
                 field=f"feature[{feature}]",
@@ -300,7 +325,7 @@ class Workbench:
             )
         if feature not in set(col.eligible().tolist()):
             active = int(col.active[feature])
-            raise RuleNotEligible(
+            raise NotEligible(
                 f"feature {feature} of L{head.layer}H{head.head} is active in {active} of "
                 f"{col.n_seen} sequences; the protocol needs >= {self.exemplar_cfg.min_active}"
                 f" active and >= {self.exemplar_cfg.min_inactive} inactive",
@@ -312,32 +337,37 @@ class Workbench:
 
     # ---------------------------------------------------------------------------- measuring
 
-    def measure(self, head: Head, rules: FeatureRules, file: str = "") -> Measured:
-        """The rules' precision, recall, F1 and Spearman on the feature's test split."""
-        key = (head, rules.feature, json.dumps([t.to_dict() for t in rules.skipgrams]))
-        if key in self._measured:
-            return self._measured[key]
+    def memo(self, key: tuple, compute: Callable[[], T]) -> T:
+        """``compute()``, once per session for ``key``."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def prefix_chunks(
+        self, head: Head, seq: Tensor, t: Tensor, columns: Sequence[int] | None = None
+    ) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
+        """The input-SAE activations of the prefixes ``(seq, t)`` of the head's corpus, a chunk
+        at a time (``rulecheck.extract.prefix_chunks``), only ``columns`` when given."""
         model, sae_in, _, tokens = self.load(head)
-        refs = feature_refs(rules, model.tokenizer, sae_in.cfg.d_sae, file)
-        columns = columns_of(refs)
-        ex = self.examples(head, rules.feature, file)
-        # encode only the input features the rules read: they come first, numbered 0..n-1
-        chunks = prefix_chunks(model, sae_in, tokens, head.layer, ex.seq, ex.t, self.batch_size,
-                               columns.features)  # fmt: skip
-        read = Columns(tuple(range(len(columns.features))), columns.token_sets)
-        pred = predict_examples(chunks, read, terms_of(refs, columns), len(ex.seq),
-                                torch.device(self.device))  # fmt: skip
-        self._measured[key] = score_predictions(pred, ex)
-        return self._measured[key]
+        return prefix_chunks(model, sae_in, tokens, head.layer, seq, t, self.batch_size, columns)
+
+    def resolver(self, head: Head, file: str) -> Resolver:
+        """The resolver of a rulebook's references on the head's model and input SAE."""
+        model, sae_in, _, _ = self.load(head)
+
+        def top_tokens() -> Tensor:
+            key = ("top_token", head.specs.sae_in, head.layer)
+            return self.memo(key, lambda: top_token(model, sae_in, head.layer).cpu())
+
+        return self.memo(
+            ("resolver", head, file),
+            lambda: Resolver(model.tokenizer, sae_in.cfg.d_sae, head.layer, file, top_tokens),
+        )
 
     def probe(self, head: Head, feature: int) -> Probe:
         """The true activation of one output feature of the head, for counterfactuals."""
         model, _, sae_out, _ = self.load(head)
         return Probe(model, sae_out, head.layer, head.head, feature, self.batch_size)
-
-
-class RuleNotEligible(RulecheckError):
-    """The feature is not active often enough on this checkpoint to be checked."""
 
 
 def _save_atomically(state: dict[str, Tensor], path: Path) -> None:

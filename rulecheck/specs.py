@@ -3,46 +3,60 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from sae_lens import SAE
 
 from rulecheck import zoo
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import InvalidSpec
 
 DEFAULT_MODEL = "rulecheck-tiny"
 
 
 @dataclass(frozen=True)
-class Specs:
-    """What to load: model, input SAE, output SAE (``{layer}``/``{head}`` templates) and
-    corpus. Zoo models fill in their own SAEs and corpus."""
+class Checkpoint:
+    """What a run reads, every part named: the model, the input SAE (``{layer}`` template),
+    the output SAE (``{layer}``/``{head}`` templates) and the corpus, as specs (zoo names stay
+    names; :func:`locate` turns them into paths when they are loaded)."""
 
-    model: str = DEFAULT_MODEL
+    model: str
+    sae_in: str
+    sae_out: str
+    corpus: str
+
+
+@dataclass(frozen=True)
+class Specs:
+    """What to load, as given on a command line or in a rulebook header: any part may be
+    missing until :meth:`resolve` fills it in."""
+
+    model: str | None = DEFAULT_MODEL
     sae_in: str | None = None
     sae_out: str | None = None
     corpus: str | None = None
 
-    def completed(self) -> Specs:
-        """Fill the SAE and corpus specs of a zoo model; other models must name them."""
-        if zoo.is_zoo_spec(self.model):
-            name = self.model.split(":", 1)[0]
-            return replace(
-                self,
+    def resolve(self) -> Checkpoint:
+        """The checkpoint: a zoo model fills in its own SAEs and corpus; any other model must
+        name them."""
+        model = self.model or DEFAULT_MODEL
+        if zoo.is_zoo_spec(model):
+            name = model.split(":", 1)[0]
+            return Checkpoint(
+                model=model,
                 sae_in=self.sae_in or f"{name}:sae_in/L{{layer}}",
                 sae_out=self.sae_out or f"{name}:sae_out/L{{layer}}H{{head}}",
                 corpus=self.corpus or f"{name}:eval",
             )
-        for option in ("sae_in", "sae_out", "corpus"):
-            if getattr(self, option) is None:
-                raise RulecheckError(
-                    f"model {self.model!r} is not a zoo model, so --{option.replace('_', '-')} "
-                    "must be given",
-                    field=f"--{option.replace('_', '-')}",
-                    fix="name the SAE directory or registry id (templates {layer}, {head}) "
-                    "and the corpus file",
-                )
-        return self
+        missing = [o for o in ("sae_in", "sae_out", "corpus") if getattr(self, o) is None]
+        if missing:
+            option = f"--{missing[0].replace('_', '-')}"
+            raise InvalidSpec(
+                f"model {model!r} is not a zoo model, so {option} must be given",
+                field=option,
+                fix="name the SAE directory or registry id (templates {layer}, {head}) "
+                "and the corpus file",
+            )
+        return Checkpoint(model, self.sae_in, self.sae_out, self.corpus)  # type: ignore[arg-type]
 
 
 def locate(spec: str) -> str:
@@ -65,12 +79,12 @@ def parse_heads(heads: str | Sequence[int], n_heads: int) -> list[int]:
         try:
             heads = [int(h) for h in heads.split(",") if h.strip()]
         except ValueError:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"cannot read heads {heads!r}", field="--heads", fix="use e.g. --heads 0,3 or all"
             ) from None
     bad = [h for h in heads if not 0 <= h < n_heads]
     if bad:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"head {bad[0]} is out of range: the model has {n_heads} heads",
             field="--heads",
             fix=f"use heads in 0..{n_heads - 1}",

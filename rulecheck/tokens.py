@@ -60,3 +60,19 @@ def top_token(model: HookedTransformer, sae_in: SAE, layer: int = 0) -> Tensor:
     """``[d_sae_in]``: the token that activates each input feature most (-1 where none does)."""
     ids, vals = token_features(model, sae_in, layer, top=1)
     return torch.where(vals[:, 0] > 0, ids[:, 0], torch.full_like(ids[:, 0], -1))
+
+
+def layer_token_table(
+    model: HookedTransformer, sae_in: SAE, layer: int, top: int
+) -> dict[int, list[str]] | None:
+    """Top tokens of each input feature of ``layer`` (None when ``top`` is 0 or the model has
+    no tokenizer to name them with)."""
+    if top <= 0 or model.tokenizer is None:
+        return None
+    ids, vals = token_features(model, sae_in, layer, top=top)
+    table = {}
+    for j in range(ids.shape[0]):
+        live = ids[j][vals[j] > 0].tolist()
+        if live:
+            table[j] = token_strings(model, live)
+    return table

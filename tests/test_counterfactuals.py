@@ -209,11 +209,11 @@ def test_render_marks_inserted_tokens(planted):
 
 @pytest.fixture(scope="module")
 def planted():
-    from rulecheck.api import load_layer
     from rulecheck.extract import ExtractConfig, collect_layer
+    from rulecheck.session import Workbench
     from rulecheck.specs import Specs
 
-    art = load_layer(Specs("planted"), 0, "all", "cpu")
+    art = Workbench(device="cpu", cache_dir=None).layer(Specs("planted").resolve(), 0)
     collectors, ln_scale = collect_layer(art.model, art.sae_outs, art.tokens, 0, ExtractConfig())
     truth = json.loads(zoo.resolve("planted:ground_truth.json").read_text())
     tok = art.model.tokenizer

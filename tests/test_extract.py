@@ -144,7 +144,7 @@ def test_gpt2_huggingface_directory_goes_through_extraction(tmp_path):
 def test_model_is_loaded_the_way_the_input_sae_says(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rulecheck.api import load_layer
+    from rulecheck.session import Workbench
     from rulecheck.specs import Specs
 
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def test_model_is_loaded_the_way_the_input_sae_says(tmp_path):
             str(tmp_path / "out"),
             str(tmp_path / "c.npy"),
         )
-        art = load_layer(specs, 0, "0", "cpu")
+        art = Workbench(device="cpu", cache_dir=None).layer(specs.resolve(), 0, "0")
         ln_w[folded] = hasattr(art.model.blocks[0].ln1, "w")
     assert ln_w == {True: False, False: True}
 

@@ -69,7 +69,7 @@ def test_true_rule_passes_false_rule_fails_with_an_explanation(books):
             "*L0H0.yaml::feature[[]1[]]::precision PASSED*",
             "*L0H0.yaml::feature[[]0[]]::f1 FAILED*",
             "*L0H1.yaml::feature[[]1[]]::f1 PASSED*",
-            "*f1 of feature 0 (a false claim*) is 0.*, expected >= 0.900*",
+            "*feature 0 of L0H0 (a false claim*): f1 is 0.*, expected >= 0.900*",
             "*measured on 100 test prefixes: precision*",
         ]
     )
@@ -202,7 +202,9 @@ def test_feature_fixture_runs_the_same_assertions(books):
     )
     result = run(books, "test_hypothesis.py")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*feature 1 of L0H0: [[]open[]] ... [[]close[]]: f1 0.* < 0.500*"])
+    result.stdout.fnmatch_lines(
+        ["*feature 1 of L0H0 ([[]open[]] ... [[]close[]]): f1 is 0.*, expected >= 0.500*"]
+    )
 
 
 def test_xdist_workers_share_the_cores(pytester, monkeypatch):

@@ -14,20 +14,16 @@ from hypothesis import strategies as st
 
 from rulecheck import zoo
 from rulecheck.absence import matches_term, split_positives
+from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.counterfactuals import INSERTED, Edit
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import RulecheckError, RuleFailed
+from rulecheck.kinds import KINDS, CheckContext
+from rulecheck.kinds.absence import AbsenceRule
+from rulecheck.kinds.counting import CountingRule
+from rulecheck.kinds.skipgram import SkipGram
 from rulecheck.profiles import CI_PROFILE
-from rulecheck.properties import check_absence, check_counting, ref_token
-from rulecheck.rulebook import (
-    AbsenceRule,
-    CountingRule,
-    FeatureRules,
-    Rulebook,
-    SkipGram,
-    TokenRef,
-    load_rulebook,
-    save_rulebook,
-)
+from rulecheck.refs import Resolver, TokenRef
+from rulecheck.rulebook import load_rulebook, save_rulebook
 from rulecheck.session import Workbench
 from rulecheck.strategies import (
     check_settings,
@@ -106,18 +102,27 @@ def books(tmp_path_factory) -> dict[str, tuple[Rulebook, str]]:
     return out
 
 
+def check(bench, head, rules, key: str, index: int, file: str, examples: int = EXAMPLES):
+    """The message of the rule kind's ``RuleFailed``, or None when the claim holds."""
+    try:
+        KINDS[key].check(CheckContext(bench, head, file, examples=examples), rules, index)
+    except RuleFailed as failed:
+        return str(failed)
+    return None
+
+
 def absence_check(bench, books, index: int, examples: int = EXAMPLES) -> str | None:
     book, file = books["absence"]
     rules = book.features[0]
     head = bench.head_of(book, file)
-    return check_absence(bench, head, rules, rules.absence[index], file, examples)
+    return check(bench, head, rules, "absence", index, file, examples)
 
 
 def counting_check(bench, books, name: str, index: int) -> str | None:
     book, file = books[name]
     rules = book.features[0]
     head = bench.head_of(book, file)
-    return check_counting(bench, head, rules, rules.counting[index], file, EXAMPLES)
+    return check(bench, head, rules, "counting", index, file)
 
 
 def if_then_positives(bench, books) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,22 +174,28 @@ def test_a_distractor_given_by_input_feature_uses_its_token(bench, books):
     rules = if_then(*(absence(TokenRef(feature=feature_of[w])) for w in ("unless", "the")))
     book, file = books["absence"]
     head = bench.head_of(book, file)
-    assert check_absence(bench, head, rules, rules.absence[0], file, EXAMPLES) is None
-    message = check_absence(bench, head, rules, rules.absence[1], file, EXAMPLES)
+    assert check(bench, head, rules, "absence", 0, file) is None
+    message = check(bench, head, rules, "absence", 1, file)
     assert message is not None and "[the] suppresses feature 1" in message and "⟦the⟧" in message
 
 
-def test_reference_tokens_resolve_to_the_first_single_token(bench, books):
+def test_references_resolve_by_one_rule(bench, books):
+    """Tokens alone must each be one token; beside a feature id they describe it, and the
+    first single one is inserted; a feature id alone at layer > 0 has no token to insert."""
     book, file = books["absence"]
-    model, sae_in, _, _ = bench.load(bench.head_of(book, file))
-    where = {"file": file, "field": "feature[1].absence[0].distractor"}
-    assert ref_token(ref("if then", "unless"), model, sae_in, 0, **where) == word("unless")
+    head = bench.head_of(book, file)
+    model, sae_in, _, _ = bench.load(head)
+    field = "feature[1].absence[0].distractor"
+    at_layer = {n: Resolver(model.tokenizer, sae_in.cfg.d_sae, n, file) for n in (0, 1)}
     with pytest.raises(RulecheckError) as err:
-        ref_token(ref("if then", "do to"), model, sae_in, 0, **where)
-    assert "feature[1].absence[0].distractor.tokens" in str(err.value)
+        at_layer[0].token(ref("if then", "unless"), field)
+    assert f"{field}.tokens[0]" in str(err.value) and "splits into" in str(err.value)
     assert len(str(err.value).splitlines()) == 1
+    unless = TokenRef(feature=3, tokens=["if then", "unless"])
+    assert at_layer[0].token(unless, field) == word("unless")
+    assert at_layer[0].resolve(unless, field).feature == 3
     with pytest.raises(RulecheckError) as err:
-        ref_token(TokenRef(feature=3), model, sae_in, 1, **where)
+        at_layer[1].token(TokenRef(feature=3), field)
     message = str(err.value)
     assert file in message and "distractor" in message and "add `tokens:" in message
     assert len(message.splitlines()) == 1

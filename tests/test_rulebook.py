@@ -13,20 +13,17 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from rulecheck import rulebook as rb_module
+from rulecheck.book import HEADER_KEYS, FeatureRules, Rulebook, merge_manual
 from rulecheck.errors import RulecheckError
+from rulecheck.kinds.absence import AbsenceRule
+from rulecheck.kinds.counting import CountingRule
+from rulecheck.kinds.skipgram import SkipGram
+from rulecheck.refs import TokenRef
 from rulecheck.report import print_rulebook, rulebook_table, summary_table
 from rulecheck.rulebook import (
-    HEADER_KEYS,
-    AbsenceRule,
-    CountingRule,
-    FeatureRules,
-    Rulebook,
-    SkipGram,
-    TokenRef,
     dump_rulebook,
     is_rulebook_file,
     load_rulebook,
-    merge_manual,
     parse_rulebook,
     round_float,
     save_rulebook,
@@ -587,9 +584,9 @@ def test_dump_is_independent_of_dict_order() -> None:
 def test_shared_lists_are_not_written_as_aliases() -> None:
     tokens = ["If"]
     book = Rulebook(
-        0,
-        0,
-        [
+        layer=0,
+        head=0,
+        features=[
             FeatureRules(
                 1, "manual", skipgrams=[SkipGram(TokenRef(None, tokens), TokenRef(None, tokens))]
             )
@@ -787,15 +784,15 @@ def test_save_refuses_a_name_for_another_head(tmp_path: Path) -> None:
 
 def _entry(feature: int, source: Literal["extracted", "manual"], label: str) -> FeatureRules:
     return FeatureRules(
-        feature, source, label, [SkipGram(TokenRef(feature), TokenRef(None, ["x"]))]
+        feature, source, label, skipgrams=[SkipGram(TokenRef(feature), TokenRef(None, ["x"]))]
     )
 
 
 def test_merge_keeps_manual_entries() -> None:
     old = Rulebook(
-        0,
-        3,
-        [
+        layer=0,
+        head=3,
+        features=[
             _entry(9, "manual", "old-9"),
             _entry(7, "extracted", "old-7"),
             _entry(5, "manual", "old-5"),
@@ -803,9 +800,9 @@ def test_merge_keeps_manual_entries() -> None:
         model="m",
     )
     new = Rulebook(
-        0,
-        3,
-        [
+        layer=0,
+        head=3,
+        features=[
             _entry(9, "extracted", "new-9"),
             _entry(7, "extracted", "new-7"),
             _entry(3, "extracted", "new-3"),
@@ -822,14 +819,18 @@ def test_merge_keeps_manual_entries() -> None:
     assert merged.model == "m"
     assert [f.feature for f in merge_manual(new, None).features] == [3, 7, 9]
     with pytest.raises(RulecheckError, match="cannot merge"):
-        merge_manual(new, Rulebook(1, 3))
+        merge_manual(new, Rulebook(layer=1, head=3))
 
 
 def test_write_rulebook_keeps_manual_entries_on_disk(tmp_path: Path) -> None:
     path = tmp_path / "L0H3.yaml"
-    old = Rulebook(0, 3, [_entry(5, "manual", "hand"), _entry(7, "extracted", "old-7")])
+    old = Rulebook(
+        layer=0, head=3, features=[_entry(5, "manual", "hand"), _entry(7, "extracted", "old-7")]
+    )
     assert write_rulebook(old, path) == path
-    new = Rulebook(0, 3, [_entry(5, "extracted", "auto"), _entry(8, "extracted", "new-8")])
+    new = Rulebook(
+        layer=0, head=3, features=[_entry(5, "extracted", "auto"), _entry(8, "extracted", "new-8")]
+    )
     write_rulebook(new, path)
     on_disk = load_rulebook(path)
     assert [(f.feature, f.source, f.label) for f in on_disk.features] == [
@@ -845,7 +846,7 @@ def test_write_rulebook_keeps_manual_entries_on_disk(tmp_path: Path) -> None:
 def test_write_rulebook_never_overwrites_an_invalid_file(tmp_path: Path, content: str) -> None:
     path = write(tmp_path, content)
     with pytest.raises(RulecheckError) as info:
-        write_rulebook(Rulebook(0, 3, [_entry(1, "extracted", "x")]), path)
+        write_rulebook(Rulebook(layer=0, head=3, features=[_entry(1, "extracted", "x")]), path)
     assert info.value.file == str(path) and "left as it is" in (info.value.fix or "")
     assert path.read_text(encoding="utf-8") == content
 
@@ -865,7 +866,7 @@ def test_rulebook_table_shows_each_feature() -> None:
         SkipGram(TokenRef(1234), TokenRef(None, [f" q{i}"]), importance=i / 10) for i in range(5)
     ]
     book.features.append(
-        FeatureRules(12, "manual", "[bold]not markup[/bold]", terms, expect={"f1": 0.4})
+        FeatureRules(12, "manual", "[bold]not markup[/bold]", skipgrams=terms, expect={"f1": 0.4})
     )
     text = _render(rulebook_table(book))
     assert "94" in text and "12" in text and " ext " in text and "manual" in text
@@ -903,12 +904,10 @@ def test_print_rulebook_reports_bad_files(tmp_path: Path) -> None:
 def test_summary_table_has_a_row_per_head_and_all() -> None:
     def head(layer: int, h: int, f1s: list[float]) -> Rulebook:
         entries = [
-            FeatureRules(
-                i, "extracted", "", [], measured={"f1": f, "precision": 0.5, "recall": 0.25}
-            )
+            FeatureRules(i, "extracted", "", measured={"f1": f, "precision": 0.5, "recall": 0.25})
             for i, f in enumerate(f1s)
         ]
-        return Rulebook(layer, h, entries)
+        return Rulebook(layer=layer, head=h, features=entries)
 
     text = _render(summary_table([head(1, 2, [0.9, 0.7]), head(0, 3, [0.1])]))
     lines = text.splitlines()

@@ -23,7 +23,6 @@ from rich.table import Table
 import rulecheck.profiles  # noqa: F401  (before Hypothesis reads --hypothesis-profile)
 from rulecheck.errors import RulecheckError
 
-METRIC_ITEMS = ("f1", "precision", "recall")
 STASH_BENCH = pytest.StashKey["Any"]()
 
 
@@ -116,14 +115,12 @@ class RulebookFile(pytest.File):
 
 def _relative(config: pytest.Config, message: str, path: Path) -> str:
     """``message`` naming ``path`` relative to where pytest was started."""
-    import os
-
     rel = os.path.relpath(path, config.invocation_params.dir)
     return message.replace(str(path), rel)
 
 
 class FeatureNode(pytest.Collector):
-    """One output feature and the items checking its rules."""
+    """One output feature and the items checking its rules: each rule kind names its own."""
 
     def __init__(self, *, rules, **kw: Any) -> None:
         super().__init__(**kw)
@@ -132,37 +129,20 @@ class FeatureNode(pytest.Collector):
             self.add_marker(pytest.mark.xfail(reason=rules.xfail, strict=True))
 
     def collect(self):
-        for metric in METRIC_ITEMS:
-            if metric in self.rules.expect:
-                yield MetricItem.from_parent(self, name=metric, metric=metric)
-        names = _unique([f"absence[{_ref_name(r.distractor)}]" for r in self.rules.absence])
-        for i, name in enumerate(names):
-            yield AbsenceItem.from_parent(self, name=name, index=i)
-        names = _unique([f"counting[{_ref_name(r.key)}]" for r in self.rules.counting])
-        for i, name in enumerate(names):
-            yield CountingItem.from_parent(self, name=name, index=i)
+        from rulecheck.kinds import kinds
 
-
-def _ref_name(ref) -> str:
-    return ref.tokens[0] if ref.tokens else f"f{ref.feature}"
-
-
-def _unique(names: list[str]) -> list[str]:
-    """Item names made unique: a repeated ``absence[x]`` becomes ``absence[x]#2``, ..."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return out
-
-
-class RuleFailure(AssertionError):
-    """A rule that does not hold: what was expected and what was measured."""
+        for kind in kinds():
+            for name, index in kind.items(self.rules):
+                yield RuleItem.from_parent(self, name=name, kind=kind, index=index)
 
 
 class RuleItem(pytest.Item):
-    """Base of the items: shared access to the rulebook, its head and the workbench."""
+    """One claim about a feature, checked by its rule kind."""
+
+    def __init__(self, *, kind, index: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.kind = kind
+        self.index = index
 
     @property
     def book(self):
@@ -172,87 +152,40 @@ class RuleItem(pytest.Item):
     def rules(self):
         return self.parent.rules
 
-    @property
-    def file(self) -> str:
-        return str(self.path)
+    def runtest(self) -> None:
+        from rulecheck.errors import RuleFailed
+        from rulecheck.kinds import CheckContext
 
-    def head(self):
-        return workbench(self.config).head_of(self.book, self.file)
+        config = self.config
+        bench = workbench(config)
+        ctx = CheckContext(
+            bench,
+            bench.head_of(self.book, str(self.path)),
+            str(self.path),
+            tolerance=float(setting(config, "tolerance", 0.0)),
+            examples=int(setting(config, "examples", 25)),
+        )
+        try:
+            record = self.kind.check(ctx, self.rules, self.index)
+        except RuleFailed as failed:
+            self.record(failed.record)
+            raise
+        self.record(record)
 
-    def record(self, **values: Any) -> None:
+    def record(self, values: dict[str, Any]) -> None:
         head = f"L{self.book.layer}H{self.book.head}"
         if self.book.model:
             head = f"{self.book.model} {head}"
-        self.user_properties.append(("rulecheck", {"head": head,
-                                                   "feature": self.rules.feature, **values}))  # fmt: skip
+        entry = {"head": head, "feature": self.rules.feature, **values}
+        self.user_properties.append(("rulecheck", entry))
 
     def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, RuleFailure | RulecheckError):
+        if isinstance(excinfo.value, RulecheckError):
             return _relative(self.config, str(excinfo.value), self.path)
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
         return self.path, None, self.nodeid.split("::", 1)[-1]
-
-
-class MetricItem(RuleItem):
-    """``f1``, ``precision`` or ``recall`` of the skip-gram disjunction, at least ``expect``."""
-
-    def __init__(self, *, metric: str, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.metric = metric
-
-    def runtest(self) -> None:
-        tolerance = float(setting(self.config, "tolerance", 0.0))
-        measured = workbench(self.config).measure(self.head(), self.rules, self.file)
-        value = getattr(measured, self.metric)
-        minimum = self.rules.expect[self.metric] - tolerance
-        self.record(metric=self.metric, measured=value, expected=minimum,
-                    f1=measured.f1, passed=value >= minimum)  # fmt: skip
-        if value < minimum:
-            raise RuleFailure(
-                f"{self.metric} of feature {self.rules.feature} "
-                f"({self.rules.label or 'skip-grams'}) is {value:.3f}, expected >= "
-                f"{minimum:.3f}\n  measured on {measured.n_test} test prefixes: "
-                f"precision {measured.precision:.3f}, recall {measured.recall:.3f}, "
-                f"F1 {measured.f1:.3f}, Spearman {measured.spearman:.3f}"
-            )
-
-
-class AbsenceItem(RuleItem):
-    """A distractor suppresses the feature (checked with Hypothesis counterfactuals)."""
-
-    def __init__(self, *, index: int, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.index = index
-
-    def runtest(self) -> None:
-        from rulecheck.properties import check_absence
-
-        rule = self.rules.absence[self.index]
-        result = check_absence(workbench(self.config), self.head(), self.rules, rule,
-                               self.file, examples=int(setting(self.config, "examples", 25)))  # fmt: skip
-        self.record(rule="absence", passed=result is None)
-        if result is not None:
-            raise RuleFailure(result)
-
-
-class CountingItem(RuleItem):
-    """The feature grows with the number of key tokens (checked with Hypothesis)."""
-
-    def __init__(self, *, index: int, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.index = index
-
-    def runtest(self) -> None:
-        from rulecheck.properties import check_counting
-
-        rule = self.rules.counting[self.index]
-        result = check_counting(workbench(self.config), self.head(), self.rules, rule,
-                                self.file, examples=int(setting(self.config, "examples", 25)))  # fmt: skip
-        self.record(rule="counting", passed=result is None)
-        if result is not None:
-            raise RuleFailure(result)
 
 
 # ---------------------------------------------------------------------------------- extraction
@@ -265,7 +198,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     if not config.getoption("rulecheck_extract") or hasattr(config, "workerinput"):
         return
-    from rulecheck.regenerate import regenerate, rulebook_files
+    from rulecheck.api import regenerate
+    from rulecheck.rulebook import rulebook_files
 
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     args = config.args or [str(config.rootpath)]

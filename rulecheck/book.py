@@ -1,0 +1,274 @@
+"""A rulebook in memory: the rules for the described output features of one attention head.
+
+The schema of a rulebook file is these dataclasses' fields (``rulecheck.schema``) plus one key
+per registered rule kind under each feature (``rulecheck.kinds``). Reading and writing the
+YAML is ``rulecheck.rulebook``'s job; nothing here touches a file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from rulecheck import kinds
+from rulecheck import schema as sc
+from rulecheck.errors import InvalidRulebook
+
+SCHEMA_VERSION = 1
+SOURCES = ("extracted", "manual")
+METRICS = ("f1", "precision", "recall", "spearman")
+HEADER_KEYS = ("model", "sae_in", "sae_out", "corpus")
+EXTRACTION_ORDER = (
+    "method",
+    "keys",
+    "queries_per_key",
+    "max_terms",
+    "seed",
+    "ln_scale",
+    "rulecheck",
+)
+MEASURED_ORDER = (*METRICS, "n_test", "n_terms", "f1_by_terms")
+FILE_NAME = re.compile(r"^L(\d+)H(\d+)\.ya?ml$")
+
+
+def _metric_bounds(metric: str) -> tuple[float, float]:
+    return (-1.0, 1.0) if metric == "spearman" else (0.0, 1.0)
+
+
+def _parse_expect(where: sc.Where, value: Any, path: str) -> dict[str, float]:
+    data = sc.mapping(where, value, path, METRICS)
+    return {
+        m: sc.number(_metric_bounds(m))(where, data[m], sc.join(path, m))
+        for m in METRICS
+        if m in data
+    }
+
+
+def _parse_measured(where: sc.Where, value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        where.fail(
+            path, f"expected a mapping, got {sc.describe(value)}", "write `metric: value` lines"
+        )
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        sub = sc.join(path, key)
+        if not isinstance(key, str):
+            where.fail(
+                sub, f"keys must be strings, got {sc.describe(key)}", "rename the key", key=True
+            )
+        if key in METRICS and item is not None:
+            out[key] = sc.number(_metric_bounds(key), allow_nan=True)(where, item, sub)
+        elif key in ("n_test", "n_terms") and item is not None:
+            out[key] = sc.integer()(where, item, sub)
+        elif key == "f1_by_terms" and item is not None:
+            out[key] = _parse_f1_by_terms(where, item, sub)
+        else:
+            out[key] = item
+    return out
+
+
+def _parse_f1_by_terms(where: sc.Where, value: Any, path: str) -> dict[int, float]:
+    if not isinstance(value, Mapping):
+        where.fail(
+            path, f"expected a mapping, got {sc.describe(value)}", "write `n_terms: f1` lines"
+        )
+    out = {}
+    for key, item in value.items():
+        sub = sc.join(path, key)
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            where.fail(
+                sub, f"keys must be term counts, got {sc.describe(key)}", "use 4: 0.5", key=True
+            )
+        out[key] = sc.number((0.0, 1.0), allow_nan=True)(where, item, sub)
+    return out
+
+
+def _parse_fingerprints(where: sc.Where, value: Any, path: str) -> dict[str, str]:
+    data = sc.mapping(where, value, path, HEADER_KEYS)
+    return {k: sc.text(where, data[k], sc.join(path, k)) for k in HEADER_KEYS if k in data}
+
+
+def _kind_specs() -> dict[str, sc.Spec]:
+    """One field per registered rule kind: a list of its claims."""
+    return {
+        kind.key: sc.Spec(
+            sc.list_of(sc.parser(kind.claim), "rules"),
+            omit=(lambda rules: False) if kind.always_written else (lambda rules: not rules),
+        )
+        for kind in kinds.kinds()
+    }
+
+
+def _empty(value: Any) -> bool:
+    return not value
+
+
+@dataclass(init=False)
+class FeatureRules(sc.Record):
+    """Everything claimed about one output SAE feature of the head.
+
+    ``claims`` holds each rule kind's list by its key; ``rules.skipgrams``, ``rules.absence``
+    (any registered key) read and assign those lists.
+    """
+
+    feature: int = sc.entry(sc.integer(), required=True)
+    source: Literal["extracted", "manual"] = sc.entry(
+        sc.choice(*SOURCES),
+        required=True,
+        fix="add `source: manual` for a hand-written entry (or `source: extracted`)",
+    )
+    label: str = sc.entry(sc.text, default="", omit=lambda v: False)
+    claims: dict[str, list[Any]] = sc.entry(None, spread=_kind_specs)  # type: ignore[arg-type]
+    expect: dict[str, float] = sc.entry(
+        _parse_expect, omit=_empty, dump=lambda v: {m: v[m] for m in METRICS if m in v}
+    )
+    measured: dict[str, Any] = sc.entry(
+        _parse_measured, omit=_empty, dump=lambda v: sc.ordered(v, MEASURED_ORDER)
+    )
+    xfail: str | None = sc.entry(sc.text)  # a claim expected not to hold: the reason
+
+    def __init__(
+        self,
+        feature: int,
+        source: Literal["extracted", "manual"],
+        label: str = "",
+        *,
+        claims: Mapping[str, list[Any]] | None = None,
+        expect: dict[str, float] | None = None,
+        measured: dict[str, Any] | None = None,
+        xfail: str | None = None,
+        **by_kind: list[Any],
+    ) -> None:
+        unknown = set(by_kind) - set(kinds.KINDS)
+        if unknown:
+            raise TypeError(f"no rule kind {sorted(unknown)}; registered: {list(kinds.KINDS)}")
+        object.__setattr__(self, "feature", feature)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "label", label)
+        merged = {**(claims or {}), **by_kind}
+        object.__setattr__(
+            self, "claims", {k: list(merged.get(k) or []) for k in (*kinds.KINDS, *merged)}
+        )
+        object.__setattr__(self, "expect", dict(expect or {}))
+        object.__setattr__(self, "measured", dict(measured or {}))
+        object.__setattr__(self, "xfail", xfail)
+
+    def __getattr__(self, name: str) -> list[Any]:
+        if name in kinds.KINDS and "claims" in self.__dict__:
+            return self.__dict__["claims"].setdefault(name, [])
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in kinds.KINDS:
+            self.claims[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+
+@dataclass(kw_only=True)
+class Rulebook(sc.Record):
+    """The rules for every described output feature of one attention head."""
+
+    schema: int = sc.entry(lambda w, v, p: v, key="rulecheck", default=SCHEMA_VERSION)
+    model: str | None = sc.entry(sc.text, default=None)
+    sae_in: str | None = sc.entry(sc.text, default=None)
+    sae_out: str | None = sc.entry(sc.text, default=None)
+    corpus: str | None = sc.entry(sc.text, default=None)
+    fingerprints: dict[str, str] = sc.entry(
+        _parse_fingerprints,
+        default_factory=dict,
+        omit=_empty,
+        dump=lambda v: sc.ordered(v, HEADER_KEYS),
+    )
+    layer: int = sc.entry(
+        sc.integer(), required=True, fix="add `layer: N` (the head's layer, from 0)"
+    )
+    head: int = sc.entry(
+        sc.integer(), required=True, fix="add `head: N` (the head's index in its layer, from 0)"
+    )
+    extraction: dict[str, Any] = sc.entry(
+        sc.free_mapping,
+        default_factory=dict,
+        omit=_empty,
+        dump=lambda v: sc.ordered(v, EXTRACTION_ORDER),
+    )
+    features: list[FeatureRules] = sc.entry(
+        sc.list_of(sc.parser(FeatureRules), "features"),
+        default_factory=list,
+        omit=lambda v: False,
+    )
+
+    @property
+    def name(self) -> str:
+        """``L{layer}H{head}``, the head's name and the file's stem."""
+        return f"L{self.layer}H{self.head}"
+
+    def feature(self, feature_id: int) -> FeatureRules:
+        """The entry for ``feature_id``; ``KeyError`` if there is none."""
+        for entry in self.features:
+            if entry.feature == feature_id:
+                return entry
+        raise KeyError(feature_id)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Rulebook:
+        return parse_book(sc.Where(), data)
+
+    def __schema_check__(self, where: sc.Where, path: str) -> None:
+        seen: dict[int, int] = {}
+        for i, entry in enumerate(self.features):
+            if entry.feature in seen:
+                first = where.line(f"features[{seen[entry.feature]}].feature")
+                at = f" (first at line {first})" if first is not None else ""
+                where.fail(
+                    f"features[{i}].feature",
+                    f"duplicate feature id {entry.feature}{at}",
+                    "merge the two entries into one",
+                )
+            seen[entry.feature] = i
+
+
+def parse_book(where: sc.Where, value: Any) -> Rulebook:
+    """A rulebook from plain values (as read from YAML); every problem is ``InvalidRulebook``."""
+    if not isinstance(value, Mapping):
+        where.fail(
+            "",
+            f"top level must be a mapping, got {sc.describe(value)}",
+            f"start with `rulecheck: {SCHEMA_VERSION}`",
+        )
+    if "rulecheck" not in value:
+        where.fail(
+            "",
+            "not a rulebook: no top-level `rulecheck:` key",
+            f"add `rulecheck: {SCHEMA_VERSION}` as the first line",
+        )
+    version = value["rulecheck"]
+    if type(version) is not int or version != SCHEMA_VERSION:
+        where.fail(
+            "rulecheck",
+            f"unsupported schema version {sc.describe(version)}",
+            f"this rulecheck reads `rulecheck: {SCHEMA_VERSION}`",
+        )
+    return sc.parse(Rulebook, where, value)
+
+
+def merge_manual(new: Rulebook, old: Rulebook | None) -> Rulebook:
+    """``new`` plus every ``source: manual`` feature of ``old``, which wins on equal ids."""
+    if old is None:
+        return replace(new, features=sorted(new.features, key=lambda f: f.feature))
+    if (old.layer, old.head) != (new.layer, new.head):
+        raise InvalidRulebook(
+            f"cannot merge rules for {new.name} into a rulebook for {old.name}",
+            fix="write each head to its own L{layer}H{head}.yaml",
+        )
+    manual = {f.feature: f for f in old.features if f.source == "manual"}
+    kept = [f for f in new.features if f.feature not in manual]
+    header = {k: getattr(new, k) or getattr(old, k) for k in HEADER_KEYS}
+    return replace(
+        new,
+        features=sorted([*kept, *manual.values()], key=lambda f: f.feature),
+        fingerprints=new.fingerprints or dict(old.fingerprints),
+        **header,
+    )

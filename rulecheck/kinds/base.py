@@ -1,0 +1,109 @@
+"""What a rule kind is: the interface every kind module implements.
+
+A kind owns one key of a feature's entry in a rulebook (``skipgrams:``, ``absence:``,
+``counting:``) and everything about it:
+
+- ``claim``: the dataclass of one rule, whose fields are its schema (``rulecheck.schema``);
+- ``items(rules)``: the test items it yields for a feature, as ``(name, index)`` pairs;
+- ``check(ctx, rules, index)``: runs one item against the checkpoint and returns what the
+  run report records, or raises :class:`~rulecheck.errors.RuleFailed`;
+- ``find(found)``: the candidate claims extraction proposes for a feature (none for a kind
+  that is only written by hand), and ``keep(claim)``, whether a measured candidate is kept;
+  kept candidates are then checked with ``check`` before they are written
+  (``validate``), so that a fresh rulebook passes its own tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+from rulecheck.refs import Resolver, TokenRef
+
+if TYPE_CHECKING:
+    from rulecheck.book import FeatureRules
+    from rulecheck.exemplars import FeatureExamples
+    from rulecheck.heads import HeadWeights, Probe
+    from rulecheck.scores import Terms
+    from rulecheck.session import Head, Workbench
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    """What a check runs against: the session's workbench, the head, the rulebook file and
+    the run's settings."""
+
+    bench: Workbench
+    head: Head
+    file: str
+    tolerance: float = 0.0
+    examples: int = 25
+
+    def resolver(self) -> Resolver:
+        return self.bench.resolver(self.head, self.file)
+
+
+@dataclass(frozen=True)
+class Found:
+    """One feature as extraction has it when the kinds look for claims: its exemplars, the
+    head's weights in SAE space and its kept skip-gram terms."""
+
+    feature: int
+    probe: Probe
+    tokens: Tensor  # the corpus [n_seq, pos]
+    examples: FeatureExamples
+    d: Tensor  # [d_sae_in, d_model] input directions as the head reads them
+    weights: HeadWeights
+    value_score: Tensor  # [d_sae_in] for this feature
+    terms: Terms  # kept skip-gram terms, ranked
+    token_of: Tensor | None  # [d_sae_in] top token of each input feature (-1: none)
+    ref: Callable[[int], TokenRef]  # an input feature as a rulebook reference
+
+
+class RuleKind:
+    """Base of the rule kinds (see module doc); a kind module defines one subclass and
+    registers an instance with ``rulecheck.kinds.register``."""
+
+    key: ClassVar[str]  # the key under a feature: "skipgrams"
+    claim: ClassVar[type]  # the dataclass of one rule
+    item: ClassVar[str] = ""  # item name prefix: "absence" gives absence[<name>]
+    always_written: ClassVar[bool] = False  # written even when empty
+    validate: ClassVar[bool] = True  # extraction keeps only candidates whose check passes
+
+    def items(self, rules: FeatureRules) -> list[tuple[str, int]]:
+        """One item per rule, ``item[<name>]``, names made unique with ``#2``, ``#3``."""
+        names = [f"{self.item}[{self.name(r)}]" for r in rules.claims[self.key]]
+        return list(zip(unique(names), range(len(names)), strict=True))
+
+    def name(self, claim: Any) -> str:
+        """How one rule is named in its item."""
+        raise NotImplementedError
+
+    def check(self, ctx: CheckContext, rules: FeatureRules, index: int) -> dict[str, Any]:
+        """Check item ``index``; the fields the run report keeps, or ``RuleFailed``."""
+        raise NotImplementedError
+
+    def find(self, found: Found) -> list[Any]:
+        """Candidate claims for a feature (a kind written only by hand finds none)."""
+        return []
+
+    def keep(self, claim: Any) -> bool:
+        """Whether a measured candidate is worth checking and writing."""
+        return True
+
+    def field(self, rules: FeatureRules, index: int) -> str:
+        """The field path of one rule in errors: ``feature[94].absence[0]``."""
+        return f"feature[{rules.feature}].{self.key}[{index}]"
+
+
+def unique(names: list[str]) -> list[str]:
+    """Item names made unique: a repeated ``absence[x]`` becomes ``absence[x]#2``, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out

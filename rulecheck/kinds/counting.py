@@ -1,0 +1,197 @@
+"""Counting rules (paper 4.3, Fig. 7): the feature grows (or shrinks) with how often a key
+occurs, and turns on (off) at a threshold count.
+
+Finding: the key of the top term is inserted ``n = 0..6`` times into base contexts
+(``rulecheck.counting.counting_curve``); a rule is reported when the curve's Spearman is
+strong and the majority state changes at ``n* >= 2`` (one copy would be a presence rule).
+
+Checking, ``key`` with ``direction`` and ``threshold_count`` ``k``: base contexts are the
+feature's test positives with the key in ``[1, t)`` replaced by the corpus's most frequent
+other token (``counting.base_contexts``). Two claims:
+
+- per context (Hypothesis): with ``N = 1..max_count`` copies of the key at drawn positions, the
+  activation ``a(n)`` at ``t`` with the first ``n`` of them never falls as ``n`` grows
+  (``a(n+1) >= a(n) - 1e-5 * max(1, |a(n)|)``; never rises for ``decreasing``);
+- by majority (the detection protocol, copies spread over the prefix): for ``increasing`` at
+  most half of the base contexts are active (activation > 0) at every ``n < k`` and more than
+  half at ``n = k``; for ``decreasing`` more than half are active below ``k`` and at most half
+  at ``k``. When this fails at ``n``, Hypothesis looks for a context that disagrees at ``n``
+  to show it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from rulecheck import schema
+from rulecheck.counterfactuals import repeat_token
+from rulecheck.counting import as_counting_rule, base_contexts, counting_curve, default_filler
+from rulecheck.errors import RuleFailed
+from rulecheck.kinds.base import CheckContext, Found, RuleKind
+from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
+from rulecheck.refs import TokenRef, ref_entry, ref_name
+
+if TYPE_CHECKING:
+    from rulecheck.book import FeatureRules
+
+DIRECTIONS = ("increasing", "decreasing")
+MAX_COUNT = 6
+MAJORITY = 0.5
+MONOTONE_RTOL = 1e-5
+TOP_KEYS = 1  # finding: counting curves of the keys of this many top terms
+
+
+@dataclass
+class CountingRule(schema.Record):
+    """The feature grows (or shrinks) with the number of ``key`` tokens in the context."""
+
+    key: TokenRef = ref_entry(required=True)
+    direction: Literal["increasing", "decreasing"] = schema.entry(
+        schema.choice(*DIRECTIONS), default="increasing"
+    )
+    threshold_count: int | None = schema.entry(schema.integer(), default=None)
+    spearman: float | None = schema.entry(schema.number((-1.0, 1.0)), default=None)
+
+
+class Counting(RuleKind):
+    key = "counting"
+    claim = CountingRule
+    item = "counting"
+
+    def name(self, claim: CountingRule) -> str:
+        return ref_name(claim.key)
+
+    def find(self, found: Found) -> list[CountingRule]:
+        if found.token_of is None:
+            return []
+        keys: list[int] = []
+        for k in found.terms.key.tolist():
+            if int(found.token_of[k]) >= 0 and k not in keys:
+                keys.append(k)
+            if len(keys) == TOP_KEYS:
+                break
+        out = []
+        for k in keys:
+            curve = counting_curve(
+                found.probe, found.tokens, found.examples, int(found.token_of[k])
+            )
+            rule = as_counting_rule(curve)
+            if rule is not None:
+                out.append(
+                    CountingRule(
+                        key=found.ref(k),
+                        direction=rule.direction,  # type: ignore[arg-type]
+                        threshold_count=rule.threshold_count,
+                        spearman=round(rule.spearman, 6),
+                    )
+                )
+        return out
+
+    def check(self, ctx: CheckContext, rules: FeatureRules, index: int) -> dict[str, Any]:
+        rule: CountingRule = rules.counting[index]
+        bench, head = ctx.bench, ctx.head
+        model, _, _, corpus = bench.load(head)
+        refs = ctx.resolver()
+        key = refs.token(rule.key, f"{self.field(rules, index)}.key")
+        assert key is not None
+        up, k = rule.direction == "increasing", rule.threshold_count
+        top = max(MAX_COUNT, k or 0, 1)
+        ex = bench.examples(head, rules.feature, ctx.file)
+        filler = default_filler(corpus, exclude=(key,))
+        rows, t = base_contexts(corpus, ex, key, filler, "test")
+        key_name, filler_name = refs.name(rule.key, key), refs.name(rule.key, filler)
+        claim = _claim(rules.feature, head.name, key_name, up, k)
+        record = {"rule": self.key, "passed": False}
+        if len(t) == 0:
+            raise RuleFailed(
+                f"{claim}: cannot be checked, the feature has no test positives", record=record
+            )
+        curve = counting_curve(
+            bench.probe(head, rules.feature), corpus, ex, key, max_count=top, filler_token=filler
+        )
+        bad = _majority_violation(curve.active_by_count, up, k)
+        bases = Bases.of(rows, t)
+
+        def falsified(case: Any) -> dict[str, Any] | None:
+            (tokens, t0), at = bases.pool[case[0]], case[2]
+            edits = [repeat_token(tokens, t0, key, n, positions=at[:n]) for n in range(len(at) + 1)]
+            rows_n, t_n = [e.tokens for e in edits], [e.t for e in edits]
+            acts = activations(bench, head, rules.feature, rows_n, t_n)
+            why = _monotone_break(acts, up)
+            if why is None and bad is not None and (acts[bad] > 0) != _expected_on(bad, up, k):
+                why = _state(acts[bad] > 0, bad)
+            return None if why is None else {"t0": t0, "edit": edits[-1], "acts": acts, "why": why}
+
+        cases = bases.cases(key, max(1, bad or 0), top)
+        run = falsify(bases, cases, falsified, ctx.examples, run_key(head, rules, rule, MAX_COUNT))
+        if run.found is None and bad is None:
+            return {**record, "passed": True}
+        lines = [
+            f"{claim}: falsified",
+            f"  criterion: per context, the activation at t never "
+            f"{'falls' if up else 'rises'} as copies of [{key_name}] are added; "
+            f"{_majority_text(up, k)}",
+            f"  base contexts: {len(t)} test positives with [{key_name}] before t replaced by "
+            f"[{filler_name}]",
+            "  share of base contexts active by n (copies spread over the prefix): "
+            + ", ".join(f"{n}: {s:.0%}" for n, s in enumerate(curve.active_by_count)),
+        ]
+        if bad is not None:
+            share = curve.active_by_count[bad]
+            lines.append(f"  majority violated at n = {bad}: {share:.0%} of base contexts active")
+        if run.found is None:
+            lines.append(f"  no single drawn context disagrees ({run.summary()})")
+        else:
+            found = run.found
+            acts = ", ".join(f"{n}: {a:.4f}" for n, a in enumerate(found["acts"]))
+            lines += [
+                f"  minimal counterexample, {copies(len(found['edit'].inserted))} inserted: "
+                f"{found['why']} ({run.summary()}):",
+                *shown(model, found),
+                f"  activation at t by n: {acts}",
+            ]
+        raise RuleFailed("\n".join(lines), record=record)
+
+
+def _monotone_break(acts: Sequence[float], increasing: bool) -> str | None:
+    """Where a curve ``acts[n]`` moves against its direction (beyond float noise), or None."""
+    for n in range(len(acts) - 1):
+        step = acts[n + 1] - acts[n] if increasing else acts[n] - acts[n + 1]
+        if step < -MONOTONE_RTOL * max(1.0, abs(acts[n])):
+            return f"the activation {'falls' if increasing else 'rises'} from n = {n} to {n + 1}"
+    return None
+
+
+def _expected_on(n: int, increasing: bool, k: int | None) -> bool:
+    """The state a counting rule claims at ``n`` copies (``k`` not None)."""
+    assert k is not None
+    return (n >= k) == increasing
+
+
+def _majority_violation(shares: Sequence[float], increasing: bool, k: int | None) -> int | None:
+    """The first ``n <= k`` whose majority state is not the claimed one, or None."""
+    if k is None:
+        return None
+    for n in range(k + 1):
+        if (shares[n] > MAJORITY) != _expected_on(n, increasing, k):
+            return n
+    return None
+
+
+def _majority_text(increasing: bool, k: int | None) -> str:
+    if k is None:
+        return "no threshold claimed"
+    below, at = ("off", "on") if increasing else ("on", "off")
+    return f"by majority of base contexts {below} below {copies(k)} and {at} at {k}"
+
+
+def _state(on: bool, n: int) -> str:
+    return f"{'on (activation > 0)' if on else 'off (activation <= 0)'} at n = {n}"
+
+
+def _claim(feature: int, head: str, key: str, increasing: bool, k: int | None) -> str:
+    verb = "rises" if increasing else "falls"
+    state = "" if k is None else f", {'on' if increasing else 'off'} from {copies(k)}"
+    return f"feature {feature} of {head} {verb} with the count of [{key}]{state}"

@@ -1,0 +1,151 @@
+"""Skip-gram rules ``[key] ... [query] -> feature``: the head attends from the query to an
+earlier key and writes the feature.
+
+A feature's skip-grams are one claim: their disjunction predicts the feature. A listed term is
+a claim that its pattern turns the feature on, so the binary prediction is "some term's pattern
+is present"; recorded scores, when there are any, only set the magnitude used for Spearman.
+Items: ``f1``, ``precision`` and ``recall`` of that prediction on the feature's test exemplars
+(the same protocol, seed and split as extraction), each at least its ``expect`` minimum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rulecheck import schema
+from rulecheck.errors import RuleFailed
+from rulecheck.evaluate import Columns, Measured, predict_examples, score_predictions
+from rulecheck.kinds.base import CheckContext, Found, RuleKind
+from rulecheck.refs import Resolver, TokenRef, ref_entry, ref_name
+from rulecheck.scores import Terms
+
+if TYPE_CHECKING:
+    from rulecheck.book import FeatureRules
+    from rulecheck.session import Head, Workbench
+
+METRICS = ("f1", "precision", "recall")
+
+
+def _score() -> Any:
+    return schema.entry(schema.number(), default=None)
+
+
+@dataclass
+class SkipGram(schema.Record):
+    """Query ``query`` attends to key ``key`` and writes the feature: ``[key] ... [query]``."""
+
+    key: TokenRef = ref_entry(required=True)
+    query: TokenRef = ref_entry(required=True)
+    attn_score: float | None = _score()
+    value_score: float | None = _score()
+    importance: float | None = _score()
+
+
+def label(term: SkipGram) -> str:
+    """``[If] ... [then]``: a term as a feature's label shows it."""
+    return f"[{ref_name(term.key)}] ... [{ref_name(term.query)}]"
+
+
+def claim_text(rules: FeatureRules, head: str) -> str:
+    """The feature's skip-gram claim in words: ``feature 94 of L0H3 ([If] ... [then])``, by its
+    label, or its terms joined by ``or``."""
+    terms = rules.label or " or ".join(label(t) for t in rules.skipgrams) or "no skip-grams"
+    return f"feature {rules.feature} of {head} ({terms})"
+
+
+def assert_minimums(
+    measured: Measured, minimums: dict[str, float], claim: str, record: dict[str, Any]
+) -> None:
+    """The one threshold comparison: every metric in ``minimums`` reaches its minimum, else
+    ``RuleFailed`` naming each short metric and what was measured."""
+    short = {m: (getattr(measured, m), v) for m, v in minimums.items() if getattr(measured, m) < v}
+    if not short:
+        return
+    detail = "; ".join(
+        f"{m} is {got:.3f}, expected >= {want:.3f}" for m, (got, want) in short.items()
+    )
+    raise RuleFailed(
+        f"{claim}: {detail}\n"
+        f"  measured on {measured.n_test} test prefixes: precision {measured.precision:.3f}, "
+        f"recall {measured.recall:.3f}, F1 {measured.f1:.3f}, Spearman {measured.spearman:.3f}",
+        record=record,
+    )
+
+
+def feature_terms(rules: FeatureRules, resolver: Resolver) -> tuple[Columns, Terms]:
+    """The input columns the skip-grams read (features first, then token sets) and the terms
+    over them; every listed term is live, missing scores count as 1."""
+    refs = []
+    for i, term in enumerate(rules.skipgrams):
+        where = f"feature[{rules.feature}].skipgrams[{i}]"
+        key = resolver.resolve(term.key, f"{where}.key")
+        query = resolver.resolve(term.query, f"{where}.query")
+        refs.append((key, query, term.attn_score, term.value_score))
+    features: list[int] = []
+    token_sets: list[tuple[int, ...]] = []
+    for key, query, _, _ in refs:
+        for r in (key, query):
+            if r.feature is not None and r.feature not in features:
+                features.append(r.feature)
+            if r.feature is None and r.token_ids not in token_sets:
+                token_sets.append(r.token_ids)
+    columns = Columns(tuple(features), tuple(token_sets))
+    terms = Terms(
+        query=torch.tensor([columns.index(q.feature, q.token_ids) for _, q, _, _ in refs]),
+        key=torch.tensor([columns.index(k.feature, k.token_ids) for k, _, _, _ in refs]),
+        attn=torch.tensor([abs(a or 1.0) or 1.0 for _, _, a, _ in refs]),
+        value=torch.tensor([abs(v or 1.0) or 1.0 for _, _, _, v in refs]),
+    )
+    return columns, terms
+
+
+def measure(bench: Workbench, head: Head, rules: FeatureRules, file: str = "") -> Measured:
+    """Precision, recall, F1 and Spearman of the skip-grams on the feature's test split
+    (computed once per session for the same terms)."""
+    key = ("skipgrams", head, rules.feature, repr(rules.skipgrams))
+
+    def compute() -> Measured:
+        columns, terms = feature_terms(rules, bench.resolver(head, file))
+        ex = bench.examples(head, rules.feature, file)
+        # encode only the input features the rules read: they come first, numbered 0..n-1
+        chunks = bench.prefix_chunks(head, ex.seq, ex.t, columns.features)
+        read = Columns(tuple(range(len(columns.features))), columns.token_sets)
+        pred = predict_examples(chunks, read, terms, len(ex.seq), torch.device(bench.device))
+        return score_predictions(pred, ex)
+
+    return bench.memo(key, compute)
+
+
+class SkipGrams(RuleKind):
+    key = "skipgrams"
+    claim = SkipGram
+    always_written = True
+    validate = False  # extraction measured them on the same exemplars
+
+    def items(self, rules: FeatureRules) -> list[tuple[str, int]]:
+        return [(m, i) for i, m in enumerate(METRICS) if m in rules.expect]
+
+    def check(self, ctx: CheckContext, rules: FeatureRules, index: int) -> dict[str, Any]:
+        metric = METRICS[index]
+        measured = measure(ctx.bench, ctx.head, rules, ctx.file)
+        value, minimum = getattr(measured, metric), rules.expect[metric] - ctx.tolerance
+        record = {"metric": metric, "measured": value, "expected": minimum, "f1": measured.f1}
+        claim = claim_text(rules, ctx.head.name)
+        assert_minimums(measured, {metric: minimum}, claim, {**record, "passed": False})
+        return {**record, "passed": True}
+
+    def find(self, found: Found) -> list[SkipGram]:
+        t = found.terms
+        return [
+            SkipGram(
+                key=found.ref(int(k)),
+                query=found.ref(int(q)),
+                attn_score=float(a),
+                value_score=float(v),
+                importance=None if t.importance is None else float(t.importance[i]),
+            )
+            for i, (q, k, a, v) in enumerate(zip(t.query, t.key, t.attn, t.value, strict=True))
+        ]

@@ -1,0 +1,172 @@
+"""References to input features: an input-SAE feature id, the tokens that fire it, or both.
+
+One resolver serves every rule kind. A reference resolves to the input feature (when an id is
+given, checked against the input SAE) and to token ids:
+
+- with no feature id, the tokens *are* the reference: every listed token must be one token of
+  the model's tokenizer (a typo in a hand-written rule is an error, not a silently empty match);
+- with a feature id, the tokens describe it: those that are one token are kept, the rest are
+  ignored; at layer 0 a feature with no usable token is read as the token that activates it
+  most.
+
+Skip-grams read the feature when there is one, else the token set; counterfactual checks
+insert :attr:`Resolved.token`. :func:`ref_name` is how a reference is shown everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rulecheck import schema
+from rulecheck.errors import InvalidRulebook
+
+
+@dataclass
+class TokenRef(schema.Record):
+    """An SAE feature, the tokens that typically fire it, or both."""
+
+    feature: int | None = schema.entry(schema.integer(), default=None)
+    tokens: list[str] = schema.entry(
+        schema.list_of(schema.text, "strings"),
+        default_factory=list,
+        dump=list,
+        omit=lambda v: not v,
+    )
+
+    def __schema_check__(self, where: schema.Where, path: str) -> None:
+        if self.feature is None and not self.tokens:
+            where.fail(
+                path, "a reference needs `feature` or `tokens`", 'write e.g. {tokens: [" then"]}'
+            )
+
+
+def ref_entry(**kw: Any) -> Any:
+    """A schema field holding a reference, written on one line."""
+    return schema.entry(schema.parser(TokenRef), flow=True, **kw)
+
+
+def ref_name(ref: TokenRef, token_text: str | None = None) -> str:
+    """How a reference is shown in item names, labels and messages: the text of its token
+    (``token_text``, without surrounding spaces), else its first listed token, else ``f{id}``."""
+    if token_text is not None:
+        return token_text.strip() or token_text
+    return ref.tokens[0] if ref.tokens else f"f{ref.feature}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A reference checked against a model: its input feature and its usable token ids."""
+
+    feature: int | None
+    token_ids: tuple[int, ...] = ()
+    field: str = ""
+
+    @property
+    def token(self) -> int | None:
+        """The token a counterfactual inserts for this reference (None when it has none)."""
+        return self.token_ids[0] if self.token_ids else None
+
+
+@dataclass
+class Resolver:
+    """Resolves the references of one rulebook against a tokenizer and an input SAE.
+
+    ``top_tokens()`` gives ``[d_sae_in]``, the token that activates each input feature most
+    (-1 where none does); it is called only when a layer-0 reference needs it.
+    """
+
+    tokenizer: Any
+    d_sae_in: int
+    layer: int
+    file: str
+    top_tokens: Callable[[], Any] | None = None
+    _cache: dict[tuple[Any, ...], Resolved] = field(default_factory=dict, repr=False)
+
+    def resolve(self, ref: TokenRef, field: str) -> Resolved:
+        """``ref`` resolved (see module doc); a bad reference is ``InvalidRulebook`` naming
+        ``file`` and ``field``."""
+        cache_key = (ref.feature, tuple(ref.tokens), field)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = self._resolve(ref, field)
+        return self._cache[cache_key]
+
+    def token(self, ref: TokenRef, field: str, *, required: bool = True) -> int | None:
+        """The token a counterfactual inserts for ``ref``; an error when it has none (None
+        when not ``required``)."""
+        token = self.resolve(ref, field).token
+        if token is None and required:
+            self._fail(
+                f"{field}",
+                f"input feature {ref.feature} is given by id only; at layer {self.layer} a "
+                "property check needs its token",
+                'add `tokens: ["..."]` with the token that fires it',
+            )
+        return token
+
+    def name(self, ref: TokenRef, token: int | None = None) -> str:
+        """``ref_name`` of ``ref``, by the decoded text of ``token`` when there is one."""
+        if token is None or self.tokenizer is None:
+            return ref_name(ref) if token is None else str(token)
+        return ref_name(ref, self.tokenizer.decode([token]))
+
+    def _resolve(self, ref: TokenRef, field: str) -> Resolved:
+        if ref.feature is None:
+            ids = tuple(
+                self._token_id(text, f"{field}.tokens[{i}]") for i, text in enumerate(ref.tokens)
+            )
+            return Resolved(None, ids, field)
+        if not 0 <= ref.feature < self.d_sae_in:
+            self._fail(
+                f"{field}.feature",
+                f"input feature {ref.feature} is out of range: the input SAE has "
+                f"{self.d_sae_in} features",
+                f"use a feature id in 0..{self.d_sae_in - 1}",
+            )
+        ids: list[int] = []
+        for i, text in enumerate(ref.tokens):
+            try:
+                ids.append(self._token_id(text, f"{field}.tokens[{i}]"))
+            except InvalidRulebook:
+                continue
+        if not ids and self.layer == 0 and self.top_tokens is not None:
+            top = int(self.top_tokens()[ref.feature])
+            if top < 0:
+                self._fail(
+                    f"{field}.feature",
+                    f"input feature {ref.feature} is not activated by any single token",
+                    'add `tokens: ["..."]` with the token that fires it',
+                )
+            ids.append(top)
+        return Resolved(ref.feature, tuple(ids), field)
+
+    def _token_id(self, text: str, field: str) -> int:
+        """The id of ``text`` as one token (rulebooks write tokens as decoded text)."""
+        tok = self.tokenizer
+        if tok is None:
+            self._fail(
+                field,
+                f"names token {text!r} but the model has no tokenizer",
+                "give the input feature id instead (feature: N)",
+            )
+        ids = tok.encode(text, add_special_tokens=False)
+        unk = getattr(tok, "unk_token_id", None)
+        if unk is not None and ids == [unk] and text != tok.unk_token:
+            self._fail(
+                field,
+                f"token {text!r} is not in the model's vocabulary",
+                "name a token of the model's tokenizer, or give the feature id",
+            )
+        if len(ids) != 1:
+            pieces = [tok.decode([i]) for i in ids]
+            self._fail(
+                field,
+                f"token {text!r} is not one token of the model's tokenizer (it splits into "
+                f"{pieces})",
+                "name a single token, e.g. one of those pieces, or give the feature id",
+            )
+        return int(ids[0])
+
+    def _fail(self, field: str, what: str, fix: str) -> None:
+        raise InvalidRulebook(what, file=self.file, field=field, fix=fix)

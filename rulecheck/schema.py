@@ -1,0 +1,348 @@
+"""The rulebook schema, written once: dataclass fields carry how they are read and written.
+
+A schema class is a dataclass whose fields are made with :func:`entry`; an optional method
+``__schema_check__(where, path)`` checks what no single field can. The fields, in order,
+are the mapping's allowed keys and the order they are written in; each field's ``parse``
+validates a plain value (as read from YAML) and reports a problem as
+:class:`~rulecheck.errors.InvalidRulebook` naming the file, line and field path, and its
+``dump``/``omit`` say how (and whether) it is written. :func:`parse` and :func:`dump` mirror
+each other. A *spread* field holds a mapping whose keys stand in the parent mapping itself
+(a feature's rule lists, one key per registered rule kind).
+
+Nothing here reads or writes files: the YAML shell (``rulecheck.rulebook``) hands in plain
+values and the line of every field path (:class:`Where`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+from rulecheck.errors import InvalidRulebook
+
+T = TypeVar("T")
+Parse = Callable[["Where", Any, str], Any]
+METADATA = "rulecheck"
+
+
+# ---------------------------------------------------------------------------- where values came from
+
+
+@dataclass
+class Where:
+    """The file a value came from and the line of every field path (filled by the reader)."""
+
+    file: str | None = None
+    lines: dict[str, int] = dataclasses.field(default_factory=dict)
+    key_lines: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def line(self, path: str, *, key: bool = False) -> int | None:
+        if key and path in self.key_lines:
+            return self.key_lines[path]
+        while path not in self.lines:
+            if not path:
+                return None
+            path = parent(path)
+        return self.lines[path]
+
+    def fail(self, path: str, what: str, fix: str | None = None, *, key: bool = False) -> NoReturn:
+        raise InvalidRulebook(
+            what, file=self.file, line=self.line(path, key=key), field=path or None, fix=fix
+        )
+
+
+def parent(path: str) -> str:
+    match = re.search(r"(\.[^.\[\]]*|\[[^\[\]]*\])$", path)
+    return path[: match.start()] if match else ""
+
+
+def join(path: str, key: Any) -> str:
+    if isinstance(key, str):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{key!r}]"
+
+
+def describe(value: Any) -> str:
+    """How a value is named in an error: ``string 'x'``, ``integer 3``, ``a list``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"string {shown!r}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return type(value).__name__
+
+
+def _suggest(key: Any, known: Iterable[str]) -> str:
+    known = list(known)
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(str(key).lower(), list(by_lower), n=1, cutoff=0.5)
+    listing = ", ".join(known)
+    if close:
+        return f"did you mean `{by_lower[close[0]]}`? known keys: {listing}"
+    return f"remove it; known keys: {listing}"
+
+
+# ---------------------------------------------------------------------------- value checks
+
+
+def mapping(
+    where: Where,
+    value: Any,
+    path: str,
+    known: tuple[str, ...],
+    required: Mapping[str, str | None] | tuple[str, ...] = (),
+) -> Mapping[str, Any]:
+    """``value`` as a mapping with only ``known`` keys and every ``required`` one (a mapping
+    of required keys gives each one's fix)."""
+    if not isinstance(value, Mapping):
+        where.fail(path, f"expected a mapping, got {describe(value)}", "write `key: value` lines")
+    for key in value:
+        if key not in known:
+            where.fail(join(path, key), "unknown key", _suggest(key, known), key=True)
+    fixes = required if isinstance(required, Mapping) else dict.fromkeys(required)
+    for key, fix in fixes.items():
+        if key not in value:
+            fix = fix or f"add `{key}:` to {path or 'the file'}"
+            where.fail(join(path, key), f"missing required field `{key}`", fix)
+    return value
+
+
+def integer(minimum: int = 0) -> Parse:
+    def parse(where: Where, value: Any, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            where.fail(path, f"expected an integer, got {describe(value)}", "write a whole number")
+        if value < minimum:
+            where.fail(path, f"must be >= {minimum}, got {value}", f"use a number >= {minimum}")
+        return value
+
+    return parse
+
+
+def number(bounds: tuple[float, float] | None = None, *, allow_nan: bool = False) -> Parse:
+    def parse(where: Where, value: Any, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            where.fail(path, f"expected a number, got {describe(value)}", "write a number like 0.5")
+        x = float(value)
+        if math.isnan(x):
+            if not allow_nan:
+                where.fail(path, "expected a number, got .nan", "write a finite number")
+            return x
+        if math.isinf(x):
+            where.fail(path, f"expected a finite number, got {x}", "write a finite number")
+        if bounds is not None and not bounds[0] <= x <= bounds[1]:
+            lo, hi = bounds
+            where.fail(
+                path, f"must be in [{lo:g}, {hi:g}], got {x:g}", f"use a value in [{lo:g}, {hi:g}]"
+            )
+        return x
+
+    return parse
+
+
+def text(where: Where, value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        where.fail(path, f"expected a string, got {describe(value)}", "put it in quotes")
+    return value
+
+
+def choice(*choices: str) -> Parse:
+    def parse(where: Where, value: Any, path: str) -> str:
+        if not isinstance(value, str) or value not in choices:
+            listing = " or ".join(choices)
+            where.fail(path, f"must be {listing}, got {describe(value)}", f"write {listing}")
+        return value
+
+    return parse
+
+
+def items(where: Where, value: Any, path: str, what: str) -> list[Any]:
+    """``value`` as a list (null reads as empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        fix = f"write a list of {what}" + (f', e.g. ["{value}"]' if isinstance(value, str) else "")
+        where.fail(path, f"expected a list of {what}, got {describe(value)}", fix)
+    return value
+
+
+def list_of(item: Parse, what: str) -> Parse:
+    def parse(where: Where, value: Any, path: str) -> list[Any]:
+        return [
+            item(where, v, f"{path}[{i}]") for i, v in enumerate(items(where, value, path, what))
+        ]
+
+    return parse
+
+
+def free_mapping(where: Where, value: Any, path: str) -> dict[str, Any]:
+    """Any mapping with string keys (values as written)."""
+    if not isinstance(value, Mapping):
+        where.fail(path, f"expected a mapping, got {describe(value)}", "write `key: value` lines")
+    for key in value:
+        if not isinstance(key, str):
+            sub = join(path, key)
+            where.fail(sub, f"keys must be strings, got {describe(key)}", "quote the key", key=True)
+    return dict(value)
+
+
+# ---------------------------------------------------------------------------- fields
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one field of a schema class is read and written."""
+
+    parse: Parse
+    key: str | None = None  # the key in the file, when it is not the field's name
+    required: bool = False
+    fix: str | None = None  # for a missing required field
+    dump: Callable[[Any], Any] = lambda v: plain(v)
+    omit: Callable[[Any], bool] = lambda v: v is None
+    spread: Callable[[], Mapping[str, Spec]] | None = None  # keys of the parent, by name
+    flow: bool = False  # written on one line: ``{feature: 3, tokens: [If]}``
+
+
+def entry(
+    parse: Parse,
+    *,
+    key: str | None = None,
+    required: bool = False,
+    fix: str | None = None,
+    dump: Callable[[Any], Any] | None = None,
+    omit: Callable[[Any], bool] | None = None,
+    spread: Callable[[], Mapping[str, Spec]] | None = None,
+    flow: bool = False,
+    **field_kw: Any,
+) -> Any:
+    """A dataclass field that the schema reads with ``parse`` and writes with ``dump`` unless
+    ``omit(value)``; ``field_kw`` are ``dataclasses.field``'s (``default``, ...)."""
+    spec = Spec(parse, key, required, fix, spread=spread, flow=flow)
+    if dump is not None:
+        spec = dataclasses.replace(spec, dump=dump)
+    if omit is not None:
+        spec = dataclasses.replace(spec, omit=omit)
+    return dataclasses.field(metadata={METADATA: spec}, **field_kw)
+
+
+def _specs(cls: type) -> list[tuple[str, Spec]]:
+    return [
+        (f.name, f.metadata[METADATA]) for f in dataclasses.fields(cls) if METADATA in f.metadata
+    ]
+
+
+def keys(cls: type) -> tuple[str, ...]:
+    """The keys a schema class allows, in the order they are written."""
+    out: list[str] = []
+    for name, spec in _specs(cls):
+        out += list(spec.spread()) if spec.spread else [spec.key or name]
+    return tuple(out)
+
+
+def parse(cls: type[T], where: Where, value: Any, path: str = "") -> T:
+    """An instance of ``cls`` from a plain mapping; every problem is ``InvalidRulebook``."""
+    required = {spec.key or name: spec.fix for name, spec in _specs(cls) if spec.required}
+    data = mapping(where, value, path, keys(cls), required)
+    kwargs: dict[str, Any] = {}
+    for name, spec in _specs(cls):
+        if spec.spread is not None:
+            kwargs[name] = {
+                k: sub.parse(where, data[k], join(path, k))
+                for k, sub in spec.spread().items()
+                if data.get(k) is not None
+            }
+            continue
+        key = spec.key or name
+        if data.get(key) is not None:
+            kwargs[name] = spec.parse(where, data[key], join(path, key))
+    obj = cls(**kwargs)
+    check = getattr(obj, "__schema_check__", None)
+    if check is not None:
+        check(where, path)
+    return obj
+
+
+class Record:
+    """Base of the schema classes: ``to_dict`` and ``from_dict`` mirror each other."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, as written to a file."""
+        return dump(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """An instance from plain values; problems are ``InvalidRulebook`` naming the field."""
+        return parse(cls, Where(), data)
+
+
+def parser(cls: type[T]) -> Parse:
+    """``parse`` for ``cls`` as a field parser (nested schema classes)."""
+
+    def read(where: Where, value: Any, path: str) -> T:
+        return parse(cls, where, value, path)
+
+    return read
+
+
+def dump(obj: Any) -> dict[str, Any]:
+    """``obj`` as plain values, keys in field order, omitted fields left out."""
+    out: dict[str, Any] = {}
+    for name, spec in _specs(type(obj)):
+        value = getattr(obj, name)
+        if spec.spread is not None:
+            for k, sub in spec.spread().items():
+                if k in value and not sub.omit(value[k]):
+                    out[k] = sub.dump(value[k])
+        elif not spec.omit(value):
+            plain = spec.dump(value)
+            out[spec.key or name] = Flow(plain) if spec.flow else plain
+    return out
+
+
+def plain(value: Any) -> Any:
+    """Schema objects (and lists of them) as plain values; anything else as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dump(value)
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+class Flow(dict):
+    """A mapping to be written on one line."""
+
+
+def ordered(data: Mapping[Any, Any], order: Iterable[str] = ()) -> dict[Any, Any]:
+    """``data`` with the keys of ``order`` first, the rest sorted; nested mappings sorted."""
+    order = tuple(order)
+    keys_ = [k for k in order if k in data]
+    keys_ += sorted((k for k in data if k not in order), key=_sort_key)
+    return {k: _sorted_plain(data[k]) for k in keys_}
+
+
+def _sorted_plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return ordered(value)
+    if isinstance(value, list):
+        return [_sorted_plain(v) for v in value]
+    return value
+
+
+def _sort_key(key: Any) -> tuple[int, Any]:
+    if isinstance(key, int | float) and not isinstance(key, bool):
+        return (0, key)
+    return (1, str(key))
