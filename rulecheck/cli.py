@@ -8,7 +8,9 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,6 +18,8 @@ from rich.text import Text
 
 from rulecheck.config import METHODS, ExemplarConfig, ExtractConfig
 from rulecheck.errors import RulecheckError
+
+T = TypeVar("T")
 
 
 def _features(text: str) -> int | tuple[int, ...]:
@@ -98,28 +102,18 @@ def rich_progress(console: Console) -> Iterator:
         yield update
 
 
+def _config(cls: type[T], args: argparse.Namespace) -> T:
+    """A config dataclass with the fields the command line gives, defaults for the rest."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
 def run_extract(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.api import extract_rulebooks
     from rulecheck.session import Workbench
     from rulecheck.specs import Specs
 
     ckpt = Specs(args.model, args.sae_in, args.sae_out, args.corpus).resolve()
-    cfg = ExtractConfig(
-        method=args.method,
-        keys=args.keys,
-        queries_per_key=args.queries_per_key,
-        max_terms=args.max_terms,
-        features=args.features,
-        tolerance=args.tolerance,
-        batch_size=args.batch_size,
-        exemplars=ExemplarConfig(
-            n_pos=args.n_pos,
-            n_neg=args.n_neg,
-            min_active=args.min_active,
-            min_inactive=args.min_inactive,
-            seed=args.seed,
-        ),
-    )
+    cfg = replace(_config(ExtractConfig, args), exemplars=_config(ExemplarConfig, args))
     bench = Workbench(device=args.device, cache_dir=None, batch_size=args.batch_size)
     layers = [args.layer] if args.layer is not None else range(bench.n_layers(ckpt))
     written = []

@@ -7,7 +7,7 @@ and the number of terms is chosen on the validation split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,22 +136,18 @@ def prefix_chunks(
 
 
 def prefix_features(
-    model: HookedTransformer,
-    sae_in: SAE,
-    tokens: Tensor,
-    layer: int,
-    seq: Tensor,
-    t: Tensor,
+    chunks: Iterable[tuple[slice, Tensor, Tensor, Tensor]],
     batch_size: int,
     terms: Terms | None = None,
     importance_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``q_act, k_max`` (each ``[n, d_sae_in]``) for the prefixes ``(seq, t)``, and, when
-    ``terms`` and a boolean ``importance_rows [n]`` are given, the terms' gradient importance
-    averaged over those rows, from the same forward passes."""
+    """``q_act, k_max`` (each ``[n, d_sae_in]``) for the prefixes of ``chunks`` (as
+    ``prefix_chunks`` yields them), and, when ``terms`` and a boolean ``importance_rows [n]``
+    are given, the terms' gradient importance averaged over those rows, from the same forward
+    passes."""
     q_parts, k_parts = [], []
     total, count = None, 0
-    for rows, feats, _, t_rows in prefix_chunks(model, sae_in, tokens, layer, seq, t, batch_size):
+    for rows, feats, _, t_rows in chunks:
         q, k = prefix_stats(feats, t_rows)
         q_parts.append(q)
         k_parts.append(k)
@@ -267,11 +263,13 @@ def extract_head(
         )
         ex = collector.examples(f)
         gradient = cfg.method == "gradient"
+        chunks = prefix_chunks(model, sae_in, tokens, layer, ex.seq, ex.t, cfg.batch_size)
         q_act, k_max, importance = prefix_features(
-            model, sae_in, tokens, layer, ex.seq, ex.t, cfg.batch_size,
+            chunks,
+            cfg.batch_size,
             terms=terms if gradient else None,
             importance_rows=ex.part("train") if gradient else None,
-        )  # fmt: skip
+        )
         if gradient:
             ranked = rank_by_importance(with_importance(terms, importance))
         else:
