@@ -18,7 +18,8 @@ from rulecheck.extract import (
     FeatureResult,
     HeadResult,
     Progress,
-    extract_layer,
+    extract_head,
+    layer_tokens,
     no_progress,
 )
 from rulecheck.kinds.skipgram import label
@@ -91,16 +92,23 @@ def extract_books(
     cfg: ExtractConfig | None = None,
     progress: Progress = no_progress,
 ) -> list[Rulebook]:
-    """Extract one layer's heads from one pass over the corpus; one rulebook per head."""
+    """Extract one layer's heads; one rulebook per head. The corpus pass is the session's
+    (``Workbench.layer_pass``): extracting or checking other heads of the layer later in the
+    session reuses it."""
     cfg = cfg or ExtractConfig()
+    bench = bench.with_exemplars(cfg.exemplars)
     art = bench.layer(ckpt, layer, heads)
-    results = extract_layer(
-        art.model, art.sae_in, art.sae_outs, art.tokens, layer, cfg, ckpt.corpus, progress
+    collectors, ln_scale = bench.layer_pass(art.heads[0], progress)
+    token_of, table = bench.memo(
+        ("layer_tokens", ckpt.sae_in, layer, cfg.top_tokens, cfg.rules),
+        lambda: layer_tokens(art.model, art.sae_in, layer, cfg),
     )
     books = []
-    for head, result in zip(art.heads, results, strict=True):
-        if result.collector is not None:
-            bench.adopt_exemplars(head, result.collector)
+    for head in art.heads:
+        result = extract_head(
+            art.model, art.sae_in, art.sae_outs[head.head], art.tokens, layer, head.head,
+            collectors[head.head], ln_scale, cfg, progress, token_of, table,
+        )  # fmt: skip
         book = head_rulebook(result, head, bench.fingerprints(head), cfg)
         books.append(keep_rules_that_hold(book, bench, head) if cfg.rules else book)
     return books

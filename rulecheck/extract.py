@@ -301,6 +301,15 @@ def extract_head(
     )
 
 
+def layer_tokens(
+    model: HookedTransformer, sae_in: SAE, layer: int, cfg: ExtractConfig
+) -> tuple[Tensor | None, dict[int, list[str]] | None]:
+    """The top token of each input feature (``[d_sae_in]``, -1 where none; None when rules
+    other than skip-grams are not searched) and each feature's top tokens by name."""
+    token_of = top_token(model, sae_in, layer).cpu() if cfg.rules else None
+    return token_of, layer_token_table(model, sae_in, layer, cfg.top_tokens)
+
+
 def extract_layer(
     model: HookedTransformer,
     sae_in: SAE,
@@ -315,8 +324,7 @@ def extract_layer(
     check_corpus_size(tokens.shape[0], cfg.exemplars, corpus_name)
     model.eval()
     collectors, ln_scale = collect_layer(model, sae_outs, tokens, layer, cfg, progress)
-    token_of = top_token(model, sae_in, layer).cpu() if cfg.rules else None
-    table = layer_token_table(model, sae_in, layer, cfg.top_tokens)
+    token_of, table = layer_tokens(model, sae_in, layer, cfg)
     return [
         extract_head(
             model,

@@ -26,8 +26,13 @@ from transformer_lens import HookedTransformer
 from rulecheck import __version__
 from rulecheck.book import Rulebook
 from rulecheck.errors import InvalidRulebook, InvalidSpec, NotEligible, RulecheckError
-from rulecheck.exemplars import ExemplarCollector, ExemplarConfig, FeatureExamples
-from rulecheck.extract import ExtractConfig, collect_layer, prefix_chunks
+from rulecheck.exemplars import (
+    ExemplarCollector,
+    ExemplarConfig,
+    FeatureExamples,
+    check_corpus_size,
+)
+from rulecheck.extract import ExtractConfig, Progress, collect_layer, no_progress, prefix_chunks
 from rulecheck.heads import Probe
 from rulecheck.loading import (
     check_sae,
@@ -243,10 +248,6 @@ class Workbench:
             self._fingerprints[key] = fingerprint(obj)
         return self._fingerprints[key]
 
-    def adopt_exemplars(self, head: Head, collector: ExemplarCollector) -> None:
-        """Use exemplars already collected for ``head`` instead of a pass over the corpus."""
-        self._collectors[head] = collector
-
     # ---------------------------------------------------------------------------- exemplars
 
     def _cache_key(self, head: Head) -> str:
@@ -260,40 +261,56 @@ class Workbench:
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
-    def collector(self, head: Head) -> ExemplarCollector:
-        """The head's exemplar state: from memory, the disk cache, or a pass over the corpus.
+    def layer_pass(
+        self, head: Head, progress: Progress = no_progress
+    ) -> tuple[dict[int, ExemplarCollector], float]:
+        """One pass over the corpus for ``head``'s layer, once per session: the exemplars of
+        every head of the layer whose output SAE the ``{head}`` template names (only ``head``
+        for a layer-level SAE), by head index, and the layer's mean LayerNorm scale."""
+        model, _, _, tokens = self.load(head)
+        heads = range(model.cfg.n_heads) if "{head}" in head.specs.sae_out else [head.head]
+        group = [replace(head, head=h) for h in heads]
 
-        A pass serves every head of the layer whose output SAE the ``{head}`` template names
-        and whose state is not cached yet: one pass per layer, however many heads are checked.
-        """
+        def compute() -> tuple[dict[int, ExemplarCollector], float]:
+            check_corpus_size(tokens.shape[0], self.exemplar_cfg, head.specs.corpus)
+            cfg = ExtractConfig(batch_size=self.batch_size, exemplars=self.exemplar_cfg)
+            saes = {g.head: self.sae_out(g) for g in group}
+            return collect_layer(model, saes, tokens, head.layer, cfg, progress)
+
+        return self.memo(("layer_pass", tuple(group), self.exemplar_cfg), compute)
+
+    def collector(self, head: Head) -> ExemplarCollector:
+        """The head's exemplar state: from memory, the disk cache, or a pass over the corpus
+        (``layer_pass``: one per layer, however many of its heads are checked)."""
         if head in self._collectors:
             return self._collectors[head]
         cached = self._load_cached(head)
         if cached is not None:
             self._collectors[head] = cached
             return cached
-        model, _, _, tokens = self.load(head)
-        group = [head]
-        if "{head}" in head.specs.sae_out:
-            group += [
-                other
-                for h in range(model.cfg.n_heads)
-                if (other := replace(head, head=h)) != head
-                and other not in self._collectors
-                and self._load_cached(other) is None
-            ]
-        cfg = ExtractConfig(batch_size=self.batch_size, exemplars=self.exemplar_cfg)
-        saes = {g.head: self.sae_out(g) for g in group}
-        cols, _ = collect_layer(model, saes, tokens, head.layer, cfg)
-        for g in group:
-            col = cols[g.head]
+        collectors, _ = self.layer_pass(head)
+        for h, col in collectors.items():
+            other = replace(head, head=h)
+            if other in self._collectors:
+                continue
             col.flush()
-            self._collectors[g] = col
-            if self.cache_dir is not None:
+            self._collectors[other] = col
+            if self.cache_dir is not None and not self._cache_path(other).exists():
                 state = {name: getattr(col, name).contiguous() for name in COLLECTOR_STATE}
                 state["n_seen"] = torch.tensor(col.n_seen)
-                _save_atomically(state, self._cache_path(g))
+                _save_atomically(state, self._cache_path(other))
         return self._collectors[head]
+
+    def with_exemplars(self, exemplars: ExemplarConfig) -> Workbench:
+        """This workbench under other protocol settings: the loaded models, SAEs and corpora
+        are shared, exemplars and measurements are its own."""
+        if exemplars == self.exemplar_cfg:
+            return self
+        other = Workbench(self.overrides, str(self.device), self.cache_dir, exemplars,
+                          self.batch_size)  # fmt: skip
+        other._models, other._saes, other._corpora = self._models, self._saes, self._corpora
+        other._fingerprints = self._fingerprints
+        return other
 
     def _cache_path(self, head: Head) -> Path:
         assert self.cache_dir is not None

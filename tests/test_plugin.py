@@ -129,6 +129,29 @@ def test_extract_regenerates_then_runs_keeping_manual_entries(books):
     result.stdout.fnmatch_lines(["*rulecheck: regenerated*L0H1.yaml*"])
 
 
+def test_extract_loads_and_streams_once_per_layer(books, monkeypatch):
+    """Two rulebooks of one layer are regenerated from one model load and one corpus pass,
+    and the items that follow reuse both."""
+    import rulecheck.session
+
+    calls = {"load_model": 0, "collect_layer": 0}
+
+    def counted(name):
+        real = getattr(rulecheck.session, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(rulecheck.session, name, counted(name))
+    result = run(books, "L0H0.yaml", "L0H1.yaml", "--rulecheck-extract")
+    result.stdout.fnmatch_lines(["*rulecheck: regenerated*L0H0.yaml*", "*regenerated*L0H1.yaml*"])
+    assert calls == {"load_model": 1, "collect_layer": 1}
+
+
 MALFORMED = {
     "syntax": ("rulecheck: 1\nlayer: [0\n", ":2:"),
     "type": ("rulecheck: 1\nlayer: zero\nhead: 0\nfeatures: []\n", ":2: layer:"),
