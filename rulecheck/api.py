@@ -106,9 +106,19 @@ def extract_books(
     books = []
     for head in art.heads:
         result = extract_head(
-            art.model, art.sae_in, art.sae_outs[head.head], art.tokens, layer, head.head,
-            collectors[head.head], ln_scale, cfg, progress, token_of, table,
-        )  # fmt: skip
+            art.model,
+            art.sae_in,
+            art.sae_outs[head.head],
+            art.tokens,
+            layer,
+            head.head,
+            collectors[head.head],
+            ln_scale,
+            cfg,
+            progress,
+            token_of,
+            table,
+        )
         book = head_rulebook(result, head, bench.fingerprints(head), cfg)
         books.append(keep_rules_that_hold(book, bench, head) if cfg.rules else book)
     return books

@@ -170,8 +170,9 @@ def key_repetitions(
     """``(n, edit)``: ``n`` in ``[min_count, max_count]`` copies of ``key_id``, each right
     before a drawn position in ``[1, t]``."""
     tokens, t = _draw_base(draw, base)
-    plan = insertion_plans((tokens, t), key_id, max_count, min_count=min_count,
-                           protect_tokens=protect_tokens)  # fmt: skip
+    plan = insertion_plans(
+        (tokens, t), key_id, max_count, min_count=min_count, protect_tokens=protect_tokens
+    )
     _, at = draw(plan)
     keep = protected_positions(tokens, t, protect_tokens)
     return len(at), repeat_token(tokens, t, key_id, len(at), positions=at, protect=keep)

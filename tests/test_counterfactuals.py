@@ -286,9 +286,13 @@ def test_distractor_drop_grows_with_copies_and_a_filler_does_nothing(planted):
     # a key with no distractor: from ... to, with "unless" inserted, keeps its activation
     ex_to = planted["collectors"][1].examples(1)
     other = distractor_drop(
-        Probe(art.model, art.sae_outs[1], 0, 1, 1), art.tokens, ex_to, id_("unless"),
-        key_token=id_("from"), query_token=id_("to"),
-    )  # fmt: skip
+        Probe(art.model, art.sae_outs[1], 0, 1, 1),
+        art.tokens,
+        ex_to,
+        id_("unless"),
+        key_token=id_("from"),
+        query_token=id_("to"),
+    )
     assert max(abs(c) for c in other) < 0.05
 
 
@@ -364,7 +368,8 @@ def test_planted_counting_rule_is_detected(planted):
 def test_presence_rules_are_not_counting_rules(planted, head, feature, key):
     art, id_ = planted["art"], planted["id"]
     ex = planted["collectors"][head].examples(feature)
-    curve = counting_curve(Probe(art.model, art.sae_outs[head], 0, head, feature), art.tokens,
-                           ex, id_(key))  # fmt: skip
+    curve = counting_curve(
+        Probe(art.model, art.sae_outs[head], 0, head, feature), art.tokens, ex, id_(key)
+    )
     assert as_counting_rule(curve) is None
     assert curve.threshold_count == 1 and curve.active_by_count[1] > 0.9  # one copy suffices

@@ -35,8 +35,9 @@ def test_planted_rules_are_recovered_with_their_tokens(planted_books):
             assert term.key.tokens[0] == key and term.query.tokens[0] == query
         assert rules.measured["f1"] >= 0.95
         assert rules.expect["f1"] <= rules.measured["f1"]
-        absence = [(a.key.tokens[0], a.query.tokens[0], a.distractor.tokens[0])
-                   for a in rules.absence]  # fmt: skip
+        absence = [
+            (a.key.tokens[0], a.query.tokens[0], a.distractor.tokens[0]) for a in rules.absence
+        ]
         assert absence == [(a["key"], a["query"], a["distractor"]) for a in entry["absence"]]
         for a in rules.absence:
             assert a.drop[0] > 0.5 and a.drop[-1] < 0.99  # each copy steals more, none all

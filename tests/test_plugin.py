@@ -85,8 +85,10 @@ def test_json_report_and_serial_equals_two_workers(books):
     result.assert_outcomes(passed=4, failed=1)
 
     def outcomes(path):
-        return {(r["nodeid"], r["outcome"], round(r["measured"], 6)) for r in
-                json.loads(path.read_text())}  # fmt: skip
+        return {
+            (r["nodeid"], r["outcome"], round(r["measured"], 6))
+            for r in json.loads(path.read_text())
+        }
 
     assert outcomes(serial) == outcomes(parallel)
     assert len(outcomes(serial)) == 5

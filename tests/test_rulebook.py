@@ -690,6 +690,7 @@ _fuzz_settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+# YAML fragments to splice into rulebooks (a table: one fragment per line would take 33 lines)
 _yaml_bits = st.sampled_from(
     [":", "- ", "[", "]", "{", "}", ",", "#", "&a ", "*a", "!!", "!!float ", "|", ">", "'", '"', "\n", "\t",
      "  ", "? ", "---", "...", "%YAML 1.1\n", "~", "null", "true", "-1", "1.5", "1e400", "<<: ", "\\", "é", "\x85"]

@@ -49,8 +49,8 @@ ABSENT = _Absent()  # a path that only the other book has
 
 
 def extract(out: Path) -> Path:
-    assert main(["extract", "--model", "rulecheck-tiny", "--layer", "0", "--heads", "1",
-                 "--out", str(out)]) == 0  # fmt: skip
+    args = "extract --model rulecheck-tiny --layer 0 --heads 1 --out".split()
+    assert main([*args, str(out)]) == 0
     return out / BOOK
 
 
@@ -148,9 +148,12 @@ def test_comparison_tolerates_rounding_and_names_the_first_changed_claim():
     assert differences(moved, shipped) == [f"{path}: 0.1166 vs 0.115406"]
 
     swapped = copy.deepcopy(shipped)
-    k, j = next((k, j) for k, f in enumerate(swapped["features"])
-                for j, (a, b) in enumerate(itertools.pairwise(f["skipgrams"]))
-                if a["key"] != b["key"])  # fmt: skip
+    k, j = next(
+        (k, j)
+        for k, f in enumerate(swapped["features"])
+        for j, (a, b) in enumerate(itertools.pairwise(f["skipgrams"]))
+        if a["key"] != b["key"]
+    )
     terms = swapped["features"][k]["skipgrams"]
     terms[j], terms[j + 1] = terms[j + 1], terms[j]
     found = differences(swapped, shipped)

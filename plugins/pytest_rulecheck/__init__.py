@@ -278,8 +278,9 @@ class Summary:
             row = by_head[head]
             f1 = statistics.median(row["f1"].values()) if row.get("f1") else None
             counts = [str(row[k]) for k in ("passed", "failed", "xfailed")]
-            table.add_row(head, str(len(row["features"])), *counts,
-                          "" if f1 is None else f"{f1:.2f}")  # fmt: skip
+            table.add_row(
+                head, str(len(row["features"])), *counts, "" if f1 is None else f"{f1:.2f}"
+            )
         return table
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config) -> None:
