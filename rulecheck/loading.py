@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -31,8 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rulecheck.atomic import atomic_directory
 from rulecheck.errors import RulecheckError
-from rulecheck.zoo import cache_dir, resolve
+from rulecheck.paths import cache_dir
+from rulecheck.zoo import resolve
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -158,40 +159,6 @@ def _fill_template(spec: str, *, layer: int | None, head: int | None) -> str:
     return spec
 
 
-@contextlib.contextmanager
-def _atomic_directory(target: Path, *, replace: bool = True) -> Iterator[Path]:
-    """Yield a fresh directory next to ``target``; on success it becomes ``target``.
-
-    With ``replace=False`` a ``target`` that appeared meanwhile (another process filling the
-    same cache entry) is kept and the fresh directory is dropped.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        if target.exists() and not replace:
-            shutil.rmtree(staging, ignore_errors=True)
-            return
-        previous = None
-        if target.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            previous.rmdir()
-            target.rename(previous)
-        try:
-            staging.rename(target)
-        except OSError:
-            if previous is not None:
-                previous.rename(target)
-            if replace or not target.exists():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # devices
 
@@ -306,7 +273,7 @@ def _tokenizer_from_file(path: Path) -> PreTrainedTokenizerBase:
                 fix="write it with tokenizers.Tokenizer.save",
             ) from None
         fast = PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
-        with _atomic_directory(saved, replace=False) as staging:
+        with atomic_directory(saved, replace=False) as staging:
             fast.save_pretrained(str(staging))
     return AutoTokenizer.from_pretrained(str(saved))
 
@@ -627,7 +594,7 @@ def save_model(model: HookedTransformer, directory: Path) -> Path:
             field="tokenizer",
             fix="attach a fast tokenizer (use_fast=True) before saving",
         )
-    with _atomic_directory(directory) as staging:
+    with atomic_directory(directory) as staging:
         (staging / MODEL_CONFIG).write_text(
             json.dumps(_config_json(model.cfg), indent=2, sort_keys=True) + "\n",
             encoding="utf-8",

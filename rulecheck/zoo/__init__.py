@@ -13,17 +13,13 @@ Specs: ``NAME`` is the model, ``NAME:REL`` a path inside the entry, ``NAME:eval`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from rulecheck.paths import cache_dir
 
 ENTRIES = ("planted", "rulecheck-tiny")
 ALIASES = {"eval": "eval_tokens.npy", "corpus": "eval_tokens.npy", "model": "model"}
 PACKAGE_DIR = Path(__file__).parent
-
-
-def cache_dir() -> Path:
-    """Where built zoo entries live: ``$RULECHECK_CACHE`` or ``~/.cache/rulecheck``."""
-    return Path(os.environ.get("RULECHECK_CACHE", Path.home() / ".cache" / "rulecheck"))
 
 
 def entry_dir(name: str) -> Path:
