@@ -99,7 +99,7 @@ def run_extract(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.exemplars import ExemplarConfig
     from rulecheck.extract import ExtractConfig
     from rulecheck.loading import load_model
-    from rulecheck.specs import DEFAULT_MODEL, Specs
+    from rulecheck.specs import DEFAULT_MODEL, Specs, locate
 
     specs = Specs(
         model=args.model or DEFAULT_MODEL,
@@ -125,7 +125,7 @@ def run_extract(args: argparse.Namespace, console: Console) -> int:
     )
     layers = [args.layer]
     if args.layer is None:
-        layers = list(range(load_model(specs.model, device="cpu").cfg.n_layers))
+        layers = list(range(load_model(locate(specs.model), device="cpu").cfg.n_layers))
     written = []
     with rich_progress(console) as progress:
         for layer in layers:

@@ -1,10 +1,13 @@
 """Specs in, objects out: models, SAEs and corpora, each failure a one-line RulecheckError.
 
-Model specs: a zoo name (``planted``), a rulecheck model directory (``config.json`` with the
+Specs are paths and names; zoo specs (``planted``, ``rulecheck-tiny:eval``) are turned into
+paths by ``rulecheck.specs.locate`` before they get here.
+
+Model specs: a rulecheck model directory (``config.json`` with the
 ``HookedTransformerConfig`` keyword arguments, ``model.safetensors``, optional
 ``tokenizer.json``), a Hugging Face model directory, or a TransformerLens model name (``gpt2``).
 
-SAE specs (``{layer}`` and ``{head}`` are filled in first): a zoo path, a sae_lens directory
+SAE specs (``{layer}`` and ``{head}`` are filled in first): a sae_lens directory
 (``cfg.json``, ``sae_weights.safetensors``), a sae_lens registry id ``release:sae_id``, or the
 attention-output-SAE format ``NAME_cfg.json`` + ``NAME.pt``. Input SAEs read
 ``blocks.{layer}.hook_resid_pre``; output SAEs read ``blocks.{layer}.attn.hook_z``, one head
@@ -33,7 +36,6 @@ from safetensors.torch import load_file, save_file
 from rulecheck.atomic import atomic_directory
 from rulecheck.errors import RulecheckError
 from rulecheck.paths import cache_dir
-from rulecheck.zoo import resolve
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -89,6 +91,12 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
 
 def _path(spec: str | Path) -> Path:
     return Path(spec).expanduser()
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` can only be a path (absolute, or starting with ``~`` or ``.``), never a
+    model name, registry id or dataset name, so a missing one is reported as a missing file."""
+    return spec.startswith(("~", ".")) or Path(spec).is_absolute()
 
 
 def _read_json(path: Path) -> Any:
@@ -322,7 +330,7 @@ def load_model(
     center_unembed: bool = True,
     fold_value_biases: bool = True,
 ) -> HookedTransformer:
-    """A HookedTransformer from a zoo name, a rulecheck or Hugging Face directory, or a TL name.
+    """A HookedTransformer from a rulecheck or Hugging Face directory, or a TL name.
 
     The processing flags apply to Hugging Face directories and TL names (as in
     ``HookedTransformer.from_pretrained``); a rulecheck directory is loaded as saved.
@@ -334,8 +342,7 @@ def load_model(
         "center_unembed": center_unembed,
         "fold_value_biases": fold_value_biases,
     }
-    zoo_path = resolve(spec)
-    path = zoo_path if zoo_path is not None else _path(spec)
+    path = _path(spec)
     if path.is_dir():
         config_path = path / MODEL_CONFIG
         if not config_path.is_file():
@@ -347,9 +354,9 @@ def load_model(
         if "model_type" in _read_json_object(config_path):
             return _load_hf_directory(path, resolved, **processing)
         return _load_rulecheck_directory(path, resolved)
-    if path.exists() or zoo_path is not None:
+    if path.exists():
         raise RulecheckError(
-            "not a model directory" if path.exists() else "zoo entry not found",
+            "not a model directory",
             file=path,
             fix=f"pass a directory with {MODEL_CONFIG} and {MODEL_WEIGHTS}",
         )
@@ -534,17 +541,14 @@ def _load_hf_directory(
 
 
 def _load_named_model(spec: str, device: torch.device, **processing: bool) -> HookedTransformer:
-    import transformer_lens.loading_from_pretrained as tl_loading
     from transformer_lens import HookedTransformer
 
-    try:
-        tl_loading.get_official_model_name(spec)
-    except ValueError:
+    if not _is_model_name(spec):
         raise RulecheckError(
             "no such file or directory, and not a TransformerLens model name",
             file=spec,
             fix="pass a model directory, a zoo name (planted, rulecheck-tiny) or a name like gpt2",
-        ) from None
+        )
     try:
         return HookedTransformer.from_pretrained(spec, device=str(device), **processing)
     except OSError as exc:
@@ -553,6 +557,19 @@ def _load_named_model(spec: str, device: torch.device, **processing: bool) -> Ho
             file=spec,
             fix="pass a local model directory (rulecheck or Hugging Face format) or a zoo name",
         ) from None
+
+
+def _is_model_name(spec: str) -> bool:
+    """Whether TransformerLens knows ``spec`` as a model name or alias (a local lookup)."""
+    import transformer_lens.loading_from_pretrained as tl_loading
+
+    if _looks_like_path(spec):
+        return False
+    try:
+        tl_loading.get_official_model_name(spec)
+    except ValueError:
+        return False
+    return True
 
 
 def _config_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
@@ -616,17 +633,16 @@ def load_sae(
     head: int | None = None,
     device: str | torch.device = "cpu",
 ) -> SAE:
-    """A sae_lens SAE from a zoo path, sae_lens directory, registry id or paper-format files."""
+    """A sae_lens SAE from a sae_lens directory, registry id or paper-format files."""
     resolved = resolve_device(device)
     spec = _fill_template(spec, layer=layer, head=head)
-    zoo_path = resolve(spec)
-    path = zoo_path if zoo_path is not None else _path(spec)
+    path = _path(spec)
     if path.is_dir():
         return _load_sae_directory(path, resolved)
     paper = _paper_files(path)
     if paper is not None:
         return _load_paper_sae(*paper, device=resolved)
-    if zoo_path is None and ":" in spec:
+    if ":" in spec and not _looks_like_path(spec):
         return _load_registry_sae(spec, resolved)
     raise RulecheckError(
         "no such file or directory",
@@ -937,10 +953,11 @@ def load_corpus(
             field="seq_len",
             fix="use seq_len >= 2",
         )
-    zoo_path = resolve(spec)
-    path = zoo_path if zoo_path is not None else _path(spec)
+    path = _path(spec)
     suffix = path.suffix.lower()
-    looks_like_file = zoo_path is not None or suffix in (".npy", ".txt", ".jsonl") or path.exists()
+    looks_like_file = (
+        _looks_like_path(spec) or suffix in (".npy", ".txt", ".jsonl") or path.exists()
+    )
     if looks_like_file and not path.is_file():
         raise RulecheckError(
             "file not found", file=path, fix="pass a .npy, .txt or .jsonl file or a dataset name"

@@ -47,7 +47,7 @@ from rulecheck.loading import (
     resolve_device,
 )
 from rulecheck.rulebook import FeatureRules, Rulebook
-from rulecheck.specs import Specs, head_spec, parse_heads, processing_for
+from rulecheck.specs import Specs, head_spec, locate, parse_heads, processing_for
 from rulecheck.zoo import is_zoo_spec
 
 COLLECTOR_STATE = ("active", "top_val", "top_seq", "top_pos", "neg_key", "neg_seq")
@@ -118,7 +118,7 @@ class Workbench:
     def model(self, spec: str, sae_in: SAE | None = None) -> HookedTransformer:
         if spec not in self._models:
             flags = processing_for(sae_in) if sae_in is not None else {}
-            model = load_model(spec, device=self.device, **flags)
+            model = load_model(locate(spec), device=self.device, **flags)
             model.eval()
             self._models[spec] = model
         return self._models[spec]
@@ -127,7 +127,7 @@ class Workbench:
         spec = head_spec(head.specs.sae_in, head.layer)
         key = (spec, head.layer, None)
         if key not in self._saes:
-            sae = load_sae(spec, layer=head.layer, device=self.device)
+            sae = load_sae(locate(spec), layer=head.layer, device=self.device)
             check_sae(sae, self.model(head.specs.model, sae), layer=head.layer, head=None,
                       kind="in", spec=spec)  # fmt: skip
             self._saes[key] = sae
@@ -137,7 +137,7 @@ class Workbench:
         spec = head_spec(head.specs.sae_out, head.layer, head.head)
         key = (spec, head.layer, head.head)
         if key not in self._saes:
-            sae = load_sae(spec, layer=head.layer, head=head.head, device=self.device)
+            sae = load_sae(locate(spec), layer=head.layer, head=head.head, device=self.device)
             check_sae(sae, self.model(head.specs.model), layer=head.layer, head=head.head,
                       kind="out", spec=spec)  # fmt: skip
             self._saes[key] = sae
@@ -149,7 +149,7 @@ class Workbench:
             model = self.model(head.specs.model)
             tok = model.tokenizer
             self._corpora[key] = load_corpus(
-                head.specs.corpus,
+                locate(head.specs.corpus),
                 tokenizer=tok,
                 bos_token_id=None if tok is None else tok.bos_token_id,
                 seq_len=min(64, model.cfg.n_ctx),
