@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from rulecheck import zoo
 from rulecheck.absence import matches_term, split_positives
+from rulecheck.build.planted import token_id as word
 from rulecheck.counterfactuals import INSERTED, Edit
 from rulecheck.errors import RulecheckError
 from rulecheck.profiles import CI_PROFILE
@@ -36,7 +37,6 @@ from rulecheck.strategies import (
     key_repetitions,
     prompts,
 )
-from rulecheck.zoo.planted import token_id as word
 
 pytest_plugins = ["pytester"]
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from rulecheck import zoo
+from rulecheck.build.quality import clean_loss, sae_quality
+from rulecheck.build.train_tiny import QUALITY_SEQUENCES
 from rulecheck.loading import check_sae, load_model, load_sae
 from rulecheck.specs import locate
-from rulecheck.zoo.quality import clean_loss, sae_quality
-from rulecheck.zoo.train_tiny import QUALITY_SEQUENCES
 
 ROOT = zoo.entry_dir("rulecheck-tiny")
 SLICE = QUALITY_SEQUENCES  # the held-out sequences the model card measures on

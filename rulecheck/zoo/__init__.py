@@ -1,4 +1,4 @@
-"""Zoo: named checkpoints that run offline (``planted``, ``rulecheck-tiny``).
+"""Zoo registry: named checkpoints that run offline (``planted``, ``rulecheck-tiny``).
 
 A zoo entry is a directory with a fixed layout, the same formats as any checkpoint::
 
@@ -9,6 +9,8 @@ A zoo entry is a directory with a fixed layout, the same formats as any checkpoi
     ground_truth.json    (planted only) the rules the weights implement
 
 Specs: ``NAME`` is the model, ``NAME:REL`` a path inside the entry, ``NAME:eval`` the corpus.
+This module only names entries and says where their files are; the code that builds them is
+in ``rulecheck.build``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ PACKAGE_DIR = Path(__file__).parent
 def entry_dir(name: str) -> Path:
     """The directory of a zoo entry, building it first if it is built by code."""
     if name == "planted":
-        from rulecheck.zoo.planted import ensure_built
+        from rulecheck.build.planted import ensure_built
 
         return ensure_built(cache_dir() / "zoo" / "planted")
     if name == "rulecheck-tiny":

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,8 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from rulecheck.atomic import atomic_directory
 
 VERSION = 3
 BOS = "<bos>"
@@ -291,19 +291,8 @@ def ensure_built(directory: Path) -> Path:
     marker = directory / f"BUILT-v{VERSION}"
     if marker.exists():
         return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".planted-", dir=directory.parent))
-    try:
-        build(tmp)
-        (tmp / marker.name).write_text("ok\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        try:
-            tmp.rename(directory)
-        except OSError:  # another process finished first
-            if not marker.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # an entry an older version left is replaced; one another process built meanwhile is kept
+    with atomic_directory(directory, replace=directory.exists()) as staging:
+        build(staging)
+        (staging / marker.name).write_text("ok\n")
     return directory

@@ -1,14 +1,14 @@
 """Build ``rulecheck-tiny``: corpus, tokenizer, model and SAEs, deterministically from a seed.
 
-    python -m rulecheck.zoo.train_tiny corpus     # needs Debian's python3.11-doc
-    python -m rulecheck.zoo.train_tiny tokenizer
-    python -m rulecheck.zoo.train_tiny model
-    python -m rulecheck.zoo.train_tiny saes
-    python -m rulecheck.zoo.train_tiny ship       # into the package, with SAE quality
-    python -m rulecheck.zoo.train_tiny rules      # rulebooks/rulecheck-tiny/
-    python -m rulecheck.zoo.train_tiny analysis   # weight vs gradient ranking, distractors
-    python -m rulecheck.zoo.train_tiny card       # MODEL_CARD.md from the measured reports
-    python -m rulecheck.zoo.train_tiny all
+    python -m rulecheck.build.train_tiny corpus     # needs Debian's python3.11-doc
+    python -m rulecheck.build.train_tiny tokenizer
+    python -m rulecheck.build.train_tiny model
+    python -m rulecheck.build.train_tiny saes
+    python -m rulecheck.build.train_tiny ship       # into the package, with SAE quality
+    python -m rulecheck.build.train_tiny rules      # rulebooks/rulecheck-tiny/
+    python -m rulecheck.build.train_tiny analysis   # weight vs gradient ranking, distractors
+    python -m rulecheck.build.train_tiny card       # MODEL_CARD.md from the measured reports
+    python -m rulecheck.build.train_tiny all
 
 Corpus: the reStructuredText sources of the Python 3.11 documentation (Debian package
 ``python3.11-doc``) and Python standard-library modules (``libpython3.11-stdlib``), both under
@@ -58,7 +58,9 @@ class TinyConfig:
 
 
 def out_default() -> Path:
-    return Path(__file__).parent / "tiny"
+    from rulecheck import zoo
+
+    return zoo.entry_dir("rulecheck-tiny")
 
 
 # ------------------------------------------------------------------------------------ corpus
@@ -432,19 +434,15 @@ def step_ship(work: Path, out: Path) -> None:
     """Copy model, SAEs and held-out tokens into the package (atomically) and measure every
     SAE on the first held-out sequences."""
     import shutil
-    import tempfile
 
+    from rulecheck.atomic import atomic_directory
+    from rulecheck.build.quality import clean_loss, sae_quality
     from rulecheck.loading import load_model, load_sae
-    from rulecheck.zoo.quality import clean_loss, sae_quality
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-    for part in ("model", "sae_in", "sae_out"):
-        shutil.copytree(work / part, tmp / part)
-    shutil.copy(work / "eval_tokens.npy", tmp / "eval_tokens.npy")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as staging:
+        for part in ("model", "sae_in", "sae_out"):
+            shutil.copytree(work / part, staging / part)
+        shutil.copy(work / "eval_tokens.npy", staging / "eval_tokens.npy")
 
     model = load_model(str(out / "model"))
     tokens = torch.from_numpy(np.load(out / "eval_tokens.npy")[:QUALITY_SEQUENCES]).long()
@@ -658,7 +656,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "",
         "A small GPT-2-style language model trained on real text, with sparse autoencoders",
         "trained by sae_lens, shipped so that rulecheck runs offline. Everything below is",
-        "measured by `python -m rulecheck.zoo.train_tiny` (corpus, model, saes, ship, rules,",
+        "measured by `python -m rulecheck.build.train_tiny` (corpus, model, saes, ship, rules,",
         "analysis, card);",
         "none of it is estimated.",
         "",
@@ -763,7 +761,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rulecheck.zoo.train_tiny")
+    parser = argparse.ArgumentParser(prog="python -m rulecheck.build.train_tiny")
     parser.add_argument(
         "step",
         choices=["corpus", "model", "saes", "ship", "rules", "analysis", "card", "all"],
