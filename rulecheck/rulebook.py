@@ -9,9 +9,7 @@ line and field. Writing is deterministic, so regenerated files diff cleanly, and
 from __future__ import annotations
 
 import math
-import os
 import re
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import yaml
 import yaml.constructor
 import yaml.nodes
 
+from rulecheck.atomic import atomic_write
 from rulecheck.book import FILE_NAME, SCHEMA_VERSION, Rulebook, merge_manual, parse_book
 from rulecheck.errors import InvalidRulebook, RulecheckError
 from rulecheck.schema import Flow, Where, join
@@ -325,36 +324,7 @@ def save_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
     """Write ``rulebook`` to ``path`` atomically (temp file, fsync, rename); return the path."""
     path = Path(path)
     _check_name_matches(rulebook, path)
-    data = dump_rulebook(rulebook).encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write(path, dump_rulebook(rulebook).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------- regeneration

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,11 +17,12 @@ from typing import Any, TypeVar
 
 import torch
 from sae_lens import SAE
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rulecheck import __version__
+from rulecheck.atomic import atomic_write
 from rulecheck.book import Rulebook
 from rulecheck.errors import InvalidRulebook, InvalidSpec, NotEligible, RulecheckError
 from rulecheck.exemplars import (
@@ -45,7 +44,7 @@ from rulecheck.loading import (
     resolve_device,
 )
 from rulecheck.refs import Resolver
-from rulecheck.specs import Checkpoint, Specs, head_spec, parse_heads, processing_for
+from rulecheck.specs import Checkpoint, Specs, head_spec, locate, parse_heads, processing_for
 from rulecheck.tokens import top_token
 from rulecheck.zoo import is_zoo_spec
 
@@ -139,7 +138,7 @@ class Workbench:
     def model(self, spec: str, sae_in: SAE | None = None) -> HookedTransformer:
         if spec not in self._models:
             flags = processing_for(sae_in) if sae_in is not None else {}
-            model = load_model(spec, device=self.device, **flags)
+            model = load_model(locate(spec), device=self.device, **flags)
             model.eval()
             self._models[spec] = model
         return self._models[spec]
@@ -148,9 +147,15 @@ class Workbench:
         spec = head_spec(head.specs.sae_in, head.layer)
         key = (spec, head.layer, None)
         if key not in self._saes:
-            sae = load_sae(spec, layer=head.layer, device=self.device)
-            check_sae(sae, self.model(head.specs.model, sae), layer=head.layer, head=None,
-                      kind="in", spec=spec)  # fmt: skip
+            sae = load_sae(locate(spec), layer=head.layer, device=self.device)
+            check_sae(
+                sae,
+                self.model(head.specs.model, sae),
+                layer=head.layer,
+                head=None,
+                kind="in",
+                spec=spec,
+            )
             self._saes[key] = sae
         return self._saes[key]
 
@@ -158,9 +163,15 @@ class Workbench:
         spec = head_spec(head.specs.sae_out, head.layer, head.head)
         key = (spec, head.layer, head.head)
         if key not in self._saes:
-            sae = load_sae(spec, layer=head.layer, head=head.head, device=self.device)
-            check_sae(sae, self.model(head.specs.model), layer=head.layer, head=head.head,
-                      kind="out", spec=spec)  # fmt: skip
+            sae = load_sae(locate(spec), layer=head.layer, head=head.head, device=self.device)
+            check_sae(
+                sae,
+                self.model(head.specs.model),
+                layer=head.layer,
+                head=head.head,
+                kind="out",
+                spec=spec,
+            )
             self._saes[key] = sae
         return self._saes[key]
 
@@ -170,7 +181,7 @@ class Workbench:
             model = self.model(head.specs.model)
             tok = model.tokenizer
             self._corpora[key] = load_corpus(
-                head.specs.corpus,
+                locate(head.specs.corpus),
                 tokenizer=tok,
                 bos_token_id=None if tok is None else tok.bos_token_id,
                 seq_len=min(64, model.cfg.n_ctx),
@@ -214,8 +225,10 @@ class Workbench:
         """Model, input SAE, output SAE and corpus of a head (loaded on first use)."""
         sae_in = self.sae_in(head)
         model = self.model(head.specs.model, sae_in)
-        for field, value, n in (("layer", head.layer, model.cfg.n_layers),
-                                ("head", head.head, model.cfg.n_heads)):  # fmt: skip
+        for field, value, n in (
+            ("layer", head.layer, model.cfg.n_layers),
+            ("head", head.head, model.cfg.n_heads),
+        ):
             if not 0 <= value < n:
                 raise InvalidRulebook(
                     f"{field} {value} is out of range: the model has {n} {field}s",
@@ -298,7 +311,7 @@ class Workbench:
             if self.cache_dir is not None and not self._cache_path(other).exists():
                 state = {name: getattr(col, name).contiguous() for name in COLLECTOR_STATE}
                 state["n_seen"] = torch.tensor(col.n_seen)
-                _save_atomically(state, self._cache_path(other))
+                atomic_write(self._cache_path(other), save({k: v.cpu() for k, v in state.items()}))
         return self._collectors[head]
 
     def with_exemplars(self, exemplars: ExemplarConfig) -> Workbench:
@@ -306,8 +319,9 @@ class Workbench:
         are shared, exemplars and measurements are its own."""
         if exemplars == self.exemplar_cfg:
             return self
-        other = Workbench(self.overrides, str(self.device), self.cache_dir, exemplars,
-                          self.batch_size)  # fmt: skip
+        other = Workbench(
+            self.overrides, str(self.device), self.cache_dir, exemplars, self.batch_size
+        )
         other._models, other._saes, other._corpora = self._models, self._saes, self._corpora
         other._fingerprints = self._fingerprints
         return other
@@ -321,8 +335,9 @@ class Workbench:
         if self.cache_dir is None or not self._cache_path(head).exists():
             return None
         _, _, sae_out, tokens = self.load(head)
-        col = ExemplarCollector(sae_out.cfg.d_sae, tokens.shape[1], self.exemplar_cfg,
-                                torch.device(self.device))  # fmt: skip
+        col = ExemplarCollector(
+            sae_out.cfg.d_sae, tokens.shape[1], self.exemplar_cfg, torch.device(self.device)
+        )
         state = load_file(str(self._cache_path(head)), device=str(self.device))
         for name in COLLECTOR_STATE:
             setattr(col, name, state[name])
@@ -385,15 +400,3 @@ class Workbench:
         """The true activation of one output feature of the head, for counterfactuals."""
         model, _, sae_out, _ = self.load(head)
         return Probe(model, sae_out, head.layer, head.head, feature, self.batch_size)
-
-
-def _save_atomically(state: dict[str, Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.cpu() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

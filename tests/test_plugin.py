@@ -10,6 +10,7 @@ import torch
 
 from rulecheck.loading import load_model, save_model
 from rulecheck.rulebook import load_rulebook
+from rulecheck.specs import locate
 
 pytest_plugins = ["pytester"]
 
@@ -95,7 +96,7 @@ def test_json_report_and_serial_equals_two_workers(books):
 
 
 def test_breaking_the_model_fails_that_heads_rules(books, tmp_path):
-    model = load_model("planted")
+    model = load_model(locate("planted"))
     with torch.no_grad():
         model.blocks[0].attn.W_V[0].zero_()
     save_model(model, tmp_path / "broken")

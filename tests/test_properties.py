@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from rulecheck import zoo
 from rulecheck.absence import matches_term, split_positives
 from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.build.planted import token_id as word
 from rulecheck.counterfactuals import INSERTED, Edit
 from rulecheck.errors import RulecheckError, RuleFailed
 from rulecheck.kinds import KINDS, CheckContext
@@ -32,7 +33,6 @@ from rulecheck.strategies import (
     key_repetitions,
     prompts,
 )
-from rulecheck.zoo.planted import token_id as word
 
 pytest_plugins = ["pytester"]
 

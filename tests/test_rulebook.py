@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from rulecheck import rulebook as rb_module
 from rulecheck.book import HEADER_KEYS, FeatureRules, Rulebook, merge_manual
 from rulecheck.errors import RulecheckError
 from rulecheck.kinds.absence import AbsenceRule
@@ -754,7 +753,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path: Path, monkeypatch: pytest.M
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(rb_module.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     changed = example_rulebook()
     changed.features[0].label = "changed"
     with pytest.raises(OSError, match="No space left"):

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from rulecheck import zoo
+from rulecheck.build.quality import clean_loss, sae_quality
+from rulecheck.build.train_tiny import QUALITY_SEQUENCES
 from rulecheck.loading import check_sae, load_model, load_sae
-from rulecheck.zoo.quality import clean_loss, sae_quality
-from rulecheck.zoo.train_tiny import QUALITY_SEQUENCES
+from rulecheck.specs import locate
 
 ROOT = zoo.entry_dir("rulecheck-tiny")
 SLICE = QUALITY_SEQUENCES  # the held-out sequences the model card measures on
@@ -17,7 +18,7 @@ SLICE = QUALITY_SEQUENCES  # the held-out sequences the model card measures on
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("rulecheck-tiny")
+    return load_model(locate("rulecheck-tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,15 @@ def tokens():
 def test_shipped_layout_fits_in_40_mb():
     files = [p for p in ROOT.rglob("*") if p.is_file()]
     names = {str(p.relative_to(ROOT)) for p in files}
-    for required in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
-                     "eval_tokens.npy", "MODEL_CARD.md", "sae_in/L0/cfg.json",
-                     "sae_out/L1H3/sae_weights.safetensors"):  # fmt: skip
+    for required in (
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "eval_tokens.npy",
+        "MODEL_CARD.md",
+        "sae_in/L0/cfg.json",
+        "sae_out/L1H3/sae_weights.safetensors",
+    ):
         assert required in names
     assert sum(p.stat().st_size for p in files) <= 40 * 2**20
 
@@ -50,17 +57,24 @@ def test_model_tokenizer_and_held_out_tokens(model):
 
 def test_every_sae_loads_and_matches_its_hook(model):
     for layer in range(model.cfg.n_layers):
-        check_sae(load_sae("rulecheck-tiny:sae_in/L{layer}", layer=layer), model,
-                  layer=layer, head=None, kind="in", spec="sae_in")  # fmt: skip
+        check_sae(
+            load_sae(locate("rulecheck-tiny:sae_in/L{layer}"), layer=layer),
+            model,
+            layer=layer,
+            head=None,
+            kind="in",
+            spec="sae_in",
+        )
         for head in range(model.cfg.n_heads):
-            sae = load_sae("rulecheck-tiny:sae_out/L{layer}H{head}", layer=layer, head=head)
+            spec = locate("rulecheck-tiny:sae_out/L{layer}H{head}")
+            sae = load_sae(spec, layer=layer, head=head)
             check_sae(sae, model, layer=layer, head=head, kind="out", spec="sae_out")
             assert sae.cfg.metadata.hook_head_index == head
 
 
 def test_input_sae_quality_bars(model, tokens):
     for layer in range(model.cfg.n_layers):
-        q = sae_quality(model, load_sae(f"rulecheck-tiny:sae_in/L{layer}"), tokens, layer)
+        q = sae_quality(model, load_sae(locate(f"rulecheck-tiny:sae_in/L{layer}")), tokens, layer)
         assert q["explained_variance"] >= 0.85, q
         assert q["dead_fraction"] < 0.10, q
 
@@ -73,7 +87,7 @@ def loss_clean(model, tokens):
 
 @pytest.mark.parametrize(("layer", "head"), [(layer, h) for layer in (0, 1) for h in range(4)])
 def test_output_sae_quality_bars(model, tokens, loss_clean, layer, head):
-    sae = load_sae(f"rulecheck-tiny:sae_out/L{layer}H{head}")
+    sae = load_sae(locate(f"rulecheck-tiny:sae_out/L{layer}H{head}"))
     q = sae_quality(model, sae, tokens, layer, head, loss_clean=loss_clean)
     assert q["l0"] <= 20, q
     assert q["ce_recovered"] >= 0.80, q
@@ -82,7 +96,7 @@ def test_output_sae_quality_bars(model, tokens, loss_clean, layer, head):
 
 
 def test_quality_measures_detect_a_broken_sae(model, tokens):
-    sae = load_sae("rulecheck-tiny:sae_out/L0H0")
+    sae = load_sae(locate("rulecheck-tiny:sae_out/L0H0"))
     with torch.no_grad():
         sae.W_dec.mul_(-1)
     q = sae_quality(model, sae, tokens[:200], 0, 0)

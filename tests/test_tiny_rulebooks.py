@@ -49,7 +49,7 @@ ABSENT = _Absent()  # a path that only the other book has
 
 
 def extract(out: Path) -> Path:
-    args = "extract --model rulecheck-tiny --layer 0 --heads 1 --out".split()
+    args = ["extract", "--model", "rulecheck-tiny", "--layer", "0", "--heads", "1", "--out"]
     assert main([*args, str(out)]) == 0
     return out / BOOK
 

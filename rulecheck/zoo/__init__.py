@@ -1,4 +1,4 @@
-"""Zoo: named checkpoints that run offline (``planted``, ``rulecheck-tiny``).
+"""Zoo registry: named checkpoints that run offline (``planted``, ``rulecheck-tiny``).
 
 A zoo entry is a directory with a fixed layout, the same formats as any checkpoint::
 
@@ -9,27 +9,25 @@ A zoo entry is a directory with a fixed layout, the same formats as any checkpoi
     ground_truth.json    (planted only) the rules the weights implement
 
 Specs: ``NAME`` is the model, ``NAME:REL`` a path inside the entry, ``NAME:eval`` the corpus.
+This module only names entries and says where their files are; the code that builds them is
+in ``rulecheck.build``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from rulecheck.paths import cache_dir
 
 ENTRIES = ("planted", "rulecheck-tiny")
 ALIASES = {"eval": "eval_tokens.npy", "corpus": "eval_tokens.npy", "model": "model"}
 PACKAGE_DIR = Path(__file__).parent
 
 
-def cache_dir() -> Path:
-    """Where built zoo entries live: ``$RULECHECK_CACHE`` or ``~/.cache/rulecheck``."""
-    return Path(os.environ.get("RULECHECK_CACHE", Path.home() / ".cache" / "rulecheck"))
-
-
 def entry_dir(name: str) -> Path:
     """The directory of a zoo entry, building it first if it is built by code."""
     if name == "planted":
-        from rulecheck.zoo.planted import ensure_built
+        from rulecheck.build.planted import ensure_built
 
         return ensure_built(cache_dir() / "zoo" / "planted")
     if name == "rulecheck-tiny":

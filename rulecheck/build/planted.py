@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +32,11 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from rulecheck.atomic import atomic_directory
+
 VERSION = 3
 BOS = "<bos>"
-RULE_WORDS = [
-    "if", "then", "when", "do", "unless", "open", "close", "games", "score", "from", "to",
-]  # fmt: skip
+RULE_WORDS = "if then when do unless open close games score from to".split()
 FILLER = [
     "the",
     "a",
@@ -121,7 +119,8 @@ GROUND_TRUTH = {
     "dead": [{"head": 0, "feature": 2}, {"head": 1, "feature": 2}],
 }
 
-# how often each rule word is placed in a sequence, and how many copies (max)
+# how often each rule word is placed in a sequence, and how many copies (max); kept as a table
+# (fmt: skip), one pair per line would take a screen
 PLACEMENT = {
     "if": (0.4, 1), "then": (0.4, 1), "when": (0.4, 1), "do": (0.4, 1), "unless": (0.12, 1),
     "open": (0.4, 1), "close": (0.4, 1), "games": (0.5, 4), "score": (0.5, 1),
@@ -291,19 +290,8 @@ def ensure_built(directory: Path) -> Path:
     marker = directory / f"BUILT-v{VERSION}"
     if marker.exists():
         return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".planted-", dir=directory.parent))
-    try:
-        build(tmp)
-        (tmp / marker.name).write_text("ok\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        try:
-            tmp.rename(directory)
-        except OSError:  # another process finished first
-            if not marker.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # an entry an older version left is replaced; one another process built meanwhile is kept
+    with atomic_directory(directory, replace=directory.exists()) as staging:
+        build(staging)
+        (staging / marker.name).write_text("ok\n")
     return directory

@@ -1,14 +1,14 @@
 """Build ``rulecheck-tiny``: corpus, tokenizer, model and SAEs, deterministically from a seed.
 
-    python -m rulecheck.zoo.train_tiny corpus     # needs Debian's python3.11-doc
-    python -m rulecheck.zoo.train_tiny tokenizer
-    python -m rulecheck.zoo.train_tiny model
-    python -m rulecheck.zoo.train_tiny saes
-    python -m rulecheck.zoo.train_tiny ship       # into the package, with SAE quality
-    python -m rulecheck.zoo.train_tiny rules      # rulebooks/rulecheck-tiny/
-    python -m rulecheck.zoo.train_tiny analysis   # weight vs gradient ranking, distractors
-    python -m rulecheck.zoo.train_tiny card       # MODEL_CARD.md from the measured reports
-    python -m rulecheck.zoo.train_tiny all
+    python -m rulecheck.build.train_tiny corpus     # needs Debian's python3.11-doc
+    python -m rulecheck.build.train_tiny tokenizer
+    python -m rulecheck.build.train_tiny model
+    python -m rulecheck.build.train_tiny saes
+    python -m rulecheck.build.train_tiny ship       # into the package, with SAE quality
+    python -m rulecheck.build.train_tiny rules      # rulebooks/rulecheck-tiny/
+    python -m rulecheck.build.train_tiny analysis   # weight vs gradient ranking, distractors
+    python -m rulecheck.build.train_tiny card       # MODEL_CARD.md from the measured reports
+    python -m rulecheck.build.train_tiny all
 
 Corpus: the reStructuredText sources of the Python 3.11 documentation (Debian package
 ``python3.11-doc``) and Python standard-library modules (``libpython3.11-stdlib``), both under
@@ -58,7 +58,9 @@ class TinyConfig:
 
 
 def out_default() -> Path:
-    return Path(__file__).parent / "tiny"
+    from rulecheck import zoo
+
+    return zoo.entry_dir("rulecheck-tiny")
 
 
 # ------------------------------------------------------------------------------------ corpus
@@ -432,19 +434,15 @@ def step_ship(work: Path, out: Path) -> None:
     """Copy model, SAEs and held-out tokens into the package (atomically) and measure every
     SAE on the first held-out sequences."""
     import shutil
-    import tempfile
 
+    from rulecheck.atomic import atomic_directory
+    from rulecheck.build.quality import clean_loss, sae_quality
     from rulecheck.loading import load_model, load_sae
-    from rulecheck.zoo.quality import clean_loss, sae_quality
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-    for part in ("model", "sae_in", "sae_out"):
-        shutil.copytree(work / part, tmp / part)
-    shutil.copy(work / "eval_tokens.npy", tmp / "eval_tokens.npy")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as staging:
+        for part in ("model", "sae_in", "sae_out"):
+            shutil.copytree(work / part, staging / part)
+        shutil.copy(work / "eval_tokens.npy", staging / "eval_tokens.npy")
 
     model = load_model(str(out / "model"))
     tokens = torch.from_numpy(np.load(out / "eval_tokens.npy")[:QUALITY_SEQUENCES]).long()
@@ -489,14 +487,15 @@ def analyse_layer(layer: int) -> tuple[dict[str, dict[int, list[float]]], list[d
     """One layer of the analysis (one thread): F1 against the number of terms for each ranking
     method, and the distractor of every weight-extracted feature's top term."""
     from rulecheck.absence import cooccurrence
-    from rulecheck.api import load_layer
     from rulecheck.extract import ExtractConfig, extract_layer
     from rulecheck.heads import Probe
+    from rulecheck.kinds import KINDS
+    from rulecheck.session import Workbench
     from rulecheck.specs import Specs
     from rulecheck.tokens import top_token
 
     torch.set_num_threads(1)
-    art = load_layer(Specs("rulecheck-tiny"), layer, "all", "cpu")
+    art = Workbench(device="cpu", cache_dir=None).layer(Specs("rulecheck-tiny").resolve(), layer)
     token_of = top_token(art.model, art.sae_in, layer).cpu()
     f1_by_terms: dict[str, dict[int, list[float]]] = {}
     rows = []
@@ -513,20 +512,26 @@ def analyse_layer(layer: int) -> tuple[dict[str, dict[int, list[float]]], list[d
             continue
         for hr in results:
             for f in hr.features:
-                top = [a for a in f.absence if a.distractor.query == int(f.terms.query[0])
-                       and a.distractor.key == int(f.terms.key[0])] if len(f.terms) else []  # fmt: skip
+                # the candidate distractor of the top term (q, k), kept or not
+                top_term = (int(f.terms.query[0]), int(f.terms.key[0])) if len(f.terms) else None
+                top = [
+                    a for a in f.claims["absence"] if (a.query.feature, a.key.feature) == top_term
+                ]
                 row = {"head": hr.head, "feature": f.feature, "distractor": bool(top)}
                 if top:
                     a = top[0]
                     probe = Probe(art.model, art.sae_outs[hr.head], layer, hr.head, f.feature)
-                    ids = [int(token_of[x]) for x in (a.distractor.key, a.distractor.query,
-                                                     a.distractor.distractor)]  # fmt: skip
+                    refs = (a.key, a.query, a.distractor)
+                    ids = [int(token_of[r.feature]) for r in refs]
                     sample = art.tokens[:QUALITY_SEQUENCES]
                     co = cooccurrence(probe, sample, *ids) if min(ids) >= 0 else None
-                    row |= {"drop": a.drop, "suppresses": a.suppresses}
+                    row |= {"drop": a.drop, "suppresses": KINDS["absence"].keep(a)}
                     if co is not None:
-                        row |= {"share": co.share, "mean_with": co.mean_with,
-                                "mean_without": co.mean_without}  # fmt: skip
+                        row |= {
+                            "share": co.share,
+                            "mean_with": co.mean_with,
+                            "mean_without": co.mean_without,
+                        }
                 rows.append(row)
     return f1_by_terms, rows
 
@@ -658,7 +663,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "",
         "A small GPT-2-style language model trained on real text, with sparse autoencoders",
         "trained by sae_lens, shipped so that rulecheck runs offline. Everything below is",
-        "measured by `python -m rulecheck.zoo.train_tiny` (corpus, model, saes, ship, rules,",
+        "measured by `python -m rulecheck.build.train_tiny` (corpus, model, saes, ship, rules,",
         "analysis, card);",
         "none of it is estimated.",
         "",
@@ -763,7 +768,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rulecheck.zoo.train_tiny")
+    parser = argparse.ArgumentParser(prog="python -m rulecheck.build.train_tiny")
     parser.add_argument(
         "step",
         choices=["corpus", "model", "saes", "ship", "rules", "analysis", "card", "all"],

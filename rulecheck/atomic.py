@@ -1,0 +1,87 @@
+"""Writing files and directories atomically: readers see the old version or the new one,
+never a partial write, and a failed write leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return the path.
+
+    The bytes go to ``.{name}.{random}.tmp`` in the same directory, are synced to disk and
+    renamed over ``path`` (keeping the mode of the file they replace), then the directory is
+    synced. On any failure the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable, where the platform allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a fresh directory next to ``target``; on success it becomes ``target``.
+
+    With ``replace=False`` a ``target`` that appeared meanwhile (another process filling the
+    same cache entry) is kept and the fresh directory is dropped.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists() and not replace:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        previous = None
+        if target.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            previous.rmdir()
+            target.rename(previous)
+        try:
+            staging.rename(target)
+        except OSError:
+            if previous is not None:
+                previous.rename(target)
+            if replace or not target.exists():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

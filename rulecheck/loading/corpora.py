@@ -1,0 +1,258 @@
+"""Corpora: ``load_corpus`` turns a corpus spec into token ids ``[n_seq, seq_len]``, BOS first.
+
+Corpus specs: ``.npy`` token ids ``[n_seq, seq_len]`` with BOS in column 0, ``.txt`` (one
+document a line), ``.jsonl`` (``{"text": ...}`` a line) or a Hugging Face dataset name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rulecheck.errors import RulecheckError
+from rulecheck.loading._common import expand_path, looks_like_path, one_line
+
+STREAMED_SEQUENCES = 1024
+
+
+def load_corpus(
+    spec: str,
+    *,
+    tokenizer: Any = None,
+    bos_token_id: int | None = None,
+    seq_len: int = 64,
+    d_vocab: int | None = None,
+    max_sequences: int | None = None,
+) -> torch.Tensor:
+    """Token ids ``[n_seq, seq_len]`` (int64, BOS in column 0) from a corpus spec.
+
+    Rows of a ``.npy`` file longer than ``seq_len`` are cut to their first ``seq_len`` tokens
+    (shorter rows are kept as they are); text is tokenized without BOS, cut into
+    chunks of ``seq_len - 1`` tokens within each document (a shorter tail is dropped), and BOS
+    is put in front. A streamed dataset stops at ``max_sequences`` (default 1024).
+    """
+    if seq_len < 2:
+        raise RulecheckError(
+            f"seq_len={seq_len} leaves no room after BOS",
+            file=spec,
+            field="seq_len",
+            fix="use seq_len >= 2",
+        )
+    path = expand_path(spec)
+    suffix = path.suffix.lower()
+    looks_like_file = looks_like_path(spec) or suffix in (".npy", ".txt", ".jsonl") or path.exists()
+    if looks_like_file and not path.is_file():
+        raise RulecheckError(
+            "file not found", file=path, fix="pass a .npy, .txt or .jsonl file or a dataset name"
+        )
+    if suffix == ".npy":
+        tokens = _npy_tokens(path, bos_token_id=bos_token_id)[:, :seq_len]
+        where: Path | str = path
+    else:
+        bos = _bos_id(tokenizer, bos_token_id, spec=spec)
+        if suffix in (".txt", ".jsonl"):
+            documents = _file_documents(path)
+        elif looks_like_file:
+            raise RulecheckError(
+                f"unknown corpus format {suffix or '(no suffix)'}",
+                file=path,
+                fix="use .npy (token ids), .txt (one document a line) or .jsonl",
+            )
+        else:
+            documents = _dataset_documents(spec)
+            max_sequences = STREAMED_SEQUENCES if max_sequences is None else max_sequences
+        tokens = _chunk_documents(documents, tokenizer, bos, seq_len, max_sequences, spec=spec)
+        where = path if looks_like_file else spec
+    if max_sequences is not None:
+        tokens = tokens[:max_sequences]
+    _check_tokens(tokens, where=where, d_vocab=d_vocab)
+    return tokens
+
+
+def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise RulecheckError(
+            f"not a readable .npy file ({one_line(exc)})",
+            file=path,
+            fix="save an integer array with numpy.save",
+        ) from None
+    if not np.issubdtype(array.dtype, np.integer):
+        raise RulecheckError(
+            f"expected integer token ids, found {array.dtype}",
+            file=path,
+            field="dtype",
+            fix="save token ids as an integer array, e.g. array.astype(np.int64)",
+        )
+    if array.ndim != 2:
+        raise RulecheckError(
+            f"expected shape [n_seq, seq_len], found {list(array.shape)}",
+            file=path,
+            field="shape",
+            fix="save a 2-d array, one sequence a row",
+        )
+    tokens = torch.from_numpy(array.astype(np.int64, copy=False))
+    if bos_token_id is not None and tokens.shape[1] > 0:
+        bad = (tokens[:, 0] != bos_token_id).nonzero()
+        if len(bad):
+            row = int(bad[0, 0])
+            raise RulecheckError(
+                f"row {row} starts with {int(tokens[row, 0])}, not BOS {bos_token_id}"
+                f" ({len(bad)} of {tokens.shape[0]} rows)",
+                file=path,
+                field="column 0",
+                fix="put the BOS token id in column 0 of every row",
+            )
+    return tokens
+
+
+def _bos_id(tokenizer: Any, bos_token_id: int | None, *, spec: str) -> int:
+    if tokenizer is None:
+        raise RulecheckError(
+            "a text corpus needs a tokenizer",
+            file=spec,
+            field="tokenizer",
+            fix="load a model with a tokenizer, or pass a .npy file of token ids",
+        )
+    bos = bos_token_id if bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise RulecheckError(
+            "the tokenizer has no BOS token",
+            file=spec,
+            field="bos_token_id",
+            fix="pass bos_token_id",
+        )
+    return int(bos)
+
+
+def _file_documents(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if path.suffix.lower() != ".jsonl":
+                yield line.rstrip("\n")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RulecheckError(
+                    f"not JSON ({one_line(exc)})",
+                    file=path,
+                    line=number,
+                    fix='write one {"text": ...} object a line',
+                ) from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise RulecheckError(
+                    "expected an object with a string field text",
+                    file=path,
+                    line=number,
+                    field="text",
+                    fix='write one {"text": ...} object a line',
+                )
+            yield text
+
+
+def _dataset_documents(name: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as exc:
+        raise RulecheckError(
+            f"cannot load the dataset from the Hugging Face hub ({one_line(exc, 120)})",
+            file=name,
+            fix="pass a local .npy, .txt or .jsonl file",
+        ) from None
+    rows = iter(dataset)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise RulecheckError(
+                f"cannot read the dataset ({one_line(exc, 120)})",
+                file=name,
+                fix="pass a local .npy, .txt or .jsonl file",
+            ) from None
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise RulecheckError(
+                "dataset rows have no string field text",
+                file=name,
+                field="text",
+                fix="use a dataset with a text column, or a local file",
+            )
+        yield text
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):
+        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _chunk_documents(
+    documents: Iterable[str],
+    tokenizer: Any,
+    bos: int,
+    seq_len: int,
+    max_sequences: int | None,
+    *,
+    spec: str,
+) -> torch.Tensor:
+    body = seq_len - 1
+    rows: list[list[int]] = []
+    for batch in _batched(documents, 256):
+        for ids in _encode(tokenizer, batch):
+            for start in range(0, len(ids) - body + 1, body):
+                rows.append([bos, *ids[start : start + body]])
+        if max_sequences is not None and len(rows) >= max_sequences:
+            break
+    if not rows:
+        raise RulecheckError(
+            f"no document is at least {body} tokens long",
+            file=spec,
+            field="seq_len",
+            fix="use a smaller seq_len or longer documents",
+        )
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _check_tokens(tokens: torch.Tensor, *, where: Path | str, d_vocab: int | None) -> None:
+    if tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise RulecheckError(
+            f"expected at least one sequence of 2+ tokens, found shape {list(tokens.shape)}",
+            file=where,
+            field="shape",
+            fix="provide sequences of BOS plus at least one token",
+        )
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or (d_vocab is not None and high >= d_vocab):
+        bad = low if low < 0 else high
+        allowed = "non-negative" if d_vocab is None else f"in 0..{d_vocab - 1} (d_vocab={d_vocab})"
+        raise RulecheckError(
+            f"found token id {bad}, expected ids {allowed}",
+            file=where,
+            field="token ids",
+            fix="tokenize the corpus with the model's tokenizer",
+        )

@@ -1,0 +1,43 @@
+"""Devices: ``auto`` and device names, checked against what this machine has."""
+
+from __future__ import annotations
+
+import torch
+
+from rulecheck.errors import RulecheckError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is cuda when available, else cpu; any other name must be a usable torch device."""
+    if isinstance(device, torch.device):
+        resolved = device
+    elif device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise RulecheckError(
+                f"{device!r} is not a device name",
+                field="device",
+                fix='use "auto", "cpu", "cuda" or "cuda:N"',
+            ) from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available()}
+    if resolved.type in available and not available[resolved.type]:
+        raise RulecheckError(
+            f"{device!s} requested but {resolved.type} is not available on this machine",
+            field="device",
+            fix='use "cpu" or "auto"',
+        )
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise RulecheckError(
+            f"unsupported device type {resolved.type!r}",
+            field="device",
+            fix='use "auto", "cpu" or "cuda"',
+        )
+    return resolved
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())

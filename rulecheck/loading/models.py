@@ -1,0 +1,481 @@
+"""Models: ``load_model`` and ``save_model``, and the tokenizers that come with them.
+
+Model specs: a rulecheck model directory (``config.json`` with the ``HookedTransformerConfig``
+keyword arguments, ``model.safetensors``, optional ``tokenizer.json``), a Hugging Face model
+directory, or a TransformerLens model name (``gpt2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from rulecheck.atomic import atomic_directory
+from rulecheck.errors import RulecheckError
+from rulecheck.loading._common import (
+    dtype_name,
+    expand_path,
+    looks_like_path,
+    one_line,
+    parse_dtype,
+    read_json_object,
+    read_safetensors,
+)
+from rulecheck.loading.devices import resolve_device
+from rulecheck.paths import cache_dir
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import PreTrainedTokenizerBase
+
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_TOKENIZER = "tokenizer.json"
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# Hugging Face config attributes that TransformerLens still reads under an older name.
+HF_LEGACY_KEYS = {"gpt2": {"n_ctx": "n_positions"}}
+# HookedTransformerConfig fields that describe a run, not the weights: never written.
+UNSAVED_CONFIG_FIELDS = frozenset(
+    {
+        "device",
+        "n_devices",
+        "n_params",
+        "seed",
+        "init_weights",
+        "tokenizer_name",
+        "tokenizer_prepends_bos",
+        "trust_remote_code",
+        "load_in_4bit",
+        "quantization_method",
+        "from_checkpoint",
+        "checkpoint_index",
+        "checkpoint_label_type",
+        "checkpoint_value",
+    }
+)
+BOS_NAMES = ("<|endoftext|>", "<|bos|>", "<bos>", "<s>", "[BOS]", "<|begin_of_text|>")
+EOS_NAMES = ("<|endoftext|>", "<|eos|>", "<eos>", "</s>", "[EOS]", "<|end_of_text|>")
+PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+
+
+def load_model(
+    spec: str,
+    device: str | torch.device = "cpu",
+    *,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    fold_value_biases: bool = True,
+) -> HookedTransformer:
+    """A HookedTransformer from a rulecheck or Hugging Face directory, or a TL name.
+
+    The processing flags apply to Hugging Face directories and TL names (as in
+    ``HookedTransformer.from_pretrained``); a rulecheck directory is loaded as saved.
+    """
+    resolved = resolve_device(device)
+    processing = {
+        "fold_ln": fold_ln,
+        "center_writing_weights": center_writing_weights,
+        "center_unembed": center_unembed,
+        "fold_value_biases": fold_value_biases,
+    }
+    path = expand_path(spec)
+    if path.is_dir():
+        config_path = path / MODEL_CONFIG
+        if not config_path.is_file():
+            raise RulecheckError(
+                f"not a model directory: no {MODEL_CONFIG}",
+                file=path,
+                fix=f"pass a directory with {MODEL_CONFIG} and {MODEL_WEIGHTS}",
+            )
+        if "model_type" in read_json_object(config_path):
+            return _load_hf_directory(path, resolved, **processing)
+        return _load_rulecheck_directory(path, resolved)
+    if path.exists():
+        raise RulecheckError(
+            "not a model directory",
+            file=path,
+            fix=f"pass a directory with {MODEL_CONFIG} and {MODEL_WEIGHTS}",
+        )
+    return _load_named_model(spec, resolved, **processing)
+
+
+def _model_config(path: Path, device: torch.device) -> HookedTransformerConfig:
+    from transformer_lens import HookedTransformerConfig
+
+    raw = read_json_object(path)
+    known = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise RulecheckError(
+            f"not a HookedTransformerConfig field: {', '.join(unknown)}",
+            file=path,
+            field=unknown[0],
+            fix="remove it; config.json holds HookedTransformerConfig keyword arguments",
+        )
+    kwargs = dict(raw)
+    if "dtype" in kwargs:
+        kwargs["dtype"] = parse_dtype(kwargs["dtype"], file=path)
+    kwargs.update(device=str(device), n_devices=1, init_weights=False)
+    try:
+        return HookedTransformerConfig(**kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError) as exc:
+        raise RulecheckError(
+            f"invalid model config ({one_line(exc)})",
+            file=path,
+            fix="write config.json with save_model or fix the named value",
+        ) from None
+
+
+def _check_state_dict_keys(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, file: Path
+) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + ("..." if len(missing) > 3 else ""))
+        if unexpected:
+            more = "..." if len(unexpected) > 3 else ""
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{more}")
+        raise RulecheckError(
+            f"weights do not match the config: {'; '.join(parts)}",
+            file=file,
+            field="state_dict",
+            fix="save the weights and config.json together with save_model",
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise RulecheckError(
+                f"shape {list(tensor.shape)}, expected {list(expected[name].shape)}",
+                file=file,
+                field=name,
+                fix="save the weights and config.json together with save_model",
+            )
+
+
+def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTransformer:
+    from transformer_lens import HookedTransformer
+
+    cfg = _model_config(directory / MODEL_CONFIG, device)
+    state = read_safetensors(directory / MODEL_WEIGHTS)
+    tokenizer_path = directory / MODEL_TOKENIZER
+    tokenizer = _tokenizer_from_file(tokenizer_path) if tokenizer_path.is_file() else None
+    if tokenizer is not None:
+        cfg.tokenizer_name = None
+    try:
+        model = HookedTransformer(cfg)
+    except (OSError, ValueError) as exc:
+        raise RulecheckError(
+            f"cannot build the model ({one_line(exc)})",
+            file=directory / MODEL_CONFIG,
+            fix=f"remove tokenizer_name and add {MODEL_TOKENIZER} to the directory",
+        ) from None
+    _check_state_dict_keys(state, model.state_dict(), file=directory / MODEL_WEIGHTS)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    if tokenizer is not None:
+        _attach_tokenizer(model, tokenizer, file=tokenizer_path)
+    return model
+
+
+@contextlib.contextmanager
+def _hf_config_view(directory: Path) -> Iterator[Path]:
+    """A directory holding only the model's config.json, with the keys TransformerLens reads.
+
+    It also keeps TransformerLens from guessing the architecture from words in the path.
+    """
+    raw = read_json_object(directory / MODEL_CONFIG)
+    for legacy, current in HF_LEGACY_KEYS.get(raw.get("model_type", ""), {}).items():
+        if legacy not in raw and current in raw:
+            raw[legacy] = raw[current]
+    with tempfile.TemporaryDirectory(prefix="rulecheck-hf-config-") as view:
+        (Path(view) / MODEL_CONFIG).write_text(json.dumps(raw), encoding="utf-8")
+        yield Path(view)
+
+
+def _effective_processing(cfg: HookedTransformerConfig, flags: dict[str, bool]) -> dict[str, bool]:
+    """The processing ``HookedTransformer.from_pretrained`` would apply to this architecture."""
+    from transformer_lens.utilities import softcap_enabled
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    flags = dict(flags)
+    shortformer = cfg.positional_embedding_type == "shortformer"
+    if shortformer or cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        flags["fold_ln"] = flags["center_writing_weights"] = False
+    if shortformer or softcap_enabled(cfg.output_logits_soft_cap):
+        flags["center_unembed"] = False
+    return flags
+
+
+def _load_hf_directory(
+    directory: Path, device: torch.device, **processing: bool
+) -> HookedTransformer:
+    import transformer_lens.loading_from_pretrained as tl_loading
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = next((directory / n for n in HF_WEIGHT_FILES if (directory / n).is_file()), directory)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise RulecheckError(
+            f"cannot load the Hugging Face model ({one_line(exc)})",
+            file=weights,
+            fix="save it again with model.save_pretrained(directory)",
+        ) from None
+    try:
+        with _hf_config_view(directory) as view:
+            cfg = tl_loading.get_pretrained_model_config(
+                str(view),
+                hf_cfg=hf_model.config.to_dict(),
+                fold_ln=processing["fold_ln"],
+                device=str(device),
+                dtype=torch.float32,
+            )
+        cfg.model_name = directory.name
+        cfg.tokenizer_name = None
+        state = tl_loading.get_pretrained_state_dict(str(directory), cfg, hf_model)
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        NotImplementedError,
+    ) as exc:
+        raise RulecheckError(
+            f"TransformerLens cannot convert this model ({one_line(exc)})",
+            file=directory / MODEL_CONFIG,
+            field="architectures",
+            fix="use an architecture TransformerLens supports, or save a rulecheck directory",
+        ) from None
+    model = HookedTransformer(cfg, move_to_device=False)
+    try:
+        model.load_and_process_state_dict(state, **_effective_processing(cfg, processing))
+    except (RuntimeError, KeyError) as exc:
+        raise RulecheckError(
+            f"converted weights do not fit the converted config ({one_line(exc)})",
+            file=weights,
+            field="state_dict",
+            fix="save the model as a rulecheck directory with save_model",
+        ) from None
+    model.move_model_modules_to_device()
+    model.eval()
+    if any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        except (OSError, ValueError) as exc:
+            raise RulecheckError(
+                f"cannot load the tokenizer ({one_line(exc)})",
+                file=directory,
+                field="tokenizer",
+                fix="save it with tokenizer.save_pretrained(directory)",
+            ) from None
+        _attach_tokenizer(model, tokenizer, file=directory)
+    return model
+
+
+def _load_named_model(spec: str, device: torch.device, **processing: bool) -> HookedTransformer:
+    from transformer_lens import HookedTransformer
+
+    if not _is_model_name(spec):
+        raise RulecheckError(
+            "no such file or directory, and not a TransformerLens model name",
+            file=spec,
+            fix="pass a model directory, a zoo name (planted, rulecheck-tiny) or a name like gpt2",
+        )
+    try:
+        return HookedTransformer.from_pretrained(spec, device=str(device), **processing)
+    except OSError as exc:
+        raise RulecheckError(
+            f"cannot download the model from the Hugging Face hub ({one_line(exc, 120)})",
+            file=spec,
+            fix="pass a local model directory (rulecheck or Hugging Face format) or a zoo name",
+        ) from None
+
+
+def _is_model_name(spec: str) -> bool:
+    """Whether TransformerLens knows ``spec`` as a model name or alias (a local lookup)."""
+    import transformer_lens.loading_from_pretrained as tl_loading
+
+    if looks_like_path(spec):
+        return False
+    try:
+        tl_loading.get_official_model_name(spec)
+    except ValueError:
+        return False
+    return True
+
+
+def save_model(model: HookedTransformer, directory: Path) -> Path:
+    """Write ``model`` as a rulecheck model directory (atomically); return the directory."""
+    directory = expand_path(directory)
+    state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and not hasattr(tokenizer, "backend_tokenizer"):
+        raise RulecheckError(
+            f"cannot save a slow tokenizer ({type(tokenizer).__name__})",
+            file=directory,
+            field="tokenizer",
+            fix="attach a fast tokenizer (use_fast=True) before saving",
+        )
+    with atomic_directory(directory) as staging:
+        (staging / MODEL_CONFIG).write_text(
+            json.dumps(config_json(model.cfg), indent=2, sort_keys=True) + "\n",
+            encoding="utf-8",
+        )
+        save_file(state, str(staging / MODEL_WEIGHTS))
+        if tokenizer is not None:
+            tokenizer.backend_tokenizer.save(str(staging / MODEL_TOKENIZER))
+    return directory
+
+
+def config_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
+    """The HookedTransformerConfig keyword arguments that rebuild ``cfg``, as JSON values."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.init and f.name not in UNSAVED_CONFIG_FIELDS:
+            out[f.name] = _json_value(getattr(cfg, f.name), field=f.name)
+    return out
+
+
+def _json_value(value: Any, *, field: str) -> Any:
+    if isinstance(value, torch.dtype):
+        return dtype_name(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, field=field) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v, field=field) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise RulecheckError(
+        f"cannot write {type(value).__name__} to JSON",
+        field=field,
+        fix="set the config field to a JSON value",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+
+
+def _special_token_roles(raw: Mapping[str, Any], *, file: Path) -> dict[str, str]:
+    """BOS/EOS/PAD/UNK token strings of a ``tokenizers`` JSON file.
+
+    BOS is the special token the post-processor puts first, else a conventional name, else the
+    only special token there is.
+    """
+    specials = [t["content"] for t in raw.get("added_tokens") or [] if t.get("special")]
+    bos = _template_bos(raw.get("post_processor")) or next(
+        (name for name in BOS_NAMES if name in specials), None
+    )
+    if bos is None and len(specials) == 1:
+        bos = specials[0]
+    if bos is None:
+        raise RulecheckError(
+            f"cannot tell which special token is BOS (special tokens: {specials or 'none'})",
+            file=file,
+            field="added_tokens",
+            fix=f"add one of {', '.join(BOS_NAMES[:4])} as a special token",
+        )
+    eos = next((name for name in EOS_NAMES if name in specials), bos)
+    roles = {
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": next((name for name in PAD_NAMES if name in specials), eos),
+    }
+    unk = (raw.get("model") or {}).get("unk_token")
+    if isinstance(unk, str):
+        roles["unk_token"] = unk
+    return roles
+
+
+def _template_bos(post_processor: Any) -> str | None:
+    if not isinstance(post_processor, dict):
+        return None
+    if post_processor.get("type") == "Sequence":
+        for inner in post_processor.get("processors") or []:
+            found = _template_bos(inner)
+            if found:
+                return found
+        return None
+    if post_processor.get("type") != "TemplateProcessing":
+        return None
+    single = post_processor.get("single") or []
+    first = single[0] if single else {}
+    return (first.get("SpecialToken") or {}).get("id")
+
+
+def _tokenizer_from_file(path: Path) -> PreTrainedTokenizerBase:
+    """A transformers tokenizer from a ``tokenizers`` JSON file.
+
+    TransformerLens rebuilds tokenizers from ``name_or_path``, so the tokenizer is saved once to
+    a cache directory (keyed by content) and loaded from there.
+    """
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    raw = read_json_object(path)
+    roles = _special_token_roles(raw, file=path)
+    digest = hashlib.sha256(path.read_bytes() + json.dumps(roles, sort_keys=True).encode())
+    saved = cache_dir() / "tokenizers" / digest.hexdigest()[:24]
+    if not (saved / "tokenizer_config.json").is_file():
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise RulecheckError(
+                f"not a readable tokenizers file ({one_line(exc)})",
+                file=path,
+                fix="write it with tokenizers.Tokenizer.save",
+            ) from None
+        fast = PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
+        with atomic_directory(saved, replace=False) as staging:
+            fast.save_pretrained(str(staging))
+    return AutoTokenizer.from_pretrained(str(saved))
+
+
+def _attach_tokenizer(
+    model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, *, file: Path
+) -> None:
+    """Set the tokenizer and check that it tokenizes into the model's vocabulary."""
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= model.cfg.d_vocab:
+        raise RulecheckError(
+            f"tokenizer has token id {largest} but the model has d_vocab={model.cfg.d_vocab}",
+            file=file,
+            field="d_vocab",
+            fix="use the tokenizer the model was trained with",
+        )
+    try:
+        model.set_tokenizer(tokenizer)
+        tokens = model.to_tokens("hello")
+    except Exception as exc:
+        raise RulecheckError(
+            f"tokenizer does not work with the model ({one_line(exc)})",
+            file=file,
+            field="tokenizer",
+            fix="use a Hugging Face fast tokenizer with a BOS token",
+        ) from None
+    if tokens.ndim != 2 or tokens.shape[1] == 0 or int(tokens.max()) >= model.cfg.d_vocab:
+        raise RulecheckError(
+            f"tokenizing 'hello' gave {tokens.tolist()}, outside d_vocab={model.cfg.d_vocab}",
+            file=file,
+            field="tokenizer",
+            fix="use the tokenizer the model was trained with",
+        )

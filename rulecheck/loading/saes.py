@@ -1,0 +1,398 @@
+"""SAEs: ``load_sae`` reads the SAE formats of ``SAE_FORMATS``; ``check_sae`` checks that an
+SAE reads the hook it is used at.
+
+SAE specs (``{layer}`` and ``{head}`` are filled in first): a sae_lens directory (``cfg.json``,
+``sae_weights.safetensors``), the attention-output-SAE format ``NAME_cfg.json`` + ``NAME.pt``,
+or a sae_lens registry id ``release:sae_id``. Input SAEs read ``blocks.{layer}.hook_resid_pre``;
+output SAEs read ``blocks.{layer}.attn.hook_z``, one head (``hook_head_index``) or all heads
+concatenated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from rulecheck.errors import RulecheckError
+from rulecheck.loading._common import (
+    expand_path,
+    looks_like_path,
+    one_line,
+    parse_dtype,
+    read_json_object,
+    read_safetensors,
+)
+from rulecheck.loading.devices import resolve_device
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+SAE_CONFIG = "cfg.json"
+SAE_WEIGHTS = "sae_weights.safetensors"
+PAPER_CONFIG_SUFFIX = "_cfg.json"
+PAPER_WEIGHTS_SUFFIX = ".pt"
+PAPER_WEIGHT_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
+PAPER_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class SaeFormat:
+    """One way a spec can name an SAE: ``recognise(spec, path)`` says whether the spec is in
+    this format, ``read(spec, path, device)`` loads it; ``description`` names the format in the
+    error when no format recognises a spec."""
+
+    name: str
+    description: str
+    recognise: Callable[[str, Path], bool]
+    read: Callable[[str, Path, torch.device], SAE]
+
+
+def _is_sae_directory(spec: str, path: Path) -> bool:
+    return path.is_dir()
+
+
+def _read_sae_directory(spec: str, directory: Path, device: torch.device) -> SAE:
+    from sae_lens import SAE
+
+    config_path, weights_path = directory / SAE_CONFIG, directory / SAE_WEIGHTS
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise RulecheckError(
+                f"not a sae_lens directory: no {needed.name}",
+                file=directory,
+                fix="save the SAE with sae.save_model(directory)",
+            )
+    read_json_object(config_path)
+    read_safetensors(weights_path)
+    try:
+        return SAE.load_from_disk(str(directory), device=str(device))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise RulecheckError(
+            f"cannot build the SAE ({one_line(exc)})",
+            file=config_path,
+            fix="save the SAE with sae.save_model(directory)",
+        ) from None
+
+
+def _paper_files(path: Path) -> tuple[Path, Path]:
+    """``(NAME_cfg.json, NAME.pt)`` for a ``path`` that names either file or their common stem."""
+    text = str(path)
+    if text.endswith(PAPER_CONFIG_SUFFIX):
+        text = text[: -len(PAPER_CONFIG_SUFFIX)]
+    elif text.endswith(PAPER_WEIGHTS_SUFFIX):
+        text = text[: -len(PAPER_WEIGHTS_SUFFIX)]
+    return Path(text + PAPER_CONFIG_SUFFIX), Path(text + PAPER_WEIGHTS_SUFFIX)
+
+
+def _is_paper_sae(spec: str, path: Path) -> bool:
+    return any(file.is_file() for file in _paper_files(path))
+
+
+def _paper_int(cfg: Mapping[str, Any], key: str, *, file: Path) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RulecheckError(
+            f"expected a positive integer, found {value!r}",
+            file=file,
+            field=key,
+            fix=f"set {key} in the config",
+        )
+    return value
+
+
+def _paper_sae_config(cfg: Mapping[str, Any], *, file: Path, device: torch.device) -> Any:
+    """The sae_lens config of an attention-output SAE config (``act_size``, ``dict_size``...)."""
+    from sae_lens import StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    d_in = _paper_int(cfg, "act_size", file=file)
+    if "dict_size" in cfg:
+        d_sae = _paper_int(cfg, "dict_size", file=file)
+    else:
+        d_sae = d_in * _paper_int(cfg, "dict_mult", file=file)
+    hook_name = cfg.get("act_name")
+    if hook_name is None and isinstance(cfg.get("layer"), int):
+        hook_name = f"blocks.{cfg['layer']}.attn.hook_{cfg.get('site', 'z')}"
+    if not isinstance(hook_name, str):
+        raise RulecheckError(
+            "no hook: neither act_name nor layer is set",
+            file=file,
+            field="act_name",
+            fix='set act_name, e.g. "blocks.0.attn.hook_z"',
+        )
+    head = cfg.get("head")
+    per_head = bool(cfg.get("per_head", False)) or (
+        isinstance(head, int) and not isinstance(head, bool) and not cfg.get("concat_heads")
+    )
+    if per_head and (isinstance(head, bool) or not isinstance(head, int)):
+        raise RulecheckError(
+            f"per-head SAE without an integer head (found {head!r})",
+            file=file,
+            field="head",
+            fix="set head to the head index",
+        )
+    layer_level_z = not per_head and hook_name.endswith("hook_z")
+    return StandardSAEConfig(
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype=PAPER_DTYPES.get(str(cfg.get("enc_dtype", "fp32")), "float32"),
+        device=str(device),
+        apply_b_dec_to_input=True,
+        reshape_activations="hook_z" if layer_level_z else "none",
+        metadata=SAEMetadata(
+            hook_name=hook_name,
+            hook_head_index=head if per_head else None,
+            model_name=cfg.get("model_name"),
+        ),
+    )
+
+
+def _read_paper_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RulecheckError(
+            f"not a readable weights file ({one_line(exc)})",
+            file=path,
+            fix="save the state dict with torch.save(sae.state_dict(), path)",
+        ) from None
+    if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise RulecheckError(
+            "expected a state dict of tensors",
+            file=path,
+            fix=f"save a dict with {', '.join(PAPER_WEIGHT_KEYS)}",
+        )
+    keys = set(raw)
+    if keys != set(PAPER_WEIGHT_KEYS):
+        raise RulecheckError(
+            f"expected keys {', '.join(PAPER_WEIGHT_KEYS)}, found {', '.join(sorted(keys))}",
+            file=path,
+            field="state_dict",
+            fix=f"save a dict with exactly {', '.join(PAPER_WEIGHT_KEYS)}",
+        )
+    return dict(raw)
+
+
+def _read_paper_sae(spec: str, path: Path, device: torch.device) -> SAE:
+    from sae_lens import StandardSAE
+
+    config_path, weights_path = _paper_files(path)
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise RulecheckError(
+                "file not found (the SAE format needs NAME_cfg.json and NAME.pt side by side)",
+                file=needed,
+                fix=f"put {config_path.name} and {weights_path.name} in the same directory",
+            )
+    sae_cfg = _paper_sae_config(read_json_object(config_path), file=config_path, device=device)
+    weights = _read_paper_weights(weights_path)
+    dtype = parse_dtype(sae_cfg.dtype, file=config_path)
+    sae_cfg.device = "meta"
+    sae = StandardSAE(sae_cfg)
+    sae.cfg.device = str(device)
+    expected = {
+        "W_enc": (sae_cfg.d_in, sae_cfg.d_sae),
+        "W_dec": (sae_cfg.d_sae, sae_cfg.d_in),
+        "b_enc": (sae_cfg.d_sae,),
+        "b_dec": (sae_cfg.d_in,),
+    }
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise RulecheckError(
+                f"shape {list(weights[name].shape)}, expected {list(shape)} from act_size/dict_size",
+                file=weights_path,
+                field=name,
+                fix=f"check that {config_path.name} belongs to these weights",
+            )
+    sae.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True, assign=True)
+    return sae.to(device=device, dtype=dtype)
+
+
+def _is_registry_id(spec: str, path: Path) -> bool:
+    return ":" in spec and not looks_like_path(spec)
+
+
+def _read_registry_sae(spec: str, path: Path, device: torch.device) -> SAE:
+    from sae_lens import SAE
+
+    release, _, sae_id = spec.partition(":")
+    try:
+        return SAE.from_pretrained(release, sae_id, device=str(device))
+    except ValueError as exc:
+        raise RulecheckError(
+            f"not a sae_lens SAE ({one_line(exc, 160)})",
+            file=spec,
+            fix="check the release and id against sae_lens's pretrained_saes.yaml",
+        ) from None
+    except OSError as exc:
+        raise RulecheckError(
+            f"cannot download the SAE from the Hugging Face hub ({one_line(exc, 120)})",
+            file=spec,
+            fix="pass a local sae_lens directory or NAME_cfg.json + NAME.pt files",
+        ) from None
+
+
+# tried in order; the first format that recognises a spec loads it
+SAE_FORMATS: tuple[SaeFormat, ...] = (
+    SaeFormat(
+        "sae_lens directory",
+        f"a sae_lens directory ({SAE_CONFIG}, {SAE_WEIGHTS})",
+        _is_sae_directory,
+        _read_sae_directory,
+    ),
+    SaeFormat(
+        "attention-output SAE files",
+        f"NAME{PAPER_CONFIG_SUFFIX} + NAME{PAPER_WEIGHTS_SUFFIX}",
+        _is_paper_sae,
+        _read_paper_sae,
+    ),
+    SaeFormat(
+        "sae_lens registry id",
+        "a sae_lens id release:sae_id",
+        _is_registry_id,
+        _read_registry_sae,
+    ),
+)
+
+
+def load_sae(
+    spec: str,
+    *,
+    layer: int | None = None,
+    head: int | None = None,
+    device: str | torch.device = "cpu",
+) -> SAE:
+    """A sae_lens SAE from a sae_lens directory, registry id or paper-format files."""
+    resolved = resolve_device(device)
+    spec = _fill_template(spec, layer=layer, head=head)
+    path = expand_path(spec)
+    for sae_format in SAE_FORMATS:
+        if sae_format.recognise(spec, path):
+            return sae_format.read(spec, path, resolved)
+    *others, last = (sae_format.description for sae_format in SAE_FORMATS)
+    raise RulecheckError(
+        "no such file or directory",
+        file=path,
+        fix=f"pass {', '.join(others)}, or {last}",
+    )
+
+
+def _fill_template(spec: str, *, layer: int | None, head: int | None) -> str:
+    for name, value in (("layer", layer), ("head", head)):
+        token = "{" + name + "}"
+        if token not in spec:
+            continue
+        if value is None:
+            raise RulecheckError(
+                f"the spec contains {token} but no {name} was given",
+                file=spec,
+                field=name,
+                fix=f"pass {name}=... or write the number into the spec",
+            )
+        spec = spec.replace(token, str(value))
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def check_sae(
+    sae: SAE,
+    model: HookedTransformer,
+    *,
+    layer: int,
+    head: int | None,
+    kind: Literal["in", "out"],
+    spec: str,
+) -> None:
+    """Check that ``sae`` reads the hook it is used at: resid_pre (``in``) or attn.hook_z (``out``).
+
+    ``out`` SAEs are per-head (``hook_head_index`` set, ``d_in == d_head``) or layer-level
+    (``d_in == n_heads * d_head``).
+    """
+    cfg = model.cfg
+    if not 0 <= layer < cfg.n_layers:
+        raise RulecheckError(
+            f"layer {layer} is out of range: the model has n_layers={cfg.n_layers}"
+            f" (expected 0..{cfg.n_layers - 1})",
+            file=spec,
+            field="layer",
+            fix=f"pick a layer in 0..{cfg.n_layers - 1}",
+        )
+    if kind == "in":
+        _check_hook(sae, f"blocks.{layer}.hook_resid_pre", spec=spec)
+        _check_d_in(sae, cfg.d_model, "d_model", spec=spec)
+        if sae.cfg.metadata.hook_head_index is not None:
+            raise RulecheckError(
+                f"an input SAE reads the whole residual stream, found hook_head_index="
+                f"{sae.cfg.metadata.hook_head_index}",
+                file=spec,
+                field="hook_head_index",
+                fix="use an SAE trained on hook_resid_pre",
+            )
+        return
+    if kind != "out":
+        raise RulecheckError(
+            f"unknown SAE kind {kind!r}", file=spec, field="kind", fix='use "in" or "out"'
+        )
+    _check_hook(sae, f"blocks.{layer}.attn.hook_z", spec=spec)
+    sae_head = sae.cfg.metadata.hook_head_index
+    if sae_head is not None:
+        if head is not None and head != sae_head:
+            raise RulecheckError(
+                f"expected head {head}, the SAE reads hook_head_index={sae_head}",
+                file=spec,
+                field="head",
+                fix=f"load the SAE of head {head}",
+            )
+        _check_head(sae_head, cfg.n_heads, spec=spec, field="hook_head_index")
+        _check_d_in(sae, cfg.d_head, "d_head, one head", spec=spec)
+        return
+    if head is not None:
+        _check_head(head, cfg.n_heads, spec=spec, field="head")
+    if sae.cfg.d_in == cfg.d_head and cfg.n_heads > 1:
+        raise RulecheckError(
+            f"d_in={sae.cfg.d_in} is one head's d_head, but the SAE has no hook_head_index",
+            file=spec,
+            field="hook_head_index",
+            fix="set metadata.hook_head_index to the head it was trained on",
+        )
+    _check_d_in(sae, cfg.n_heads * cfg.d_head, "n_heads*d_head, all heads", spec=spec)
+
+
+def _check_hook(sae: SAE, expected: str, *, spec: str) -> None:
+    found = sae.cfg.metadata.hook_name
+    if found is not None and found != expected:
+        raise RulecheckError(
+            f"expected {expected!r}, found {found!r}",
+            file=spec,
+            field="hook_name",
+            fix=f"load the SAE trained on {expected}",
+        )
+
+
+def _check_d_in(sae: SAE, expected: int, meaning: str, *, spec: str) -> None:
+    if sae.cfg.d_in != expected:
+        raise RulecheckError(
+            f"expected {expected} ({meaning}), found {sae.cfg.d_in}",
+            file=spec,
+            field="d_in",
+            fix="load the SAE trained on this model and hook",
+        )
+
+
+def _check_head(head: int, n_heads: int, *, spec: str, field: str) -> None:
+    if not 0 <= head < n_heads:
+        raise RulecheckError(
+            f"head {head} is out of range: the model has n_heads={n_heads}"
+            f" (expected 0..{n_heads - 1})",
+            file=spec,
+            field=field,
+            fix=f"pick a head in 0..{n_heads - 1}",
+        )
