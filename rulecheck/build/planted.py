@@ -36,7 +36,7 @@ from rulecheck.atomic import atomic_directory
 
 VERSION = 3
 BOS = "<bos>"
-RULE_WORDS = "if then when do unless open close games score from to".split()
+RULE_WORDS = ["if", "then", "when", "do", "unless", "open", "close", "games", "score", "from", "to"]
 FILLER = [
     "the",
     "a",
