@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from rulecheck.config import METHODS, ExemplarConfig, ExtractConfig
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import InvalidSpec, RulecheckError
 
 T = TypeVar("T")
 
@@ -137,12 +137,12 @@ def run_summary(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.rulebook import load_rulebook
 
     if not args.directory.is_dir():
-        raise RulecheckError(
+        raise InvalidSpec(
             "is not a directory", file=args.directory, fix="pass the --out directory of extract"
         )
     books = [load_rulebook(p) for p in sorted(args.directory.glob("L*H*.yaml"))]
     if not books:
-        raise RulecheckError(
+        raise InvalidSpec(
             "holds no L{layer}H{head}.yaml rulebooks",
             file=args.directory,
             fix="run rulecheck extract --out DIR first",

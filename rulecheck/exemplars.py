@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rulecheck.config import ExemplarConfig
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import InvalidSpec
 
 SPLITS = ("train", "val", "test")
 _MASK32 = 0xFFFFFFFF
@@ -152,7 +152,7 @@ class FeatureExamples:
 def check_corpus_size(n_sequences: int, cfg: ExemplarConfig, corpus: str) -> None:
     """A corpus smaller than the protocol needs is an error, never a silent downscale."""
     if n_sequences < cfg.min_sequences:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"has {n_sequences} sequences; the evaluation protocol needs at least "
             f"{cfg.min_sequences} (min_active {cfg.min_active} + min_inactive "
             f"{cfg.min_inactive})",

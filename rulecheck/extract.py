@@ -1,8 +1,9 @@
-"""Extraction: from a model, its SAEs and a corpus to skip-gram rules per head.
+"""Extraction: from a model, its SAEs and a corpus to the rules of each head's features.
 
 One streaming pass per layer collects every requested head's exemplars and the mean LayerNorm
-scale; then, per head and feature, candidates are ranked, evaluated on the exemplars' prefixes,
-and the number of terms is chosen on the validation split.
+scale; then, per head and feature, skip-gram candidates are ranked, evaluated on the
+exemplars' prefixes, the number of terms is chosen on the validation split, and every
+registered rule kind proposes its candidate claims from the kept terms (``rulecheck.kinds``).
 """
 
 from __future__ import annotations

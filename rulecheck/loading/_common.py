@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import InvalidSpec
 
 
 def one_line(exc: BaseException, limit: int = 240) -> str:
@@ -33,9 +33,9 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RulecheckError("file not found", file=path, fix="check the path") from None
+        raise InvalidSpec("file not found", file=path, fix="check the path") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"not readable JSON ({one_line(exc)})", file=path, fix="rewrite the file as JSON"
         ) from None
 
@@ -43,7 +43,7 @@ def _read_json(path: Path) -> Any:
 def read_json_object(path: Path) -> dict[str, Any]:
     raw = _read_json(path)
     if not isinstance(raw, dict):
-        raise RulecheckError(
+        raise InvalidSpec(
             f"expected a JSON object, found {type(raw).__name__}",
             file=path,
             fix="write the settings as one JSON object",
@@ -53,11 +53,11 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise RulecheckError("file not found", file=path, fix="check the path")
+        raise InvalidSpec("file not found", file=path, fix="check the path")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"not a readable safetensors file ({one_line(exc)})",
             file=path,
             fix="write it again with safetensors.torch.save_file",
@@ -68,7 +68,7 @@ def parse_dtype(value: Any, *, file: Path | str, field: str = "dtype") -> torch.
     name = str(value).removeprefix("torch.")
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise RulecheckError(
+        raise InvalidSpec(
             f"{value!r} is not a torch dtype",
             file=file,
             field=field,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import expand_path, looks_like_path, one_line
 
 STREAMED_SEQUENCES = 1024
@@ -37,7 +37,7 @@ def load_corpus(
     is put in front. A streamed dataset stops at ``max_sequences`` (default 1024).
     """
     if seq_len < 2:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"seq_len={seq_len} leaves no room after BOS",
             file=spec,
             field="seq_len",
@@ -47,7 +47,7 @@ def load_corpus(
     suffix = path.suffix.lower()
     looks_like_file = looks_like_path(spec) or suffix in (".npy", ".txt", ".jsonl") or path.exists()
     if looks_like_file and not path.is_file():
-        raise RulecheckError(
+        raise InvalidSpec(
             "file not found", file=path, fix="pass a .npy, .txt or .jsonl file or a dataset name"
         )
     if suffix == ".npy":
@@ -58,7 +58,7 @@ def load_corpus(
         if suffix in (".txt", ".jsonl"):
             documents = _file_documents(path)
         elif looks_like_file:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"unknown corpus format {suffix or '(no suffix)'}",
                 file=path,
                 fix="use .npy (token ids), .txt (one document a line) or .jsonl",
@@ -78,20 +78,20 @@ def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"not a readable .npy file ({one_line(exc)})",
             file=path,
             fix="save an integer array with numpy.save",
         ) from None
     if not np.issubdtype(array.dtype, np.integer):
-        raise RulecheckError(
+        raise InvalidSpec(
             f"expected integer token ids, found {array.dtype}",
             file=path,
             field="dtype",
             fix="save token ids as an integer array, e.g. array.astype(np.int64)",
         )
     if array.ndim != 2:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"expected shape [n_seq, seq_len], found {list(array.shape)}",
             file=path,
             field="shape",
@@ -102,7 +102,7 @@ def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
         bad = (tokens[:, 0] != bos_token_id).nonzero()
         if len(bad):
             row = int(bad[0, 0])
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"row {row} starts with {int(tokens[row, 0])}, not BOS {bos_token_id}"
                 f" ({len(bad)} of {tokens.shape[0]} rows)",
                 file=path,
@@ -114,7 +114,7 @@ def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
 
 def _bos_id(tokenizer: Any, bos_token_id: int | None, *, spec: str) -> int:
     if tokenizer is None:
-        raise RulecheckError(
+        raise InvalidSpec(
             "a text corpus needs a tokenizer",
             file=spec,
             field="tokenizer",
@@ -122,7 +122,7 @@ def _bos_id(tokenizer: Any, bos_token_id: int | None, *, spec: str) -> int:
         )
     bos = bos_token_id if bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
     if bos is None:
-        raise RulecheckError(
+        raise InvalidSpec(
             "the tokenizer has no BOS token",
             file=spec,
             field="bos_token_id",
@@ -142,7 +142,7 @@ def _file_documents(path: Path) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise RulecheckError(
+                raise InvalidSpec(
                     f"not JSON ({one_line(exc)})",
                     file=path,
                     line=number,
@@ -150,7 +150,7 @@ def _file_documents(path: Path) -> Iterator[str]:
                 ) from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise RulecheckError(
+                raise InvalidSpec(
                     "expected an object with a string field text",
                     file=path,
                     line=number,
@@ -166,7 +166,7 @@ def _dataset_documents(name: str) -> Iterator[str]:
     try:
         dataset = datasets.load_dataset(name, split="train", streaming=True)
     except Exception as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"cannot load the dataset from the Hugging Face hub ({one_line(exc, 120)})",
             file=name,
             fix="pass a local .npy, .txt or .jsonl file",
@@ -178,14 +178,14 @@ def _dataset_documents(name: str) -> Iterator[str]:
         except StopIteration:
             return
         except Exception as exc:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"cannot read the dataset ({one_line(exc, 120)})",
                 file=name,
                 fix="pass a local .npy, .txt or .jsonl file",
             ) from None
         text = row.get("text")
         if not isinstance(text, str):
-            raise RulecheckError(
+            raise InvalidSpec(
                 "dataset rows have no string field text",
                 file=name,
                 field="text",
@@ -229,7 +229,7 @@ def _chunk_documents(
         if max_sequences is not None and len(rows) >= max_sequences:
             break
     if not rows:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"no document is at least {body} tokens long",
             file=spec,
             field="seq_len",
@@ -240,7 +240,7 @@ def _chunk_documents(
 
 def _check_tokens(tokens: torch.Tensor, *, where: Path | str, d_vocab: int | None) -> None:
     if tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"expected at least one sequence of 2+ tokens, found shape {list(tokens.shape)}",
             file=where,
             field="shape",
@@ -250,7 +250,7 @@ def _check_tokens(tokens: torch.Tensor, *, where: Path | str, d_vocab: int | Non
     if low < 0 or (d_vocab is not None and high >= d_vocab):
         bad = low if low < 0 else high
         allowed = "non-negative" if d_vocab is None else f"in 0..{d_vocab - 1} (d_vocab={d_vocab})"
-        raise RulecheckError(
+        raise InvalidSpec(
             f"found token id {bad}, expected ids {allowed}",
             file=where,
             field="token ids",

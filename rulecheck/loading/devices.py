@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import InvalidSpec
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -17,20 +17,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         try:
             resolved = torch.device(device)
         except (RuntimeError, TypeError, ValueError):
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"{device!r} is not a device name",
                 field="device",
                 fix='use "auto", "cpu", "cuda" or "cuda:N"',
             ) from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available()}
     if resolved.type in available and not available[resolved.type]:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"{device!s} requested but {resolved.type} is not available on this machine",
             field="device",
             fix='use "cpu" or "auto"',
         )
     if resolved.type not in ("cpu", "cuda", "mps"):
-        raise RulecheckError(
+        raise InvalidSpec(
             f"unsupported device type {resolved.type!r}",
             field="device",
             fix='use "auto", "cpu" or "cuda"',

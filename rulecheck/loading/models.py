@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from rulecheck.atomic import atomic_directory
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import (
     dtype_name,
     expand_path,
@@ -95,7 +95,7 @@ def load_model(
     if path.is_dir():
         config_path = path / MODEL_CONFIG
         if not config_path.is_file():
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"not a model directory: no {MODEL_CONFIG}",
                 file=path,
                 fix=f"pass a directory with {MODEL_CONFIG} and {MODEL_WEIGHTS}",
@@ -104,7 +104,7 @@ def load_model(
             return _load_hf_directory(path, resolved, **processing)
         return _load_rulecheck_directory(path, resolved)
     if path.exists():
-        raise RulecheckError(
+        raise InvalidSpec(
             "not a model directory",
             file=path,
             fix=f"pass a directory with {MODEL_CONFIG} and {MODEL_WEIGHTS}",
@@ -119,7 +119,7 @@ def _model_config(path: Path, device: torch.device) -> HookedTransformerConfig:
     known = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"not a HookedTransformerConfig field: {', '.join(unknown)}",
             file=path,
             field=unknown[0],
@@ -132,7 +132,7 @@ def _model_config(path: Path, device: torch.device) -> HookedTransformerConfig:
     try:
         return HookedTransformerConfig(**kwargs)
     except (TypeError, ValueError, AssertionError, KeyError) as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"invalid model config ({one_line(exc)})",
             file=path,
             fix="write config.json with save_model or fix the named value",
@@ -151,7 +151,7 @@ def _check_state_dict_keys(
         if unexpected:
             more = "..." if len(unexpected) > 3 else ""
             parts.append(f"unexpected {', '.join(unexpected[:3])}{more}")
-        raise RulecheckError(
+        raise InvalidSpec(
             f"weights do not match the config: {'; '.join(parts)}",
             file=file,
             field="state_dict",
@@ -159,7 +159,7 @@ def _check_state_dict_keys(
         )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"shape {list(tensor.shape)}, expected {list(expected[name].shape)}",
                 file=file,
                 field=name,
@@ -179,7 +179,7 @@ def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTr
     try:
         model = HookedTransformer(cfg)
     except (OSError, ValueError) as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"cannot build the model ({one_line(exc)})",
             file=directory / MODEL_CONFIG,
             fix=f"remove tokenizer_name and add {MODEL_TOKENIZER} to the directory",
@@ -232,7 +232,7 @@ def _load_hf_directory(
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"cannot load the Hugging Face model ({one_line(exc)})",
             file=weights,
             fix="save it again with model.save_pretrained(directory)",
@@ -257,7 +257,7 @@ def _load_hf_directory(
         AttributeError,
         NotImplementedError,
     ) as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"TransformerLens cannot convert this model ({one_line(exc)})",
             file=directory / MODEL_CONFIG,
             field="architectures",
@@ -267,7 +267,7 @@ def _load_hf_directory(
     try:
         model.load_and_process_state_dict(state, **_effective_processing(cfg, processing))
     except (RuntimeError, KeyError) as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"converted weights do not fit the converted config ({one_line(exc)})",
             file=weights,
             field="state_dict",
@@ -279,7 +279,7 @@ def _load_hf_directory(
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         except (OSError, ValueError) as exc:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"cannot load the tokenizer ({one_line(exc)})",
                 file=directory,
                 field="tokenizer",
@@ -293,7 +293,7 @@ def _load_named_model(spec: str, device: torch.device, **processing: bool) -> Ho
     from transformer_lens import HookedTransformer
 
     if not _is_model_name(spec):
-        raise RulecheckError(
+        raise InvalidSpec(
             "no such file or directory, and not a TransformerLens model name",
             file=spec,
             fix="pass a model directory, a zoo name (planted, rulecheck-tiny) or a name like gpt2",
@@ -301,7 +301,7 @@ def _load_named_model(spec: str, device: torch.device, **processing: bool) -> Ho
     try:
         return HookedTransformer.from_pretrained(spec, device=str(device), **processing)
     except OSError as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"cannot download the model from the Hugging Face hub ({one_line(exc, 120)})",
             file=spec,
             fix="pass a local model directory (rulecheck or Hugging Face format) or a zoo name",
@@ -327,7 +327,7 @@ def save_model(model: HookedTransformer, directory: Path) -> Path:
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None and not hasattr(tokenizer, "backend_tokenizer"):
-        raise RulecheckError(
+        raise InvalidSpec(
             f"cannot save a slow tokenizer ({type(tokenizer).__name__})",
             file=directory,
             field="tokenizer",
@@ -364,7 +364,7 @@ def _json_value(value: Any, *, field: str) -> Any:
         return {str(k): _json_value(v, field=field) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise RulecheckError(
+    raise InvalidSpec(
         f"cannot write {type(value).__name__} to JSON",
         field=field,
         fix="set the config field to a JSON value",
@@ -388,7 +388,7 @@ def _special_token_roles(raw: Mapping[str, Any], *, file: Path) -> dict[str, str
     if bos is None and len(specials) == 1:
         bos = specials[0]
     if bos is None:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"cannot tell which special token is BOS (special tokens: {specials or 'none'})",
             file=file,
             field="added_tokens",
@@ -439,7 +439,7 @@ def _tokenizer_from_file(path: Path) -> PreTrainedTokenizerBase:
         try:
             backend = Tokenizer.from_file(str(path))
         except Exception as exc:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"not a readable tokenizers file ({one_line(exc)})",
                 file=path,
                 fix="write it with tokenizers.Tokenizer.save",
@@ -456,7 +456,7 @@ def _attach_tokenizer(
     """Set the tokenizer and check that it tokenizes into the model's vocabulary."""
     largest = max(tokenizer.get_vocab().values())
     if largest >= model.cfg.d_vocab:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"tokenizer has token id {largest} but the model has d_vocab={model.cfg.d_vocab}",
             file=file,
             field="d_vocab",
@@ -466,14 +466,14 @@ def _attach_tokenizer(
         model.set_tokenizer(tokenizer)
         tokens = model.to_tokens("hello")
     except Exception as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"tokenizer does not work with the model ({one_line(exc)})",
             file=file,
             field="tokenizer",
             fix="use a Hugging Face fast tokenizer with a BOS token",
         ) from None
     if tokens.ndim != 2 or tokens.shape[1] == 0 or int(tokens.max()) >= model.cfg.d_vocab:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"tokenizing 'hello' gave {tokens.tolist()}, outside d_vocab={model.cfg.d_vocab}",
             file=file,
             field="tokenizer",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import (
     expand_path,
     looks_like_path,
@@ -62,7 +62,7 @@ def _read_sae_directory(spec: str, directory: Path, device: torch.device) -> SAE
     config_path, weights_path = directory / SAE_CONFIG, directory / SAE_WEIGHTS
     for needed in (config_path, weights_path):
         if not needed.is_file():
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"not a sae_lens directory: no {needed.name}",
                 file=directory,
                 fix="save the SAE with sae.save_model(directory)",
@@ -72,7 +72,7 @@ def _read_sae_directory(spec: str, directory: Path, device: torch.device) -> SAE
     try:
         return SAE.load_from_disk(str(directory), device=str(device))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"cannot build the SAE ({one_line(exc)})",
             file=config_path,
             fix="save the SAE with sae.save_model(directory)",
@@ -96,7 +96,7 @@ def _is_paper_sae(spec: str, path: Path) -> bool:
 def _paper_int(cfg: Mapping[str, Any], key: str, *, file: Path) -> int:
     value = cfg.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"expected a positive integer, found {value!r}",
             file=file,
             field=key,
@@ -119,7 +119,7 @@ def _paper_sae_config(cfg: Mapping[str, Any], *, file: Path, device: torch.devic
     if hook_name is None and isinstance(cfg.get("layer"), int):
         hook_name = f"blocks.{cfg['layer']}.attn.hook_{cfg.get('site', 'z')}"
     if not isinstance(hook_name, str):
-        raise RulecheckError(
+        raise InvalidSpec(
             "no hook: neither act_name nor layer is set",
             file=file,
             field="act_name",
@@ -130,7 +130,7 @@ def _paper_sae_config(cfg: Mapping[str, Any], *, file: Path, device: torch.devic
         isinstance(head, int) and not isinstance(head, bool) and not cfg.get("concat_heads")
     )
     if per_head and (isinstance(head, bool) or not isinstance(head, int)):
-        raise RulecheckError(
+        raise InvalidSpec(
             f"per-head SAE without an integer head (found {head!r})",
             file=file,
             field="head",
@@ -156,20 +156,20 @@ def _read_paper_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"not a readable weights file ({one_line(exc)})",
             file=path,
             fix="save the state dict with torch.save(sae.state_dict(), path)",
         ) from None
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise RulecheckError(
+        raise InvalidSpec(
             "expected a state dict of tensors",
             file=path,
             fix=f"save a dict with {', '.join(PAPER_WEIGHT_KEYS)}",
         )
     keys = set(raw)
     if keys != set(PAPER_WEIGHT_KEYS):
-        raise RulecheckError(
+        raise InvalidSpec(
             f"expected keys {', '.join(PAPER_WEIGHT_KEYS)}, found {', '.join(sorted(keys))}",
             file=path,
             field="state_dict",
@@ -184,7 +184,7 @@ def _read_paper_sae(spec: str, path: Path, device: torch.device) -> SAE:
     config_path, weights_path = _paper_files(path)
     for needed in (config_path, weights_path):
         if not needed.is_file():
-            raise RulecheckError(
+            raise InvalidSpec(
                 "file not found (the SAE format needs NAME_cfg.json and NAME.pt side by side)",
                 file=needed,
                 fix=f"put {config_path.name} and {weights_path.name} in the same directory",
@@ -203,7 +203,7 @@ def _read_paper_sae(spec: str, path: Path, device: torch.device) -> SAE:
     }
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"shape {list(weights[name].shape)}, expected {list(shape)} from act_size/dict_size",
                 file=weights_path,
                 field=name,
@@ -224,13 +224,13 @@ def _read_registry_sae(spec: str, path: Path, device: torch.device) -> SAE:
     try:
         return SAE.from_pretrained(release, sae_id, device=str(device))
     except ValueError as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"not a sae_lens SAE ({one_line(exc, 160)})",
             file=spec,
             fix="check the release and id against sae_lens's pretrained_saes.yaml",
         ) from None
     except OSError as exc:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"cannot download the SAE from the Hugging Face hub ({one_line(exc, 120)})",
             file=spec,
             fix="pass a local sae_lens directory or NAME_cfg.json + NAME.pt files",
@@ -275,7 +275,7 @@ def load_sae(
         if sae_format.recognise(spec, path):
             return sae_format.read(spec, path, resolved)
     *others, last = (sae_format.description for sae_format in SAE_FORMATS)
-    raise RulecheckError(
+    raise InvalidSpec(
         "no such file or directory",
         file=path,
         fix=f"pass {', '.join(others)}, or {last}",
@@ -288,7 +288,7 @@ def _fill_template(spec: str, *, layer: int | None, head: int | None) -> str:
         if token not in spec:
             continue
         if value is None:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"the spec contains {token} but no {name} was given",
                 file=spec,
                 field=name,
@@ -318,7 +318,7 @@ def check_sae(
     """
     cfg = model.cfg
     if not 0 <= layer < cfg.n_layers:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"layer {layer} is out of range: the model has n_layers={cfg.n_layers}"
             f" (expected 0..{cfg.n_layers - 1})",
             file=spec,
@@ -329,7 +329,7 @@ def check_sae(
         _check_hook(sae, f"blocks.{layer}.hook_resid_pre", spec=spec)
         _check_d_in(sae, cfg.d_model, "d_model", spec=spec)
         if sae.cfg.metadata.hook_head_index is not None:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"an input SAE reads the whole residual stream, found hook_head_index="
                 f"{sae.cfg.metadata.hook_head_index}",
                 file=spec,
@@ -338,14 +338,14 @@ def check_sae(
             )
         return
     if kind != "out":
-        raise RulecheckError(
+        raise InvalidSpec(
             f"unknown SAE kind {kind!r}", file=spec, field="kind", fix='use "in" or "out"'
         )
     _check_hook(sae, f"blocks.{layer}.attn.hook_z", spec=spec)
     sae_head = sae.cfg.metadata.hook_head_index
     if sae_head is not None:
         if head is not None and head != sae_head:
-            raise RulecheckError(
+            raise InvalidSpec(
                 f"expected head {head}, the SAE reads hook_head_index={sae_head}",
                 file=spec,
                 field="head",
@@ -357,7 +357,7 @@ def check_sae(
     if head is not None:
         _check_head(head, cfg.n_heads, spec=spec, field="head")
     if sae.cfg.d_in == cfg.d_head and cfg.n_heads > 1:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"d_in={sae.cfg.d_in} is one head's d_head, but the SAE has no hook_head_index",
             file=spec,
             field="hook_head_index",
@@ -369,7 +369,7 @@ def check_sae(
 def _check_hook(sae: SAE, expected: str, *, spec: str) -> None:
     found = sae.cfg.metadata.hook_name
     if found is not None and found != expected:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"expected {expected!r}, found {found!r}",
             file=spec,
             field="hook_name",
@@ -379,7 +379,7 @@ def _check_hook(sae: SAE, expected: str, *, spec: str) -> None:
 
 def _check_d_in(sae: SAE, expected: int, meaning: str, *, spec: str) -> None:
     if sae.cfg.d_in != expected:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"expected {expected} ({meaning}), found {sae.cfg.d_in}",
             file=spec,
             field="d_in",
@@ -389,7 +389,7 @@ def _check_d_in(sae: SAE, expected: int, meaning: str, *, spec: str) -> None:
 
 def _check_head(head: int, n_heads: int, *, spec: str, field: str) -> None:
     if not 0 <= head < n_heads:
-        raise RulecheckError(
+        raise InvalidSpec(
             f"head {head} is out of range: the model has n_heads={n_heads}"
             f" (expected 0..{n_heads - 1})",
             file=spec,
