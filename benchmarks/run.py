@@ -17,9 +17,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from rulecheck.exemplars import ExemplarCollector, ExemplarConfig
-from rulecheck.rules import predictions_by_terms, prefix_stats, term_contributions, term_counts
-from rulecheck.scores import Terms, attn_scores, candidate_terms, rank_by_weight
+from rulecheck.core.exemplars import ExemplarCollector, ExemplarConfig
+from rulecheck.core.rules import predictions_by_terms, prefix_stats, term_contributions, term_counts
+from rulecheck.core.scores import Terms, attn_scores, candidate_terms, rank_by_weight
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -107,7 +107,7 @@ def bench_candidates(device: torch.device) -> tuple[str, float, float, str]:
 def bench_gradient(device: torch.device) -> tuple[str, float, float, str]:
     """Gradient importance of 10,000 candidate terms over 100 train prefixes (d_sae_in 8,192,
     100 distinct keys): batched over prefixes, against the same pass one prefix at a time."""
-    from rulecheck.gradient import term_importance
+    from rulecheck.core.gradient import term_importance
 
     g = torch.Generator().manual_seed(0)
     d_in = 8192
@@ -155,7 +155,7 @@ def bench_encode_columns(device: torch.device) -> tuple[str, float, float, str]:
     encode then select."""
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from rulecheck.heads import encode_columns
+    from rulecheck.core.heads import encode_columns
 
     g = torch.Generator().manual_seed(0)
     d_in, d_sae = 768, 24_576

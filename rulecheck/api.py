@@ -12,8 +12,7 @@ from pathlib import Path
 
 from rulecheck import __version__, kinds
 from rulecheck.book import FeatureRules, Rulebook
-from rulecheck.errors import RuleFailed
-from rulecheck.extract import (
+from rulecheck.core.extract import (
     ExtractConfig,
     FeatureResult,
     HeadResult,
@@ -22,6 +21,7 @@ from rulecheck.extract import (
     layer_tokens,
     no_progress,
 )
+from rulecheck.errors import RuleFailed
 from rulecheck.kinds.skipgram import label
 from rulecheck.rulebook import write_rulebook
 from rulecheck.session import Head, Workbench

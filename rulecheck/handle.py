@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from rulecheck.book import FeatureRules
-from rulecheck.evaluate import Measured
+from rulecheck.core.evaluate import Measured
 from rulecheck.kinds.skipgram import SkipGram, assert_minimums, claim_text, measure
 from rulecheck.refs import TokenRef
 from rulecheck.session import Head, Workbench

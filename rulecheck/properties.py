@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.strategies import DrawFn, SearchStrategy
 from torch import Tensor
 
-from rulecheck.counterfactuals import Edit, render
+from rulecheck.core.counterfactuals import Edit, render
 from rulecheck.strategies import (
     Base,
     check_settings,

@@ -24,15 +24,22 @@ from transformer_lens import HookedTransformer
 from rulecheck import __version__
 from rulecheck.atomic import atomic_write
 from rulecheck.book import Rulebook
-from rulecheck.errors import InvalidRulebook, InvalidSpec, NotEligible, RulecheckError
-from rulecheck.exemplars import (
+from rulecheck.core.exemplars import (
     ExemplarCollector,
     ExemplarConfig,
     FeatureExamples,
     check_corpus_size,
 )
-from rulecheck.extract import ExtractConfig, Progress, collect_layer, no_progress, prefix_chunks
-from rulecheck.heads import Probe
+from rulecheck.core.extract import (
+    ExtractConfig,
+    Progress,
+    collect_layer,
+    no_progress,
+    prefix_chunks,
+)
+from rulecheck.core.heads import Probe
+from rulecheck.core.tokens import top_token
+from rulecheck.errors import InvalidRulebook, InvalidSpec, NotEligible, RulecheckError
 from rulecheck.loading import (
     check_sae,
     fingerprint_corpus,
@@ -45,7 +52,6 @@ from rulecheck.loading import (
 )
 from rulecheck.refs import Resolver
 from rulecheck.specs import Checkpoint, Specs, head_spec, locate, parse_heads, processing_for
-from rulecheck.tokens import top_token
 from rulecheck.zoo import is_zoo_spec
 
 T = TypeVar("T")
@@ -379,7 +385,7 @@ class Workbench:
         self, head: Head, seq: Tensor, t: Tensor, columns: Sequence[int] | None = None
     ) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
         """The input-SAE activations of the prefixes ``(seq, t)`` of the head's corpus, a chunk
-        at a time (``rulecheck.extract.prefix_chunks``), only ``columns`` when given."""
+        at a time (``rulecheck.core.extract.prefix_chunks``), only ``columns`` when given."""
         model, sae_in, _, tokens = self.load(head)
         return prefix_chunks(model, sae_in, tokens, head.layer, seq, t, self.batch_size, columns)
 

@@ -11,7 +11,7 @@ of bases, so they compose::
 Shrinking goes towards fewer inserted tokens, insertion points right after BOS, the first of
 the given token ids and the shortest prompts (prompts are ordered by ``t``).
 
-Edits keep the sequence length (see ``rulecheck.counterfactuals``); a base with too little room
+Edits keep the sequence length (see ``rulecheck.core.counterfactuals``); a base with too little room
 for the drawn tokens is rejected with ``assume``. ``protect_tokens`` are never dropped from
 before ``t`` to make room (e.g. the key of the term under test).
 
@@ -33,9 +33,9 @@ from hypothesis.database import ExampleDatabase
 from hypothesis.strategies import DrawFn, SearchStrategy
 from torch import Tensor
 
-from rulecheck.absence import split_positives
-from rulecheck.counterfactuals import Edit, insert_filler, insert_tokens_batch, repeat_token
-from rulecheck.exemplars import FeatureExamples
+from rulecheck.core.counterfactuals import Edit, insert_filler, insert_tokens_batch, repeat_token
+from rulecheck.core.distractors import split_positives
+from rulecheck.core.exemplars import FeatureExamples
 from rulecheck.profiles import DEFAULT_PROFILE
 
 Base = tuple[Tensor, int]

@@ -12,12 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rulecheck import zoo
-from rulecheck.absence import (
-    cooccurrence,
-    distractor_drop,
-    find_distractors,
-)
-from rulecheck.counterfactuals import (
+from rulecheck.core.counterfactuals import (
     INSERTED,
     insert_before,
     insert_filler,
@@ -27,15 +22,20 @@ from rulecheck.counterfactuals import (
     repeat_token_batch,
     spread_positions,
 )
-from rulecheck.counting import (
+from rulecheck.core.counts import (
     CountingCurve,
     as_counting_rule,
     counting_curve,
     threshold_count,
 )
-from rulecheck.heads import Probe, head_encoder, head_weights, input_directions
-from rulecheck.scores import Terms, candidate_terms, value_scores
-from rulecheck.tokens import top_token
+from rulecheck.core.distractors import (
+    cooccurrence,
+    distractor_drop,
+    find_distractors,
+)
+from rulecheck.core.heads import Probe, head_encoder, head_weights, input_directions
+from rulecheck.core.scores import Terms, candidate_terms, value_scores
+from rulecheck.core.tokens import top_token
 
 BOS = 0
 INS = 100  # inserted tokens are >= INS, original body tokens < INS
@@ -209,7 +209,7 @@ def test_render_marks_inserted_tokens(planted):
 
 @pytest.fixture(scope="module")
 def planted():
-    from rulecheck.extract import ExtractConfig, collect_layer
+    from rulecheck.core.extract import ExtractConfig, collect_layer
     from rulecheck.session import Workbench
     from rulecheck.specs import Specs
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rulecheck.gradient import surrogate_activation, term_importance, with_importance
-from rulecheck.scores import Terms, candidate_terms, rank_by_importance, rank_by_weight
+from rulecheck.core.gradient import surrogate_activation, term_importance, with_importance
+from rulecheck.core.scores import Terms, candidate_terms, rank_by_importance, rank_by_weight
 
 F64 = torch.float64
 BATCH, POS, D_SAE = 5, 7, 12

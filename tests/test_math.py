@@ -9,9 +9,9 @@ import torch
 from conftest import random_sae
 from scipy.stats import spearmanr
 
-from rulecheck.exemplars import ExemplarCollector, ExemplarConfig
-from rulecheck.extract import ExtractConfig, collect_layer
-from rulecheck.heads import (
+from rulecheck.core.exemplars import ExemplarCollector, ExemplarConfig
+from rulecheck.core.extract import ExtractConfig, collect_layer
+from rulecheck.core.heads import (
     encode_columns,
     encode_head,
     head_encoder,
@@ -21,9 +21,9 @@ from rulecheck.heads import (
     run_to_layer,
     z_hook,
 )
-from rulecheck.metrics import binary_scores, spearman
-from rulecheck.rules import predict, predictions_by_terms, prefix_stats, term_contributions
-from rulecheck.scores import attn_scores, candidate_terms, rank_by_weight, value_scores
+from rulecheck.core.metrics import binary_scores, spearman
+from rulecheck.core.rules import predict, predictions_by_terms, prefix_stats, term_contributions
+from rulecheck.core.scores import attn_scores, candidate_terms, rank_by_weight, value_scores
 
 LAYER, HEAD = 1, 1
 

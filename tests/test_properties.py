@@ -13,10 +13,10 @@ from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from rulecheck import zoo
-from rulecheck.absence import matches_term, split_positives
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.build.planted import token_id as word
-from rulecheck.counterfactuals import INSERTED, Edit
+from rulecheck.core.counterfactuals import INSERTED, Edit
+from rulecheck.core.distractors import matches_term, split_positives
 from rulecheck.errors import RulecheckError, RuleFailed
 from rulecheck.kinds import KINDS, CheckContext
 from rulecheck.kinds.absence import AbsenceRule

@@ -14,7 +14,7 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rulecheck.heads import resid_pre_hook, run_to_layer, z_hook
+from rulecheck.core.heads import resid_pre_hook, run_to_layer, z_hook
 
 
 def _patch_head(head: int, fn: Callable[[Tensor], Tensor]):

@@ -486,13 +486,13 @@ def _nanmean(values: list[float]) -> float | None:
 def analyse_layer(layer: int) -> tuple[dict[str, dict[int, list[float]]], list[dict]]:
     """One layer of the analysis (one thread): F1 against the number of terms for each ranking
     method, and the distractor of every weight-extracted feature's top term."""
-    from rulecheck.absence import cooccurrence
-    from rulecheck.extract import ExtractConfig, extract_layer
-    from rulecheck.heads import Probe
+    from rulecheck.core.distractors import cooccurrence
+    from rulecheck.core.extract import ExtractConfig, extract_layer
+    from rulecheck.core.heads import Probe
+    from rulecheck.core.tokens import top_token
     from rulecheck.kinds import KINDS
     from rulecheck.session import Workbench
     from rulecheck.specs import Specs
-    from rulecheck.tokens import top_token
 
     torch.set_num_threads(1)
     art = Workbench(device="cpu", cache_dir=None).layer(Specs("rulecheck-tiny").resolve(), layer)

@@ -2,7 +2,7 @@
 query's attention from the term's key and suppresses the feature.
 
 Finding: for the top terms ``(q, k)``, a distractor is a key ``k'`` with ``attn-score(q, k') >
-attn-score(q, k)`` and ``value-score(k') < 0`` (``rulecheck.absence.find_distractors``); its
+attn-score(q, k)`` and ``value-score(k') < 0`` (``rulecheck.core.distractors.find_distractors``); its
 token inserted 1..4 times into test positives that read ``k ... q`` gives the mean relative
 drop (Fig. 6c), and a candidate whose one copy halves the activation on average is kept.
 
@@ -24,7 +24,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rulecheck import schema
-from rulecheck.absence import distractor_drop, find_distractors, matches_term, split_positives
+from rulecheck.core.distractors import (
+    distractor_drop,
+    find_distractors,
+    matches_term,
+    split_positives,
+)
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds.base import CheckContext, Found, RuleKind
 from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown

@@ -25,9 +25,9 @@ from rulecheck.refs import Resolver, TokenRef
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
-    from rulecheck.exemplars import FeatureExamples
-    from rulecheck.heads import HeadWeights, Probe
-    from rulecheck.scores import Terms
+    from rulecheck.core.exemplars import FeatureExamples
+    from rulecheck.core.heads import HeadWeights, Probe
+    from rulecheck.core.scores import Terms
     from rulecheck.session import Head, Workbench
 
 

@@ -2,7 +2,7 @@
 occurs, and turns on (off) at a threshold count.
 
 Finding: the key of the top term is inserted ``n = 0..6`` times into base contexts
-(``rulecheck.counting.counting_curve``); a rule is reported when the curve's Spearman is
+(``rulecheck.core.counts.counting_curve``); a rule is reported when the curve's Spearman is
 strong and the majority state changes at ``n* >= 2`` (one copy would be a presence rule).
 
 Checking, ``key`` with ``direction`` and ``threshold_count`` ``k``: base contexts are the
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from rulecheck import schema
-from rulecheck.counterfactuals import repeat_token
-from rulecheck.counting import as_counting_rule, base_contexts, counting_curve, default_filler
+from rulecheck.core.counterfactuals import repeat_token
+from rulecheck.core.counts import as_counting_rule, base_contexts, counting_curve, default_filler
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds.base import CheckContext, Found, RuleKind
 from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rulecheck import schema
+from rulecheck.core.evaluate import Columns, Measured, predict_examples, score_predictions
+from rulecheck.core.scores import Terms
 from rulecheck.errors import RuleFailed
-from rulecheck.evaluate import Columns, Measured, predict_examples, score_predictions
 from rulecheck.kinds.base import CheckContext, Found, RuleKind
 from rulecheck.refs import Resolver, TokenRef, ref_entry, ref_name
-from rulecheck.scores import Terms
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from rulecheck.scores import Terms
+from rulecheck.core.scores import Terms
 
 
 def key_slots(key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:

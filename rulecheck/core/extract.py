@@ -19,15 +19,14 @@ from transformer_lens import HookedTransformer
 
 from rulecheck import kinds
 from rulecheck.config import METHODS, ExtractConfig
-from rulecheck.errors import InvalidSpec
-from rulecheck.exemplars import (
+from rulecheck.core.exemplars import (
     ExemplarCollector,
     FeatureExamples,
     check_corpus_size,
     sample_features,
 )
-from rulecheck.gradient import term_importance, with_importance
-from rulecheck.heads import (
+from rulecheck.core.gradient import term_importance, with_importance
+from rulecheck.core.heads import (
     Probe,
     encode_columns,
     encode_head,
@@ -39,17 +38,18 @@ from rulecheck.heads import (
     run_to_layer,
     z_hook,
 )
-from rulecheck.metrics import binary_scores, spearman
-from rulecheck.refs import TokenRef
-from rulecheck.rules import predictions_by_terms, prefix_stats, term_contributions, term_counts
-from rulecheck.scores import (
+from rulecheck.core.metrics import binary_scores, spearman
+from rulecheck.core.rules import predictions_by_terms, prefix_stats, term_contributions, term_counts
+from rulecheck.core.scores import (
     Terms,
     candidate_terms,
     rank_by_importance,
     rank_by_weight,
     value_scores,
 )
-from rulecheck.tokens import layer_token_table, top_token
+from rulecheck.core.tokens import layer_token_table, top_token
+from rulecheck.errors import InvalidSpec
+from rulecheck.refs import TokenRef
 
 Progress = Callable[[str, int, int], None]  # (task, advance, total)
 

@@ -14,7 +14,7 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rulecheck.scores import reading_directions
+from rulecheck.core.scores import reading_directions
 
 
 def resid_pre_hook(layer: int) -> str:

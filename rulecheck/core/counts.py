@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rulecheck.absence import split_positives
-from rulecheck.counterfactuals import repeat_token_batch, spread_positions
-from rulecheck.exemplars import FeatureExamples
-from rulecheck.heads import Probe
-from rulecheck.metrics import spearman
+from rulecheck.core.counterfactuals import repeat_token_batch, spread_positions
+from rulecheck.core.distractors import split_positives
+from rulecheck.core.exemplars import FeatureExamples
+from rulecheck.core.heads import Probe
+from rulecheck.core.metrics import spearman
 
 
 @dataclass(frozen=True)

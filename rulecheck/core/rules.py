@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rulecheck.scores import Terms
+from rulecheck.core.scores import Terms
 
 
 def prefix_stats(feats: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rulecheck.exemplars import FeatureExamples
-from rulecheck.metrics import binary_scores, spearman
-from rulecheck.rules import predict
-from rulecheck.scores import Terms
+from rulecheck.core.exemplars import FeatureExamples
+from rulecheck.core.metrics import binary_scores, spearman
+from rulecheck.core.rules import predict
+from rulecheck.core.scores import Terms
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rulecheck.counterfactuals import insert_before_batch
-from rulecheck.exemplars import FeatureExamples
-from rulecheck.heads import Probe
-from rulecheck.scores import Terms, attn_scores
+from rulecheck.core.counterfactuals import insert_before_batch
+from rulecheck.core.exemplars import FeatureExamples
+from rulecheck.core.heads import Probe
+from rulecheck.core.scores import Terms, attn_scores
 
 
 @dataclass(frozen=True)

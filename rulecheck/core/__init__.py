@@ -1,0 +1,9 @@
+"""The pure core: functions over tensors and plain values (no files, no printing).
+
+``scores`` (attention and value scores in SAE space, candidates, ranking), ``rules``
+(predictions of skip-gram disjunctions), ``gradient`` (gradient-based ranking), ``metrics``,
+``exemplars`` (the evaluation protocol, streamed), ``evaluate`` (scoring rules on exemplars),
+``heads`` (hook names, a head's weights, ``Probe``), ``tokens`` (input features read as
+tokens), ``counterfactuals`` (length-keeping edits), ``distractors`` and ``counts`` (the math of
+absence and counting rules) and ``extract`` (a head's rules from all of these).
+"""
