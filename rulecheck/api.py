@@ -7,11 +7,12 @@ and the corpus are read once per session however many heads and rulebooks use th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from rulecheck import __version__, kinds
 from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.config import METHODS, ExemplarConfig, bound_of
 from rulecheck.core.extract import (
     ExtractConfig,
     FeatureResult,
@@ -21,11 +22,12 @@ from rulecheck.core.extract import (
     layer_tokens,
     no_progress,
 )
-from rulecheck.errors import RuleFailed
+from rulecheck.errors import InvalidSpec, RuleFailed
 from rulecheck.kinds.skipgram import label
-from rulecheck.rulebook import write_rulebook
 from rulecheck.session import Head, Workbench
 from rulecheck.specs import Checkpoint, head_spec
+
+RECORDED = ("method", "keys", "queries_per_key", "max_terms", "tolerance")  # from `extraction:`
 
 
 def feature_rules(result: FeatureResult, tolerance: float) -> FeatureRules:
@@ -169,34 +171,55 @@ def extract_rulebooks(
     """Extract one layer's heads and write ``out_dir/L{layer}H{head}.yaml`` (manual entries in
     existing files are kept). Returns the written paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     books = extract_books(bench, ckpt, layer, heads, cfg, progress)
-    return [write_rulebook(book, out / f"{book.name}.yaml") for book in books]
+    return write_rulebooks([(book, out / f"{book.name}.yaml") for book in books])
+
+
+def write_rulebooks(books: list[tuple[Rulebook, Path]]) -> list[Path]:
+    """Write each rulebook to its path as one set (``atomic.atomic_write_many``), keeping the
+    manual entries of the files already there. Every existing file is read and checked
+    before anything is written, so a bad one stops the run with all files as they were."""
+    from rulecheck.atomic import atomic_write_many
+    from rulecheck.rulebook import dump_rulebook, merged_with_file
+
+    files = [
+        (Path(path), dump_rulebook(merged_with_file(book, Path(path)))) for book, path in books
+    ]
+    return atomic_write_many([(path, text.encode("utf-8")) for path, text in files])
 
 
 def config_from_rulebook(book: Rulebook) -> ExtractConfig:
-    """The settings a rulebook was extracted with (defaults where it records none); its
-    extracted features are regenerated, or a fresh sample when it has none."""
+    """The settings a rulebook was extracted with (defaults where it records none), each
+    checked as the command line checks it; its extracted features are regenerated, or a
+    fresh sample when it has none. A bad recorded value is ``InvalidRulebook`` at its line."""
     ex = book.extraction
+    values: dict[type, dict[str, Any]] = {ExtractConfig: {}, ExemplarConfig: {}}
+    for cls, names in ((ExtractConfig, RECORDED), (ExemplarConfig, ("seed",))):
+        for name in names:
+            if name in ex:
+                bound = bound_of(cls, name)
+                try:
+                    values[cls][name] = bound.check(ex[name], name) if bound else ex[name]
+                except InvalidSpec as e:
+                    book.fail(f"extraction.{name}", e.what, e.fix)
+    method = values[ExtractConfig].get("method", ExtractConfig.method)
+    if method not in METHODS:
+        book.fail("extraction.method", f"unknown ranking method {method!r}", f"use {METHODS}")
     extracted = tuple(f.feature for f in book.features if f.source == "extracted")
-    base = ExtractConfig()
     return ExtractConfig(
-        method=ex.get("method", base.method),
-        keys=ex.get("keys", base.keys),
-        queries_per_key=ex.get("queries_per_key", base.queries_per_key),
-        max_terms=ex.get("max_terms", base.max_terms),
-        tolerance=ex.get("tolerance", base.tolerance),
-        features=extracted or base.features,
-        exemplars=replace(base.exemplars, seed=ex.get("seed", base.seed)),
+        features=extracted or ExtractConfig.features,
+        exemplars=ExemplarConfig(**values[ExemplarConfig]),
+        **values[ExtractConfig],
     )
 
 
-def regenerate(path: Path, bench: Workbench) -> Path:
-    """Extract the rulebook's head again with the settings it records (overrides applied) and
-    write it in place; manual entries survive."""
+def regenerated(path: Path, bench: Workbench) -> Rulebook:
+    """The rulebook at ``path`` extracted again with the settings it records (overrides
+    applied); write it with ``write_rulebooks``, which keeps its manual entries."""
     from rulecheck.rulebook import load_rulebook
 
     book = load_rulebook(path)
     head = bench.head_of(book, str(path))
-    [fresh] = extract_books(bench, head.specs, book.layer, [book.head], config_from_rulebook(book))
-    return write_rulebook(fresh, path)
+    cfg = config_from_rulebook(book)
+    [fresh] = extract_books(bench, head.specs, book.layer, [book.head], cfg)
+    return fresh

@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from rulecheck.errors import InvalidSpec
+
 
 def atomic_write(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; return the path.
@@ -36,6 +38,87 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def atomic_write_many(files: list[tuple[Path, bytes]]) -> list[Path]:
+    """Write every ``(path, data)`` as one set: all temporary files are written and synced
+    first, then renamed in one go, so a failure while writing leaves every old file as it
+    was (a kill between the renames, a window of microseconds, leaves some new and some old;
+    each file is still whole)."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if path.exists():
+                os.chmod(tmp, path.stat().st_mode & 0o7777)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    for directory in {path.parent for _, path in staged}:
+        _fsync_directory(directory)
+    return [path for _, path in staged]
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove the temporary files an interrupted write left in ``directory``."""
+    removed = []
+    for tmp in directory.glob(".*.tmp"):
+        if tmp.is_file() and len(tmp.name.rsplit(".", 2)[-2]) == 12:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+@contextlib.contextmanager
+def output_directory(path: Path, option: str) -> Iterator[Path]:
+    """``path`` as a directory files can be written to, checked before any work starts
+    (``InvalidSpec`` naming ``option`` otherwise); stale temporary files of an interrupted
+    run are removed. A directory this creates is removed again if the work fails and leaves
+    it empty."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidSpec(
+            "exists and is not a directory", file=path, field=option, fix="name a directory"
+        )
+    created = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{secrets.token_hex(6)}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        _remove_empty(created)
+        raise InvalidSpec(
+            f"cannot write here: {exc.strerror or exc}",
+            file=path,
+            field=option,
+            fix="choose a directory you can write to",
+        ) from None
+    remove_stale_temporaries(path)
+    try:
+        yield path
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (innermost first) as long as they are empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -7,10 +7,11 @@ YAML is ``rulecheck.rulebook``'s job; nothing here touches a file.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from rulecheck import kinds
 from rulecheck import schema as sc
@@ -200,6 +201,14 @@ class Rulebook(sc.Record):
         omit=lambda v: False,
     )
 
+    # where each field path was read from (file and line), for errors about values that only
+    # turn out wrong later (a model spec that does not load); not part of the schema
+    origin: sc.Where = dataclasses.field(default_factory=sc.Where, compare=False, repr=False)
+
+    def fail(self, field: str, what: str, fix: str | None = None) -> NoReturn:
+        """``InvalidRulebook`` about ``field`` of this book, at the line it was read from."""
+        self.origin.fail(field, what, fix)
+
     @property
     def name(self) -> str:
         """``L{layer}H{head}``, the head's name and the file's stem."""
@@ -251,7 +260,9 @@ def parse_book(where: sc.Where, value: Any) -> Rulebook:
             f"unsupported schema version {sc.describe(version)}",
             f"this rulecheck reads `rulecheck: {SCHEMA_VERSION}`",
         )
-    return sc.parse(Rulebook, where, value)
+    book = sc.parse(Rulebook, where, value)
+    book.origin = where
+    return book
 
 
 def merge_manual(new: Rulebook, old: Rulebook | None) -> Rulebook:

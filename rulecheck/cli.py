@@ -8,68 +8,71 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from rulecheck.config import METHODS, ExemplarConfig, ExtractConfig
+from rulecheck.atomic import output_directory
+from rulecheck.config import METHODS, Bound, ExemplarConfig, ExtractConfig, parse_features
 from rulecheck.errors import InvalidSpec, RulecheckError
 
-T = TypeVar("T")
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line ``InvalidSpec`` like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InvalidSpec(message, fix=f"see `{self.prog} --help`")
 
 
-def _features(text: str) -> int | tuple[int, ...]:
-    """``--features 20`` samples 20 features; ``--features 3,17`` names them."""
-    try:
-        if "," in text:
-            return tuple(int(x) for x in text.split(",") if x.strip())
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--features: cannot read {text!r} (fix: a count such as 20 or ids such as 3,17)"
-        ) from None
+# extraction options read through their config field's bound (rulecheck.config)
+BOUNDED = {"extract": (ExtractConfig, ExemplarConfig)}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rulecheck",
         description="Extract rule-based descriptions of attention-head SAE features and "
         "check them as tests.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cfg, exemplars = ExtractConfig(), ExemplarConfig()
-    ex = sub.add_parser("extract", help="extract skip-gram rulebooks for the heads of a layer")
+    ex = sub.add_parser("extract", help="extract rulebooks for the heads of a model")
     ex.add_argument("--model", default=None, help="model directory, zoo name or TL model name")
     ex.add_argument("--sae-in", default=None, help="input SAE spec ({layer} template)")
     ex.add_argument("--sae-out", default=None, help="output SAE spec ({layer}/{head} templates)")
     ex.add_argument("--corpus", default=None, help=".npy [N, T], .txt, .jsonl or dataset name")
-    ex.add_argument("--layer", type=int, default=None, help="layer (default: every layer)")
+    ex.add_argument("--layer", default=None, help="layer (default: every layer)")
     ex.add_argument("--heads", default="all", help="heads, e.g. 0,3 or all")
-    ex.add_argument("--features", type=_features, default=cfg.features, help="count or ids")
+    ex.add_argument("--features", default=str(ExtractConfig.features), help="count or ids")
     ex.add_argument(
         "--method",
-        default=cfg.method,
+        default=ExtractConfig.method,
         choices=list(METHODS),
         help="rank terms by attn*value (weight) or by mean gradient (gradient)",
     )
-    ex.add_argument("--keys", type=int, default=cfg.keys, help="candidate keys per feature")
-    ex.add_argument("--queries-per-key", type=int, default=cfg.queries_per_key)
-    ex.add_argument("--max-terms", type=int, default=cfg.max_terms, help="most terms kept")
-    ex.add_argument(
-        "--tolerance", type=float, default=cfg.tolerance, help="expect = measured - this"
-    )
-    ex.add_argument("--min-active", type=int, default=exemplars.min_active)
-    ex.add_argument("--min-inactive", type=int, default=exemplars.min_inactive)
-    ex.add_argument("--n-pos", type=int, default=exemplars.n_pos, help="positives per feature")
-    ex.add_argument("--n-neg", type=int, default=exemplars.n_neg, help="negatives per feature")
-    ex.add_argument("--batch-size", type=int, default=cfg.batch_size)
+    helps = {
+        "keys": "candidate keys per feature",
+        "queries_per_key": "candidate queries per key",
+        "max_terms": "most terms kept per feature",
+        "tolerance": "expect = measured - this",
+        "n_pos": "positives per feature",
+        "n_neg": "negatives per feature",
+    }
+    for cls in BOUNDED["extract"]:
+        for f in fields(cls):
+            bound = f.metadata.get("bound")
+            if bound is not None and f.name not in ("top_tokens", "max_features"):
+                text = f"{helps.get(f.name, f.name.replace('_', ' '))}: {bound.describe()}"
+                ex.add_argument(_option(f.name), default=str(f.default), help=text)
     ex.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
-    ex.add_argument("--seed", type=int, default=exemplars.seed)
     ex.add_argument("--out", required=True, type=Path, help="directory for L{l}H{h}.yaml")
 
     show = sub.add_parser("show", help="print a rulebook as a table")
@@ -78,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     summary = sub.add_parser("summary", help="per-head summary of a directory of rulebooks")
     summary.add_argument("directory", type=Path)
     return parser
+
+
+def extract_config(args: argparse.Namespace) -> ExtractConfig:
+    """The extraction settings the command line gives, each checked against its bound;
+    ``InvalidSpec`` naming the option otherwise (before any work starts)."""
+    values: dict[type, dict[str, Any]] = {}
+    for cls in BOUNDED["extract"]:
+        values[cls] = {}
+        for f in fields(cls):
+            bound = f.metadata.get("bound")
+            if bound is not None and hasattr(args, f.name):
+                values[cls][f.name] = bound.parse(getattr(args, f.name), _option(f.name))
+    return ExtractConfig(
+        method=args.method,
+        features=parse_features(args.features, "--features"),
+        exemplars=ExemplarConfig(**values[ExemplarConfig]),
+        **values[ExtractConfig],
+    )
 
 
 @contextmanager
@@ -102,24 +123,23 @@ def rich_progress(console: Console) -> Iterator:
         yield update
 
 
-def _config(cls: type[T], args: argparse.Namespace) -> T:
-    """A config dataclass with the fields the command line gives, defaults for the rest."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-
-
 def run_extract(args: argparse.Namespace, console: Console) -> int:
-    from rulecheck.api import extract_rulebooks
+    from rulecheck.api import extract_books, write_rulebooks
     from rulecheck.session import Workbench
-    from rulecheck.specs import Specs
+    from rulecheck.specs import Specs, parse_heads
 
+    cfg = extract_config(args)
+    layer = None if args.layer is None else Bound(int, 0).parse(args.layer, "--layer")
+    heads = parse_heads(args.heads)
     ckpt = Specs(args.model, args.sae_in, args.sae_out, args.corpus).resolve()
-    cfg = replace(_config(ExtractConfig, args), exemplars=_config(ExemplarConfig, args))
-    bench = Workbench(device=args.device, cache_dir=None, batch_size=args.batch_size)
-    layers = [args.layer] if args.layer is not None else range(bench.n_layers(ckpt))
-    written = []
-    with rich_progress(console) as progress:
-        for layer in layers:
-            written += extract_rulebooks(bench, ckpt, layer, args.heads, args.out, cfg, progress)
+    with output_directory(args.out, "--out") as out:
+        bench = Workbench(device=args.device, cache_dir=None, batch_size=cfg.batch_size)
+        layers = [layer] if layer is not None else range(bench.n_layers(ckpt))
+        books = []
+        with rich_progress(console) as progress:
+            for n in layers:
+                books += extract_books(bench, ckpt, n, heads, cfg, progress)
+        written = write_rulebooks([(book, out / f"{book.name}.yaml") for book in books])
     for path in written:
         console.print(f"wrote {path}")
     return 0
@@ -155,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
-    args = build_parser().parse_args(argv)
     console = Console(stderr=False)
     err = Console(stderr=True)
     commands = {"extract": run_extract, "show": run_show, "summary": run_summary}
     try:
+        args = build_parser().parse_args(argv)
         return commands[args.command](args, console)
     except RulecheckError as e:
         err.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)

@@ -1,23 +1,102 @@
-"""Settings of extraction and of the evaluation protocol, as dataclasses (no heavy imports,
-so the command line reads its defaults from here)."""
+"""Settings of extraction and of the evaluation protocol, as dataclasses, and the one place
+their values are checked.
+
+Every numeric setting carries its :class:`Bound` (type and range) in its field's metadata.
+The dataclasses check themselves when built, and the command line, the pytest plugin and a
+rulebook's recorded ``extraction:`` settings parse text through the same bounds, so a value
+out of range (``nan``, ``-1``, ``0`` terms) is refused before any work starts, as one line
+naming the option and the range. No heavy imports: the command line reads its defaults here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rulecheck.errors import InvalidSpec
 
 METHODS = ("weight", "gradient")
 
 
 @dataclass(frozen=True)
-class ExemplarConfig:
+class Bound:
+    """A numeric setting: ``int`` or ``float``, in ``[low, high]``, finite."""
+
+    kind: type
+    low: float
+    high: float = math.inf
+
+    def describe(self) -> str:
+        noun = "a whole number" if self.kind is int else "a number"
+        low, high = (int(self.low), self.high) if self.kind is int else (self.low, self.high)
+        if high == math.inf:
+            return f"{noun} >= {low:g}" if self.kind is float else f"{noun} >= {low}"
+        high = int(high) if self.kind is int else high
+        return (
+            f"{noun} in [{low:g}, {high:g}]" if self.kind is float else f"{noun} in [{low}, {high}]"
+        )
+
+    def check(self, value: Any, name: str, **where: Any) -> Any:
+        """``value`` if it is of the kind and in range, else ``InvalidSpec`` on ``name``."""
+        ok_type = isinstance(value, int) if self.kind is int else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_type:
+            self._fail(value, name, where)
+        if not (math.isfinite(value) and self.low <= value <= self.high):
+            self._fail(value, name, where)
+        return self.kind(value)
+
+    def parse(self, text: str, name: str, **where: Any) -> Any:
+        """``text`` (from a command line or an ini file) read as this setting."""
+        try:
+            value = int(text, 10) if self.kind is int else float(text)
+        except (TypeError, ValueError):
+            self._fail(text, name, where)
+        return self.check(value, name, **where)
+
+    def _fail(self, value: Any, name: str, where: dict[str, Any]) -> None:
+        raise InvalidSpec(
+            f"must be {self.describe()}, got {value!r}",
+            field=name,
+            fix=f"give {self.describe()}",
+            **where,
+        )
+
+
+def bounded(kind: type, low: float, high: float = math.inf, **field_kw: Any) -> Any:
+    """A dataclass field whose values are checked against ``Bound(kind, low, high)``."""
+    return dataclasses.field(metadata={"bound": Bound(kind, low, high)}, **field_kw)
+
+
+def bound_of(cls: type, name: str) -> Bound | None:
+    """The bound of field ``name`` of a config dataclass (None for an unbounded field)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("bound")
+    return None
+
+
+class Checked:
+    """Base of the config dataclasses: every bounded field is checked when one is built."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            bound = f.metadata.get("bound")
+            if bound is not None:
+                object.__setattr__(self, f.name, bound.check(getattr(self, f.name), f.name))
+
+
+@dataclass(frozen=True)
+class ExemplarConfig(Checked):
     """Thresholds of the evaluation protocol; the paper's values are the defaults."""
 
-    n_pos: int = 150
-    n_neg: int = 150
-    min_active: int = 150
-    min_inactive: int = 150
-    max_features: int = 100
-    seed: int = 0
+    n_pos: int = bounded(int, 1, default=150)
+    n_neg: int = bounded(int, 1, default=150)
+    min_active: int = bounded(int, 1, default=150)
+    min_inactive: int = bounded(int, 1, default=150)
+    max_features: int = bounded(int, 1, default=100)
+    seed: int = bounded(int, 0, 2**31 - 1, default=0)
 
     @property
     def min_sequences(self) -> int:
@@ -25,20 +104,69 @@ class ExemplarConfig:
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Checked):
     """Settings of one extraction; recorded in the rulebook's ``extraction`` field."""
 
     method: str = "weight"
-    keys: int = 100
-    queries_per_key: int = 100
-    max_terms: int = 64
-    features: int | tuple[int, ...] = 100
-    tolerance: float = 0.05
-    batch_size: int = 64
-    top_tokens: int = 3
-    rules: bool = True  # also search absence and counting rules
-    exemplars: ExemplarConfig = field(default_factory=ExemplarConfig)
+    keys: int = bounded(int, 1, default=100)
+    queries_per_key: int = bounded(int, 1, default=100)
+    max_terms: int = bounded(int, 1, default=64)
+    features: int | tuple[int, ...] = 100  # a sample size, or feature ids
+    tolerance: float = bounded(float, 0.0, 1.0, default=0.05)
+    batch_size: int = bounded(int, 1, default=64)
+    top_tokens: int = bounded(int, 0, default=3)
+    rules: bool = True  # also search the other rule kinds' claims
+    exemplars: ExemplarConfig = dataclasses.field(default_factory=ExemplarConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise InvalidSpec(
+                f"unknown ranking method {self.method!r}",
+                field="method",
+                fix=f"use one of {', '.join(METHODS)}",
+            )
+        object.__setattr__(self, "features", parse_features(self.features, "features"))
 
     @property
     def seed(self) -> int:
         return self.exemplars.seed
+
+
+@dataclass(frozen=True)
+class CheckConfig(Checked):
+    """Settings of checking rulebooks (the pytest plugin's ``--rulecheck-*`` options)."""
+
+    tolerance: float = bounded(float, 0.0, 1.0, default=0.0)  # lowers every expected minimum
+    examples: int = bounded(int, 1, 100_000, default=25)  # Hypothesis examples per property
+
+
+def parse_config(cls: type, texts: dict[str, str | None], option: str = "--{}") -> Any:
+    """A config dataclass from option texts by field name (None: the default), each read
+    through its field's bound; errors name ``option.format(field name with dashes)``."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        text = texts.get(f.name)
+        if text is not None and "bound" in f.metadata:
+            values[f.name] = f.metadata["bound"].parse(
+                text, option.format(f.name.replace("_", "-"))
+            )
+    return cls(**values)
+
+
+def parse_features(value: Any, name: str, **where: Any) -> int | tuple[int, ...]:
+    """A feature sample size (``20``) or feature ids (``3,17``, or a list of ints)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if "," not in text:
+            return Bound(int, 1).parse(text, name, **where)
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        value = tuple(Bound(int, 0).parse(p, name, **where) for p in parts)
+    if isinstance(value, list | tuple):
+        ids = tuple(Bound(int, 0).check(v, name, **where) for v in value)
+        if not ids:
+            raise InvalidSpec(
+                "names no feature", field=name, fix="give a count such as 20 or ids such as 3,17"
+            )
+        return ids
+    return Bound(int, 1).check(value, name, **where)

@@ -8,6 +8,7 @@ line and field. Writing is deterministic, so regenerated files diff cleanly, and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,10 @@ from rulecheck.errors import InvalidRulebook, RulecheckError
 from rulecheck.schema import Flow, Where, join
 
 _MAX_REPEATS = 100_000
+# Reading costs about 2 s and 80 MiB of memory a MiB of YAML (libyaml's parser, the node tree,
+# and the line of every field; linear in the size, `make bench`): 8 MiB, eight times the largest
+# book extraction writes, takes about 15 s. Larger books are refused, not read for minutes.
+MAX_BYTES = 8 * 2**20
 _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
@@ -45,7 +50,7 @@ def _check_file_name(where: Where, rulebook: Rulebook, path: Path) -> None:
 # ---------------------------------------------------------------------------- YAML in
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when present
     """SafeLoader that also reads ``1e-05`` (no dot) as a float, as YAML 1.2 does."""
 
 
@@ -200,8 +205,23 @@ def _compose(text: str, file: str) -> yaml.nodes.Node:
     return node
 
 
+def _check_size(size: int, file: str | Path) -> None:
+    if size > MAX_BYTES:
+        raise InvalidRulebook(
+            f"rulebook is {size / 2**20:.1f} MiB; rulecheck reads rulebooks up to "
+            f"{MAX_BYTES // 2**20} MiB",
+            file=file,
+            line=1,
+            fix="split its features over several rulebook files of the same head, or extract "
+            "fewer terms (--max-terms)",
+        )
+
+
 def parse_rulebook(text: str, file: str | Path = "<string>") -> Rulebook:
     """Validate the YAML ``text`` of a rulebook; ``file`` only names it in errors."""
+    _check_size(
+        len(text.encode("utf-8", errors="replace")) if len(text) * 4 > MAX_BYTES else 0, file
+    )
     where = Where(file=str(file))
     node = _compose(text, str(file))
     try:
@@ -216,6 +236,8 @@ def parse_rulebook(text: str, file: str | Path = "<string>") -> Rulebook:
 def load_rulebook(path: str | Path) -> Rulebook:
     """Read and validate the rulebook at ``path``; every problem is an ``InvalidRulebook``."""
     path = Path(path)
+    with contextlib.suppress(OSError):
+        _check_size(path.stat().st_size, path)
     return parse_rulebook(_read_text(path), path)
 
 
@@ -330,9 +352,10 @@ def save_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
 # ---------------------------------------------------------------------------- regeneration
 
 
-def write_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
-    """Save ``rulebook`` at ``path``, keeping the manual features of the file already there."""
-    path = Path(path)
+def merged_with_file(rulebook: Rulebook, path: Path) -> Rulebook:
+    """``rulebook`` plus the manual features of the file at ``path`` (when there is one); a
+    file there that is not a valid rulebook is never overwritten: ``InvalidRulebook``."""
+    _check_name_matches(rulebook, path)
     old = None
     if path.exists():
         try:
@@ -346,4 +369,10 @@ def write_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
                 field=exc.field,
                 fix=f"{fix}the existing file was left as it is, correct or move it",
             ) from None
-    return save_rulebook(merge_manual(rulebook, old), path)
+    return merge_manual(rulebook, old)
+
+
+def write_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
+    """Save ``rulebook`` at ``path``, keeping the manual features of the file already there."""
+    path = Path(path)
+    return save_rulebook(merged_with_file(rulebook, path), path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -124,10 +125,7 @@ class Workbench:
         base = written
         if book.model is not None and not (o.model and is_zoo_spec(o.model)):
             # the book's own zoo model fills in its SAEs and corpus before overrides apply
-            try:
-                filled = written.resolve()
-            except InvalidSpec as e:
-                raise InvalidRulebook(e.what, file=file, field=e.field, fix=e.fix) from None
+            filled = self._resolve(written, book, file)
             base = Specs(o.model or book.model, filled.sae_in, filled.sae_out, filled.corpus)
         specs = Specs(
             model=o.model or base.model,
@@ -135,11 +133,78 @@ class Workbench:
             sae_out=o.sae_out or base.sae_out,
             corpus=o.corpus or base.corpus,
         )
+        checkpoint = self._resolve(specs, book, file)
+        head = Head(checkpoint, book.layer, book.head)
+        self._check_header(head, book, file)
+        return head
+
+    @staticmethod
+    def _resolve(specs: Specs, book: Rulebook, file: str) -> Checkpoint:
+        """``specs.resolve()``, its error about the rulebook: which key it must name."""
         try:
-            checkpoint = specs.resolve()
+            return specs.resolve()
         except InvalidSpec as e:
-            raise InvalidRulebook(e.what, file=file, field=e.field, fix=e.fix) from None
-        return Head(checkpoint, book.layer, book.head)
+            key = (e.field or "--model").removeprefix("--").replace("-", "_")
+            raise InvalidRulebook(
+                f"model {specs.model!r} is not a zoo model, so `{key}` must be named",
+                file=file,
+                line=book.origin.line("model"),
+                field=key,
+                fix=f"add `{key}: ...` to the rulebook or pass --rulecheck-{key.replace('_', '-')}",
+            ) from None
+
+    def _check_header(self, head: Head, book: Rulebook, file: str) -> None:
+        """Load what the book names, so that a spec that does not load, or a layer or head
+        past the model, is an error at the book's line, not about some file deep inside."""
+        if self._memo.get(("header ok", head)):
+            return
+
+        def blame(part: str, exc: RulecheckError) -> InvalidRulebook:
+            if getattr(self.overrides, part) is not None:
+                return exc  # the command line's option, named by the loader's message
+            field = part if getattr(book, part) is not None else "model"
+            spec = getattr(book, field)
+            where = f"{exc.file}: " if exc.file else ""
+            return InvalidRulebook(
+                f"{spec!r} does not load: {where}{exc.what}",
+                file=file,
+                line=book.origin.line(field),
+                field=field,
+                fix=exc.fix or "correct the spec",
+            )
+
+        def check_range(field: str, value: int, n: int) -> None:
+            if not 0 <= value < n:
+                raise InvalidRulebook(
+                    f"{field} {value} is out of range: the model has {n} {field}s",
+                    file=file,
+                    line=book.origin.line(field),
+                    field=field,
+                    fix=f"use a {field} in 0..{n - 1}",
+                )
+
+        try:
+            sae_in = self.sae_in(head)
+        except RulecheckError as exc:
+            # a layer past the model has no input SAE either: say so, not which file is missing
+            try:
+                config = load_model(locate(head.specs.model), device="cpu").cfg
+            except RulecheckError:
+                raise blame("model", exc) from None
+            check_range("layer", head.layer, config.n_layers)
+            raise blame("sae_in", exc) from None
+        try:
+            model = self.model(head.specs.model, sae_in)
+        except RulecheckError as exc:
+            raise blame("model", exc) from None
+        check_range("layer", head.layer, model.cfg.n_layers)
+        check_range("head", head.head, model.cfg.n_heads)
+        for part, load in (("sae_out", self.sae_out), ("corpus", self.corpus)):
+            try:
+                load(head)
+            except RulecheckError as exc:
+                raise blame(part, exc) from None
+        self._memo[("header ok", head)] = True
 
     def model(self, spec: str, sae_in: SAE | None = None) -> HookedTransformer:
         if spec not in self._models:
@@ -219,7 +284,9 @@ class Workbench:
             raise
         model = self.model(specs.model, sae_in)
         check_layer(model.cfg.n_layers)
-        return [Head(specs, layer, h) for h in parse_heads(heads, model.cfg.n_heads)]
+        ids = parse_heads(heads, model.cfg.n_heads)
+        assert isinstance(ids, list)
+        return [Head(specs, layer, h) for h in ids]
 
     def layer(self, specs: Checkpoint, layer: int, heads: str | Sequence[int] = "all") -> Layer:
         """Everything one layer's extraction reads, loaded (once) and checked."""
@@ -344,7 +411,18 @@ class Workbench:
         col = ExemplarCollector(
             sae_out.cfg.d_sae, tokens.shape[1], self.exemplar_cfg, torch.device(self.device)
         )
-        state = load_file(str(self._cache_path(head)), device=str(self.device))
+        path = self._cache_path(head)
+        try:
+            state = load_file(str(path), device=str(self.device))
+            _check_state(state, col)
+        except Exception as exc:  # any unreadable entry: a cache is never worth a failure
+            warnings.warn(
+                f"{path}: unreadable exemplar cache entry ({type(exc).__name__}), rebuilt",
+                CacheWarning,
+                stacklevel=2,
+            )
+            path.unlink(missing_ok=True)
+            return None
         for name in COLLECTOR_STATE:
             setattr(col, name, state[name])
         col.n_seen = int(state["n_seen"])
@@ -406,3 +484,21 @@ class Workbench:
         """The true activation of one output feature of the head, for counterfactuals."""
         model, _, sae_out, _ = self.load(head)
         return Probe(model, sae_out, head.layer, head.head, feature, self.batch_size)
+
+
+class CacheWarning(UserWarning):
+    """A cache entry could not be read and was rebuilt."""
+
+
+def _check_state(state: dict[str, Tensor], col: ExemplarCollector) -> None:
+    """Raise ``ValueError`` unless ``state`` is a whole exemplar state shaped for ``col``."""
+    missing = [n for n in (*COLLECTOR_STATE, "n_seen") if n not in state]
+    if missing:
+        raise ValueError(f"missing {missing}")
+    d_sae = col.active.shape[0]
+    if state["active"].shape != (d_sae,) or state["n_seen"].numel() != 1:
+        raise ValueError("shape")
+    widths = {state[n].shape[1] if state[n].dim() == 2 else -1 for n in COLLECTOR_STATE[1:]}
+    rows = {state[n].shape[0] for n in COLLECTOR_STATE}
+    if rows != {d_sae} or -1 in widths:
+        raise ValueError("shape")

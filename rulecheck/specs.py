@@ -71,24 +71,27 @@ def head_spec(template: str, layer: int, head: int | None = None) -> str:
     return template.replace("{layer}", str(layer)).replace("{head}", str(head))
 
 
-def parse_heads(heads: str | Sequence[int], n_heads: int) -> list[int]:
-    """``"all"``, ``"0,3"`` or a list of ints, checked against the model."""
+def parse_heads(heads: str | Sequence[int], n_heads: int | None = None) -> str | list[int]:
+    """``"all"``, ``"0,3"`` or a list of ints: ``"all"`` or the sorted head ids; checked
+    against the model's ``n_heads`` when given (then ``"all"`` becomes every head)."""
     if isinstance(heads, str):
-        if heads == "all":
-            return list(range(n_heads))
+        text = heads.strip()
+        if text == "all":
+            return list(range(n_heads)) if n_heads is not None else "all"
         try:
-            heads = [int(h) for h in heads.split(",") if h.strip()]
+            heads = [int(h, 10) for h in text.split(",") if h.strip()]
         except ValueError:
             raise InvalidSpec(
-                f"cannot read heads {heads!r}", field="--heads", fix="use e.g. --heads 0,3 or all"
+                f"cannot read heads {text!r}", field="--heads", fix="use e.g. --heads 0,3 or all"
             ) from None
-    bad = [h for h in heads if not 0 <= h < n_heads]
+    if not heads:
+        raise InvalidSpec("names no head", field="--heads", fix="use e.g. --heads 0,3 or all")
+    top = n_heads if n_heads is not None else None
+    bad = [h for h in heads if h < 0 or (top is not None and h >= top)]
     if bad:
-        raise InvalidSpec(
-            f"head {bad[0]} is out of range: the model has {n_heads} heads",
-            field="--heads",
-            fix=f"use heads in 0..{n_heads - 1}",
-        )
+        where = f": the model has {n_heads} heads" if n_heads is not None else ""
+        fix = f"use heads in 0..{n_heads - 1}" if n_heads is not None else "use heads >= 0"
+        raise InvalidSpec(f"head {bad[0]} is out of range{where}", field="--heads", fix=fix)
     return sorted(set(heads))
 
 

@@ -21,9 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 import rulecheck.profiles  # noqa: F401  (before Hypothesis reads --hypothesis-profile)
-from rulecheck.errors import RulecheckError
+from rulecheck.errors import InvalidSpec, RulecheckError
 
 STASH_BENCH = pytest.StashKey["Any"]()
+STASH_CHECK = pytest.StashKey["Any"]()
 
 
 # ------------------------------------------------------------------------------------ options
@@ -88,10 +89,13 @@ def workbench(config: pytest.Config):
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    """A YAML file with a top-level ``rulecheck:`` key is a rulebook; a YAML file named on the
+    command line is read as one too, so that an empty or broken one is reported, not skipped
+    as "not found"."""
     if file_path.suffix in (".yaml", ".yml"):
         from rulecheck.rulebook import is_rulebook_file
 
-        if is_rulebook_file(file_path):
+        if is_rulebook_file(file_path) or parent.session.isinitpath(file_path):
             return RulebookFile.from_parent(parent, path=file_path)
     return None
 
@@ -158,12 +162,13 @@ class RuleItem(pytest.Item):
 
         config = self.config
         bench = workbench(config)
+        settings = config.stash[STASH_CHECK]
         ctx = CheckContext(
             bench,
             bench.head_of(self.book, str(self.path)),
             str(self.path),
-            tolerance=float(setting(config, "tolerance", 0.0)),
-            examples=int(setting(config, "examples", 25)),
+            tolerance=settings.tolerance,
+            examples=settings.examples,
         )
         try:
             record = self.kind.check(ctx, self.rules, self.index)
@@ -198,17 +203,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     if not config.getoption("rulecheck_extract") or hasattr(config, "workerinput"):
         return
-    from rulecheck.api import regenerate
+    from rulecheck.api import regenerated, write_rulebooks
     from rulecheck.rulebook import rulebook_files
 
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     args = config.args or [str(config.rootpath)]
-    for path in rulebook_files(args):
-        try:
-            regenerate(path, workbench(config))
-        except RulecheckError as e:
-            raise pytest.UsageError(f"--rulecheck-extract: {e}") from None
-        if reporter is not None:
+    try:
+        fresh = [(regenerated(path, workbench(config)), path) for path in rulebook_files(args)]
+        written = write_rulebooks(fresh)
+    except RulecheckError as e:
+        raise pytest.UsageError(f"--rulecheck-extract: {e}") from None
+    if reporter is not None:
+        for path in written:
             reporter.write_line(f"rulecheck: regenerated {path}")
 
 
@@ -235,7 +241,31 @@ def feature(rulecheck_workbench):
 # ---------------------------------------------------------------------------------- reporting
 
 
+def check_settings(config: pytest.Config):
+    """The checking options, each read through its bound (``rulecheck.config``), and the
+    report path checked: all before anything is collected or run."""
+    from rulecheck.config import CheckConfig, parse_config
+
+    texts = {name: setting(config, name) for name in ("tolerance", "examples")}
+    checked = parse_config(CheckConfig, texts, "--rulecheck-{}")
+    report = setting(config, "report")
+    if report is not None and not hasattr(config, "workerinput"):
+        parent = Path(report).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise InvalidSpec(
+                "no such directory" if not parent.is_dir() else "cannot write here",
+                file=parent,
+                field="--rulecheck-report",
+                fix="create the directory or choose another path",
+            )
+    return checked
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    try:
+        config.stash[STASH_CHECK] = check_settings(config)
+    except RulecheckError as e:
+        raise pytest.UsageError(str(e)) from None
     config.pluginmanager.register(Summary(config), "rulecheck-summary")
     workers = getattr(config, "workerinput", {}).get("workercount")
     if workers and "OMP_NUM_THREADS" not in os.environ:

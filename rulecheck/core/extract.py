@@ -18,7 +18,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rulecheck import kinds
-from rulecheck.config import METHODS, ExtractConfig
+from rulecheck.config import ExtractConfig
 from rulecheck.core.exemplars import (
     ExemplarCollector,
     FeatureExamples,
@@ -246,12 +246,6 @@ def extract_head(
     ask every rule kind for its candidate claims (``FeatureResult.claims``). With ``token_of``
     (``[d_sae_in]`` top token per input feature) the kinds that insert tokens find theirs;
     ``token_table`` names input features by their top tokens."""
-    if cfg.method not in METHODS:
-        raise InvalidSpec(
-            f"unknown ranking method {cfg.method!r}",
-            field="--method",
-            fix="use --method weight or --method gradient",
-        )
     features = pick_features(collector, cfg, layer, head)
     w = head_weights(model, layer, head)
     d = input_directions(sae_in, w, ln_scale)
