@@ -381,7 +381,7 @@ class Workbench:
                 continue
             col.flush()
             self._collectors[other] = col
-            if self.cache_dir is not None and not self._cache_path(other).exists():
+            if self.cache_dir is not None:
                 state = {name: getattr(col, name).contiguous() for name in COLLECTOR_STATE}
                 state["n_seen"] = torch.tensor(col.n_seen)
                 atomic_write(self._cache_path(other), save({k: v.cpu() for k, v in state.items()}))

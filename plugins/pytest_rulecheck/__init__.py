@@ -113,14 +113,16 @@ class RulebookFile(pytest.File):
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, RulecheckError):
-            return _relative(self.config, str(excinfo.value), self.path)
+            return _relative(self.config, excinfo.value)
         return super().repr_failure(excinfo, style)
 
 
-def _relative(config: pytest.Config, message: str, path: Path) -> str:
-    """``message`` naming ``path`` relative to where pytest was started."""
-    rel = os.path.relpath(path, config.invocation_params.dir)
-    return message.replace(str(path), rel)
+def _relative(config: pytest.Config, error: RulecheckError) -> str:
+    """``error``'s line, naming its file relative to where pytest was started."""
+    if error.file is None or not os.path.isabs(error.file):
+        return str(error)
+    rel = os.path.relpath(error.file, config.invocation_params.dir)
+    return str(error).replace(error.file, rel, 1)
 
 
 class FeatureNode(pytest.Collector):
@@ -186,7 +188,7 @@ class RuleItem(pytest.Item):
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, RulecheckError):
-            return _relative(self.config, str(excinfo.value), self.path)
+            return _relative(self.config, excinfo.value)
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
@@ -212,7 +214,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         fresh = [(regenerated(path, workbench(config)), path) for path in rulebook_files(args)]
         written = write_rulebooks(fresh)
     except RulecheckError as e:
-        raise pytest.UsageError(f"--rulecheck-extract: {e}") from None
+        raise pytest.UsageError(f"--rulecheck-extract: {_relative(config, e)}") from None
     if reporter is not None:
         for path in written:
             reporter.write_line(f"rulecheck: regenerated {path}")
