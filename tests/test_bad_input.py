@@ -304,3 +304,47 @@ def test_a_rulebook_over_the_size_limit_is_refused_at_once(tmp_path):
         assert err.value.line == 1 and "MiB; rulecheck reads rulebooks up to 8 MiB" in str(
             err.value
         )
+
+
+# ---------------------------------------------------------------------------- never unpickled
+
+
+class _Payload:
+    """Unpickling this writes a file: the proof that a loader ran pickled code."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (self.marker, "ran"))
+
+
+def test_pickled_code_in_weights_or_corpus_is_never_run(tmp_path):
+    import json
+    import pickle
+
+    import numpy as np
+
+    from rulecheck.loading import load_corpus, load_sae
+
+    marker = tmp_path / "ran.txt"
+    name = tmp_path / "tiny_L0_H1_z_v0"
+    cfg = {
+        "act_name": "blocks.0.attn.hook_z",
+        "layer": 0,
+        "head": 1,
+        "act_size": 8,
+        "dict_size": 32,
+        "enc_dtype": "fp32",
+    }
+    pathlib.Path(f"{name}_cfg.json").write_text(json.dumps(cfg))
+    with open(f"{name}.pt", "wb") as handle:
+        pickle.dump({"W_enc": _Payload(marker)}, handle)
+    with pytest.raises(InvalidSpec) as err:
+        load_sae(str(name))
+    assert "\n" not in str(err.value) and not marker.exists()
+    corpus = tmp_path / "c.npy"
+    np.save(corpus, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    with pytest.raises(InvalidSpec):
+        load_corpus(str(corpus))
+    assert not marker.exists()
