@@ -176,6 +176,24 @@ def bench_encode_columns(device: torch.device) -> tuple[str, float, float, str]:
     return "input features of 100 prefixes, 100 of 24,576 columns", t_fast, t_base, "encode all"
 
 
+def bench_rulebook_parsing() -> tuple[str, float, float, str]:
+    """Reading the largest shipped rulebook (L0H0 of rulecheck-tiny, 1 MiB) with libyaml's
+    parser, against PyYAML's pure-Python parser; same walk, same checks."""
+    from pathlib import Path
+
+    from rulecheck import rulebook
+
+    text = (Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny" / "L0H0.yaml").read_text()
+    t_fast, _ = timed(lambda: rulebook.parse_rulebook(text), repeat=2)
+    fast = rulebook._FastLoader
+    rulebook._FastLoader = rulebook._Loader
+    try:
+        t_base, _ = timed(lambda: rulebook.parse_rulebook(text), repeat=2)
+    finally:
+        rulebook._FastLoader = fast
+    return "read a 1 MiB rulebook", t_fast, t_base, "pure-Python YAML parser"
+
+
 def bench_planted_end_to_end() -> tuple[str, float, float, str]:
     """Whole extraction of planted (both heads), against the model's plain forward pass over
     the same corpus as the unit of cost."""
@@ -213,6 +231,7 @@ def main() -> None:
         bench_gradient(device),
         bench_exemplars(device),
         bench_encode_columns(device),
+        bench_rulebook_parsing(),
         bench_planted_end_to_end(),
     ]
     for name, fast, base, what in cases:
