@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test fuzz bench lint clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile -q
+
+# the property tests of options and loaders at 10,000 examples each (make test runs a few dozen)
+fuzz: install
+	RULECHECK_FUZZ_EXAMPLES=10000 $(PY) -m pytest -n 2 -q \
+		tests/test_bad_input.py tests/test_fuzz_loaders.py -k "parsing or fuzz"
 
 bench: install
 	$(PY) -m benchmarks.run
