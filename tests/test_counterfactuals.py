@@ -29,9 +29,11 @@ from rulecheck.core.counts import (
     threshold_count,
 )
 from rulecheck.core.distractors import (
+    VALUE_MARGIN,
     cooccurrence,
     distractor_drop,
     find_distractors,
+    text_keys,
 )
 from rulecheck.core.heads import Probe, head_encoder, head_weights, input_directions
 from rulecheck.core.scores import Terms, candidate_terms, value_scores
@@ -249,6 +251,42 @@ def test_find_distractors_picks_the_first_negative_key_in_attention_order():
     assert found.attn_score == 8.0 and found.value_score == -0.5 and found.key_attn_score == 5.0
     W_K[4, 0], W_K[2, 0] = 4.0, 4.0  # no negative key above the term any more
     assert find_distractors(d, W_Q, W_K, 1.0, value, terms) == []
+
+
+def test_find_distractors_skips_bos_unseen_tokens_and_noise_for_the_next_real_key():
+    # input feature j reads token token_of[j]; the corpus body holds tokens 3..6 (BOS is 0)
+    tokens = torch.tensor([[0, 3, 4, 5, 6], [0, 6, 5, 4, 3]])
+    token_of = torch.tensor([3, 4, 0, 9, -1, 5, 6])
+    assert text_keys(tokens, token_of).tolist() == [True, True, False, False, False, True, True]
+    # query 0, key 1; in attention order: BOS (2), an unseen token (3), no token (4), a value of
+    # zero up to rounding (5), then the first real distractor (6)
+    d, W_Q = torch.eye(7), torch.zeros(7, 1)
+    W_Q[0, 0] = 1.0
+    W_K = torch.tensor([[0.0], [5.0], [10.0], [9.5], [9.0], [8.5], [8.0]])
+    value = torch.tensor([0.0, 1.0, -0.9, -0.9, -0.9, -1.2e-8, -0.4])
+    terms = Terms(torch.tensor([0]), torch.tensor([1]), torch.tensor([5.0]), torch.tensor([1.0]))
+    text = text_keys(tokens, token_of)
+    assert find_distractors(d, W_Q, W_K, 1.0, value, terms)[0].distractor == 2  # BOS, unfiltered
+    (found,) = find_distractors(d, W_Q, W_K, 1.0, value, terms, eligible=text)
+    assert (found.distractor, found.value_score) == (6, pytest.approx(-0.4))
+    value[5] = -0.5 * VALUE_MARGIN  # negative, but within the margin of the largest |score|
+    assert find_distractors(d, W_Q, W_K, 1.0, value, terms, eligible=text)[0].distractor == 6
+    value[5] = -2 * VALUE_MARGIN
+    assert find_distractors(d, W_Q, W_K, 1.0, value, terms, eligible=text)[0].distractor == 5
+    value[6] = -1e-8  # nothing real is left
+    value[5] = 0.0
+    assert find_distractors(d, W_Q, W_K, 1.0, value, terms, eligible=text) == []
+
+
+def test_planted_distractor_is_text(planted):
+    art, word = planted["art"], planted["word"]
+    top = top_token(art.model, art.sae_in)
+    d, w, vs, terms = feature_scores(planted, 0, 1)
+    eligible = text_keys(art.tokens, top)
+    assert not eligible[(top == planted["id"]("<bos>")).nonzero()[0]].any()
+    found = find_distractors(d, w.W_Q, w.W_K, w.attn_scale, vs, terms, 3, eligible)
+    named = [(word(top[x.key]), word(top[x.query]), word(top[x.distractor])) for x in found]
+    assert ("if", "then", "unless") in named
 
 
 def test_planted_distractors_match_the_ground_truth(planted):
