@@ -26,6 +26,7 @@ from rulecheck.core.counts import (
     CountingCurve,
     as_counting_rule,
     counting_curve,
+    own_counts,
     threshold_count,
 )
 from rulecheck.core.distractors import (
@@ -384,6 +385,24 @@ def test_threshold_count_and_the_reporting_criteria():
     assert as_counting_rule(curve([0.0, 1.0, 1.0], 0.9)) is None  # presence: one copy suffices
     assert as_counting_rule(curve([0.0, 0.0, 1.0], 0.4)) is None  # weak correlation
     assert as_counting_rule(curve([0.0, 0.0, 1.0], -0.9)) is None  # direction disagrees
+
+
+def test_counts_without_contexts_are_skipped():
+    nan = math.nan
+    assert threshold_count(torch.tensor([nan, 0.0, 0.6])) == 2
+    assert threshold_count(torch.tensor([nan, 1.0, 0.0])) == 2
+    assert threshold_count(torch.tensor([nan, 1.0, 1.0])) is None
+    assert threshold_count(torch.tensor([nan, nan])) is None
+
+    def curve(active, rho):
+        return CountingCurve(1, active, active, rho, threshold_count(torch.tensor(active)), 10)
+
+    rule = as_counting_rule(curve([nan, 0.0, 1.0], 0.9))
+    assert rule is not None and (rule.direction, rule.threshold_count) == ("increasing", 2)
+    assert curve([nan, 0.0, 1.0], 0.9).first_count == 1
+    assert as_counting_rule(curve([nan, 1.0, 1.0], 0.9)) is None
+    tokens = torch.tensor([[0, 7, 5, 7], [0, 5, 7, 5]])
+    assert own_counts(tokens, torch.tensor([3, 3]), 7).tolist() == [1, 0]
 
 
 def test_planted_counting_rule_is_detected(planted):
