@@ -405,9 +405,17 @@ def test_counts_without_contexts_are_skipped():
     assert own_counts(tokens, torch.tensor([3, 3]), 7).tolist() == [1, 0]
 
 
-def test_planted_counting_rule_is_detected(planted):
+def reference_counts(tokens, t, key):
+    """Occurrences of ``key`` in ``[1, t]`` of each row, by a loop."""
+    pairs = zip(tokens.tolist(), t.tolist(), strict=True)
+    return [sum(x == key for x in row[1 : s + 1]) for row, s in pairs]
+
+
+@pytest.mark.parametrize("key", ["games", "again"])
+def test_planted_counting_rule_is_detected(planted, key):
     art, id_ = planted["art"], planted["id"]
-    (truth,) = [e for e in planted["truth"]["features"] if e["counting"]]
+    features = planted["truth"]["features"]
+    (truth,) = [e for e in features if [c["key"] for c in e["counting"]] == [key]]
     rule = truth["counting"][0]
     head, feature = truth["head"], truth["feature"]
     ex = planted["collectors"][head].examples(feature)
@@ -417,8 +425,29 @@ def test_planted_counting_rule_is_detected(planted):
     assert found.direction == "increasing" and found.threshold_count == rule["threshold_count"]
     assert found.spearman > 0.8 and found.n_contexts > 10
     means = found.mean_by_count
-    assert means[0] == means[1] == 0.0
+    if rule["query"] == key:  # the query counts itself: no context has count 0
+        assert math.isnan(means[0]) and means[1] == 0.0
+    else:
+        assert means[0] == means[1] == 0.0
     assert all(b > a for a, b in itertools.pairwise(means[2:]))
+
+
+def test_the_count_includes_the_query_position(planted):
+    """At the threshold the prefix [1, t] holds the key twice, t included, in every context
+    turned on; the edit of the curve is checked against a loop."""
+    from rulecheck.core.counterfactuals import repeat_token_batch
+    from rulecheck.core.counts import base_contexts, default_filler
+
+    art, id_ = planted["art"], planted["id"]
+    again = id_("again")
+    ex = planted["collectors"][2].examples(0)
+    filler = default_filler(art.tokens, exclude=(again,))
+    rows, t = base_contexts(art.tokens, ex, again, filler, "test")
+    assert reference_counts(rows, t, again) == [1] * len(t)  # the query itself
+    edit = repeat_token_batch(rows, t, again, 1, positions=spread_positions(t, 1))
+    assert reference_counts(edit.tokens, edit.t, again) == [2] * len(t)
+    probe = Probe(art.model, art.sae_outs[2], 0, 2, 0)
+    assert (probe.at(rows, t) == 0).all() and (probe.at(edit.tokens, edit.t) > 0).all()
 
 
 @pytest.mark.parametrize(("head", "feature", "key"), [(1, 1, "from"), (0, 0, "open"), (0, 1, "if")])
