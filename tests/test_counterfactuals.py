@@ -26,12 +26,15 @@ from rulecheck.core.counts import (
     CountingCurve,
     as_counting_rule,
     counting_curve,
+    own_counts,
     threshold_count,
 )
 from rulecheck.core.distractors import (
+    VALUE_MARGIN,
     cooccurrence,
     distractor_drop,
     find_distractors,
+    text_keys,
 )
 from rulecheck.core.heads import Probe, head_encoder, head_weights, input_directions
 from rulecheck.core.scores import Terms, candidate_terms, value_scores
@@ -251,6 +254,42 @@ def test_find_distractors_picks_the_first_negative_key_in_attention_order():
     assert find_distractors(d, W_Q, W_K, 1.0, value, terms) == []
 
 
+def test_find_distractors_skips_bos_unseen_tokens_and_noise_for_the_next_real_key():
+    # input feature j reads token token_of[j]; the corpus body holds tokens 3..6 (BOS is 0)
+    tokens = torch.tensor([[0, 3, 4, 5, 6], [0, 6, 5, 4, 3]])
+    token_of = torch.tensor([3, 4, 0, 9, -1, 5, 6])
+    assert text_keys(tokens, token_of).tolist() == [True, True, False, False, False, True, True]
+    # query 0, key 1; in attention order: BOS (2), an unseen token (3), no token (4), a value of
+    # zero up to rounding (5), then the first real distractor (6)
+    d, W_Q = torch.eye(7), torch.zeros(7, 1)
+    W_Q[0, 0] = 1.0
+    W_K = torch.tensor([[0.0], [5.0], [10.0], [9.5], [9.0], [8.5], [8.0]])
+    value = torch.tensor([0.0, 1.0, -0.9, -0.9, -0.9, -1.2e-8, -0.4])
+    terms = Terms(torch.tensor([0]), torch.tensor([1]), torch.tensor([5.0]), torch.tensor([1.0]))
+    text = text_keys(tokens, token_of)
+    assert find_distractors(d, W_Q, W_K, 1.0, value, terms)[0].distractor == 2  # BOS, unfiltered
+    (found,) = find_distractors(d, W_Q, W_K, 1.0, value, terms, eligible=text)
+    assert (found.distractor, found.value_score) == (6, pytest.approx(-0.4))
+    value[5] = -0.5 * VALUE_MARGIN  # negative, but within the margin of the largest |score|
+    assert find_distractors(d, W_Q, W_K, 1.0, value, terms, eligible=text)[0].distractor == 6
+    value[5] = -2 * VALUE_MARGIN
+    assert find_distractors(d, W_Q, W_K, 1.0, value, terms, eligible=text)[0].distractor == 5
+    value[6] = -1e-8  # nothing real is left
+    value[5] = 0.0
+    assert find_distractors(d, W_Q, W_K, 1.0, value, terms, eligible=text) == []
+
+
+def test_planted_distractor_is_text(planted):
+    art, word = planted["art"], planted["word"]
+    top = top_token(art.model, art.sae_in)
+    d, w, vs, terms = feature_scores(planted, 0, 1)
+    eligible = text_keys(art.tokens, top)
+    assert not eligible[(top == planted["id"]("<bos>")).nonzero()[0]].any()
+    found = find_distractors(d, w.W_Q, w.W_K, w.attn_scale, vs, terms, 3, eligible)
+    named = [(word(top[x.key]), word(top[x.query]), word(top[x.distractor])) for x in found]
+    assert ("if", "then", "unless") in named
+
+
 def test_planted_distractors_match_the_ground_truth(planted):
     art, word = planted["art"], planted["word"]
     top = top_token(art.model, art.sae_in)
@@ -348,9 +387,35 @@ def test_threshold_count_and_the_reporting_criteria():
     assert as_counting_rule(curve([0.0, 0.0, 1.0], -0.9)) is None  # direction disagrees
 
 
-def test_planted_counting_rule_is_detected(planted):
+def test_counts_without_contexts_are_skipped():
+    nan = math.nan
+    assert threshold_count(torch.tensor([nan, 0.0, 0.6])) == 2
+    assert threshold_count(torch.tensor([nan, 1.0, 0.0])) == 2
+    assert threshold_count(torch.tensor([nan, 1.0, 1.0])) is None
+    assert threshold_count(torch.tensor([nan, nan])) is None
+
+    def curve(active, rho):
+        return CountingCurve(1, active, active, rho, threshold_count(torch.tensor(active)), 10)
+
+    rule = as_counting_rule(curve([nan, 0.0, 1.0], 0.9))
+    assert rule is not None and (rule.direction, rule.threshold_count) == ("increasing", 2)
+    assert curve([nan, 0.0, 1.0], 0.9).first_count == 1
+    assert as_counting_rule(curve([nan, 1.0, 1.0], 0.9)) is None
+    tokens = torch.tensor([[0, 7, 5, 7], [0, 5, 7, 5]])
+    assert own_counts(tokens, torch.tensor([3, 3]), 7).tolist() == [1, 0]
+
+
+def reference_counts(tokens, t, key):
+    """Occurrences of ``key`` in ``[1, t]`` of each row, by a loop."""
+    pairs = zip(tokens.tolist(), t.tolist(), strict=True)
+    return [sum(x == key for x in row[1 : s + 1]) for row, s in pairs]
+
+
+@pytest.mark.parametrize("key", ["games", "again"])
+def test_planted_counting_rule_is_detected(planted, key):
     art, id_ = planted["art"], planted["id"]
-    (truth,) = [e for e in planted["truth"]["features"] if e["counting"]]
+    features = planted["truth"]["features"]
+    (truth,) = [e for e in features if [c["key"] for c in e["counting"]] == [key]]
     rule = truth["counting"][0]
     head, feature = truth["head"], truth["feature"]
     ex = planted["collectors"][head].examples(feature)
@@ -360,8 +425,29 @@ def test_planted_counting_rule_is_detected(planted):
     assert found.direction == "increasing" and found.threshold_count == rule["threshold_count"]
     assert found.spearman > 0.8 and found.n_contexts > 10
     means = found.mean_by_count
-    assert means[0] == means[1] == 0.0
+    if rule["query"] == key:  # the query counts itself: no context has count 0
+        assert math.isnan(means[0]) and means[1] == 0.0
+    else:
+        assert means[0] == means[1] == 0.0
     assert all(b > a for a, b in itertools.pairwise(means[2:]))
+
+
+def test_the_count_includes_the_query_position(planted):
+    """At the threshold the prefix [1, t] holds the key twice, t included, in every context
+    turned on; the edit of the curve is checked against a loop."""
+    from rulecheck.core.counterfactuals import repeat_token_batch
+    from rulecheck.core.counts import base_contexts, default_filler
+
+    art, id_ = planted["art"], planted["id"]
+    again = id_("again")
+    ex = planted["collectors"][2].examples(0)
+    filler = default_filler(art.tokens, exclude=(again,))
+    rows, t = base_contexts(art.tokens, ex, again, filler, "test")
+    assert reference_counts(rows, t, again) == [1] * len(t)  # the query itself
+    edit = repeat_token_batch(rows, t, again, 1, positions=spread_positions(t, 1))
+    assert reference_counts(edit.tokens, edit.t, again) == [2] * len(t)
+    probe = Probe(art.model, art.sae_outs[2], 0, 2, 0)
+    assert (probe.at(rows, t) == 0).all() and (probe.at(edit.tokens, edit.t) > 0).all()
 
 
 @pytest.mark.parametrize(("head", "feature", "key"), [(1, 1, "from"), (0, 0, "open"), (0, 1, "if")])

@@ -53,8 +53,17 @@ def test_planted_rules_are_recovered_with_their_tokens(planted_books):
 
 def test_same_inputs_and_seed_give_byte_identical_rulebooks(planted_books, tmp_path):
     assert main(["extract", "--model", "planted", "--layer", "0", "--out", str(tmp_path)]) == 0
-    for name in ("L0H0.yaml", "L0H1.yaml"):
+    for name in ("L0H0.yaml", "L0H1.yaml", "L0H2.yaml"):
         assert (tmp_path / name).read_bytes() == (planted_books / name).read_bytes()
+
+
+def test_a_feature_counting_its_own_query_token_is_a_counting_rule(planted_books):
+    """L0H2 fires at an ``again`` that occurred before: a count of 2, the query included."""
+    (rules,) = load_rulebook(planted_books / "L0H2.yaml").features
+    (rule,) = rules.counting
+    assert rule.key.tokens == ["again"]
+    assert (rule.direction, rule.threshold_count) == ("increasing", 2)
+    assert rule.spearman > 0.8
 
 
 def test_a_corpus_too_small_is_a_one_line_error(tmp_path, capsys):
@@ -194,7 +203,7 @@ def test_gradient_ranking_recovers_planted_rules(tmp_path):
     ("args", "want"),
     [
         (["--layer", "3"], "--layer: layer 3 is out of range: the model has 1 layers"),
-        (["--heads", "5"], "--heads: head 5 is out of range: the model has 2 heads"),
+        (["--heads", "5"], "--heads: head 5 is out of range: the model has 3 heads"),
         (["--heads", "x"], "--heads: cannot read heads 'x'"),
     ],
 )

@@ -203,7 +203,7 @@ def test_malformed_rulebook_is_one_line_with_file_and_line(pytester, kind):
     ("ref", "message"),
     [
         ("{tokens: [xyzzy]}", "token 'xyzzy' is not in the model's vocabulary"),
-        ("{feature: 999}", "input feature 999 is out of range: the input SAE has 55 features"),
+        ("{feature: 999}", "input feature 999 is out of range: the input SAE has 56 features"),
     ],
 )
 def test_refs_the_checkpoint_cannot_read_fail_in_one_line(books, ref, message):

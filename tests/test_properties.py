@@ -64,8 +64,9 @@ def if_then(*rules: AbsenceRule) -> FeatureRules:
 
 
 def counts(key: str, *rules: CountingRule) -> FeatureRules:
-    """Head 1's feature read by ``key``: 0 for ``[games] ... [score]``, 1 for ``[from] ... [to]``."""
-    feature, query = {"games": (0, "score"), "from": (1, "to")}[key]
+    """The feature read by ``key``: head 1's 0 for ``[games] ... [score]``, 1 for ``[from] ...
+    [to]``; head 2's 0 for ``[again] ... [again]``."""
+    feature, query = {"games": (0, "score"), "from": (1, "to"), "again": (0, "again")}[key]
     return FeatureRules(
         feature=feature,
         source="manual",
@@ -80,6 +81,12 @@ GAMES = counts(
     CountingRule(ref("games"), "increasing", 2),
     CountingRule(ref("games"), "increasing", 1),
     CountingRule(ref("games"), "decreasing"),
+)
+AGAIN = counts(  # the query is the key: it counts itself, an again after an again fires
+    "again",
+    CountingRule(ref("again"), "increasing", 2),
+    CountingRule(ref("again"), "increasing", 1),
+    CountingRule(ref("again"), "increasing", 3),
 )
 
 
@@ -96,6 +103,7 @@ def books(tmp_path_factory) -> dict[str, tuple[Rulebook, str]]:
         ("absence", 0, if_then(*map(absence, ["unless", "the", "from"]), UNREAD)),
         ("games", 1, GAMES),
         ("from", 1, counts("from", CountingRule(ref("from"), "increasing", 2))),
+        ("again", 2, AGAIN),
     ]:
         path = save(tmp_path_factory.mktemp(name), head, feature)
         out[name] = (load_rulebook(path), str(path))
@@ -231,6 +239,29 @@ def test_a_presence_rule_is_no_counting_rule(bench, books):
     assert message.count("⟦from⟧") == 1
 
 
+def test_counting_the_query_itself_holds_at_the_total_count(bench, books):
+    assert counting_check(bench, books, "again", 0) is None
+
+
+def test_counting_the_query_itself_fails_below_the_total_count(bench, books):
+    message = counting_check(bench, books, "again", 1)
+    assert message is not None
+    assert "feature 0 of L0H2 rises with the count of [again], on from 1 copy" in message
+    assert "(n: the count of [again] in [1, t], t included)" in message
+    assert "active by n (copies spread over the prefix): 1: 0%, 2: 100%" in message
+    assert "majority violated at n = 1: 0% of base contexts active" in message
+    assert "off (activation <= 0) at n = 1" in message
+    assert "activation at t by n: 1: 0.0000, 2: 0." in message  # no count 0: t is an again
+
+
+def test_counting_the_query_itself_fails_above_the_total_count(bench, books):
+    message = counting_check(bench, books, "again", 2)
+    assert message is not None
+    assert "majority violated at n = 2: 100% of base contexts active" in message
+    assert "1 copy inserted: on (activation > 0) at n = 2" in message
+    assert message.count("⟦again⟧") == 1
+
+
 def test_ci_profile_gives_identical_failures(bench, books):
     previous = settings.get_current_profile_name()
     settings.load_profile(CI_PROFILE)
@@ -352,3 +383,16 @@ def test_rulebooks_run_absence_and_counting_items(pytester, monkeypatch, tmp_pat
     assert re.search(r"L0H0\.yaml::feature\[1\]::absence\[the\] FAILED", out)
     assert "[the] suppresses feature 1 ([if] ... [then]) of L0H0: falsified" in out
     assert "⟦the⟧" in out
+
+
+def test_rulebooks_run_counting_items_whose_query_is_the_key(
+    pytester, monkeypatch, tmp_path_factory
+):
+    monkeypatch.setenv("RULECHECK_CACHE", str(tmp_path_factory.mktemp("zoo")))
+    save(pytester.path, 2, AGAIN)
+    result = pytester.runpytest("-p", "no:cacheprovider", "--rulecheck-examples", "10", "-v")
+    result.assert_outcomes(passed=1, failed=2)
+    out = result.stdout.str()
+    assert re.search(r"L0H2\.yaml::feature\[0\]::counting\[again\] PASSED", out)
+    assert re.search(r"L0H2\.yaml::feature\[0\]::counting\[again\]#2 FAILED", out)
+    assert re.search(r"L0H2\.yaml::feature\[0\]::counting\[again\]#3 FAILED", out)

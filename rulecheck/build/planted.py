@@ -1,8 +1,8 @@
 """``planted``: a one-layer attention-only model whose weights implement known rules.
 
 Built by code, no training. Words are one-hot embeddings; the input SAE has one feature per
-word, in a shuffled order. Head 0 and head 1 each have a per-head output SAE whose features
-read one direction of ``hook_z``:
+word, in a shuffled order. Each head has a per-head output SAE whose features read one
+direction of ``hook_z``:
 
 - L0H0 feature 1: ``[if] ... [then]`` or ``[when] ... [do]``; ``unless`` is a distractor key
   for ``then`` (higher attention score, slightly negative value score): an absence rule whose
@@ -13,7 +13,11 @@ read one direction of ``hook_z``:
   (threshold 0.6 on ``n / (n + 1)``) turns on when ``games`` occurs at least twice and grows
   with the count.
 - L0H1 feature 1: ``[from] ... [to]``.
-- Feature 2 of both heads is dead.
+- L0H2 feature 0: counting where the query is the key: ``again`` attends to every ``again``
+  up to itself and to BOS equally, so the feature (threshold 0.6 on ``c / (c + 1)``, ``c`` the
+  count of ``again`` in the prefix, itself included) fires at an ``again`` that occurred
+  before: threshold count 2.
+- Feature 2 of every head and feature 1 of head 2 are dead.
 
 Tokens that are no rule's query attend to BOS (a sink), so a feature never fires on a query it
 has no rule for.
@@ -34,7 +38,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rulecheck.atomic import atomic_directory
 
-VERSION = 3
+VERSION = 4
 BOS = "<bos>"
 RULE_WORDS = ["if", "then", "when", "do", "unless", "open", "close", "games", "score", "from", "to"]
 FILLER = [
@@ -81,7 +85,11 @@ FILLER = [
     "up",
     "other",
 ]
-VOCAB = [BOS, "<unk>", *RULE_WORDS, *FILLER]
+# rule words added later go last, with input features and corpus places of their own, so that
+# the words above keep their token ids, input features and places in the corpus
+ADDED_WORDS = ["again"]
+VOCAB = [BOS, "<unk>", *RULE_WORDS, *FILLER, *ADDED_WORDS]
+N_HEADS = 3
 D_HEAD = 8
 N_SEQUENCES = 4000
 SEQ_LEN = 64
@@ -89,11 +97,11 @@ SINK = 4.0  # attention logit of BOS for the skip-gram queries
 HIT = 10.0  # attention logit of a skip-gram key
 STEAL = 11.0  # attention logit of the distractor: e (2.7) times the key's attention per copy
 STEAL_VALUE = -0.01  # the distractor's value: its copies take attention, they add little
-COUNT = 12.0  # attention logit of BOS and of the counted key for the counting query
+COUNT = 12.0  # attention logit of BOS and of the counted key for the counting queries
 REST = 10.0  # attention logit of BOS for every token that is no rule's query
 THRESHOLD = 0.6
 ABSENCE_THRESHOLD = 0.05  # threshold of the feature with the absence rule
-QUERY_WORDS = ("then", "do", "close", "score", "to")
+QUERY_WORDS = ("then", "do", "close", "score", "to")  # the queries of heads 0 and 1
 
 # (head, output feature, hook_z dimension) and the rules it implements
 GROUND_TRUTH = {
@@ -115,8 +123,20 @@ GROUND_TRUTH = {
             "counting": [{"key": "games", "query": "score", "threshold_count": 2}],
         },
         {"head": 1, "feature": 1, "skipgrams": [["from", "to"]], "absence": [], "counting": []},
+        {
+            "head": 2,
+            "feature": 0,
+            "skipgrams": [["again", "again"]],
+            "absence": [],
+            "counting": [{"key": "again", "query": "again", "threshold_count": 2}],
+        },
     ],
-    "dead": [{"head": 0, "feature": 2}, {"head": 1, "feature": 2}],
+    "dead": [
+        {"head": 0, "feature": 2},
+        {"head": 1, "feature": 2},
+        {"head": 2, "feature": 1},
+        {"head": 2, "feature": 2},
+    ],
 }
 
 # how often each rule word is placed in a sequence, and how many copies (max); kept as a table
@@ -126,6 +146,7 @@ PLACEMENT = {
     "open": (0.4, 1), "close": (0.4, 1), "games": (0.5, 4), "score": (0.5, 1),
     "from": (0.4, 1), "to": (0.4, 1),
 }  # fmt: skip
+ADDED_PLACEMENT = {"again": (0.5, 3)}  # placed after PLACEMENT, from a random stream of its own
 
 
 def token_id(word: str) -> int:
@@ -133,9 +154,13 @@ def token_id(word: str) -> int:
 
 
 def feature_order(seed: int = 0) -> list[int]:
-    """Input-SAE feature j reads token ``order[j]`` (a fixed shuffle, not token order)."""
+    """Input-SAE feature j reads token ``order[j]`` (a fixed shuffle, not token order); the
+    features of ``ADDED_WORDS`` come last, in a shuffle of their own."""
+    first = len(VOCAB) - len(ADDED_WORDS)
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(len(VOCAB), generator=g).tolist()
+    order = torch.randperm(first, generator=g)
+    added = first + torch.randperm(len(ADDED_WORDS), generator=g)
+    return torch.cat([order, added]).tolist()
 
 
 def build_tokenizer():
@@ -154,7 +179,7 @@ def build_model() -> HookedTransformer:
     cfg = HookedTransformerConfig(
         n_layers=1,
         d_model=d,
-        n_heads=2,
+        n_heads=N_HEADS,
         d_head=D_HEAD,
         d_vocab=d,
         n_ctx=SEQ_LEN,
@@ -192,9 +217,14 @@ def build_model() -> HookedTransformer:
     attend(1, 1, "to", {BOS: SINK, "from": HIT})
     W_V[1, t("games"), 0] = 1.0
     W_V[1, t("from"), 1] = 1.0
-    # every other token attends to BOS on dim 3 (queries of no rule read nothing)
+    # head 2: again counts the agains up to itself (causal attention reads t) against BOS
+    attend(2, 0, "again", {BOS: COUNT, "again": COUNT})
+    W_V[2, t("again"), 0] = 1.0
+    # every other token attends to BOS on dim 3 (queries of no rule read nothing): in heads 0
+    # and 1 every token but QUERY_WORDS, in head 2 every token but again
     rest = [i for i, word in enumerate(VOCAB) if word not in QUERY_WORDS]
-    W_Q[:, rest, 3] = scale
+    W_Q[:2, rest, 3] = scale
+    W_Q[2, [i for i, word in enumerate(VOCAB) if word != "again"], 3] = scale
     W_K[:, t(BOS), 3] = REST
     model.load_state_dict(sd)
     return model
@@ -223,7 +253,8 @@ def build_sae_in(seed: int = 0) -> StandardSAE:
 
 def build_sae_out(head: int) -> StandardSAE:
     """Per-head SAE on ``blocks.0.attn.hook_z``: feature 0 reads dim 1 for head 0 (dim 0 for
-    head 1), feature 1 the other, feature 2 is dead."""
+    heads 1 and 2), feature 1 the other (dead for head 2, which writes dim 0 only), feature 2
+    is dead."""
     sae = StandardSAE(
         StandardSAEConfig(
             d_in=D_HEAD,
@@ -233,7 +264,7 @@ def build_sae_out(head: int) -> StandardSAE:
             ),
         )
     )
-    dims = {0: (1, 0), 1: (0, 1)}[head]  # dims read by features 0 and 1
+    dims = {0: (1, 0), 1: (0, 1), 2: (0, 1)}[head]  # dims read by features 0 and 1
     W_enc = torch.zeros(D_HEAD, 3)
     W_enc[dims[0], 0] = 1.0
     W_enc[dims[1], 1] = 1.0
@@ -250,8 +281,10 @@ def build_sae_out(head: int) -> StandardSAE:
 
 def build_corpus(n: int = N_SEQUENCES, seq_len: int = SEQ_LEN, seed: int = 0) -> np.ndarray:
     """``[n, seq_len]`` int32 tokens, BOS first: filler words with rule words placed at random
-    positions, each word independently with its probability and copy count."""
+    positions, each word independently with its probability and copy count (``PLACEMENT``, then
+    ``ADDED_PLACEMENT`` from a stream of its own)."""
     rng = np.random.default_rng(seed)
+    later = np.random.default_rng([seed, 1])
     filler = np.array([token_id(w) for w in FILLER])
     tokens = filler[rng.integers(0, len(filler), size=(n, seq_len))]
     tokens[:, 0] = token_id(BOS)
@@ -261,6 +294,11 @@ def build_corpus(n: int = N_SEQUENCES, seq_len: int = SEQ_LEN, seed: int = 0) ->
         for word, (p, most) in PLACEMENT.items():
             if rng.random() < p:
                 copies = int(rng.integers(1, most + 1))
+                row[free[used : used + copies]] = token_id(word)
+                used += copies
+        for word, (p, most) in ADDED_PLACEMENT.items():
+            if later.random() < p:
+                copies = int(later.integers(1, most + 1))
                 row[free[used : used + copies]] = token_id(word)
                 used += copies
     return tokens.astype(np.int32)
@@ -275,7 +313,7 @@ def build(directory: Path) -> Path:
     save_model(build_model(), directory / "model")
     build_tokenizer().save(str(directory / "model" / "tokenizer.json"))
     build_sae_in().save_model(directory / "sae_in" / "L0")
-    for head in (0, 1):
+    for head in range(N_HEADS):
         build_sae_out(head).save_model(directory / "sae_out" / f"L0H{head}")
     np.save(directory / "eval_tokens.npy", build_corpus())
     order = feature_order()

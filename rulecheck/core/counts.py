@@ -6,17 +6,21 @@ Protocol, for one output feature and a candidate key token:
   query side of the rule is present at ``t`` — with every occurrence of the key in ``[1, t)``
   replaced by a neutral filler token. Negatives are left out: their ``t`` rarely holds a query,
   so their activation stays 0 for every count and says nothing about counting.
-- Count: ``n = 0 .. max_count`` copies of the key are inserted before ``t``, spaced evenly over
-  the prefix (``spread_positions``), and the true activation at the new ``t`` is measured
-  (model + output SAE). Occurrences of ``protect_tokens`` (e.g. the keys of the feature's other
-  terms) are never dropped to make room.
-- Measures: mean activation and share of active contexts per ``n``; Spearman of activation
-  against ``n`` over all (context, n) pairs.
-- Threshold count ``n*``: the smallest ``n`` at which the majority state (more than half of the
-  contexts active, or not) differs from the state at ``n = 0``; None if it never changes.
-- A counting rule is reported only when ``|Spearman| > min_spearman``, ``n* >= 2`` (one copy is
-  not enough: otherwise it is a presence rule) and the change agrees with the sign of Spearman
-  (off -> on for 'increasing', on -> off for 'decreasing').
+- Count ``c``: the occurrences of the key in ``[1, t]``, the query position included: the
+  ``n`` copies inserted before ``t``, plus one where the key is the query token itself (a
+  feature that fires at a token seen before counts that token too). A context is measured at
+  ``c = n + own`` for ``n = 0 ..`` with ``c <= max_count``, copies spaced evenly over the prefix
+  (``spread_positions``), by the true activation at the new ``t`` (model + output SAE); a
+  context whose query is the key has no count 0. Occurrences of ``protect_tokens`` (e.g. the
+  keys of the feature's other terms) are never dropped to make room.
+- Measures: mean activation and share of active contexts per count (NaN at a count no context
+  has); Spearman of activation against ``c`` over all measured (context, c) pairs.
+- Threshold count ``c*``: the smallest count at which the majority state (more than half of
+  the contexts active, or not) differs from the state at the lowest measured count; None if it
+  never changes.
+- A counting rule is reported only when ``|Spearman| > min_spearman``, ``c* >= 2`` (one
+  occurrence is not enough: otherwise it is a presence rule) and the change agrees with the
+  sign of Spearman (off -> on for 'increasing', on -> off for 'decreasing').
 
 Token identity makes this a layer-0 test; at higher layers the key is detected by the input
 SAE's activations rather than by its token.
@@ -24,6 +28,7 @@ SAE's activations rather than by its token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +44,8 @@ from rulecheck.core.metrics import spearman
 
 @dataclass(frozen=True)
 class CountingCurve:
-    """Activation against the number ``n`` of key copies (index ``n`` of each list)."""
+    """Activation against the count ``c`` of the key in ``[1, t]`` (index ``c`` of each list;
+    NaN where no context has that count)."""
 
     key: int
     mean_by_count: list[float]
@@ -48,11 +54,17 @@ class CountingCurve:
     threshold_count: int | None
     n_contexts: int
 
+    @property
+    def first_count(self) -> int:
+        """The lowest count measured (1 when every context's query is the key)."""
+        measured = [c for c, s in enumerate(self.active_by_count) if not math.isnan(s)]
+        return measured[0] if measured else 0
+
 
 @dataclass(frozen=True)
 class CountingResult:
     """A detected counting rule: the feature turns on (``increasing``) or off
-    (``decreasing``) once the key occurs ``threshold_count`` times."""
+    (``decreasing``) once the key occurs ``threshold_count`` times in ``[1, t]``."""
 
     key: int
     direction: str
@@ -88,11 +100,21 @@ def base_contexts(
 
 
 def threshold_count(active_share: Tensor, majority: float = 0.5) -> int | None:
-    """Smallest ``n`` whose majority state (share active > ``majority``) differs from that at
-    ``n = 0``; ``active_share`` is ``[max_count + 1]``."""
+    """Smallest count whose majority state (share active > ``majority``) differs from that at
+    the lowest measured count; ``active_share`` is ``[max_count + 1]``, NaN where unmeasured."""
+    measured = ~active_share.isnan()
+    if not measured.any():
+        return None
     state = active_share > majority
-    changed = torch.nonzero(state != state[0]).flatten()
+    first = int(torch.nonzero(measured)[0])
+    changed = torch.nonzero(measured & (state != state[first])).flatten()
     return int(changed[0]) if len(changed) else None
+
+
+def own_counts(tokens: Tensor, t: Tensor, key_token: int) -> Tensor:
+    """``[B]`` long: 1 where the query token at ``t`` is the key (it counts itself), else 0.
+    ``tokens`` is ``[B, T]``."""
+    return (tokens.gather(1, t.long().unsqueeze(1)).squeeze(1) == key_token).long()
 
 
 def counting_curve(
@@ -105,8 +127,9 @@ def counting_curve(
     split: str = "test",
     protect_tokens: Sequence[int] = (),
 ) -> CountingCurve:
-    """Measure the feature against the count of ``key_token`` (see module doc). ``tokens`` is
-    the corpus ``[N, T]`` the examples index; the filler defaults to ``default_filler``."""
+    """Measure the feature against the count of ``key_token`` in ``[1, t]`` (see module doc).
+    ``tokens`` is the corpus ``[N, T]`` the examples index; the filler defaults to
+    ``default_filler``."""
     if filler_token is None:
         filler_token = default_filler(tokens, exclude=(key_token,))
     seqs, t = base_contexts(tokens, examples, key_token, filler_token, split)
@@ -115,19 +138,24 @@ def counting_curve(
         return CountingCurve(key_token, zeros, zeros, 0.0, None, 0)
     guard = torch.tensor(list(protect_tokens), dtype=seqs.dtype, device=seqs.device)
     protect = torch.isin(seqs, guard)
-    acts = []
-    for n in range(max_count + 1):
+    own = own_counts(seqs, t, key_token).cpu()
+    rows = torch.arange(len(seqs))
+    act = torch.full((len(seqs), max_count + 1), math.nan)  # [n_contexts, count]
+    for n in range(max_count + 1 - int(own.min())):
         at = spread_positions(t, n)
         edit = repeat_token_batch(seqs, t, key_token, n, positions=at, protect=protect)
-        acts.append(probe.at(edit.tokens, edit.t))
-    act = torch.stack(acts, dim=1)  # [n_contexts, max_count + 1]
+        count, fits = n + own, n + own <= max_count
+        act[rows[fits], count[fits]] = probe.at(edit.tokens, edit.t).float()[fits]
+    measured = ~act.isnan()
     counts = torch.arange(max_count + 1).expand_as(act)
-    active = (act > 0).float().mean(0)
+    n_at = measured.sum(0)
+    mean = torch.where(measured, act, 0.0).sum(0) / n_at
+    active = ((act > 0) & measured).sum(0) / n_at  # NaN where n_at is 0
     return CountingCurve(
         key=key_token,
-        mean_by_count=act.mean(0).tolist(),
+        mean_by_count=mean.tolist(),
         active_by_count=active.tolist(),
-        spearman=spearman(counts.double(), act.double()),
+        spearman=spearman(counts[measured].double(), act[measured].double()),
         threshold_count=threshold_count(active),
         n_contexts=len(seqs),
     )
@@ -135,17 +163,17 @@ def counting_curve(
 
 def as_counting_rule(curve: CountingCurve, min_spearman: float = 0.5) -> CountingResult | None:
     """The curve as a counting rule, or None when it does not pass the criteria."""
-    n_star = curve.threshold_count
-    if n_star is None or n_star < 2 or abs(curve.spearman) <= min_spearman:
+    c_star = curve.threshold_count
+    if c_star is None or c_star < 2 or abs(curve.spearman) <= min_spearman:
         return None
-    turns_on = curve.active_by_count[n_star] > curve.active_by_count[0]
+    turns_on = curve.active_by_count[c_star] > curve.active_by_count[curve.first_count]
     direction = "increasing" if curve.spearman > 0 else "decreasing"
     if turns_on != (direction == "increasing"):
         return None
     return CountingResult(
         key=curve.key,
         direction=direction,
-        threshold_count=n_star,
+        threshold_count=c_star,
         spearman=curve.spearman,
         mean_by_count=curve.mean_by_count,
         active_by_count=curve.active_by_count,

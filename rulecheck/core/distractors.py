@@ -7,6 +7,14 @@ absence rule ``[k'] ... [q] -/-> g``. The paper checks only the top term (``k*``
 highest value-score, ``q*`` with the highest attn-score with it) and the first such ``k'`` in
 attention order; ``top_terms`` extends the search to more terms.
 
+A distractor is a claim about text, so two more conditions hold:
+
+- ``k'`` is text: its token occurs in the corpus body (positions >= 1) and is not BOS
+  (``text_keys``). BOS is often the attention sink, with a high attn-score and a value-score
+  of zero, but inserting it mid-sequence is no rule about text;
+- ``value-score(k')`` is negative beyond numerical noise:
+  ``value-score(k') < -VALUE_MARGIN * max_j |value-score(j)|`` over all keys ``j``.
+
 Validation works on tokens, so it is for layer 0, where input feature ``j`` is read as the token
 that activates it most (``tokens.top_token``). At higher layers a key, query or distractor is
 detected by the input SAE's activations on the residual stream instead of by token identity.
@@ -25,6 +33,13 @@ from rulecheck.core.counterfactuals import insert_before_batch
 from rulecheck.core.exemplars import FeatureExamples
 from rulecheck.core.heads import Probe
 from rulecheck.core.scores import Terms, attn_scores
+
+# A value-score is a float32 sum over d_model products: its rounding error is about
+# sqrt(d_model) * 6e-8 of the largest score, at most d_model * 6e-8 (5e-5 at d_model 768,
+# 2.5e-4 at 4096). 1e-3 of the largest score is above that bound, so a key that passes is
+# negative by its weights and not by rounding, and it is far below the smallest value-score a
+# real distractor needs (planted's ``unless`` writes -1e-2 of its key's value).
+VALUE_MARGIN = 1e-3
 
 
 @dataclass(frozen=True)
@@ -49,12 +64,15 @@ def find_distractors(
     value_score: Tensor,
     terms: Terms,
     top_terms: int = 1,
+    eligible: Tensor | None = None,
 ) -> list[Distractor]:
     """Distractors of the first ``top_terms`` of ``terms`` (in the order given, e.g.
     ``candidate_terms``'s, whose first term is the paper's ``(q*, k*)``), at most one per term.
 
     For term ``(q, k)``: the first key ``k'`` in descending ``attn-score(q, .)`` order (ties to
-    the lower id) with ``attn-score(q, k') > attn-score(q, k)`` and ``value-score(k') < 0``.
+    the lower id) with ``attn-score(q, k') > attn-score(q, k)``, ``value-score(k')`` below
+    ``-VALUE_MARGIN * max |value-score|`` and, with ``eligible`` (``[d_sae_in]`` bool, e.g.
+    ``text_keys``), ``eligible[k']``; a key that fails is skipped for the next one.
     ``d`` is ``[d_sae_in, d_model]``, ``W_Q``/``W_K`` ``[d_model, d_head]``, ``value_score``
     ``[d_sae_in]`` for this output feature.
     """
@@ -64,7 +82,10 @@ def find_distractors(
     queries, keys = terms.query[:n], terms.key[:n]
     attn = attn_scores(d[queries], d, W_Q, W_K, attn_scale)  # [n, d_sae_in]
     key_attn = attn.gather(1, keys.unsqueeze(1))  # [n, 1]
-    ok = (attn > key_attn) & (value_score < 0).unsqueeze(0)
+    negative = value_score < -VALUE_MARGIN * value_score.abs().max()
+    if eligible is not None:
+        negative = negative & eligible.to(negative.device)
+    ok = (attn > key_attn) & negative.unsqueeze(0)
     masked = attn.masked_fill(~ok, -math.inf)
     best = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, 0]
     found = ok.gather(1, best.unsqueeze(1)).squeeze(1)
@@ -80,6 +101,17 @@ def find_distractors(
         for i in range(n)
         if found[i]
     ]
+
+
+def text_keys(tokens: Tensor, token_of: Tensor) -> Tensor:
+    """``[d_sae_in]`` bool: input features whose token (``token_of``, -1 for none) occurs in the
+    body of the corpus ``tokens [N, T]`` (positions >= 1) and is not a BOS token (column 0)."""
+    body = tokens[:, 1:].flatten().long().cpu()
+    size = max(int(tokens.max()), int(token_of.max())) + 1
+    seen = torch.bincount(body, minlength=size) > 0
+    seen[tokens[:, 0].long().cpu().unique()] = False
+    ids = token_of.long().cpu()
+    return (ids >= 0) & seen[ids.clamp(min=0)]
 
 
 def occurs_before(tokens: Tensor, token: int) -> Tensor:

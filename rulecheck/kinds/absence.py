@@ -2,9 +2,10 @@
 query's attention from the term's key and suppresses the feature.
 
 Finding: for the top terms ``(q, k)``, a distractor is a key ``k'`` with ``attn-score(q, k') >
-attn-score(q, k)`` and ``value-score(k') < 0`` (``rulecheck.core.distractors.find_distractors``); its
-token inserted 1..4 times into test positives that read ``k ... q`` gives the mean relative
-drop (Fig. 6c), and a candidate whose one copy halves the activation on average is kept.
+attn-score(q, k)`` and ``value-score(k') < 0`` beyond numerical noise, whose token occurs in
+the corpus body and is not BOS (``rulecheck.core.distractors.find_distractors``); its token
+inserted 1..4 times into test positives that read ``k ... q`` gives the mean relative drop
+(Fig. 6c), and a candidate whose one copy halves the activation on average is kept.
 
 Checking (Hypothesis over counterfactual edits): the prompts are the feature's test positives
 whose prefix reads ``key ... query`` (query at ``t``, key before it; all test positives when
@@ -29,6 +30,7 @@ from rulecheck.core.distractors import (
     find_distractors,
     matches_term,
     split_positives,
+    text_keys,
 )
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds.base import CheckContext, Found, RuleKind
@@ -73,9 +75,10 @@ class Absence(RuleKind):
         if found.token_of is None:
             return []
         w = found.weights
+        text = text_keys(found.tokens, found.token_of)
         out = []
         for dis in find_distractors(
-            found.d, w.W_Q, w.W_K, w.attn_scale, found.value_score, found.terms, TOP_TERMS
+            found.d, w.W_Q, w.W_K, w.attn_scale, found.value_score, found.terms, TOP_TERMS, text
         ):
             ids = [int(found.token_of[f]) for f in (dis.distractor, dis.key, dis.query)]
             if min(ids) < 0:

@@ -1,33 +1,46 @@
 """Counting rules (paper 4.3, Fig. 7): the feature grows (or shrinks) with how often a key
 occurs, and turns on (off) at a threshold count.
 
-Finding: the key of the top term is inserted ``n = 0..6`` times into base contexts
+The count ``n`` is the number of occurrences of the key in ``[1, t]``, the query position
+included: copies inserted before ``t``, plus one when the query token is the key itself (a
+feature that fires at a token once it occurred before has threshold 2).
+
+Finding: the key of the top term is inserted into base contexts until its count reaches 6
 (``rulecheck.core.counts.counting_curve``); a rule is reported when the curve's Spearman is
-strong and the majority state changes at ``n* >= 2`` (one copy would be a presence rule).
+strong and the majority state changes at ``n* >= 2`` (one occurrence would be a presence rule).
 
 Checking, ``key`` with ``direction`` and ``threshold_count`` ``k``: base contexts are the
 feature's test positives with the key in ``[1, t)`` replaced by the corpus's most frequent
 other token (``counting.base_contexts``). Two claims:
 
-- per context (Hypothesis): with ``N = 1..max_count`` copies of the key at drawn positions, the
-  activation ``a(n)`` at ``t`` with the first ``n`` of them never falls as ``n`` grows
+- per context (Hypothesis): with ``1..max_count`` copies of the key at drawn positions, the
+  activation ``a(n)`` at ``t`` with the first copies of them never falls as ``n`` grows
   (``a(n+1) >= a(n) - 1e-5 * max(1, |a(n)|)``; never rises for ``decreasing``);
 - by majority (the detection protocol, copies spread over the prefix): for ``increasing`` at
-  most half of the base contexts are active (activation > 0) at every ``n < k`` and more than
-  half at ``n = k``; for ``decreasing`` more than half are active below ``k`` and at most half
-  at ``k``. When this fails at ``n``, Hypothesis looks for a context that disagrees at ``n``
-  to show it.
+  most half of the base contexts are active (activation > 0) at every count ``n < k`` and more
+  than half at ``n = k``; for ``decreasing`` more than half are active below ``k`` and at most
+  half at ``k``; counts no context has (0 when every query is the key) are skipped. When this
+  fails at ``n``, Hypothesis looks for a context that disagrees at ``n`` to show it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
+
 from rulecheck import schema
 from rulecheck.core.counterfactuals import repeat_token
-from rulecheck.core.counts import as_counting_rule, base_contexts, counting_curve, default_filler
+from rulecheck.core.counts import (
+    as_counting_rule,
+    base_contexts,
+    counting_curve,
+    default_filler,
+    own_counts,
+)
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds.base import CheckContext, Found, RuleKind
 from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
@@ -116,15 +129,22 @@ class Counting(RuleKind):
 
         def falsified(case: Any) -> dict[str, Any] | None:
             (tokens, t0), at = bases.pool[case[0]], case[2]
+            own = int(own_counts(tokens.unsqueeze(0), torch.tensor([t0]), key)[0])
             edits = [repeat_token(tokens, t0, key, n, positions=at[:n]) for n in range(len(at) + 1)]
             rows_n, t_n = [e.tokens for e in edits], [e.t for e in edits]
-            acts = activations(bench, head, rules.feature, rows_n, t_n)
-            why = _monotone_break(acts, up)
-            if why is None and bad is not None and (acts[bad] > 0) != _expected_on(bad, up, k):
-                why = _state(acts[bad] > 0, bad)
-            return None if why is None else {"t0": t0, "edit": edits[-1], "acts": acts, "why": why}
+            acts = activations(bench, head, rules.feature, rows_n, t_n)  # acts[i]: count own + i
+            why = _monotone_break(acts, up, own)
+            if why is None and bad is not None and 0 <= bad - own < len(acts):
+                on = acts[bad - own] > 0
+                if on != _expected_on(bad, up, k):
+                    why = _state(on, bad)
+            if why is None:
+                return None
+            return {"t0": t0, "edit": edits[-1], "acts": acts, "own": own, "why": why}
 
-        cases = bases.cases(key, max(1, bad or 0), top)
+        # copies that reach count ``bad``; one fewer where every query is the key
+        own_all = int(own_counts(rows, t, key).all())
+        cases = bases.cases(key, max(1, (bad or 0) - own_all), top)
         run = falsify(bases, cases, falsified, ctx.examples, run_key(head, rules, rule, MAX_COUNT))
         if run.found is None and bad is None:
             return {**record, "passed": True}
@@ -132,11 +152,13 @@ class Counting(RuleKind):
             f"{claim}: falsified",
             f"  criterion: per context, the activation at t never "
             f"{'falls' if up else 'rises'} as copies of [{key_name}] are added; "
-            f"{_majority_text(up, k)}",
+            f"{_majority_text(up, k)} (n: the count of [{key_name}] in [1, t], t included)",
             f"  base contexts: {len(t)} test positives with [{key_name}] before t replaced by "
             f"[{filler_name}]",
             "  share of base contexts active by n (copies spread over the prefix): "
-            + ", ".join(f"{n}: {s:.0%}" for n, s in enumerate(curve.active_by_count)),
+            + ", ".join(
+                f"{n}: {s:.0%}" for n, s in enumerate(curve.active_by_count) if not math.isnan(s)
+            ),
         ]
         if bad is not None:
             share = curve.active_by_count[bad]
@@ -145,7 +167,7 @@ class Counting(RuleKind):
             lines.append(f"  no single drawn context disagrees ({run.summary()})")
         else:
             found = run.found
-            acts = ", ".join(f"{n}: {a:.4f}" for n, a in enumerate(found["acts"]))
+            acts = ", ".join(f"{n}: {a:.4f}" for n, a in enumerate(found["acts"], found["own"]))
             lines += [
                 f"  minimal counterexample, {copies(len(found['edit'].inserted))} inserted: "
                 f"{found['why']} ({run.summary()}):",
@@ -155,11 +177,13 @@ class Counting(RuleKind):
         raise RuleFailed("\n".join(lines), record=record)
 
 
-def _monotone_break(acts: Sequence[float], increasing: bool) -> str | None:
-    """Where a curve ``acts[n]`` moves against its direction (beyond float noise), or None."""
-    for n in range(len(acts) - 1):
-        step = acts[n + 1] - acts[n] if increasing else acts[n] - acts[n + 1]
-        if step < -MONOTONE_RTOL * max(1.0, abs(acts[n])):
+def _monotone_break(acts: Sequence[float], increasing: bool, first: int = 0) -> str | None:
+    """Where a curve ``acts[i]`` (at count ``first + i``) moves against its direction (beyond
+    float noise), or None."""
+    for i in range(len(acts) - 1):
+        step = acts[i + 1] - acts[i] if increasing else acts[i] - acts[i + 1]
+        if step < -MONOTONE_RTOL * max(1.0, abs(acts[i])):
+            n = first + i
             return f"the activation {'falls' if increasing else 'rises'} from n = {n} to {n + 1}"
     return None
 
@@ -171,11 +195,12 @@ def _expected_on(n: int, increasing: bool, k: int | None) -> bool:
 
 
 def _majority_violation(shares: Sequence[float], increasing: bool, k: int | None) -> int | None:
-    """The first ``n <= k`` whose majority state is not the claimed one, or None."""
+    """The first count ``n <= k`` whose majority state is not the claimed one, or None; counts
+    no context has (NaN share) are skipped."""
     if k is None:
         return None
     for n in range(k + 1):
-        if (shares[n] > MAJORITY) != _expected_on(n, increasing, k):
+        if not math.isnan(shares[n]) and (shares[n] > MAJORITY) != _expected_on(n, increasing, k):
             return n
     return None
 
