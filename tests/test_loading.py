@@ -11,6 +11,7 @@ import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -276,7 +277,109 @@ def test_model_weights_that_do_not_match_config(tmp_path: Path) -> None:
     (target / "config.json").write_text(json.dumps(config | {"n_layers": 2}))
     with pytest.raises(RulecheckError) as excinfo:
         load_model(str(target))
-    assert_one_line(excinfo, "model.safetensors", "state_dict", "missing blocks.1.")
+    assert_one_line(
+        excinfo, "config.json: n_layers: 2, but model.safetensors holds weights for 1 block"
+    )
+    (target / "config.json").write_text(json.dumps(config | {"d_mlp": 48}))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(excinfo, "model.safetensors: blocks.0.mlp.W_in: shape [16, 32], expected")
+
+
+def rewrite_weights(path: Path, change) -> None:
+    """Rewrite a safetensors file with ``change(state)`` applied to its tensors."""
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+
+
+@pytest.mark.parametrize("positions", ["standard", "rotary"])
+def test_model_weights_without_derived_buffers(tmp_path: Path, positions: str) -> None:
+    torch.manual_seed(0)
+    model = HookedTransformer(tiny_config(positional_embedding_type=positions)).eval()
+    target = save_model(model, tmp_path / "model")
+    buffers = {name for name, _ in model.named_buffers()}
+    expected = {"mask", "IGNORE"} | (
+        {"rotary_sin", "rotary_cos"} if positions == "rotary" else set()
+    )
+    assert {name.rsplit(".", 1)[1] for name in buffers} == expected
+    rewrite_weights(target / "model.safetensors", lambda state: [state.pop(b) for b in buffers])
+    loaded = load_model(str(target))
+    tokens = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_model_weights_with_an_old_mask_shape(tmp_path: Path) -> None:
+    """TransformerLens 2 saved the causal mask [n_ctx, n_ctx]; the config decides it now."""
+    model = tiny_model(tmp_path, tokenizer=False)
+    target = save_model(model, tmp_path / "model")
+    old_mask = torch.tril(torch.ones(64, 64, dtype=torch.bool))
+    rewrite_weights(
+        target / "model.safetensors", lambda state: state.update({"blocks.0.attn.mask": old_mask})
+    )
+    loaded = load_model(str(target))
+    assert loaded.blocks[0].attn.mask.shape == model.blocks[0].attn.mask.shape
+
+
+def test_model_weights_missing_a_parameter(tmp_path: Path) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    rewrite_weights(target / "model.safetensors", lambda state: state.pop("blocks.0.attn.W_Q"))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(
+        excinfo, "model.safetensors: state_dict: ", "missing blocks.0.attn.W_Q", "save_model"
+    )
+
+
+BAD_MODEL_FIELDS = [
+    ("n_layers", "one", 'expected an integer, found "one"'),
+    ("n_heads", -2, "expected an integer >= 1, found -2"),
+    ("d_model", 0, "expected an integer >= 1, found 0"),
+    ("d_head", 8.0, "expected an integer, found 8.0"),
+    ("n_ctx", True, "expected an integer, found true"),
+    ("d_vocab", 2**70, "expected an integer < 2**63, found 1180591620717411303424"),
+    ("d_mlp", "32", 'expected an integer or null, found "32"'),
+    ("act_fn", "swish", 'unknown value "swish"'),
+    ("normalization_type", "BatchNorm", 'unknown value "BatchNorm"'),
+    ("positional_embedding_type", "sinusoidal", 'unknown value "sinusoidal"'),
+    ("eps", "tiny", 'expected a number, found "tiny"'),
+    ("default_prepend_bos", 1, "expected true or false, found 1"),
+    ("dtype", "int64", '"int64" is not a dtype'),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "what"), BAD_MODEL_FIELDS)
+def test_model_config_bad_field(tmp_path: Path, field: str, value: object, what: str) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | {field: value}))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    message = assert_one_line(excinfo, f"config.json: {field}: {what}")
+    assert "(fix: set" in message or "(fix: use" in message
+
+
+def test_model_config_derives_n_heads(tmp_path: Path) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | {"n_heads": -1}))
+    assert load_model(str(target)).cfg.n_heads == 2
+    with pytest.raises(RulecheckError) as excinfo:
+        (target / "config.json").write_text(json.dumps(config | {"n_heads": -2}))
+        load_model(str(target))
+    assert_one_line(excinfo, "n_heads: ", ">= 1, or -1 to derive it from d_model / d_head")
+
+
+@pytest.mark.parametrize("field", ["n_layers", "d_model", "d_head", "n_ctx", "d_vocab"])
+def test_model_config_missing_field(tmp_path: Path, field: str) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    del config[field]
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(excinfo, f"config.json: {field}: missing (fix: add {field}")
 
 
 def test_model_config_with_unknown_field(tmp_path: Path) -> None:
