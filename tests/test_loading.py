@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -480,6 +480,115 @@ def test_sae_unreadable_safetensors(tmp_path: Path) -> None:
     with pytest.raises(RulecheckError) as excinfo:
         load_sae(str(tmp_path / "sae"))
     assert_one_line(excinfo, "sae_weights.safetensors", "safetensors")
+
+
+def write_sae_dir(directory: Path, head: int | None = 1) -> dict:
+    """Save a per-head output SAE; return its cfg.json as a dict."""
+    tiny_sae(8, hook_name="blocks.0.attn.hook_z", head=head).save_model(directory)
+    return json.loads((directory / "cfg.json").read_text())
+
+
+BAD_SAE_FIELDS = [
+    ({"d_sae": "many"}, 'd_sae: expected an integer, found "many"', "set d_sae to an integer"),
+    ({"d_in": -1}, "d_in: expected an integer >= 1, found -1", "set d_in to an integer >= 1"),
+    ({"architecture": "sparse"}, 'architecture: unknown value "sparse"', '"standard", "gated"'),
+    ({"dtype": "int8"}, 'dtype: unknown value "int8"', '"float32"'),
+    ({"apply_b_dec_to_input": "yes"}, "apply_b_dec_to_input: expected true or false", "true"),
+    ({"metadata": ["x"]}, 'metadata: expected an object, found ["x"]', "sae.save_model"),
+]
+
+
+@pytest.mark.parametrize(("change", "what", "fix"), BAD_SAE_FIELDS)
+def test_sae_config_bad_field(tmp_path: Path, change: dict, what: str, fix: str) -> None:
+    config = write_sae_dir(tmp_path / "sae")
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config | change))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    message = assert_one_line(excinfo, f"cfg.json: {what}")
+    assert fix in message.split("(fix: ", 1)[1], message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "what"),
+    [
+        (
+            "hook_head_index",
+            "1",
+            'metadata.hook_head_index: expected an integer or null, found "1"',
+        ),
+        ("hook_head_index", -1, "metadata.hook_head_index: expected an integer >= 0, found -1"),
+        ("hook_name", 0, "metadata.hook_name: expected a string or null, found 0"),
+        ("sae_lens_version", "six", 'metadata.sae_lens_version: expected a version such as "6'),
+    ],
+)
+def test_sae_config_bad_metadata(tmp_path: Path, field: str, value: object, what: str) -> None:
+    config = write_sae_dir(tmp_path / "sae")
+    config["metadata"][field] = value
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(excinfo, f"cfg.json: {what}")
+
+
+def test_sae_config_missing_d_in(tmp_path: Path) -> None:
+    config = write_sae_dir(tmp_path / "sae")
+    del config["d_in"]
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(excinfo, "cfg.json: d_in: missing (fix: add d_in (an integer >= 1))")
+
+
+def test_sae_config_metadata_without_version(tmp_path: Path) -> None:
+    config = write_sae_dir(tmp_path / "sae", head=1)
+    del config["metadata"]["sae_lens_version"]
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
+    # what sae_lens itself makes of the file: a pre-6.0 config, its metadata block dropped
+    read_by_sae_lens = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert read_by_sae_lens.cfg.metadata.hook_head_index is None
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(
+        excinfo,
+        "cfg.json: metadata.sae_lens_version: missing beside a metadata block",
+        "pre-6.0 config and drops metadata.hook_name and metadata.hook_head_index",
+        '(fix: add "sae_lens_version": "6.x" to metadata',
+    )
+
+
+def test_sae_config_metadata_with_an_old_version(tmp_path: Path) -> None:
+    config = write_sae_dir(tmp_path / "sae")
+    config["metadata"]["sae_lens_version"] = "5.9.1"
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(excinfo, "metadata.sae_lens_version: 5.9.1, before 6.0, beside a metadata")
+
+
+def test_sae_config_pre_6_without_metadata_still_loads(tmp_path: Path) -> None:
+    """A real pre-6.0 config: flat, hook_point and hook_point_head_index, no version."""
+    sae = tiny_sae(8, hook_name="blocks.0.attn.hook_z", head=1)
+    sae.save_model(tmp_path / "sae")
+    old = {
+        "d_in": 8,
+        "d_sae": 32,
+        "dtype": "float32",
+        "hook_point": "blocks.0.attn.hook_z",
+        "hook_point_head_index": 1,
+        "apply_b_dec_to_input": True,
+    }
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(old))
+    loaded = load_sae(str(tmp_path / "sae"))
+    assert loaded.cfg.metadata.hook_head_index == 1
+    assert torch.equal(loaded.W_enc, sae.W_enc)
+
+
+def test_sae_weights_missing_a_key(tmp_path: Path) -> None:
+    write_sae_dir(tmp_path / "sae")
+    rewrite_weights(tmp_path / "sae" / "sae_weights.safetensors", lambda state: state.pop("b_enc"))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(excinfo, "sae_weights.safetensors: state_dict: ", '"b_enc"', "sae.save_model")
 
 
 def test_registry_sae_offline(offline: None) -> None:
