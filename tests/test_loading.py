@@ -737,6 +737,77 @@ def test_corpus_without_bos_or_outside_vocab(tmp_path: Path) -> None:
     assert_one_line(excinfo, "tokens.npy", "token ids: ", "found token id 7")
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_text_corpus_not_utf8(tmp_path: Path, suffix: str) -> None:
+    lines = [b"hello world the cat", "the cat sat on a m\u00e4t".encode("latin-1")]
+    if suffix == ".jsonl":
+        lines = [b'{"text": "' + line + b'"}' for line in lines]
+    path = tmp_path / f"docs{suffix}"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    offset = len(lines[0]) + 1 + lines[1].index(b"\xe4")
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(path), tokenizer=word_tokenizer(tmp_path / "tok"))
+    assert_one_line(
+        excinfo, f"docs{suffix}:2: not UTF-8: byte 0xe4 at byte offset {offset}", "UTF-8"
+    )
+
+
+def test_corpus_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "corpus"), bos_token_id=BOS)
+    assert_one_line(excinfo, "corpus: is a directory, not a corpus file", "inside it")
+
+
+@pytest.mark.parametrize("dtype", ["i1", "i2", "i4", "i8", ">i8", "u1", "u2", "u4", "u8"])
+def test_npy_corpus_integer_dtypes(tmp_path: Path, dtype: str) -> None:
+    array = np.arange(1, 25).reshape(3, 8).astype(dtype)
+    array[:, 0] = BOS
+    np.save(tmp_path / "tokens.npy", array)
+    tokens = load_corpus(str(tmp_path / "tokens.npy"), bos_token_id=BOS, d_vocab=50)
+    assert tokens.dtype == torch.int64
+    assert tokens.tolist() == array.astype(np.int64).tolist()
+
+
+def test_npy_corpus_uint64_beyond_int64(tmp_path: Path) -> None:
+    array = np.full((3, 8), 7, dtype=np.uint64)
+    array[:, 0] = BOS
+    array[1, 5] = 2**64 - 2
+    np.save(tmp_path / "tokens.npy", array)
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "tokens.npy"), bos_token_id=BOS, d_vocab=50)
+    message = assert_one_line(
+        excinfo, "token ids: found token id 18446744073709551614 (row 1, column 5)"
+    )
+    assert "-2" not in message
+
+
+@pytest.mark.parametrize(
+    ("array", "dtype"),
+    [
+        (np.zeros((3, 8), dtype=np.float64), "float64"),
+        (np.zeros((3, 8), dtype=bool), "bool"),
+        (np.full((3, 8), 7, dtype=object), "object"),
+        (np.zeros((3, 8), dtype="m8[s]"), "timedelta64[s]"),
+        (np.full((3, 8), "7"), "<U1"),
+    ],
+)
+def test_npy_corpus_not_integers(tmp_path: Path, array: np.ndarray, dtype: str) -> None:
+    np.save(tmp_path / "tokens.npy", array, allow_pickle=True)
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "tokens.npy"))
+    assert_one_line(excinfo, f"tokens.npy: dtype: expected integer token ids, found dtype {dtype}")
+
+
+def test_npy_corpus_header_promises_more_than_the_file(tmp_path: Path) -> None:
+    np.save(tmp_path / "tokens.npy", np.zeros((3, 8), dtype=np.int64))
+    data = (tmp_path / "tokens.npy").read_bytes()
+    (tmp_path / "tokens.npy").write_bytes(data.replace(b"(3, 8)", b"(3, 9999999999999)", 1))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "tokens.npy"))
+    assert_one_line(excinfo, "tokens.npy: not a readable .npy file", "numpy.save")
+
+
 def test_dataset_name_offline(offline: None) -> None:
     with pytest.raises(RulecheckError) as excinfo:
         load_corpus("NeelNanda/pile-10k", tokenizer=object(), bos_token_id=BOS)
