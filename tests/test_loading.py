@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from rulecheck import zoo
+from rulecheck.cli import main
 from rulecheck.errors import RulecheckError
 from rulecheck.loading import (
     check_sae,
@@ -812,6 +815,54 @@ def test_dataset_name_offline(offline: None) -> None:
     with pytest.raises(RulecheckError) as excinfo:
         load_corpus("NeelNanda/pile-10k", tokenizer=object(), bos_token_id=BOS)
     assert_one_line(excinfo, "NeelNanda/pile-10k", "local .npy")
+
+
+# --------------------------------------------------------------------------------------------
+# the same errors through the command line
+
+
+def extract_error(capsys: pytest.CaptureFixture[str], out: Path, *specs: str) -> str:
+    """Run ``rulecheck extract`` on layer 0, head 0; return its one-line error."""
+    argv = ["extract", *specs, "--layer", "0", "--heads", "0", "--features", "1"]
+    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_corpus_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "corpus").mkdir()
+    specs = ("--model", "rulecheck-tiny", "--corpus", str(tmp_path / "corpus"))
+    err = extract_error(capsys, tmp_path / "out", *specs)
+    assert f"{tmp_path / 'corpus'}: is a directory, not a corpus file (fix: " in err
+
+
+def test_cli_model_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = shutil.copytree(zoo.entry_dir("rulecheck-tiny") / "model", tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"n_heads": -2}))
+    specs = [
+        *("--model", str(model_dir)),
+        *("--sae-in", "rulecheck-tiny:sae_in/L{layer}"),
+        *("--sae-out", "rulecheck-tiny:sae_out/L{layer}H{head}"),
+        *("--corpus", "rulecheck-tiny:eval"),
+    ]
+    err = extract_error(capsys, tmp_path / "out", *specs)
+    assert f"{model_dir / 'config.json'}: n_heads: expected an integer >= 1, found -2" in err
+    assert "(fix: set n_heads to an integer >= 1" in err
+
+
+def test_cli_sae_metadata_without_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sae_dir = shutil.copytree(zoo.entry_dir("rulecheck-tiny") / "sae_in" / "L0", tmp_path / "L0")
+    config = json.loads((sae_dir / "cfg.json").read_text())
+    del config["metadata"]["sae_lens_version"]
+    (sae_dir / "cfg.json").write_text(json.dumps(config))
+    specs = ("--model", "rulecheck-tiny", "--sae-in", str(tmp_path / "L{layer}"))
+    err = extract_error(capsys, tmp_path / "out", *specs)
+    assert f"{sae_dir / 'cfg.json'}: metadata.sae_lens_version: missing beside a metadata" in err
+    assert '(fix: add "sae_lens_version": "6.x" to metadata' in err
 
 
 # --------------------------------------------------------------------------------------------
