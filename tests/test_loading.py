@@ -281,7 +281,7 @@ def test_model_weights_that_do_not_match_config(tmp_path: Path) -> None:
     with pytest.raises(RulecheckError) as excinfo:
         load_model(str(target))
     assert_one_line(
-        excinfo, "config.json: n_layers: 2, but model.safetensors holds weights for 1 block"
+        excinfo, "config.json: n_layers: 2, but the blocks in model.safetensors number 1 (fix: set"
     )
     (target / "config.json").write_text(json.dumps(config | {"d_mlp": 48}))
     with pytest.raises(RulecheckError) as excinfo:
@@ -372,6 +372,34 @@ def test_model_config_derives_n_heads(tmp_path: Path) -> None:
         (target / "config.json").write_text(json.dumps(config | {"n_heads": -2}))
         load_model(str(target))
     assert_one_line(excinfo, "n_heads: ", ">= 1, or -1 to derive it from d_model / d_head")
+
+
+def test_model_config_huge_count_fails_before_building(tmp_path: Path) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    moe = {"num_experts": 10**15, "experts_per_token": 1}
+    (target / "config.json").write_text(json.dumps(config | moe))
+    start = time.monotonic()
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert time.monotonic() - start < 10
+    assert_one_line(excinfo, "config.json: num_experts: 1000000000000000, but the experts in")
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ({"use_local_attn": True, "window_size": 4, "attn_types": []}, "list index out of range"),
+        ({"positional_embedding_type": "rotary", "rotary_base": 10**400}, "int too big to convert"),
+    ],
+)
+def test_model_config_transformerlens_refuses(tmp_path: Path, change: dict, what: str) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(excinfo, "config.json: TransformerLens cannot build this model (", what)
 
 
 @pytest.mark.parametrize("field", ["n_layers", "d_model", "d_head", "n_ctx", "d_vocab"])

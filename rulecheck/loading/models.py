@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -150,6 +151,12 @@ MODEL_CHOICES: dict[str, tuple[Any, ...]] = {
     "attention_dir": ("causal", "bidirectional"),
 }
 MODEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Fields counting modules that TransformerLens builds one by one, and the weight keys that
+# number those modules: compared before building, so a huge count fails at once.
+MODEL_COUNTS = {
+    "n_layers": ("blocks", re.compile(r"blocks\.([0-9]+)\.")),
+    "num_experts": ("experts", re.compile(r"blocks\.0\.mlp\.experts\.([0-9]+)\.")),
+}
 WEIGHTS_FIX = f"save the weights and {MODEL_CONFIG} together with save_model"
 
 
@@ -219,29 +226,34 @@ def _skeleton(kwargs: Mapping[str, Any], *, file: Path) -> HookedTransformer:
     try:
         with torch.device("meta"):
             return HookedTransformer(cfg)
-    except (AssertionError, ValueError, TypeError, RuntimeError, KeyError) as exc:
+    except (
+        AssertionError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        KeyError,
+        IndexError,  # attn_types shorter than n_layers
+        OverflowError,  # rotary_base too large for a float
+    ) as exc:
         raise InvalidSpec(
             f"TransformerLens cannot build this model ({one_line(exc)})",
             file=file,
-            fix="fix the value named, or write config.json with save_model",
+            fix="check the sizes and options it names, or write config.json with save_model",
         ) from None
 
 
-def _check_layers(n_layers: int, state: Mapping[str, torch.Tensor], *, file: Path) -> None:
-    """``n_layers`` against the blocks the weights hold, before a model of that depth is built."""
-    found = {
-        int(key.split(".")[1])
-        for key in state
-        if key.startswith("blocks.") and key.split(".")[1].isdecimal()
-    }
-    if n_layers != len(found):
-        raise InvalidSpec(
-            f"{n_layers}, but {MODEL_WEIGHTS} holds weights for {len(found)} block"
-            + ("" if len(found) == 1 else "s"),
-            file=file,
-            field="n_layers",
-            fix=f"set n_layers to {len(found)}, or {WEIGHTS_FIX}",
-        )
+def _check_counts(cfg: HookedTransformerConfig, state: Mapping[str, Any], *, file: Path) -> None:
+    """The config's counts of modules against the weights, before a model that size is built."""
+    for name, (modules, pattern) in MODEL_COUNTS.items():
+        count = getattr(cfg, name)
+        found = len({match.group(1) for key in state if (match := pattern.match(key))})
+        if count is not None and count != found:
+            raise InvalidSpec(
+                f"{count}, but the {modules} in {MODEL_WEIGHTS} number {found}",
+                file=file,
+                field=name,
+                fix=f"set {name} to {found}, or {WEIGHTS_FIX}" if found else WEIGHTS_FIX,
+            )
 
 
 def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTransformer:
@@ -254,7 +266,7 @@ def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTr
     kwargs = _model_kwargs(config_path)
     cfg = _model_config(kwargs, str(device), file=config_path)
     state = read_safetensors(weights_path)
-    _check_layers(cfg.n_layers, state, file=config_path)
+    _check_counts(cfg, state, file=config_path)
     skeleton = _skeleton(kwargs, file=config_path)
     derived = {name for name, _ in skeleton.named_buffers()}
     check_state_dict(
