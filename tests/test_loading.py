@@ -783,6 +783,13 @@ def test_text_corpus_not_utf8(tmp_path: Path, suffix: str) -> None:
     )
 
 
+def test_jsonl_corpus_half_a_surrogate_pair(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_text('{"text": "hello"}\n{"text": "a \\ud83d cat"}\n')
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "docs.jsonl"), tokenizer=word_tokenizer(tmp_path / "tok"))
+    assert_one_line(excinfo, 'docs.jsonl:2: text: holds "\\ud83d", half a surrogate pair')
+
+
 def test_corpus_is_a_directory(tmp_path: Path) -> None:
     (tmp_path / "corpus").mkdir()
     with pytest.raises(RulecheckError) as excinfo:

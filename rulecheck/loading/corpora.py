@@ -7,6 +7,7 @@ document a line), ``.jsonl`` (``{"text": ...}`` a line) or a Hugging Face datase
 from __future__ import annotations
 
 import json
+import tokenize
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,13 @@ import numpy as np
 import torch
 
 from rulecheck.errors import InvalidSpec
-from rulecheck.loading._common import INT64_MAX, expand_path, looks_like_path, one_line
+from rulecheck.loading._common import (
+    INT64_MAX,
+    expand_path,
+    json_text,
+    looks_like_path,
+    one_line,
+)
 
 STREAMED_SEQUENCES = 1024
 
@@ -80,8 +87,9 @@ def load_corpus(
     return tokens
 
 
-# what numpy raises for a .npy file it cannot read
-NPY_ERRORS = (OSError, ValueError, EOFError)
+# what numpy raises for a .npy file it cannot read (TokenError: its parser of Python 2 headers;
+# TypeError: a header dict with a bytes key)
+NPY_ERRORS = (OSError, ValueError, EOFError, TypeError, tokenize.TokenError)
 # what numpy's public functions can read of a .npy header; other versions are left to np.load
 NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
@@ -231,6 +239,16 @@ def _file_lines(path: Path) -> Iterator[str]:
                     field="text",
                     fix='write one {"text": ...} object a line',
                 )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a \ud800 escape: JSON reads it, UTF-8 cannot
+                raise InvalidSpec(
+                    f"holds {json_text(text[exc.start])}, half a surrogate pair, not a character",
+                    file=path,
+                    line=number,
+                    field="text",
+                    fix="escape characters outside the BMP as a full pair, or write them as UTF-8",
+                ) from None
             yield text
 
 
