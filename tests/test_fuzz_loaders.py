@@ -107,7 +107,7 @@ def only_rulecheck_errors(load: Callable[[], object]) -> None:
     try:
         load()
     except RulecheckError as exc:
-        assert "\n" not in str(exc), str(exc)
+        assert len(str(exc).splitlines()) == 1, str(exc)
 
 
 @contextlib.contextmanager

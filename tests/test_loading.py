@@ -335,6 +335,15 @@ def test_model_weights_missing_a_parameter(tmp_path: Path) -> None:
     )
 
 
+def test_model_weights_key_that_would_break_the_line(tmp_path: Path) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    odd = {"blocks.0.attn.W_Q\nX": torch.zeros(1)}
+    rewrite_weights(target / "model.safetensors", lambda state: state.update(odd))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(excinfo, 'unexpected "blocks.0.attn.W_Q\\nX"')
+
+
 BAD_MODEL_FIELDS = [
     ("n_layers", "one", 'expected an integer, found "one"'),
     ("n_heads", -2, "expected an integer >= 1, found -2"),
@@ -489,6 +498,15 @@ def test_paper_sae_weights_that_do_not_match(tmp_path: Path) -> None:
     with pytest.raises(RulecheckError) as excinfo:
         load_sae(str(name))
     assert_one_line(excinfo, f"{name}.pt", "W_enc: shape [8, 7], expected [8, 32]")
+
+
+def test_paper_sae_size_beyond_memory(tmp_path: Path) -> None:
+    name = write_paper_sae(tmp_path)
+    config = json.loads(Path(f"{name}_cfg.json").read_text())
+    Path(f"{name}_cfg.json").write_text(json.dumps(config | {"act_size": 2**56}))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(name))
+    assert_one_line(excinfo, f"{name}.pt: W_enc: shape [8, 32], expected [72057594037927936, 32]")
 
 
 def test_paper_sae_with_half_the_files(tmp_path: Path) -> None:
@@ -835,6 +853,23 @@ def test_npy_corpus_not_integers(tmp_path: Path, array: np.ndarray, dtype: str) 
     with pytest.raises(RulecheckError) as excinfo:
         load_corpus(str(tmp_path / "tokens.npy"))
     assert_one_line(excinfo, f"tokens.npy: dtype: expected integer token ids, found dtype {dtype}")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"'<i8'", b"',i8'"),  # numpy's dtype parser raises SyntaxError
+        (b", 'fortran_order'", b",b'fortran_order'"),  # a bytes key: TypeError
+        (b"}", b"|"),  # numpy's Python 2 header parser: tokenize.TokenError
+    ],
+)
+def test_npy_corpus_header_numpy_cannot_parse(tmp_path: Path, old: bytes, new: bytes) -> None:
+    np.save(tmp_path / "tokens.npy", np.zeros((3, 8), dtype=np.int64))
+    data = (tmp_path / "tokens.npy").read_bytes()
+    (tmp_path / "tokens.npy").write_bytes(data.replace(old, new, 1))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "tokens.npy"))
+    assert_one_line(excinfo, "tokens.npy: not a readable .npy file (")
 
 
 def test_npy_corpus_header_promises_more_than_the_file(tmp_path: Path) -> None:

@@ -120,6 +120,11 @@ def json_text(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def shown(name: str) -> str:
+    """A name read from a file, quoted and escaped where printing it as is could break the line."""
+    return name if name.isprintable() else json_text(name)
+
+
 def _matches(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if hint is Any:
@@ -238,7 +243,7 @@ def check_state_dict(
         for word, keys in (("missing", missing), ("unexpected", unexpected)):
             if keys:
                 more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-                parts.append(f"{word} {keys[0]}{more}")
+                parts.append(f"{word} {shown(keys[0])}{more}")
         raise InvalidSpec(
             f"weights do not match the config: {'; '.join(parts)}",
             file=file,
@@ -250,6 +255,6 @@ def check_state_dict(
             raise InvalidSpec(
                 f"shape {list(tensor.shape)}, expected {list(expected[name].shape)}",
                 file=file,
-                field=name,
+                field=shown(name),
                 fix=fix,
             )

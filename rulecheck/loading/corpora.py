@@ -88,8 +88,8 @@ def load_corpus(
 
 
 # what numpy raises for a .npy file it cannot read (TokenError: its parser of Python 2 headers;
-# TypeError: a header dict with a bytes key)
-NPY_ERRORS = (OSError, ValueError, EOFError, TypeError, tokenize.TokenError)
+# TypeError: a header dict with a bytes key; SyntaxError: a descr such as ",i8")
+NPY_ERRORS = (OSError, ValueError, EOFError, TypeError, SyntaxError, tokenize.TokenError)
 # what numpy's public functions can read of a .npy header; other versions are left to np.load
 NPY_HEADER_READERS = {
     (1, 0): np.lib.format.read_array_header_1_0,
@@ -132,6 +132,7 @@ def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
             fix="save an integer array with numpy.save",
         ) from None
     if not isinstance(array, np.ndarray):
+        array.close()  # an NpzFile holds the file open
         raise InvalidSpec(
             "a .npz archive, not a .npy array",
             file=path,

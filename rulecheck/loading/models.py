@@ -38,6 +38,7 @@ from rulecheck.loading._common import (
     parse_dtype,
     read_json_object,
     read_safetensors,
+    shown,
 )
 from rulecheck.loading.devices import resolve_device
 from rulecheck.paths import cache_dir
@@ -182,9 +183,9 @@ def _model_kwargs(path: Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(rules.hints))
     if unknown:
         raise InvalidSpec(
-            f"not a HookedTransformerConfig field: {', '.join(unknown)}",
+            f"not a HookedTransformerConfig field: {', '.join(map(shown, unknown))}",
             file=path,
-            field=unknown[0],
+            field=shown(unknown[0]),
             fix="remove it; config.json holds HookedTransformerConfig keyword arguments",
         )
     check_fields(raw, rules, file=path)

@@ -321,9 +321,6 @@ def _read_paper_sae(spec: str, path: Path, device: torch.device) -> SAE:
     sae_cfg = _paper_sae_config(read_json_object(config_path), file=config_path, device=device)
     weights = _read_paper_weights(weights_path)
     dtype = parse_dtype(sae_cfg.dtype, file=config_path)
-    sae_cfg.device = "meta"
-    sae = StandardSAE(sae_cfg)
-    sae.cfg.device = str(device)
     expected = {
         "W_enc": (sae_cfg.d_in, sae_cfg.d_sae),
         "W_dec": (sae_cfg.d_sae, sae_cfg.d_in),
@@ -338,6 +335,9 @@ def _read_paper_sae(spec: str, path: Path, device: torch.device) -> SAE:
                 field=name,
                 fix=f"check that {config_path.name} belongs to these weights",
             )
+    sae_cfg.device = "meta"  # built once the weights show its sizes are real
+    sae = StandardSAE(sae_cfg)
+    sae.cfg.device = str(device)
     sae.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True, assign=True)
     return sae.to(device=device, dtype=dtype)
 
