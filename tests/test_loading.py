@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from rulecheck import zoo
+from rulecheck.cli import main
 from rulecheck.errors import RulecheckError
 from rulecheck.loading import (
     check_sae,
@@ -276,7 +280,146 @@ def test_model_weights_that_do_not_match_config(tmp_path: Path) -> None:
     (target / "config.json").write_text(json.dumps(config | {"n_layers": 2}))
     with pytest.raises(RulecheckError) as excinfo:
         load_model(str(target))
-    assert_one_line(excinfo, "model.safetensors", "state_dict", "missing blocks.1.")
+    assert_one_line(
+        excinfo, "config.json: n_layers: 2, but the blocks in model.safetensors number 1 (fix: set"
+    )
+    (target / "config.json").write_text(json.dumps(config | {"d_mlp": 48}))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(excinfo, "model.safetensors: blocks.0.mlp.W_in: shape [16, 32], expected")
+
+
+def rewrite_weights(path: Path, change) -> None:
+    """Rewrite a safetensors file with ``change(state)`` applied to its tensors."""
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+
+
+@pytest.mark.parametrize("positions", ["standard", "rotary"])
+def test_model_weights_without_derived_buffers(tmp_path: Path, positions: str) -> None:
+    torch.manual_seed(0)
+    model = HookedTransformer(tiny_config(positional_embedding_type=positions)).eval()
+    target = save_model(model, tmp_path / "model")
+    buffers = {name for name, _ in model.named_buffers()}
+    expected = {"mask", "IGNORE"} | (
+        {"rotary_sin", "rotary_cos"} if positions == "rotary" else set()
+    )
+    assert {name.rsplit(".", 1)[1] for name in buffers} == expected
+    rewrite_weights(target / "model.safetensors", lambda state: [state.pop(b) for b in buffers])
+    loaded = load_model(str(target))
+    tokens = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_model_weights_with_an_old_mask_shape(tmp_path: Path) -> None:
+    """TransformerLens 2 saved the causal mask [n_ctx, n_ctx]; the config decides it now."""
+    model = tiny_model(tmp_path, tokenizer=False)
+    target = save_model(model, tmp_path / "model")
+    old_mask = torch.tril(torch.ones(64, 64, dtype=torch.bool))
+    rewrite_weights(
+        target / "model.safetensors", lambda state: state.update({"blocks.0.attn.mask": old_mask})
+    )
+    loaded = load_model(str(target))
+    assert loaded.blocks[0].attn.mask.shape == model.blocks[0].attn.mask.shape
+
+
+def test_model_weights_missing_a_parameter(tmp_path: Path) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    rewrite_weights(target / "model.safetensors", lambda state: state.pop("blocks.0.attn.W_Q"))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(
+        excinfo, "model.safetensors: state_dict: ", "missing blocks.0.attn.W_Q", "save_model"
+    )
+
+
+def test_model_weights_key_that_would_break_the_line(tmp_path: Path) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    odd = {"blocks.0.attn.W_Q\nX": torch.zeros(1)}
+    rewrite_weights(target / "model.safetensors", lambda state: state.update(odd))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(excinfo, 'unexpected "blocks.0.attn.W_Q\\nX"')
+
+
+BAD_MODEL_FIELDS = [
+    ("n_layers", "one", 'expected an integer, found "one"'),
+    ("n_heads", -2, "expected an integer >= 1, found -2"),
+    ("d_model", 0, "expected an integer >= 1, found 0"),
+    ("d_head", 8.0, "expected an integer, found 8.0"),
+    ("n_ctx", True, "expected an integer, found true"),
+    ("d_vocab", 2**70, "expected an integer < 2**63, found 1180591620717411303424"),
+    ("d_mlp", "32", 'expected an integer or null, found "32"'),
+    ("act_fn", "swish", 'unknown value "swish"'),
+    ("normalization_type", "BatchNorm", 'unknown value "BatchNorm"'),
+    ("positional_embedding_type", "sinusoidal", 'unknown value "sinusoidal"'),
+    ("eps", "tiny", 'expected a number, found "tiny"'),
+    ("default_prepend_bos", 1, "expected true or false, found 1"),
+    ("dtype", "int64", '"int64" is not a dtype'),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "what"), BAD_MODEL_FIELDS)
+def test_model_config_bad_field(tmp_path: Path, field: str, value: object, what: str) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | {field: value}))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    message = assert_one_line(excinfo, f"config.json: {field}: {what}")
+    assert "(fix: set" in message or "(fix: use" in message
+
+
+def test_model_config_derives_n_heads(tmp_path: Path) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | {"n_heads": -1}))
+    assert load_model(str(target)).cfg.n_heads == 2
+    with pytest.raises(RulecheckError) as excinfo:
+        (target / "config.json").write_text(json.dumps(config | {"n_heads": -2}))
+        load_model(str(target))
+    assert_one_line(excinfo, "n_heads: ", ">= 1, or -1 to derive it from d_model / d_head")
+
+
+def test_model_config_huge_count_fails_before_building(tmp_path: Path) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    moe = {"num_experts": 10**15, "experts_per_token": 1}
+    (target / "config.json").write_text(json.dumps(config | moe))
+    start = time.monotonic()
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert time.monotonic() - start < 10
+    assert_one_line(excinfo, "config.json: num_experts: 1000000000000000, but the experts in")
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ({"use_local_attn": True, "window_size": 4, "attn_types": []}, "list index out of range"),
+        ({"positional_embedding_type": "rotary", "rotary_base": 10**400}, "int too big to convert"),
+    ],
+)
+def test_model_config_transformerlens_refuses(tmp_path: Path, change: dict, what: str) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(excinfo, "config.json: TransformerLens cannot build this model (", what)
+
+
+@pytest.mark.parametrize("field", ["n_layers", "d_model", "d_head", "n_ctx", "d_vocab"])
+def test_model_config_missing_field(tmp_path: Path, field: str) -> None:
+    target = save_model(tiny_model(tmp_path, tokenizer=False), tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    del config[field]
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_model(str(target))
+    assert_one_line(excinfo, f"config.json: {field}: missing (fix: add {field}")
 
 
 def test_model_config_with_unknown_field(tmp_path: Path) -> None:
@@ -357,6 +500,15 @@ def test_paper_sae_weights_that_do_not_match(tmp_path: Path) -> None:
     assert_one_line(excinfo, f"{name}.pt", "W_enc: shape [8, 7], expected [8, 32]")
 
 
+def test_paper_sae_size_beyond_memory(tmp_path: Path) -> None:
+    name = write_paper_sae(tmp_path)
+    config = json.loads(Path(f"{name}_cfg.json").read_text())
+    Path(f"{name}_cfg.json").write_text(json.dumps(config | {"act_size": 2**56}))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(name))
+    assert_one_line(excinfo, f"{name}.pt: W_enc: shape [8, 32], expected [72057594037927936, 32]")
+
+
 def test_paper_sae_with_half_the_files(tmp_path: Path) -> None:
     name = write_paper_sae(tmp_path)
     Path(f"{name}.pt").unlink()
@@ -377,6 +529,115 @@ def test_sae_unreadable_safetensors(tmp_path: Path) -> None:
     with pytest.raises(RulecheckError) as excinfo:
         load_sae(str(tmp_path / "sae"))
     assert_one_line(excinfo, "sae_weights.safetensors", "safetensors")
+
+
+def write_sae_dir(directory: Path, head: int | None = 1) -> dict:
+    """Save a per-head output SAE; return its cfg.json as a dict."""
+    tiny_sae(8, hook_name="blocks.0.attn.hook_z", head=head).save_model(directory)
+    return json.loads((directory / "cfg.json").read_text())
+
+
+BAD_SAE_FIELDS = [
+    ({"d_sae": "many"}, 'd_sae: expected an integer, found "many"', "set d_sae to an integer"),
+    ({"d_in": -1}, "d_in: expected an integer >= 1, found -1", "set d_in to an integer >= 1"),
+    ({"architecture": "sparse"}, 'architecture: unknown value "sparse"', '"standard", "gated"'),
+    ({"dtype": "int8"}, 'dtype: unknown value "int8"', '"float32"'),
+    ({"apply_b_dec_to_input": "yes"}, "apply_b_dec_to_input: expected true or false", "true"),
+    ({"metadata": ["x"]}, 'metadata: expected an object, found ["x"]', "sae.save_model"),
+]
+
+
+@pytest.mark.parametrize(("change", "what", "fix"), BAD_SAE_FIELDS)
+def test_sae_config_bad_field(tmp_path: Path, change: dict, what: str, fix: str) -> None:
+    config = write_sae_dir(tmp_path / "sae")
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config | change))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    message = assert_one_line(excinfo, f"cfg.json: {what}")
+    assert fix in message.split("(fix: ", 1)[1], message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "what"),
+    [
+        (
+            "hook_head_index",
+            "1",
+            'metadata.hook_head_index: expected an integer or null, found "1"',
+        ),
+        ("hook_head_index", -1, "metadata.hook_head_index: expected an integer >= 0, found -1"),
+        ("hook_name", 0, "metadata.hook_name: expected a string or null, found 0"),
+        ("sae_lens_version", "six", 'metadata.sae_lens_version: expected a version such as "6'),
+    ],
+)
+def test_sae_config_bad_metadata(tmp_path: Path, field: str, value: object, what: str) -> None:
+    config = write_sae_dir(tmp_path / "sae")
+    config["metadata"][field] = value
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(excinfo, f"cfg.json: {what}")
+
+
+def test_sae_config_missing_d_in(tmp_path: Path) -> None:
+    config = write_sae_dir(tmp_path / "sae")
+    del config["d_in"]
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(excinfo, "cfg.json: d_in: missing (fix: add d_in (an integer >= 1))")
+
+
+def test_sae_config_metadata_without_version(tmp_path: Path) -> None:
+    config = write_sae_dir(tmp_path / "sae", head=1)
+    del config["metadata"]["sae_lens_version"]
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
+    # what sae_lens itself makes of the file: a pre-6.0 config, its metadata block dropped
+    read_by_sae_lens = SAE.load_from_disk(str(tmp_path / "sae"))
+    assert read_by_sae_lens.cfg.metadata.hook_head_index is None
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(
+        excinfo,
+        "cfg.json: metadata.sae_lens_version: missing beside a metadata block",
+        "pre-6.0 config and drops metadata.hook_name and metadata.hook_head_index",
+        '(fix: add "sae_lens_version": "6.x" to metadata',
+    )
+
+
+def test_sae_config_metadata_with_an_old_version(tmp_path: Path) -> None:
+    config = write_sae_dir(tmp_path / "sae")
+    config["metadata"]["sae_lens_version"] = "5.9.1"
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(config))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(excinfo, "metadata.sae_lens_version: 5.9.1, before 6.0, beside a metadata")
+
+
+def test_sae_config_pre_6_without_metadata_still_loads(tmp_path: Path) -> None:
+    """A real pre-6.0 config: flat, hook_point and hook_point_head_index, no version."""
+    sae = tiny_sae(8, hook_name="blocks.0.attn.hook_z", head=1)
+    sae.save_model(tmp_path / "sae")
+    old = {
+        "d_in": 8,
+        "d_sae": 32,
+        "dtype": "float32",
+        "hook_point": "blocks.0.attn.hook_z",
+        "hook_point_head_index": 1,
+        "apply_b_dec_to_input": True,
+    }
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(old))
+    loaded = load_sae(str(tmp_path / "sae"))
+    assert loaded.cfg.metadata.hook_head_index == 1
+    assert torch.equal(loaded.W_enc, sae.W_enc)
+
+
+def test_sae_weights_missing_a_key(tmp_path: Path) -> None:
+    write_sae_dir(tmp_path / "sae")
+    rewrite_weights(tmp_path / "sae" / "sae_weights.safetensors", lambda state: state.pop("b_enc"))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(tmp_path / "sae"))
+    assert_one_line(excinfo, "sae_weights.safetensors: state_dict: ", '"b_enc"', "sae.save_model")
 
 
 def test_registry_sae_offline(offline: None) -> None:
@@ -525,10 +786,153 @@ def test_corpus_without_bos_or_outside_vocab(tmp_path: Path) -> None:
     assert_one_line(excinfo, "tokens.npy", "token ids: ", "found token id 7")
 
 
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_text_corpus_not_utf8(tmp_path: Path, suffix: str) -> None:
+    lines = [b"hello world the cat", "the cat sat on a m\u00e4t".encode("latin-1")]
+    if suffix == ".jsonl":
+        lines = [b'{"text": "' + line + b'"}' for line in lines]
+    path = tmp_path / f"docs{suffix}"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    offset = len(lines[0]) + 1 + lines[1].index(b"\xe4")
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(path), tokenizer=word_tokenizer(tmp_path / "tok"))
+    assert_one_line(
+        excinfo, f"docs{suffix}:2: not UTF-8: byte 0xe4 at byte offset {offset}", "UTF-8"
+    )
+
+
+def test_jsonl_corpus_half_a_surrogate_pair(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_text('{"text": "hello"}\n{"text": "a \\ud83d cat"}\n')
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "docs.jsonl"), tokenizer=word_tokenizer(tmp_path / "tok"))
+    assert_one_line(excinfo, 'docs.jsonl:2: text: holds "\\ud83d", half a surrogate pair')
+
+
+def test_corpus_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "corpus"), bos_token_id=BOS)
+    assert_one_line(excinfo, "corpus: is a directory, not a corpus file", "inside it")
+
+
+@pytest.mark.parametrize("dtype", ["i1", "i2", "i4", "i8", ">i8", "u1", "u2", "u4", "u8"])
+def test_npy_corpus_integer_dtypes(tmp_path: Path, dtype: str) -> None:
+    array = np.arange(1, 25).reshape(3, 8).astype(dtype)
+    array[:, 0] = BOS
+    np.save(tmp_path / "tokens.npy", array)
+    tokens = load_corpus(str(tmp_path / "tokens.npy"), bos_token_id=BOS, d_vocab=50)
+    assert tokens.dtype == torch.int64
+    assert tokens.tolist() == array.astype(np.int64).tolist()
+
+
+def test_npy_corpus_uint64_beyond_int64(tmp_path: Path) -> None:
+    array = np.full((3, 8), 7, dtype=np.uint64)
+    array[:, 0] = BOS
+    array[1, 5] = 2**64 - 2
+    np.save(tmp_path / "tokens.npy", array)
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "tokens.npy"), bos_token_id=BOS, d_vocab=50)
+    message = assert_one_line(
+        excinfo, "token ids: found token id 18446744073709551614 (row 1, column 5)"
+    )
+    assert "-2" not in message
+
+
+@pytest.mark.parametrize(
+    ("array", "dtype"),
+    [
+        (np.zeros((3, 8), dtype=np.float64), "float64"),
+        (np.zeros((3, 8), dtype=bool), "bool"),
+        (np.full((3, 8), 7, dtype=object), "object"),
+        (np.zeros((3, 8), dtype="m8[s]"), "timedelta64[s]"),
+        (np.full((3, 8), "7"), "<U1"),
+    ],
+)
+def test_npy_corpus_not_integers(tmp_path: Path, array: np.ndarray, dtype: str) -> None:
+    np.save(tmp_path / "tokens.npy", array, allow_pickle=True)
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "tokens.npy"))
+    assert_one_line(excinfo, f"tokens.npy: dtype: expected integer token ids, found dtype {dtype}")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"'<i8'", b"',i8'"),  # numpy's dtype parser raises SyntaxError
+        (b", 'fortran_order'", b",b'fortran_order'"),  # a bytes key: TypeError
+        (b"}", b"|"),  # numpy's Python 2 header parser: tokenize.TokenError
+    ],
+)
+def test_npy_corpus_header_numpy_cannot_parse(tmp_path: Path, old: bytes, new: bytes) -> None:
+    np.save(tmp_path / "tokens.npy", np.zeros((3, 8), dtype=np.int64))
+    data = (tmp_path / "tokens.npy").read_bytes()
+    (tmp_path / "tokens.npy").write_bytes(data.replace(old, new, 1))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "tokens.npy"))
+    assert_one_line(excinfo, "tokens.npy: not a readable .npy file (")
+
+
+def test_npy_corpus_header_promises_more_than_the_file(tmp_path: Path) -> None:
+    np.save(tmp_path / "tokens.npy", np.zeros((3, 8), dtype=np.int64))
+    data = (tmp_path / "tokens.npy").read_bytes()
+    (tmp_path / "tokens.npy").write_bytes(data.replace(b"(3, 8)", b"(3, 9999999999999)", 1))
+    with pytest.raises(RulecheckError) as excinfo:
+        load_corpus(str(tmp_path / "tokens.npy"))
+    assert_one_line(excinfo, "tokens.npy: not a readable .npy file", "numpy.save")
+
+
 def test_dataset_name_offline(offline: None) -> None:
     with pytest.raises(RulecheckError) as excinfo:
         load_corpus("NeelNanda/pile-10k", tokenizer=object(), bos_token_id=BOS)
     assert_one_line(excinfo, "NeelNanda/pile-10k", "local .npy")
+
+
+# --------------------------------------------------------------------------------------------
+# the same errors through the command line
+
+
+def extract_error(capsys: pytest.CaptureFixture[str], out: Path, *specs: str) -> str:
+    """Run ``rulecheck extract`` on layer 0, head 0; return its one-line error."""
+    argv = ["extract", *specs, "--layer", "0", "--heads", "0", "--features", "1"]
+    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_corpus_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "corpus").mkdir()
+    specs = ("--model", "rulecheck-tiny", "--corpus", str(tmp_path / "corpus"))
+    err = extract_error(capsys, tmp_path / "out", *specs)
+    assert f"{tmp_path / 'corpus'}: is a directory, not a corpus file (fix: " in err
+
+
+def test_cli_model_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = shutil.copytree(zoo.entry_dir("rulecheck-tiny") / "model", tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"n_heads": -2}))
+    specs = [
+        *("--model", str(model_dir)),
+        *("--sae-in", "rulecheck-tiny:sae_in/L{layer}"),
+        *("--sae-out", "rulecheck-tiny:sae_out/L{layer}H{head}"),
+        *("--corpus", "rulecheck-tiny:eval"),
+    ]
+    err = extract_error(capsys, tmp_path / "out", *specs)
+    assert f"{model_dir / 'config.json'}: n_heads: expected an integer >= 1, found -2" in err
+    assert "(fix: set n_heads to an integer >= 1" in err
+
+
+def test_cli_sae_metadata_without_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sae_dir = shutil.copytree(zoo.entry_dir("rulecheck-tiny") / "sae_in" / "L0", tmp_path / "L0")
+    config = json.loads((sae_dir / "cfg.json").read_text())
+    del config["metadata"]["sae_lens_version"]
+    (sae_dir / "cfg.json").write_text(json.dumps(config))
+    specs = ("--model", "rulecheck-tiny", "--sae-in", str(tmp_path / "L{layer}"))
+    err = extract_error(capsys, tmp_path / "out", *specs)
+    assert f"{sae_dir / 'cfg.json'}: metadata.sae_lens_version: missing beside a metadata" in err
+    assert '(fix: add "sae_lens_version": "6.x" to metadata' in err
 
 
 # --------------------------------------------------------------------------------------------

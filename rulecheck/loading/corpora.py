@@ -7,6 +7,7 @@ document a line), ``.jsonl`` (``{"text": ...}`` a line) or a Hugging Face datase
 from __future__ import annotations
 
 import json
+import tokenize
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,13 @@ import numpy as np
 import torch
 
 from rulecheck.errors import InvalidSpec
-from rulecheck.loading._common import expand_path, looks_like_path, one_line
+from rulecheck.loading._common import (
+    INT64_MAX,
+    expand_path,
+    json_text,
+    looks_like_path,
+    one_line,
+)
 
 STREAMED_SEQUENCES = 1024
 
@@ -46,6 +53,12 @@ def load_corpus(
     path = expand_path(spec)
     suffix = path.suffix.lower()
     looks_like_file = looks_like_path(spec) or suffix in (".npy", ".txt", ".jsonl") or path.exists()
+    if path.is_dir():
+        raise InvalidSpec(
+            "is a directory, not a corpus file",
+            file=path,
+            fix="pass a .npy, .txt or .jsonl file inside it, or a dataset name",
+        )
     if looks_like_file and not path.is_file():
         raise InvalidSpec(
             "file not found", file=path, fix="pass a .npy, .txt or .jsonl file or a dataset name"
@@ -74,22 +87,58 @@ def load_corpus(
     return tokens
 
 
-def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
+# what numpy raises for a .npy file it cannot read (TokenError: its parser of Python 2 headers;
+# TypeError: a header dict with a bytes key; SyntaxError: a descr such as ",i8")
+NPY_ERRORS = (OSError, ValueError, EOFError, TypeError, SyntaxError, tokenize.TokenError)
+# what numpy's public functions can read of a .npy header; other versions are left to np.load
+NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _check_npy_dtype(dtype: np.dtype, *, path: Path) -> None:
+    if dtype.kind not in "iu":
+        raise InvalidSpec(
+            f"expected integer token ids, found dtype {dtype}",
+            file=path,
+            field="dtype",
+            fix="save token ids as an integer array, e.g. array.astype(np.int64)",
+        )
+
+
+def _npy_header_dtype(path: Path) -> np.dtype | None:
+    """The dtype a .npy header declares, read without the data; None if it cannot be read here."""
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+        with path.open("rb") as file:
+            reader = NPY_HEADER_READERS.get(np.lib.format.read_magic(file))
+            return None if reader is None else reader(file)[2]
+    except NPY_ERRORS:
+        return None
+
+
+def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
+    """Token ids of a .npy file, its dtype checked from the header before the data is read, the
+    data memory-mapped so that a header promising more than the file holds fails cleanly."""
+    header_dtype = _npy_header_dtype(path)
+    if header_dtype is not None:
+        _check_npy_dtype(header_dtype, path=path)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except NPY_ERRORS as exc:
         raise InvalidSpec(
             f"not a readable .npy file ({one_line(exc)})",
             file=path,
             fix="save an integer array with numpy.save",
         ) from None
-    if not np.issubdtype(array.dtype, np.integer):
+    if not isinstance(array, np.ndarray):
+        array.close()  # an NpzFile holds the file open
         raise InvalidSpec(
-            f"expected integer token ids, found {array.dtype}",
+            "a .npz archive, not a .npy array",
             file=path,
-            field="dtype",
-            fix="save token ids as an integer array, e.g. array.astype(np.int64)",
+            fix="save one integer array with numpy.save",
         )
+    _check_npy_dtype(array.dtype, path=path)
     if array.ndim != 2:
         raise InvalidSpec(
             f"expected shape [n_seq, seq_len], found {list(array.shape)}",
@@ -97,7 +146,16 @@ def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
             field="shape",
             fix="save a 2-d array, one sequence a row",
         )
-    tokens = torch.from_numpy(array.astype(np.int64, copy=False))
+    if array.dtype.kind == "u" and array.size and int(array.max()) > INT64_MAX:
+        row, column = (int(i) for i in np.argwhere(array > INT64_MAX)[0])
+        raise InvalidSpec(
+            f"found token id {int(array[row, column])} (row {row}, column {column}),"
+            " too large for int64",
+            file=path,
+            field="token ids",
+            fix="tokenize the corpus with the model's tokenizer",
+        )
+    tokens = torch.from_numpy(np.array(array, dtype=np.int64))
     if bos_token_id is not None and tokens.shape[1] > 0:
         bad = (tokens[:, 0] != bos_token_id).nonzero()
         if len(bad):
@@ -131,7 +189,32 @@ def _bos_id(tokenizer: Any, bos_token_id: int | None, *, spec: str) -> int:
     return int(bos)
 
 
+def _not_utf8(path: Path) -> InvalidSpec:
+    """The error for a text file that is not UTF-8: the first bad byte, its offset and line."""
+    offset = 0
+    with path.open("rb") as lines:  # no UTF-8 sequence holds a newline byte
+        for number, raw in enumerate(lines, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return InvalidSpec(
+                    f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte offset {offset + exc.start}",
+                    file=path,
+                    line=number,
+                    fix="save the file as UTF-8 (e.g. iconv -t UTF-8)",
+                )
+            offset += len(raw)
+    return InvalidSpec("not UTF-8", file=path, fix="save the file as UTF-8")
+
+
 def _file_documents(path: Path) -> Iterator[str]:
+    try:
+        yield from _file_lines(path)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _file_lines(path: Path) -> Iterator[str]:
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -157,6 +240,16 @@ def _file_documents(path: Path) -> Iterator[str]:
                     field="text",
                     fix='write one {"text": ...} object a line',
                 )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a \ud800 escape: JSON reads it, UTF-8 cannot
+                raise InvalidSpec(
+                    f"holds {json_text(text[exc.start])}, half a surrogate pair, not a character",
+                    file=path,
+                    line=number,
+                    field="text",
+                    fix="escape characters outside the BMP as a full pair, or write them as UTF-8",
+                ) from None
             yield text
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,13 +26,19 @@ from safetensors.torch import save_file
 from rulecheck.atomic import atomic_directory
 from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import (
+    FieldRules,
+    check_fields,
+    check_state_dict,
+    dataclass_hints,
     dtype_name,
     expand_path,
+    json_text,
     looks_like_path,
     one_line,
     parse_dtype,
     read_json_object,
     read_safetensors,
+    shown,
 )
 from rulecheck.loading.devices import resolve_device
 from rulecheck.paths import cache_dir
@@ -112,66 +120,159 @@ def load_model(
     return _load_named_model(spec, resolved, **processing)
 
 
-def _model_config(path: Path, device: torch.device) -> HookedTransformerConfig:
-    from transformer_lens import HookedTransformerConfig
+# Checked before TransformerLens sees config.json: each field's type comes from
+# HookedTransformerConfig's type hints; these tables add what the types cannot say.
+MODEL_REQUIRED = ("n_layers", "d_model", "d_head", "n_ctx", "d_vocab")
+MODEL_MINIMUMS = {
+    "n_layers": 1,
+    "d_model": 1,
+    "d_head": 1,
+    "n_heads": 1,
+    "n_ctx": 1,
+    "d_mlp": 1,
+    "d_vocab": 1,
+    "d_vocab_out": 1,
+    "n_key_value_heads": 1,
+    "rotary_dim": 1,
+    "num_experts": 1,
+    "experts_per_token": 1,
+    "window_size": 1,
+    "train_seq_length": 1,
+    "relative_attention_max_distance": 1,
+    "relative_attention_num_buckets": 1,
+    "NTK_original_ctx_len": 1,
+    "yarn_original_max_position_embeddings": 1,
+    "n_devices": 1,
+    "seed": 0,
+}
+MODEL_DERIVED = {"n_heads": "d_model / d_head", "d_vocab_out": "d_vocab"}
+MODEL_CHOICES: dict[str, tuple[Any, ...]] = {
+    "normalization_type": (None, "LN", "LNPre", "RMS", "RMSPre"),
+    "positional_embedding_type": ("standard", "shortformer", "rotary", "alibi"),
+    "attention_dir": ("causal", "bidirectional"),
+}
+MODEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Fields counting modules that TransformerLens builds one by one, and the weight keys that
+# number those modules: compared before building, so a huge count fails at once.
+MODEL_COUNTS = {
+    "n_layers": ("blocks", re.compile(r"blocks\.([0-9]+)\.")),
+    "num_experts": ("experts", re.compile(r"blocks\.0\.mlp\.experts\.([0-9]+)\.")),
+}
+WEIGHTS_FIX = f"save the weights and {MODEL_CONFIG} together with save_model"
 
+
+@functools.cache
+def _model_rules() -> FieldRules:
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.utilities import SUPPORTED_ACTIVATIONS
+
+    return FieldRules(
+        hints=dataclass_hints(HookedTransformerConfig),
+        required=MODEL_REQUIRED,
+        minimums=MODEL_MINIMUMS,
+        # an attention-only model has no activation function
+        choices=MODEL_CHOICES | {"act_fn": (*SUPPORTED_ACTIVATIONS, None)},
+        derive=MODEL_DERIVED,
+    )
+
+
+def _model_kwargs(path: Path) -> dict[str, Any]:
+    """The HookedTransformerConfig keyword arguments of ``config.json``, every field checked."""
     raw = read_json_object(path)
-    known = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
-    unknown = sorted(set(raw) - known)
+    rules = _model_rules()
+    unknown = sorted(set(raw) - set(rules.hints))
     if unknown:
         raise InvalidSpec(
-            f"not a HookedTransformerConfig field: {', '.join(unknown)}",
+            f"not a HookedTransformerConfig field: {', '.join(map(shown, unknown))}",
             file=path,
-            field=unknown[0],
+            field=shown(unknown[0]),
             fix="remove it; config.json holds HookedTransformerConfig keyword arguments",
         )
+    check_fields(raw, rules, file=path)
     kwargs = dict(raw)
     if "dtype" in kwargs:
         kwargs["dtype"] = parse_dtype(kwargs["dtype"], file=path)
-    kwargs.update(device=str(device), n_devices=1, init_weights=False)
+        if kwargs["dtype"] not in MODEL_DTYPES:
+            raise InvalidSpec(
+                f"{json_text(raw['dtype'])} is not a dtype a model's weights can have",
+                file=path,
+                field="dtype",
+                fix=f"use one of {', '.join(dtype_name(d) for d in MODEL_DTYPES)}",
+            )
+    return kwargs
+
+
+def _model_config(kwargs: Mapping[str, Any], device: str, *, file: Path) -> HookedTransformerConfig:
+    from transformer_lens import HookedTransformerConfig
+
     try:
-        return HookedTransformerConfig(**kwargs)
+        return HookedTransformerConfig(
+            **{**kwargs, "device": device, "n_devices": 1, "init_weights": False}
+        )
     except (TypeError, ValueError, AssertionError, KeyError) as exc:
         raise InvalidSpec(
             f"invalid model config ({one_line(exc)})",
-            file=path,
+            file=file,
             fix="write config.json with save_model or fix the named value",
         ) from None
 
 
-def _check_state_dict_keys(
-    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, file: Path
-) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:3])}" + ("..." if len(missing) > 3 else ""))
-        if unexpected:
-            more = "..." if len(unexpected) > 3 else ""
-            parts.append(f"unexpected {', '.join(unexpected[:3])}{more}")
+def _skeleton(kwargs: Mapping[str, Any], *, file: Path) -> HookedTransformer:
+    """The model ``kwargs`` describe on the meta device: its keys, shapes and buffers, in no
+    memory, built before the real one so that a config the weights do not fit allocates
+    nothing."""
+    from transformer_lens import HookedTransformer
+
+    cfg = _model_config({**kwargs, "tokenizer_name": None}, "meta", file=file)
+    try:
+        with torch.device("meta"):
+            return HookedTransformer(cfg)
+    except (
+        AssertionError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        KeyError,
+        IndexError,  # attn_types shorter than n_layers
+        OverflowError,  # rotary_base too large for a float
+    ) as exc:
         raise InvalidSpec(
-            f"weights do not match the config: {'; '.join(parts)}",
+            f"TransformerLens cannot build this model ({one_line(exc)})",
             file=file,
-            field="state_dict",
-            fix="save the weights and config.json together with save_model",
-        )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+            fix="check the sizes and options it names, or write config.json with save_model",
+        ) from None
+
+
+def _check_counts(cfg: HookedTransformerConfig, state: Mapping[str, Any], *, file: Path) -> None:
+    """The config's counts of modules against the weights, before a model that size is built."""
+    for name, (modules, pattern) in MODEL_COUNTS.items():
+        count = getattr(cfg, name)
+        found = len({match.group(1) for key in state if (match := pattern.match(key))})
+        if count is not None and count != found:
             raise InvalidSpec(
-                f"shape {list(tensor.shape)}, expected {list(expected[name].shape)}",
+                f"{count}, but the {modules} in {MODEL_WEIGHTS} number {found}",
                 file=file,
                 field=name,
-                fix="save the weights and config.json together with save_model",
+                fix=f"set {name} to {found}, or {WEIGHTS_FIX}" if found else WEIGHTS_FIX,
             )
 
 
 def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTransformer:
+    """Config checked, then the weights' keys and shapes against a meta-device model, then the
+    real model. Buffers TransformerLens computes from the config (causal mask, ``IGNORE``,
+    rotary tables) are the model's own: a weights file may leave them out."""
     from transformer_lens import HookedTransformer
 
-    cfg = _model_config(directory / MODEL_CONFIG, device)
-    state = read_safetensors(directory / MODEL_WEIGHTS)
+    config_path, weights_path = directory / MODEL_CONFIG, directory / MODEL_WEIGHTS
+    kwargs = _model_kwargs(config_path)
+    cfg = _model_config(kwargs, str(device), file=config_path)
+    state = read_safetensors(weights_path)
+    _check_counts(cfg, state, file=config_path)
+    skeleton = _skeleton(kwargs, file=config_path)
+    derived = {name for name, _ in skeleton.named_buffers()}
+    check_state_dict(
+        state, skeleton.state_dict(), file=weights_path, fix=WEIGHTS_FIX, derived=derived
+    )
     tokenizer_path = directory / MODEL_TOKENIZER
     tokenizer = _tokenizer_from_file(tokenizer_path) if tokenizer_path.is_file() else None
     if tokenizer is not None:
@@ -181,11 +282,20 @@ def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTr
     except (OSError, ValueError) as exc:
         raise InvalidSpec(
             f"cannot build the model ({one_line(exc)})",
-            file=directory / MODEL_CONFIG,
+            file=config_path,
             fix=f"remove tokenizer_name and add {MODEL_TOKENIZER} to the directory",
         ) from None
-    _check_state_dict_keys(state, model.state_dict(), file=directory / MODEL_WEIGHTS)
-    model.load_state_dict(state, strict=True)
+    own = model.state_dict()
+    weights = {name: t for name, t in state.items() if name not in derived}
+    try:
+        model.load_state_dict(weights | {name: own[name] for name in derived}, strict=True)
+    except RuntimeError as exc:
+        raise InvalidSpec(
+            f"cannot load the weights ({one_line(exc)})",
+            file=weights_path,
+            field="state_dict",
+            fix=WEIGHTS_FIX,
+        ) from None
     model.eval()
     if tokenizer is not None:
         _attach_tokenizer(model, tokenizer, file=tokenizer_path)

@@ -10,6 +10,7 @@ concatenated.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,12 @@ import torch
 
 from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import (
+    INT64_MAX,
+    FieldRules,
+    check_fields,
+    dataclass_hints,
     expand_path,
+    json_text,
     looks_like_path,
     one_line,
     parse_dtype,
@@ -29,6 +35,7 @@ from rulecheck.loading._common import (
 from rulecheck.loading.devices import resolve_device
 
 if TYPE_CHECKING:
+    from packaging.version import Version
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
@@ -52,8 +59,123 @@ class SaeFormat:
     read: Callable[[str, Path, torch.device], SAE]
 
 
+# Checked before sae_lens sees cfg.json: each field's type comes from the type hints of the
+# architecture's config class; these tables add what the types cannot say.
+SAE_REQUIRED = ("d_in", "d_sae", "architecture")
+SAE_MINIMUMS = {
+    "d_in": 1,
+    "d_sae": 1,
+    "d_out": 1,
+    "k": 1,
+    "n_heads": 1,
+    "n_attn_layers": 1,
+    "bottleneck_factor": 1,
+    "kval_topk": 1,
+    "max_iterations": 1,
+}
+# SAEConfig.__post_init__ accepts more than its type hint lists
+SAE_NORMALIZATIONS = (
+    "none",
+    "expected_average_only_in",
+    "constant_norm_rescale",
+    "layer_norm",
+    "covariance_whitening",
+)
+# the metadata rulecheck reads (check_sae, processing_for)
+SAE_METADATA_RULES = FieldRules(
+    hints={
+        "hook_name": str | None,
+        "hook_head_index": int | None,
+        "model_from_pretrained_kwargs": dict | None,
+        "sae_lens_version": str | None,
+    },
+    minimums={"hook_head_index": 0},
+)
+# sae_lens reads a cfg.json without a version (or older than this) as a pre-6.0 config
+SAE_LENS_6 = "6.0.0-rc.0"
+SAE_DIRECTORY_FIX = "save the SAE with sae.save_model(directory)"
+
+
 def _is_sae_directory(spec: str, path: Path) -> bool:
     return path.is_dir()
+
+
+def _sae_lens_version(raw: Mapping[str, Any], *, file: Path) -> tuple[Version | None, str]:
+    """The version that wrote ``cfg.json`` and its field, where sae_lens looks for it: top
+    level, then ``metadata``."""
+    from packaging.version import InvalidVersion, Version
+
+    where, value = "sae_lens_version", raw.get("sae_lens_version")
+    if not value and isinstance(raw.get("metadata"), dict):
+        where, value = "metadata.sae_lens_version", raw["metadata"].get("sae_lens_version")
+    if not value:
+        return None, "metadata.sae_lens_version"
+    try:
+        if not isinstance(value, str):
+            raise InvalidVersion
+        return Version(value), where
+    except InvalidVersion:
+        raise InvalidSpec(
+            f'expected a version such as "6.54.0", found {json_text(value)}',
+            file=file,
+            field=where,
+            fix="set it to the sae_lens version that wrote the file",
+        ) from None
+
+
+def _sae_config_dict(path: Path) -> dict[str, Any]:
+    """``cfg.json`` as sae_lens will read it (pre-6.0 configs brought up to date), every field
+    rulecheck or sae_lens relies on checked."""
+    from packaging.version import Version
+    from sae_lens.constants import DTYPE_MAP
+    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    raw = read_json_object(path)
+    if "metadata" in raw and not isinstance(raw["metadata"], dict):
+        raise InvalidSpec(
+            f"expected an object, found {json_text(raw['metadata'])}",
+            file=path,
+            field="metadata",
+            fix=SAE_DIRECTORY_FIX,
+        )
+    version, where = _sae_lens_version(raw, file=path)
+    pre_6 = version is None or version < Version(SAE_LENS_6)
+    if pre_6 and "metadata" in raw:
+        # sae_lens rebuilds the metadata of a pre-6.0 config from its top-level keys
+        found = "missing" if version is None else f"{version}, before 6.0,"
+        raise InvalidSpec(
+            f"{found} beside a metadata block: sae_lens reads cfg.json as a pre-6.0 config and"
+            " drops metadata.hook_name and metadata.hook_head_index",
+            file=path,
+            field=where,
+            fix='add "sae_lens_version": "6.x" to metadata, naming the sae_lens version that'
+            " wrote the file, as sae.save_model does",
+        )
+    choices = {"architecture": tuple(SAE_CLASS_REGISTRY)}
+    required = () if pre_6 else ("architecture",)  # pre-6.0 configs default to "standard"
+    check_fields(raw, FieldRules(hints={}, required=required, choices=choices), file=path)
+    try:
+        cfg = handle_config_defaulting(copy.deepcopy(raw))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidSpec(
+            f"cannot read it as a pre-6.0 sae_lens config ({one_line(exc)})",
+            file=path,
+            fix=SAE_DIRECTORY_FIX + " with sae_lens 6",
+        ) from None
+    fields = {k: v for k, v in cfg.items() if k not in ("metadata", "device")}
+    config_class = SAE_CLASS_REGISTRY[cfg["architecture"]][1]
+    hints = dataclass_hints(config_class)
+    rules = FieldRules(
+        hints={k: v for k, v in hints.items() if k not in ("metadata", "device")},
+        required=SAE_REQUIRED,
+        minimums=SAE_MINIMUMS,
+        choices=choices | {"dtype": tuple(DTYPE_MAP), "normalize_activations": SAE_NORMALIZATIONS},
+    )
+    check_fields(fields, rules, file=path)
+    prefix = "" if pre_6 else "metadata."
+    check_fields(cfg.get("metadata") or {}, SAE_METADATA_RULES, file=path, prefix=prefix)
+    return cfg
 
 
 def _read_sae_directory(spec: str, directory: Path, device: torch.device) -> SAE:
@@ -65,17 +187,24 @@ def _read_sae_directory(spec: str, directory: Path, device: torch.device) -> SAE
             raise InvalidSpec(
                 f"not a sae_lens directory: no {needed.name}",
                 file=directory,
-                fix="save the SAE with sae.save_model(directory)",
+                fix=SAE_DIRECTORY_FIX,
             )
-    read_json_object(config_path)
+    _sae_config_dict(config_path)
     read_safetensors(weights_path)
     try:
         return SAE.load_from_disk(str(directory), device=str(device))
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except RuntimeError as exc:  # load_state_dict: missing, unexpected or misshapen weights
+        raise InvalidSpec(
+            f"weights do not match the config ({one_line(exc)})",
+            file=weights_path,
+            field="state_dict",
+            fix=f"save the weights and {SAE_CONFIG} together with sae.save_model(directory)",
+        ) from None
+    except (KeyError, TypeError, ValueError) as exc:
         raise InvalidSpec(
             f"cannot build the SAE ({one_line(exc)})",
             file=config_path,
-            fix="save the SAE with sae.save_model(directory)",
+            fix=SAE_DIRECTORY_FIX,
         ) from None
 
 
@@ -95,7 +224,7 @@ def _is_paper_sae(spec: str, path: Path) -> bool:
 
 def _paper_int(cfg: Mapping[str, Any], key: str, *, file: Path) -> int:
     value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= INT64_MAX:
         raise InvalidSpec(
             f"expected a positive integer, found {value!r}",
             file=file,
@@ -192,9 +321,6 @@ def _read_paper_sae(spec: str, path: Path, device: torch.device) -> SAE:
     sae_cfg = _paper_sae_config(read_json_object(config_path), file=config_path, device=device)
     weights = _read_paper_weights(weights_path)
     dtype = parse_dtype(sae_cfg.dtype, file=config_path)
-    sae_cfg.device = "meta"
-    sae = StandardSAE(sae_cfg)
-    sae.cfg.device = str(device)
     expected = {
         "W_enc": (sae_cfg.d_in, sae_cfg.d_sae),
         "W_dec": (sae_cfg.d_sae, sae_cfg.d_in),
@@ -209,6 +335,9 @@ def _read_paper_sae(spec: str, path: Path, device: torch.device) -> SAE:
                 field=name,
                 fix=f"check that {config_path.name} belongs to these weights",
             )
+    sae_cfg.device = "meta"  # built once the weights show its sizes are real
+    sae = StandardSAE(sae_cfg)
+    sae.cfg.device = str(device)
     sae.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True, assign=True)
     return sae.to(device=device, dtype=dtype)
 
