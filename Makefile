@@ -27,7 +27,8 @@ test: install
 # the property tests of options and loaders at 10,000 examples each (make test runs a few dozen)
 fuzz: install
 	RULECHECK_FUZZ_EXAMPLES=10000 $(PY) -m pytest -n 2 -q \
-		tests/test_bad_input.py tests/test_fuzz_loaders.py -k "parsing or fuzz"
+		tests/test_bad_input.py tests/test_fuzz_loaders.py tests/test_rulebook.py \
+		-k "parsing or fuzz or bytes or mutations or arrays"
 
 bench: install
 	$(PY) -m benchmarks.run

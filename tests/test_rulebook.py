@@ -685,7 +685,7 @@ def test_round_trip_property(book: Rulebook, tmp_path_factory: pytest.TempPathFa
 # ---------------------------------------------------------------------------- fuzzing
 
 _fuzz_settings = settings(
-    max_examples=150,
+    max_examples=int(os.environ.get("RULECHECK_FUZZ_EXAMPLES", "150")),  # make fuzz: 10,000
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
