@@ -137,7 +137,7 @@ def write_paper_sae(directory: Path, *, head: int = 1, d_head: int = 8) -> Path:
 
 def assert_one_line(excinfo: pytest.ExceptionInfo[RulecheckError], *needles: str) -> str:
     message = str(excinfo.value)
-    assert "\n" not in message
+    assert len(message.splitlines()) == 1, message
     assert "(fix: " in message
     for needle in needles:
         assert needle in message, (needle, message)
@@ -507,6 +507,17 @@ def test_paper_sae_size_beyond_memory(tmp_path: Path) -> None:
     with pytest.raises(RulecheckError) as excinfo:
         load_sae(str(name))
     assert_one_line(excinfo, f"{name}.pt: W_enc: shape [8, 32], expected [72057594037927936, 32]")
+
+
+def test_paper_sae_odd_weight_keys(tmp_path: Path) -> None:
+    name = write_paper_sae(tmp_path)
+    state = torch.load(f"{name}.pt", weights_only=True)
+    state["b\rdec"], state[7] = state.pop("b_dec"), torch.zeros(1)
+    torch.save(state, f"{name}.pt")
+    with pytest.raises(RulecheckError) as excinfo:
+        load_sae(str(name))
+    assert_one_line(excinfo, f"{name}.pt: state_dict: ", 'found "b\\rdec", 7, W_dec')
+    assert "\r" not in str(excinfo.value)
 
 
 def test_paper_sae_with_half_the_files(tmp_path: Path) -> None:

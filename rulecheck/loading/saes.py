@@ -31,6 +31,7 @@ from rulecheck.loading._common import (
     parse_dtype,
     read_json_object,
     read_safetensors,
+    shown,
 )
 from rulecheck.loading.devices import resolve_device
 
@@ -296,10 +297,10 @@ def _read_paper_weights(path: Path) -> dict[str, torch.Tensor]:
             file=path,
             fix=f"save a dict with {', '.join(PAPER_WEIGHT_KEYS)}",
         )
-    keys = set(raw)
-    if keys != set(PAPER_WEIGHT_KEYS):
+    if set(raw) != set(PAPER_WEIGHT_KEYS):
+        found = ", ".join(sorted(shown(str(key)) for key in raw))  # keys need not be strings
         raise InvalidSpec(
-            f"expected keys {', '.join(PAPER_WEIGHT_KEYS)}, found {', '.join(sorted(keys))}",
+            f"expected keys {', '.join(PAPER_WEIGHT_KEYS)}, found {found}",
             file=path,
             field="state_dict",
             fix=f"save a dict with exactly {', '.join(PAPER_WEIGHT_KEYS)}",
