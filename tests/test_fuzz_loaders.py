@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import tempfile
@@ -102,12 +103,15 @@ def valid(tmp_path_factory: pytest.TempPathFactory) -> Valid:
     )
 
 
-def only_rulecheck_errors(load: Callable[[], object]) -> None:
-    """Run ``load``: it may succeed or raise a one-line RulecheckError, nothing else."""
+def only_rulecheck_errors(load: Callable[[], object], *, where: Path) -> None:
+    """Run ``load``: it may succeed or raise a RulecheckError, nothing else, its message one
+    line that names ``where`` (the file, or the directory of the files) and a fix."""
     try:
         load()
     except RulecheckError as exc:
-        assert len(str(exc).splitlines()) == 1, str(exc)
+        message = str(exc)
+        assert len(message.splitlines()) == 1, message
+        assert message.startswith(str(where)) and "(fix: " in message, message
 
 
 @contextlib.contextmanager
@@ -194,7 +198,7 @@ def bytes_of(data: bytes, header: int) -> st.SearchStrategy[bytes]:
 
 def _load_model_with(files: dict[str, bytes], name: str, data: bytes) -> None:
     with written(files | {name: data}) as directory:
-        only_rulecheck_errors(lambda: load_model(str(directory)))
+        only_rulecheck_errors(lambda: load_model(str(directory)), where=directory)
 
 
 @FUZZ
@@ -233,7 +237,7 @@ def _load_sae_with(valid: Valid, name: str, data: bytes, *, paper: bool = False)
             sae = load_sae(str(directory / "L0H1" if paper else directory))
             check_sae(sae, valid.model, layer=0, head=1, kind="out", spec=str(directory))
 
-        only_rulecheck_errors(load)
+        only_rulecheck_errors(load, where=directory)
 
 
 @FUZZ
@@ -282,8 +286,9 @@ NPY_DTYPES = st.sampled_from(TOKEN_DTYPES) | st.sampled_from(OTHER_DTYPES)
 
 def _load_npy(valid: Valid, data: bytes) -> None:
     with written({"tokens.npy": data}) as directory:
-        path = str(directory / "tokens.npy")
-        only_rulecheck_errors(lambda: load_corpus(path, bos_token_id=BOS, d_vocab=D_VOCAB))
+        path = directory / "tokens.npy"
+        load = functools.partial(load_corpus, str(path), bos_token_id=BOS, d_vocab=D_VOCAB)
+        only_rulecheck_errors(load, where=path)
 
 
 @FUZZ
@@ -318,5 +323,6 @@ def test_npy_corpus_arrays(valid: Valid, array: np.ndarray) -> None:
 )
 def test_text_corpus_bytes(valid: Valid, suffix: str, body: bytes) -> None:
     with written({f"docs{suffix}": body}) as directory:
-        path = str(directory / f"docs{suffix}")
-        only_rulecheck_errors(lambda: load_corpus(path, tokenizer=valid.tokenizer, seq_len=3))
+        path = directory / f"docs{suffix}"
+        load = functools.partial(load_corpus, str(path), tokenizer=valid.tokenizer, seq_len=3)
+        only_rulecheck_errors(load, where=path)
