@@ -21,23 +21,7 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
     renamed over ``path`` (keeping the mode of the file they replace), then the directory is
     synced. On any failure the temporary file is removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
+    return atomic_write_many([(Path(path), data)])[0]
 
 
 def atomic_write_many(files: list[tuple[Path, bytes]]) -> list[Path]:
