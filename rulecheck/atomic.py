@@ -13,6 +13,13 @@ from pathlib import Path
 
 from rulecheck.errors import InvalidSpec
 
+_TOKEN_BYTES = 6
+
+
+def _temporary(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed: ``.{name}.{12 hex digits}.tmp``."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(_TOKEN_BYTES)}.tmp")
+
 
 def atomic_write(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; return the path.
@@ -33,7 +40,7 @@ def atomic_write_many(files: list[tuple[Path, bytes]]) -> list[Path]:
     try:
         for path, data in files:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            tmp = _temporary(path)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             staged.append((tmp, path))
             with os.fdopen(fd, "wb") as handle:
@@ -57,7 +64,7 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Remove the temporary files an interrupted write left in ``directory``."""
     removed = []
     for tmp in directory.glob(".*.tmp"):
-        if tmp.is_file() and len(tmp.name.rsplit(".", 2)[-2]) == 12:
+        if tmp.is_file() and len(tmp.name.rsplit(".", 2)[-2]) == 2 * _TOKEN_BYTES:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -77,7 +84,7 @@ def output_directory(path: Path, option: str) -> Iterator[Path]:
     created = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test.{secrets.token_hex(6)}.tmp"
+        probe = _temporary(path / "write-test")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

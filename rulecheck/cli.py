@@ -10,14 +10,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from rulecheck.atomic import output_directory
-from rulecheck.config import METHODS, Bound, ExemplarConfig, ExtractConfig, parse_features
+from rulecheck.config import (
+    METHODS,
+    Bound,
+    ExemplarConfig,
+    ExtractConfig,
+    parse_config,
+    parse_features,
+)
 from rulecheck.errors import InvalidSpec, RulecheckError
 
 
@@ -26,14 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise InvalidSpec(message, fix=f"see `{self.prog} --help`")
-
-
-# extraction options read through their config field's bound (rulecheck.config)
-BOUNDED = {"extract": (ExtractConfig, ExemplarConfig)}
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         "n_pos": "positives per feature",
         "n_neg": "negatives per feature",
     }
-    for cls in BOUNDED["extract"]:
+    # every bounded setting of extraction is an option, its range in its help
+    for cls in (ExtractConfig, ExemplarConfig):
         for f in fields(cls):
             bound = f.metadata.get("bound")
             if bound is not None and f.name not in ("top_tokens", "max_features"):
-                text = f"{helps.get(f.name, f.name.replace('_', ' '))}: {bound.describe()}"
-                ex.add_argument(_option(f.name), default=str(f.default), help=text)
+                name = f.name.replace("_", "-")
+                text = f"{helps.get(f.name, name.replace('-', ' '))}: {bound.describe()}"
+                ex.add_argument(f"--{name}", default=str(f.default), help=text)
     ex.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     ex.add_argument("--out", required=True, type=Path, help="directory for L{l}H{h}.yaml")
 
@@ -86,18 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 def extract_config(args: argparse.Namespace) -> ExtractConfig:
     """The extraction settings the command line gives, each checked against its bound;
     ``InvalidSpec`` naming the option otherwise (before any work starts)."""
-    values: dict[type, dict[str, Any]] = {}
-    for cls in BOUNDED["extract"]:
-        values[cls] = {}
-        for f in fields(cls):
-            bound = f.metadata.get("bound")
-            if bound is not None and hasattr(args, f.name):
-                values[cls][f.name] = bound.parse(getattr(args, f.name), _option(f.name))
-    return ExtractConfig(
+    texts = vars(args)
+    return parse_config(
+        ExtractConfig,
+        texts,
         method=args.method,
         features=parse_features(args.features, "--features"),
-        exemplars=ExemplarConfig(**values[ExemplarConfig]),
-        **values[ExtractConfig],
+        exemplars=parse_config(ExemplarConfig, texts),
     )
 
 

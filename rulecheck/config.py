@@ -141,10 +141,11 @@ class CheckConfig(Checked):
     examples: int = bounded(int, 1, 100_000, default=25)  # Hypothesis examples per property
 
 
-def parse_config(cls: type, texts: dict[str, str | None], option: str = "--{}") -> Any:
-    """A config dataclass from option texts by field name (None: the default), each read
-    through its field's bound; errors name ``option.format(field name with dashes)``."""
-    values = {}
+def parse_config(cls: type, texts: dict[str, Any], option: str = "--{}", **given: Any) -> Any:
+    """A config dataclass from option texts by field name (None or absent: the default), each
+    read through its field's bound (errors name ``option.format(name with dashes)``), plus
+    the fields ``given`` as they are."""
+    values = dict(given)
     for f in dataclasses.fields(cls):
         text = texts.get(f.name)
         if text is not None and "bound" in f.metadata:

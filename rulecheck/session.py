@@ -173,25 +173,18 @@ class Workbench:
                 fix=exc.fix or "correct the spec",
             )
 
-        def check_range(field: str, value: int, n: int) -> None:
-            if not 0 <= value < n:
-                raise InvalidRulebook(
-                    f"{field} {value} is out of range: the model has {n} {field}s",
-                    file=file,
-                    line=book.origin.line(field),
-                    field=field,
-                    fix=f"use a {field} in 0..{n - 1}",
-                )
+        def check_range(what: str, value: int, n: int) -> None:
+            _check_index(what, value, n, file=file, line=book.origin.line(what))
 
         try:
             sae_in = self.sae_in(head)
         except RulecheckError as exc:
             # a layer past the model has no input SAE either: say so, not which file is missing
             try:
-                config = load_model(locate(head.specs.model), device="cpu").cfg
+                n_layers = _n_layers(head.specs.model)
             except RulecheckError:
                 raise blame("model", exc) from None
-            check_range("layer", head.layer, config.n_layers)
+            check_range("layer", head.layer, n_layers)
             raise blame("sae_in", exc) from None
         try:
             model = self.model(head.specs.model, sae_in)
@@ -268,22 +261,15 @@ class Workbench:
         """The heads ``heads`` (``"all"``, ``"0,3"`` or ints) of ``layer``, checked against
         the model (command-line fields in the errors)."""
 
-        def check_layer(n_layers: int) -> None:
-            if not 0 <= layer < n_layers:
-                raise InvalidSpec(
-                    f"layer {layer} is out of range: the model has {n_layers} layers",
-                    field="--layer",
-                    fix=f"use a layer in 0..{n_layers - 1}",
-                )
-
+        where = {"error": InvalidSpec, "field": "--layer"}
         try:
             sae_in = self.sae_in(Head(specs, layer, 0))
         except RulecheckError:
             # a layer past the model has no SAE either: name the layer, not the missing file
-            check_layer(self.model(specs.model).cfg.n_layers)
+            _check_index("layer", layer, _n_layers(specs.model), **where)
             raise
         model = self.model(specs.model, sae_in)
-        check_layer(model.cfg.n_layers)
+        _check_index("layer", layer, model.cfg.n_layers, **where)
         ids = parse_heads(heads, model.cfg.n_heads)
         assert isinstance(ids, list)
         return [Head(specs, layer, h) for h in ids]
@@ -298,16 +284,8 @@ class Workbench:
         """Model, input SAE, output SAE and corpus of a head (loaded on first use)."""
         sae_in = self.sae_in(head)
         model = self.model(head.specs.model, sae_in)
-        for field, value, n in (
-            ("layer", head.layer, model.cfg.n_layers),
-            ("head", head.head, model.cfg.n_heads),
-        ):
-            if not 0 <= value < n:
-                raise InvalidRulebook(
-                    f"{field} {value} is out of range: the model has {n} {field}s",
-                    field=field,
-                    fix=f"use a {field} in 0..{n - 1}",
-                )
+        _check_index("layer", head.layer, model.cfg.n_layers)
+        _check_index("head", head.head, model.cfg.n_heads)
         return model, sae_in, self.sae_out(head), self.corpus(head)
 
     def fingerprints(self, head: Head) -> dict[str, str]:
@@ -502,3 +480,22 @@ def _check_state(state: dict[str, Tensor], col: ExemplarCollector) -> None:
     rows = {state[n].shape[0] for n in COLLECTOR_STATE}
     if rows != {d_sae} or -1 in widths:
         raise ValueError("shape")
+
+
+def _check_index(
+    what: str, value: int, n: int, *, error: type[RulecheckError] = InvalidRulebook, **where: Any
+) -> None:
+    """``value`` is a valid ``what`` (layer or head) of a model that has ``n``; else ``error``
+    about ``where["field"]`` (default: ``what``) and the rest of ``where`` (file, line)."""
+    if not 0 <= value < n:
+        raise error(
+            f"{what} {value} is out of range: the model has {n} {what}s",
+            **{"field": what, **where},
+            fix=f"use a {what} in 0..{n - 1}",
+        )
+
+
+def _n_layers(model_spec: str) -> int:
+    """The number of layers of a model that could not be loaded the way its SAEs ask (an
+    input SAE is missing): read once, not kept, so it never stands in for the real load."""
+    return load_model(locate(model_spec), device="cpu").cfg.n_layers
