@@ -30,7 +30,11 @@ and the formatting of unchanged values survive:
 
 ruamel.yaml keeps a comment with the node before it, so the full-line comments that end a
 changed, deleted or moved-past node are moved to stay above the node they precede; comments
-inside a deleted or rewritten node go with it.
+inside a deleted or rewritten node go with it, those above a deleted entry stay (above the
+entry that follows). An end-of-line comment keeps its column where the new value leaves room.
+An old text whose content equals ``new`` is returned as it is; otherwise the parts that go
+through ruamel.yaml come out with the canonical indentation, and an empty value (``key:``)
+as ``null``.
 """
 
 from __future__ import annotations
@@ -41,13 +45,16 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.composer import Composer
 from ruamel.yaml.constructor import RoundTripConstructor
+from ruamel.yaml.emitter import RoundTripEmitter
 from ruamel.yaml.error import CommentMark, YAMLError
+from ruamel.yaml.nodes import CollectionNode
 from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.resolver import BaseResolver
 from ruamel.yaml.resolver import implicit_resolvers as _RUAMEL_RESOLVERS
@@ -174,8 +181,69 @@ _Representer.add_representer(_Int, _Representer.represent_kept_int)
 _Representer.add_representer(_Float, _Representer.represent_kept_float)
 
 
+class _Composer(Composer):
+    """ruamel.yaml's composer with two of its comments kept that 0.19 loses: the comment lines
+    above a flow collection with an end-of-line comment, and those after a list in a list."""
+
+    def compose_sequence_node(self, anchor: Any) -> Any:
+        above = self.parser.peek_event().comment
+        node = _keep_above(super().compose_sequence_node(anchor), above)
+        _lift_end_comments(node)
+        return node
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        above = self.parser.peek_event().comment
+        return _keep_above(super().compose_mapping_node(anchor), above)
+
+
+def _keep_above(node: Any, above: Any) -> Any:
+    if above is None or len(above) < 2 or not above[1] or node.comment is above:
+        return node
+    if node.comment is None:
+        node.comment = [None, None]
+    if node.comment[1] is None:
+        node.comment[1] = above[1]
+    return node
+
+
+def _lift_end_comments(seq: Any) -> None:
+    """The comment lines after an item that is a list become those above the next item, or
+    those after ``seq`` (ruamel.yaml drops the end comments of a list's items)."""
+    for index, child in enumerate(seq.value):
+        comment = child.comment
+        if not isinstance(child, CollectionNode) or not comment or len(comment) < 3:
+            continue
+        ends = [token for extra in comment[2:] if extra for token in extra]
+        del comment[2:]
+        if not ends:
+            continue
+        if index + 1 < len(seq.value):
+            following = seq.value[index + 1]
+            if following.comment is None:
+                following.comment = [None, None]
+            following.comment[1] = ends + (following.comment[1] or [])
+        else:
+            if seq.comment is None:
+                seq.comment = [None, None]
+            if len(seq.comment) < 3:
+                seq.comment.append([])
+            seq.comment[2] = ends + (seq.comment[2] or [])
+
+
+class _Emitter(RoundTripEmitter):
+    """ruamel.yaml's emitter, except that a line break ends the state "right after a dash"
+    (0.19 can carry it past the line and then leave a later line break out: ``- a: 1 b: 2``
+    for a list with comment lines above it whose first item is ``{}``)."""
+
+    def write_line_break(self, data: Any = None) -> None:
+        super().write_line_break(data)
+        self.no_newline = False
+
+
 def _yaml() -> YAML:
     out = YAML(typ="rt")
+    out.Composer = _Composer
+    out.Emitter = _Emitter
     out.Resolver = _Resolver
     out.Constructor = _Constructor
     out.Representer = _Representer
@@ -243,7 +311,7 @@ def _build(value: Any, flow: bool = False) -> Any:
 
 
 def _set_flow(node: CommentedMap | CommentedSeq, flow: bool) -> None:
-    if flow:
+    if flow or len(node) == 0:  # written ``{}`` or ``[]`` either way
         node.fa.set_flow_style()
     else:
         node.fa.set_block_style()
@@ -347,26 +415,32 @@ def _tokens(parent: CommentedMap | CommentedSeq, key: Any) -> Iterator[Any]:
 
 def _pop_tail(parent: CommentedMap | CommentedSeq, key: Any) -> str:
     """Take the full-line comments (and blank lines) after entry ``key``: they belong to
-    whatever comes next. Its end-of-line comment stays."""
-    parent, key = _end(parent, key)
+    whatever comes next. Its end-of-line comment stays. ruamel.yaml keeps them with the last
+    entry at the deepest level, or as the end comments of a block collection on the way."""
+    ends = []
+    while _is_block(parent[key]):
+        parent = parent[key]
+        if parent.ca.end:
+            ends.append(_text(parent.ca.end))
+            parent.ca.end = []
+        key = _last(parent)
     index = _slot(parent)
+    tail = ""
     for holder in _tokens(parent, key):
         token = holder[index] if index < len(holder) else None
-        if token is None:
-            continue
-        value = token.value
-        head, _, tail = value.partition("\n")
-        if not tail:
-            return ""
-        token.value = head + "\n"
-        return tail
-    return ""
+        if token is not None:
+            head, _, tail = token.value.partition("\n")
+            if tail:
+                token.value = head + "\n"
+            break
+    return tail + "".join(reversed(ends))
 
 
 def _push_tail(parent: CommentedMap | CommentedSeq, key: Any, lines: str) -> None:
-    """Put full-line comments right after entry ``key``."""
+    """Put full-line comments right after entry ``key`` (after those already there)."""
     if not lines:
         return
+    lines = _pop_tail(parent, key) + lines  # all in one place, in order
     parent, key = _end(parent, key)
     index = _slot(parent)
     holders = list(_tokens(parent, key))
@@ -480,9 +554,19 @@ def _merge(parent: CommentedMap | CommentedSeq, key: Any, new: Any, flow: bool) 
         lines = _update(old, new, flow or bool(old.fa.flow_style(False))) + lines
     else:
         parent[key] = _build(new, flow)
-        if isinstance(parent, CommentedMap) and not _is_block(parent[key]):
-            _flatten_head(parent, key)
+    _settle(parent, key)
     _push_tail(parent, key, lines)
+
+
+def _settle(parent: CommentedMap | CommentedSeq, key: Any) -> None:
+    """After entry ``key`` changed: an empty collection is written ``[]`` or ``{}`` on the
+    key's line, and comments that stood before the first entry of a block value that is
+    no more go after the value's line."""
+    value = parent[key]
+    if isinstance(value, CommentedMap | CommentedSeq) and len(value) == 0:
+        value.fa.set_flow_style()
+    if isinstance(parent, CommentedMap) and not _is_block(value):
+        _flatten_head(parent, key)
 
 
 def _update(old: CommentedMap, new: Mapping[Any, Any], flow: bool) -> str:
@@ -530,29 +614,32 @@ def _id_order(item_id: tuple[Any, ...]) -> tuple[Any, ...]:
 def _update_items(
     old: CommentedSeq,
     new: Sequence[Any],
-    keep: Callable[[Mapping[str, Any]], bool],
+    kept: Sequence[bool],
     id_key: str,
+    stand_ins: Mapping[str, _StandIn],
 ) -> str:
-    """Update the identified items of ``old`` in place to those of ``new``; return comments
-    left with no entry."""
+    """Update the identified items of ``old`` in place to those of ``new`` (``kept``: whether
+    each old item is left as it is; ``stand_ins``: old items left out of the parsed text,
+    by the scalar that stands for them). Return comments left with no entry."""
     new_items = {}
     for item in new:
         item_id = _item_id(item, id_key)
         if item_id is not None:
             new_items.setdefault(item_id, item)
-    kept = [isinstance(item, Mapping) and bool(keep(_plain(item))) for item in old]
-    ids: list[tuple[Any, ...] | None] = []
+    ids: list[tuple[Any, ...] | None] = []  # of the items in ``old``, in order
+    placed: set[tuple[Any, ...] | None] = set()
     orphans = ""
     for is_kept in kept:
         index = len(ids)
-        item_id = _item_id(old[index], id_key)
-        if not is_kept and (item_id not in new_items or item_id in ids):
+        stand_in = stand_ins.get(old[index]) if isinstance(old[index], str) else None
+        item_id = _item_id(old[index] if stand_in is None else stand_in.plain, id_key)
+        if not is_kept and (item_id not in new_items or item_id in placed):
             orphans += _delete(old, index)
             continue
-        if not is_kept:
+        if not is_kept and stand_in is None:
             _merge(old, index, new_items[item_id], False)
         ids.append(item_id)
-    placed = set(ids)
+        placed.add(item_id)
     previous = -1
     for item in new:
         item_id = _item_id(item, id_key)
@@ -582,21 +669,183 @@ def _update_root(
     keep: Callable[[Mapping[str, Any]], bool],
     list_key: str,
     id_key: str,
+    stand_ins: Mapping[str, _StandIn],
 ) -> str:
     """Update the document in place; return comments left with no entry."""
-    old_list = root.get(list_key) if list_key in root else None
-    new_list = new.get(list_key)
     if len(root) == 0:
         root.fa.set_block_style()  # ``{}`` holds nothing to keep
-    orphans = ""
+    old_list = root.get(list_key) if list_key in root else None
+    new_list = new.get(list_key)
     if isinstance(old_list, CommentedSeq) and isinstance(new_list, list | tuple):
-        if not _same(old_list, new_list):
+        if stand_ins or not _same(old_list, new_list):
+            kept = [
+                stand_ins[item].kept
+                if isinstance(item, str) and item in stand_ins
+                else isinstance(item, Mapping) and bool(keep(_plain(item)))
+                for item in old_list
+            ]
             lines = _pop_tail(root, list_key)
-            lines = _update_items(old_list, new_list, keep, id_key) + lines
+            lines = _update_items(old_list, new_list, kept, id_key, stand_ins) + lines
+            _settle(root, list_key)
             _push_tail(root, list_key, lines)
         # the same object under the same key: left as it is now, in new's key order
         new = {**new, list_key: old_list}
-    return orphans + _update(root, new, False)
+    return _update(root, new, False)
+
+
+# ---------------------------------------------------------------------------- large lists
+#
+# Parsing with ruamel.yaml is slow (about 0.3 s for 60 KB), and a regenerated rulebook is
+# mostly features that did not change. So the old text is read once with PyYAML (libyaml),
+# and each item of the list that will not be rewritten (kept, unchanged or deleted) is cut
+# out of the text and replaced by a one-line stand-in item; ruamel.yaml then parses and
+# writes only the rest, and the stand-ins are replaced by the items' own text again. The
+# comment lines after an item stay in the parsed text, so they move as they would have. An
+# item is cut only where its lines are certain (the canonical layout: ``  - key: ...`` under a
+# top-level key, no block scalar at its end); the result is the same text as without cutting.
+
+
+class _StandIn(NamedTuple):
+    """An item cut out of the old text: its lines and its value as rulecheck reads it."""
+
+    text: str
+    plain: Any
+    kept: bool
+
+
+class _Reader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """rulecheck's reader: PyYAML's safe loader (libyaml's where there is one) that also
+    takes floats without a dot."""
+
+
+_Reader.add_implicit_resolver(_FLOAT, _FLOAT_12, list("-+.0123456789"))
+
+
+def _read(text: str) -> tuple[Any, Any]:
+    """``(node, value)`` of ``text`` as rulecheck reads it, or ``(None, _MISSING)``."""
+    loader = _Reader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    except (yaml.YAMLError, ValueError, TypeError, ArithmeticError, RecursionError):
+        return None, _MISSING
+    finally:
+        loader.dispose()
+
+
+def _cut(
+    text: str,
+    node: Any,
+    value: Mapping[Any, Any],
+    new: Mapping[str, Any],
+    keep: Callable[[Mapping[str, Any]], bool],
+    list_key: str,
+    id_key: str,
+) -> tuple[str, dict[str, _StandIn]] | None:
+    """``text`` with the list items that will not be rewritten replaced by stand-ins, and the
+    stand-ins; None when nothing is cut."""
+    if not isinstance(node, yaml.MappingNode) or node.flow_style or node.start_mark.column:
+        return None
+    position = next(
+        (i for i, (key, _) in enumerate(node.value) if key.tag == _STR and key.value == list_key),
+        None,
+    )
+    old_items, new_list = value.get(list_key), new.get(list_key)
+    if position is None or not isinstance(old_items, list) or not isinstance(new_list, list):
+        return None
+    seq = node.value[position][1]
+    if not isinstance(seq, yaml.SequenceNode) or seq.flow_style or len(seq.value) != len(old_items):
+        return None
+    if any(brk in text for brk in ("\r", "\x85", "\u2028", "\u2029")):
+        return None  # lines as YAML counts them are the text's lines split at "\n"
+    lines = text.split("\n")
+    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    ends = [item.start_mark.line for item in seq.value[1:]]
+    if position + 1 < len(node.value):
+        ends.append(node.value[position + 1][0].start_mark.line)
+    else:
+        ends.append(len(lines))
+    new_items = {}
+    for item in new_list:
+        item_id = _item_id(item, id_key)
+        if item_id is not None:
+            new_items.setdefault(item_id, item)
+    nonce = 0
+    while f"rulecheck-stand-in-{nonce}-" in text:
+        nonce += 1
+    kept_ids: set[Any] = set()
+    spans = {}
+    for index, (item, plain) in enumerate(zip(seq.value, old_items, strict=True)):
+        kept = isinstance(plain, Mapping) and bool(keep(plain))
+        item_id = _item_id(plain, id_key)
+        rewritten = False
+        if not kept and item_id in new_items and item_id not in kept_ids:
+            rewritten = not _same(plain, new_items[item_id])
+        if kept or (item_id in new_items and item_id not in kept_ids):
+            kept_ids.add(item_id)
+        span = None if rewritten else _span(lines, item, ends[index])
+        if span is not None:
+            token = f"rulecheck-stand-in-{nonce}-{index}"
+            stand_in = _StandIn("".join(lines[span[0] : span[1]]), plain, kept)
+            spans[span[0]] = (span[1], token, stand_in)
+    if not spans:
+        return None
+    out: list[str] = []
+    stand_ins = {}
+    line = 0
+    while line < len(lines):
+        if line in spans:
+            end, token, stand_in = spans[line]
+            out.append(f"  - {token}\n")
+            stand_ins[token] = stand_in
+            line = end
+        else:
+            out.append(lines[line])
+            line += 1
+    return "".join(out), stand_ins
+
+
+def _span(lines: list[str], item: Any, next_line: int) -> tuple[int, int] | None:
+    """The lines ``[start, end)`` of a list item, from its dash to its last value, when they are
+    certain: ``  - key: ...``, a block mapping, and only comments or blank lines after it."""
+    start = item.start_mark.line
+    if (
+        not isinstance(item, yaml.MappingNode)
+        or item.flow_style
+        or not item.value
+        or item.start_mark.column != 4
+        or not lines[start].startswith("  - ")
+    ):
+        return None
+    last = item
+    while isinstance(last, yaml.MappingNode | yaml.SequenceNode) and not last.flow_style:
+        if not last.value:
+            return None
+        last = last.value[-1][1] if isinstance(last, yaml.MappingNode) else last.value[-1]
+    if isinstance(last, yaml.ScalarNode) and last.style in ("|", ">"):
+        return None
+    end = last.end_mark.line + 1
+    if not start < end <= next_line:
+        return None
+    content = lines[end - 1].strip()
+    if not content or content.startswith("#"):
+        return None
+    if any(line.strip() and not line.lstrip().startswith("#") for line in lines[end:next_line]):
+        return None
+    return start, end
+
+
+def _paste(text: str, stand_ins: Mapping[str, _StandIn]) -> str | None:
+    """``text`` with the stand-ins replaced by the items' lines (None if one is not found
+    once, as a line of its own)."""
+    for token, stand_in in stand_ins.items():
+        line = f"\n  - {token}\n"
+        count = text.count(line)
+        if count > 1 or (count == 0 and f"{token}" in text):
+            return None
+        item = stand_in.text if stand_in.text.endswith("\n") else stand_in.text + "\n"
+        text = text.replace(line, "\n" + item)
+    return text
 
 
 # ---------------------------------------------------------------------------- the entry point
@@ -625,26 +874,50 @@ def render(
             raise ValueError(f"header lines are one-line comments starting with '#': {line!r}")
     if not isinstance(new, Mapping):
         raise TypeError(f"new must be a mapping, not {type(new).__name__}")
-    yaml_ = _yaml()
     prefix = "".join(f"{line}\n" for line in header)
     if old_text is None:
-        root = _build(new)
+        return prefix + _dump(_build(new))
+    if any(line.startswith(MODELINE) for line in old_text.splitlines()) or not any(
+        line.startswith(MODELINE) for line in header
+    ):
+        prefix = ""
+    node, value = _read(old_text)
+    if isinstance(value, Mapping):
+        if _same(value, new):
+            return prefix + old_text
+        cut = _cut(old_text, node, value, new, keep, list_key, id_key)
+        if cut is not None:
+            pasted = _paste(_merged(cut[0], new, keep, list_key, id_key, cut[1]), cut[1])
+            if pasted is not None:
+                return prefix + pasted
+    return prefix + _merged(old_text, new, keep, list_key, id_key, {})
+
+
+def _merged(
+    old_text: str,
+    new: Mapping[str, Any],
+    keep: Callable[[Mapping[str, Any]], bool],
+    list_key: str,
+    id_key: str,
+    stand_ins: Mapping[str, _StandIn],
+) -> str:
+    """``old_text`` parsed with ruamel.yaml, updated to ``new`` and written out."""
+    try:
+        root = _yaml().load(old_text)
+    except YAMLError as exc:
+        raise ValueError(f"the old text is not YAML: {exc}") from None
+    if not isinstance(root, CommentedMap):
+        raise ValueError("the old text does not hold a mapping at the top")
+    lines = _pop_tail(root, _last(root)) if root else ""
+    lines = _update_root(root, new, keep, list_key, id_key, stand_ins) + lines
+    if root:
+        _push_tail(root, _last(root), lines)
     else:
-        try:
-            root = yaml_.load(old_text)
-        except YAMLError as exc:
-            raise ValueError(f"the old text is not YAML: {exc}") from None
-        if not isinstance(root, CommentedMap):
-            raise ValueError("the old text does not hold a mapping at the top")
-        has_modeline = any(line.startswith(MODELINE) for line in old_text.splitlines())
-        if has_modeline or not any(line.startswith(MODELINE) for line in header):
-            prefix = ""
-        lines = _pop_tail(root, _last(root)) if root else ""
-        lines = _update_root(root, new, keep, list_key, id_key) + lines
-        if root:
-            _push_tail(root, _last(root), lines)
-        else:
-            _push_top(root, lines)
+        _push_top(root, lines)
+    return _dump(root)
+
+
+def _dump(root: CommentedMap) -> str:
     out = io.StringIO()
-    yaml_.dump(root, out)
-    return prefix + out.getvalue()
+    _yaml().dump(root, out)
+    return out.getvalue()

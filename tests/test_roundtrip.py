@@ -16,6 +16,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from rulecheck import roundtrip
 from rulecheck.roundtrip import render
 from rulecheck.schema import Flow
 
@@ -71,6 +72,11 @@ def feature(fid: int, f1: float = 0.9, label: str | None = None, **more: Any) ->
     out["expect"] = Flow({"f1": f1, "precision": 0.891})
     out.update(more)
     return out
+
+
+def full_merge(new: dict[str, Any], old_text: str, keep: Any = lambda item: False) -> str:
+    """``render`` with every old item parsed by ruamel.yaml (no item cut out of the text)."""
+    return roundtrip._merged(old_text, new, keep, "features", "feature", {})
 
 
 def manual(item: Any) -> bool:
@@ -296,7 +302,10 @@ def test_fuzz_an_update_leaves_the_text_of_unchanged_values_as_it_was(
     extra = "zz-extra-key"
     assume(extra not in new)
     grown = {**new, extra: [1, "two"]}
-    assert render(grown, render(new, header=HEADER), header=HEADER) == render(grown, header=HEADER)
+    old_text = render(new, header=HEADER)
+    assert render(grown, old_text, header=HEADER) == render(grown, header=HEADER)
+    assert full_merge(grown, old_text) == render(grown, header=HEADER)
+    assert full_merge(new, old_text) == old_text
 
 
 @FUZZ
@@ -337,10 +346,58 @@ def test_fuzz_feature_updates(old: dict[str, Any], new: dict[str, Any]) -> None:
         {k: v for k, v in back.items() if k != "features"},
         {k: v for k, v in new.items() if k != "features"},
     )
+    # the text does not depend on which old items were parsed with ruamel.yaml
+    assert kept == full_merge(new, old_text, keep=manual)
     for item in old["features"]:
         if manual(item):  # a kept item is the very text it was
             alone = render({"features": [item]}).split("\n", 1)[1]
             assert alone in kept
+
+
+def _with_comments(text: str, data: st.DataObject) -> str:
+    """``text`` with full-line and end-of-line comments added at drawn places."""
+    lines = text.splitlines()
+    out = []
+    for number, line in enumerate(lines):
+        if number > len(HEADER) and data.draw(st.booleans(), label=f"above line {number}"):
+            indent = len(line) - len(line.lstrip(" "))
+            blank = data.draw(st.booleans(), label="blank line first")
+            out += [""] * blank + [" " * indent + f"# full {number}"]
+        if data.draw(st.booleans(), label=f"after line {number}"):
+            line += f"  # end {number}"
+        out.append(line)
+    return "".join(f"{line}\n" for line in out)
+
+
+@FUZZ
+@given(BOOKS, st.data())
+def test_fuzz_comments_survive_insertions(old: dict[str, Any], data: st.DataObject) -> None:
+    old_text = _with_comments(render(old, header=HEADER), data)
+    assert same(yaml.safe_load(old_text), old)
+    assert render(old, old_text, header=HEADER) == old_text
+    assert full_merge(old, old_text) == old_text  # ruamel.yaml writes it back as it was
+    free = sorted(set(range(13)) - {item["feature"] for item in old["features"]})
+    added = data.draw(st.lists(st.sampled_from(free), unique=True, max_size=3), label="added")
+    items = [*old["features"], *(feature(fid) for fid in added)]
+    new = {**old, "features": sorted(items, key=lambda item: item["feature"]), "zz-new": 1}
+    text = render(new, old_text, header=HEADER)
+    assert same(yaml.safe_load(text), new)
+    assert text == full_merge(new, old_text)
+    comments = [line.split("#", 1)[1] for line in old_text.splitlines() if "# full" in line]
+    comments += [line.rsplit("  #", 1)[1] for line in old_text.splitlines() if "  # end" in line]
+    assert all(comment in text for comment in comments)
+
+
+@FUZZ
+@given(BOOKS, BOOKS, st.data())
+def test_fuzz_updates_of_commented_text_read_back(
+    old: dict[str, Any], new: dict[str, Any], data: st.DataObject
+) -> None:
+    old_text = _with_comments(render(old, header=HEADER), data)
+    text = render(new, old_text, header=HEADER)
+    assert same(yaml.safe_load(text), new)
+    assert text == full_merge(new, old_text)
+    assert render(new, old_text, keep=manual) == full_merge(new, old_text, keep=manual)
 
 
 # ---------------------------------------------------------------------------- updates by hand
@@ -532,3 +589,70 @@ def test_the_modeline_is_added_once() -> None:
 def test_an_old_text_that_is_not_a_mapping_is_refused(old: str) -> None:
     with pytest.raises(ValueError):
         render({"a": 1}, old)
+
+
+def test_unchanged_values_keep_their_hand_formatting() -> None:
+    old = """\
+rulecheck: 1
+extraction:
+  tolerance: 5.0e-2      # written by hand
+  keys: 0x64
+  note: "kept in double quotes"
+  empty:
+expect:
+  f1: 0.90
+  precision: .891
+refs: {501: [' un', Un]}
+"""
+    plain = yaml.safe_load(old)
+    assert render(plain, old) == old  # nothing changed: the very text
+    new = {**plain, "rulecheck": 2}
+    new["expect"] = Flow({"f1": 0.5, "precision": 0.891})
+    new["refs"] = Flow({501: [" un", "Un"], 502: ["x"]})
+    text = render(new, old)
+    assert changed_lines(old, text) == [
+        "-rulecheck: 1",
+        "+rulecheck: 2",
+        "-  empty:",
+        "+  empty: null",  # ruamel.yaml cannot tell an empty null from a written one
+        "-  f1: 0.90",  # a mapping written in block style stays in block style
+        "+  f1: 0.5",
+        "-refs: {501: [' un', Un]}",
+        "+refs: {501: [' un', Un], 502: [x]}",
+    ]
+    assert yaml.safe_load(text) == new
+
+
+def test_a_shipped_hand_written_rulebook_keeps_its_comments() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "rulebooks" / "examples" / "tiny_url.yaml"
+    old = path.read_text()
+    new = yaml.safe_load(old)
+    new["features"][0]["expect"] = Flow({**new["features"][0]["expect"], "recall": 0.85})
+    new["features"].append(feature(150))
+    text = render(new, old)
+    # one line changes (its end-of-line comment keeps its column), the new feature follows
+    before, last_line, _ = old.rsplit("\n", 2)
+    assert last_line.startswith("    expect: {f1: 0.95, precision: 0.95, recall: 0.9}   # ")
+    last_line = last_line.replace("recall: 0.9}   #", "recall: 0.85}  #")
+    added = render({"features": [feature(150)]}).split("\n", 1)[1]
+    assert text == f"{before}\n{last_line}\n{added}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # comment lines above a flow item with an end-of-line comment
+        "a:\n  - [b]\n  # above\n  - [a]  # end\n",
+        "a:\n  - [b]\n  # above\n  - {a: 1}  # end\n",
+        # comment lines after a list in a list
+        "a:\n  -   - x\n      - [1]\n  # after\n  - b\n",
+        "a:\n  - k:\n      -   - null\n          - []\n  # after\n  - b\n",
+        # comment lines above a list whose first item is a flow collection
+        "a:\n  # above\n  - {}\n  - a: 1\n    b: 2\n",
+        "a:\n  # above\n  - {b: 1}  # end\n  - k: 1\n  - n  # end\n",
+    ],
+)
+def test_ruamel_yaml_writes_these_comments_back_where_they_were(text: str) -> None:
+    assert full_merge(yaml.safe_load(text), text) == text
