@@ -24,10 +24,12 @@ demo: install
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
-# the property tests of options and loaders at 10,000 examples each (make test runs a few dozen)
+# the property tests of options, loaders and the YAML writer at 10,000 examples each
+# (make test runs a few dozen)
 fuzz: install
 	RULECHECK_FUZZ_EXAMPLES=10000 $(PY) -m pytest -n 2 -q \
 		tests/test_bad_input.py tests/test_fuzz_loaders.py tests/test_rulebook.py \
+		tests/test_roundtrip.py \
 		-k "parsing or fuzz or bytes or mutations or arrays"
 
 bench: install

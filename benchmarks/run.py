@@ -194,6 +194,43 @@ def bench_rulebook_parsing() -> tuple[str, float, float, str]:
     return "read a 1 MiB rulebook", t_fast, t_base, "pure-Python YAML parser"
 
 
+def bench_rulebook_rewrite() -> tuple[str, float, float, str]:
+    """Writing a 60 KB rulebook over its old text with one feature changed: the unchanged
+    features are copied as text, against parsing and writing them all with ruamel.yaml."""
+    from rulecheck import roundtrip
+    from rulecheck.schema import Flow
+
+    def book(f1_of_17: float) -> dict[str, object]:
+        features = [
+            {
+                "feature": i,
+                "source": "extracted",
+                "label": f"[ un{i}] ... [po]",
+                "skipgrams": [
+                    {
+                        "key": Flow({"feature": 501, "tokens": [" un", "Un", " Un"]}),
+                        "query": Flow({"feature": 200 + i, "tokens": ["po", "lo", "ca"]}),
+                        "attn_score": 0.0768,
+                        "value_score": 0.861,
+                    }
+                    for _ in range(3)
+                ],
+                "expect": Flow({"f1": f1_of_17 if i == 17 else 0.9, "precision": 0.891}),
+            }
+            for i in range(100)
+        ]
+        return {"rulecheck": 1, "layer": 0, "head": 0, "features": features}
+
+    old = roundtrip.render(book(0.9))
+    new = book(0.5)
+    t_fast, text = timed(lambda: roundtrip.render(new, old))
+    t_base, full = timed(
+        lambda: roundtrip._merged(old, new, lambda item: False, "features", "feature", {})
+    )
+    assert text == full and len(old) > 60_000
+    return "rewrite a 60 KB rulebook, one feature changed", t_fast, t_base, "ruamel.yaml throughout"
+
+
 def bench_planted_end_to_end() -> tuple[str, float, float, str]:
     """Whole extraction of planted (both heads), against the model's plain forward pass over
     the same corpus as the unit of cost."""
@@ -232,6 +269,7 @@ def main() -> None:
         bench_exemplars(device),
         bench_encode_columns(device),
         bench_rulebook_parsing(),
+        bench_rulebook_rewrite(),
         bench_planted_end_to_end(),
     ]
     for name, fast, base, what in cases:
