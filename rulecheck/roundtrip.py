@@ -785,7 +785,7 @@ def _cut(
             kept_ids.add(item_id)
         span = None if rewritten else _span(lines, item, ends[index])
         if span is not None:
-            token = f"rulecheck-stand-in-{nonce}-{index}"
+            token = f"rulecheck-stand-in-{nonce}-{index}-end"  # not the start of another
             stand_in = _StandIn("".join(lines[span[0] : span[1]]), plain, kept)
             spans[span[0]] = (span[1], token, stand_in)
     if not spans:

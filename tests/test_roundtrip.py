@@ -656,3 +656,20 @@ def test_a_shipped_hand_written_rulebook_keeps_its_comments() -> None:
 )
 def test_ruamel_yaml_writes_these_comments_back_where_they_were(text: str) -> None:
     assert full_merge(yaml.safe_load(text), text) == text
+
+
+def test_features_that_are_not_rewritten_are_copied_not_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    old = render(book(*(feature(i) for i in range(12))), header=HEADER)
+    new = book(*(feature(i, f1=0.5 if i == 3 else 0.9) for i in range(12) if i != 1))
+    parsed = []
+    merged = roundtrip._merged
+    monkeypatch.setattr(
+        roundtrip, "_merged", lambda text, *a: parsed.append(text) or merged(text, *a)
+    )
+    text = render(new, old, header=HEADER)
+    assert len(parsed) == 1  # no second try with the whole text
+    assert text == full_merge(new, old)
+    assert "feature: 3" in parsed[0] and "feature: 1\n" not in parsed[0]
+    assert "feature: 10" not in parsed[0]
