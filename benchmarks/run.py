@@ -225,7 +225,7 @@ def bench_rulebook_rewrite() -> tuple[str, float, float, str]:
     new = book(0.5)
     t_fast, text = timed(lambda: roundtrip.render(new, old))
     t_base, full = timed(
-        lambda: roundtrip._merged(old, new, lambda item: False, "features", "feature", {})
+        lambda: roundtrip._merged(old, new, lambda item: False, "features", "feature", None)
     )
     assert text == full and len(old) > 60_000
     return "rewrite a 60 KB rulebook, one feature changed", t_fast, t_base, "ruamel.yaml throughout"

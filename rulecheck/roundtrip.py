@@ -547,7 +547,7 @@ def _insert(parent: CommentedMap | CommentedSeq, position: int, key: Any, value:
 def _merge(parent: CommentedMap | CommentedSeq, key: Any, new: Any, flow: bool) -> None:
     """Make entry ``key`` of ``parent`` hold ``new``, changing as little text as it can."""
     old = parent[key]
-    if old is new or _same(old, new):
+    if old is new or isinstance(old, _Unchanged) or _same(old, new):
         return
     lines = _pop_tail(parent, key)
     if isinstance(old, CommentedMap) and len(old) > 0 and isinstance(new, Mapping):
@@ -669,7 +669,7 @@ def _update_root(
     keep: Callable[[Mapping[str, Any]], bool],
     list_key: str,
     id_key: str,
-    stand_ins: Mapping[str, _StandIn],
+    cut: _Cut | None,
 ) -> str:
     """Update the document in place; return comments left with no entry."""
     if len(root) == 0:
@@ -677,13 +677,13 @@ def _update_root(
     old_list = root.get(list_key) if list_key in root else None
     new_list = new.get(list_key)
     if isinstance(old_list, CommentedSeq) and isinstance(new_list, list | tuple):
-        if stand_ins or not _same(old_list, new_list):
-            kept = [
-                stand_ins[item].kept
-                if isinstance(item, str) and item in stand_ins
-                else isinstance(item, Mapping) and bool(keep(_plain(item)))
-                for item in old_list
-            ]
+        if cut is not None or not _same(old_list, new_list):
+            if cut is not None:
+                _unchanged(cut.stand_ins, old_list)
+                kept = cut.kept
+            else:
+                kept = [isinstance(item, Mapping) and bool(keep(_plain(item))) for item in old_list]
+            stand_ins = {} if cut is None else cut.stand_ins
             lines = _pop_tail(root, list_key)
             lines = _update_items(old_list, new_list, kept, id_key, stand_ins) + lines
             _settle(root, list_key)
@@ -696,21 +696,34 @@ def _update_root(
 # ---------------------------------------------------------------------------- large lists
 #
 # Parsing with ruamel.yaml is slow (about 0.3 s for 60 KB), and a regenerated rulebook is
-# mostly features that did not change. So the old text is read once with PyYAML (libyaml),
-# and each item of the list that will not be rewritten (kept, unchanged or deleted) is cut
-# out of the text and replaced by a one-line stand-in item; ruamel.yaml then parses and
-# writes only the rest, and the stand-ins are replaced by the items' own text again. The
-# comment lines after an item stay in the parsed text, so they move as they would have. An
-# item is cut only where its lines are certain (the canonical layout: ``  - key: ...`` under a
-# top-level key, no block scalar at its end); the result is the same text as without cutting.
+# mostly features, and parts of features, that did not change. So the old text is read once
+# with PyYAML (libyaml), and what will not be rewritten is cut out of the text: an item of the
+# list that is kept, unchanged or deleted becomes a one-line stand-in item, and in an item
+# that changes, a block value that does not becomes a stand-in scalar on its key's line.
+# ruamel.yaml then parses and writes only the rest, and the stand-ins are replaced by their
+# own text again. The comment lines after a cut part stay in the parsed text, so they move as
+# they would have. A part is cut only where its lines are certain (the canonical layout,
+# ``  - key: ...`` under a top-level key, and no block scalar at its end), and the stand-ins
+# must come out on lines of their own; the result is the same text as without cutting.
 
 
 class _StandIn(NamedTuple):
-    """An item cut out of the old text: its lines and its value as rulecheck reads it."""
+    """A part cut out of the old text: its lines, its value as rulecheck reads it, whether it
+    is a kept item, and for a value, the line of its key."""
 
     text: str
     plain: Any
     kept: bool
+    key_line: str | None = None
+
+
+class _Unchanged(str):
+    """The stand-in of a value that is not rewritten."""
+
+    __slots__ = ()
+
+
+_Representer.add_representer(_Unchanged, RoundTripRepresenter.represent_str)
 
 
 class _Reader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
@@ -733,6 +746,14 @@ def _read(text: str) -> tuple[Any, Any]:
         loader.dispose()
 
 
+class _Cut(NamedTuple):
+    """The old text with stand-ins, the stand-ins by name, and whether each item is kept."""
+
+    text: str
+    stand_ins: dict[str, _StandIn]
+    kept: list[bool]
+
+
 def _cut(
     text: str,
     node: Any,
@@ -741,9 +762,9 @@ def _cut(
     keep: Callable[[Mapping[str, Any]], bool],
     list_key: str,
     id_key: str,
-) -> tuple[str, dict[str, _StandIn]] | None:
-    """``text`` with the list items that will not be rewritten replaced by stand-ins, and the
-    stand-ins; None when nothing is cut."""
+) -> _Cut | None:
+    """``text`` with what will not be rewritten in the list replaced by stand-ins; None when
+    nothing is cut."""
     if not isinstance(node, yaml.MappingNode) or node.flow_style or node.start_mark.column:
         return None
     position = next(
@@ -773,51 +794,52 @@ def _cut(
     nonce = 0
     while f"rulecheck-stand-in-{nonce}-" in text:
         nonce += 1
-    kept_ids: set[Any] = set()
-    spans = {}
+    placed: set[Any] = set()
+    kept_items: list[bool] = []
+    cuts: dict[int, tuple[int, str, str, _StandIn]] = {}  # first line: end, line, name, part
     for index, (item, plain) in enumerate(zip(seq.value, old_items, strict=True)):
         kept = isinstance(plain, Mapping) and bool(keep(plain))
+        kept_items.append(kept)
         item_id = _item_id(plain, id_key)
         rewritten = False
-        if not kept and item_id in new_items and item_id not in kept_ids:
+        if not kept and item_id in new_items and item_id not in placed:
             rewritten = not _same(plain, new_items[item_id])
-        if kept or (item_id in new_items and item_id not in kept_ids):
-            kept_ids.add(item_id)
-        span = None if rewritten else _span(lines, item, ends[index])
+        if kept or (item_id in new_items and item_id not in placed):
+            placed.add(item_id)
+        name = f"rulecheck-stand-in-{nonce}-{index}"
+        if rewritten:
+            for key_line, end, key_text, part in _unchanged_values(
+                lines, item, plain, new_items[item_id], ends[index]
+            ):
+                token = f"{name}-{key_line}-end"  # "-end": no name starts another
+                cuts[key_line] = (end, f"{key_text} {token}\n", token, part)
+            continue
+        span = _span(lines, item, ends[index])
         if span is not None:
-            token = f"rulecheck-stand-in-{nonce}-{index}-end"  # not the start of another
-            stand_in = _StandIn("".join(lines[span[0] : span[1]]), plain, kept)
-            spans[span[0]] = (span[1], token, stand_in)
-    if not spans:
+            token = f"{name}-end"
+            part = _StandIn("".join(lines[span[0] : span[1]]), plain, kept)
+            cuts[span[0]] = (span[1], f"  - {token}\n", token, part)
+    if not cuts:
         return None
     out: list[str] = []
     stand_ins = {}
     line = 0
     while line < len(lines):
-        if line in spans:
-            end, token, stand_in = spans[line]
-            out.append(f"  - {token}\n")
-            stand_ins[token] = stand_in
+        if line in cuts:
+            end, replacement, token, part = cuts[line]
+            out.append(replacement)
+            stand_ins[token] = part
             line = end
         else:
             out.append(lines[line])
             line += 1
-    return "".join(out), stand_ins
+    return _Cut("".join(out), stand_ins, kept_items)
 
 
-def _span(lines: list[str], item: Any, next_line: int) -> tuple[int, int] | None:
-    """The lines ``[start, end)`` of a list item, from its dash to its last value, when they are
-    certain: ``  - key: ...``, a block mapping, and only comments or blank lines after it."""
-    start = item.start_mark.line
-    if (
-        not isinstance(item, yaml.MappingNode)
-        or item.flow_style
-        or not item.value
-        or item.start_mark.column != 4
-        or not lines[start].startswith("  - ")
-    ):
-        return None
-    last = item
+def _content_end(lines: list[str], node: Any, start: int, next_line: int) -> int | None:
+    """The line after the last line of ``node`` (which starts on line ``start``), when only
+    comment lines and blank lines follow it up to ``next_line``; None when unsure."""
+    last = node
     while isinstance(last, yaml.MappingNode | yaml.SequenceNode) and not last.flow_style:
         if not last.value:
             return None
@@ -832,19 +854,89 @@ def _span(lines: list[str], item: Any, next_line: int) -> tuple[int, int] | None
         return None
     if any(line.strip() and not line.lstrip().startswith("#") for line in lines[end:next_line]):
         return None
-    return start, end
+    return end
+
+
+def _span(lines: list[str], item: Any, next_line: int) -> tuple[int, int] | None:
+    """The lines ``[start, end)`` of a list item, from its dash to its last value, when they are
+    certain: ``  - key: ...``, a block mapping, and only comments or blank lines after it."""
+    start = item.start_mark.line
+    if (
+        not isinstance(item, yaml.MappingNode)
+        or item.flow_style
+        or item.start_mark.column != 4
+        or not lines[start].startswith("  - ")
+    ):
+        return None
+    end = _content_end(lines, item, start, next_line)
+    return None if end is None else (start, end)
+
+
+def _unchanged_values(
+    lines: list[str], item: Any, plain: Any, new_item: Any, next_line: int
+) -> list[tuple[int, int, str, _StandIn]]:
+    """The block values of a list item that changes that stay as they are, each as ``(key
+    line, end, key line's text, part)``: the lines of the value are ``(key line, end)``."""
+    if (
+        not isinstance(item, yaml.MappingNode)
+        or item.flow_style
+        or item.start_mark.column != 4
+        or not isinstance(plain, Mapping)
+        or not isinstance(new_item, Mapping)
+        or len(plain) != len(item.value)  # a key twice: positions do not match
+    ):
+        return []
+    new_keys = {_kind(k): k for k in new_item}
+    out = []
+    for index, ((key, value), (plain_key, plain_value)) in enumerate(
+        zip(item.value, plain.items(), strict=True)
+    ):
+        new_key = new_keys.get(_kind(plain_key), _MISSING)
+        if (
+            new_key is _MISSING
+            or not isinstance(value, yaml.MappingNode | yaml.SequenceNode)
+            or value.flow_style
+            or not value.value
+            or key.start_mark.column != 4
+            or not _same(plain_value, new_item[new_key])
+        ):
+            continue
+        key_line = key.start_mark.line
+        text = lines[key_line].rstrip("\n")
+        if text[:4].strip() or not text.endswith(":") or value.start_mark.line <= key_line:
+            continue
+        following = (
+            item.value[index + 1][0].start_mark.line if index + 1 < len(item.value) else next_line
+        )
+        end = _content_end(lines, value, key_line, following)
+        if end is not None:
+            part = _StandIn("".join(lines[key_line + 1 : end]), plain_value, False, text)
+            out.append((key_line, end, text, part))
+    return out
+
+
+def _unchanged(stand_ins: Mapping[str, _StandIn], items: CommentedSeq) -> None:
+    """Mark the stand-ins of values in the parsed items as not to be rewritten."""
+    for item in items:
+        if isinstance(item, CommentedMap):
+            for key, value in item.items():
+                if type(value) is str and value in stand_ins:
+                    item[key] = _Unchanged(value)
 
 
 def _paste(text: str, stand_ins: Mapping[str, _StandIn]) -> str | None:
-    """``text`` with the stand-ins replaced by the items' lines (None if one is not found
-    once, as a line of its own)."""
-    for token, stand_in in stand_ins.items():
-        line = f"\n  - {token}\n"
+    """``text`` with the stand-ins replaced by their lines (None if one is not found once, as
+    a line of its own)."""
+    for token, part in stand_ins.items():
+        key_line = "  -" if part.key_line is None else part.key_line
+        line = f"\n{key_line} {token}\n"
         count = text.count(line)
-        if count > 1 or (count == 0 and f"{token}" in text):
+        if count > 1 or (count == 0 and token in text):
             return None
-        item = stand_in.text if stand_in.text.endswith("\n") else stand_in.text + "\n"
-        text = text.replace(line, "\n" + item)
+        lines = part.text if part.text.endswith("\n") else part.text + "\n"
+        text = text.replace(
+            line, "\n" + (lines if part.key_line is None else f"{key_line}\n{lines}")
+        )
     return text
 
 
@@ -887,10 +979,13 @@ def render(
             return prefix + old_text
         cut = _cut(old_text, node, value, new, keep, list_key, id_key)
         if cut is not None:
-            pasted = _paste(_merged(cut[0], new, keep, list_key, id_key, cut[1]), cut[1])
+            try:
+                pasted = _paste(_merged(cut.text, new, keep, list_key, id_key, cut), cut.stand_ins)
+            except ValueError:  # not seen: then the whole text is parsed below
+                pasted = None
             if pasted is not None:
                 return prefix + pasted
-    return prefix + _merged(old_text, new, keep, list_key, id_key, {})
+    return prefix + _merged(old_text, new, keep, list_key, id_key, None)
 
 
 def _merged(
@@ -899,9 +994,10 @@ def _merged(
     keep: Callable[[Mapping[str, Any]], bool],
     list_key: str,
     id_key: str,
-    stand_ins: Mapping[str, _StandIn],
+    cut: _Cut | None,
 ) -> str:
-    """``old_text`` parsed with ruamel.yaml, updated to ``new`` and written out."""
+    """``old_text`` parsed with ruamel.yaml, updated to ``new`` and written out (``cut``: the
+    stand-ins in ``old_text``, and which items are kept)."""
     try:
         root = _yaml().load(old_text)
     except YAMLError as exc:
@@ -909,7 +1005,7 @@ def _merged(
     if not isinstance(root, CommentedMap):
         raise ValueError("the old text does not hold a mapping at the top")
     lines = _pop_tail(root, _last(root)) if root else ""
-    lines = _update_root(root, new, keep, list_key, id_key, stand_ins) + lines
+    lines = _update_root(root, new, keep, list_key, id_key, cut) + lines
     if root:
         _push_tail(root, _last(root), lines)
     else:

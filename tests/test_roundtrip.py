@@ -76,7 +76,7 @@ def feature(fid: int, f1: float = 0.9, label: str | None = None, **more: Any) ->
 
 def full_merge(new: dict[str, Any], old_text: str, keep: Any = lambda item: False) -> str:
     """``render`` with every old item parsed by ruamel.yaml (no item cut out of the text)."""
-    return roundtrip._merged(old_text, new, keep, "features", "feature", {})
+    return roundtrip._merged(old_text, new, keep, "features", "feature", None)
 
 
 def manual(item: Any) -> bool:
@@ -217,6 +217,22 @@ def test_equal_inputs_give_identical_text() -> None:
     a = book(feature(1), feature(2, f1=0.5))
     b = book(feature(1), feature(2, f1=0.5))
     assert render(a, header=HEADER) == render(b, header=HEADER)
+
+
+@pytest.mark.parametrize(
+    "new",
+    [
+        book(feature(1), feature(2, f1=0.05, refs=Flow({501: [" un", "Un"]}))),
+        book(extraction={"tolerance": 1e-05, "nan": float("nan"), "seed": None}),
+        {"a": [[1, [2, {"b": "c"}]], {"d": ["\n", "1", "[x]"]}], 7: Flow({"e": [Flow()]})},
+        {"same": ["x"] * 3, "twice": [{"k": 1}] * 2},
+    ],
+)
+def test_a_written_file_is_written_again_as_it_is(new: dict[Any, Any]) -> None:
+    fresh = render(new, header=HEADER)
+    assert render(new, fresh, header=HEADER) == fresh
+    assert full_merge(new, fresh) == fresh  # also when ruamel.yaml parses all of it
+    assert same(yaml.safe_load(fresh), new)
 
 
 def test_empty_containers() -> None:
@@ -380,6 +396,28 @@ def test_fuzz_comments_survive_insertions(old: dict[str, Any], data: st.DataObje
     added = data.draw(st.lists(st.sampled_from(free), unique=True, max_size=3), label="added")
     items = [*old["features"], *(feature(fid) for fid in added)]
     new = {**old, "features": sorted(items, key=lambda item: item["feature"]), "zz-new": 1}
+    text = render(new, old_text, header=HEADER)
+    assert same(yaml.safe_load(text), new)
+    assert text == full_merge(new, old_text)
+    comments = [line.split("#", 1)[1] for line in old_text.splitlines() if "# full" in line]
+    comments += [line.rsplit("  #", 1)[1] for line in old_text.splitlines() if "  # end" in line]
+    assert all(comment in text for comment in comments)
+
+
+@FUZZ
+@given(BOOKS, st.data())
+def test_fuzz_changed_features_keep_their_comments(
+    old: dict[str, Any], data: st.DataObject
+) -> None:
+    old_text = _with_comments(render(old, header=HEADER), data)
+    new = {**old, "features": []}
+    for item in old["features"]:
+        if data.draw(st.booleans(), label=f"change feature {item['feature']}"):
+            f1 = data.draw(st.sampled_from([0.25, 0.5, 0.9]), label="f1")
+            item = {**item, "expect": Flow({**item["expect"], "f1": f1})}
+            if data.draw(st.booleans(), label="and its label"):
+                item["label"] = "changed"
+        new["features"].append(item)
     text = render(new, old_text, header=HEADER)
     assert same(yaml.safe_load(text), new)
     assert text == full_merge(new, old_text)
@@ -673,3 +711,4 @@ def test_features_that_are_not_rewritten_are_copied_not_parsed(
     assert text == full_merge(new, old)
     assert "feature: 3" in parsed[0] and "feature: 1\n" not in parsed[0]
     assert "feature: 10" not in parsed[0]
+    assert "attn_score" not in parsed[0]  # nor feature 3's skipgrams, which did not change
