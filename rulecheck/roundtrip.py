@@ -641,24 +641,26 @@ def _update_items(
         ids.append(item_id)
         placed.add(item_id)
     previous = -1
+    matched = set()
     for item in new:
         item_id = _item_id(item, id_key)
-        if item_id is not None and item_id in placed:
+        if item_id is not None and item_id in placed and item_id not in matched:
+            matched.add(item_id)  # its old item is updated, or kept; a second one is new
             continue
         position = previous + 1 if item_id is None else _after_lower(ids, item_id)
         _insert(old, position, None, _build(item))
         ids.insert(position, item_id)
-        placed.add(item_id)
         previous = position
     return _place(old, orphans)
 
 
 def _after_lower(ids: list[tuple[Any, ...] | None], item_id: tuple[Any, ...]) -> int:
-    """The position right after the last item whose id is lower than ``item_id`` (or 0)."""
+    """The position right after the last item whose id is lower than ``item_id`` (or the
+    same: a second item with one id goes after the first), or 0."""
     order = _id_order(item_id)
     for index in range(len(ids) - 1, -1, -1):
         other = ids[index]
-        if other is not None and _id_order(other) < order:
+        if other is not None and _id_order(other) <= order:
             return index + 1
     return 0
 

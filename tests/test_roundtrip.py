@@ -712,3 +712,12 @@ def test_features_that_are_not_rewritten_are_copied_not_parsed(
     assert "feature: 3" in parsed[0] and "feature: 1\n" not in parsed[0]
     assert "feature: 10" not in parsed[0]
     assert "attn_score" not in parsed[0]  # nor feature 3's skipgrams, which did not change
+
+
+def test_a_second_feature_with_the_same_id_is_written_too() -> None:
+    old = render(book(feature(1), feature(3)))
+    new = book(feature(1), feature(2, label="a"), feature(2, label="b"), feature(3, f1=0.5))
+    new["features"].insert(1, feature(1, label="again"))
+    text = render(new, old)
+    assert yaml.safe_load(text) == new
+    assert text == full_merge(new, old)
