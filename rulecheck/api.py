@@ -27,7 +27,9 @@ from rulecheck.kinds.skipgram import label
 from rulecheck.session import Head, Workbench
 from rulecheck.specs import Checkpoint, head_spec
 
-RECORDED = ("method", "keys", "queries_per_key", "max_terms", "tolerance")  # from `extraction:`
+RECORDED = ("method", "keys", "queries_per_key", "max_terms", "term_margin", "tolerance")
+# books written before the margin existed chose the best validation F1
+UNRECORDED = {"term_margin": 0.0}
 
 
 def feature_rules(result: FeatureResult, tolerance: float) -> FeatureRules:
@@ -75,6 +77,7 @@ def head_rulebook(
             "keys": cfg.keys,
             "queries_per_key": cfg.queries_per_key,
             "max_terms": cfg.max_terms,
+            "term_margin": cfg.term_margin,
             "seed": cfg.seed,
             "tolerance": cfg.tolerance,
             "ln_scale": round(result.ln_scale, 6),
@@ -193,7 +196,7 @@ def config_from_rulebook(book: Rulebook) -> ExtractConfig:
     checked as the command line checks it; its extracted features are regenerated, or a
     fresh sample when it has none. A bad recorded value is ``InvalidRulebook`` at its line."""
     ex = book.extraction
-    values: dict[type, dict[str, Any]] = {ExtractConfig: {}, ExemplarConfig: {}}
+    values: dict[type, dict[str, Any]] = {ExtractConfig: dict(UNRECORDED), ExemplarConfig: {}}
     for cls, names in ((ExtractConfig, RECORDED), (ExemplarConfig, ("seed",))):
         for name in names:
             if name in ex:

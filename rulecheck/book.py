@@ -26,6 +26,7 @@ EXTRACTION_ORDER = (
     "keys",
     "queries_per_key",
     "max_terms",
+    "term_margin",
     "seed",
     "ln_scale",
     "rulecheck",

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keys": "candidate keys per feature",
         "queries_per_key": "candidate queries per key",
         "max_terms": "most terms kept per feature",
+        "term_margin": "keep the fewest terms whose validation F1 is within this of the best",
         "tolerance": "expect = measured - this",
         "n_pos": "positives per feature",
         "n_neg": "negatives per feature",
