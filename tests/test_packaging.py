@@ -1,5 +1,5 @@
 """What a (non-editable) install gets: every package of the source tree, and the data files
-the code opens (``py.typed``, the zoo's files).
+the code opens (the rulebook JSON Schema, ``py.typed``, the zoo's files).
 
 An editable install maps the whole source tree, so a package or a data file that
 pyproject.toml leaves out only goes missing from a wheel: these tests read pyproject.toml
@@ -23,7 +23,7 @@ SOURCES = {
     "rulecheck": ROOT / "rulecheck",
     "pytest_rulecheck": ROOT / "plugins" / "pytest_rulecheck",
 }
-DATA = ["rulecheck/py.typed"]
+DATA = ["rulecheck/schemas/rulebook.schema.json", "rulecheck/py.typed"]
 
 
 def tree_packages() -> dict[str, Path]:
@@ -44,7 +44,7 @@ def setuptools_config() -> dict:
 
 def test_the_tree_has_the_packages_the_code_imports():
     packages = tree_packages()
-    assert {"rulecheck", "rulecheck.core", "rulecheck.kinds"} <= set(packages)
+    assert {"rulecheck", "rulecheck.core", "rulecheck.kinds", "rulecheck.schemas"} <= set(packages)
     assert "pytest_rulecheck" in packages
 
 
