@@ -6,6 +6,7 @@ fix (a failed rule adds the evidence on the lines after it).
     ``InvalidSpec``      a model, SAE, corpus or option that cannot be used
     ``NotEligible``      a feature too rarely (or too often) active to check
     ``RuleFailed``       a claim that does not hold (also an ``AssertionError``)
+    ``Regenerated``      a claim rewritten by regeneration, to be reviewed
 """
 
 from __future__ import annotations
@@ -70,3 +71,8 @@ class RuleFailed(RulecheckError, AssertionError):
     def __init__(self, what: str, *, record: dict | None = None, **where: object) -> None:
         super().__init__(what, **where)  # type: ignore[arg-type]
         self.record = dict(record or {})
+
+
+class Regenerated(RulecheckError, AssertionError):
+    """A claim that ``--rulecheck-extract`` rewrote: it fails once, so the change is
+    reviewed before it is trusted."""
