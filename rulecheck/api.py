@@ -7,6 +7,7 @@ and the corpus are read once per session however many heads and rulebooks use th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -231,5 +232,14 @@ def regenerated(book: Rulebook, path: Path, bench: Workbench) -> Rulebook:
     applied); write it with ``write_rulebooks``, which keeps its manual entries."""
     head = bench.head_of(book, str(path))
     cfg = config_from_rulebook(book)
+    if isinstance(cfg.features, tuple):
+        # a feature no longer eligible (a retrained SAE, another corpus) is dropped, not an
+        # error: the regeneration then reports it removed
+        collectors, _ = bench.with_exemplars(cfg.exemplars).layer_pass(head)
+        eligible = set(collectors[book.head].eligible().tolist())
+        kept = tuple(f for f in cfg.features if f in eligible)
+        if not kept:
+            return replace(book, features=[], fingerprints=bench.fingerprints(head))
+        cfg = replace(cfg, features=kept)
     [fresh] = extract_books(bench, head.specs, book.layer, [book.head], cfg)
     return fresh

@@ -407,12 +407,12 @@ def _feature_changes(old: FeatureRules, new: FeatureRules) -> str:
         now = [repr(kind.write(c, table)) for c in new.claims.get(kind.key, [])]
         if was != now:
             added, removed = len(set(now) - set(was)), len(set(was) - set(now))
-            detail = f"{added} added, {removed} removed" if added or removed else "reordered"
-            parts.append(f"{kind.key} {detail}")
-    for metric in METRICS:
+            counts = [f"{n} {what}" for n, what in ((added, "added"), (removed, "removed")) if n]
+            parts.append(f"{kind.key} {', '.join(counts) or 'reordered'}")
+    for metric in CHECKED:
         a, b = old.expect.get(metric), new.expect.get(metric)
         if a != b:
-            parts.append(f"expect.{metric} {a} -> {b}")
+            parts.append(f"expect.{metric} {'none' if a is None else a} -> {b}")
     return "; ".join(parts)
 
 

@@ -153,13 +153,15 @@ def run_show(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_summary(args: argparse.Namespace, console: Console) -> int:
-    from rulecheck.report import load_with_measured, summary_table
+    from rulecheck.report import summary_table
+    from rulecheck.rulebook import load_rulebook
 
     if not args.directory.is_dir():
         raise InvalidSpec(
             "is not a directory", file=args.directory, fix="pass the --out directory of extract"
         )
-    books = [load_with_measured(p) for p in sorted(args.directory.glob("L*H*.yaml"))]
+    paths = sorted(args.directory.glob("L*H*.yaml"))
+    books = [load_rulebook(p, measurements=True) for p in paths]
     if not books:
         raise InvalidSpec(
             "holds no L{layer}H{head}.yaml rulebooks",

@@ -15,7 +15,7 @@ from rich.text import Text
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.kinds.skipgram import SkipGram
 from rulecheck.refs import TokenRef, ref_name
-from rulecheck.rulebook import load_measured, load_rulebook
+from rulecheck.rulebook import load_rulebook
 
 TOP_TERMS = 3
 
@@ -98,22 +98,9 @@ def rulebook_header(rulebook: Rulebook) -> Text:
     return text
 
 
-def load_with_measured(path: str | Path) -> Rulebook:
-    """The rulebook at ``path`` with what extraction measured (from the file beside it)."""
-    book = load_rulebook(path)
-    measured = load_measured(path)
-    for rules in book.features:
-        if not rules.measured and rules.feature in measured:
-            m = measured[rules.feature]
-            rules.measured = {
-                k: v for k, v in m.items() if k != "feature" and not isinstance(v, list | dict)
-            }
-    return book
-
-
 def print_rulebook(path: str | Path, console: Console | None = None) -> Rulebook:
     """Load the rulebook at ``path`` and print its header and feature table."""
-    rulebook = load_with_measured(path)
+    rulebook = load_rulebook(path, measurements=True)
     console = console or Console()
     console.print(Text(str(path), style="bold underline"))
     console.print(rulebook_header(rulebook), end="")

@@ -15,6 +15,7 @@ atomically. Measurements (quality curves, scores) go beside the book, in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import warnings
@@ -269,12 +270,34 @@ def parse_rulebook(text: str, file: str | Path = "<string>") -> Rulebook:
     return rulebook
 
 
-def load_rulebook(path: str | Path) -> Rulebook:
-    """Read and validate the rulebook at ``path``; every problem is an ``InvalidRulebook``."""
+def load_rulebook(path: str | Path, *, measurements: bool = False) -> Rulebook:
+    """Read and validate the rulebook at ``path``; every problem is an ``InvalidRulebook``.
+    With ``measurements``, what extraction measured (the file beside it) is filled in."""
     path = Path(path)
     with contextlib.suppress(OSError):
         _check_size(path.stat().st_size, path)
-    return parse_rulebook(_read_text(path), path)
+    book = parse_rulebook(_read_text(path), path)
+    if measurements:
+        _fill_measurements(book, load_measured(path))
+    return book
+
+
+def _fill_measurements(book: Rulebook, measured: dict[int, dict[str, Any]]) -> None:
+    for rules in book.features:
+        data = measured.get(rules.feature)
+        if not data or rules.measured:
+            continue
+        rules.measured = {k: v for k, v in data.items() if k != "feature" and k not in rules.claims}
+        if "f1_by_terms" in rules.measured:
+            rules.measured["f1_by_terms"] = {
+                int(n): f for n, f in rules.measured["f1_by_terms"].items()
+            }
+        for key, claims in rules.claims.items():
+            values = data.get(key, [])
+            if len(values) == len(claims):
+                rules.claims[key] = [
+                    dataclasses.replace(c, **v) for c, v in zip(claims, values, strict=True)
+                ]
 
 
 _TOP_KEY_LINE = re.compile(r"""^(?:rulecheck|"rulecheck"|'rulecheck')[ \t]*:(?:[ \t]|$)""", re.M)
