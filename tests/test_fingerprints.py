@@ -37,13 +37,13 @@ def book_text(fingerprints: dict[str, str], head: int = 0, xfail: str | None = N
     """A rulebook on planted whose claims about feature 1 of ``head`` hold (two items: f1,
     precision), recording ``fingerprints``; with ``xfail``, a false claim marked as expected
     to fail instead (one item)."""
-    lines = ["rulecheck: 1", "model: planted"]
+    lines = ["rulecheck: 2", "model: planted"]
     if fingerprints:
         lines += ["fingerprints:", *(f"  {k}: {v}" for k, v in fingerprints.items())]
     lines += ["layer: 0", f"head: {head}", "features:", "  - feature: 1", "    source: extracted"]
     claims = [("from", "to")] if xfail else TRUE_CLAIMS[head]
     lines += ["    skipgrams:"]
-    lines += [f"      - {{key: {{tokens: [{k}]}}, query: {{tokens: [{q}]}}}}" for k, q in claims]
+    lines += [f"      - '[{k}] ... [{q}]'" for k, q in claims]
     if xfail:
         lines += ["    expect: {f1: 0.9}", f"    xfail: {xfail}"]
     else:
@@ -328,3 +328,15 @@ def test_an_sae_fingerprint_is_its_weights_config_and_hook_not_its_provenance():
     assert fingerprint_sae(sae) == before
     sae.cfg.metadata.hook_head_index = 1
     assert fingerprint_sae(sae) != before
+
+
+def test_regenerating_a_book_records_the_fingerprints_it_is_run_against(pytester, recorded, cache):
+    """The fix the line names: ``--rulecheck-extract`` re-measures the book on what is loaded
+    and records its fingerprints; once its changed claims are reviewed, the book runs."""
+    pytester.makefile(".yaml", L0H0=book_text({**recorded, "sae_out": WRONG}))
+    regenerating = run(pytester, cache, "--rulecheck-extract", "L0H0.yaml")
+    assert "fingerprints." not in regenerating.stdout.str()  # only the review failures
+    text = (pytester.path / "L0H0.yaml").read_text(encoding="utf-8")
+    assert f"sae_out: {recorded['sae_out']}" in text and WRONG not in text
+    outcomes = run(pytester, cache, "L0H0.yaml").parseoutcomes()
+    assert outcomes.get("passed", 0) >= 1 and set(outcomes) <= {"passed", "warnings"}, outcomes
