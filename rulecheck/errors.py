@@ -5,6 +5,9 @@ fix (a failed rule adds the evidence on the lines after it).
     ``InvalidRulebook``  a rulebook that cannot be read
     ``InvalidSpec``      a model, SAE, corpus or option that cannot be used
     ``NotEligible``      a feature too rarely (or too often) active to check
+    ``FingerprintMismatch``
+                         a rulebook checked against another model, SAE or corpus than the
+                         one it records
     ``RuleFailed``       a claim that does not hold (also an ``AssertionError``)
     ``Regenerated``      a claim rewritten by regeneration, to be reviewed
 """
@@ -62,6 +65,16 @@ class InvalidSpec(RulecheckError):
 
 class NotEligible(RulecheckError):
     """A feature that is not active often enough on this checkpoint to be checked."""
+
+
+class FingerprintMismatch(RulecheckError):
+    """A rulebook checked against a model, SAE or corpus whose fingerprint differs from the one
+    it records: its feature ids and minimums were measured on something else. ``changed``
+    names the parts (``model``, ``sae_in``, ``sae_out``, ``corpus``)."""
+
+    def __init__(self, what: str, *, changed: tuple[str, ...] = (), **where: object) -> None:
+        super().__init__(what, **where)  # type: ignore[arg-type]
+        self.changed = tuple(changed)
 
 
 class RuleFailed(RulecheckError, AssertionError):
