@@ -440,8 +440,9 @@ def test_load_errors(
     err = load_error(tmp_path, text)
     assert (err.line, err.field) == (line, field), str(err)
     assert what in err.what, str(err)
+    assert err.fix, f"no fix: {err}"  # every error says how to correct it
     if fix is not None:
-        assert fix in (err.fix or ""), str(err)
+        assert fix in err.fix, str(err)
     assert str(err).startswith(f"{tmp_path / 'L0H3.yaml'}:{line}: {field + ': ' if field else ''}")
     assert "\n" not in str(err)
 
