@@ -115,7 +115,7 @@ class ExtractConfig(Checked):
     queries_per_key: int = bounded(int, 1, default=100)
     max_terms: int = bounded(int, 1, default=64)
     # the fewest terms whose validation F1 is within this much of the best (0: the best)
-    term_margin: float = bounded(float, 0.0, 1.0, default=0.02)
+    term_margin: float = bounded(float, 0.0, 1.0, default=0.05)
     features: int | tuple[int, ...] = 100  # a sample size, or feature ids
     tolerance: float = bounded(float, 0.0, 1.0, default=0.05)
     batch_size: int = bounded(int, 1, default=64)
