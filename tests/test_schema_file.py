@@ -444,9 +444,6 @@ def test_rulebooks_are_found():
     assert BOOKS, ROOT / "rulebooks"
 
 
-@pytest.mark.xfail(
-    reason="converted in the format-2 commit; once they are, remove this marker", strict=True
-)
 def test_every_shipped_book_is_version_2():
     old = [str(path.relative_to(ROOT)) for path, version in VERSIONS.items() if version != 2]
     assert not old, f"not version 2: {old}"
