@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import warnings
 from pathlib import Path
 
@@ -323,3 +324,24 @@ def test_measurements_are_written_beside_the_book_not_in_it(tmp_path: Path) -> N
     data = json.loads(measured_path(path).read_text(encoding="utf-8"))
     assert data["features"][0]["n_terms"] == 8
     assert measured_path(path).name == "L0H3.measured.json"
+
+
+# ---------------------------------------------------------------------------- shipped books
+
+
+def test_shipped_books_are_small_and_at_least_as_good_as_the_former_ones() -> None:
+    """Every head's book <= 100 KB, the set <= 600 KB, and per layer a median test F1 at least
+    that of the format-1 books they replaced (numbers kept in the model card's builder)."""
+    from rulecheck.build.train_tiny import FORMER_BOOKS
+
+    books = sorted((ROOT / "rulebooks" / "rulecheck-tiny").glob("L*H*.yaml"))
+    assert len(books) == 8
+    sizes = {p.name: p.stat().st_size for p in books}
+    assert max(sizes.values()) <= 100_000, sizes
+    assert sum(sizes.values()) <= 600_000, sizes
+    f1: dict[int, list[float]] = {}
+    for path in books:
+        book = load_rulebook(path, measurements=True)
+        f1.setdefault(book.layer, []).extend(f.measured["f1"] for f in book.features)
+    for layer, values in f1.items():
+        assert statistics.median(values) >= FORMER_BOOKS[layer]["f1"][1], layer
