@@ -7,6 +7,7 @@ and the corpus are read once per session however many heads and rulebooks use th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,13 @@ from rulecheck.core.extract import (
 )
 from rulecheck.errors import InvalidSpec, RuleFailed
 from rulecheck.kinds.skipgram import label
+from rulecheck.schema import significant
 from rulecheck.session import Head, Workbench
 from rulecheck.specs import Checkpoint, head_spec
 
-RECORDED = ("method", "keys", "queries_per_key", "max_terms", "tolerance")  # from `extraction:`
+RECORDED = ("method", "keys", "queries_per_key", "max_terms", "term_margin", "tolerance")
+# books written before the margin existed chose the best validation F1
+UNRECORDED = {"term_margin": 0.0}
 
 
 def feature_rules(result: FeatureResult, tolerance: float) -> FeatureRules:
@@ -39,13 +43,15 @@ def feature_rules(result: FeatureResult, tolerance: float) -> FeatureRules:
     }
     skipgrams = claims.get("skipgrams", [])
     measured = {
-        **{m: round(result.test[m], 6) for m in ("f1", "precision", "recall", "spearman")},
+        **{m: significant(result.test[m], 4) for m in ("f1", "precision", "recall", "spearman")},
         "n_test": result.test["n_test"],
         "n_terms": result.n_terms,
-        "f1_by_terms": {n: round(f, 6) for n, f in result.f1_by_terms.items()},
+        "f1_by_terms": {n: significant(f, 4) for n, f in result.f1_by_terms.items()},
     }
+    # minimums rounded down to 3 significant digits: a fresh book passes its own tests
     expect = {
-        m: round(max(0.0, result.test[m] - tolerance), 6) for m in ("f1", "precision", "recall")
+        m: significant(max(0.0, result.test[m] - tolerance), 3, down=True)
+        for m in ("f1", "precision", "recall")
     }
     return FeatureRules(
         feature=result.feature,
@@ -75,9 +81,10 @@ def head_rulebook(
             "keys": cfg.keys,
             "queries_per_key": cfg.queries_per_key,
             "max_terms": cfg.max_terms,
+            "term_margin": cfg.term_margin,
             "seed": cfg.seed,
             "tolerance": cfg.tolerance,
-            "ln_scale": round(result.ln_scale, 6),
+            "ln_scale": significant(result.ln_scale, 3),
             "n_sequences": result.n_sequences,
             "n_eligible": result.n_eligible,
             "rulecheck": __version__,
@@ -180,12 +187,19 @@ def write_rulebooks(books: list[tuple[Rulebook, Path]]) -> list[Path]:
     manual entries of the files already there. Every existing file is read and checked
     before anything is written, so a bad one stops the run with all files as they were."""
     from rulecheck.atomic import atomic_write_many
-    from rulecheck.rulebook import dump_rulebook, merged_with_file
+    from rulecheck.rulebook import regenerated_files
 
-    files = [
-        (Path(path), dump_rulebook(merged_with_file(book, Path(path)))) for book, path in books
-    ]
-    return atomic_write_many([(path, text.encode("utf-8")) for path, text in files])
+    files = [file for book, path in books for file in regenerated_files(book, Path(path))]
+    atomic_write_many([(path, data) for path, data in files if not _holds_bytes(path, data)])
+    return [Path(path) for _, path in books]
+
+
+def _holds_bytes(path: Path, data: bytes) -> bool:
+    """Whether ``path`` already holds exactly ``data`` (then it is not rewritten)."""
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def config_from_rulebook(book: Rulebook) -> ExtractConfig:
@@ -193,7 +207,7 @@ def config_from_rulebook(book: Rulebook) -> ExtractConfig:
     checked as the command line checks it; its extracted features are regenerated, or a
     fresh sample when it has none. A bad recorded value is ``InvalidRulebook`` at its line."""
     ex = book.extraction
-    values: dict[type, dict[str, Any]] = {ExtractConfig: {}, ExemplarConfig: {}}
+    values: dict[type, dict[str, Any]] = {ExtractConfig: dict(UNRECORDED), ExemplarConfig: {}}
     for cls, names in ((ExtractConfig, RECORDED), (ExemplarConfig, ("seed",))):
         for name in names:
             if name in ex:
@@ -213,13 +227,19 @@ def config_from_rulebook(book: Rulebook) -> ExtractConfig:
     )
 
 
-def regenerated(path: Path, bench: Workbench) -> Rulebook:
-    """The rulebook at ``path`` extracted again with the settings it records (overrides
+def regenerated(book: Rulebook, path: Path, bench: Workbench) -> Rulebook:
+    """``book`` (read from ``path``) extracted again with the settings it records (overrides
     applied); write it with ``write_rulebooks``, which keeps its manual entries."""
-    from rulecheck.rulebook import load_rulebook
-
-    book = load_rulebook(path)
     head = bench.head_of(book, str(path))
     cfg = config_from_rulebook(book)
+    if isinstance(cfg.features, tuple):
+        # a feature no longer eligible (a retrained SAE, another corpus) is dropped, not an
+        # error: the regeneration then reports it removed
+        collectors, _ = bench.with_exemplars(cfg.exemplars).layer_pass(head)
+        eligible = set(collectors[book.head].eligible().tolist())
+        kept = tuple(f for f in cfg.features if f in eligible)
+        if not kept:
+            return replace(book, features=[], fingerprints=bench.fingerprints(head))
+        cfg = replace(cfg, features=kept)
     [fresh] = extract_books(bench, head.specs, book.layer, [book.head], cfg)
     return fresh

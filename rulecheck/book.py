@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NoReturn
@@ -16,8 +17,10 @@ from typing import Any, Literal, NoReturn
 from rulecheck import kinds
 from rulecheck import schema as sc
 from rulecheck.errors import InvalidRulebook
+from rulecheck.refs import RefTable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+VERSIONS = (1, 2)  # format 1 still loads, with a FormatWarning
 SOURCES = ("extracted", "manual")
 METRICS = ("f1", "precision", "recall", "spearman")
 HEADER_KEYS = ("model", "sae_in", "sae_out", "corpus")
@@ -26,12 +29,21 @@ EXTRACTION_ORDER = (
     "keys",
     "queries_per_key",
     "max_terms",
+    "term_margin",
     "seed",
+    "tolerance",
     "ln_scale",
+    "n_eligible",
+    "n_sequences",
     "rulecheck",
 )
 MEASURED_ORDER = (*METRICS, "n_test", "n_terms", "f1_by_terms")
 FILE_NAME = re.compile(r"^L(\d+)H(\d+)\.ya?ml$")
+CHECKED = ("f1", "precision", "recall")  # the minimums a format-2 book may give
+
+
+class FormatWarning(FutureWarning):
+    """A rulebook in an old format: it loads, and ``rulecheck upgrade`` rewrites it."""
 
 
 def _metric_bounds(metric: str) -> tuple[float, float]:
@@ -39,6 +51,13 @@ def _metric_bounds(metric: str) -> tuple[float, float]:
 
 
 def _parse_expect(where: sc.Where, value: Any, path: str) -> dict[str, float]:
+    if not where.measured and isinstance(value, Mapping) and "spearman" in value:
+        where.fail(
+            sc.join(path, "spearman"),
+            "Spearman is measured, not checked",
+            "remove it; the checked minimums are f1, precision and recall",
+            key=True,
+        )
     data = sc.mapping(where, value, path, METRICS)
     return {
         m: sc.number(_metric_bounds(m))(where, data[m], sc.join(path, m))
@@ -86,6 +105,28 @@ def _parse_f1_by_terms(where: sc.Where, value: Any, path: str) -> dict[int, floa
     return out
 
 
+def _parse_refs(where: sc.Where, value: Any, path: str) -> dict[int, list[str]]:
+    if not isinstance(value, Mapping):
+        where.fail(
+            path,
+            f"expected a mapping, got {sc.describe(value)}",
+            "write `id: [tokens]` lines, e.g. `858: [' then']`",
+        )
+    out = {}
+    for key, item in value.items():
+        sub = sc.join(path, key)
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            where.fail(
+                sub,
+                f"keys are input feature ids, got {sc.describe(key)}",
+                "use a whole number >= 0",
+                key=True,
+            )
+        out[key] = sc.list_of(sc.text, "strings")(where, item, sub)
+    where.refs = out  # references by id read after this take their tokens from it
+    return out
+
+
 def _parse_fingerprints(where: sc.Where, value: Any, path: str) -> dict[str, str]:
     data = sc.mapping(where, value, path, HEADER_KEYS)
     return {k: sc.text(where, data[k], sc.join(path, k)) for k in HEADER_KEYS if k in data}
@@ -95,7 +136,7 @@ def _kind_specs() -> dict[str, sc.Spec]:
     """One field per registered rule kind: a list of its claims."""
     return {
         kind.key: sc.Spec(
-            sc.list_of(sc.parser(kind.claim), "rules"),
+            sc.list_of(kind.read, "rules"),
             omit=(lambda rules: False) if kind.always_written else (lambda rules: not rules),
         )
         for kind in kinds.kinds()
@@ -120,13 +161,18 @@ class FeatureRules(sc.Record):
         required=True,
         fix="add `source: manual` for a hand-written entry (or `source: extracted`)",
     )
-    label: str = sc.entry(sc.text, default="", omit=lambda v: False)
+    label: str = sc.entry(sc.text, default="", omit=_empty)
     claims: dict[str, list[Any]] = sc.entry(None, spread=_kind_specs)  # type: ignore[arg-type]
     expect: dict[str, float] = sc.entry(
-        _parse_expect, omit=_empty, dump=lambda v: {m: v[m] for m in METRICS if m in v}
+        _parse_expect,
+        omit=lambda v: not any(m in v for m in CHECKED),
+        dump=lambda v: sc.Flow({m: v[m] for m in CHECKED if m in v}),
     )
     measured: dict[str, Any] = sc.entry(
-        _parse_measured, omit=_empty, dump=lambda v: sc.ordered(v, MEASURED_ORDER)
+        _parse_measured,
+        omit=_empty,
+        dump=lambda v: sc.ordered(v, MEASURED_ORDER),
+        measured=True,
     )
     xfail: str | None = sc.entry(sc.text)  # a claim expected not to hold: the reason
 
@@ -195,6 +241,8 @@ class Rulebook(sc.Record):
         omit=_empty,
         dump=lambda v: sc.ordered(v, EXTRACTION_ORDER),
     )
+    # the table as read; written anew from the claims (``RefTable.of``)
+    refs: dict[int, list[str]] = sc.entry(_parse_refs, default_factory=dict, omit=_empty)
     features: list[FeatureRules] = sc.entry(
         sc.list_of(sc.parser(FeatureRules), "features"),
         default_factory=list,
@@ -225,6 +273,10 @@ class Rulebook(sc.Record):
     def from_dict(cls, data: Any) -> Rulebook:
         return parse_book(sc.Where(), data)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The book as written (format 2): ``book_dict``."""
+        return book_dict(self)
+
     def __schema_check__(self, where: sc.Where, path: str) -> None:
         seen: dict[int, int] = {}
         for i, entry in enumerate(self.features):
@@ -240,7 +292,8 @@ class Rulebook(sc.Record):
 
 
 def parse_book(where: sc.Where, value: Any) -> Rulebook:
-    """A rulebook from plain values (as read from YAML); every problem is ``InvalidRulebook``."""
+    """A rulebook from plain values (as read from YAML); every problem is ``InvalidRulebook``.
+    A format-1 book loads with a :class:`FormatWarning`."""
     if not isinstance(value, Mapping):
         where.fail(
             "",
@@ -254,15 +307,113 @@ def parse_book(where: sc.Where, value: Any) -> Rulebook:
             f"add `rulecheck: {SCHEMA_VERSION}` as the first line",
         )
     version = value["rulecheck"]
-    if type(version) is not int or version != SCHEMA_VERSION:
+    if type(version) is not int or version not in VERSIONS:
         where.fail(
             "rulecheck",
-            f"unsupported schema version {sc.describe(version)}",
-            f"this rulecheck reads `rulecheck: {SCHEMA_VERSION}`",
+            f"unsupported format version {sc.describe(version)}",
+            f"this rulecheck reads `rulecheck: {SCHEMA_VERSION}` (and the older 1)",
         )
+    where.measured = version == 1
     book = sc.parse(Rulebook, where, value)
     book.origin = where
+    if version == 1:
+        name = where.file or "this rulebook"
+        warnings.warn(
+            FormatWarning(
+                f"{name}: rulebook format 1 is deprecated; `rulecheck upgrade {name}` rewrites "
+                "it as format 2"
+            ),
+            stacklevel=2,
+        )
     return book
+
+
+def ref_table(book: Rulebook) -> RefTable:
+    """The ``refs:`` table a book is written with: each input feature its claims name."""
+    return RefTable.of(
+        ref
+        for rules in book.features
+        for claims in rules.claims.values()
+        for claim in claims
+        for ref in kinds.refs_of(claim)
+    )
+
+
+def book_dict(book: Rulebook) -> dict[str, Any]:
+    """The book as plain values in format 2: claims short, measurements left out."""
+    table = ref_table(book)
+    out = sc.dump(book, measured=False)
+    out["rulecheck"] = SCHEMA_VERSION
+    refs = {k: list(v) for k, v in table.tokens.items()}
+    out = {k: v for k, v in out.items() if k != "features"}
+    if refs:
+        out["refs"] = refs
+    elif "refs" in out:
+        del out["refs"]
+    out["features"] = [_feature_dict(rules, table) for rules in book.features]
+    return out
+
+
+def _feature_dict(rules: FeatureRules, table: RefTable) -> dict[str, Any]:
+    out = sc.dump(rules, measured=False)
+    for kind in kinds.kinds():
+        if kind.key in out:
+            out[kind.key] = sc.Block(kind.write(c, table) for c in rules.claims[kind.key])
+    return out
+
+
+def measured_dict(book: Rulebook) -> dict[str, Any]:
+    """What extraction measured for the book's features (the report beside the book):
+    per feature its quality at the chosen terms and curves, and each claim's scores."""
+    features = []
+    for rules in book.features:
+        entry: dict[str, Any] = {"feature": rules.feature}
+        if rules.measured:
+            entry.update(sc.ordered(rules.measured, MEASURED_ORDER))
+        for key, claims in rules.claims.items():
+            measured = [sc.dump(claim, measured=True) for claim in claims]
+            if any(measured):
+                entry[key] = measured
+        if len(entry) > 1:
+            features.append(entry)
+    return {
+        "rulecheck": SCHEMA_VERSION,
+        "layer": book.layer,
+        "head": book.head,
+        "features": features,
+    }
+
+
+def changes(old: Rulebook, new: Rulebook) -> tuple[dict[int, str], list[int]]:
+    """What regeneration changed: for each extracted feature of ``new`` whose claims or
+    minimums differ from ``old``'s, a line saying how; and the extracted features of ``old``
+    that ``new`` no longer has."""
+    before = {f.feature: f for f in old.features if f.source == "extracted"}
+    after = {f.feature: f for f in new.features if f.source == "extracted"}
+    changed = {}
+    for feature, rules in after.items():
+        if feature not in before:
+            changed[feature] = "new feature"
+        elif what := _feature_changes(before[feature], rules):
+            changed[feature] = what
+    return changed, sorted(set(before) - set(after))
+
+
+def _feature_changes(old: FeatureRules, new: FeatureRules) -> str:
+    table = RefTable()
+    parts = []
+    for kind in kinds.kinds():
+        was = [repr(kind.write(c, table)) for c in old.claims.get(kind.key, [])]
+        now = [repr(kind.write(c, table)) for c in new.claims.get(kind.key, [])]
+        if was != now:
+            added, removed = len(set(now) - set(was)), len(set(was) - set(now))
+            counts = [f"{n} {what}" for n, what in ((added, "added"), (removed, "removed")) if n]
+            parts.append(f"{kind.key} {', '.join(counts) or 'reordered'}")
+    for metric in CHECKED:
+        a, b = old.expect.get(metric), new.expect.get(metric)
+        if a != b:
+            parts.append(f"expect.{metric} {'none' if a is None else a} -> {b}")
+    return "; ".join(parts)
 
 
 def merge_manual(new: Rulebook, old: Rulebook | None) -> Rulebook:

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keys": "candidate keys per feature",
         "queries_per_key": "candidate queries per key",
         "max_terms": "most terms kept per feature",
+        "term_margin": "keep the fewest terms whose validation F1 is within this of the best",
         "tolerance": "expect = measured - this",
         "n_pos": "positives per feature",
         "n_neg": "negatives per feature",
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = sub.add_parser("summary", help="per-head summary of a directory of rulebooks")
     summary.add_argument("directory", type=Path)
+
+    upgrade = sub.add_parser("upgrade", help="rewrite rulebooks in the current format")
+    upgrade.add_argument("paths", nargs="+", type=Path, help="rulebook files or directories")
     return parser
 
 
@@ -156,7 +160,8 @@ def run_summary(args: argparse.Namespace, console: Console) -> int:
         raise InvalidSpec(
             "is not a directory", file=args.directory, fix="pass the --out directory of extract"
         )
-    books = [load_rulebook(p) for p in sorted(args.directory.glob("L*H*.yaml"))]
+    paths = sorted(args.directory.glob("L*H*.yaml"))
+    books = [load_rulebook(p, measurements=True) for p in paths]
     if not books:
         raise InvalidSpec(
             "holds no L{layer}H{head}.yaml rulebooks",
@@ -167,13 +172,47 @@ def run_summary(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def run_upgrade(args: argparse.Namespace, console: Console) -> int:
+    from rulecheck.atomic import atomic_write_many
+    from rulecheck.book import SCHEMA_VERSION
+    from rulecheck.rulebook import rulebook_files, upgraded_files
+
+    for path in args.paths:
+        if not path.exists():
+            raise InvalidSpec("no such file or directory", file=path, fix="check the path")
+    paths = list(rulebook_files(args.paths))
+    if not paths:
+        raise InvalidSpec(
+            "holds no rulebook (a YAML file with a top-level `rulecheck:` key)",
+            file=" ".join(map(str, args.paths)),
+            fix="pass rulebook files or the directories holding them",
+        )
+    files, rows = [], []
+    for path in paths:
+        version, out = upgraded_files(path)
+        files += out
+        rows.append((path, version))
+    atomic_write_many(files)  # all or nothing
+    for path, version in rows:
+        if version == SCHEMA_VERSION:
+            console.print(f"{path}: already format {SCHEMA_VERSION}", soft_wrap=True)
+        else:
+            console.print(f"{path}: format {version} -> {SCHEMA_VERSION}", soft_wrap=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
     console = Console(stderr=False)
     err = Console(stderr=True)
-    commands = {"extract": run_extract, "show": run_show, "summary": run_summary}
+    commands = {
+        "extract": run_extract,
+        "show": run_show,
+        "summary": run_summary,
+        "upgrade": run_upgrade,
+    }
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args, console)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from rulecheck.errors import InvalidSpec
 
 METHODS = ("weight", "gradient")
+# what a rulebook's `fingerprints:` record and a check compares (`--rulecheck-accept-changed`)
+FINGERPRINTED = ("model", "sae_in", "sae_out", "corpus")
 
 
 @dataclass(frozen=True)
@@ -107,10 +110,12 @@ class ExemplarConfig(Checked):
 class ExtractConfig(Checked):
     """Settings of one extraction; recorded in the rulebook's ``extraction`` field."""
 
-    method: str = "weight"
+    method: str = "gradient"
     keys: int = bounded(int, 1, default=100)
     queries_per_key: int = bounded(int, 1, default=100)
     max_terms: int = bounded(int, 1, default=64)
+    # the fewest terms whose validation F1 is within this much of the best (0: the best)
+    term_margin: float = bounded(float, 0.0, 1.0, default=0.05)
     features: int | tuple[int, ...] = 100  # a sample size, or feature ids
     tolerance: float = bounded(float, 0.0, 1.0, default=0.05)
     batch_size: int = bounded(int, 1, default=64)
@@ -139,6 +144,13 @@ class CheckConfig(Checked):
 
     tolerance: float = bounded(float, 0.0, 1.0, default=0.0)  # lowers every expected minimum
     examples: int = bounded(int, 1, 100_000, default=25)  # Hypothesis examples per property
+    # the parts (FINGERPRINTED) whose recorded fingerprints may differ from what is loaded
+    accept_changed: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        accepted = parse_accept_changed(self.accept_changed, "accept_changed")
+        object.__setattr__(self, "accept_changed", accepted)
 
 
 def parse_config(cls: type, texts: dict[str, Any], option: str = "--{}", **given: Any) -> Any:
@@ -153,6 +165,22 @@ def parse_config(cls: type, texts: dict[str, Any], option: str = "--{}", **given
                 text, option.format(f.name.replace("_", "-"))
             )
     return cls(**values)
+
+
+def parse_accept_changed(value: str | Iterable[str], name: str) -> frozenset[str]:
+    """The parts named by a comma list (``sae_out,corpus``) or an iterable of names, each one
+    of ``FINGERPRINTED`` or ``all`` (every part); empty names nothing."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    names = [p.strip() if isinstance(p, str) else p for p in parts]
+    allowed = (*FINGERPRINTED, "all")
+    for part in names:
+        if part and part not in allowed:
+            raise InvalidSpec(
+                f"unknown name {part!r}",
+                field=name,
+                fix=f"give a comma list of {', '.join(FINGERPRINTED)}, or all",
+            )
+    return frozenset(FINGERPRINTED if "all" in names else (n for n in names if n))
 
 
 def parse_features(value: Any, name: str, **where: Any) -> int | tuple[int, ...]:

@@ -5,7 +5,11 @@ fix (a failed rule adds the evidence on the lines after it).
     ``InvalidRulebook``  a rulebook that cannot be read
     ``InvalidSpec``      a model, SAE, corpus or option that cannot be used
     ``NotEligible``      a feature too rarely (or too often) active to check
+    ``FingerprintMismatch``
+                         a rulebook checked against another model, SAE or corpus than the
+                         one it records
     ``RuleFailed``       a claim that does not hold (also an ``AssertionError``)
+    ``Regenerated``      a claim rewritten by regeneration, to be reviewed
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ class NotEligible(RulecheckError):
     """A feature that is not active often enough on this checkpoint to be checked."""
 
 
+class FingerprintMismatch(RulecheckError):
+    """A rulebook checked against a model, SAE or corpus whose fingerprint differs from the one
+    it records: its feature ids and minimums were measured on something else. ``changed``
+    names the parts (``model``, ``sae_in``, ``sae_out``, ``corpus``)."""
+
+    def __init__(self, what: str, *, changed: tuple[str, ...] = (), **where: object) -> None:
+        super().__init__(what, **where)  # type: ignore[arg-type]
+        self.changed = tuple(changed)
+
+
 class RuleFailed(RulecheckError, AssertionError):
     """A claim that does not hold: what was claimed, what was measured, and the minimal
     counterexample where there is one. ``record`` is what the run report keeps of it."""
@@ -70,3 +84,8 @@ class RuleFailed(RulecheckError, AssertionError):
     def __init__(self, what: str, *, record: dict | None = None, **where: object) -> None:
         super().__init__(what, **where)  # type: ignore[arg-type]
         self.record = dict(record or {})
+
+
+class Regenerated(RulecheckError, AssertionError):
+    """A claim that ``--rulecheck-extract`` rewrote: it fails once, so the change is
+    reviewed before it is trusted."""

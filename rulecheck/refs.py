@@ -11,11 +11,26 @@ given, checked against the input SAE) and to token ids:
 
 Skip-grams read the feature when there is one, else the token set; counterfactual checks
 insert :attr:`Resolved.token`. :func:`ref_name` is how a reference is shown everywhere.
+
+In a rulebook (format 2) a reference is written short: an integer is an input feature whose
+tokens the book's ``refs:`` table gives (:class:`RefTable`), a string is one token, and the long
+form ``{feature: N, tokens: [...]}`` says anything else. Rules may be written as shorthand text,
+``"[if] ... [then]"``, whose brackets hold references (:func:`split_shorthand`):
+
+- ``[text]``: the token ``text`` exactly as written, spaces included (no ``[``, ``]``, ``"``
+  or line break inside);
+- ``["..."]``: the token as a JSON string (the quoting rule, for any other token);
+- ``[#123]``: input feature 123.
+
+A bare id takes its tokens from the table (none when the table has no row for it); only the long
+form gives an id other tokens, or none where the table has some.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +57,129 @@ class TokenRef(schema.Record):
             )
 
 
+def read_ref(where: schema.Where, value: Any, path: str) -> TokenRef:
+    """A reference as written: an input feature id, one token, or the long form."""
+    if isinstance(value, bool) or value is None:
+        where.fail(
+            path,
+            f"expected a reference, got {schema.describe(value)}",
+            'write an input feature id (858), a token (" then") or {feature: N, tokens: [...]}',
+        )
+    if isinstance(value, int):
+        feature = schema.integer()(where, value, path)
+        return TokenRef(feature, list(where.refs.get(feature, [])))
+    if isinstance(value, str):
+        return TokenRef(tokens=[value])
+    return schema.parse(TokenRef, where, value, path)
+
+
 def ref_entry(**kw: Any) -> Any:
     """A schema field holding a reference, written on one line."""
-    return schema.entry(schema.parser(TokenRef), flow=True, **kw)
+    return schema.entry(read_ref, flow=True, **kw)
+
+
+# ---------------------------------------------------------------------------- shorthand
+
+_BRACKET = re.compile(
+    r'\[(?:#(?P<id>[0-9]+)|(?P<json>"(?:[^"\\\n]|\\.)*")|(?P<text>[^\[\]"\n]+))\]'
+)
+_PLAIN = re.compile(r'^[^\[\]"\\]+$')
+
+
+class ShorthandError(ValueError):
+    """A shorthand rule that does not parse: what is wrong and how to write it."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.what, self.fix = what, fix
+
+
+def split_shorthand(text: str) -> tuple[list[str], list[TokenRef]]:
+    """The words between brackets (``n + 1`` of them, whitespace-normalised) and the ``n``
+    references in them: ``"[if] ... [then]"`` gives ``(["", "...", ""], [if, then])``."""
+    words: list[str] = []
+    refs: list[TokenRef] = []
+    start = 0
+    for match in _BRACKET.finditer(text):
+        words.append(_words(text[start : match.start()]))
+        refs.append(_bracket_ref(match))
+        start = match.end()
+    words.append(_words(text[start:]))
+    return words, refs
+
+
+def _words(between: str) -> str:
+    if "[" in between or "]" in between:
+        at = between.find("[") if "[" in between else between.find("]")
+        bad = between[at:]
+        if bad.startswith("[]"):
+            raise ShorthandError("empty brackets `[]`", 'name a token inside, e.g. [" then"]')
+        raise ShorthandError(
+            f"cannot read the bracket at {bad[:20]!r}",
+            'a bracket holds a token as written ([then]), a JSON string (["[x]"]) or an input '
+            "feature ([#858])",
+        )
+    return " ".join(between.split())
+
+
+def _bracket_ref(match: re.Match[str]) -> TokenRef:
+    if match["id"] is not None:
+        return TokenRef(feature=int(match["id"]))
+    if match["json"] is not None:
+        try:
+            token = json.loads(match["json"])
+        except json.JSONDecodeError as exc:
+            raise ShorthandError(
+                f"cannot read the quoted token {match['json']}: {exc.msg}",
+                'write it as a JSON string, e.g. ["\\n"]',
+            ) from None
+        return TokenRef(tokens=[token])
+    return TokenRef(tokens=[match["text"]])
+
+
+@dataclass
+class RefTable:
+    """A book's ``refs:`` table, input feature id -> tokens, and how each reference is
+    written against it: short (an id the table describes, one token) or long."""
+
+    tokens: dict[int, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, refs: Iterable[TokenRef]) -> RefTable:
+        """The table describing ``refs``: each id by the tokens of its first reference."""
+        table: dict[int, list[str]] = {}
+        for ref in refs:
+            if ref.feature is not None:
+                table.setdefault(ref.feature, list(ref.tokens))
+        return cls(dict(sorted(table.items())))
+
+    def fill(self, ref: TokenRef) -> TokenRef:
+        """A bare id (``858``, ``[#858]``) as the reference the table describes."""
+        if ref.feature is not None and not ref.tokens:
+            return TokenRef(ref.feature, list(self.tokens.get(ref.feature, [])))
+        return ref
+
+    def short(self, ref: TokenRef) -> int | str | None:
+        """``ref`` as an id or one token, or None when only the long form says it."""
+        if ref.feature is not None:
+            return ref.feature if self.tokens.get(ref.feature) == ref.tokens else None
+        return ref.tokens[0] if len(ref.tokens) == 1 else None
+
+    def bracket(self, ref: TokenRef) -> str | None:
+        """``ref`` in shorthand brackets, or None when it needs the long form."""
+        short = self.short(ref)
+        if short is None:
+            return None
+        if isinstance(short, int):
+            return f"[#{short}]"
+        if _PLAIN.match(short) and short.isprintable() and not re.match(r"^#[0-9]+$", short):
+            return f"[{short}]"
+        return f"[{json.dumps(short, ensure_ascii=False)}]"
+
+    def value(self, ref: TokenRef) -> Any:
+        """``ref`` as written in a rule's long form: short when it can be."""
+        short = self.short(ref)
+        return short if short is not None else schema.Flow(ref.to_dict())
 
 
 def ref_name(ref: TokenRef, token_text: str | None = None) -> str:

@@ -100,7 +100,7 @@ def rulebook_header(rulebook: Rulebook) -> Text:
 
 def print_rulebook(path: str | Path, console: Console | None = None) -> Rulebook:
     """Load the rulebook at ``path`` and print its header and feature table."""
-    rulebook = load_rulebook(path)
+    rulebook = load_rulebook(path, measurements=True)
     console = console or Console()
     console.print(Text(str(path), style="bold underline"))
     console.print(rulebook_header(rulebook), end="")

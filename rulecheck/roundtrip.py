@@ -66,7 +66,7 @@ from ruamel.yaml.scalarstring import (
 )
 from ruamel.yaml.tokens import CommentToken
 
-from rulecheck.schema import Flow
+from rulecheck.schema import Block, Flow
 
 __all__ = ["render"]
 
@@ -295,7 +295,10 @@ def _build(value: Any, flow: bool = False) -> Any:
         _set_flow(mapping, flow)
         return mapping
     if isinstance(value, list | tuple):
-        flow = flow or not any(isinstance(v, Mapping | list | tuple) for v in value)
+        flow = flow or (
+            not isinstance(value, Block)
+            and not any(isinstance(v, Mapping | list | tuple) for v in value)
+        )
         seq = CommentedSeq(_build(v, flow) for v in value)
         _set_flow(seq, flow)
         return seq

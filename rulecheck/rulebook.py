@@ -3,15 +3,23 @@
 One file per head, ``L{layer}H{head}.yaml``. Reading composes the YAML safely (no tags, no
 merge keys, aliases bounded), records the line of every field and hands the plain values to
 the schema (``rulecheck.book``), so every problem is an ``InvalidRulebook`` naming the file,
-line and field. Writing is deterministic, so regenerated files diff cleanly, and atomic.
+line and field.
+
+Writing goes over the file already there (``rulecheck.roundtrip``): its comments, key order
+and manual features survive, unchanged values keep their lines, so a regenerated book's diff
+shows what changed and nothing else; equal inputs give byte-identical files, written
+atomically. Measurements (quality curves, scores) go beside the book, in
+``L{layer}H{head}.measured.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
+import json
 import re
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +28,21 @@ import yaml
 import yaml.constructor
 import yaml.nodes
 
-from rulecheck.atomic import atomic_write
-from rulecheck.book import FILE_NAME, SCHEMA_VERSION, Rulebook, merge_manual, parse_book
+from rulecheck.atomic import atomic_write_many
+from rulecheck.book import (
+    FILE_NAME,
+    SCHEMA_VERSION,
+    FormatWarning,
+    Rulebook,
+    book_dict,
+    measured_dict,
+    merge_manual,
+    parse_book,
+)
 from rulecheck.errors import InvalidRulebook, RulecheckError
-from rulecheck.schema import Flow, Where, join
+from rulecheck.roundtrip import render
+from rulecheck.schema import Where, join
+from rulecheck.schemas import modeline
 
 _MAX_REPEATS = 100_000
 # Reading costs about 2 s and 80 MiB of memory a MiB of YAML (libyaml's parser, the node tree,
@@ -59,17 +78,7 @@ class _FastLoader(getattr(yaml, "CSafeLoader", _Loader)):
     cannot parse is parsed again by ``_Loader``, whose error lines are the more exact."""
 
 
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper with rulecheck's float format, flow refs and no aliases."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
-        super().increase_indent(flow, False)
-
-
-for _cls in (_Loader, _FastLoader, _Dumper):
+for _cls in (_Loader, _FastLoader):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
 
 _PLAIN_TYPES = (type(None), bool, int, float, str)
@@ -194,11 +203,14 @@ def _compose(text: str, file: str) -> yaml.nodes.Node:
         if exc.context:
             at = f" at line {exc.context_mark.line + 1}" if exc.context_mark else ""
             what += f" ({exc.context}{at})"
+        line = _unquoted_shorthand(text, exc)
         raise InvalidRulebook(
             f"not valid YAML: {what}",
             file=file,
-            line=mark.line + 1 if mark is not None else None,
-            fix="correct the YAML syntax",
+            line=line or (mark.line + 1 if mark is not None else None),
+            fix='quote the shorthand rule: - "[if] ... [then]" (YAML reads a bare [...] as a list)'
+            if line
+            else "correct the YAML syntax",
         ) from None
     except yaml.YAMLError as exc:
         line = text.count("\n", 0, getattr(exc, "position", 0) or 0) + 1
@@ -215,6 +227,19 @@ def _compose(text: str, file: str) -> yaml.nodes.Node:
             fix=f"start with `rulecheck: {SCHEMA_VERSION}`, `layer:`, `head:`, `features:`",
         )
     return node
+
+
+_SHORTHAND_LINE = re.compile(r"^\s*(?:-\s+|\w+:\s+)\[[^\]]*\]\s+(?:\.\.\.|unless)")
+
+
+def _unquoted_shorthand(text: str, exc: yaml.MarkedYAMLError) -> int | None:
+    """The line of an unquoted shorthand rule (``- [if] ... [then]``) near a YAML error."""
+    lines = text.splitlines()
+    marks = [m.line for m in (exc.context_mark, exc.problem_mark) if m is not None]
+    for n in sorted(set(marks)):
+        if n < len(lines) and _SHORTHAND_LINE.match(lines[n]):
+            return n + 1
+    return None
 
 
 def _check_size(size: int, file: str | Path) -> None:
@@ -245,12 +270,34 @@ def parse_rulebook(text: str, file: str | Path = "<string>") -> Rulebook:
     return rulebook
 
 
-def load_rulebook(path: str | Path) -> Rulebook:
-    """Read and validate the rulebook at ``path``; every problem is an ``InvalidRulebook``."""
+def load_rulebook(path: str | Path, *, measurements: bool = False) -> Rulebook:
+    """Read and validate the rulebook at ``path``; every problem is an ``InvalidRulebook``.
+    With ``measurements``, what extraction measured (the file beside it) is filled in."""
     path = Path(path)
     with contextlib.suppress(OSError):
         _check_size(path.stat().st_size, path)
-    return parse_rulebook(_read_text(path), path)
+    book = parse_rulebook(_read_text(path), path)
+    if measurements:
+        _fill_measurements(book, load_measured(path))
+    return book
+
+
+def _fill_measurements(book: Rulebook, measured: dict[int, dict[str, Any]]) -> None:
+    for rules in book.features:
+        data = measured.get(rules.feature)
+        if not data or rules.measured:
+            continue
+        rules.measured = {k: v for k, v in data.items() if k != "feature" and k not in rules.claims}
+        if "f1_by_terms" in rules.measured:
+            rules.measured["f1_by_terms"] = {
+                int(n): f for n, f in rules.measured["f1_by_terms"].items()
+            }
+        for key, claims in rules.claims.items():
+            values = data.get(key, [])
+            if len(values) == len(claims):
+                rules.claims[key] = [
+                    dataclasses.replace(c, **v) for c, v in zip(claims, values, strict=True)
+                ]
 
 
 _TOP_KEY_LINE = re.compile(r"""^(?:rulecheck|"rulecheck"|'rulecheck')[ \t]*:(?:[ \t]|$)""", re.M)
@@ -280,68 +327,59 @@ def is_rulebook_file(path: str | Path) -> bool:
 
 # ---------------------------------------------------------------------------- YAML out
 
-
-def _float_text(value: float) -> str:
-    if math.isnan(value):
-        return ".nan"
-    if math.isinf(value):
-        return ".inf" if value > 0 else "-.inf"
-    text = f"{value:.6g}"
-    if "e" in text and "." not in text:
-        return text.replace("e", ".0e")
-    if "e" not in text and "." not in text:
-        return text + ".0"
-    return text
+MEASURED_SUFFIX = ".measured.json"
 
 
-def round_float(value: float) -> float:
-    """``value`` as it reads back from a dumped rulebook (6 significant digits)."""
-    return float(_float_text(value)) if math.isfinite(value) else value
+def measured_path(path: str | Path) -> Path:
+    """Where the measurements of the book at ``path`` are written: ``L0H3.measured.json``."""
+    path = Path(path)
+    return path.with_name(path.stem + MEASURED_SUFFIX)
 
 
-def _represent_float(dumper: yaml.SafeDumper, value: float) -> yaml.nodes.ScalarNode:
-    return dumper.represent_scalar("tag:yaml.org,2002:float", _float_text(value))
+def _manual(item: Mapping[str, Any]) -> bool:
+    return item.get("source") == "manual"
 
 
-_LINE_BREAKS = frozenset("\n\r\x85\u2028\u2029")
+def dump_rulebook(
+    rulebook: Rulebook,
+    old_text: str | None = None,
+    *,
+    path: str | Path | None = None,
+    keep_manual: bool = True,
+) -> str:
+    """The rulebook as YAML text (format 2), written over ``old_text`` (the file's current
+    text) so that its comments, key order and (``keep_manual``) manual entries as written
+    survive; equal inputs give byte-identical text. ``path`` places the editor's schema line
+    (``schemas.modeline``)."""
+    header = [modeline(Path(path))] if path is not None else []
+    keep = _manual if keep_manual else (lambda item: False)
+    return render(book_dict(rulebook), old_text, header=header, keep=keep)
 
 
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.nodes.ScalarNode:
-    style = '"' if _LINE_BREAKS.intersection(value) else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+def dump_measured(rulebook: Rulebook) -> str | None:
+    """The measurements beside the book as JSON, one feature a line; None when there are
+    none (a book written by hand)."""
+    data = measured_dict(rulebook)
+    if not data["features"]:
+        return None
+    head = {k: v for k, v in data.items() if k != "features"}
+    lines = [json.dumps(f, ensure_ascii=False, allow_nan=True) for f in data["features"]]
+    return json.dumps(head)[:-1] + ', "features": [\n' + ",\n".join(lines) + "\n]}\n"
 
 
-def _represent_list(dumper: yaml.SafeDumper, value: list[Any]) -> yaml.nodes.SequenceNode:
-    flow = all(not isinstance(v, dict | list) for v in value)
-    return dumper.represent_sequence(_SEQ_TAG, value, flow_style=flow)
-
-
-def _represent_dict(dumper: yaml.SafeDumper, value: dict[Any, Any]) -> yaml.nodes.MappingNode:
-    return dumper.represent_mapping(_MAP_TAG, value.items(), flow_style=False)
-
-
-def _represent_flow(dumper: yaml.SafeDumper, value: Flow) -> yaml.nodes.MappingNode:
-    return dumper.represent_mapping(_MAP_TAG, value.items(), flow_style=True)
-
-
-_Dumper.add_representer(float, _represent_float)
-_Dumper.add_multi_representer(float, _represent_float)
-_Dumper.add_representer(str, _represent_str)
-_Dumper.add_representer(list, _represent_list)
-_Dumper.add_representer(dict, _represent_dict)
-_Dumper.add_representer(Flow, _represent_flow)
-
-
-def dump_rulebook(rulebook: Rulebook) -> str:
-    """The rulebook as YAML text; equal rulebooks give byte-identical text."""
-    return yaml.dump(
-        rulebook.to_dict(),
-        Dumper=_Dumper,
-        sort_keys=False,
-        allow_unicode=True,
-        default_flow_style=False,
-        width=4096,
-    )
+def load_measured(path: str | Path) -> dict[int, dict[str, Any]]:
+    """The measurements beside the book at ``path``, by feature id (empty when there is no
+    such file)."""
+    file = measured_path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise InvalidRulebook(
+            f"cannot read the measurements: {exc}", file=file, fix="regenerate the book"
+        ) from None
+    return {int(f["feature"]): f for f in data.get("features", [])}
 
 
 def _check_name_matches(rulebook: Rulebook, path: Path) -> None:
@@ -354,11 +392,26 @@ def _check_name_matches(rulebook: Rulebook, path: Path) -> None:
         )
 
 
-def save_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
-    """Write ``rulebook`` to ``path`` atomically (temp file, fsync, rename); return the path."""
+def rulebook_files_out(
+    rulebook: Rulebook, path: str | Path, old_text: str | None = None, *, keep_manual: bool = True
+) -> list[tuple[Path, bytes]]:
+    """The files that writing ``rulebook`` at ``path`` writes: the book, and its
+    measurements when it has any."""
     path = Path(path)
     _check_name_matches(rulebook, path)
-    return atomic_write(path, dump_rulebook(rulebook).encode("utf-8"))
+    text = dump_rulebook(rulebook, old_text, path=path, keep_manual=keep_manual)
+    out = [(path, text.encode("utf-8"))]
+    measured = dump_measured(rulebook)
+    if measured is not None:
+        out.append((measured_path(path), measured.encode("utf-8")))
+    return out
+
+
+def save_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
+    """Write ``rulebook`` to ``path`` (and its measurements beside it) atomically, as a
+    fresh file; return the path."""
+    atomic_write_many(rulebook_files_out(rulebook, path))
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------- regeneration
@@ -384,7 +437,31 @@ def merged_with_file(rulebook: Rulebook, path: Path) -> Rulebook:
     return merge_manual(rulebook, old)
 
 
-def write_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
-    """Save ``rulebook`` at ``path``, keeping the manual features of the file already there."""
+def regenerated_files(rulebook: Rulebook, path: str | Path) -> list[tuple[Path, bytes]]:
+    """The files that write ``rulebook`` over the one at ``path``: its manual features,
+    comments and key order kept (``dump_rulebook``)."""
     path = Path(path)
-    return save_rulebook(merged_with_file(rulebook, path), path)
+    merged = merged_with_file(rulebook, path)
+    old_text = _read_text(path) if path.exists() else None
+    return rulebook_files_out(merged, path, old_text)
+
+
+def upgraded_files(path: str | Path) -> tuple[int, list[tuple[Path, bytes]]]:
+    """The format version of the book at ``path`` and the files that rewrite it in the
+    current format: its comments kept where their keys survive, its measurements moved to
+    the file beside it."""
+    path = Path(path)
+    with contextlib.suppress(OSError):
+        _check_size(path.stat().st_size, path)
+    text = _read_text(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FormatWarning)
+        book = parse_rulebook(text, path)
+    old = book.schema != SCHEMA_VERSION
+    return book.schema, rulebook_files_out(book, path, text, keep_manual=not old)
+
+
+def write_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
+    """Write ``rulebook`` over the file at ``path`` (``regenerated_files``), atomically."""
+    atomic_write_many(regenerated_files(rulebook, path))
+    return Path(path)

@@ -21,6 +21,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Any, NoReturn, TypeVar
 
 from rulecheck.errors import InvalidRulebook
@@ -40,6 +41,8 @@ class Where:
     file: str | None = None
     lines: dict[str, int] = dataclasses.field(default_factory=dict)
     key_lines: dict[str, int] = dataclasses.field(default_factory=dict)
+    measured: bool = True  # whether measured fields may be given (format 1 books)
+    refs: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # the book's table
 
     def line(self, path: str, *, key: bool = False) -> int | None:
         if key and path in self.key_lines:
@@ -215,6 +218,7 @@ class Spec:
     omit: Callable[[Any], bool] = lambda v: v is None
     spread: Callable[[], Mapping[str, Spec]] | None = None  # keys of the parent, by name
     flow: bool = False  # written on one line: ``{feature: 3, tokens: [If]}``
+    measured: bool = False  # a measurement, written beside the book, not in it
 
 
 def entry(
@@ -227,11 +231,13 @@ def entry(
     omit: Callable[[Any], bool] | None = None,
     spread: Callable[[], Mapping[str, Spec]] | None = None,
     flow: bool = False,
+    measured: bool = False,
     **field_kw: Any,
 ) -> Any:
     """A dataclass field that the schema reads with ``parse`` and writes with ``dump`` unless
-    ``omit(value)``; ``field_kw`` are ``dataclasses.field``'s (``default``, ...)."""
-    spec = Spec(parse, key, required, fix, spread=spread, flow=flow)
+    ``omit(value)``; ``field_kw`` are ``dataclasses.field``'s (``default``, ...). A
+    ``measured`` field is a measurement: the book's report holds it, not the book."""
+    spec = Spec(parse, key, required, fix, spread=spread, flow=flow, measured=measured)
     if dump is not None:
         spec = dataclasses.replace(spec, dump=dump)
     if omit is not None:
@@ -245,17 +251,29 @@ def _specs(cls: type) -> list[tuple[str, Spec]]:
     ]
 
 
-def keys(cls: type) -> tuple[str, ...]:
-    """The keys a schema class allows, in the order they are written."""
+def keys(cls: type, measured: bool | None = None) -> tuple[str, ...]:
+    """The keys a schema class allows, in the order they are written (only the measured
+    ones, or none of them, when ``measured`` says)."""
     out: list[str] = []
     for name, spec in _specs(cls):
-        out += list(spec.spread()) if spec.spread else [spec.key or name]
+        if measured is None or spec.measured == measured or (measured and spec.spread):
+            out += list(spec.spread()) if spec.spread else [spec.key or name]
     return tuple(out)
 
 
 def parse(cls: type[T], where: Where, value: Any, path: str = "") -> T:
     """An instance of ``cls`` from a plain mapping; every problem is ``InvalidRulebook``."""
     required = {spec.key or name: spec.fix for name, spec in _specs(cls) if spec.required}
+    if not where.measured and isinstance(value, Mapping):
+        for key in value:
+            if key in keys(cls, measured=True) and key not in keys(cls, measured=False):
+                where.fail(
+                    join(path, key),
+                    f"`{key}` is a measurement, not part of a format-2 rulebook",
+                    "remove it: extraction writes measurements to the .measured.json file "
+                    "beside the book",
+                    key=True,
+                )
     data = mapping(where, value, path, keys(cls), required)
     kwargs: dict[str, Any] = {}
     for name, spec in _specs(cls):
@@ -298,8 +316,9 @@ def parser(cls: type[T]) -> Parse:
     return read
 
 
-def dump(obj: Any) -> dict[str, Any]:
-    """``obj`` as plain values, keys in field order, omitted fields left out."""
+def dump(obj: Any, measured: bool | None = None) -> dict[str, Any]:
+    """``obj`` as plain values, keys in field order, omitted fields left out; with
+    ``measured`` False only what a book holds, with True only the measurements."""
     out: dict[str, Any] = {}
     for name, spec in _specs(type(obj)):
         value = getattr(obj, name)
@@ -307,6 +326,8 @@ def dump(obj: Any) -> dict[str, Any]:
             for k, sub in spec.spread().items():
                 if k in value and not sub.omit(value[k]):
                     out[k] = sub.dump(value[k])
+        elif measured is not None and spec.measured != measured:
+            continue
         elif not spec.omit(value):
             plain = spec.dump(value)
             out[spec.key or name] = Flow(plain) if spec.flow else plain
@@ -324,6 +345,20 @@ def plain(value: Any) -> Any:
 
 class Flow(dict):
     """A mapping to be written on one line."""
+
+
+class Block(list):
+    """A list to be written one item a line, even when its items are plain values."""
+
+
+def significant(x: float, digits: int = 3, *, down: bool = False) -> float:
+    """``x`` rounded to ``digits`` significant digits (towards -inf when ``down``): books
+    carry 3, so that re-extracting an unchanged model rewrites nothing."""
+    if not math.isfinite(x) or x == 0:
+        return x
+    d = Decimal(repr(float(x)))
+    step = Decimal(1).scaleb(d.adjusted() - digits + 1)
+    return float(d.quantize(step, rounding=ROUND_FLOOR if down else ROUND_HALF_EVEN))
 
 
 def ordered(data: Mapping[Any, Any], order: Iterable[str] = ()) -> dict[Any, Any]:

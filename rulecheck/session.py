@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from transformer_lens import HookedTransformer
 from rulecheck import __version__
 from rulecheck.atomic import atomic_write
 from rulecheck.book import Rulebook
+from rulecheck.config import FINGERPRINTED
 from rulecheck.core.exemplars import (
     ExemplarCollector,
     ExemplarConfig,
@@ -40,7 +41,13 @@ from rulecheck.core.extract import (
 )
 from rulecheck.core.heads import Probe
 from rulecheck.core.tokens import top_token
-from rulecheck.errors import InvalidRulebook, InvalidSpec, NotEligible, RulecheckError
+from rulecheck.errors import (
+    FingerprintMismatch,
+    InvalidRulebook,
+    InvalidSpec,
+    NotEligible,
+    RulecheckError,
+)
 from rulecheck.loading import (
     check_sae,
     fingerprint_corpus,
@@ -288,23 +295,83 @@ class Workbench:
         _check_index("head", head.head, model.cfg.n_heads)
         return model, sae_in, self.sae_out(head), self.corpus(head)
 
-    def fingerprints(self, head: Head) -> dict[str, str]:
-        """Fingerprints of the head's model, SAEs and corpus (as rulebooks record them),
-        each hashed once per session: the heads of a layer share model, input SAE and corpus."""
+    def fingerprints(self, head: Head, names: Sequence[str] = FINGERPRINTED) -> dict[str, str]:
+        """Fingerprints of the head's model, SAEs and corpus (as rulebooks record them), only
+        ``names`` (of ``FINGERPRINTED``), each hashed once per session: the heads of a layer
+        share model, input SAE and corpus."""
         model, sae_in, sae_out, tokens = self.load(head)
         s = head.specs
-        return {
-            "model": self._hashed(("model", s.model), fingerprint_model, model),
-            "sae_in": self._hashed(
-                ("sae", head_spec(s.sae_in, head.layer), head.layer, None), fingerprint_sae, sae_in
-            ),
-            "sae_out": self._hashed(
-                ("sae", head_spec(s.sae_out, head.layer, head.head), head.layer, head.head),
-                fingerprint_sae,
-                sae_out,
-            ),
-            "corpus": self._hashed(("corpus", s.corpus, s.model), fingerprint_corpus, tokens),
+        sae_in_key = ("sae", head_spec(s.sae_in, head.layer), head.layer, None)
+        sae_out_key = ("sae", head_spec(s.sae_out, head.layer, head.head), head.layer, head.head)
+        parts = {
+            "model": (("model", s.model), fingerprint_model, model),
+            "sae_in": (sae_in_key, fingerprint_sae, sae_in),
+            "sae_out": (sae_out_key, fingerprint_sae, sae_out),
+            "corpus": (("corpus", s.corpus, s.model), fingerprint_corpus, tokens),
         }
+        return {name: self._hashed(*parts[name]) for name in names}
+
+    def check_fingerprints(
+        self, book: Rulebook, head: Head, file: str, accept: Collection[str] = ()
+    ) -> None:
+        """``FingerprintMismatch`` (one line, at the first changed part's line) unless every
+        fingerprint the book records, but those of the parts in ``accept``, is the one of what
+        ``head`` loads: a book's feature ids and minimums were measured on what it records. A
+        book that records none (hand-written ones) is not compared."""
+        recorded = {
+            name: book.fingerprints[name]
+            for name in FINGERPRINTED
+            if name in book.fingerprints and name not in accept
+        }
+        if not recorded:
+            return
+        now = self.fingerprints(head, tuple(recorded))
+        changed = [name for name, digest in recorded.items() if now[name] != digest]
+        if changed:
+            raise self._mismatch(book, file, changed, recorded, now)
+
+    def _mismatch(
+        self,
+        book: Rulebook,
+        file: str,
+        changed: list[str],
+        recorded: dict[str, str],
+        now: dict[str, str],
+    ) -> FingerprintMismatch:
+        """The one line about ``changed`` parts: which, the digests, the override that loaded
+        each (if one did) and the two ways out."""
+
+        def override(name: str) -> str:
+            option = name if getattr(self.overrides, name) is not None else "model"
+            spec = getattr(self.overrides, option)  # another model brings its SAEs and corpus
+            return "" if spec is None else f", from --rulecheck-{option.replace('_', '-')}={spec}"
+
+        digests = {
+            name: f"recorded {_short(recorded[name])}, now {_short(now[name])}{override(name)}"
+            for name in changed
+        }
+        if len(changed) == 1:
+            what = f"{PART_NAMES[changed[0]]} differs from the one this rulebook was extracted with"
+            what += f" ({digests[changed[0]]})"
+        else:
+            parts = [PART_NAMES[name] for name in changed]
+            listed = ", ".join(parts[:-1]) + f" and {parts[-1]}"
+            what = f"{listed} differ from the ones this rulebook was extracted with"
+            what += " (" + "; ".join(f"{n}: {d}" for n, d in digests.items()) + ")"
+        if any(override(name) for name in changed):
+            what += (
+                "; an override does not accept a change: the rulebook's feature ids and"
+                " minimums are those of what it was extracted with"
+            )
+        return FingerprintMismatch(
+            what,
+            file=file,
+            line=book.origin.line(f"fingerprints.{changed[0]}"),
+            field=", ".join(f"fingerprints.{name}" for name in changed),
+            fix="regenerate it with --rulecheck-extract, or accept the change with"
+            f" --rulecheck-accept-changed={','.join(changed)}",
+            changed=tuple(changed),
+        )
 
     def _hashed(self, key: tuple, fingerprint, obj) -> str:
         """``fingerprint(obj)``, computed once per ``key`` (the key the object is loaded by)."""
@@ -462,6 +529,19 @@ class Workbench:
         """The true activation of one output feature of the head, for counterfactuals."""
         model, _, sae_out, _ = self.load(head)
         return Probe(model, sae_out, head.layer, head.head, feature, self.batch_size)
+
+
+PART_NAMES = {
+    "model": "the model",
+    "sae_in": "the input SAE",
+    "sae_out": "the output SAE",
+    "corpus": "the corpus",
+}
+
+
+def _short(digest: str) -> str:
+    """A fingerprint as an error shows it: ``sha256:`` and the first 8 hex digits."""
+    return digest if len(digest) <= 16 else digest[:15] + "\u2026"
 
 
 class CacheWarning(UserWarning):

@@ -204,7 +204,7 @@ def test_books_are_written_as_one_set(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- rulebooks
 
 BOOK = """\
-rulecheck: 1
+rulecheck: 2
 model: planted
 layer: 0
 head: 0
@@ -273,7 +273,7 @@ def test_a_header_spec_that_does_not_load_names_the_rulebook_line(planted_books)
 def test_extract_over_a_malformed_extraction_block_is_one_line(planted_books):
     book = BOOK.replace("head: 0\n", "head: 0\nextraction: {keys: many, seed: 0}\n")
     planted_books.makefile(".yaml", L0H0=book)
-    result = pytest_run(planted_books, "--rulecheck-extract")
+    result = pytest_run(planted_books, "--rulecheck-extract=all", "L0H0.yaml")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         ["ERROR: --rulecheck-extract: L0H0.yaml:5: extraction.keys: must be a whole number >= 1*"]
@@ -297,7 +297,7 @@ def test_a_corrupt_cache_entry_is_rebuilt_with_a_warning(planted_books):
 
 def test_a_rulebook_over_the_size_limit_is_refused_at_once(tmp_path):
     big = tmp_path / "L0H0.yaml"
-    big.write_bytes(b"rulecheck: 1\n# " + b"x" * MAX_BYTES + b"\n")
+    big.write_bytes(b"rulecheck: 2\n# " + b"x" * MAX_BYTES + b"\n")
     for read in (lambda: load_rulebook(big), lambda: parse_rulebook(big.read_text(), big)):
         with pytest.raises(InvalidRulebook) as err:
             read()

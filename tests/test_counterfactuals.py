@@ -33,6 +33,7 @@ from rulecheck.core.distractors import (
     VALUE_MARGIN,
     cooccurrence,
     distractor_drop,
+    droppable_before,
     find_distractors,
     text_keys,
 )
@@ -459,3 +460,35 @@ def test_presence_rules_are_not_counting_rules(planted, head, feature, key):
     )
     assert as_counting_rule(curve) is None
     assert curve.threshold_count == 1 and curve.active_by_count[1] > 0.9  # one copy suffices
+
+
+def test_droppable_before_counts_free_prefix_positions_by_hand():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 5, (40, 9), generator=g)
+    t = torch.randint(1, 9, (40,), generator=g)
+    protect = tokens == 3
+    got = droppable_before(t, 9, protect)
+    for row in range(40):
+        want = sum(1 for j in range(1, int(t[row])) if int(tokens[row, j]) != 3)
+        assert int(got[row]) == want
+
+
+def test_distractor_drop_leaves_out_positives_without_room(planted):
+    """Positives that cannot take the copies (too few droppable tokens) are left out, not an
+    error: more copies than a context holds gives NaN; a prefix made all of key tokens is
+    skipped while the other positives still count."""
+    art, id_ = planted["art"], planted["id"]
+    ex = planted["collectors"][0].examples(1)
+    args = (Probe(art.model, art.sae_outs[0], 0, 0, 1), art.tokens, ex)
+    term = {"key_token": id_("if"), "query_token": id_("then")}
+    (drop,) = distractor_drop(*args, id_("unless"), copies=(art.tokens.shape[1] + 1,), **term)
+    assert math.isnan(drop)
+    tokens = art.tokens.clone()
+    rows = ex.seq[ex.part("test") & (ex.act > 0)]
+    t = ex.t[ex.part("test") & (ex.act > 0)]
+    tokens[rows[0], 1 : int(t[0])] = id_("if")  # only key tokens before t
+    tokens[rows[0], int(t[0]) :] = id_("then")  # and nothing after t may go either
+    kept = distractor_drop(
+        Probe(art.model, art.sae_outs[0], 0, 0, 1), tokens, ex, id_("unless"), **term
+    )
+    assert all(x > 0.3 for x in kept)

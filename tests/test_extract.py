@@ -26,7 +26,7 @@ def test_planted_rules_are_recovered_with_their_tokens(planted_books):
     truth = json.loads((zoo.resolve("planted:ground_truth.json")).read_text())
     feature_of = truth["input_features"]  # word -> input-SAE feature id
     for entry in truth["features"]:
-        book = load_rulebook(planted_books / f"L0H{entry['head']}.yaml")
+        book = load_rulebook(planted_books / f"L0H{entry['head']}.yaml", measurements=True)
         rules = book.feature(entry["feature"])
         found = [(s.key.feature, s.query.feature) for s in rules.skipgrams]
         for key, query in entry["skipgrams"]:
@@ -59,7 +59,7 @@ def test_same_inputs_and_seed_give_byte_identical_rulebooks(planted_books, tmp_p
 
 def test_a_feature_counting_its_own_query_token_is_a_counting_rule(planted_books):
     """L0H2 fires at an ``again`` that occurred before: a count of 2, the query included."""
-    (rules,) = load_rulebook(planted_books / "L0H2.yaml").features
+    (rules,) = load_rulebook(planted_books / "L0H2.yaml", measurements=True).features
     (rule,) = rules.counting
     assert rule.key.tokens == ["again"]
     assert (rule.direction, rule.threshold_count) == ("increasing", 2)
@@ -141,7 +141,7 @@ def test_gpt2_huggingface_directory_goes_through_extraction(tmp_path):
     )
     assert code == 0
     for head in (0, 2):
-        book = load_rulebook(out / f"L1H{head}.yaml")
+        book = load_rulebook(out / f"L1H{head}.yaml", measurements=True)
         assert book.layer == 1 and book.head == head
         assert 1 <= len(book.features) <= 3
         assert book.extraction["ln_scale"] > 0 and book.extraction["ln_scale"] != 1.0
@@ -187,7 +187,7 @@ def test_gradient_ranking_recovers_planted_rules(tmp_path):
     truth = json.loads(zoo.resolve("planted:ground_truth.json").read_text())
     feature_of = truth["input_features"]
     for entry in truth["features"]:
-        book = load_rulebook(tmp_path / f"L0H{entry['head']}.yaml")
+        book = load_rulebook(tmp_path / f"L0H{entry['head']}.yaml", measurements=True)
         assert book.extraction["method"] == "gradient"
         rules = book.feature(entry["feature"])
         assert rules.measured["f1"] >= 0.95

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 from conftest import random_sae
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
 from rulecheck.core.exemplars import ExemplarCollector, ExemplarConfig
-from rulecheck.core.extract import ExtractConfig, collect_layer
+from rulecheck.core.extract import ExtractConfig, choose_n_terms, collect_layer
 from rulecheck.core.heads import (
     encode_columns,
     encode_head,
@@ -256,3 +258,19 @@ def test_encode_columns_equals_encode_then_select(arch):
     want = sae.encode(x)[..., columns]
     assert (want > 0).any()  # the check compares live activations, not only zeros
     torch.testing.assert_close(encode_columns(sae, x, columns), want, rtol=1e-5, atol=1e-6)
+
+
+@given(
+    f1=st.lists(st.floats(0, 1), min_size=1, max_size=11),
+    max_terms=st.integers(1, 5000),
+    margin=st.sampled_from([0.0, 0.01, 0.02, 0.1, 1.0]),
+)
+def test_choose_n_terms_is_the_fewest_within_the_margin_of_the_best(f1, max_terms, margin):
+    counts = [4 * 2**i for i in range(len(f1))]
+    # by hand: the best F1 among the allowed counts, then the first count that comes close
+    allowed = [i for i in range(len(counts)) if counts[i] <= max_terms] or [0]
+    best = max(f1[i] for i in allowed)
+    expected = min(i for i in allowed if f1[i] >= best - margin)
+    got = choose_n_terms(torch.tensor(f1, dtype=torch.float64), counts, max_terms, margin)
+    assert got == expected
+    assert margin > 0 or f1[got] == best

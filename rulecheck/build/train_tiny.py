@@ -639,11 +639,71 @@ def f1_by_layer(rulebooks: Path) -> dict[int, dict[int, list[float]]]:
 
     table: dict[int, dict[int, list[float]]] = {}
     for path in sorted(rulebooks.glob("L*H*.yaml")):
-        book = load_rulebook(path)
+        book = load_rulebook(path, measurements=True)
         for f in book.features:
             for n, f1 in (f.measured.get("f1_by_terms") or {}).items():
                 table.setdefault(book.layer, {}).setdefault(int(n), []).append(f1)
     return table
+
+
+# The format-1 books shipped before format 2 (weight ranking, the best validation F1 among up
+# to 64 terms, every number at 6 significant digits, measurements inside), measured from them
+# on 2026-11-22 before they were replaced: test F1 quartiles and mean skip-grams listed per
+# extracted feature, the largest book and all books of the layer, in bytes.
+FORMER_BOOKS = {
+    0: {"f1": (0.3175, 0.5695, 0.8265), "terms": 51.4, "largest": 997_458, "all": 3_426_922},
+    1: {"f1": (0.6514, 0.8511, 0.9412), "terms": 49.3, "largest": 1_021_177, "all": 3_457_284},
+}
+
+
+def shipped_books_lines(rulebooks: Path) -> list[str]:
+    """The shipped books against the former ones: quality, terms and size per layer."""
+    from rulecheck.rulebook import load_rulebook
+
+    rows: dict[int, dict[str, list]] = {}
+    for path in sorted(rulebooks.glob("L*H*.yaml")):
+        book = load_rulebook(path, measurements=True)
+        row = rows.setdefault(book.layer, {"f1": [], "terms": [], "bytes": [], "method": set()})
+        row["f1"] += [f.measured["f1"] for f in book.features if f.source == "extracted"]
+        row["terms"] += [len(f.skipgrams) for f in book.features if f.source == "extracted"]
+        row["bytes"].append(path.stat().st_size)
+        row["method"].add(book.extraction.get("method"))
+    lines = [
+        "",
+        "## Shipped rulebooks against the former ones",
+        "",
+        "Median (quartiles) test F1 of the skip-gram disjunction over extracted features, mean",
+        "skip-grams listed per feature, and size, for the shipped format-2 books (gradient",
+        "ranking, the fewest terms within `term_margin` of the best validation F1) and the",
+        "format-1 books they replaced (weight ranking, the best validation F1 up to 64 terms):",
+        "",
+        "| layer | books | features | test F1 | skip-grams per feature | largest book | all books |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for layer, row in sorted(rows.items()):
+        old = FORMER_BOOKS.get(layer)
+        if old is not None:
+            low, mid, high = old["f1"]
+            lines.append(
+                f"| {layer} | format 1, weight | {len(row['f1'])} | "
+                f"{mid:.2f} ({low:.2f}-{high:.2f}) | {old['terms']:.1f} | "
+                f"{old['largest'] / 1e3:,.0f} KB | {old['all'] / 1e3:,.0f} KB |"
+            )
+        method = ", ".join(sorted(m for m in row["method"] if m))
+        lines.append(
+            f"| {layer} | format 2, {method} | {len(row['f1'])} | "
+            f"{_quartiles(row['f1'])} | {sum(row['terms']) / len(row['terms']):.1f} | "
+            f"{max(row['bytes']) / 1e3:.0f} KB | {sum(row['bytes']) / 1e3:.0f} KB |"
+        )
+    return lines
+
+
+def _method(rulebooks: Path) -> str:
+    """The ranking method the shipped books record."""
+    from rulecheck.rulebook import load_rulebook
+
+    methods = {load_rulebook(p).extraction.get("method") for p in rulebooks.glob("L*H*.yaml")}
+    return ", ".join(sorted(str(m) for m in methods))
 
 
 def _quartiles(values: list[float]) -> str:
@@ -748,7 +808,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "## Rules",
         "",
         "`rulebooks/rulecheck-tiny/` holds one rulebook per head, written by `rulecheck extract`",
-        f"(weight-based ranking, {extraction['features']} features per head at most, "
+        f"({_method(rulebooks)} ranking, {extraction['features']} features per head at most, "
         f"{extraction['seconds']:.0f} s on {extraction['machine']}). Test-split F1 of the",
         "skip-gram disjunction against the number of terms, median (quartiles) over features:",
         "",
@@ -759,6 +819,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         n_feat = max(len(v) for v in by_n.values())
         cells = [_quartiles(by_n[n]) if n in by_n else "" for n in counts]
         lines.append(f"| {layer} | {n_feat} | " + " | ".join(cells) + " |")
+    lines += shipped_books_lines(rulebooks)
     analysis_path = work / "analysis.json"
     if analysis_path.exists():
         lines += analysis_lines(json.loads(analysis_path.read_text()))

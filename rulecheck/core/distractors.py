@@ -138,6 +138,15 @@ def split_positives(
     return tokens[seq.to(tokens.device)], t.to(tokens.device)
 
 
+def droppable_before(t: Tensor, length: int, protect: Tensor | None) -> Tensor:
+    """``[B]``: positions in ``[1, t)`` that an insertion may drop (not ``protect``-ed)."""
+    j = torch.arange(length, device=t.device).expand(len(t), length)
+    free = (j >= 1) & (j < t.unsqueeze(1))
+    if protect is not None:
+        free &= ~protect.to(t.device)
+    return free.sum(dim=1)
+
+
 def distractor_drop(
     probe: Probe,
     tokens: Tensor,
@@ -163,9 +172,15 @@ def distractor_drop(
     if key_token is not None and query_token is not None:
         keep = matches_term(seqs, t, key_token, query_token)
         seqs, t = seqs[keep], t[keep]
+    protect = None if key_token is None else seqs == key_token
+    # a positive whose prefix has too few tokens that may make room (all of them copies of the
+    # key, or t = 1 at the end of the context) cannot take the copies: left out
+    room = (seqs.shape[1] - 1 - t) + droppable_before(t, seqs.shape[1], protect)
+    fits = room >= max(copies, default=0)
+    seqs, t = seqs[fits], t[fits]
+    protect = None if protect is None else protect[fits]
     if len(seqs) == 0:
         return [math.nan] * len(copies)
-    protect = None if key_token is None else seqs == key_token
     before = probe.at(seqs, t)
     drops = []
     for n in copies:

@@ -163,25 +163,31 @@ def prefix_features(
     return torch.cat(q_parts), torch.cat(k_parts), importance
 
 
-def choose_n_terms(val_f1: Tensor, counts: list[int], max_terms: int) -> int:
-    """Index into ``counts`` of the best validation F1 among counts <= max_terms (fewest terms
-    on ties)."""
+def choose_n_terms(val_f1: Tensor, counts: list[int], max_terms: int, margin: float = 0.0) -> int:
+    """Index into ``counts`` (ascending) of the fewest terms, at most ``max_terms``, whose
+    validation F1 is within ``margin`` of the best validation F1 among those counts."""
     allowed = [i for i, n in enumerate(counts) if n <= max_terms] or [0]
-    best = max(allowed, key=lambda i: (float(val_f1[i]), -i))
-    return best
+    best = max(float(val_f1[i]) for i in allowed)
+    return next(i for i in allowed if float(val_f1[i]) >= best - margin)
 
 
 def evaluate_feature(
-    terms: Terms, ex: FeatureExamples, q_act: Tensor, k_max: Tensor, max_terms: int
+    terms: Terms,
+    ex: FeatureExamples,
+    q_act: Tensor,
+    k_max: Tensor,
+    max_terms: int,
+    margin: float = 0.0,
 ) -> FeatureResult:
-    """Score the ranked ``terms`` on one feature's examples; choose ``n`` on validation."""
+    """Score the ranked ``terms`` on one feature's examples; choose ``n`` on validation
+    (``choose_n_terms``)."""
     counts = term_counts(len(terms))
     if not counts:
         counts = [0]
     preds = predictions_by_terms(term_contributions(q_act, k_max, terms), counts)
     act = ex.act.to(preds.device)
     val, test = ex.part("val").to(preds.device), ex.part("test").to(preds.device)
-    best = choose_n_terms(binary_scores(act[val], preds[val])["f1"], counts, max_terms)
+    best = choose_n_terms(binary_scores(act[val], preds[val])["f1"], counts, max_terms, margin)
     test_scores = binary_scores(act[test], preds[test])
     n = counts[best]
     top = terms.take(torch.arange(min(n, len(terms)), device=terms.query.device))
@@ -269,7 +275,7 @@ def extract_head(
             ranked = rank_by_importance(with_importance(terms, importance))
         else:
             ranked = rank_by_weight(terms)
-        result = evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms)
+        result = evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms, cfg.term_margin)
         found = kinds.Found(
             feature=f,
             probe=Probe(model, sae_out, layer, head, f),

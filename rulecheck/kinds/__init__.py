@@ -15,7 +15,7 @@ then reads and writes in rulebooks, yields test items and, when it finds claims,
 
 from __future__ import annotations
 
-from rulecheck.kinds.base import CheckContext, Found, RuleKind
+from rulecheck.kinds.base import CheckContext, Found, RuleKind, refs_of, with_refs
 
 KINDS: dict[str, RuleKind] = {}  # by rulebook key, in the order they are written
 
@@ -47,4 +47,14 @@ def _register_builtins() -> None:
 
 _register_builtins()
 
-__all__ = ["KINDS", "CheckContext", "Found", "RuleKind", "kinds", "register", "unregister"]
+__all__ = [
+    "KINDS",
+    "CheckContext",
+    "Found",
+    "RuleKind",
+    "kinds",
+    "refs_of",
+    "register",
+    "unregister",
+    "with_refs",
+]

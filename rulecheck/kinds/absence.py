@@ -33,9 +33,9 @@ from rulecheck.core.distractors import (
     text_keys,
 )
 from rulecheck.errors import RuleFailed
-from rulecheck.kinds.base import CheckContext, Found, RuleKind
+from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
 from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
-from rulecheck.refs import TokenRef, ref_entry, ref_name
+from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
@@ -53,20 +53,37 @@ class AbsenceRule(schema.Record):
     key: TokenRef = ref_entry(required=True)
     query: TokenRef = ref_entry(required=True)
     distractor: TokenRef = ref_entry(required=True)
-    attn_score: float | None = schema.entry(schema.number(), default=None)
-    value_score: float | None = schema.entry(schema.number(), default=None)
+    attn_score: float | None = schema.entry(schema.number(), default=None, measured=True)
+    value_score: float | None = schema.entry(schema.number(), default=None, measured=True)
     drop: list[float] = schema.entry(
         schema.list_of(schema.number(), "numbers"),
         default_factory=list,
         dump=list,
         omit=lambda v: not v,
+        measured=True,
     )
+
+
+SHORTHAND = '"[key] ... [query] unless [distractor]", e.g. "[if] ... [then] unless [unless]"'
 
 
 class Absence(RuleKind):
     key = "absence"
     claim = AbsenceRule
     item = "absence"
+
+    def read(self, where: schema.Where, value: Any, path: str) -> AbsenceRule:
+        """``"[key] ... [query] unless [distractor]"`` or the long form."""
+        if isinstance(value, str):
+            words = ("", "...", "unless", "")
+            _, (key, query, distractor) = shorthand(where, value, path, words, SHORTHAND)
+            return AbsenceRule(key=key, query=query, distractor=distractor)
+        return super().read(where, value, path)
+
+    def write(self, claim: AbsenceRule, table: RefTable) -> Any:
+        refs = [claim.key, claim.query, claim.distractor]
+        text = as_text(table, refs, "{} ... {} unless {}")
+        return text if text is not None else super().write(claim, table)
 
     def name(self, claim: AbsenceRule) -> str:
         return ref_name(claim.distractor)
@@ -96,9 +113,9 @@ class Absence(RuleKind):
                     key=found.ref(dis.key),
                     query=found.ref(dis.query),
                     distractor=found.ref(dis.distractor),
-                    attn_score=dis.attn_score,
-                    value_score=dis.value_score,
-                    drop=[round(x, 6) for x in drop],
+                    attn_score=schema.significant(dis.attn_score, 4),
+                    value_score=schema.significant(dis.value_score, 4),
+                    drop=[schema.significant(x, 4) for x in drop],
                 )
             )
         return out

@@ -4,6 +4,9 @@ A kind owns one key of a feature's entry in a rulebook (``skipgrams:``, ``absenc
 ``counting:``) and everything about it:
 
 - ``claim``: the dataclass of one rule, whose fields are its schema (``rulecheck.schema``);
+- ``read(where, value, path)`` and ``write(claim, table)``: a rule as a book holds it, short
+  (a one-line list or shorthand text, references by id in the book's ``refs:`` table) when it
+  can be, else the long form, a mapping of the claim's fields;
 - ``items(rules)``: the test items it yields for a feature, as ``(name, index)`` pairs;
 - ``check(ctx, rules, index)``: runs one item against the checkpoint and returns what the
   run report records, or raises :class:`~rulecheck.errors.RuleFailed`;
@@ -15,13 +18,15 @@ A kind owns one key of a feature's entry in a rulebook (``skipgrams:``, ``absenc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from rulecheck.refs import Resolver, TokenRef
+from rulecheck import schema
+from rulecheck.refs import RefTable, Resolver, ShorthandError, TokenRef, split_shorthand
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
@@ -73,6 +78,14 @@ class RuleKind:
     always_written: ClassVar[bool] = False  # written even when empty
     validate: ClassVar[bool] = True  # extraction keeps only candidates whose check passes
 
+    def read(self, where: schema.Where, value: Any, path: str) -> Any:
+        """One rule as a book writes it; this default reads the long form (a mapping)."""
+        return schema.parse(self.claim, where, value, path)
+
+    def write(self, claim: Any, table: RefTable) -> Any:
+        """One rule as a book holds it; this default writes the long form, one line."""
+        return schema.Flow(long_form(claim, table))
+
     def items(self, rules: FeatureRules) -> list[tuple[str, int]]:
         """One item per rule, ``item[<name>]``, names made unique with ``#2``, ``#3``."""
         names = [f"{self.item}[{self.name(r)}]" for r in rules.claims[self.key]]
@@ -97,6 +110,56 @@ class RuleKind:
     def field(self, rules: FeatureRules, index: int) -> str:
         """The field path of one rule in errors: ``feature[94].absence[0]``."""
         return f"feature[{rules.feature}].{self.key}[{index}]"
+
+
+def refs_of(claim: Any) -> list[TokenRef]:
+    """The references a claim holds, in field order."""
+    return [
+        v for f in dataclasses.fields(claim) if isinstance(v := getattr(claim, f.name), TokenRef)
+    ]
+
+
+def with_refs(claim: Any, fn: Callable[[TokenRef], TokenRef]) -> Any:
+    """``claim`` with ``fn`` applied to each of its references."""
+    changes = {
+        f.name: fn(v)
+        for f in dataclasses.fields(claim)
+        if isinstance(v := getattr(claim, f.name), TokenRef)
+    }
+    return dataclasses.replace(claim, **changes)
+
+
+def long_form(claim: Any, table: RefTable) -> dict[str, Any]:
+    """A claim's book fields as a mapping, references short where they can be."""
+    out = schema.dump(claim, measured=False)
+    for name in out:
+        if isinstance(ref := getattr(claim, name, None), TokenRef):
+            out[name] = table.value(ref)
+    return out
+
+
+def as_text(table: RefTable, refs: Sequence[TokenRef], template: str) -> str | None:
+    """``template`` filled with the references in shorthand brackets, or None when one of
+    them needs the long form."""
+    brackets = [table.bracket(ref) for ref in refs]
+    return None if None in brackets else template.format(*brackets)
+
+
+def shorthand(
+    where: schema.Where, text: str, path: str, words: Sequence[str], form: str
+) -> tuple[list[str], list[TokenRef]]:
+    """The references of shorthand ``text`` whose words between brackets must be ``words``
+    (a None word matches anything and is returned); ``form`` shows the expected shape."""
+    try:
+        got, refs = split_shorthand(text)
+    except ShorthandError as e:
+        where.fail(path, f"cannot read {text!r}: {e.what}", e.fix)
+    if len(got) != len(words) or any(
+        w is not None and w != g for w, g in zip(words, got, strict=True)
+    ):
+        where.fail(path, f"cannot read {text!r}: expected {form}", f"write {form}")
+    table = RefTable(where.refs)  # a bare [#858] takes the book's tokens for 858
+    return [g for w, g in zip(words, got, strict=True) if w is None], [table.fill(r) for r in refs]
 
 
 def unique(names: list[str]) -> list[str]:

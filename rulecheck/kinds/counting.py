@@ -26,6 +26,7 @@ other token (``counting.base_contexts``). Two claims:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -42,9 +43,9 @@ from rulecheck.core.counts import (
     own_counts,
 )
 from rulecheck.errors import RuleFailed
-from rulecheck.kinds.base import CheckContext, Found, RuleKind
+from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
 from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
-from rulecheck.refs import TokenRef, ref_entry, ref_name
+from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
@@ -65,13 +66,45 @@ class CountingRule(schema.Record):
         schema.choice(*DIRECTIONS), default="increasing"
     )
     threshold_count: int | None = schema.entry(schema.integer(), default=None)
-    spearman: float | None = schema.entry(schema.number((-1.0, 1.0)), default=None)
+    spearman: float | None = schema.entry(schema.number((-1.0, 1.0)), default=None, measured=True)
+
+
+SHORTHAND = (
+    '"count [key] >= N" (on from N copies), "count [key] < N" (off from N), or '
+    '"count [key] increasing" (or decreasing), e.g. "count [games] >= 2"'
+)
+_STATE = re.compile(r"^(?:(?P<op>>=|<) ?(?P<n>[0-9]+)|(?P<direction>increasing|decreasing))$")
 
 
 class Counting(RuleKind):
     key = "counting"
     claim = CountingRule
     item = "counting"
+
+    def read(self, where: schema.Where, value: Any, path: str) -> CountingRule:
+        """``"count [key] >= N"``, ``"count [key] < N"``, ``"count [key] increasing"`` (or
+        ``decreasing``), or the long form."""
+        if not isinstance(value, str):
+            return super().read(where, value, path)
+        [state], [key] = shorthand(where, value, path, ("count", None), SHORTHAND)
+        match = _STATE.match(state)
+        if match is None:
+            where.fail(path, f"cannot read {value!r}: expected {SHORTHAND}", f"write {SHORTHAND}")
+        if match["direction"]:
+            return CountingRule(key=key, direction=match["direction"])
+        up = match["op"] == ">="
+        return CountingRule(
+            key=key, direction="increasing" if up else "decreasing", threshold_count=int(match["n"])
+        )
+
+    def write(self, claim: CountingRule, table: RefTable) -> Any:
+        if claim.threshold_count is None:
+            state = claim.direction
+        else:
+            op = ">=" if claim.direction == "increasing" else "<"
+            state = f"{op} {claim.threshold_count}"
+        text = as_text(table, [claim.key], f"count {{}} {state}")
+        return text if text is not None else super().write(claim, table)
 
     def name(self, claim: CountingRule) -> str:
         return ref_name(claim.key)
@@ -97,7 +130,7 @@ class Counting(RuleKind):
                         key=found.ref(k),
                         direction=rule.direction,  # type: ignore[arg-type]
                         threshold_count=rule.threshold_count,
-                        spearman=round(rule.spearman, 6),
+                        spearman=schema.significant(rule.spearman, 4),
                     )
                 )
         return out

@@ -19,8 +19,8 @@ from rulecheck import schema
 from rulecheck.core.evaluate import Columns, Measured, predict_examples, score_predictions
 from rulecheck.core.scores import Terms
 from rulecheck.errors import RuleFailed
-from rulecheck.kinds.base import CheckContext, Found, RuleKind
-from rulecheck.refs import Resolver, TokenRef, ref_entry, ref_name
+from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
+from rulecheck.refs import RefTable, Resolver, TokenRef, read_ref, ref_entry, ref_name
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
@@ -30,7 +30,10 @@ METRICS = ("f1", "precision", "recall")
 
 
 def _score() -> Any:
-    return schema.entry(schema.number(), default=None)
+    return schema.entry(schema.number(), default=None, measured=True)
+
+
+SHORTHAND = '"[key] ... [query]", e.g. "[if] ... [then]"'
 
 
 @dataclass
@@ -125,6 +128,31 @@ class SkipGrams(RuleKind):
     always_written = True
     validate = False  # extraction measured them on the same exemplars
 
+    def read(self, where: schema.Where, value: Any, path: str) -> SkipGram:
+        """``[key, query]``, ``"[key] ... [query]"`` or ``{key: ..., query: ...}``."""
+        if isinstance(value, str):
+            _, (key, query) = shorthand(where, value, path, ("", "...", ""), SHORTHAND)
+            return SkipGram(key=key, query=query)
+        if isinstance(value, list):
+            if len(value) != 2:
+                where.fail(
+                    path,
+                    f"a skip-gram list is [key, query], got {len(value)} items",
+                    f"write [key, query] (input feature ids or tokens) or {SHORTHAND}",
+                )
+            return SkipGram(
+                key=read_ref(where, value[0], f"{path}[0]"),
+                query=read_ref(where, value[1], f"{path}[1]"),
+            )
+        return super().read(where, value, path)
+
+    def write(self, claim: SkipGram, table: RefTable) -> Any:
+        key, query = table.short(claim.key), table.short(claim.query)
+        if isinstance(key, int) and isinstance(query, int):
+            return [key, query]
+        text = as_text(table, [claim.key, claim.query], "{} ... {}")
+        return text if text is not None else super().write(claim, table)
+
     def items(self, rules: FeatureRules) -> list[tuple[str, int]]:
         return [(m, i) for i, m in enumerate(METRICS) if m in rules.expect]
 
@@ -143,9 +171,11 @@ class SkipGrams(RuleKind):
             SkipGram(
                 key=found.ref(int(k)),
                 query=found.ref(int(q)),
-                attn_score=float(a),
-                value_score=float(v),
-                importance=None if t.importance is None else float(t.importance[i]),
+                attn_score=schema.significant(float(a), 4),
+                value_score=schema.significant(float(v), 4),
+                importance=None
+                if t.importance is None
+                else schema.significant(float(t.importance[i]), 4),
             )
             for i, (q, k, a, v) in enumerate(zip(t.query, t.key, t.attn, t.value, strict=True))
         ]

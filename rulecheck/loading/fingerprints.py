@@ -1,10 +1,20 @@
-"""Fingerprints: ``sha256:`` digests of tensors, models, SAEs and corpora, the same on any
-device, for cache keys and for recording what a result was measured on."""
+"""Fingerprints: ``sha256:`` digests of tensors, models, SAEs and corpora, for cache keys and
+for recording what a result was measured on (a rulebook's ``fingerprints:``, compared when the
+rulebook is checked).
+
+A fingerprint is the same on any machine for the same content: tensors are hashed as their
+dtype, shape and little-endian bytes after a copy to the CPU (no arithmetic, so no device,
+vector width or BLAS can change a bit), and the configs hashed leave out what describes where
+or with what a file was made rather than what it computes: the device, a model's
+``model_name`` (a Hugging Face directory's name), and an SAE's metadata except the hook it
+reads (``sae_lens_version`` there is the installed sae_lens's when the file records none).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +27,20 @@ if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
+MODEL_CONFIG_UNHASHED = frozenset({"model_name"})
+SAE_CONFIG_UNHASHED = frozenset({"device"})
+SAE_METADATA_HASHED = ("hook_name", "hook_head_index")
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+
+def _tensor_bytes(tensor: torch.Tensor, byteorder: str = sys.byteorder) -> bytes:
+    """The tensor's elements as little-endian bytes (``byteorder``: this machine's)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    if not flat.numel():
+        return b""
+    raw = flat.view(torch.uint8)
+    if byteorder == "big" and flat.element_size() > 1:
+        raw = raw.reshape(-1, flat.element_size()).flip(-1).reshape(-1)
+    return raw.numpy().tobytes()
 
 
 def fingerprint_tensors(
@@ -42,13 +62,17 @@ def fingerprint_tensors(
 
 
 def fingerprint_model(model: HookedTransformer) -> str:
-    """Fingerprint of the model's weights and config."""
-    return fingerprint_tensors(model.state_dict(), {"config": config_json(model.cfg)})
+    """Fingerprint of the model's weights and config (its name left out)."""
+    config = {k: v for k, v in config_json(model.cfg).items() if k not in MODEL_CONFIG_UNHASHED}
+    return fingerprint_tensors(model.state_dict(), {"config": config})
 
 
 def fingerprint_sae(sae: SAE) -> str:
-    """Fingerprint of the SAE's weights and config (device left out)."""
-    config = {k: v for k, v in sae.cfg.to_dict().items() if k != "device"}
+    """Fingerprint of the SAE's weights and config (device and provenance left out)."""
+    config = {k: v for k, v in sae.cfg.to_dict().items() if k not in SAE_CONFIG_UNHASHED}
+    metadata = config.get("metadata")
+    if isinstance(metadata, Mapping):
+        config["metadata"] = {k: metadata[k] for k in SAE_METADATA_HASHED if k in metadata}
     return fingerprint_tensors(sae.state_dict(), {"config": config})
 
 
