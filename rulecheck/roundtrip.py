@@ -75,7 +75,7 @@ _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 # YAML 1.2 floats without a dot (``1e-05``), which rulecheck's reader takes as floats too
-_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 _LINE_BREAKS = frozenset("\n\r\x85\u2028\u2029")
 _PYYAML = yaml.constructor.SafeConstructor()
 _PYYAML_RESOLVER = yaml.resolver.Resolver()
@@ -104,7 +104,7 @@ class _Resolver(BaseResolver):
         return (1, 1)
 
 
-_Resolver.add_implicit_resolver_base(_FLOAT, _FLOAT_12, list("-+.0123456789"))
+_Resolver.add_implicit_resolver_base(_FLOAT, FLOAT_12, list("-+.0123456789"))
 
 
 class _Int(int):
@@ -265,7 +265,10 @@ def _string_style(value: str, flow: bool) -> str:
     if not analysis.allow_single_quoted or _LINE_BREAKS.intersection(value):
         return '"'
     plain = analysis.allow_flow_plain if flow else analysis.allow_block_plain
-    return "" if plain and _reads_as_str(value) else "'"
+    if plain and _reads_as_str(value):
+        return ""
+    # a quote inside single quotes is doubled ('[')]'); double quotes read better then
+    return '"' if "'" in value and not {'"', "\\"} & set(value) else "'"
 
 
 def _reads_as_str(value: str) -> bool:
@@ -273,7 +276,7 @@ def _reads_as_str(value: str) -> bool:
     tag = _PYYAML_RESOLVER.resolve(yaml.ScalarNode, value, (True, False))
     return (
         tag == _STR
-        and not _FLOAT_12.match(value)
+        and not FLOAT_12.match(value)
         and not any(regexp.match(value) for regexp in _YAML_12)
     )
 
@@ -736,7 +739,7 @@ class _Reader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[mi
     takes floats without a dot."""
 
 
-_Reader.add_implicit_resolver(_FLOAT, _FLOAT_12, list("-+.0123456789"))
+_Reader.add_implicit_resolver(_FLOAT, FLOAT_12, list("-+.0123456789"))
 
 
 def _read(text: str) -> tuple[Any, Any]:

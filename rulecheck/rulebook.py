@@ -40,7 +40,7 @@ from rulecheck.book import (
     parse_book,
 )
 from rulecheck.errors import InvalidRulebook, RulecheckError
-from rulecheck.roundtrip import render
+from rulecheck.roundtrip import FLOAT_12, render
 from rulecheck.schema import Where, join
 from rulecheck.schemas import modeline
 
@@ -49,7 +49,6 @@ _MAX_REPEATS = 100_000
 # and the line of every field; linear in the size, `make bench`): 8 MiB, eight times the largest
 # book extraction writes, takes about 15 s. Larger books are refused, not read for minutes.
 MAX_BYTES = 8 * 2**20
-_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
 def _check_file_name(where: Where, rulebook: Rulebook, path: Path) -> None:
@@ -79,7 +78,7 @@ class _FastLoader(getattr(yaml, "CSafeLoader", _Loader)):
 
 
 for _cls in (_Loader, _FastLoader):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_12, list("-+.0123456789"))
 
 _PLAIN_TYPES = (type(None), bool, int, float, str)
 _MAP_TAG = "tag:yaml.org,2002:map"

@@ -149,7 +149,7 @@ def test_a_fresh_file_is_written_in_the_canonical_style() -> None:
         ("a #b", "'a #b'"),
         ("#", "'#'"),
         ("it's", "it's"),
-        ("'q", "'''q'"),
+        ("'q", '"\'q"'),  # a quote inside: double quotes, not a doubled one
         ('say "hi"', 'say "hi"'),
         ("é ü 日本 \U0001f600", "é ü 日本 \U0001f600"),
         ("a\nb", '"a\\nb"'),
