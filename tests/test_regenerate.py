@@ -131,7 +131,7 @@ def test_a_feature_no_longer_eligible_is_removed_and_reported(books):
     )
     result = run(books, "L0H1.yaml", "--rulecheck-extract")
     result.stdout.fnmatch_lines(
-        ["L0H1.yaml: features 3 are no longer extracted and were removed by --rulecheck-extract*"]
+        ["L0H1.yaml: feature 3 is no longer extracted and was removed by --rulecheck-extract*"]
     )
     assert path.read_text(encoding="utf-8") == text
     assert run(books, "L0H1.yaml").ret == 0

@@ -236,10 +236,14 @@ class RemovedItem(pytest.Item):
     def runtest(self) -> None:
         from rulecheck.errors import Regenerated
 
-        removed = ", ".join(map(str, self.parent.regenerated["removed"]))
+        removed = self.parent.regenerated["removed"]
+        what = (
+            f"feature {removed[0]} is no longer extracted and was"
+            if len(removed) == 1
+            else f"features {', '.join(map(str, removed))} are no longer extracted and were"
+        )
         raise Regenerated(
-            f"features {removed} are no longer extracted and were removed by "
-            "--rulecheck-extract; review the change in the book and run again",
+            f"{what} removed by --rulecheck-extract; review the change in the book and run again",
             file=self.path,
         )
 
