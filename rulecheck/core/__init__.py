@@ -5,5 +5,6 @@
 ``exemplars`` (the evaluation protocol, streamed), ``evaluate`` (scoring rules on exemplars),
 ``heads`` (hook names, a head's weights, ``Probe``), ``tokens`` (input features read as
 tokens), ``counterfactuals`` (length-keeping edits), ``distractors`` and ``counts`` (the math of
-absence and counting rules) and ``extract`` (a head's rules from all of these).
+absence and counting rules), ``extract`` (a head's rules from all of these) and ``matching``
+(features of an old and a new SAE of the same hook).
 """
