@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     summary = sub.add_parser("summary", help="per-head summary of a directory of rulebooks")
     summary.add_argument("directory", type=Path)
 
+    diff = sub.add_parser("diff", help="what changed between two rulebooks or directories")
+    diff.add_argument("old", type=Path, help="a rulebook, or a directory of L{l}H{h}.yaml")
+    diff.add_argument("new", type=Path, help="the same kind of path")
+    diff.add_argument("--format", choices=("table", "md"), default="table")
+    diff.add_argument(
+        "--tolerance", default="0.05", help="a kept feature regressed when its F1 fell by more"
+    )
+
     upgrade = sub.add_parser("upgrade", help="rewrite rulebooks in the current format")
     upgrade.add_argument("paths", nargs="+", type=Path, help="rulebook files or directories")
     return parser
@@ -172,6 +180,51 @@ def run_summary(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def run_diff(args: argparse.Namespace, console: Console) -> int:
+    """Exit status 1 when a kept feature regressed past the tolerance, else 0."""
+    from rulecheck.bookdiff import diff_books
+    from rulecheck.report import diff_markdown, diff_tables
+    from rulecheck.rulebook import load_rulebook
+
+    tolerance = Bound(float, 0.0, 1.0).parse(args.tolerance, "--tolerance")
+    pairs = _book_pairs(args.old, args.new)
+    heads = [
+        diff_books(load_rulebook(a, measurements=True), load_rulebook(b, measurements=True))
+        for a, b in pairs
+    ]
+    if args.format == "md":
+        console.file.write(diff_markdown(heads, tolerance))
+    else:
+        for table in diff_tables(heads, tolerance):
+            console.print(table)
+    return 1 if any(h.regressions(tolerance) for h in heads) else 0
+
+
+def _book_pairs(old: Path, new: Path) -> list[tuple[Path, Path]]:
+    """Two rulebooks, or the books of the same name in two directories."""
+    for path in (old, new):
+        if not path.exists():
+            raise InvalidSpec("no such file or directory", file=path, fix="check the path")
+    if old.is_dir() != new.is_dir():
+        raise InvalidSpec(
+            "compares a file with a directory", file=new, fix="give two files or two directories"
+        )
+    if not old.is_dir():
+        return [(old, new)]
+    names = sorted({p.name for d in (old, new) for p in d.glob("L*H*.yaml")})
+    missing = [(d, n) for n in names for d in (old, new) if not (d / n).exists()]
+    if missing:
+        d, n = missing[0]
+        raise InvalidSpec(
+            f"has no {n}, which the other directory has",
+            file=d,
+            fix="diff the books one by one, or add the missing head",
+        )
+    if not names:
+        raise InvalidSpec("holds no L{layer}H{head}.yaml rulebooks", file=old, fix="check the path")
+    return [(old / n, new / n) for n in names]
+
+
 def run_upgrade(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.atomic import atomic_write_many
     from rulecheck.book import SCHEMA_VERSION
@@ -211,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "extract": run_extract,
         "show": run_show,
         "summary": run_summary,
+        "diff": run_diff,
         "upgrade": run_upgrade,
     }
     try:

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.bookdiff import HeadDiff
 from rulecheck.kinds.skipgram import SkipGram
 from rulecheck.refs import TokenRef, ref_name
 from rulecheck.rulebook import load_rulebook
@@ -139,3 +140,78 @@ def summary_table(rulebooks: list[Rulebook]) -> Table:
     table.add_section()
     table.add_row(*_summary_row("all", everything), style="bold")
     return table
+
+
+# ---------------------------------------------------------------------------------- diffs
+
+DIFF_COLUMNS = ("head", "kept", "lost", "new", "rules added", "rules removed", "regressed")
+
+
+def _diff_row(head: HeadDiff, tolerance: float) -> list[str]:
+    counts = [head.count("kept"), head.count("lost"), head.count("new")]
+    rules = [head.rules("added"), head.rules("removed")]
+    return [head.head, *map(str, counts + rules), str(len(head.regressions(tolerance)))]
+
+
+def _feature_rows(head: HeadDiff, tolerance: float) -> list[list[str]]:
+    rows = []
+    for f in head.features:
+        if not f.changed:
+            continue
+        name = f"{f.old}" if f.new in (None, f.old) else f"{f.old} -> {f.new}"
+        name = name if f.old is not None else f"{f.new}"
+        delta = "" if f.delta_f1 is None else f"{f.delta_f1:+.3f}"
+        f1 = " -> ".join(_number(x) for x in (f.f1_old, f.f1_new) if x is not None)
+        rules = [f"+{k} {r}" for k, rs in f.added.items() for r in rs]
+        rules += [f"-{k} {r}" for k, rs in f.removed.items() for r in rs]
+        status = "regressed" if f.regressed(tolerance) else f.status
+        rows.append([head.head, name, status, f1, delta, "; ".join(rules)])
+    return rows
+
+
+FEATURE_COLUMNS = ("head", "feature", "status", "F1", "change", "rules")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def diff_tables(heads: list[HeadDiff], tolerance: float) -> list[Table]:
+    """A table of heads (kept, lost, new features; rules added and removed; regressions) and
+    one of the features that changed."""
+    summary = Table(
+        title=f"rulebook diff: {_count(len(heads), 'head')} (F1 tolerance {tolerance:g})"
+    )
+    for col in DIFF_COLUMNS:
+        summary.add_column(col, justify="left" if col == "head" else "right")
+    changed = Table(title="changed features")
+    for col in FEATURE_COLUMNS:
+        changed.add_column(col, justify="right" if col in ("F1", "change") else "left")
+    for head in heads:
+        summary.add_row(*_diff_row(head, tolerance))
+        for row in _feature_rows(head, tolerance):
+            changed.add_row(*(Text(cell) for cell in row))
+    return [summary, changed]
+
+
+def diff_markdown(heads: list[HeadDiff], tolerance: float) -> str:
+    """The same as ``diff_tables``, as Markdown for a pull-request comment."""
+
+    def table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+        cells = [[c.replace("|", "\\|") for c in row] for row in rows]
+        return [
+            "| " + " | ".join(columns) + " |",
+            "|" + "|".join("---" for _ in columns) + "|",
+            *("| " + " | ".join(row) + " |" for row in cells),
+        ]
+
+    regressed = sum(len(h.regressions(tolerance)) for h in heads)
+    verdict = (
+        f"**{_count(regressed, 'kept feature')} regressed** (F1 fell by more than {tolerance:g})"
+    )
+    lines = ["### rulecheck diff", "", verdict if regressed else "No kept feature regressed.", ""]
+    lines += table(DIFF_COLUMNS, [_diff_row(h, tolerance) for h in heads])
+    rows = [row for h in heads for row in _feature_rows(h, tolerance)]
+    if rows:
+        lines += ["", "Changed features:", "", *table(FEATURE_COLUMNS, rows)]
+    return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ CORE = (
     "rulecheck.schema",
     "rulecheck.refs",
     "rulecheck.book",
+    "rulecheck.bookdiff",
     "rulecheck.kinds",
     "rulecheck.strategies",
     "rulecheck.properties",
