@@ -290,7 +290,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             features, removed = changes(old, merge_manual(new, old))
             changed[str(path.resolve())] = {"features": features, "removed": removed}
             fresh.append((new, path))
-            what = f"{len(features)} features changed" if features else "no claim changed"
+            n = len(features)
+            what = f"{n} feature{'' if n == 1 else 's'} changed" if n else "no claim changed"
             notes.append(f"rulecheck: regenerated {path} ({what})")
         write_rulebooks(fresh)
     except RulecheckError as e:
