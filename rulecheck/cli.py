@@ -1,4 +1,4 @@
-"""Command line: ``rulecheck extract``, ``rulecheck show`` and ``rulecheck summary``."""
+"""Command line: ``rulecheck extract``, ``show``, ``summary``, ``upgrade`` and ``match``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from rich.text import Text
 
 from rulecheck.atomic import output_directory
@@ -93,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     upgrade = sub.add_parser("upgrade", help="rewrite rulebooks in the current format")
     upgrade.add_argument("paths", nargs="+", type=Path, help="rulebook files or directories")
+
+    match = sub.add_parser("match", help="match the features of an old and a retrained SAE")
+    match.add_argument("--old", required=True, help="the old SAE (path, zoo spec or registry id)")
+    match.add_argument("--new", required=True, help="the new SAE of the same hook")
+    match.add_argument("--model", default=None, help="model to correlate activations on")
+    match.add_argument("--corpus", default=None, help="corpus (default: a zoo model's own)")
+    match.add_argument("--tokens", default="4096", help="corpus tokens to correlate over: >= 1")
+    match.add_argument("--k", default="8", help="candidates per old feature: >= 1")
+    match.add_argument("--threshold", default="0.5", help="least score of a pair: -1..1")
+    match.add_argument("--split-threshold", default="0.7", help="least score of a split: -1..1")
+    match.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    match.add_argument("--out", required=True, type=Path, help="mapping file to write (YAML)")
     return parser
 
 
@@ -254,6 +267,126 @@ def run_upgrade(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _check_pair(old: Any, new: Any, old_spec: str, new_spec: str) -> None:
+    """Two SAEs can be matched only when they read the same activations."""
+    fix = "pass the old and the new SAE of the same hook"
+    if old.cfg.d_in != new.cfg.d_in:
+        raise InvalidSpec(
+            f"--old {old_spec} has d_in={old.cfg.d_in}, --new {new_spec} has d_in={new.cfg.d_in}",
+            field="d_in",
+            fix=fix,
+        )
+    hooks = old.cfg.metadata.hook_name, new.cfg.metadata.hook_name
+    if hooks[0] != hooks[1]:
+        raise InvalidSpec(
+            f"--old {old_spec} reads {hooks[0]!r}, --new {new_spec} reads {hooks[1]!r}",
+            field="hook_name",
+            fix=fix,
+        )
+
+
+def run_match(args: argparse.Namespace, console: Console) -> int:
+    from rulecheck import zoo
+    from rulecheck.core.matching import activation_correlation, decoder_cosine, match_features
+    from rulecheck.loading import fingerprint_sae, load_corpus, load_model, load_sae
+    from rulecheck.mapping import MappingHeader, save_mapping, stream_activations
+    from rulecheck.specs import locate, processing_for
+
+    k = Bound(int, 1).parse(args.k, "--k")
+    threshold = Bound(float, -1.0, 1.0).parse(args.threshold, "--threshold")
+    split_threshold = Bound(float, -1.0, 1.0).parse(args.split_threshold, "--split-threshold")
+    n_tokens = Bound(int, 1).parse(args.tokens, "--tokens")
+    corpus = args.corpus
+    if args.model is not None and corpus is None and zoo.is_zoo_spec(args.model):
+        corpus = f"{args.model.split(':', 1)[0]}:eval"
+    if (args.model is None) != (corpus is None):
+        given, missing = ("--model", "--corpus") if corpus is None else ("--corpus", "--model")
+        raise InvalidSpec(
+            f"{given} is given without {missing}",
+            field=missing,
+            fix=f"pass {missing} too, or neither for a decoder-cosine match",
+        )
+    if args.out.exists() and args.out.is_dir():
+        raise InvalidSpec("is a directory", file=args.out, field="--out", fix="name a file")
+    old = load_sae(locate(args.old), device=args.device)
+    new = load_sae(locate(args.new), device=args.device)
+    _check_pair(old, new, args.old, args.new)
+    header = MappingHeader(
+        old=args.old,
+        new=args.new,
+        hook=str(old.cfg.metadata.hook_name),
+        head=old.cfg.metadata.hook_head_index,
+        fingerprints={"old": fingerprint_sae(old), "new": fingerprint_sae(new)},
+        k=k,
+        threshold=threshold,
+        split_threshold=split_threshold,
+    )
+    candidates = decoder_cosine(old.W_dec.detach(), new.W_dec.detach().to(old.W_dec.device), k)
+    corr = None
+    if args.model is not None:
+        model = load_model(locate(args.model), device=args.device, **processing_for(old))
+        model.eval()
+        if header.hook not in model.hook_dict:
+            raise InvalidSpec(
+                f"the model has no hook {header.hook!r}",
+                file=args.model,
+                field="--model",
+                fix="pass the model the SAEs were trained on",
+            )
+        tok = model.tokenizer
+        seq_len = min(64, model.cfg.n_ctx)
+        tokens = load_corpus(
+            locate(corpus),
+            tokenizer=tok,
+            bos_token_id=None if tok is None else tok.bos_token_id,
+            seq_len=seq_len,
+            d_vocab=model.cfg.d_vocab,
+            max_sequences=-(-n_tokens // (seq_len - 1)),
+        )
+        rows = -(-n_tokens // max(1, tokens.shape[1] - 1))
+        tokens = tokens[:rows]
+        corr = activation_correlation(stream_activations(model, old, new, tokens), candidates)
+        header.corpus = corpus
+        header.n_tokens = int(tokens.shape[0] * (tokens.shape[1] - 1))
+    matching = match_features(candidates, corr, threshold, split_threshold)
+    try:
+        path = save_mapping(matching, args.out, header)
+    except OSError as exc:
+        raise InvalidSpec(
+            f"cannot write it: {exc.strerror or exc}",
+            file=args.out,
+            field="--out",
+            fix="choose a file in a directory you can write to",
+        ) from None
+    table, verdict = match_summary(matching, old.cfg.d_sae, new.cfg.d_sae)
+    method = "decoder cosine and activation correlation" if corr is not None else "decoder cosine"
+    console.print(f"matched by {method}", soft_wrap=True)
+    console.print(table)
+    console.print(verdict, soft_wrap=True)
+    console.print(f"wrote {path}", soft_wrap=True)
+    return 0
+
+
+def match_summary(matching: Any, n_old: int, n_new: int) -> tuple[Table, str]:
+    """The counts of a matching as a rich table, and a one-line verdict."""
+    kept = len(matching.pairs)
+    table = Table()
+    table.add_column("features")
+    table.add_column("count", justify="right")
+    table.add_row("kept", f"{kept} of {n_old} old")
+    table.add_row("lost", str(len(matching.lost)))
+    table.add_row("new", f"{len(matching.new)} of {n_new} new")
+    table.add_row("split", str(len(matching.split)))
+    table.add_row("merged", str(len(matching.merged)))
+    if kept == n_old == n_new:
+        verdict = "every feature has a partner"
+    elif kept * 2 < n_old:
+        verdict = "mostly lost and new: these SAEs share few features"
+    else:
+        verdict = f"{kept / max(1, n_old):.0%} of the old features kept"
+    return table, verdict
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -266,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": run_summary,
         "diff": run_diff,
         "upgrade": run_upgrade,
+        "match": run_match,
     }
     try:
         args = build_parser().parse_args(argv)

@@ -4,6 +4,7 @@ fix (a failed rule adds the evidence on the lines after it).
 ``RulecheckError`` (the CLI and the plugin print it without a traceback)
     ``InvalidRulebook``  a rulebook that cannot be read
     ``InvalidSpec``      a model, SAE, corpus or option that cannot be used
+    ``InvalidMapping``   a feature mapping file (``rulecheck match --out``) that cannot be read
     ``NotEligible``      a feature too rarely (or too often) active to check
     ``FingerprintMismatch``
                          a rulebook checked against another model, SAE or corpus than the
@@ -61,6 +62,11 @@ class InvalidRulebook(RulecheckError):
 class InvalidSpec(RulecheckError):
     """A model, SAE, corpus or option that cannot be used as given (missing, malformed, or not
     matching the rest)."""
+
+
+class InvalidMapping(RulecheckError):
+    """A feature mapping file that cannot be read: bad YAML, a missing or unknown key, a pair
+    of the wrong shape."""
 
 
 class NotEligible(RulecheckError):
