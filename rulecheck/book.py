@@ -399,16 +399,35 @@ def changes(old: Rulebook, new: Rulebook) -> tuple[dict[int, str], list[int]]:
     return changed, sorted(set(before) - set(after))
 
 
-def _feature_changes(old: FeatureRules, new: FeatureRules) -> str:
+def claim_texts(rules: FeatureRules) -> dict[str, list[str]]:
+    """Each kind's rules as one line of text, as a book writes them with the references
+    spelled out (id and tokens, whatever a book's ``refs:`` table): what two books compare."""
     table = RefTable()
+    return {
+        kind.key: [_text(kind.write(c, table)) for c in rules.claims.get(kind.key, [])]
+        for kind in kinds.kinds()
+    }
+
+
+def _text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_text(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def _feature_changes(old: FeatureRules, new: FeatureRules) -> str:
+    before, after = claim_texts(old), claim_texts(new)
     parts = []
-    for kind in kinds.kinds():
-        was = [repr(kind.write(c, table)) for c in old.claims.get(kind.key, [])]
-        now = [repr(kind.write(c, table)) for c in new.claims.get(kind.key, [])]
+    for key, now in after.items():
+        was = before[key]
         if was != now:
             added, removed = len(set(now) - set(was)), len(set(was) - set(now))
             counts = [f"{n} {what}" for n, what in ((added, "added"), (removed, "removed")) if n]
-            parts.append(f"{kind.key} {', '.join(counts) or 'reordered'}")
+            parts.append(f"{key} {', '.join(counts) or 'reordered'}")
     for metric in CHECKED:
         a, b = old.expect.get(metric), new.expect.get(metric)
         if a != b:

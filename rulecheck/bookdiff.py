@@ -2,9 +2,9 @@
 
 Features are paired by id (after translating the old ids through a feature ``mapping`` when
 the output SAE was retrained): *kept* in both, *lost* (only the old book), *new* (only the new
-one). For a kept feature, rules are compared per kind as the book writes them, references
-spelled out (id and tokens, whatever each book's ``refs:`` table), and its F1 is the measured
-one where the book has measurements, else its ``expect`` minimum. A kept feature
+one). For a kept feature, rules are compared per kind (``book.claim_texts``, the comparison
+regeneration uses too), and its F1 is the measured one where the book has measurements, else
+its ``expect`` minimum. A kept feature
 *regressed* when its F1 fell by more than the tolerance.
 """
 
@@ -14,9 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rulecheck import kinds
-from rulecheck.book import FeatureRules, Rulebook
-from rulecheck.refs import RefTable
+from rulecheck.book import FeatureRules, Rulebook, claim_texts
 
 Status = Literal["kept", "lost", "new"]
 
@@ -71,24 +69,6 @@ def f1_of(rules: FeatureRules) -> float | None:
     return None if value is None else float(value)
 
 
-def _written(rules: FeatureRules) -> dict[str, list[str]]:
-    table = RefTable()  # references spelled out: ids and tokens, whatever the refs table
-    return {
-        kind.key: [_text(kind.write(c, table)) for c in rules.claims.get(kind.key, [])]
-        for kind in kinds.kinds()
-    }
-
-
-def _text(value: object) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return "[" + ", ".join(_text(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}: {_text(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
 def diff_books(old: Rulebook, new: Rulebook, mapping: Mapping[int, int] | None = None) -> HeadDiff:
     """The features of ``old`` and ``new`` paired by id, old ids translated through
     ``mapping`` (old -> new) when given: an old feature the mapping does not name is lost."""
@@ -101,7 +81,7 @@ def diff_books(old: Rulebook, new: Rulebook, mapping: Mapping[int, int] | None =
             out.append(FeatureDiff("lost", rules.feature, None, f1_old=f1_of(rules)))
             continue
         seen.add(target)
-        was, now = _written(rules), _written(after[target])
+        was, now = claim_texts(rules), claim_texts(after[target])
         added = {k: [r for r in now[k] if r not in was[k]] for k in now}
         removed = {k: [r for r in was[k] if r not in now[k]] for k in was}
         out.append(

@@ -158,8 +158,10 @@ def _feature_rows(head: HeadDiff, tolerance: float) -> list[list[str]]:
     for f in head.features:
         if not f.changed:
             continue
-        name = f"{f.old}" if f.new in (None, f.old) else f"{f.old} -> {f.new}"
-        name = name if f.old is not None else f"{f.new}"
+        if f.old is None or f.new in (None, f.old):
+            name = str(f.new if f.old is None else f.old)
+        else:
+            name = f"{f.old} -> {f.new}"
         delta = "" if f.delta_f1 is None else f"{f.delta_f1:+.3f}"
         f1 = " -> ".join(_number(x) for x in (f.f1_old, f.f1_new) if x is not None)
         rules = [f"+{k} {r}" for k, rs in f.added.items() for r in rs]

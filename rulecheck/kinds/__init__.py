@@ -15,7 +15,7 @@ then reads and writes in rulebooks, yields test items and, when it finds claims,
 
 from __future__ import annotations
 
-from rulecheck.kinds.base import CheckContext, Found, RuleKind, refs_of, with_refs
+from rulecheck.kinds.base import CheckContext, Found, RuleKind, refs_of
 
 KINDS: dict[str, RuleKind] = {}  # by rulebook key, in the order they are written
 
@@ -56,5 +56,4 @@ __all__ = [
     "refs_of",
     "register",
     "unregister",
-    "with_refs",
 ]

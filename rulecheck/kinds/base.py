@@ -119,16 +119,6 @@ def refs_of(claim: Any) -> list[TokenRef]:
     ]
 
 
-def with_refs(claim: Any, fn: Callable[[TokenRef], TokenRef]) -> Any:
-    """``claim`` with ``fn`` applied to each of its references."""
-    changes = {
-        f.name: fn(v)
-        for f in dataclasses.fields(claim)
-        if isinstance(v := getattr(claim, f.name), TokenRef)
-    }
-    return dataclasses.replace(claim, **changes)
-
-
 def long_form(claim: Any, table: RefTable) -> dict[str, Any]:
     """A claim's book fields as a mapping, references short where they can be."""
     out = schema.dump(claim, measured=False)
