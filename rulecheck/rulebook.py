@@ -273,12 +273,17 @@ def load_rulebook(path: str | Path, *, measurements: bool = False) -> Rulebook:
     """Read and validate the rulebook at ``path``; every problem is an ``InvalidRulebook``.
     With ``measurements``, what extraction measured (the file beside it) is filled in."""
     path = Path(path)
-    with contextlib.suppress(OSError):
-        _check_size(path.stat().st_size, path)
-    book = parse_rulebook(_read_text(path), path)
+    book = parse_rulebook(_read_book_text(path), path)
     if measurements:
         _fill_measurements(book, load_measured(path))
     return book
+
+
+def _read_book_text(path: Path) -> str:
+    """The text of the rulebook file at ``path``, refused at once when it is too large."""
+    with contextlib.suppress(OSError):
+        _check_size(path.stat().st_size, path)
+    return _read_text(path)
 
 
 def _fill_measurements(book: Rulebook, measured: dict[int, dict[str, Any]]) -> None:
@@ -416,14 +421,17 @@ def save_rulebook(rulebook: Rulebook, path: str | Path) -> Path:
 # ---------------------------------------------------------------------------- regeneration
 
 
-def merged_with_file(rulebook: Rulebook, path: Path) -> Rulebook:
-    """``rulebook`` plus the manual features of the file at ``path`` (when there is one); a
-    file there that is not a valid rulebook is never overwritten: ``InvalidRulebook``."""
+def regenerated_files(rulebook: Rulebook, path: str | Path) -> list[tuple[Path, bytes]]:
+    """The files that write ``rulebook`` over the one at ``path``: its manual features,
+    comments and key order kept (``dump_rulebook``). A file there that is not a valid
+    rulebook is never overwritten: ``InvalidRulebook``."""
+    path = Path(path)
     _check_name_matches(rulebook, path)
-    old = None
+    old, old_text = None, None
     if path.exists():
         try:
-            old = load_rulebook(path)
+            old_text = _read_book_text(path)
+            old = parse_rulebook(old_text, path)
         except RulecheckError as exc:
             fix = f"{exc.fix}; " if exc.fix else ""
             raise InvalidRulebook(
@@ -433,16 +441,7 @@ def merged_with_file(rulebook: Rulebook, path: Path) -> Rulebook:
                 field=exc.field,
                 fix=f"{fix}the existing file was left as it is, correct or move it",
             ) from None
-    return merge_manual(rulebook, old)
-
-
-def regenerated_files(rulebook: Rulebook, path: str | Path) -> list[tuple[Path, bytes]]:
-    """The files that write ``rulebook`` over the one at ``path``: its manual features,
-    comments and key order kept (``dump_rulebook``)."""
-    path = Path(path)
-    merged = merged_with_file(rulebook, path)
-    old_text = _read_text(path) if path.exists() else None
-    return rulebook_files_out(merged, path, old_text)
+    return rulebook_files_out(merge_manual(rulebook, old), path, old_text)
 
 
 def upgraded_files(path: str | Path) -> tuple[int, list[tuple[Path, bytes]]]:
@@ -450,9 +449,7 @@ def upgraded_files(path: str | Path) -> tuple[int, list[tuple[Path, bytes]]]:
     current format: its comments kept where their keys survive, its measurements moved to
     the file beside it."""
     path = Path(path)
-    with contextlib.suppress(OSError):
-        _check_size(path.stat().st_size, path)
-    text = _read_text(path)
+    text = _read_book_text(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FormatWarning)
         book = parse_rulebook(text, path)
