@@ -39,7 +39,7 @@ import yaml
 from rulecheck.atomic import atomic_write
 from rulecheck.core.matching import Matching, Pair
 from rulecheck.errors import InvalidMapping
-from rulecheck.schema import parent, significant
+from rulecheck.schema import Where, significant
 
 FORMAT = 1
 STATUSES = ("matched", "split", "merged")
@@ -150,10 +150,7 @@ class _Reader:
     lines: dict[str, int]
 
     def fail(self, path: str, what: str, fix: str) -> InvalidMapping:
-        probe = path
-        while probe and probe not in self.lines:
-            probe = parent(probe)
-        line = self.lines.get(probe) if probe else None
+        line = Where(self.file, self.lines).line(path)  # the nearest enclosing field's line
         return InvalidMapping(what, file=self.file, line=line, field=path or None, fix=fix)
 
     def integer(self, value: Any, path: str) -> int:
