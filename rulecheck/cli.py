@@ -213,11 +213,15 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
     return 1 if any(h.regressions(tolerance) for h in heads) else 0
 
 
-def _book_pairs(old: Path, new: Path) -> list[tuple[Path, Path]]:
-    """Two rulebooks, or the books of the same name in two directories."""
-    for path in (old, new):
+def _must_exist(paths: list[Path]) -> None:
+    for path in paths:
         if not path.exists():
             raise InvalidSpec("no such file or directory", file=path, fix="check the path")
+
+
+def _book_pairs(old: Path, new: Path) -> list[tuple[Path, Path]]:
+    """Two rulebooks, or the books of the same name in two directories."""
+    _must_exist([old, new])
     if old.is_dir() != new.is_dir():
         raise InvalidSpec(
             "compares a file with a directory", file=new, fix="give two files or two directories"
@@ -243,9 +247,7 @@ def run_upgrade(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.book import SCHEMA_VERSION
     from rulecheck.rulebook import rulebook_files, upgraded_files
 
-    for path in args.paths:
-        if not path.exists():
-            raise InvalidSpec("no such file or directory", file=path, fix="check the path")
+    _must_exist(args.paths)
     paths = list(rulebook_files(args.paths))
     if not paths:
         raise InvalidSpec(
