@@ -47,6 +47,8 @@ CLI_CASES = [
     (["--keys", "0"], "--keys", "must be a whole number >= 1, got 0"),
     (["--queries-per-key", "1.5"], "--queries-per-key", "got '1.5'"),
     (["--max-terms", "-5"], "--max-terms", "got -5"),
+    (["--term-margin", "inf"], "--term-margin", "must be a number in [0, 1], got inf"),
+    (["--term-margin", "-0.1"], "--term-margin", "got -0.1"),
     (["--n-pos", "0"], "--n-pos", "got 0"),
     (["--n-neg", "x"], "--n-neg", "got 'x'"),
     (["--min-active", "0"], "--min-active", "got 0"),
@@ -81,6 +83,7 @@ def test_cli_refuses_bad_options_before_any_work(capsys, tmp_path, args, option,
             "keys",
             "queries-per-key",
             "max-terms",
+            "term-margin",
             "n-pos",
             "n-neg",
             "min-active",
@@ -108,6 +111,7 @@ def test_cli_option_parsing_sees_only_documented_errors(name, value):
     for obj in (cfg, cfg.exemplars):
         type(obj)(**{f: getattr(obj, f) for f in obj.__dataclass_fields__})  # checks again
     assert 0 <= cfg.tolerance <= 1 and cfg.keys >= 1 and cfg.exemplars.n_pos >= 1
+    assert 0 <= cfg.term_margin <= 1
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True)
@@ -348,3 +352,28 @@ def test_pickled_code_in_weights_or_corpus_is_never_run(tmp_path):
     with pytest.raises(InvalidSpec):
         load_corpus(str(corpus))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "what"),
+    [
+        (["diff", "a", "b", "--tolerance", "nan"], "--tolerance", "got nan"),
+        (["diff", "a", "b", "--tolerance", "1.5"], "--tolerance", "must be a number in [0, 1]"),
+        (["match", "--old", "a", "--new", "b", "--k", "0", "--out", "m"], "--k", "got 0"),
+        (
+            ["match", "--old", "a", "--new", "b", "--threshold", "inf", "--out", "m"],
+            "--threshold",
+            "inf",
+        ),
+        (
+            ["match", "--old", "a", "--new", "b", "--tokens", "-1", "--out", "m"],
+            "--tokens",
+            "got -1",
+        ),
+    ],
+)
+def test_diff_and_match_refuse_bad_numbers_before_any_work(capsys, tmp_path, args, option, what):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert option in one_line(err) and what in err and "(fix: " in err
