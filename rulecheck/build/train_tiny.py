@@ -322,6 +322,56 @@ def training_config(d_in: int, d_sae: int, sparsity: dict):
     return StandardTrainingSAEConfig(l1_coefficient=sparsity["l1"], l1_warm_up_steps=200, **common)
 
 
+def training_dataset(work: Path):
+    """The training split of ``work`` as a Hugging Face dataset of token ids."""
+    from datasets import Dataset
+
+    train = np.load(work / "train_tokens.npy").astype(np.int64)
+    return Dataset.from_dict({"input_ids": train.tolist()})
+
+
+def train_run(model, dataset, run: dict, sc: SaeConfig, seed: int) -> dict:
+    """Train the SAEs of one entry of ``sae_runs`` together with sae_lens's multi-SAE runner,
+    the runner seeded with ``seed``; name -> trained SAE."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from sae_lens import LoggingConfig, MultiSAETrainingRunner
+    from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
+
+    saes = {
+        name.replace("/", "_"): training_config(
+            model.cfg.d_model if head is None else model.cfg.d_head, d_sae, sparsity
+        )
+        for name, (hook, head, d_sae, sparsity) in run.items()
+    }
+    runner = MultiSAETrainingRunner(
+        MultiSAETrainingRunnerConfig(
+            saes=saes,
+            hook_names={n.replace("/", "_"): v[0] for n, v in run.items()},
+            hook_head_indices={n.replace("/", "_"): v[1] for n, v in run.items()},
+            model_name="rulecheck-tiny",
+            context_size=SEQ_LEN,
+            training_tokens=sc.training_tokens,
+            train_batch_size_tokens=sc.batch_tokens,
+            n_batches_in_buffer=max(32, 2 * sc.batch_tokens // SEQ_LEN),  # must cover a batch
+            store_batch_size_prompts=64,
+            lr=sc.lr,
+            lr_warm_up_steps=100,
+            seed=seed,
+            device="cpu",
+            logger=LoggingConfig(log_to_wandb=False),
+            output_path=None,
+            checkpoint_path=None,
+            n_eval_batches=0,
+            n_batches_for_norm_estimate=50,
+            dead_feature_window=sc.dead_window,
+        ),
+        override_model=model,
+        override_dataset=dataset,
+    )
+    trained = runner.run()
+    return {name: trained[name.replace("/", "_")] for name in run}
+
+
 def step_saes(
     cfg: TinyConfig,
     sc: SaeConfig,
@@ -333,17 +383,11 @@ def step_saes(
     """Train the SAEs with sae_lens's multi-SAE runner on the training split: the runs of
     ``heads`` only, or only the SAEs named in ``only``, when given. The report keeps earlier
     runs made with the same settings, and the tokens each SAE was trained on."""
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    from datasets import Dataset
-    from sae_lens import LoggingConfig, MultiSAETrainingRunner
-    from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
-
     from rulecheck.loading import load_model
 
     torch.set_num_threads(threads)
     model = load_model(str(work / "model"))
-    train = np.load(work / "train_tokens.npy").astype(np.int64)
-    dataset = Dataset.from_dict({"input_ids": train.tolist()})
+    dataset = training_dataset(work)
     per_sae = ("training_tokens", "l1_in", "l1_out", "k_out", "k_arch", "d_sae_out", "dead_window")
     settings_of = {k: v for k, v in asdict(sc).items() if k not in per_sae}
     report = {"config": settings_of, "machine": machine(), "runs": []}
@@ -360,40 +404,8 @@ def step_saes(
             if not run:
                 continue
         start = time.time()
-        saes = {
-            name.replace("/", "_"): training_config(
-                model.cfg.d_model if head is None else model.cfg.d_head, d_sae, sparsity
-            )
-            for name, (hook, head, d_sae, sparsity) in run.items()
-        }
-        runner = MultiSAETrainingRunner(
-            MultiSAETrainingRunnerConfig(
-                saes=saes,
-                hook_names={n.replace("/", "_"): v[0] for n, v in run.items()},
-                hook_head_indices={n.replace("/", "_"): v[1] for n, v in run.items()},
-                model_name="rulecheck-tiny",
-                context_size=SEQ_LEN,
-                training_tokens=sc.training_tokens,
-                train_batch_size_tokens=sc.batch_tokens,
-                n_batches_in_buffer=max(32, 2 * sc.batch_tokens // SEQ_LEN),  # must cover a batch
-                store_batch_size_prompts=64,
-                lr=sc.lr,
-                lr_warm_up_steps=100,
-                seed=cfg.seed + i,
-                device="cpu",
-                logger=LoggingConfig(log_to_wandb=False),
-                output_path=None,
-                checkpoint_path=None,
-                n_eval_batches=0,
-                n_batches_for_norm_estimate=50,
-                dead_feature_window=sc.dead_window,
-            ),
-            override_model=model,
-            override_dataset=dataset,
-        )
-        trained = runner.run()
-        for name in run:
-            trained[name.replace("/", "_")].save_inference_model(work / name)
+        for name, sae in train_run(model, dataset, run, sc, cfg.seed + i).items():
+            sae.save_inference_model(work / name)
         entry = {
             "saes": list(run),
             "sparsity": {name: spec[3] for name, spec in run.items()},
