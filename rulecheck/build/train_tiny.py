@@ -9,6 +9,7 @@
     python -m rulecheck.build.train_tiny analysis   # weight vs gradient ranking, distractors
     python -m rulecheck.build.train_tiny card       # MODEL_CARD.md from the measured reports
     python -m rulecheck.build.train_tiny all
+    python -m rulecheck.build.train_tiny retrain    # sae_in/L0, sae_out/L0H0 again, another seed
 
 Corpus: the reStructuredText sources of the Python 3.11 documentation (Debian package
 ``python3.11-doc``) and Python standard-library modules (``libpython3.11-stdlib``), both under
@@ -471,6 +472,97 @@ def step_ship(work: Path, out: Path) -> None:
     (work / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
 
 
+RETRAIN_SEED = 1  # the shipped SAEs' run was seeded with TinyConfig.seed (0)
+RETRAINED = ("sae_in/L0", "sae_out/L0H0")
+# what training writes into cfg.json that differs between two runs of one recipe
+RUN_METADATA = ("l0", "num_dead_features")
+
+
+def check_corpus(work: Path, out: Path) -> None:
+    """Make sure ``work`` holds the training split the shipped model was trained on: rebuild it
+    with the corpus step when it is missing, then stop unless its held-out split and tokenizer
+    are byte for byte and value for value the shipped ones."""
+    if not (work / "train_tokens.npy").exists():
+        if not DOC_ROOT.is_dir():
+            raise SystemExit(
+                f"{work / 'train_tokens.npy'}: not found (fix: apt-get install python3.11-doc, "
+                f"then python -m rulecheck.build.train_tiny corpus --work {work})"
+            )
+        print(f"{work / 'train_tokens.npy'}: not found, running the corpus step")
+        step_corpus(TinyConfig(), work)
+    if (work / "eval_tokens.npy").read_bytes() != (out / "eval_tokens.npy").read_bytes():
+        raise SystemExit(
+            f"{work / 'eval_tokens.npy'} differs from the shipped {out / 'eval_tokens.npy'}: "
+            "this corpus is not the one the model was trained on (another python3.11-doc or "
+            "libpython3.11-stdlib version?); SAEs trained on it would not be comparable"
+        )
+    rebuilt = json.loads((work / "tokenizer.json").read_text())
+    if rebuilt != json.loads((out / "model" / "tokenizer.json").read_text()):
+        raise SystemExit(
+            f"{work / 'tokenizer.json'} differs from the shipped {out / 'model/tokenizer.json'}: "
+            "remove it and run the corpus step again"
+        )
+
+
+def _recipe(cfg_json: Path) -> dict:
+    """An SAE's cfg.json without what differs between two runs of the same recipe."""
+    cfg = json.loads(cfg_json.read_text())
+    cfg["metadata"] = {k: v for k, v in cfg["metadata"].items() if k not in RUN_METADATA}
+    return cfg
+
+
+def step_retrain(work: Path, out: Path, threads: int, sc: SaeConfig | None = None) -> None:
+    """Train the SAEs in ``RETRAINED`` again from the shipped model with the shipped recipe
+    (``SaeConfig``'s defaults) and ``RETRAIN_SEED``, and ship them atomically under
+    ``retrained/`` with ``quality.json``: their quality and the shipped ones', measured as the
+    ship step does, the training time and the machine. ``sc`` with fewer tokens makes a trial
+    run; any setting that cfg.json records must still be the shipped one."""
+    from rulecheck.atomic import atomic_directory
+    from rulecheck.build.quality import clean_loss, sae_quality
+    from rulecheck.loading import load_model, load_sae
+
+    sc = sc or SaeConfig()
+    check_corpus(work, out)
+    torch.set_num_threads(threads)
+    model = load_model(str(out / "model"))
+    runs = [
+        {name: spec for name, spec in run.items() if name in RETRAINED}
+        for run in sae_runs(model.cfg, sc)
+    ]
+    [run] = [r for r in runs if r]  # all in the shipped ones' run: one head index
+    dataset = training_dataset(work)
+    with atomic_directory(out / "retrained") as staging:
+        start = time.time()
+        trained = train_run(model, dataset, run, sc, RETRAIN_SEED)
+        seconds = time.time() - start
+        for name, sae in trained.items():
+            sae.save_inference_model(staging / name)
+            if _recipe(staging / name / "cfg.json") != _recipe(out / name / "cfg.json"):
+                raise SystemExit(f"{name}: cfg.json differs from the shipped SAE's beyond a run")
+        tokens = torch.from_numpy(np.load(out / "eval_tokens.npy")[:QUALITY_SEQUENCES]).long()
+        clean = clean_loss(model, tokens)
+        quality: dict[str, dict] = {"retrained": {}, "shipped": {}}
+        for name, (hook, head, _, _) in run.items():
+            layer = int(hook.split(".")[1])  # blocks.{layer}....
+            for kind, root in (("retrained", staging), ("shipped", out)):
+                sae = load_sae(str(root / name))
+                quality[kind][name] = sae_quality(model, sae, tokens, layer, head, loss_clean=clean)
+        report = {
+            "quality": quality,
+            "sequences": QUALITY_SEQUENCES,
+            "seed": RETRAIN_SEED,
+            "training_tokens": sc.training_tokens,
+            "train_seconds": round(seconds, 1),
+            "threads": threads,
+            "machine": machine(),
+        }
+        text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+        (staging / "quality.json").write_text(text)
+        for path in [staging, *staging.rglob("*")]:  # readable as the rest of the package
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    print(text, end="")
+
+
 def step_rules(work: Path, rulebooks: Path) -> None:
     """Extract every head of the shipped model with the defaults of ``rulecheck extract``."""
     from rich.console import Console
@@ -845,7 +937,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rulecheck.build.train_tiny")
     parser.add_argument(
         "step",
-        choices=["corpus", "model", "saes", "ship", "rules", "analysis", "card", "all"],
+        choices=["corpus", "model", "saes", "ship", "rules", "analysis", "card", "retrain", "all"],
     )
     parser.add_argument("--rulebooks", type=Path, default=Path("rulebooks/rulecheck-tiny"))
     parser.add_argument("--work", type=Path, default=Path("build/tiny"))
@@ -903,6 +995,8 @@ def main(argv: list[str] | None = None) -> None:
         step_analysis(args.work, args.rulebooks, args.threads)
     if args.step in ("card", "all"):
         step_card(args.work, args.out, args.rulebooks)
+    if args.step == "retrain":
+        step_retrain(args.work, args.out, args.threads)
 
 
 if __name__ == "__main__":
