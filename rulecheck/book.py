@@ -147,6 +147,15 @@ def _empty(value: Any) -> bool:
     return not value
 
 
+@dataclass(frozen=True)
+class BestCandidate(sc.Record):
+    """On a lost feature: the new SAE's feature that scored best with it, and that score,
+    below the matching's threshold (the evidence that it has no confident partner)."""
+
+    feature: int | None = sc.entry(sc.integer(), default=None)
+    confidence: float | None = sc.entry(sc.number((-1.0, 1.0)), default=None)
+
+
 @dataclass(init=False)
 class FeatureRules(sc.Record):
     """Everything claimed about one output SAE feature of the head.
@@ -175,6 +184,8 @@ class FeatureRules(sc.Record):
         measured=True,
     )
     xfail: str | None = sc.entry(sc.text)  # a claim expected not to hold: the reason
+    # only under a book's ``lost:``: the best candidate of a feature lost in remapping
+    best_candidate: BestCandidate | None = sc.entry(sc.parser(BestCandidate), flow=True)
 
     def __init__(
         self,
@@ -186,6 +197,7 @@ class FeatureRules(sc.Record):
         expect: dict[str, float] | None = None,
         measured: dict[str, Any] | None = None,
         xfail: str | None = None,
+        best_candidate: BestCandidate | None = None,
         **by_kind: list[Any],
     ) -> None:
         unknown = set(by_kind) - set(kinds.KINDS)
@@ -201,6 +213,7 @@ class FeatureRules(sc.Record):
         object.__setattr__(self, "expect", dict(expect or {}))
         object.__setattr__(self, "measured", dict(measured or {}))
         object.__setattr__(self, "xfail", xfail)
+        object.__setattr__(self, "best_candidate", best_candidate)
 
     def __getattr__(self, name: str) -> list[Any]:
         if name in kinds.KINDS and "claims" in self.__dict__:
@@ -248,6 +261,12 @@ class Rulebook(sc.Record):
         default_factory=list,
         omit=lambda v: False,
     )
+    # features of the SAE the book was remapped from that the new one has no confident
+    # partner for, by their old ids (``rulecheck remap``): each one's items fail, or skip
+    # within ``--rulecheck-allow-lost``, until a person re-homes or removes it
+    lost: list[FeatureRules] = sc.entry(
+        sc.list_of(sc.parser(FeatureRules), "features"), default_factory=list, omit=_empty
+    )
 
     # where each field path was read from (file and line), for errors about values that only
     # turn out wrong later (a model spec that does not load); not part of the schema
@@ -289,6 +308,22 @@ class Rulebook(sc.Record):
                     "merge the two entries into one",
                 )
             seen[entry.feature] = i
+            if entry.best_candidate is not None:
+                where.fail(
+                    f"features[{i}].best_candidate",
+                    "only a lost feature has a best candidate",
+                    "remove it, or move the entry under `lost:`",
+                    key=True,
+                )
+        lost: set[int] = set()
+        for i, entry in enumerate(self.lost):
+            if entry.feature in lost:
+                where.fail(
+                    f"lost[{i}].feature",
+                    f"duplicate lost feature id {entry.feature}",
+                    "keep one entry per old feature",
+                )
+            lost.add(entry.feature)
 
 
 def parse_book(where: sc.Where, value: Any) -> Rulebook:
@@ -332,7 +367,7 @@ def ref_table(book: Rulebook) -> RefTable:
     """The ``refs:`` table a book is written with: each input feature its claims name."""
     return RefTable.of(
         ref
-        for rules in book.features
+        for rules in (*book.features, *book.lost)
         for claims in rules.claims.values()
         for claim in claims
         for ref in kinds.refs_of(claim)
@@ -345,12 +380,14 @@ def book_dict(book: Rulebook) -> dict[str, Any]:
     out = sc.dump(book, measured=False)
     out["rulecheck"] = SCHEMA_VERSION
     refs = {k: list(v) for k, v in table.tokens.items()}
-    out = {k: v for k, v in out.items() if k != "features"}
+    out = {k: v for k, v in out.items() if k not in ("features", "lost")}
     if refs:
         out["refs"] = refs
     elif "refs" in out:
         del out["refs"]
     out["features"] = [_feature_dict(rules, table) for rules in book.features]
+    if book.lost:
+        out["lost"] = [_feature_dict(rules, table) for rules in book.lost]
     return out
 
 

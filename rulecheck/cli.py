@@ -1,4 +1,5 @@
-"""Command line: ``rulecheck extract``, ``show``, ``summary``, ``upgrade`` and ``match``."""
+"""Command line: ``rulecheck extract``, ``show``, ``summary``, ``diff``, ``upgrade``,
+``match`` and ``remap``."""
 
 from __future__ import annotations
 
@@ -106,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--split-threshold", default="0.7", help="least score of a split: -1..1")
     match.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     match.add_argument("--out", required=True, type=Path, help="mapping file to write (YAML)")
+
+    remap = sub.add_parser("remap", help="translate rulebooks into the ids of retrained SAEs")
+    remap.add_argument("paths", nargs="+", type=Path, help="rulebook files or directories")
+    remap.add_argument("--sae-in", default=None, help="the retrained input SAE ({layer})")
+    remap.add_argument("--sae-out", default=None, help="the retrained output SAE ({layer}/{head})")
+    remap.add_argument(
+        "--mapping", default="auto", help="auto (match on the fly), or a mapping file or directory"
+    )
+    remap.add_argument("--threshold", default="0.5", help="least score of a pair: -1..1")
+    remap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    remap.add_argument("--out", required=True, type=Path, help="directory for the new books")
     return parser
 
 
@@ -289,15 +301,13 @@ def _check_pair(old: Any, new: Any, old_spec: str, new_spec: str) -> None:
 
 def run_match(args: argparse.Namespace, console: Console) -> int:
     from rulecheck import zoo
-    from rulecheck.core.matching import activation_correlation, decoder_cosine, match_features
+    from rulecheck.config import MatchConfig, parse_config
     from rulecheck.loading import fingerprint_sae, load_corpus, load_model, load_sae
-    from rulecheck.mapping import MappingHeader, save_mapping, stream_activations
+    from rulecheck.mapping import header_for, match_saes, save_mapping
     from rulecheck.specs import locate, processing_for
 
-    k = Bound(int, 1).parse(args.k, "--k")
-    threshold = Bound(float, -1.0, 1.0).parse(args.threshold, "--threshold")
-    split_threshold = Bound(float, -1.0, 1.0).parse(args.split_threshold, "--split-threshold")
-    n_tokens = Bound(int, 1).parse(args.tokens, "--tokens")
+    texts = {"k": args.k, "threshold": args.threshold, "tokens": args.tokens}
+    cfg = parse_config(MatchConfig, {**texts, "split_threshold": args.split_threshold})
     corpus = args.corpus
     if args.model is not None and corpus is None and zoo.is_zoo_spec(args.model):
         corpus = f"{args.model.split(':', 1)[0]}:eval"
@@ -313,18 +323,8 @@ def run_match(args: argparse.Namespace, console: Console) -> int:
     old = load_sae(locate(args.old), device=args.device)
     new = load_sae(locate(args.new), device=args.device)
     _check_pair(old, new, args.old, args.new)
-    header = MappingHeader(
-        old=args.old,
-        new=args.new,
-        hook=str(old.cfg.metadata.hook_name),
-        head=old.cfg.metadata.hook_head_index,
-        fingerprints={"old": fingerprint_sae(old), "new": fingerprint_sae(new)},
-        k=k,
-        threshold=threshold,
-        split_threshold=split_threshold,
-    )
-    candidates = decoder_cosine(old.W_dec.detach(), new.W_dec.detach().to(old.W_dec.device), k)
-    corr = None
+    header = header_for(args.old, args.new, old, new, cfg, fingerprint_sae)
+    model = tokens = None
     if args.model is not None:
         model = load_model(locate(args.model), device=args.device, **processing_for(old))
         model.eval()
@@ -343,14 +343,10 @@ def run_match(args: argparse.Namespace, console: Console) -> int:
             bos_token_id=None if tok is None else tok.bos_token_id,
             seq_len=seq_len,
             d_vocab=model.cfg.d_vocab,
-            max_sequences=-(-n_tokens // (seq_len - 1)),
+            max_sequences=-(-cfg.tokens // (seq_len - 1)),
         )
-        rows = -(-n_tokens // max(1, tokens.shape[1] - 1))
-        tokens = tokens[:rows]
-        corr = activation_correlation(stream_activations(model, old, new, tokens), candidates)
         header.corpus = corpus
-        header.n_tokens = int(tokens.shape[0] * (tokens.shape[1] - 1))
-    matching = match_features(candidates, corr, threshold, split_threshold)
+    matching, header.n_tokens = match_saes(old, new, cfg, model, tokens)
     try:
         path = save_mapping(matching, args.out, header)
     except OSError as exc:
@@ -361,11 +357,76 @@ def run_match(args: argparse.Namespace, console: Console) -> int:
             fix="choose a file in a directory you can write to",
         ) from None
     table, verdict = match_summary(matching, old.cfg.d_sae, new.cfg.d_sae)
-    method = "decoder cosine and activation correlation" if corr is not None else "decoder cosine"
+    method = "decoder cosine and activation correlation" if model is not None else "decoder cosine"
     console.print(f"matched by {method}", soft_wrap=True)
     console.print(table)
     console.print(verdict, soft_wrap=True)
     console.print(f"wrote {path}", soft_wrap=True)
+    return 0
+
+
+def run_remap(args: argparse.Namespace, console: Console) -> int:
+    from rulecheck.atomic import atomic_write_many
+    from rulecheck.config import MatchConfig, parse_config
+    from rulecheck.gate import gated
+    from rulecheck.rulebook import _read_book_text, dump_rulebook, parse_rulebook, rulebook_files
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
+
+    if args.sae_in is None and args.sae_out is None:
+        raise InvalidSpec(
+            "names no retrained SAE",
+            field="--sae-out",
+            fix="pass --sae-out (the retrained output SAEs), --sae-in, or both",
+        )
+    cfg = parse_config(MatchConfig, {"threshold": args.threshold})
+    _must_exist(args.paths)
+    paths = list(rulebook_files(args.paths))
+    if not paths:
+        raise InvalidSpec(
+            "holds no rulebook (a YAML file with a top-level `rulecheck:` key)",
+            file=" ".join(map(str, args.paths)),
+            fix="pass rulebook files or the directories holding them",
+        )
+    if args.out.exists() and not args.out.is_dir():
+        raise InvalidSpec(
+            "is not a directory", file=args.out, field="--out", fix="name a directory"
+        )
+    if any(p.resolve().parent == args.out.resolve() for p in paths):
+        raise InvalidSpec(
+            "holds the rulebooks being remapped",
+            file=args.out,
+            field="--out",
+            fix="write the remapped books to another directory, then review and move them",
+        )
+    overrides = Specs(model=None, sae_in=args.sae_in, sae_out=args.sae_out)
+    bench = Workbench(overrides=overrides, device=args.device, cache_dir=None)
+    files, rows = [], []
+    for path in paths:
+        text = _read_book_text(path)
+        book = parse_rulebook(text, path)
+        gate = gated(bench, book, str(path), args.mapping, cfg)
+        bench.check_fingerprints(book, gate.old, str(path))
+        out = args.out / path.name
+        new = dump_rulebook(gate.remapped.written(), text, path=out, keep_manual=False)
+        files.append((out, new.encode()))
+        r = gate.remapped
+        rows.append((book.name, len(r.new_id), len(r.lost), r.by_tokens, r.dropped, out))
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_many(files)
+    table = Table(title="rulecheck remap")
+    for col in ("head", "kept", "lost", "refs by tokens", "rules left out", "written"):
+        table.add_column(col, justify="left" if col in ("head", "written") else "right")
+    for name, kept, lost, by_tokens, dropped, out in rows:
+        table.add_row(name, str(kept), str(lost), str(by_tokens), str(dropped), str(out))
+    console.print(table)
+    n_lost = sum(row[2] for row in rows)
+    if n_lost:
+        console.print(
+            f"{n_lost} lost feature{'' if n_lost == 1 else 's'} written under `lost:` by their old "
+            "ids: re-home or remove them before the books pass",
+            soft_wrap=True,
+        )
     return 0
 
 
@@ -402,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "diff": run_diff,
         "upgrade": run_upgrade,
         "match": run_match,
+        "remap": run_remap,
     }
     try:
         args = build_parser().parse_args(argv)

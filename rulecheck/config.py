@@ -139,6 +139,45 @@ class ExtractConfig(Checked):
 
 
 @dataclass(frozen=True)
+class MatchConfig(Checked):
+    """Settings of matching an old SAE's features to a retrained one's
+    (``rulecheck.core.matching``): candidates per old feature, the least score of a pair and
+    of a split, and the corpus tokens activations are correlated over."""
+
+    k: int = bounded(int, 1, default=8)
+    threshold: float = bounded(float, -1.0, 1.0, default=0.5)
+    split_threshold: float = bounded(float, -1.0, 1.0, default=0.7)
+    tokens: int = bounded(int, 1, default=4096)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many features of a rulebook may be lost in remapping: ``count`` features, or a
+    ``share`` of the book's features (rounded down)."""
+
+    count: int = 0
+    share: float | None = None
+
+    def allows(self, total: int) -> int:
+        """The number of lost features allowed in a book of ``total``."""
+        if self.share is not None:
+            return math.floor(self.share * total + 1e-9)
+        return self.count
+
+    def __str__(self) -> str:
+        return f"{self.share * 100:g}%" if self.share is not None else str(self.count)
+
+
+def parse_budget(text: str, name: str) -> Budget:
+    """``5%`` (a share of each book's features) or ``3`` (features per book)."""
+    text = str(text).strip()
+    if text.endswith("%"):
+        share = Bound(float, 0.0, 100.0).parse(text[:-1].strip(), name)
+        return Budget(share=share / 100)
+    return Budget(count=Bound(int, 0).parse(text, name))
+
+
+@dataclass(frozen=True)
 class CheckConfig(Checked):
     """Settings of checking rulebooks (the pytest plugin's ``--rulecheck-*`` options)."""
 
@@ -146,6 +185,9 @@ class CheckConfig(Checked):
     examples: int = bounded(int, 1, 100_000, default=25)  # Hypothesis examples per property
     # the parts (FINGERPRINTED) whose recorded fingerprints may differ from what is loaded
     accept_changed: frozenset[str] = frozenset()
+    # translate claims into retrained SAEs' ids: "auto" (match on the fly) or mapping files
+    remap: str | None = None
+    allow_lost: Budget = dataclasses.field(default_factory=Budget)
 
     def __post_init__(self) -> None:
         super().__post_init__()

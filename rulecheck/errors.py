@@ -10,6 +10,7 @@ fix (a failed rule adds the evidence on the lines after it).
                          a rulebook checked against another model, SAE or corpus than the
                          one it records
     ``RuleFailed``       a claim that does not hold (also an ``AssertionError``)
+    ``RemapLost``        a claim on a feature that a retrained SAE has no partner for
     ``Regenerated``      a claim rewritten by regeneration, to be reviewed
 """
 
@@ -90,6 +91,11 @@ class RuleFailed(RulecheckError, AssertionError):
     def __init__(self, what: str, *, record: dict | None = None, **where: object) -> None:
         super().__init__(what, **where)  # type: ignore[arg-type]
         self.record = dict(record or {})
+
+
+class RemapLost(RulecheckError, AssertionError):
+    """A claim on a feature that the retrained SAE it was remapped to has no confident
+    partner for (or that names such an input feature and gives no tokens)."""
 
 
 class Regenerated(RulecheckError, AssertionError):

@@ -14,7 +14,8 @@ and how they were matched, one flow list per kept pair, then the features withou
     n_tokens: 4032
     pairs:                           # [old, new, cosine, correlation, confidence, status]
     - [0, 17, 0.998, 0.991, 0.995, matched]
-    lost: [3]                        # old features with no partner
+    lost:                            # old features with no partner: [best candidate, score]
+      3: [112, 0.412]
     new_features: [40]               # new features with no partner
     split: {5: [9, 12]}              # old feature -> its extra new partners
     merged: {21: [30]}               # new feature -> its extra old partners
@@ -37,11 +38,19 @@ import torch
 import yaml
 
 from rulecheck.atomic import atomic_write
-from rulecheck.core.matching import Matching, Pair
+from rulecheck.config import MatchConfig
+from rulecheck.core.matching import (
+    Matching,
+    Pair,
+    activation_correlation,
+    decoder_cosine,
+    match_features,
+)
 from rulecheck.errors import InvalidMapping
 from rulecheck.schema import Where, significant
 
 FORMAT = 1
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where present: same result
 STATUSES = ("matched", "split", "merged")
 PAIR_FIELDS = ("old", "new", "cosine", "correlation", "confidence", "status")
 REQUIRED = ("rulecheck_mapping", "old", "new", "hook", "settings", "pairs", "lost", "new_features")
@@ -126,7 +135,11 @@ def dump_mapping(matching: Matching, header: MappingHeader) -> str:
             p.status,
         ]
         lines.append(f"- [{', '.join(values)}]")
-    lines.append(f"lost: {_ids(matching.lost)}")
+    lines.append("lost:" + ("" if matching.lost else " {}"))
+    for i in matching.lost:
+        best = matching.best.get(i)
+        value = "null" if best is None else f"[{int(best[0])}, {_number(best[1])}]"
+        lines.append(f"  {int(i)}: {value}")
     lines.append(f"new_features: {_ids(matching.new)}")
     for name, groups in (("split", matching.split), ("merged", matching.merged)):
         lines.append(f"{name}:" + ("" if groups else " {}"))
@@ -184,6 +197,32 @@ class _Reader:
             )
         return [self.integer(v, f"{path}[{i}]") for i, v in enumerate(value)]
 
+    def lost(self, value: Any, path: str) -> tuple[list[int], dict[int, tuple[int, float]]]:
+        """``lost:``: old ids with their best candidate and its score (``null``: none), or a
+        plain list of old ids."""
+        if isinstance(value, list):
+            return self.ids(value, path), {}
+        if value is None:
+            return [], {}
+        if not isinstance(value, dict):
+            raise self.fail(
+                path,
+                f"expected a mapping of old feature id to [candidate, score], got {value!r}",
+                "write e.g. {3: [112, 0.41]} or {}",
+            )
+        lost, best = [], {}
+        for k, v in value.items():
+            sub = f"{path}[{k!r}]"
+            lost.append(self.integer(k, sub))
+            if v is None:
+                continue
+            if not isinstance(v, list) or len(v) != 2:
+                raise self.fail(
+                    sub, f"expected [candidate, score], got {v!r}", "write e.g. [112, 0.41]"
+                )
+            best[k] = (self.integer(v[0], sub), self.number(v[1], sub))
+        return sorted(lost), best  # type: ignore[return-value]
+
     def groups(self, value: Any, path: str) -> dict[int, list[int]]:
         if value is None:
             return {}
@@ -213,7 +252,7 @@ def _lines(node: yaml.Node) -> dict[str, int]:
         elif isinstance(value, yaml.MappingNode):
             for k, _ in value.value:
                 lines[f"{name}.{k.value}"] = k.start_mark.line + 1
-                if name in ("split", "merged") and str(k.value).isdigit():
+                if name in ("split", "merged", "lost") and str(k.value).isdigit():
                     lines[f"{name}[{int(k.value)!r}]"] = k.start_mark.line + 1
     return lines
 
@@ -233,8 +272,8 @@ def load_mapping(path: str | Path) -> tuple[MappingHeader, Matching]:
             f"cannot read it ({exc})", file=file, fix="pass a mapping file"
         ) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_LOADER)
+        data = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or "not valid YAML"
@@ -340,9 +379,11 @@ def load_mapping(path: str | Path) -> tuple[MappingHeader, Matching]:
                 status=status,
             )
         )
+    lost, best = r.lost(data["lost"], "lost")
     matching = Matching(
         pairs=pairs,
-        lost=r.ids(data["lost"], "lost"),
+        lost=lost,
+        best=best,
         new=r.ids(data["new_features"], "new_features"),
         split=r.groups(data.get("split"), "split"),
         merged=r.groups(data.get("merged"), "merged"),
@@ -390,3 +431,37 @@ def stream_activations(
         old = _encode(sae_old, act.to(sae_old.W_dec.dtype))
         new = _encode(sae_new, act.to(sae_new.W_dec.dtype))
         yield old.reshape(-1, old.shape[-1]), new.reshape(-1, new.shape[-1])
+
+
+def match_saes(
+    old: Any, new: Any, cfg: MatchConfig, model: Any = None, tokens: torch.Tensor | None = None
+) -> tuple[Matching, int | None]:
+    """Match the features of SAE ``old`` to those of ``new`` (same hook): decoder cosine, and
+    with ``model`` and ``tokens [n_seq, pos]`` the activation correlation over the first
+    ``cfg.tokens`` tokens after BOS. Returns the matching and the number of tokens
+    correlated (None without a model)."""
+    w_new = new.W_dec.detach().to(old.W_dec.device)
+    candidates = decoder_cosine(old.W_dec.detach(), w_new, cfg.k)
+    corr, n_tokens = None, None
+    if model is not None and tokens is not None:
+        tokens = tokens[: -(-cfg.tokens // max(1, tokens.shape[1] - 1))]
+        corr = activation_correlation(stream_activations(model, old, new, tokens), candidates)
+        n_tokens = int(tokens.shape[0] * (tokens.shape[1] - 1))
+    return match_features(candidates, corr, cfg.threshold, cfg.split_threshold), n_tokens
+
+
+def header_for(
+    old_spec: str, new_spec: str, old: Any, new: Any, cfg: MatchConfig, fingerprint: Any
+) -> MappingHeader:
+    """The header of a mapping of ``old`` (loaded from ``old_spec``) to ``new``;
+    ``fingerprint`` is ``rulecheck.loading.fingerprint_sae``."""
+    return MappingHeader(
+        old=old_spec,
+        new=new_spec,
+        hook=str(old.cfg.metadata.hook_name),
+        head=old.cfg.metadata.hook_head_index,
+        fingerprints={"old": fingerprint(old), "new": fingerprint(new)},
+        k=cfg.k,
+        threshold=cfg.threshold,
+        split_threshold=cfg.split_threshold,
+    )

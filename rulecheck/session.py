@@ -110,17 +110,20 @@ class Workbench:
         self._models: dict[str, HookedTransformer] = {}
         self._saes: dict[tuple[str, int, int | None], SAE] = {}
         self._corpora: dict[tuple[str, str], Tensor] = {}
-        self._collectors: dict[Head, ExemplarCollector] = {}
+        self._collectors: dict[tuple[Head, str | None], ExemplarCollector] = {}
+        self._sample_ids: dict[Head, Tensor] = {}
         self._memo: dict[tuple, Any] = {}
         self._fingerprints: dict[tuple, str] = {}
 
     # ------------------------------------------------------------------------------ loading
 
-    def head_of(self, book: Rulebook, file: str) -> Head:
+    def head_of(self, book: Rulebook, file: str, *, saes: bool = True) -> Head:
         """The head a rulebook is about, with command-line overrides applied: the book's specs
         (a zoo model fills in its own SAEs and corpus), then each given override; another zoo
-        model brings its own SAEs and corpus unless those are given too."""
-        o = self.overrides
+        model brings its own SAEs and corpus unless those are given too. With ``saes``
+        False, the SAEs are the book's own whatever the overrides say (the SAEs a book is
+        remapped from)."""
+        o = self.overrides if saes else replace(self.overrides, sae_in=None, sae_out=None)
         if book.model is None and o.model is None:
             raise InvalidRulebook(
                 "names no model",
@@ -390,7 +393,20 @@ class Workbench:
             "exemplars": asdict(self.exemplar_cfg),
             "rulecheck": __version__,
         }
+        if head in self._sample_ids:
+            parts["sample_ids"] = self._ids_digest(head)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+    def sample_by(self, head: Head, ids: Tensor) -> None:
+        """Key the random draws of ``head``'s features by ``ids [d_sae]`` (a retrained
+        SAE's features by their old partners' ids; ``rulecheck.gate``) from now on."""
+        self._sample_ids[head] = ids.to(torch.int64).cpu()
+
+    def _ids_digest(self, head: Head) -> str | None:
+        ids = self._sample_ids.get(head)
+        if ids is None:
+            return None
+        return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
 
     def layer_pass(
         self, head: Head, progress: Progress = no_progress
@@ -400,7 +416,7 @@ class Workbench:
         for a layer-level SAE), by head index, and the layer's mean LayerNorm scale."""
         model, _, _, tokens = self.load(head)
         heads = range(model.cfg.n_heads) if "{head}" in head.specs.sae_out else [head.head]
-        group = [replace(head, head=h) for h in heads]
+        group = [replace(head, head=h) for h in heads if h == head.head or self._has_sae(head, h)]
 
         def compute() -> tuple[dict[int, ExemplarCollector], float]:
             check_corpus_size(tokens.shape[0], self.exemplar_cfg, head.specs.corpus)
@@ -410,27 +426,54 @@ class Workbench:
 
         return self.memo(("layer_pass", tuple(group), self.exemplar_cfg), compute)
 
+    def _has_sae(self, head: Head, other: int) -> bool:
+        """Whether the output SAE of head ``other`` of ``head``'s layer loads (a retrained
+        SAE may exist for one head only): the layer's pass collects only those heads."""
+        try:
+            self.sae_out(replace(head, head=other))
+        except RulecheckError:
+            return False
+        return True
+
     def collector(self, head: Head) -> ExemplarCollector:
         """The head's exemplar state: from memory, the disk cache, or a pass over the corpus
-        (``layer_pass``: one per layer, however many of its heads are checked)."""
-        if head in self._collectors:
-            return self._collectors[head]
+        (``layer_pass``: one per layer, however many of its heads are checked; a head whose
+        draws are keyed by other ids, ``sample_by``, has a pass of its own)."""
+        key = (head, self._ids_digest(head))
+        if key in self._collectors:
+            return self._collectors[key]
         cached = self._load_cached(head)
         if cached is not None:
-            self._collectors[head] = cached
+            self._collectors[key] = cached
             return cached
-        collectors, _ = self.layer_pass(head)
+        if key[1] is None:
+            collectors, _ = self.layer_pass(head)
+        else:
+            collectors = self.memo(
+                ("own pass", key, self.exemplar_cfg), lambda: self._own_pass(head)
+            )
         for h, col in collectors.items():
             other = replace(head, head=h)
-            if other in self._collectors:
-                continue
+            other_key = (other, self._ids_digest(other))
+            if other_key in self._collectors or (other_key[1] != key[1] and other != head):
+                continue  # a head keyed by other ids than this pass's has its own
             col.flush()
-            self._collectors[other] = col
+            self._collectors[other_key] = col
             if self.cache_dir is not None:
                 state = {name: getattr(col, name).contiguous() for name in COLLECTOR_STATE}
                 state["n_seen"] = torch.tensor(col.n_seen)
                 atomic_write(self._cache_path(other), save({k: v.cpu() for k, v in state.items()}))
-        return self._collectors[head]
+        return self._collectors[key]
+
+    def _own_pass(self, head: Head) -> dict[int, ExemplarCollector]:
+        """A pass over the corpus for ``head`` alone, its draws keyed by its sample ids."""
+        model, _, sae_out, tokens = self.load(head)
+        check_corpus_size(tokens.shape[0], self.exemplar_cfg, head.specs.corpus)
+        cfg = ExtractConfig(batch_size=self.batch_size, exemplars=self.exemplar_cfg)
+        ids = {head.head: self._sample_ids[head]}
+        return collect_layer(model, {head.head: sae_out}, tokens, head.layer, cfg, sample_ids=ids)[
+            0
+        ]
 
     def with_exemplars(self, exemplars: ExemplarConfig) -> Workbench:
         """This workbench under other protocol settings: the loaded models, SAEs and corpora
@@ -441,7 +484,7 @@ class Workbench:
             self.overrides, str(self.device), self.cache_dir, exemplars, self.batch_size
         )
         other._models, other._saes, other._corpora = self._models, self._saes, self._corpora
-        other._fingerprints = self._fingerprints
+        other._fingerprints, other._sample_ids = self._fingerprints, self._sample_ids
         return other
 
     def _cache_path(self, head: Head) -> Path:
@@ -454,7 +497,11 @@ class Workbench:
             return None
         _, _, sae_out, tokens = self.load(head)
         col = ExemplarCollector(
-            sae_out.cfg.d_sae, tokens.shape[1], self.exemplar_cfg, torch.device(self.device)
+            sae_out.cfg.d_sae,
+            tokens.shape[1],
+            self.exemplar_cfg,
+            torch.device(self.device),
+            self._sample_ids.get(head),
         )
         path = self._cache_path(head)
         try:

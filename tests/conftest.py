@@ -69,6 +69,28 @@ def random_sae(
     return sae
 
 
+def permuted_copy(spec: str, directory, seed: int = 7, noise: float = 0.01) -> list[int]:
+    """Save to ``directory`` a copy of the SAE at ``spec`` with its features permuted and
+    noise (``noise`` times each weight's std) on every weight; returns ``perm``: new feature
+    ``j`` is old feature ``perm[j]``."""
+    from rulecheck.loading import load_sae
+    from rulecheck.specs import locate
+
+    sae = load_sae(locate(spec))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(sae.cfg.d_sae, generator=g)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            if name == "W_enc":
+                p.copy_(p[:, perm])
+            elif name in ("b_enc", "W_dec", "threshold", "log_threshold"):
+                p.copy_(p[perm])
+        for p in sae.parameters():
+            p.add_(noise * p.std() * torch.randn(p.shape, generator=g))
+    sae.save_model(str(directory))
+    return perm.tolist()
+
+
 @pytest.fixture(scope="module")
 def model() -> HookedTransformer:
     return random_model()

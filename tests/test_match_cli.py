@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import permuted_copy
 
 from rulecheck.cli import main
 from rulecheck.core.matching import Matching, Pair
 from rulecheck.errors import InvalidMapping
-from rulecheck.loading import load_sae
 from rulecheck.mapping import MappingHeader, dump_mapping, load_mapping, save_mapping
-from rulecheck.specs import locate
 
 OLD = "rulecheck-tiny:sae_out/L0H1"
 
@@ -21,18 +19,8 @@ OLD = "rulecheck-tiny:sae_out/L0H1"
 def permuted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
     """A copy of ``OLD`` with its features permuted and small noise on every weight: new
     feature ``j`` is old feature ``perm[j]``."""
-    sae = load_sae(locate(OLD))
-    g = torch.Generator().manual_seed(7)
-    perm = torch.randperm(sae.cfg.d_sae, generator=g)
-    with torch.no_grad():
-        sae.W_enc.copy_(sae.W_enc[:, perm])
-        sae.b_enc.copy_(sae.b_enc[perm])
-        sae.W_dec.copy_(sae.W_dec[perm])
-        for p in sae.parameters():
-            p.add_(0.01 * p.std() * torch.randn(p.shape, generator=g))
     directory = tmp_path_factory.mktemp("permuted") / "L0H1"
-    sae.save_model(str(directory))
-    return directory, perm.tolist()
+    return directory, permuted_copy(OLD, directory)
 
 
 def inverse(perm: list[int]) -> dict[int, int]:
@@ -114,7 +102,9 @@ def small_matching() -> tuple[MappingHeader, Matching]:
         Pair(1, 0, 0.71234, 0.6, 0.65617, "matched"),
         Pair(3, 4, 0.8, -0.25, 0.275, "merged"),
     ]
-    matching = Matching(pairs, lost=[2], new=[1], split={0: [3]}, merged={4: [5]})
+    matching = Matching(
+        pairs, lost=[2], new=[1], split={0: [3]}, merged={4: [5]}, best={2: (5, 0.31)}
+    )
     return header, matching
 
 
@@ -125,6 +115,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert header2 == header
     assert matching2.mapping() == matching.mapping()
     assert (matching2.lost, matching2.new) == (matching.lost, matching.new)
+    assert matching2.best == {2: (5, 0.31)}
     assert (matching2.split, matching2.merged) == (matching.split, matching.merged)
     assert [p.status for p in matching2.pairs] == ["split", "matched", "merged"]
     assert matching2.pairs[0].cosine == 0.988 and matching2.pairs[0].correlation is None
@@ -140,11 +131,12 @@ def test_round_trip(tmp_path: Path) -> None:
         (("matched]", "kept]"), "pairs[1].status", 12),
         (("- [3, 4,", "- [3, 2,"), "pairs[2].new", 13),
         (("- [3, 4, 0.8, -0.25, 0.275, merged]", "- [3, 4]"), "pairs[2]", 13),
-        (("lost: [2]", "lost: 2"), "lost", 14),
+        (("lost:\n  2: [5, 0.31]", "lost: 2"), "lost", 14),
+        (("  2: [5, 0.31]", "  2: [5]"), "lost[2]", 15),
         (("rulecheck_mapping: 1", "rulecheck_mapping: 9"), "rulecheck_mapping", 1),
-        (("new_features: [1]", "new_feature: [1]"), "new_feature", 15),
+        (("new_features: [1]", "new_feature: [1]"), "new_feature", 16),
         (("  k: 8", "  k: 0"), "settings.k", 6),
-        (("split:\n  0: [3]", "split: [1]"), "split", 16),
+        (("split:\n  0: [3]", "split: [1]"), "split", 17),
     ],
 )
 def test_malformed_mapping_is_one_line(tmp_path: Path, edit, field: str, line: int) -> None:

@@ -53,6 +53,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "run rulebooks although these differ from the fingerprints they record: a comma list"
         " of model, sae_in, sae_out, corpus, or all",
     )
+    option(
+        "remap",
+        "translate each rulebook's claims into the ids of the SAEs this run loads (retrained "
+        "ones, from --rulecheck-sae-in/--rulecheck-sae-out): auto (match the features on the "
+        "fly) or mapping files from rulecheck match (a file or a directory)",
+    )
+    option(
+        "allow-lost",
+        "features of a rulebook that may have no partner in the retrained SAE: a count (3) or "
+        "a share of the book with a percent sign; their claims skip instead of failing (default 0)",
+    )
     group.addoption(
         "--rulecheck-extract",
         dest="rulecheck_extract",
@@ -133,6 +144,8 @@ class RulebookFile(pytest.File):
         self.regenerated = regeneration(self.config, self.path)
         for rules in book.features:
             yield FeatureNode.from_parent(self, name=f"feature[{rules.feature}]", rules=rules)
+        for rules in book.lost:
+            yield LostItem.from_parent(self, name=f"lost[{rules.feature}]", rules=rules)
         if self.regenerated["removed"]:
             yield RemovedItem.from_parent(self, name="regenerated")
 
@@ -202,15 +215,44 @@ class RuleItem(pytest.Item):
         config = self.config
         bench = workbench(config)
         settings = config.stash[STASH_CHECK]
-        head = bench.head_of(self.book, str(self.path))
-        bench.check_fingerprints(self.book, head, str(self.path), settings.accept_changed)
+        file = str(self.path)
+        rules = self.rules
+        if settings.remap:
+            from rulecheck.gate import gated, lost_verdict, untranslatable
+
+            gate = gated(bench, self.book, file, settings.remap)
+            bench.check_fingerprints(self.book, gate.old, file, settings.accept_changed)
+            head, translated = gate.new, gate.remapped.rules(rules.feature)
+            if translated is None:
+                entry = gate.remapped.lost[rules.feature]
+                pytest.skip(
+                    lost_verdict(
+                        gate.remapped.book,
+                        entry,
+                        settings.allow_lost,
+                        file,
+                        new_spec=gate.specs["sae_out"],
+                        field=f"feature[{rules.feature}]",
+                    )
+                )
+            if (translated.feature, self.kind.key, self.index) in gate.remapped.untranslatable:
+                untranslatable(gate, rules.feature, self.kind.key, self.index, file)
+            rules = translated
+        else:
+            head = bench.head_of(self.book, file)
+            bench.check_fingerprints(self.book, head, file, settings.accept_changed)
         ctx = CheckContext(
-            bench, head, str(self.path), tolerance=settings.tolerance, examples=settings.examples
+            bench, head, file, tolerance=settings.tolerance, examples=settings.examples
         )
         try:
-            record = self.kind.check(ctx, self.rules, self.index)
-        except RuleFailed as failed:
-            self.record(failed.record)
+            record = self.kind.check(ctx, rules, self.index)
+        except RulecheckError as failed:
+            if rules is not self.rules:
+                from rulecheck.gate import note_remapped
+
+                note_remapped(failed, self.rules.feature, rules.feature)
+            if isinstance(failed, RuleFailed):
+                self.record(failed.record)
             raise
         self.record(record)
 
@@ -228,6 +270,35 @@ class RuleItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, self.nodeid.split("::", 1)[-1]
+
+
+class LostItem(pytest.Item):
+    """A feature under a remapped book's ``lost:``: it fails with one line (skips within
+    ``--rulecheck-allow-lost``) until a person re-homes its claims or removes it."""
+
+    def __init__(self, *, rules, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.rules = rules
+
+    def runtest(self) -> None:
+        from rulecheck.gate import gated, lost_verdict
+
+        settings = self.config.stash[STASH_CHECK]
+        book, spec = self.parent.book, None
+        if settings.remap:
+            gate = gated(workbench(self.config), book, str(self.path), settings.remap)
+            book, spec = gate.remapped.book, gate.specs["sae_out"]
+        pytest.skip(
+            lost_verdict(book, self.rules, settings.allow_lost, str(self.path), new_spec=spec)
+        )
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, RulecheckError):
+            return _relative(self.config, excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, self.name
 
 
 class RemovedItem(pytest.Item):
@@ -347,14 +418,36 @@ def feature(rulecheck_workbench):
 def check_settings(config: pytest.Config):
     """The checking options, each read through its bound (``rulecheck.config``), and the
     report path checked: all before anything is collected or run."""
-    from rulecheck.config import CheckConfig, parse_accept_changed, parse_config
+    from rulecheck.config import (
+        Budget,
+        CheckConfig,
+        parse_accept_changed,
+        parse_budget,
+        parse_config,
+    )
 
     texts = {name: setting(config, name) for name in ("tolerance", "examples")}
     accept = parse_accept_changed(
         setting(config, "accept-changed", ""), "--rulecheck-accept-changed"
     )
-    checked = parse_config(CheckConfig, texts, "--rulecheck-{}", accept_changed=accept)
+    remap = setting(config, "remap")
+    allow_lost = setting(config, "allow-lost")
+    budget = Budget() if allow_lost is None else parse_budget(allow_lost, "--rulecheck-allow-lost")
+    checked = parse_config(
+        CheckConfig,
+        texts,
+        "--rulecheck-{}",
+        accept_changed=accept,
+        remap=remap,
+        allow_lost=budget,
+    )
     mode = config.getoption("rulecheck_extract", None)
+    if mode is not None and remap is not None:
+        raise InvalidSpec(
+            "cannot regenerate and remap in one run",
+            field="--rulecheck-remap",
+            fix="remap first (rulecheck remap --out DIR), then regenerate the written books",
+        )
     if mode is not None and mode not in EXTRACT_MODES:
         raise InvalidSpec(
             f"unknown mode {mode!r}",

@@ -40,11 +40,21 @@ def seeded_keys(seed: int, seq: Tensor, feature: Tensor, salt: int = 0) -> Tenso
 class ExemplarCollector:
     """Streams output-feature activations of one head and keeps what the protocol needs."""
 
-    def __init__(self, d_sae: int, seq_len: int, cfg: ExemplarConfig, device: torch.device):
+    def __init__(
+        self,
+        d_sae: int,
+        seq_len: int,
+        cfg: ExemplarConfig,
+        device: torch.device,
+        sample_ids: Tensor | None = None,
+    ):
         self.cfg = cfg
         self.seq_len = seq_len
         self.n_seen = 0
-        f = torch.arange(d_sae, device=device)
+        # the id each feature's random draws (negatives, their positions, the split) are
+        # keyed by: its own, or (for a retrained SAE) its old partner's, so that a feature
+        # re-identified under a new id is checked on the same sequences
+        f = torch.arange(d_sae, device=device) if sample_ids is None else sample_ids.to(device)
         self.features = f
         self.active = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.top_val = torch.full((d_sae, 0), 0.0, device=device)
@@ -109,15 +119,16 @@ class ExemplarCollector:
         pos_t = self.top_pos[feature, :n_pos]
         pos_act = self.top_val[feature, :n_pos]
         neg_seq = self.neg_seq[feature][self.neg_key[feature] < INACTIVE_ONLY]
-        f = torch.full_like(neg_seq, feature)
+        key = int(self.features[feature])
+        f = torch.full_like(neg_seq, key)
         neg_t = 1 + seeded_keys(self.cfg.seed, neg_seq, f, salt=1) % (self.seq_len - 1)
         seq = torch.cat([pos_seq, neg_seq])
         t = torch.cat([pos_t, neg_t])
         act = torch.cat([pos_act, torch.zeros(len(neg_seq), device=pos_act.device)])
         split = torch.cat(
             [
-                split_labels(len(pos_seq), self.cfg.seed, feature, salt=2),
-                split_labels(len(neg_seq), self.cfg.seed, feature, salt=3),
+                split_labels(len(pos_seq), self.cfg.seed, key, salt=2),
+                split_labels(len(neg_seq), self.cfg.seed, key, salt=3),
             ]
         ).to(seq.device)
         return FeatureExamples(feature=feature, seq=seq, t=t, act=act, split=split)

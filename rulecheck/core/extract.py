@@ -89,13 +89,18 @@ def collect_layer(
     layer: int,
     cfg: ExtractConfig,
     progress: Progress = no_progress,
+    sample_ids: dict[int, Tensor] | None = None,
 ) -> tuple[dict[int, ExemplarCollector], float]:
     """Stream ``tokens [n_seq, pos]`` once: exemplars for every head in ``sae_outs`` and the
-    mean inverse LayerNorm scale of ``blocks.{layer}`` (positions after BOS)."""
+    mean inverse LayerNorm scale of ``blocks.{layer}`` (positions after BOS). ``sample_ids``
+    gives a head's features the ids their random draws are keyed by (``ExemplarCollector``)."""
     device = model.cfg.device
     n_seq, seq_len = tokens.shape
+    ids = sample_ids or {}
     collectors = {
-        h: ExemplarCollector(sae.cfg.d_sae, seq_len, cfg.exemplars, torch.device(device))
+        h: ExemplarCollector(
+            sae.cfg.d_sae, seq_len, cfg.exemplars, torch.device(device), ids.get(h)
+        )
         for h, sae in sae_outs.items()
     }
     names = layer_hooks(model, layer)

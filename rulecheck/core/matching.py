@@ -75,13 +75,16 @@ class Pair:
 @dataclass
 class Matching:
     """Pairs in increasing old id; ``split`` maps an old feature to its extra new partners,
-    ``merged`` a new feature to its extra old partners."""
+    ``merged`` a new feature to its extra old partners; ``best`` gives each lost old feature
+    its best-scoring candidate and that score (the evidence that it has no confident
+    partner)."""
 
     pairs: list[Pair]
     lost: list[int]
     new: list[int]
     split: dict[int, list[int]] = field(default_factory=dict)
     merged: dict[int, list[int]] = field(default_factory=dict)
+    best: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     def mapping(self) -> dict[int, int]:
         """Old -> new for the kept pairs."""
@@ -294,4 +297,10 @@ def match_features(
     in_split = {j for v in split.values() for j in v}
     lost = [i for i in range(n_old) if i not in mapping and i not in in_merge]
     new = [j for j in range(n_new) if j not in inverse and j not in in_split]
-    return Matching(pairs=pairs, lost=lost, new=new, split=split, merged=merged)
+    top = score.argmax(dim=1) if score.shape[1] else None  # [n_old]
+    best = {}
+    if top is not None:
+        for i in lost:
+            c = int(top[i])
+            best[i] = (int(index[i, c]), float(score[i, c]))
+    return Matching(pairs=pairs, lost=lost, new=new, split=split, merged=merged, best=best)

@@ -77,6 +77,9 @@ class RuleKind:
     item: ClassVar[str] = ""  # item name prefix: "absence" gives absence[<name>]
     always_written: ClassVar[bool] = False  # written even when empty
     validate: ClassVar[bool] = True  # extraction keeps only candidates whose check passes
+    # the kind's rules are checked together (one set, as skip-grams are): a rule that cannot
+    # be translated into a retrained SAE's ids leaves the set, instead of failing on its own
+    together: ClassVar[bool] = False
 
     def read(self, where: schema.Where, value: Any, path: str) -> Any:
         """One rule as a book writes it; this default reads the long form (a mapping)."""

@@ -127,6 +127,7 @@ class SkipGrams(RuleKind):
     claim = SkipGram
     always_written = True
     validate = False  # extraction measured them on the same exemplars
+    together = True  # the terms of one F1 claim
 
     def read(self, where: schema.Where, value: Any, path: str) -> SkipGram:
         """``[key, query]``, ``"[key] ... [query]"`` or ``{key: ..., query: ...}``."""

@@ -1,0 +1,222 @@
+"""The retraining gate: rulebooks checked against retrained SAEs, their claims translated into
+the new SAEs' feature ids first (``pytest --rulecheck-remap auto|PATH``, ``rulecheck remap``).
+
+For each rulebook the SAEs it records (the *old* ones: its own header, whatever the command
+line overrides) are compared with the SAEs the run loads (the *new* ones, from
+``--rulecheck-sae-in``/``--rulecheck-sae-out``). An SAE that did not change needs no
+translation; one that did is matched to the old one, either on the fly (``auto``: decoder
+cosine and activation correlation over the head's corpus, ``rulecheck.mapping.match_saes``)
+or from mapping files written by ``rulecheck match`` (a file, or a directory of them, each
+found by the hook and head it maps and checked against both SAEs' fingerprints). The book is
+then translated (``rulecheck.remap``). A claim on a feature without a confident partner fails
+with one line, unless the budget ``--rulecheck-allow-lost`` allows that many lost features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.config import Budget, MatchConfig
+from rulecheck.core.matching import Matching
+from rulecheck.errors import InvalidMapping, InvalidSpec, RemapLost, RulecheckError
+from rulecheck.mapping import MappingHeader, load_mapping, match_saes
+from rulecheck.remap import FeatureMap, Remapped, remap_book
+from rulecheck.session import PART_NAMES, Head, Workbench
+from rulecheck.specs import head_spec
+
+AUTO = "auto"
+PARTS = ("sae_in", "sae_out")
+
+
+@dataclass
+class Gated:
+    """A rulebook remapped for a run: the head as the book records it (``old``) and as the
+    run loads it (``new``), the translation, each SAE's map (None: unchanged) and spec."""
+
+    old: Head
+    new: Head
+    remapped: Remapped
+    maps: dict[str, FeatureMap | None]
+    specs: dict[str, str]
+    threshold: float
+
+
+def sae_spec(head: Head, part: str) -> str:
+    """The spec of the head's input (``sae_in``) or output (``sae_out``) SAE."""
+    if part == "sae_in":
+        return head_spec(head.specs.sae_in, head.layer)
+    return head_spec(head.specs.sae_out, head.layer, head.head)
+
+
+def _load(bench: Workbench, head: Head, part: str):
+    return bench.sae_in(head) if part == "sae_in" else bench.sae_out(head)
+
+
+def gated(
+    bench: Workbench, book: Rulebook, file: str, source: str, cfg: MatchConfig | None = None
+) -> Gated:
+    """``book`` translated for the SAEs this run loads (once per session and book)."""
+    cfg = cfg or MatchConfig()
+
+    def compute() -> Gated:
+        old, new = bench.head_of(book, file, saes=False), bench.head_of(book, file)
+        maps = {part: feature_map(bench, old, new, part, source, cfg) for part in PARTS}
+        if maps["sae_out"] is not None:
+            n_old, n_new = bench.sae_out(old).cfg.d_sae, bench.sae_out(new).cfg.d_sae
+            bench.sample_by(new, maps["sae_out"].sample_ids(n_old, n_new))
+        header = {part: getattr(new.specs, part) for part in PARTS}
+        fingerprints = dict(book.fingerprints)
+        for part in PARTS:
+            if part in fingerprints:
+                fingerprints[part] = bench.fingerprints(new, (part,))[part]
+        remapped = remap_book(
+            book, maps["sae_out"], maps["sae_in"], fingerprints=fingerprints, **header
+        )
+        specs = {part: sae_spec(new, part) for part in PARTS}
+        return Gated(old, new, remapped, maps, specs, cfg.threshold)
+
+    def once() -> Gated | RulecheckError:
+        try:
+            return compute()
+        except RulecheckError as exc:
+            return exc  # every item of the book fails with it, computed once
+
+    result = bench.memo(("gated", file, source, cfg), once)
+    if isinstance(result, RulecheckError):
+        raise result
+    return result
+
+
+def feature_map(
+    bench: Workbench, old: Head, new: Head, part: str, source: str, cfg: MatchConfig
+) -> FeatureMap | None:
+    """How the features of the old head's SAE ``part`` map to the new head's (None when it
+    is the same SAE)."""
+    old_spec, new_spec = sae_spec(old, part), sae_spec(new, part)
+    if old_spec == new_spec:
+        return None
+    digests = bench.fingerprints(old, (part,))[part], bench.fingerprints(new, (part,))[part]
+    if digests[0] == digests[1]:
+        return None
+    old_sae, new_sae = _load(bench, old, part), _load(bench, new, part)
+    if source == AUTO:
+
+        def compute() -> Matching:
+            model, _, _, tokens = bench.load(new)
+            return match_saes(old_sae, new_sae, cfg, model, tokens)[0]
+
+        matching = bench.memo(("matching", old_spec, new_spec, cfg), compute)
+    else:
+        head = old_sae.cfg.metadata.hook_head_index
+        header, matching = mapping_for(source, str(old_sae.cfg.metadata.hook_name), head)
+        _check_mapping(header, digests, part, old_spec, new_spec)
+    return FeatureMap.of(matching)
+
+
+def mapping_for(source: str, hook: str, head: int | None) -> tuple[MappingHeader, Matching]:
+    """The mapping of ``hook`` (and ``head``) in the mapping file or directory ``source``."""
+    path = Path(source)
+    if not path.exists():
+        raise InvalidSpec(
+            "no such file or directory",
+            file=path,
+            field="--rulecheck-remap",
+            fix="give `auto`, a mapping file or a directory of them (rulecheck match --out)",
+        )
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        if path.is_dir()
+        else [path]
+    )
+    for file in files:
+        header, matching = load_mapping(file)
+        if header.hook == hook and header.head == head:
+            return header, matching
+    what = hook if head is None else f"{hook} head {head}"
+    raise InvalidSpec(
+        f"no mapping of {what} here",
+        file=path,
+        field="--rulecheck-remap",
+        fix=f"write one with rulecheck match --old OLD --new NEW --out {path}"
+        f"{'/NAME.yaml' if path.is_dir() else ''}, or give --rulecheck-remap auto",
+    )
+
+
+def _check_mapping(
+    header: MappingHeader, digests: tuple[str, str], part: str, old: str, new: str
+) -> None:
+    """A mapping file is about exactly the two SAEs being compared (when it records them)."""
+    for side, digest, spec in (("old", digests[0], old), ("new", digests[1], new)):
+        recorded = header.fingerprints.get(side)
+        if recorded is not None and recorded != digest:
+            raise InvalidMapping(
+                f"its {side} SAE ({header.old if side == 'old' else header.new}) is not "
+                f"{PART_NAMES[part]} {spec} that this run compares (fingerprint {recorded[:15]}"
+                f"\u2026, loaded {digest[:15]}\u2026)",
+                field=f"fingerprints.{side}",
+                fix=f"match these SAEs again: rulecheck match --old {old} --new {new} --out FILE",
+            )
+
+
+# ------------------------------------------------------------------------------ lost claims
+
+
+def lost_verdict(
+    book: Rulebook,
+    entry: FeatureRules,
+    budget: Budget,
+    file: str,
+    *,
+    new_spec: str | None = None,
+    field: str | None = None,
+) -> str:
+    """The one line about a claim on a lost feature: returned (to skip it) when the budget
+    allows the book's lost features, else raised as ``RemapLost``. ``book`` is the book as
+    translated (its ``lost:`` holds every lost feature); ``new_spec`` the SAE it was lost in."""
+    lost, total = len(book.lost), len(book.features) + len(book.lost)
+    allowed = budget.allows(total)
+    best = entry.best_candidate
+    evidence = "no candidate"
+    if best is not None and best.feature is not None:
+        score = "" if best.confidence is None else f", confidence {best.confidence:.3f}"
+        evidence = f"best candidate {best.feature}{score}"
+    where = f"the new output SAE {new_spec}" if new_spec else "this book's output SAE"
+    what = (
+        f"feature {entry.feature} (an id of the SAE the book was remapped from) has no "
+        f"confident partner in {where} ({evidence}); {lost} of {total} features of "
+        f"{book.name} lost"
+    )
+    if lost <= allowed:
+        return f"{what}, within --rulecheck-allow-lost {budget}"
+    if total and lost * 2 > total:
+        what += (
+            ": most features have no partner, so this is likely another head's or an untrained SAE"
+        )
+    raise RemapLost(
+        f"{what}, --rulecheck-allow-lost allows {allowed}",
+        file=file,
+        field=field or f"lost[{entry.feature}]",
+        fix="re-home the claims by hand (rulecheck remap writes them under `lost:`), or allow "
+        "lost features with --rulecheck-allow-lost 5%",
+    )
+
+
+def note_remapped(error: RulecheckError, old: int, new: int) -> None:
+    """Say in a failed claim's first line which old feature it is about."""
+    if old != new:
+        error.what = f"(feature {old} of the rulebook is {new} in the new SAE) {error.what}"
+        error.args = (error.message,)
+
+
+def untranslatable(gate: Gated, feature: int, key: str, index: int, file: str) -> NoReturn:
+    """A claim naming an input feature that has no partner and no tokens to fall back on."""
+    raise RemapLost(
+        f"this claim names an input feature that has no partner in the new input SAE "
+        f"{gate.specs['sae_in']} and no tokens to check it by",
+        file=file,
+        field=f"feature[{feature}].{key}[{index}]",
+        fix="give the reference its tokens (`[#id]` with an entry in `refs:`), or remove it",
+    )

@@ -1,0 +1,225 @@
+"""The retraining gate end to end: shipped rulebooks of rulecheck-tiny checked against
+permuted, retrained, untrained and mislabelled SAEs through ``--rulecheck-remap``, and
+``rulecheck remap`` writing translated books."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from conftest import permuted_copy, random_sae
+
+from rulecheck.cli import main
+from rulecheck.gate import gated
+from rulecheck.loading import load_sae
+from rulecheck.rulebook import dump_rulebook, load_rulebook, parse_rulebook
+from rulecheck.session import Workbench
+from rulecheck.specs import Specs, locate
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).parents[1]
+SHIPPED = ROOT / "rulebooks" / "rulecheck-tiny"
+SCHEMA = json.loads((ROOT / "rulecheck/schemas/rulebook.schema.json").read_text())
+N_FEATURES = 6  # features of each shipped book the end-to-end runs check (time)
+RETRAINED = {
+    "sae_in": "rulecheck-tiny:retrained/sae_in/L{layer}",
+    "sae_out": "rulecheck-tiny:retrained/sae_out/L{layer}H{head}",
+}
+
+
+def trimmed(name: str, directory: Path) -> Path:
+    """The first ``N_FEATURES`` features of a shipped book, written to ``directory``."""
+    book = load_rulebook(SHIPPED / f"{name}.yaml")
+    path = directory / f"{name}.yaml"
+    path.write_text(dump_rulebook(replace(book, features=book.features[:N_FEATURES])))
+    return path
+
+
+@pytest.fixture(scope="module")
+def permuted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Permuted copies, with noise of 1e-4 of each weight's spread, of L0H1's output SAE and
+    layer 0's input SAE."""
+    root = tmp_path_factory.mktemp("permuted")
+    permuted_copy("rulecheck-tiny:sae_out/L0H1", root / "out" / "L0H1", seed=1, noise=1e-4)
+    permuted_copy("rulecheck-tiny:sae_in/L0", root / "in" / "L0", seed=2, noise=1e-4)
+    return root
+
+
+@pytest.fixture
+def gate_dir(pytester: pytest.Pytester, tmp_path: Path) -> pytest.Pytester:
+    trimmed("L0H1", pytester.path)
+    return pytester
+
+
+def run(pytester: pytest.Pytester, tmp_path: Path, *args: str) -> pytest.RunResult:
+    report = tmp_path / "report.json"
+    return pytester.runpytest(
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        f"--rulecheck-cache={tmp_path / 'cache'}",
+        f"--rulecheck-report={report}",
+        *args,
+    )
+
+
+def outcomes(tmp_path: Path) -> dict[str, tuple[str, float | None]]:
+    results = json.loads((tmp_path / "report.json").read_text())
+    return {r["nodeid"]: (r["outcome"], r.get("measured")) for r in results}
+
+
+def test_a_permuted_copy_passes_the_gate_for_input_and_output_saes(
+    gate_dir: pytest.Pytester, permuted: Path, tmp_path: Path
+) -> None:
+    swap = [
+        f"--rulecheck-sae-out={permuted}/out/L{{layer}}H{{head}}",
+        f"--rulecheck-sae-in={permuted}/in/L{{layer}}",
+    ]
+    # without remapping, the book does not describe these SAEs
+    refused = run(gate_dir, tmp_path, *swap)
+    assert "differ from the ones this rulebook was extracted with" in refused.stdout.str()
+    assert refused.ret == 1
+    plain = run(gate_dir, tmp_path)
+    plain.assert_outcomes(passed=len(outcomes(tmp_path)))
+    before = outcomes(tmp_path)
+    result = run(gate_dir, tmp_path, *swap, "--rulecheck-remap=auto")
+    result.assert_outcomes(passed=len(before))
+    after = outcomes(tmp_path)
+    assert after.keys() == before.keys()  # same items, named by the book's ids
+    for node, (_, value) in before.items():
+        if value is not None:
+            assert after[node][1] == pytest.approx(value, abs=0.02), node
+
+
+def test_mapping_files_gate_like_auto_and_are_checked_against_the_saes(
+    gate_dir: pytest.Pytester, permuted: Path, tmp_path: Path
+) -> None:
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for old, new, name in (
+        ("rulecheck-tiny:sae_out/L0H1", permuted / "out" / "L0H1", "out.yaml"),
+        ("rulecheck-tiny:sae_in/L0", permuted / "in" / "L0", "in.yaml"),
+    ):
+        assert main(["match", "--old", old, "--new", str(new), "--out", str(maps / name)]) == 0
+    swap = [
+        f"--rulecheck-sae-out={permuted}/out/L{{layer}}H{{head}}",
+        f"--rulecheck-sae-in={permuted}/in/L{{layer}}",
+    ]
+    result = run(gate_dir, tmp_path, *swap, f"--rulecheck-remap={maps}")
+    assert result.ret == 0, result.stdout.str()
+    # a mapping of the input SAE only: the output SAE's mapping is missing, one line
+    (maps / "out.yaml").unlink()
+    result = run(gate_dir, tmp_path, *swap, f"--rulecheck-remap={maps}")
+    text = result.stdout.str()
+    assert "--rulecheck-remap: no mapping of blocks.0.attn.hook_z head 1 here" in text
+    assert "Traceback" not in text
+    # a mapping made for other SAEs than the ones loaded
+    assert main(
+        ["match", "--old", "rulecheck-tiny:sae_out/L0H1", "--new", "rulecheck-tiny:sae_out/L0H1",
+         "--out", str(maps / "out.yaml")]
+    ) == 0  # fmt: skip
+    text = run(gate_dir, tmp_path, *swap, f"--rulecheck-remap={maps}").stdout.str()
+    assert "fingerprints.new: its new SAE (rulecheck-tiny:sae_out/L0H1) is not" in text
+    assert "match these SAEs again" in text and "Traceback" not in text
+
+
+def _untrained(directory: Path) -> None:
+    random_sae(32, 64, "blocks.0.attn.hook_z", head=1, seed=3).save_model(str(directory))
+
+
+def _other_heads(directory: Path) -> None:
+    sae = load_sae(locate("rulecheck-tiny:sae_out/L0H2"))
+    sae.cfg.metadata.hook_head_index = 1  # mislabelled: head 2's weights claim head 1
+    sae.save_model(str(directory))
+
+
+@pytest.mark.parametrize("make", [_untrained, _other_heads], ids=["untrained", "other-head"])
+def test_a_wrong_sae_fails_the_gate_with_a_verdict(
+    gate_dir: pytest.Pytester, tmp_path: Path, make
+) -> None:
+    make(tmp_path / "wrong" / "L0H1")
+    swap = f"--rulecheck-sae-out={tmp_path}/wrong/L{{layer}}H{{head}}"
+    result = run(gate_dir, tmp_path, swap, "--rulecheck-remap=auto")
+    text = result.stdout.str()
+    assert result.ret == 1 and "Traceback" not in text
+    assert "likely another head's or an untrained SAE" in text
+    lost = [line for line in text.splitlines() if "has no confident partner" in line]
+    assert lost and all("best candidate" in line for line in lost)
+    # every failure is a line of rulecheck's, none an exception from inside
+    for line in text.splitlines():
+        if line.startswith("FAILED"):
+            assert "Error" not in line.split(" - ", 1)[-1].split(":")[0], line
+
+
+def test_the_budget_skips_lost_features_and_counts_them(
+    gate_dir: pytest.Pytester, tmp_path: Path
+) -> None:
+    _untrained(tmp_path / "wrong" / "L0H1")
+    swap = f"--rulecheck-sae-out={tmp_path}/wrong/L{{layer}}H{{head}}"
+    result = run(
+        gate_dir, tmp_path, swap, "--rulecheck-remap=auto", "--rulecheck-allow-lost=100%", "-rs"
+    )
+    text = result.stdout.str()
+    assert "within --rulecheck-allow-lost 100%" in text
+    assert "has no confident partner" not in "".join(
+        line for line in text.splitlines() if line.startswith("FAILED")
+    )
+
+
+def test_bad_gate_options_are_one_line(gate_dir: pytest.Pytester, tmp_path: Path) -> None:
+    text = run(gate_dir, tmp_path, "--rulecheck-allow-lost=lots").stderr.str()
+    assert "--rulecheck-allow-lost: must be a whole number >= 0, got 'lots'" in text
+    text = run(gate_dir, tmp_path, "--rulecheck-allow-lost=150%").stderr.str()
+    assert "must be a number in [0, 100]" in text
+    text = run(gate_dir, tmp_path, "--rulecheck-remap=auto", "--rulecheck-extract").stderr.str()
+    assert "cannot regenerate and remap in one run" in text
+    swap = "--rulecheck-sae-in=rulecheck-tiny:retrained/sae_in/L{layer}"
+    text = run(gate_dir, tmp_path, swap, "--rulecheck-remap=nowhere", "-x").stdout.str()
+    assert "nowhere: --rulecheck-remap: no such file or directory" in text
+
+
+def test_the_retrained_translation_is_the_same_every_time(tmp_path: Path) -> None:
+    """Matching and translating against the retrained SAEs, twice from scratch, gives the
+    same book byte for byte."""
+    book = load_rulebook(SHIPPED / "L0H0.yaml")
+    texts = []
+    for _ in range(2):
+        bench = Workbench(overrides=Specs(model=None, **RETRAINED), cache_dir=None)
+        gate = gated(bench, book, str(SHIPPED / "L0H0.yaml"), "auto")
+        texts.append(dump_rulebook(gate.remapped.written()))
+    assert texts[0] == texts[1]
+    kept = parse_rulebook(texts[0])
+    assert 0.5 < len(kept.features) / len(book.features) < 1.0  # retrained: some are lost
+    assert all(f.best_candidate is not None for f in kept.lost)
+
+
+def test_remap_writes_books_for_the_new_saes(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "remapped"
+    argv = ["remap", str(SHIPPED / "L0H0.yaml"), "--out", str(out)]
+    argv += ["--sae-in", RETRAINED["sae_in"], "--sae-out", RETRAINED["sae_out"]]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "lost features written under `lost:`" in printed
+    text = (out / "L0H0.yaml").read_text()
+    jsonschema.validate(yaml.safe_load(text), SCHEMA)
+    book = parse_rulebook(text, out / "L0H0.yaml")
+    assert (book.sae_in, book.sae_out) == (RETRAINED["sae_in"], RETRAINED["sae_out"])
+    bench = Workbench(overrides=Specs(model=None), cache_dir=None)
+    head = bench.head_of(book, str(out / "L0H0.yaml"))
+    bench.check_fingerprints(book, head, str(out / "L0H0.yaml"))  # records the new SAEs
+    # the same again is byte-identical; the source directory is refused as --out
+    assert main(argv) == 0 and (out / "L0H0.yaml").read_text() == text
+    assert main(["remap", str(SHIPPED / "L0H0.yaml"), "--out", str(SHIPPED), "--sae-out", "x"]) == 2
+    assert "--out: holds the rulebooks being remapped" in capsys.readouterr().err
+
+
+def test_remap_without_a_new_sae_is_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["remap", str(SHIPPED / "L0H0.yaml"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--sae-out: names no retrained SAE" in err and len(err.strip().splitlines()) == 1
