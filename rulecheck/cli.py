@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument(
         "--tolerance", default="0.05", help="a kept feature regressed when its F1 fell by more"
     )
+    diff.add_argument(
+        "--mapping",
+        default=None,
+        help="mapping files of the output SAEs (rulecheck match --out: a file or a directory) "
+        "when NEW was extracted with retrained ones: features are paired through them",
+    )
 
     upgrade = sub.add_parser("upgrade", help="rewrite rulebooks in the current format")
     upgrade.add_argument("paths", nargs="+", type=Path, help="rulebook files or directories")
@@ -213,10 +219,15 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
 
     tolerance = Bound(float, 0.0, 1.0).parse(args.tolerance, "--tolerance")
     pairs = _book_pairs(args.old, args.new)
-    heads = [
-        diff_books(load_rulebook(a, measurements=True), load_rulebook(b, measurements=True))
-        for a, b in pairs
-    ]
+    heads = []
+    for a, b in pairs:
+        old, new = load_rulebook(a, measurements=True), load_rulebook(b, measurements=True)
+        mapping = None
+        if args.mapping is not None:
+            from rulecheck.gate import output_mapping
+
+            mapping = output_mapping(args.mapping, old.layer, old.head, field="--mapping")
+        heads.append(diff_books(old, new, mapping))
     if args.format == "md":
         console.file.write(diff_markdown(heads, tolerance))
     else:
@@ -229,6 +240,21 @@ def _must_exist(paths: list[Path]) -> None:
     for path in paths:
         if not path.exists():
             raise InvalidSpec("no such file or directory", file=path, fix="check the path")
+
+
+def _rulebook_paths(given: list[Path]) -> list[Path]:
+    """The rulebooks among ``given`` files and directories; an error when there are none."""
+    from rulecheck.rulebook import rulebook_files
+
+    _must_exist(given)
+    paths = list(rulebook_files(given))
+    if not paths:
+        raise InvalidSpec(
+            "holds no rulebook (a YAML file with a top-level `rulecheck:` key)",
+            file=" ".join(map(str, given)),
+            fix="pass rulebook files or the directories holding them",
+        )
+    return paths
 
 
 def _book_pairs(old: Path, new: Path) -> list[tuple[Path, Path]]:
@@ -257,16 +283,9 @@ def _book_pairs(old: Path, new: Path) -> list[tuple[Path, Path]]:
 def run_upgrade(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.atomic import atomic_write_many
     from rulecheck.book import SCHEMA_VERSION
-    from rulecheck.rulebook import rulebook_files, upgraded_files
+    from rulecheck.rulebook import upgraded_files
 
-    _must_exist(args.paths)
-    paths = list(rulebook_files(args.paths))
-    if not paths:
-        raise InvalidSpec(
-            "holds no rulebook (a YAML file with a top-level `rulecheck:` key)",
-            file=" ".join(map(str, args.paths)),
-            fix="pass rulebook files or the directories holding them",
-        )
+    paths = _rulebook_paths(args.paths)
     files, rows = [], []
     for path in paths:
         version, out = upgraded_files(path)
@@ -369,7 +388,7 @@ def run_remap(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.atomic import atomic_write_many
     from rulecheck.config import MatchConfig, parse_config
     from rulecheck.gate import gated
-    from rulecheck.rulebook import _read_book_text, dump_rulebook, parse_rulebook, rulebook_files
+    from rulecheck.rulebook import _read_book_text, dump_rulebook, parse_rulebook
     from rulecheck.session import Workbench
     from rulecheck.specs import Specs
 
@@ -380,14 +399,7 @@ def run_remap(args: argparse.Namespace, console: Console) -> int:
             fix="pass --sae-out (the retrained output SAEs), --sae-in, or both",
         )
     cfg = parse_config(MatchConfig, {"threshold": args.threshold})
-    _must_exist(args.paths)
-    paths = list(rulebook_files(args.paths))
-    if not paths:
-        raise InvalidSpec(
-            "holds no rulebook (a YAML file with a top-level `rulecheck:` key)",
-            file=" ".join(map(str, args.paths)),
-            fix="pass rulebook files or the directories holding them",
-        )
+    paths = _rulebook_paths(args.paths)
     if args.out.exists() and not args.out.is_dir():
         raise InvalidSpec(
             "is not a directory", file=args.out, field="--out", fix="name a directory"

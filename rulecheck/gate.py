@@ -116,15 +116,31 @@ def feature_map(
     return FeatureMap.of(matching)
 
 
-def mapping_for(source: str, hook: str, head: int | None) -> tuple[MappingHeader, Matching]:
+def output_mapping(source: str, layer: int, head: int, field: str) -> dict[int, int]:
+    """Old -> new ids of head ``head``'s output SAE of ``layer`` in mapping files ``source``
+    (a per-head SAE's mapping, else the layer-level SAE's)."""
+    hook = f"blocks.{layer}.attn.hook_z"
+    try:
+        return mapping_for(source, hook, head, field=field)[1].mapping()
+    except InvalidSpec:
+        try:
+            return mapping_for(source, hook, None, field=field)[1].mapping()
+        except InvalidSpec:
+            pass
+        raise
+
+
+def mapping_for(
+    source: str, hook: str, head: int | None, *, field: str = "--rulecheck-remap"
+) -> tuple[MappingHeader, Matching]:
     """The mapping of ``hook`` (and ``head``) in the mapping file or directory ``source``."""
     path = Path(source)
     if not path.exists():
         raise InvalidSpec(
             "no such file or directory",
             file=path,
-            field="--rulecheck-remap",
-            fix="give `auto`, a mapping file or a directory of them (rulecheck match --out)",
+            field=field,
+            fix="give a mapping file or a directory of them (rulecheck match --out)",
         )
     files = (
         sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
@@ -139,9 +155,10 @@ def mapping_for(source: str, hook: str, head: int | None) -> tuple[MappingHeader
     raise InvalidSpec(
         f"no mapping of {what} here",
         file=path,
-        field="--rulecheck-remap",
+        field=field,
         fix=f"write one with rulecheck match --old OLD --new NEW --out {path}"
-        f"{'/NAME.yaml' if path.is_dir() else ''}, or give --rulecheck-remap auto",
+        f"{'/NAME.yaml' if path.is_dir() else ''}"
+        f"{', or give --rulecheck-remap auto' if field == '--rulecheck-remap' else ''}",
     )
 
 

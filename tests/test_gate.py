@@ -16,6 +16,7 @@ from conftest import permuted_copy, random_sae
 from rulecheck.cli import main
 from rulecheck.gate import gated
 from rulecheck.loading import load_sae
+from rulecheck.mapping import load_mapping
 from rulecheck.rulebook import dump_rulebook, load_rulebook, parse_rulebook
 from rulecheck.session import Workbench
 from rulecheck.specs import Specs, locate
@@ -223,3 +224,103 @@ def test_remap_without_a_new_sae_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["remap", str(SHIPPED / "L0H0.yaml"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--sae-out: names no retrained SAE" in err and len(err.strip().splitlines()) == 1
+
+
+def test_diff_pairs_features_through_a_mapping(permuted: Path, tmp_path: Path, capsys) -> None:
+    """The old book against the same claims under the permuted SAE's ids: through the
+    mapping every feature is kept with no rule changed; without it the ids do not line up."""
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    new_sae = permuted / "out" / "L0H1"
+    argv = ["match", "--old", "rulecheck-tiny:sae_out/L0H1", "--new", str(new_sae)]
+    assert main([*argv, "--out", str(maps / "L0H1.yaml")]) == 0
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    old_path = trimmed("L0H1", old_dir)
+    book = load_rulebook(old_path)
+    mapping = load_mapping(maps / "L0H1.yaml")[1].mapping()
+    moved = [replace(f, feature=mapping[f.feature]) for f in book.features]
+    moved_book = replace(book, features=sorted(moved, key=lambda f: f.feature))
+    (new_dir / "L0H1.yaml").write_text(dump_rulebook(moved_book))
+    capsys.readouterr()
+    assert main(["diff", str(old_dir), str(new_dir), "--mapping", str(maps), "--format", "md"]) == 0
+    text = capsys.readouterr().out
+    assert f"| L0H1 | {N_FEATURES} | 0 | 0 | 0 | 0 | 0 |" in text
+    main(["diff", str(old_dir), str(new_dir), "--format", "md"])
+    assert f"| L0H1 | {N_FEATURES} |" not in capsys.readouterr().out
+    assert main(["diff", str(old_dir), str(new_dir), "--mapping", str(tmp_path / "none")]) == 2
+    assert "--mapping: no such file or directory" in capsys.readouterr().err
+
+
+def test_the_example_workflow_runs_real_commands(pytester: pytest.Pytester) -> None:
+    """Every rulecheck and pytest command of the example workflow parses with this
+    rulecheck's command line and plugin, with the workflow's environment filled in."""
+    import shlex
+
+    from rulecheck.cli import build_parser
+
+    flow = yaml.safe_load((ROOT / "docs/examples/github-actions-gate.yml").read_text())
+    job = flow["jobs"]["gate"]
+    env = job["env"]
+    commands = [
+        line.strip()
+        for step in job["steps"]
+        for line in step.get("run", "").splitlines()
+        if line.strip().startswith(".venv/bin/")
+    ]
+    assert len(commands) == 5
+    seen = set()
+    for command in commands:
+        for name, value in env.items():
+            command = command.replace(f'"${name}"', shlex.quote(value))
+        argv = shlex.split(command.split(" > ")[0].split(" || ")[0])
+        if argv[0] == ".venv/bin/rulecheck":
+            args = build_parser().parse_args(argv[1:])
+            seen.add(args.command)
+        else:
+            assert argv[:3] == [".venv/bin/python", "-m", "pytest"]
+            config = pytester.parseconfig(*argv[3:])
+            assert config.getoption("rulecheck_remap") == "gate/maps"
+            assert config.getoption("rulecheck_sae_out") == RETRAINED["sae_out"]
+            seen.add("pytest")
+    assert seen == {"match", "pytest", "extract", "diff"}
+
+
+def test_the_gate_on_retrained_saes_gives_the_same_verdict_twice(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    trimmed("L0H0", pytester.path)
+    swap = [f"--rulecheck-{k.replace('_', '-')}={v}" for k, v in RETRAINED.items()]
+    verdicts = []
+    for i in range(2):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        result = run(pytester, run_dir, *swap, "--rulecheck-remap=auto")
+        assert "Traceback" not in result.stdout.str()
+        verdicts.append({k: v[0] for k, v in outcomes(run_dir).items()})
+    assert verdicts[0] == verdicts[1]
+    assert len(set(verdicts[0].values())) > 1  # retrained: some claims hold, some do not
+
+
+def test_the_model_card_reports_the_recorded_gate_run() -> None:
+    from rulecheck.build.train_tiny import gate_lines
+
+    tiny = ROOT / "rulecheck/zoo/tiny"
+    report = json.loads((tiny / "retrained/gate.json").read_text())
+    card = (tiny / "MODEL_CARD.md").read_text()
+    assert card.endswith("\n".join(gate_lines(report)) + "\n")
+    assert report["identical_verdicts"] == report["reruns"] == 10
+    assert report["kept"] + report["lost"] == report["features"]
+    assert sum(report["outcomes"].values()) == sum(
+        1 for _ in _items(SHIPPED / f"{report['book']}.yaml")
+    )
+
+
+def _items(path: Path):
+    """The items pytest collects from a rulebook (names only)."""
+    from rulecheck.kinds import kinds
+
+    for rules in load_rulebook(path).features:
+        for kind in kinds():
+            yield from kind.items(rules)

@@ -133,7 +133,23 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     return None
 
 
-class RulebookFile(pytest.File):
+class OneLine:
+    """A rulecheck error fails a node with its one line, not a traceback."""
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, RulecheckError):
+            return _relative(self.config, excinfo.value)  # type: ignore[attr-defined]
+        return super().repr_failure(excinfo, style)  # type: ignore[misc]
+
+
+class BookItem(OneLine, pytest.Item):
+    """An item about a whole entry of a rulebook, reported by its name."""
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+class RulebookFile(OneLine, pytest.File):
     """A rulebook: one head's claims."""
 
     def collect(self):
@@ -148,11 +164,6 @@ class RulebookFile(pytest.File):
             yield LostItem.from_parent(self, name=f"lost[{rules.feature}]", rules=rules)
         if self.regenerated["removed"]:
             yield RemovedItem.from_parent(self, name="regenerated")
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, RulecheckError):
-            return _relative(self.config, excinfo.value)
-        return super().repr_failure(excinfo, style)
 
 
 def _relative(config: pytest.Config, error: RulecheckError) -> str:
@@ -184,7 +195,7 @@ class FeatureNode(pytest.Collector):
                 yield RuleItem.from_parent(self, name=name, kind=kind, index=index)
 
 
-class RuleItem(pytest.Item):
+class RuleItem(OneLine, pytest.Item):
     """One claim about a feature, checked by its rule kind."""
 
     def __init__(self, *, kind, index: int, **kw: Any) -> None:
@@ -225,6 +236,7 @@ class RuleItem(pytest.Item):
             head, translated = gate.new, gate.remapped.rules(rules.feature)
             if translated is None:
                 entry = gate.remapped.lost[rules.feature]
+                self.record({"rule": self.kind.key, "lost": True, "passed": False})
                 pytest.skip(
                     lost_verdict(
                         gate.remapped.book,
@@ -236,6 +248,7 @@ class RuleItem(pytest.Item):
                     )
                 )
             if (translated.feature, self.kind.key, self.index) in gate.remapped.untranslatable:
+                self.record({"rule": self.kind.key, "passed": False})
                 untranslatable(gate, rules.feature, self.kind.key, self.index, file)
             rules = translated
         else:
@@ -263,16 +276,11 @@ class RuleItem(pytest.Item):
         entry = {"head": head, "feature": self.rules.feature, **values}
         self.user_properties.append(("rulecheck", entry))
 
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, RulecheckError):
-            return _relative(self.config, excinfo.value)
-        return super().repr_failure(excinfo, style)
-
     def reportinfo(self):
         return self.path, None, self.nodeid.split("::", 1)[-1]
 
 
-class LostItem(pytest.Item):
+class LostItem(BookItem):
     """A feature under a remapped book's ``lost:``: it fails with one line (skips within
     ``--rulecheck-allow-lost``) until a person re-homes its claims or removes it."""
 
@@ -292,16 +300,8 @@ class LostItem(pytest.Item):
             lost_verdict(book, self.rules, settings.allow_lost, str(self.path), new_spec=spec)
         )
 
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, RulecheckError):
-            return _relative(self.config, excinfo.value)
-        return super().repr_failure(excinfo, style)
 
-    def reportinfo(self):
-        return self.path, None, self.name
-
-
-class RemovedItem(pytest.Item):
+class RemovedItem(BookItem):
     """Fails once after regeneration removed extracted features, so the removal is reviewed."""
 
     def runtest(self) -> None:
@@ -317,14 +317,6 @@ class RemovedItem(pytest.Item):
             f"{what} removed by --rulecheck-extract; review the change in the book and run again",
             file=self.path,
         )
-
-    def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, RulecheckError):
-            return _relative(self.config, excinfo.value)
-        return super().repr_failure(excinfo, style)
-
-    def reportinfo(self):
-        return self.path, None, self.name
 
 
 # ---------------------------------------------------------------------------------- extraction
@@ -502,19 +494,21 @@ class Summary:
         by_head: dict[str, dict[str, Any]] = {}
         for r in self.results:
             row = by_head.setdefault(
-                r["head"], {"features": set(), "passed": 0, "failed": 0, "xfailed": 0}
+                r["head"],
+                {"features": set(), "passed": 0, "failed": 0, "skipped": 0, "xfailed": 0},
             )
             row["features"].add(r["feature"])
-            row[r["outcome"] if r["outcome"] in ("passed", "xfailed") else "failed"] += 1
+            kept = ("passed", "skipped", "xfailed")
+            row[r["outcome"] if r["outcome"] in kept else "failed"] += 1
             if "f1" in r:
                 row.setdefault("f1", {})[r["feature"]] = r["f1"]
         table = Table(title="rulecheck: rules by head")
-        for col in ("head", "features", "passed", "failed", "xfailed", "median F1"):
+        for col in ("head", "features", "passed", "failed", "skipped", "xfailed", "median F1"):
             table.add_column(col, justify="left" if col == "head" else "right")
         for head in sorted(by_head, key=_head_order):
             row = by_head[head]
             f1 = statistics.median(row["f1"].values()) if row.get("f1") else None
-            counts = [str(row[k]) for k in ("passed", "failed", "xfailed")]
+            counts = [str(row[k]) for k in ("passed", "failed", "skipped", "xfailed")]
             table.add_row(
                 head, str(len(row["features"])), *counts, "" if f1 is None else f"{f1:.2f}"
             )

@@ -951,6 +951,7 @@ def _gate_run(book: Path, cache: Path, report: Path) -> dict[str, str]:
     import sys
 
     args = [sys.executable, "-m", "pytest", str(book), "-q", "-p", "no:cacheprovider"]
+    args += ["--hypothesis-profile", "rulecheck-ci"]
     args += [f"--rulecheck-{k.replace('_', '-')}={v}" for k, v in RETRAINED_SPECS.items()]
     args += ["--rulecheck-remap=auto", f"--rulecheck-cache={cache}", f"--rulecheck-report={report}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -1017,7 +1018,7 @@ def step_gate(out: Path, rulebooks: Path, reruns: int = GATE_RERUNS, jobs: int =
         "lost": len(gate.remapped.lost),
         "refs_by_tokens": gate.remapped.by_tokens,
         "f1": {str(k): v for k, v in sorted(f1.items())},
-        "median_f1": [statistics.median(befores), statistics.median(afters)],
+        "median_f1": [round(statistics.median(v), 4) for v in (befores, afters)],
         "held_within_0.05": sum(a >= b - 0.05 for b, a in f1.values()),
         "reruns": reruns,
         "identical_verdicts": verdicts.count(verdicts[0]),
