@@ -57,14 +57,23 @@ def gate_dir(pytester: pytest.Pytester, tmp_path: Path) -> pytest.Pytester:
     return pytester
 
 
-def run(pytester: pytest.Pytester, tmp_path: Path, *args: str) -> pytest.RunResult:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One exemplar cache for the module's runs (entries are keyed by the fingerprints and the
+    ids draws are keyed by, so runs against other SAEs never share one)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def run(
+    pytester: pytest.Pytester, tmp_path: Path, *args: str, cache: Path | None = None
+) -> pytest.RunResult:
     report = tmp_path / "report.json"
     return pytester.runpytest(
         "-p",
         "no:cacheprovider",
         "-p",
         "no:randomly",
-        f"--rulecheck-cache={tmp_path / 'cache'}",
+        f"--rulecheck-cache={cache or tmp_path / 'cache'}",
         f"--rulecheck-report={report}",
         *args,
     )
@@ -76,20 +85,20 @@ def outcomes(tmp_path: Path) -> dict[str, tuple[str, float | None]]:
 
 
 def test_a_permuted_copy_passes_the_gate_for_input_and_output_saes(
-    gate_dir: pytest.Pytester, permuted: Path, tmp_path: Path
+    gate_dir: pytest.Pytester, permuted: Path, tmp_path: Path, cache: Path
 ) -> None:
     swap = [
         f"--rulecheck-sae-out={permuted}/out/L{{layer}}H{{head}}",
         f"--rulecheck-sae-in={permuted}/in/L{{layer}}",
     ]
     # without remapping, the book does not describe these SAEs
-    refused = run(gate_dir, tmp_path, *swap)
+    refused = run(gate_dir, tmp_path, *swap, cache=cache)
     assert "differ from the ones this rulebook was extracted with" in refused.stdout.str()
     assert refused.ret == 1
-    plain = run(gate_dir, tmp_path)
+    plain = run(gate_dir, tmp_path, cache=cache)
     plain.assert_outcomes(passed=len(outcomes(tmp_path)))
     before = outcomes(tmp_path)
-    result = run(gate_dir, tmp_path, *swap, "--rulecheck-remap=auto")
+    result = run(gate_dir, tmp_path, *swap, "--rulecheck-remap=auto", cache=cache)
     result.assert_outcomes(passed=len(before))
     after = outcomes(tmp_path)
     assert after.keys() == before.keys()  # same items, named by the book's ids
@@ -99,7 +108,7 @@ def test_a_permuted_copy_passes_the_gate_for_input_and_output_saes(
 
 
 def test_mapping_files_gate_like_auto_and_are_checked_against_the_saes(
-    gate_dir: pytest.Pytester, permuted: Path, tmp_path: Path
+    gate_dir: pytest.Pytester, permuted: Path, tmp_path: Path, cache: Path
 ) -> None:
     maps = tmp_path / "maps"
     maps.mkdir()
@@ -112,11 +121,11 @@ def test_mapping_files_gate_like_auto_and_are_checked_against_the_saes(
         f"--rulecheck-sae-out={permuted}/out/L{{layer}}H{{head}}",
         f"--rulecheck-sae-in={permuted}/in/L{{layer}}",
     ]
-    result = run(gate_dir, tmp_path, *swap, f"--rulecheck-remap={maps}")
+    result = run(gate_dir, tmp_path, *swap, f"--rulecheck-remap={maps}", cache=cache)
     assert result.ret == 0, result.stdout.str()
     # a mapping of the input SAE only: the output SAE's mapping is missing, one line
     (maps / "out.yaml").unlink()
-    result = run(gate_dir, tmp_path, *swap, f"--rulecheck-remap={maps}")
+    result = run(gate_dir, tmp_path, *swap, f"--rulecheck-remap={maps}", cache=cache)
     text = result.stdout.str()
     assert "--rulecheck-remap: no mapping of blocks.0.attn.hook_z head 1 here" in text
     assert "Traceback" not in text
@@ -125,7 +134,7 @@ def test_mapping_files_gate_like_auto_and_are_checked_against_the_saes(
         ["match", "--old", "rulecheck-tiny:sae_out/L0H1", "--new", "rulecheck-tiny:sae_out/L0H1",
          "--out", str(maps / "out.yaml")]
     ) == 0  # fmt: skip
-    text = run(gate_dir, tmp_path, *swap, f"--rulecheck-remap={maps}").stdout.str()
+    text = run(gate_dir, tmp_path, *swap, f"--rulecheck-remap={maps}", cache=cache).stdout.str()
     assert "fingerprints.new: its new SAE (rulecheck-tiny:sae_out/L0H1) is not" in text
     assert "match these SAEs again" in text and "Traceback" not in text
 
