@@ -846,7 +846,7 @@ def test_npy_corpus_uint64_beyond_int64(tmp_path: Path) -> None:
     message = assert_one_line(
         excinfo, "token ids: found token id 18446744073709551614 (row 1, column 5)"
     )
-    assert "-2" not in message
+    assert "-2" not in message.replace(str(tmp_path), "")  # the path may hold "-2"
 
 
 @pytest.mark.parametrize(
