@@ -274,6 +274,31 @@ def bench_planted_end_to_end() -> tuple[str, float, float, str]:
     return "extract planted L0 (2 heads), vs one forward pass", t_fast, t_base, "forward pass"
 
 
+def bench_cli_yaml_work() -> tuple[str, float, float, str]:
+    """``rulecheck show``, ``summary`` and ``diff`` of the shipped books (the slowest of the
+    three, each a fresh process), against a process that only imports the checking stack
+    (torch, TransformerLens, sae_lens), which YAML work no longer loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    books = Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny"
+    commands = [
+        ["show", str(books / "L0H0.yaml")],
+        ["summary", str(books)],
+        ["diff", str(books), str(books)],
+    ]
+
+    def cli(argv: list[str]) -> None:
+        run = [sys.executable, "-m", "rulecheck.cli", *argv]
+        subprocess.run(run, check=True, capture_output=True)
+
+    t_fast = max(timed(lambda a=argv: cli(a))[0] for argv in commands)
+    imports = [sys.executable, "-c", "import rulecheck.session"]
+    t_base, _ = timed(lambda: subprocess.run(imports, check=True, capture_output=True))
+    return "rulecheck show / summary / diff, 8 shipped books", t_fast, t_base, "import torch stack"
+
+
 def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -296,6 +321,7 @@ def main() -> None:
         bench_rulebook_parsing(),
         bench_rulebook_rewrite(),
         bench_planted_end_to_end(),
+        bench_cli_yaml_work(),
     ]
     for name, fast, base, what in cases:
         table.add_row(name, f"{fast:.3f}", f"{base:.3f}", what, f"{base / fast:.1f}x")

@@ -436,14 +436,23 @@ def changes(old: Rulebook, new: Rulebook) -> tuple[dict[int, str], list[int]]:
     return changed, sorted(set(before) - set(after))
 
 
-def claim_texts(rules: FeatureRules) -> dict[str, list[str]]:
-    """Each kind's rules as one line of text, as a book writes them with the references
-    spelled out (id and tokens, whatever a book's ``refs:`` table): what two books compare."""
+def claim_changes(old: FeatureRules, new: FeatureRules) -> dict[str, tuple[list[str], list[str]]]:
+    """Per kind whose rules differ between ``old`` and ``new``: the rules added and the rules
+    removed, each one line of text as a book writes it with the references spelled out (id
+    and tokens, whatever a book's ``refs:`` table); both empty when only the order changed.
+    Rules are compared by what they claim (``schema.identity``); only changed ones are
+    written out. What regeneration and ``rulecheck diff`` compare."""
     table = RefTable()
-    return {
-        kind.key: [_text(kind.write(c, table)) for c in rules.claims.get(kind.key, [])]
-        for kind in kinds.kinds()
-    }
+    out = {}
+    for kind in kinds.kinds():
+        was = {sc.identity(c): c for c in old.claims.get(kind.key, [])}
+        now = {sc.identity(c): c for c in new.claims.get(kind.key, [])}
+        if list(was) == list(now):
+            continue
+        added = [_text(kind.write(now[k], table)) for k in now if k not in was]
+        removed = [_text(kind.write(was[k], table)) for k in was if k not in now]
+        out[kind.key] = (added, removed)
+    return out
 
 
 def _text(value: object) -> str:
@@ -457,14 +466,12 @@ def _text(value: object) -> str:
 
 
 def _feature_changes(old: FeatureRules, new: FeatureRules) -> str:
-    before, after = claim_texts(old), claim_texts(new)
     parts = []
-    for key, now in after.items():
-        was = before[key]
-        if was != now:
-            added, removed = len(set(now) - set(was)), len(set(was) - set(now))
-            counts = [f"{n} {what}" for n, what in ((added, "added"), (removed, "removed")) if n]
-            parts.append(f"{key} {', '.join(counts) or 'reordered'}")
+    for key, (added, removed) in claim_changes(old, new).items():
+        counts = [
+            f"{n} {what}" for n, what in ((len(added), "added"), (len(removed), "removed")) if n
+        ]
+        parts.append(f"{key} {', '.join(counts) or 'reordered'}")
     for metric in CHECKED:
         a, b = old.expect.get(metric), new.expect.get(metric)
         if a != b:

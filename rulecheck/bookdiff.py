@@ -2,7 +2,7 @@
 
 Features are paired by id (after translating the old ids through a feature ``mapping`` when
 the output SAE was retrained): *kept* in both, *lost* (only the old book), *new* (only the new
-one). For a kept feature, rules are compared per kind (``book.claim_texts``, the comparison
+one). For a kept feature, rules are compared per kind (``book.claim_changes``, the comparison
 regeneration uses too), and its F1 is the measured one where the book has measurements, else
 its ``expect`` minimum. A kept feature
 *regressed* when its F1 fell by more than the tolerance.
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rulecheck.book import FeatureRules, Rulebook, claim_texts
+from rulecheck.book import FeatureRules, Rulebook, claim_changes
 
 Status = Literal["kept", "lost", "new"]
 
@@ -81,9 +81,9 @@ def diff_books(old: Rulebook, new: Rulebook, mapping: Mapping[int, int] | None =
             out.append(FeatureDiff("lost", rules.feature, None, f1_old=f1_of(rules)))
             continue
         seen.add(target)
-        was, now = claim_texts(rules), claim_texts(after[target])
-        added = {k: [r for r in now[k] if r not in was[k]] for k in now}
-        removed = {k: [r for r in was[k] if r not in now[k]] for k in was}
+        changes = claim_changes(rules, after[target])
+        added = {k: v[0] for k, v in changes.items()}
+        removed = {k: v[1] for k, v in changes.items()}
         out.append(
             FeatureDiff(
                 "kept",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -245,10 +246,24 @@ def entry(
     return dataclasses.field(metadata={METADATA: spec}, **field_kw)
 
 
-def _specs(cls: type) -> list[tuple[str, Spec]]:
-    return [
+@functools.cache
+def _specs(cls: type) -> tuple[tuple[str, Spec], ...]:
+    return tuple(
         (f.name, f.metadata[METADATA]) for f in dataclasses.fields(cls) if METADATA in f.metadata
-    ]
+    )
+
+
+def identity(obj: Any) -> Any:
+    """What ``obj`` holds as a book writes it (measurements left out), as a hashable value:
+    two claims are the same claim when their identities are equal."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = (identity(getattr(obj, n)) for n, spec in _specs(type(obj)) if not spec.measured)
+        return (type(obj).__name__, *fields)
+    if isinstance(obj, list | tuple):
+        return tuple(identity(v) for v in obj)
+    if isinstance(obj, Mapping):
+        return tuple(sorted((k, identity(v)) for k, v in obj.items()))
+    return obj
 
 
 def keys(cls: type, measured: bool | None = None) -> tuple[str, ...]:

@@ -25,16 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rulecheck import schema
-from rulecheck.core.distractors import (
-    distractor_drop,
-    find_distractors,
-    matches_term,
-    split_positives,
-    text_keys,
-)
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
-from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
 from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name
 
 if TYPE_CHECKING:
@@ -89,6 +81,8 @@ class Absence(RuleKind):
         return ref_name(claim.distractor)
 
     def find(self, found: Found) -> list[AbsenceRule]:
+        from rulecheck.core.distractors import distractor_drop, find_distractors, text_keys
+
         if found.token_of is None:
             return []
         w = found.weights
@@ -124,6 +118,9 @@ class Absence(RuleKind):
         return not any(math.isnan(x) for x in claim.drop) and claim.drop[0] >= MIN_DROP
 
     def check(self, ctx: CheckContext, rules: FeatureRules, index: int) -> dict[str, Any]:
+        from rulecheck.core.distractors import matches_term, split_positives
+        from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
+
         rule: AbsenceRule = rules.absence[index]
         bench, head = ctx.bench, ctx.head
         model, _, _, corpus = bench.load(head)

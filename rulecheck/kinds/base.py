@@ -23,12 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor
-
 from rulecheck import schema
 from rulecheck.refs import RefTable, Resolver, ShorthandError, TokenRef, split_shorthand
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from rulecheck.book import FeatureRules
     from rulecheck.core.exemplars import FeatureExamples
     from rulecheck.core.heads import HeadWeights, Probe

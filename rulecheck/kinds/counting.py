@@ -31,20 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from rulecheck import schema
-from rulecheck.core.counterfactuals import repeat_token
-from rulecheck.core.counts import (
-    as_counting_rule,
-    base_contexts,
-    counting_curve,
-    default_filler,
-    own_counts,
-)
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
-from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
 from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name
 
 if TYPE_CHECKING:
@@ -110,6 +99,8 @@ class Counting(RuleKind):
         return ref_name(claim.key)
 
     def find(self, found: Found) -> list[CountingRule]:
+        from rulecheck.core.counts import as_counting_rule, counting_curve
+
         if found.token_of is None:
             return []
         keys: list[int] = []
@@ -136,6 +127,12 @@ class Counting(RuleKind):
         return out
 
     def check(self, ctx: CheckContext, rules: FeatureRules, index: int) -> dict[str, Any]:
+        import torch
+
+        from rulecheck.core.counterfactuals import repeat_token
+        from rulecheck.core.counts import base_contexts, counting_curve, default_filler, own_counts
+        from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
+
         rule: CountingRule = rules.counting[index]
         bench, head = ctx.bench, ctx.head
         model, _, _, corpus = bench.load(head)
@@ -239,6 +236,8 @@ def _majority_violation(shares: Sequence[float], increasing: bool, k: int | None
 
 
 def _majority_text(increasing: bool, k: int | None) -> str:
+    from rulecheck.properties import copies
+
     if k is None:
         return "no threshold claimed"
     below, at = ("off", "on") if increasing else ("on", "off")
@@ -250,6 +249,8 @@ def _state(on: bool, n: int) -> str:
 
 
 def _claim(feature: int, head: str, key: str, increasing: bool, k: int | None) -> str:
+    from rulecheck.properties import copies
+
     verb = "rises" if increasing else "falls"
     state = "" if k is None else f", {'on' if increasing else 'off'} from {copies(k)}"
     return f"feature {feature} of {head} {verb} with the count of [{key}]{state}"
