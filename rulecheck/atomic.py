@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,13 +61,21 @@ def atomic_write_many(files: list[tuple[Path, bytes]]) -> list[Path]:
     return [path for _, path in staged]
 
 
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Remove the temporary files an interrupted write left in ``directory``."""
+STALE_SECONDS = 600  # a temporary file this old is an interrupted write's, not a live one's
+
+
+def remove_stale_temporaries(directory: Path, older_than: float = STALE_SECONDS) -> list[Path]:
+    """Remove the temporary files an interrupted write left in ``directory``: those not
+    touched for ``older_than`` seconds, so that runs writing into one directory at once
+    (``--shard``) never remove each other's files in flight."""
     removed = []
+    now = time.time()
     for tmp in directory.glob(".*.tmp"):
         if tmp.is_file() and len(tmp.name.rsplit(".", 2)[-2]) == 2 * _TOKEN_BYTES:
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime >= older_than:
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
     return removed
 
 

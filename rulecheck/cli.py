@@ -26,6 +26,8 @@ from rulecheck.config import (
     ExtractConfig,
     parse_config,
     parse_features,
+    parse_shard,
+    shard_of,
 )
 from rulecheck.errors import InvalidSpec, RulecheckError
 
@@ -77,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                 text = f"{helps.get(f.name, name.replace('-', ' '))}: {bound.describe()}"
                 ex.add_argument(f"--{name}", default=str(f.default), help=text)
     ex.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    ex.add_argument(
+        "--shard",
+        default=None,
+        help="i/n: extract only the i-th of n shares of the heads (a job array or CI matrix "
+        "over machines; the shards' files together are the whole extraction)",
+    )
     ex.add_argument("--out", required=True, type=Path, help="directory for L{l}H{h}.yaml")
 
     show = sub.add_parser("show", help="print a rulebook as a table")
@@ -170,14 +178,23 @@ def run_extract(args: argparse.Namespace, console: Console) -> int:
     cfg = extract_config(args)
     layer = None if args.layer is None else Bound(int, 0).parse(args.layer, "--layer")
     heads = parse_heads(args.heads)
+    shard = None if args.shard is None else parse_shard(args.shard)
     ckpt = Specs(args.model, args.sae_in, args.sae_out, args.corpus).resolve()
     with output_directory(args.out, "--out") as out:
         bench = Workbench(device=args.device, cache_dir=None, batch_size=cfg.batch_size)
         layers = [layer] if layer is not None else range(bench.n_layers(ckpt))
+        work = [(n, heads) for n in layers]
+        if shard is not None:
+            every = [(h.layer, h.head) for n in layers for h in bench.layer_heads(ckpt, n, heads)]
+            mine = shard_of(every, shard)
+            work = [(n, [h for m, h in mine if m == n]) for n in sorted({m for m, _ in mine})]
+            console.print(
+                f"shard {shard[0]}/{shard[1]}: {len(mine)} of {len(every)} heads", soft_wrap=True
+            )
         books = []
         with rich_progress(console) as progress:
-            for n in layers:
-                books += extract_books(bench, ckpt, n, heads, cfg, progress)
+            for n, group in work:
+                books += extract_books(bench, ckpt, n, group, cfg, progress)
         written = write_rulebooks([(book, out / f"{book.name}.yaml") for book in books])
     for path in written:
         console.print(f"wrote {path}")

@@ -225,6 +225,25 @@ def parse_accept_changed(value: str | Iterable[str], name: str) -> frozenset[str
     return frozenset(FINGERPRINTED if "all" in names else (n for n in names if n))
 
 
+def parse_shard(text: str, name: str = "--shard") -> tuple[int, int]:
+    """``i/n``: the ``i``-th of ``n`` shares of the work, ``1 <= i <= n``."""
+    parts = str(text).split("/")
+    fix = "give i/n with 1 <= i <= n, e.g. --shard 2/4 (a SLURM array: $SLURM_ARRAY_TASK_ID/4)"
+    if len(parts) != 2:
+        raise InvalidSpec(f"expected i/n, got {text!r}", field=name, fix=fix)
+    n = Bound(int, 1).parse(parts[1].strip(), name)
+    i = Bound(int, 1, n).parse(parts[0].strip(), name)
+    return i, n
+
+
+def shard_of(items: list[Any], shard: tuple[int, int]) -> list[Any]:
+    """Shard ``i`` of ``n`` of ``items``: the ``i``-th of ``n`` contiguous, balanced slices
+    (heads of one layer stay together, so a shard streams few layers), the same on every
+    machine; the shards' union is ``items``."""
+    i, n = shard
+    return items[(i - 1) * len(items) // n : i * len(items) // n]
+
+
 def parse_features(value: Any, name: str, **where: Any) -> int | tuple[int, ...]:
     """A feature sample size (``20``) or feature ids (``3,17``, or a list of ints)."""
     if isinstance(value, str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -181,8 +182,12 @@ def test_a_failed_run_leaves_no_empty_out_and_clears_stale_temporaries(capsys, t
     kept.mkdir()
     stale = kept / ".L0H0.yaml.0123456789ab.tmp"
     stale.write_text("half")
+    live = kept / ".L0H1.yaml.ba9876543210.tmp"  # another run's, being written now
+    live.write_text("half")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
     run_cli(capsys, "--model", "planted", "--corpus", str(tmp_path / "no.npy"), "--out", str(kept))
-    assert kept.is_dir() and not stale.exists()
+    assert kept.is_dir() and not stale.exists() and live.exists()
 
 
 def test_books_are_written_as_one_set(tmp_path, monkeypatch):

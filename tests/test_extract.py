@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,37 @@ def test_out_of_range_layer_or_head_is_a_one_line_error(tmp_path, capsys, args, 
     assert code == 2 and len(err.splitlines()) == 1
     assert want in err and "fix:" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_shards_together_write_exactly_the_unsharded_books(tmp_path: Path) -> None:
+    """Every head in exactly one shard, and the shards' files byte-identical to one run's."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    base = ["extract", "--model", "planted", "--features", "4"]
+    assert main([*base, "--out", str(whole)]) == 0
+    for i in (1, 2, 3):
+        assert main([*base, "--shard", f"{i}/3", "--out", str(parts)]) == 0
+    names = sorted(p.name for p in whole.iterdir())
+    assert names == sorted(p.name for p in parts.iterdir()) and len(names) >= 2
+    for name in names:
+        assert (whole / name).read_bytes() == (parts / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("shard", "message"),
+    [("0/3", "must be a whole number in [1, 3]"), ("4/3", "in [1, 3]"), ("2", "expected i/n")],
+)
+def test_a_bad_shard_is_one_line(tmp_path: Path, capsys, shard: str, message: str) -> None:
+    argv = ["extract", "--model", "planted", "--shard", shard, "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--shard" in err and message in err
+
+
+def test_shard_slices_are_contiguous_balanced_and_cover_everything() -> None:
+    from rulecheck.config import shard_of
+
+    items = list(range(11))
+    for n in range(1, 14):
+        parts = [shard_of(items, (i, n)) for i in range(1, n + 1)]
+        assert [x for p in parts for x in p] == items
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
