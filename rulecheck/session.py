@@ -8,6 +8,7 @@ the protocol's settings, so a second run with unchanged inputs skips the pass.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
@@ -112,6 +113,7 @@ class Workbench:
         self._corpora: dict[tuple[str, str], Tensor] = {}
         self._collectors: dict[tuple[Head, str | None], ExemplarCollector] = {}
         self._sample_ids: dict[Head, Tensor] = {}
+        self._announced: set[Head] = set()
         self._memo: dict[tuple, Any] = {}
         self._fingerprints: dict[tuple, str] = {}
 
@@ -123,6 +125,19 @@ class Workbench:
         model brings its own SAEs and corpus unless those are given too. With ``saes``
         False, the SAEs are the book's own whatever the overrides say (the SAEs a book is
         remapped from)."""
+        head = self._head(book, file, saes)
+        self._check_header(head, book, file)
+        return head
+
+    def announce(self, book: Rulebook, file: str) -> None:
+        """Say that ``book`` will be checked this session (nothing is loaded): the corpus pass
+        for its layer then collects its head's exemplars too, so the heads of a layer share
+        one pass even when each book names its own output SAE."""
+        with contextlib.suppress(RulecheckError):  # reported when the book's items run
+            self._announced.add(self._head(book, file, True))
+
+    def _head(self, book: Rulebook, file: str, saes: bool) -> Head:
+        """``head_of`` without loading anything."""
         o = self.overrides if saes else replace(self.overrides, sae_in=None, sae_out=None)
         if book.model is None and o.model is None:
             raise InvalidRulebook(
@@ -144,9 +159,7 @@ class Workbench:
             corpus=o.corpus or base.corpus,
         )
         checkpoint = self._resolve(specs, book, file)
-        head = Head(checkpoint, book.layer, book.head)
-        self._check_header(head, book, file)
-        return head
+        return Head(checkpoint, book.layer, book.head)
 
     @staticmethod
     def _resolve(specs: Specs, book: Rulebook, file: str) -> Checkpoint:
@@ -408,15 +421,36 @@ class Workbench:
             return None
         return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
 
+    def layer_group(self, head: Head) -> list[Head]:
+        """The heads one corpus pass for ``head`` collects: ``head``, the other heads of its
+        layer that its output SAE's ``{head}`` template names, and the heads of books
+        announced for the session that read the same model and corpus at that layer (one
+        head per index; only SAEs that load; none whose draws are keyed by other ids)."""
+        model = self.model(head.specs.model)
+        others = []
+        if "{head}" in head.specs.sae_out:
+            others += [replace(head, head=h) for h in range(model.cfg.n_heads)]
+        same = (head.specs.model, head.specs.corpus, head.layer)
+        others += sorted(
+            (h for h in self._announced if (h.specs.model, h.specs.corpus, h.layer) == same),
+            key=lambda h: (h.head, repr(h.specs)),
+        )
+        group, taken = [head], {head.head}
+        for other in others:
+            if other.head in taken or other in self._sample_ids or not self._loads(other):
+                continue
+            group.append(other)
+            taken.add(other.head)
+        return sorted(group, key=lambda h: h.head)
+
     def layer_pass(
         self, head: Head, progress: Progress = no_progress
     ) -> tuple[dict[int, ExemplarCollector], float]:
         """One pass over the corpus for ``head``'s layer, once per session: the exemplars of
-        every head of the layer whose output SAE the ``{head}`` template names (only ``head``
-        for a layer-level SAE), by head index, and the layer's mean LayerNorm scale."""
+        the heads of ``layer_group(head)``, by head index, and the layer's mean LayerNorm
+        scale."""
         model, _, _, tokens = self.load(head)
-        heads = range(model.cfg.n_heads) if "{head}" in head.specs.sae_out else [head.head]
-        group = [replace(head, head=h) for h in heads if h == head.head or self._has_sae(head, h)]
+        group = self.layer_group(head)
 
         def compute() -> tuple[dict[int, ExemplarCollector], float]:
             check_corpus_size(tokens.shape[0], self.exemplar_cfg, head.specs.corpus)
@@ -426,11 +460,11 @@ class Workbench:
 
         return self.memo(("layer_pass", tuple(group), self.exemplar_cfg), compute)
 
-    def _has_sae(self, head: Head, other: int) -> bool:
-        """Whether the output SAE of head ``other`` of ``head``'s layer loads (a retrained
-        SAE may exist for one head only): the layer's pass collects only those heads."""
+    def _loads(self, head: Head) -> bool:
+        """Whether the output SAE of ``head`` loads and fits (a retrained SAE may exist for
+        one head only): a layer's pass collects only those heads."""
         try:
-            self.sae_out(replace(head, head=other))
+            self.sae_out(head)
         except RulecheckError:
             return False
         return True
@@ -447,16 +481,18 @@ class Workbench:
             self._collectors[key] = cached
             return cached
         if key[1] is None:
+            group = self.layer_group(head)
             collectors, _ = self.layer_pass(head)
         else:
+            group = [head]
             collectors = self.memo(
                 ("own pass", key, self.exemplar_cfg), lambda: self._own_pass(head)
             )
-        for h, col in collectors.items():
-            other = replace(head, head=h)
+        for other in group:
+            col = collectors[other.head]
             other_key = (other, self._ids_digest(other))
-            if other_key in self._collectors or (other_key[1] != key[1] and other != head):
-                continue  # a head keyed by other ids than this pass's has its own
+            if other_key in self._collectors:
+                continue
             col.flush()
             self._collectors[other_key] = col
             if self.cache_dir is not None:

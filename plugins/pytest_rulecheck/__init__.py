@@ -26,6 +26,7 @@ from rulecheck.errors import InvalidSpec, RulecheckError
 STASH_BENCH = pytest.StashKey["Any"]()
 STASH_CHECK = pytest.StashKey["Any"]()
 STASH_CHANGED = pytest.StashKey["dict[str, Any]"]()
+STASH_BOOKS = pytest.StashKey["list[tuple[Any, str]]"]()  # collected books, for the workbench
 
 
 # ------------------------------------------------------------------------------------ options
@@ -112,9 +113,12 @@ def workbench(config: pytest.Config):
         cache = Path(setting(config, "cache", ".rulecheck_cache"))
         if not cache.is_absolute():
             cache = config.rootpath / cache
-        config.stash[STASH_BENCH] = Workbench(
+        bench = Workbench(
             overrides=overrides, device=setting(config, "device", "auto"), cache_dir=cache
         )
+        for book, file in config.stash.get(STASH_BOOKS, []):
+            bench.announce(book, file)  # a layer's heads then share one corpus pass
+        config.stash[STASH_BENCH] = bench
     return config.stash[STASH_BENCH]
 
 
@@ -157,6 +161,7 @@ class RulebookFile(OneLine, pytest.File):
 
         book = load_rulebook(self.path)
         self.book = book
+        self.config.stash.setdefault(STASH_BOOKS, []).append((book, str(self.path)))
         self.regenerated = regeneration(self.config, self.path)
         for rules in book.features:
             yield FeatureNode.from_parent(self, name=f"feature[{rules.feature}]", rules=rules)

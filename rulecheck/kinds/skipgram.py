@@ -13,17 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from rulecheck import schema
-from rulecheck.core.evaluate import Columns, Measured, predict_examples, score_predictions
-from rulecheck.core.scores import Terms
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
 from rulecheck.refs import RefTable, Resolver, TokenRef, read_ref, ref_entry, ref_name
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
+    from rulecheck.core.evaluate import Columns, Measured
+    from rulecheck.core.scores import Terms
     from rulecheck.session import Head, Workbench
 
 METRICS = ("f1", "precision", "recall")
@@ -81,6 +79,11 @@ def assert_minimums(
 def feature_terms(rules: FeatureRules, resolver: Resolver) -> tuple[Columns, Terms]:
     """The input columns the skip-grams read (features first, then token sets) and the terms
     over them; every listed term is live, missing scores count as 1."""
+    import torch
+
+    from rulecheck.core.evaluate import Columns
+    from rulecheck.core.scores import Terms
+
     refs = []
     for i, term in enumerate(rules.skipgrams):
         where = f"feature[{rules.feature}].skipgrams[{i}]"
@@ -111,12 +114,20 @@ def measure(bench: Workbench, head: Head, rules: FeatureRules, file: str = "") -
     key = ("skipgrams", head, rules.feature, repr(rules.skipgrams))
 
     def compute() -> Measured:
+        import torch
+
+        from rulecheck.core.evaluate import Columns, predict_examples, score_predictions
+
         columns, terms = feature_terms(rules, bench.resolver(head, file))
         ex = bench.examples(head, rules.feature, file)
-        # encode only the input features the rules read: they come first, numbered 0..n-1
-        chunks = bench.prefix_chunks(head, ex.seq, ex.t, columns.features)
+        # only the test split is scored: run only its prefixes, and encode only the input
+        # features the rules read (they come first, numbered 0..n-1)
+        test = ex.part("test")
+        chunks = bench.prefix_chunks(head, ex.seq[test], ex.t[test], columns.features)
         read = Columns(tuple(range(len(columns.features))), columns.token_sets)
-        pred = predict_examples(chunks, read, terms, len(ex.seq), torch.device(bench.device))
+        device = torch.device(bench.device)
+        pred = torch.zeros(len(ex.seq), device=device)
+        pred[test.to(device)] = predict_examples(chunks, read, terms, int(test.sum()), device)
         return score_predictions(pred, ex)
 
     return bench.memo(key, compute)
