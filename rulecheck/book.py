@@ -445,6 +445,8 @@ def claim_changes(old: FeatureRules, new: FeatureRules) -> dict[str, tuple[list[
     table = RefTable()
     out = {}
     for kind in kinds.kinds():
+        if old.claims.get(kind.key, []) == new.claims.get(kind.key, []):
+            continue  # equal to the last measured score: the same claims
         was = {sc.identity(c): c for c in old.claims.get(kind.key, [])}
         now = {sc.identity(c): c for c in new.claims.get(kind.key, [])}
         if list(was) == list(now):

@@ -82,6 +82,9 @@ for _cls in (_Loader, _FastLoader):
 
 _PLAIN_TYPES = (type(None), bool, int, float, str)
 _MAP_TAG = "tag:yaml.org,2002:map"
+_STR_TAG = "tag:yaml.org,2002:str"
+_INT_TAG = "tag:yaml.org,2002:int"
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,17}")
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 
 
@@ -147,6 +150,12 @@ class _Walk:
         return key
 
     def scalar(self, node: yaml.nodes.ScalarNode, path: str) -> Any:
+        # the common cases first, as PyYAML's constructor reads them: a string is its value,
+        # a decimal integer without sign or leading zero its int
+        if node.tag == _STR_TAG:
+            return node.value
+        if node.tag == _INT_TAG and _DECIMAL.fullmatch(node.value):
+            return int(node.value)
         try:
             value = self.constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, OverflowError, ArithmeticError) as exc:
