@@ -44,11 +44,32 @@ def trimmed(name: str, directory: Path) -> Path:
 @pytest.fixture(scope="module")
 def permuted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Permuted copies, with noise of 1e-4 of each weight's spread, of L0H1's output SAE and
-    layer 0's input SAE."""
+    layer 0's input SAE; ``perms.json`` holds each permutation (new j is old perm[j])."""
     root = tmp_path_factory.mktemp("permuted")
-    permuted_copy("rulecheck-tiny:sae_out/L0H1", root / "out" / "L0H1", seed=1, noise=1e-4)
-    permuted_copy("rulecheck-tiny:sae_in/L0", root / "in" / "L0", seed=2, noise=1e-4)
+    perms = {
+        "sae_out": permuted_copy("rulecheck-tiny:sae_out/L0H1", root / "out" / "L0H1", 1, 1e-4),
+        "sae_in": permuted_copy("rulecheck-tiny:sae_in/L0", root / "in" / "L0", 2, 1e-4),
+    }
+    (root / "perms.json").write_text(json.dumps(perms))
     return root
+
+
+def test_a_permuted_copy_is_matched_completely(permuted: Path) -> None:
+    """Every feature of both permuted SAEs finds its old partner, nothing is lost."""
+    perms = json.loads((permuted / "perms.json").read_text())
+    overrides = Specs(
+        model=None,
+        sae_in=f"{permuted}/in/L{{layer}}",
+        sae_out=f"{permuted}/out/L{{layer}}H{{head}}",
+    )
+    bench = Workbench(overrides=overrides, cache_dir=None)
+    book = load_rulebook(SHIPPED / "L0H1.yaml")
+    gate = gated(bench, book, str(SHIPPED / "L0H1.yaml"), "auto")
+    for part, perm in perms.items():
+        fmap = gate.maps[part]
+        assert fmap is not None
+        assert fmap.new_of == {old: new for new, old in enumerate(perm)}, part
+    assert not gate.remapped.lost and gate.remapped.by_tokens == 0
 
 
 @pytest.fixture
