@@ -189,16 +189,21 @@ def lost_verdict(
     *,
     new_spec: str | None = None,
     field: str | None = None,
+    threshold: float | None = None,
 ) -> str:
     """The one line about a claim on a lost feature: returned (to skip it) when the budget
     allows the book's lost features, else raised as ``RemapLost``. ``book`` is the book as
-    translated (its ``lost:`` holds every lost feature); ``new_spec`` the SAE it was lost in."""
+    translated (its ``lost:`` holds every lost feature); ``new_spec`` the SAE it was lost in;
+    ``threshold`` the least score of a pair."""
     lost, total = len(book.lost), len(book.features) + len(book.lost)
     allowed = budget.allows(total)
     best = entry.best_candidate
     evidence = "no candidate"
     if best is not None and best.feature is not None:
         score = "" if best.confidence is None else f", confidence {best.confidence:.3f}"
+        if best.confidence is not None and threshold is not None:
+            taken = best.confidence > threshold  # it went to a better-scoring old feature
+            score += ", paired with another feature" if taken else f" < {threshold:g}"
         evidence = f"best candidate {best.feature}{score}"
     where = f"the new output SAE {new_spec}" if new_spec else "this book's output SAE"
     what = (

@@ -22,6 +22,7 @@ as written.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,7 +45,11 @@ class FeatureMap:
 
     @classmethod
     def of(cls, matching: Matching) -> FeatureMap:
-        return cls(matching.mapping(), dict(matching.best))
+        best = dict(matching.best)
+        for new, olds in matching.merged.items():  # merged away: the new feature they joined
+            for old in olds:
+                best.setdefault(old, (new, math.nan))
+        return cls(matching.mapping(), best)
 
     def sample_ids(self, n_old: int, n_new: int) -> torch.Tensor:
         """``[n_new]``: each new feature's old partner, or ``n_old + j`` for a new feature
@@ -60,7 +65,8 @@ class FeatureMap:
         best = self.best.get(old)
         if best is None:
             return BestCandidate()
-        return BestCandidate(feature=best[0], confidence=round(best[1], 3))
+        score = None if math.isnan(best[1]) else round(best[1], 3)
+        return BestCandidate(feature=best[0], confidence=score)
 
 
 @dataclass

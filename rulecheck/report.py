@@ -106,7 +106,23 @@ def print_rulebook(path: str | Path, console: Console | None = None) -> Rulebook
     console.print(Text(str(path), style="bold underline"))
     console.print(rulebook_header(rulebook), end="")
     console.print(rulebook_table(rulebook))
+    if rulebook.lost:
+        console.print(lost_line(rulebook), soft_wrap=True)
     return rulebook
+
+
+def lost_line(rulebook: Rulebook) -> str:
+    """The features a remapped book lists under ``lost:``, by old id and best candidate."""
+    parts = []
+    for f in rulebook.lost:
+        best = f.best_candidate
+        to = "" if best is None or best.feature is None else f" (best candidate {best.feature})"
+        parts.append(f"{f.feature}{to}")
+    n = len(parts)
+    return (
+        f"{n} lost feature{'' if n == 1 else 's'}, by the ids of the SAE the book was remapped "
+        f"from: {', '.join(parts)}"
+    )
 
 
 def _median(values: Iterable[Any]) -> float | None:
@@ -139,6 +155,9 @@ def summary_table(rulebooks: list[Rulebook]) -> Table:
     everything = [f for r in ordered for f in r.features]
     table.add_section()
     table.add_row(*_summary_row("all", everything), style="bold")
+    lost = sum(len(r.lost) for r in ordered)
+    if lost:
+        table.caption = f"{lost} lost feature{'' if lost == 1 else 's'} not counted (`lost:`)"
     return table
 
 

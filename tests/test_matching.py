@@ -205,3 +205,20 @@ def test_assignment_equals_brute_force(seed: int, threshold: float) -> None:
     m = match_features(cand, threshold=threshold, split_threshold=1.0)
     assert sum(p.confidence for p in m.pairs) == pytest.approx(best, abs=1e-5)
     assert m.mapping() == best_map  # continuous random scores: the optimum is unique
+
+
+def test_every_unpaired_old_feature_has_its_best_candidate() -> None:
+    """``best`` holds, for each old feature without a partner, the candidate of highest
+    combined score (by hand over the candidate table)."""
+    g = torch.Generator().manual_seed(5)
+    old = torch.randn(40, 16, generator=g)
+    new = torch.cat(
+        [old[:25] + 0.01 * torch.randn(25, 16, generator=g), torch.randn(15, 16, generator=g)]
+    )
+    cands = decoder_cosine(old, new, k=4)
+    m = match_features(cands, None, threshold=0.5)
+    paired = {p.old for p in m.pairs}
+    assert set(m.best) == set(range(40)) - paired
+    for i, (j, score) in m.best.items():
+        c = int(torch.argmax(cands.cosine[i]))
+        assert (j, score) == (int(cands.index[i, c]), float(cands.cosine[i, c]))

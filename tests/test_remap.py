@@ -192,3 +192,39 @@ def test_draws_keyed_by_old_ids_reproduce_the_old_exemplars() -> None:
         c = plain.examples(j)
         differs |= not torch.equal(a.split, c.split) or not torch.equal(a.seq, c.seq)
     assert differs  # keyed by their new ids, the draws differ: the keying is what matters
+
+
+def test_a_feature_merged_away_names_the_feature_it_joined() -> None:
+    pairs = [Pair(0, 0, 0.9, None, 0.9, "merged")]
+    matching = Matching(pairs, lost=[], new=[], merged={0: [1]}, best={1: (0, 0.8)})
+    assert FeatureMap.of(matching).lost_mark(1).feature == 0
+    from_file = Matching(pairs, lost=[], new=[], merged={0: [1]})  # a file keeps no score
+    mark = FeatureMap.of(from_file).lost_mark(1)
+    assert (mark.feature, mark.confidence) == (0, None)
+
+
+def test_the_lost_verdict_says_why_and_counts_against_the_budget() -> None:
+    import pytest
+
+    from rulecheck.book import BestCandidate
+    from rulecheck.config import Budget, parse_budget
+    from rulecheck.errors import RemapLost
+    from rulecheck.gate import lost_verdict
+
+    outputs, inputs = maps()
+    book = remap_book(parse_rulebook(BOOK), outputs, inputs).book
+    entry = book.lost[0]
+    with pytest.raises(RemapLost) as failed:
+        lost_verdict(book, entry, Budget(), "L0H1.yaml", field="feature[2]", threshold=0.5)
+    line = str(failed.value)
+    assert line.startswith("L0H1.yaml: feature[2]: feature 2 ")
+    assert "(best candidate 7, confidence 0.300 < 0.5); 1 of 3 features of L0H1 lost" in line
+    assert "--rulecheck-allow-lost allows 0" in line and "\n" not in line
+    assert "within --rulecheck-allow-lost 34%" in lost_verdict(
+        book, entry, parse_budget("34%", "x"), "L0H1.yaml"
+    )
+    with pytest.raises(RemapLost):  # 33% of 3 features allows none
+        lost_verdict(book, entry, parse_budget("33%", "x"), "L0H1.yaml")
+    entry.best_candidate = BestCandidate(feature=7, confidence=0.6)
+    with pytest.raises(RemapLost, match=r"confidence 0\.600, paired with another feature"):
+        lost_verdict(book, entry, Budget(), "L0H1.yaml", threshold=0.5)

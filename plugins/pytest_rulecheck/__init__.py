@@ -250,6 +250,7 @@ class RuleItem(OneLine, pytest.Item):
                         file,
                         new_spec=gate.specs["sae_out"],
                         field=f"feature[{rules.feature}]",
+                        threshold=gate.threshold,
                     )
                 )
             if (translated.feature, self.kind.key, self.index) in gate.remapped.untranslatable:

@@ -75,9 +75,9 @@ class Pair:
 @dataclass
 class Matching:
     """Pairs in increasing old id; ``split`` maps an old feature to its extra new partners,
-    ``merged`` a new feature to its extra old partners; ``best`` gives each lost old feature
-    its best-scoring candidate and that score (the evidence that it has no confident
-    partner)."""
+    ``merged`` a new feature to its extra old partners; ``best`` gives each old feature without a
+    partner (lost, or merged away) its best-scoring candidate and that score (the evidence that
+    it has no confident partner of its own)."""
 
     pairs: list[Pair]
     lost: list[int]
@@ -300,7 +300,7 @@ def match_features(
     top = score.argmax(dim=1) if score.shape[1] else None  # [n_old]
     best = {}
     if top is not None:
-        for i in lost:
+        for i in (i for i in range(n_old) if i not in mapping):  # lost, or merged away
             c = int(top[i])
             best[i] = (int(index[i, c]), float(score[i, c]))
     return Matching(pairs=pairs, lost=lost, new=new, split=split, merged=merged, best=best)
