@@ -27,6 +27,7 @@ CORE = (
     "rulecheck.refs",
     "rulecheck.book",
     "rulecheck.bookdiff",
+    "rulecheck.remap",
     "rulecheck.kinds",
     "rulecheck.strategies",
     "rulecheck.properties",
