@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test fuzz bench lint clean
+.PHONY: install demo test fuzz bench bench-scale lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ fuzz: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# how extraction grows with heads, features and corpus on a synthetic GPT-2-shaped layer
+# (about 12 minutes on 2 cores; add ARGS=--full on a GPU)
+bench-scale: install
+	$(PY) -m benchmarks.scale $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
