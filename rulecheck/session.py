@@ -425,7 +425,10 @@ class Workbench:
         """The heads one corpus pass for ``head`` collects: ``head``, the other heads of its
         layer that its output SAE's ``{head}`` template names, and the heads of books
         announced for the session that read the same model and corpus at that layer (one
-        head per index; only SAEs that load; none whose draws are keyed by other ids)."""
+        head per index; only SAEs that load; none whose draws are keyed by other ids). A head
+        whose draws are keyed by other ids (``sample_by``) has a pass of its own."""
+        if head in self._sample_ids:
+            return [head]
         model = self.model(head.specs.model)
         others = []
         if "{head}" in head.specs.sae_out:
@@ -449,6 +452,14 @@ class Workbench:
         """One pass over the corpus for ``head``'s layer, once per session: the exemplars of
         the heads of ``layer_group(head)``, by head index, and the layer's mean LayerNorm
         scale."""
+        _, collectors, ln_scale = self._pass(head, progress)
+        return collectors, ln_scale
+
+    def _pass(
+        self, head: Head, progress: Progress = no_progress
+    ) -> tuple[list[Head], dict[int, ExemplarCollector], float]:
+        """``layer_pass`` with the heads it collected; each head's draws keyed by its sample
+        ids where it has them."""
         model, _, _, tokens = self.load(head)
         group = self.layer_group(head)
 
@@ -456,9 +467,12 @@ class Workbench:
             check_corpus_size(tokens.shape[0], self.exemplar_cfg, head.specs.corpus)
             cfg = ExtractConfig(batch_size=self.batch_size, exemplars=self.exemplar_cfg)
             saes = {g.head: self.sae_out(g) for g in group}
-            return collect_layer(model, saes, tokens, head.layer, cfg, progress)
+            ids = {g.head: self._sample_ids[g] for g in group if g in self._sample_ids}
+            return collect_layer(model, saes, tokens, head.layer, cfg, progress, ids)
 
-        return self.memo(("layer_pass", tuple(group), self.exemplar_cfg), compute)
+        digests = tuple(self._ids_digest(g) for g in group)
+        key = ("layer_pass", tuple(group), digests, self.exemplar_cfg)
+        return (group, *self.memo(key, compute))
 
     def _loads(self, head: Head) -> bool:
         """Whether the output SAE of ``head`` loads and fits (a retrained SAE may exist for
@@ -471,8 +485,7 @@ class Workbench:
 
     def collector(self, head: Head) -> ExemplarCollector:
         """The head's exemplar state: from memory, the disk cache, or a pass over the corpus
-        (``layer_pass``: one per layer, however many of its heads are checked; a head whose
-        draws are keyed by other ids, ``sample_by``, has a pass of its own)."""
+        (``layer_pass``: one per layer, however many of its heads are checked)."""
         key = (head, self._ids_digest(head))
         if key in self._collectors:
             return self._collectors[key]
@@ -480,14 +493,7 @@ class Workbench:
         if cached is not None:
             self._collectors[key] = cached
             return cached
-        if key[1] is None:
-            group = self.layer_group(head)
-            collectors, _ = self.layer_pass(head)
-        else:
-            group = [head]
-            collectors = self.memo(
-                ("own pass", key, self.exemplar_cfg), lambda: self._own_pass(head)
-            )
+        group, collectors, _ = self._pass(head)
         for other in group:
             col = collectors[other.head]
             other_key = (other, self._ids_digest(other))
@@ -500,16 +506,6 @@ class Workbench:
                 state["n_seen"] = torch.tensor(col.n_seen)
                 atomic_write(self._cache_path(other), save({k: v.cpu() for k, v in state.items()}))
         return self._collectors[key]
-
-    def _own_pass(self, head: Head) -> dict[int, ExemplarCollector]:
-        """A pass over the corpus for ``head`` alone, its draws keyed by its sample ids."""
-        model, _, sae_out, tokens = self.load(head)
-        check_corpus_size(tokens.shape[0], self.exemplar_cfg, head.specs.corpus)
-        cfg = ExtractConfig(batch_size=self.batch_size, exemplars=self.exemplar_cfg)
-        ids = {head.head: self._sample_ids[head]}
-        return collect_layer(model, {head.head: sae_out}, tokens, head.layer, cfg, sample_ids=ids)[
-            0
-        ]
 
     def with_exemplars(self, exemplars: ExemplarConfig) -> Workbench:
         """This workbench under other protocol settings: the loaded models, SAEs and corpora
