@@ -113,7 +113,6 @@ class Remapped:
 class _Counts:
     by_tokens: int = 0
     dropped: int = 0
-    untranslatable: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _ref(ref: TokenRef, inputs: FeatureMap | None) -> TokenRef | None:
@@ -145,9 +144,11 @@ def _claim(claim: Any, inputs: FeatureMap | None) -> tuple[Any, int, bool]:
 
 def _rules(
     rules: FeatureRules, feature: int, inputs: FeatureMap | None, counts: _Counts
-) -> FeatureRules:
+) -> tuple[FeatureRules, list[tuple[str, int]]]:
+    """``rules`` as feature ``feature`` with its claims translated, and ``(kind key, index)``
+    of the claims that could not be."""
     claims: dict[str, list[Any]] = {}
-    counts.untranslatable = []
+    untranslatable = []
     for key, old in rules.claims.items():
         together = key in kinds.KINDS and kinds.KINDS[key].together
         claims[key] = []
@@ -157,10 +158,10 @@ def _rules(
                 counts.dropped += 1
                 continue
             if not whole:
-                counts.untranslatable.append((key, len(claims[key])))
+                untranslatable.append((key, len(claims[key])))
             claims[key].append(new)
             counts.by_tokens += by_tokens
-    return FeatureRules(
+    entry = FeatureRules(
         feature,
         rules.source,
         rules.label,
@@ -168,6 +169,7 @@ def _rules(
         expect=dict(rules.expect),
         xfail=rules.xfail,
     )
+    return entry, untranslatable
 
 
 def remap_book(
@@ -188,13 +190,14 @@ def remap_book(
     for rules in book.features:
         new = rules.feature if outputs is None else outputs.new_of.get(rules.feature)
         if new is None:
-            entry = _rules(rules, rules.feature, inputs, counts)
+            entry, _ = _rules(rules, rules.feature, inputs, counts)
             entry.best_candidate = outputs.lost_mark(rules.feature) if outputs else None
             lost[rules.feature] = entry
             continue
         new_id[rules.feature] = new
-        kept.append(_rules(rules, new, inputs, counts))
-        untranslatable |= {(new, key, i) for key, i in counts.untranslatable}
+        entry, bad = _rules(rules, new, inputs, counts)
+        kept.append(entry)
+        untranslatable |= {(new, key, i) for key, i in bad}
     translated = replace(
         book,
         features=sorted(kept, key=lambda f: f.feature),
