@@ -240,10 +240,12 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
     for a, b in pairs:
         old, new = load_rulebook(a, measurements=True), load_rulebook(b, measurements=True)
         mapping = None
-        if args.mapping is not None:
-            from rulecheck.gate import output_mapping
+        if args.mapping is not None:  # the head's own output SAE, else its layer's
+            from rulecheck.mapping import mapping_for
 
-            mapping = output_mapping(args.mapping, old.layer, old.head, field="--mapping")
+            hook = f"blocks.{old.layer}.attn.hook_z"
+            found = mapping_for(args.mapping, hook, (old.head, None), field="--mapping")
+            mapping = found[1].mapping()
         heads.append(diff_books(old, new, mapping))
     if args.format == "md":
         console.file.write(diff_markdown(heads, tolerance))

@@ -15,14 +15,13 @@ with one line, unless the budget ``--rulecheck-allow-lost`` allows that many los
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NoReturn
 
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.config import Budget, MatchConfig
 from rulecheck.core.matching import Matching
-from rulecheck.errors import InvalidMapping, InvalidSpec, RemapLost, RulecheckError
-from rulecheck.mapping import MappingHeader, load_mapping, match_saes
+from rulecheck.errors import InvalidMapping, RemapLost, RulecheckError
+from rulecheck.mapping import MappingHeader, mapping_for, match_saes
 from rulecheck.remap import FeatureMap, Remapped, remap_book
 from rulecheck.session import PART_NAMES, Head, Workbench
 from rulecheck.specs import head_spec
@@ -111,55 +110,10 @@ def feature_map(
         matching = bench.memo(("matching", old_spec, new_spec, cfg), compute)
     else:
         head = old_sae.cfg.metadata.hook_head_index
-        header, matching = mapping_for(source, str(old_sae.cfg.metadata.hook_name), head)
+        hook = str(old_sae.cfg.metadata.hook_name)
+        header, matching = mapping_for(source, hook, (head,), field="--rulecheck-remap")
         _check_mapping(header, digests, part, old_spec, new_spec)
     return FeatureMap.of(matching)
-
-
-def output_mapping(source: str, layer: int, head: int, field: str) -> dict[int, int]:
-    """Old -> new ids of head ``head``'s output SAE of ``layer`` in mapping files ``source``
-    (a per-head SAE's mapping, else the layer-level SAE's)."""
-    hook = f"blocks.{layer}.attn.hook_z"
-    try:
-        return mapping_for(source, hook, head, field=field)[1].mapping()
-    except InvalidSpec:
-        try:
-            return mapping_for(source, hook, None, field=field)[1].mapping()
-        except InvalidSpec:
-            pass
-        raise
-
-
-def mapping_for(
-    source: str, hook: str, head: int | None, *, field: str = "--rulecheck-remap"
-) -> tuple[MappingHeader, Matching]:
-    """The mapping of ``hook`` (and ``head``) in the mapping file or directory ``source``."""
-    path = Path(source)
-    if not path.exists():
-        raise InvalidSpec(
-            "no such file or directory",
-            file=path,
-            field=field,
-            fix="give a mapping file or a directory of them (rulecheck match --out)",
-        )
-    files = (
-        sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
-        if path.is_dir()
-        else [path]
-    )
-    for file in files:
-        header, matching = load_mapping(file)
-        if header.hook == hook and header.head == head:
-            return header, matching
-    what = hook if head is None else f"{hook} head {head}"
-    raise InvalidSpec(
-        f"no mapping of {what} here",
-        file=path,
-        field=field,
-        fix=f"write one with rulecheck match --old OLD --new NEW --out {path}"
-        f"{'/NAME.yaml' if path.is_dir() else ''}"
-        f"{', or give --rulecheck-remap auto' if field == '--rulecheck-remap' else ''}",
-    )
 
 
 def _check_mapping(

@@ -27,6 +27,7 @@ naming the file, line and field. ``stream_activations`` feeds ``activation_corre
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ from rulecheck.core.matching import (
     decoder_cosine,
     match_features,
 )
-from rulecheck.errors import InvalidMapping
+from rulecheck.errors import InvalidMapping, InvalidSpec
 from rulecheck.schema import Where, significant
 
 FORMAT = 1
@@ -389,6 +390,51 @@ def load_mapping(path: str | Path) -> tuple[MappingHeader, Matching]:
         merged=r.groups(data.get("merged"), "merged"),
     )
     return header, matching
+
+
+def mapping_for(
+    source: str | Path, hook: str, heads: tuple[int | None, ...], *, field: str
+) -> tuple[MappingHeader, Matching]:
+    """The mapping of ``hook`` in the mapping file or directory ``source``: the first of
+    ``heads`` (a head index, or None for a layer-level SAE) that one maps; every file is read
+    once per modification. Errors name ``field``, the option that gave ``source``."""
+    path = Path(source)
+    if not path.exists():
+        raise InvalidSpec(
+            "no such file or directory",
+            file=path,
+            field=field,
+            fix="give a mapping file or a directory of them (rulecheck match --out)",
+        )
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        if path.is_dir()
+        else [path]
+    )
+    found = {}
+    for file in files:
+        stat = file.stat()
+        header, matching = _read_mapping(str(file), (stat.st_mtime_ns, stat.st_size))
+        if header.hook == hook:
+            found.setdefault(header.head, (header, matching))
+    for head in heads:
+        if head in found:
+            return found[head]
+    what = hook if heads[0] is None else f"{hook} head {heads[0]}"
+    raise InvalidSpec(
+        f"no mapping of {what} here",
+        file=path,
+        field=field,
+        fix=f"write one with rulecheck match --old OLD --new NEW --out {path}"
+        f"{'/NAME.yaml' if path.is_dir() else ''}"
+        f"{', or give --rulecheck-remap auto' if field == '--rulecheck-remap' else ''}",
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _read_mapping(file: str, stamp: tuple[int, int]) -> tuple[MappingHeader, Matching]:
+    """``load_mapping(file)``, once for each ``stamp`` (modification time and size)."""
+    return load_mapping(file)
 
 
 # ---------------------------------------------------------------------------- activations
