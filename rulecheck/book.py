@@ -149,8 +149,9 @@ def _empty(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class BestCandidate(sc.Record):
-    """On a lost feature: the new SAE's feature that scored best with it, and that score,
-    below the matching's threshold (the evidence that it has no confident partner)."""
+    """On a lost feature: the new SAE's feature that scored best with it, and that score
+    (below the matching's threshold, or above it when the one-to-one assignment gave that
+    feature to a better-scoring old one); where to look when re-homing its claims."""
 
     feature: int | None = sc.entry(sc.integer(), default=None)
     confidence: float | None = sc.entry(sc.number((-1.0, 1.0)), default=None)
@@ -446,7 +447,7 @@ def claim_changes(old: FeatureRules, new: FeatureRules) -> dict[str, tuple[list[
     out = {}
     for kind in kinds.kinds():
         if old.claims.get(kind.key, []) == new.claims.get(kind.key, []):
-            continue  # equal to the last measured score: the same claims
+            continue  # equal, measured scores included: the same claims, nothing to write
         was = {sc.identity(c): c for c in old.claims.get(kind.key, [])}
         now = {sc.identity(c): c for c in new.claims.get(kind.key, [])}
         if list(was) == list(now):

@@ -436,7 +436,7 @@ def run_remap(args: argparse.Namespace, console: Console) -> int:
     for path in paths:
         text = _read_book_text(path)
         book = parse_rulebook(text, path)
-        gate = gated(bench, book, str(path), args.mapping, cfg)
+        gate = gated(bench, book, str(path), args.mapping, cfg, option="--mapping")
         bench.check_fingerprints(book, gate.old, str(path))
         out = args.out / path.name
         new = dump_rulebook(gate.remapped.written(), text, path=out, keep_manual=False)

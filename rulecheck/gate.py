@@ -55,14 +55,20 @@ def _load(bench: Workbench, head: Head, part: str):
 
 
 def gated(
-    bench: Workbench, book: Rulebook, file: str, source: str, cfg: MatchConfig | None = None
+    bench: Workbench,
+    book: Rulebook,
+    file: str,
+    source: str,
+    cfg: MatchConfig | None = None,
+    option: str = "--rulecheck-remap",
 ) -> Gated:
-    """``book`` translated for the SAEs this run loads (once per session and book)."""
+    """``book`` translated for the SAEs this run loads (once per session and book);
+    ``source`` is ``auto`` or mapping files, given by ``option`` (named in errors)."""
     cfg = cfg or MatchConfig()
 
     def compute() -> Gated:
         old, new = bench.head_of(book, file, saes=False), bench.head_of(book, file)
-        maps = {part: feature_map(bench, old, new, part, source, cfg) for part in PARTS}
+        maps = {part: feature_map(bench, old, new, part, source, cfg, option) for part in PARTS}
         if maps["sae_out"] is not None:
             n_old, n_new = bench.sae_out(old).cfg.d_sae, bench.sae_out(new).cfg.d_sae
             bench.sample_by(new, maps["sae_out"].sample_ids(n_old, n_new))
@@ -90,7 +96,13 @@ def gated(
 
 
 def feature_map(
-    bench: Workbench, old: Head, new: Head, part: str, source: str, cfg: MatchConfig
+    bench: Workbench,
+    old: Head,
+    new: Head,
+    part: str,
+    source: str,
+    cfg: MatchConfig,
+    option: str = "--rulecheck-remap",
 ) -> FeatureMap | None:
     """How the features of the old head's SAE ``part`` map to the new head's (None when it
     is the same SAE)."""
@@ -111,7 +123,9 @@ def feature_map(
     else:
         head = old_sae.cfg.metadata.hook_head_index
         hook = str(old_sae.cfg.metadata.hook_name)
-        header, matching = mapping_for(source, hook, (head,), field="--rulecheck-remap")
+        header, matching = mapping_for(
+            source, hook, (head,), field=option, or_else=f", or give {option} auto"
+        )
         _check_mapping(header, digests, part, old_spec, new_spec)
     return FeatureMap.of(matching)
 

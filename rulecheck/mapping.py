@@ -393,11 +393,12 @@ def load_mapping(path: str | Path) -> tuple[MappingHeader, Matching]:
 
 
 def mapping_for(
-    source: str | Path, hook: str, heads: tuple[int | None, ...], *, field: str
+    source: str | Path, hook: str, heads: tuple[int | None, ...], *, field: str, or_else: str = ""
 ) -> tuple[MappingHeader, Matching]:
     """The mapping of ``hook`` in the mapping file or directory ``source``: the first of
     ``heads`` (a head index, or None for a layer-level SAE) that one maps; every file is read
-    once per modification. Errors name ``field``, the option that gave ``source``."""
+    once per modification. Errors name ``field``, the option that gave ``source``, and end
+    their fix with ``or_else``."""
     path = Path(source)
     if not path.exists():
         raise InvalidSpec(
@@ -426,8 +427,7 @@ def mapping_for(
         file=path,
         field=field,
         fix=f"write one with rulecheck match --old OLD --new NEW --out {path}"
-        f"{'/NAME.yaml' if path.is_dir() else ''}"
-        f"{', or give --rulecheck-remap auto' if field == '--rulecheck-remap' else ''}",
+        f"{'/NAME.yaml' if path.is_dir() else ''}{or_else}",
     )
 
 

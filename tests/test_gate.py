@@ -354,3 +354,28 @@ def _items(path: Path):
     for rules in load_rulebook(path).features:
         for kind in kinds():
             yield from kind.items(rules)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--threshold", "2"], "--threshold: must be a number in [-1, 1], got 2.0"),
+        (["--threshold", "nan"], "--threshold: must be a number in [-1, 1]"),
+        (["--mapping", "nowhere"], "nowhere: --mapping: no such file or directory"),
+    ],
+)
+def test_bad_remap_options_are_one_line(tmp_path: Path, capsys, extra, message) -> None:
+    argv = ["remap", str(SHIPPED / "L0H0.yaml"), "--out", str(tmp_path / "out")]
+    argv += ["--sae-out", RETRAINED["sae_out"], *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_remap_out_must_be_a_directory(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "file"
+    out.write_text("")
+    argv = ["remap", str(SHIPPED / "L0H0.yaml"), "--out", str(out), "--sae-out", "x"]
+    assert main(argv) == 2
+    assert "--out: is not a directory" in capsys.readouterr().err
