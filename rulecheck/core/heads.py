@@ -100,30 +100,48 @@ def encode_columns(sae: SAE, x: Tensor, columns: Sequence[int]) -> Tensor:
     return acts
 
 
+def head_input(sae_out: SAE, z: Tensor, head: int) -> Tensor:
+    """What the output SAE reads of ``hook_z [batch, pos, n_heads, d_head]``: ``head``'s slice
+    for a per-head SAE, else all heads (flattened unless the SAE reshapes ``hook_z`` itself)."""
+    if is_per_head(sae_out):
+        return z[:, :, head, :]
+    if sae_out.cfg.reshape_activations == "hook_z":
+        return z
+    return z.flatten(-2)
+
+
 def encode_head(sae_out: SAE, z: Tensor, head: int) -> Tensor:
     """Output-SAE activations ``[batch, pos, d_sae_out]`` from ``hook_z`` ``[batch, pos,
     n_heads, d_head]`` (sae_lens's own ``encode``, so its input processing is kept)."""
-    if is_per_head(sae_out):
-        return sae_out.encode(z[:, :, head, :])
-    if sae_out.cfg.reshape_activations == "hook_z":
-        return sae_out.encode(z)
-    return sae_out.encode(z.flatten(-2))
+    return sae_out.encode(head_input(sae_out, z, head))
+
+
+class _Captured(Exception):
+    """Raised by ``run_to_layer``'s last hook: the rest of the forward pass is not needed."""
 
 
 @torch.no_grad()
-def run_to_layer(model: HookedTransformer, tokens: Tensor, layer: int, names: tuple[str, ...]):
-    """Run ``tokens [batch, pos]`` up to and including ``layer``'s attention; return the
-    requested hook activations by name."""
+def run_to_layer(
+    model: HookedTransformer, tokens: Tensor, layer: int, names: tuple[str, ...]
+) -> dict[str, Tensor]:
+    """Run ``tokens [batch, pos]`` until every requested hook of ``layer`` and below has fired
+    (for ``hook_z``, the head outputs: not the attention's output projection, nor the MLP) and
+    return their activations by name."""
     store: dict[str, Tensor] = {}
 
     def save(act: Tensor, hook) -> None:
         store[hook.name] = act
+        if len(store) == len(names):
+            raise _Captured
 
-    model.run_with_hooks(
-        tokens,
-        fwd_hooks=[(name, save) for name in names],
-        stop_at_layer=layer + 1,
-    )
+    try:
+        model.run_with_hooks(
+            tokens,
+            fwd_hooks=[(name, save) for name in names],
+            stop_at_layer=layer + 1,
+        )
+    except _Captured:
+        pass
     return store
 
 
@@ -155,20 +173,37 @@ class Probe:
     feature: int
     batch_size: int = 256
 
+    def _run(self, tokens: Tensor) -> Tensor:
+        """``[batch, pos]`` activation of the feature for one batch ``tokens [batch, pos]``
+        (only its encoder column is computed where the architecture allows)."""
+        name = z_hook(self.layer)
+        z = run_to_layer(self.model, tokens.to(self.model.cfg.device), self.layer, (name,))[name]
+        x = head_input(self.sae_out, z, self.head)
+        return encode_columns(self.sae_out, x, [self.feature])[..., 0].float().cpu()
+
     @torch.no_grad()
     def activations(self, tokens: Tensor) -> Tensor:
         """``[batch, pos]`` activation of the feature at every position of ``tokens``."""
-        device = self.model.cfg.device
-        name = z_hook(self.layer)
-        parts = []
-        for start in range(0, tokens.shape[0], self.batch_size):
-            batch = tokens[start : start + self.batch_size].to(device)
-            z = run_to_layer(self.model, batch, self.layer, (name,))[name]
-            parts.append(encode_head(self.sae_out, z, self.head)[..., self.feature].float().cpu())
+        parts = [
+            self._run(tokens[start : start + self.batch_size])
+            for start in range(0, tokens.shape[0], self.batch_size)
+        ]
         if not parts:
             return torch.zeros(tokens.shape, dtype=torch.float32)
         return torch.cat(parts)
 
+    @torch.no_grad()
     def at(self, tokens: Tensor, t: Tensor) -> Tensor:
-        """``[batch]`` activation of the feature at position ``t [batch]`` of ``tokens``."""
-        return self.activations(tokens).gather(1, t.cpu().long().unsqueeze(1)).squeeze(1)
+        """``[batch]`` activation of the feature at position ``t [batch]`` of ``tokens``.
+
+        Attention is causal, so the tokens after ``t`` cannot change it: the prompts run in
+        order of ``t`` (stable), each batch cut after its last ``t``."""
+        t = t.cpu().long()
+        out = torch.zeros(len(t), dtype=torch.float32)
+        order = torch.argsort(t, stable=True)
+        for start in range(0, len(t), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            end = int(t[rows].max()) + 1
+            acts = self._run(tokens[rows.to(tokens.device), :end])
+            out[rows] = acts.gather(1, t[rows].unsqueeze(1)).squeeze(1)
+        return out
