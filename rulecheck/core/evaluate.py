@@ -81,5 +81,5 @@ def predict_examples(
     pred = torch.zeros(n, device=device)
     terms = Terms(*(x.to(device) for x in (terms.query, terms.key, terms.attn, terms.value)))
     for rows, feats, tokens, t in feats_chunks:
-        pred[rows] = predict(input_columns(feats, tokens, columns), t, terms)
+        pred[rows.to(device)] = predict(input_columns(feats, tokens, columns), t, terms)
     return pred

@@ -128,44 +128,54 @@ def prefix_chunks(
     t: Tensor,
     batch_size: int,
     columns: Sequence[int] | None = None,
-) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Input-SAE activations ``[batch, pos, d_sae_in]`` (only ``columns``, in that order, when
-    given) of the prefixes ``(seq, t)``, a chunk at a time, with the chunk's rows, tokens
-    ``[batch, pos]`` and end positions."""
+    given) of the prefixes ``(seq, t)``, a chunk at a time, with the chunk's rows (indices into
+    ``seq``), tokens ``[batch, pos]`` and end positions.
+
+    A prefix reads nothing after its end, so the prefixes go in order of ``t`` (stable) and
+    each chunk is cut after its last ``t``: ``pos`` is that ``t + 1``."""
     device = model.cfg.device
-    for start in range(0, len(seq), batch_size):
-        rows = slice(start, start + batch_size)
-        toks = tokens[seq[rows].cpu()].to(device)
+    t = t.cpu().long()
+    order = torch.argsort(t, stable=True)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        end = int(t[rows].max()) + 1
+        toks = tokens[seq.cpu()[rows].to(tokens.device), :end].to(device)
         resid = model(toks, stop_at_layer=layer)
         feats = sae_in.encode(resid) if columns is None else encode_columns(sae_in, resid, columns)
         yield rows, feats, toks, t[rows].to(device)
 
 
 def prefix_features(
-    chunks: Iterable[tuple[slice, Tensor, Tensor, Tensor]],
+    chunks: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]],
     batch_size: int,
     terms: Terms | None = None,
     importance_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``q_act, k_max`` (each ``[n, d_sae_in]``) for the prefixes of ``chunks`` (as
-    ``prefix_chunks`` yields them), and, when ``terms`` and a boolean ``importance_rows [n]``
-    are given, the terms' gradient importance averaged over those rows, from the same forward
-    passes."""
-    q_parts, k_parts = [], []
+    """``q_act, k_max`` (each ``[n, d_sae_in]``, in the order of the prefixes) for the prefixes
+    of ``chunks`` (as ``prefix_chunks`` yields them), and, when ``terms`` and a boolean
+    ``importance_rows [n]`` are given, the terms' gradient importance averaged over those rows,
+    from the same forward passes."""
+    row_parts, q_parts, k_parts = [], [], []
     total, count = None, 0
     for rows, feats, _, t_rows in chunks:
         q, k = prefix_stats(feats, t_rows)
+        row_parts.append(rows.cpu())
         q_parts.append(q)
         k_parts.append(k)
         if terms is not None and importance_rows is not None:
-            pick = importance_rows[rows].to(feats.device)
+            pick = importance_rows.cpu()[rows.cpu()].to(feats.device)
             n = int(pick.sum())
             if n:
                 part = term_importance(feats[pick], t_rows[pick], terms, batch_size) * n
                 total = part if total is None else total + part
                 count += n
     importance = None if total is None else total / count
-    return torch.cat(q_parts), torch.cat(k_parts), importance
+    rows = torch.cat(row_parts) if row_parts else torch.zeros(0, dtype=torch.long)
+    inverse = torch.empty_like(rows)
+    inverse[rows] = torch.arange(len(rows))
+    return torch.cat(q_parts)[inverse], torch.cat(k_parts)[inverse], importance
 
 
 def choose_n_terms(val_f1: Tensor, counts: list[int], max_terms: int, margin: float = 0.0) -> int:
