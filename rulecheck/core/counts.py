@@ -141,11 +141,17 @@ def counting_curve(
     own = own_counts(seqs, t, key_token).cpu()
     rows = torch.arange(len(seqs))
     act = torch.full((len(seqs), max_count + 1), math.nan)  # [n_contexts, count]
+    # every count's prompts in one call: the probe runs them in order of length
+    prompts, ends, cells = [], [], []
     for n in range(max_count + 1 - int(own.min())):
         at = spread_positions(t, n)
         edit = repeat_token_batch(seqs, t, key_token, n, positions=at, protect=protect)
         count, fits = n + own, n + own <= max_count
-        act[rows[fits], count[fits]] = probe.at(edit.tokens, edit.t).float()[fits]
+        prompts.append(edit.tokens[fits.to(edit.tokens.device)])
+        ends.append(edit.t[fits.to(edit.t.device)].cpu())
+        cells.append((rows[fits], count[fits]))
+    acts = probe.at(torch.cat(prompts), torch.cat(ends)).float()
+    act[torch.cat([r for r, _ in cells]), torch.cat([c for _, c in cells])] = acts
     measured = ~act.isnan()
     counts = torch.arange(max_count + 1).expand_as(act)
     n_at = measured.sum(0)

@@ -181,14 +181,15 @@ def distractor_drop(
     protect = None if protect is None else protect[fits]
     if len(seqs) == 0:
         return [math.nan] * len(copies)
-    before = probe.at(seqs, t)
-    drops = []
+    # the unedited prompts and every copy count's in one call
+    prompts, ends = [seqs], [t.cpu()]
     for n in copies:
         at = torch.ones_like(t) if prepend else t
         edit = insert_before_batch(seqs, t, [distractor_token] * n, at=at, protect=protect)
-        after = probe.at(edit.tokens, edit.t)
-        drops.append(float(((before - after) / before).mean()))
-    return drops
+        prompts.append(edit.tokens)
+        ends.append(edit.t.cpu())
+    before, *after = probe.at(torch.cat(prompts), torch.cat(ends)).split(len(seqs))
+    return [float(((before - a) / before).mean()) for a in after]
 
 
 @dataclass(frozen=True)
