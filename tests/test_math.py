@@ -274,3 +274,58 @@ def test_choose_n_terms_is_the_fewest_within_the_margin_of_the_best(f1, max_term
     got = choose_n_terms(torch.tensor(f1, dtype=torch.float64), counts, max_terms, margin)
     assert got == expected
     assert margin > 0 or f1[got] == best
+
+
+def full_pass(model, tokens):
+    """Every hook of the whole model, no early stop: the reference for cut-short passes."""
+    with torch.no_grad():
+        return model.run_with_cache(tokens)[1]
+
+
+def test_run_to_layer_stops_after_its_last_hook_with_the_same_activations(model, tokens):
+    ran_mlp = []
+    handle = model.blocks[LAYER].mlp.register_forward_hook(lambda *_: ran_mlp.append(1))
+    try:
+        store = run_to_layer(model, tokens, LAYER, layer_hooks(model, LAYER))
+    finally:
+        handle.remove()
+    assert not ran_mlp  # hook_z is the last one asked for: the layer's MLP is not run
+    cache = full_pass(model, tokens)
+    assert set(store) == set(layer_hooks(model, LAYER))
+    for name, act in store.items():
+        torch.testing.assert_close(act, cache[name])
+    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())  # its hooks are removed
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_probe_at_cuts_and_sorts_prompts_yet_reads_the_full_pass(model, tokens, per_head):
+    from rulecheck.core.heads import Probe
+
+    d_in = 8 if per_head else 16
+    sae = random_sae(d_in, 10, z_hook(LAYER), head=HEAD if per_head else None, seed=5)
+    g = torch.Generator().manual_seed(6)
+    t = torch.randint(1, tokens.shape[1], (len(tokens),), generator=g)
+    acts = encode_head(sae, full_pass(model, tokens)[z_hook(LAYER)], HEAD).detach()
+    for feature in range(10):
+        want = [float(acts[i, int(t[i]), feature]) for i in range(len(tokens))]
+        if any(w > 0 for w in want):
+            break
+    got = Probe(model, sae, LAYER, HEAD, feature, batch_size=5).at(tokens, t)
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-6)
+    everywhere = Probe(model, sae, LAYER, HEAD, feature, batch_size=7).activations(tokens)
+    torch.testing.assert_close(everywhere, acts[..., feature], rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_features_come_back_in_the_order_of_the_prefixes(model, tokens):
+    from rulecheck.core.extract import prefix_chunks, prefix_features
+
+    sae_in = random_sae(16, 24, f"blocks.{LAYER}.hook_resid_pre", seed=2)
+    g = torch.Generator().manual_seed(8)
+    seq = torch.randint(0, len(tokens), (30,), generator=g)
+    t = torch.randint(1, tokens.shape[1], (30,), generator=g)
+    feats = sae_in.encode(full_pass(model, tokens)[f"blocks.{LAYER}.hook_resid_pre"]).detach()
+    chunks = prefix_chunks(model, sae_in, tokens, LAYER, seq, t, batch_size=4)
+    q_act, k_max, _ = prefix_features(chunks, 4)
+    for i, (s, end) in enumerate(zip(seq.tolist(), t.tolist(), strict=True)):
+        torch.testing.assert_close(q_act[i], feats[s, end], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(k_max[i], feats[s, : end + 1].amax(0), rtol=1e-5, atol=1e-6)
