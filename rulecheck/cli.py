@@ -238,7 +238,9 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
     pairs = _book_pairs(args.old, args.new)
     heads = []
     for a, b in pairs:
-        old, new = load_rulebook(a, measurements=True), load_rulebook(b, measurements=True)
+        old = load_rulebook(a, measurements=True)
+        # a head whose book and measurements did not change is the same book: read once
+        new = old if _same_bytes(a, b) else load_rulebook(b, measurements=True)
         mapping = None
         if args.mapping is not None:  # the head's own output SAE, else its layer's
             from rulecheck.mapping import mapping_for
@@ -253,6 +255,17 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
         for table in diff_tables(heads, tolerance):
             console.print(table)
     return 1 if any(h.regressions(tolerance) for h in heads) else 0
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether rulebooks ``a`` and ``b`` and the measurement files beside them are equal."""
+    from rulecheck.rulebook import measured_path
+
+    def content(path: Path) -> tuple[bytes, bytes | None]:
+        extra = measured_path(path)
+        return path.read_bytes(), extra.read_bytes() if extra.is_file() else None
+
+    return a.name == b.name and content(a) == content(b)
 
 
 def _must_exist(paths: list[Path]) -> None:
