@@ -299,6 +299,157 @@ def bench_cli_yaml_work() -> tuple[str, float, float, str]:
     return "rulecheck show / summary / diff, 8 shipped books", t_fast, t_base, "import torch stack"
 
 
+def _tiny(layer: int, head: int):
+    """The session, layer artefacts and exemplars of one head of rulecheck-tiny on the CPU."""
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
+
+    bench = Workbench(device="cpu", cache_dir=None)
+    art = bench.layer(Specs("rulecheck-tiny").resolve(), layer, [head])
+    return bench, art, bench.collector(art.heads[0])
+
+
+def bench_rule_evaluation() -> tuple[str, float, float, str]:
+    """Goal 1: a feature's skip-grams scored at all 11 term counts (4 ... 4096) on its test
+    prefixes (rulecheck-tiny L1H1, 2 features, 10,000 weight-ranked candidates each): one pass
+    that stops at the input SAE's hook, shared by all counts, against the reference algorithm
+    written as plain loops: for every count, a forward pass to the hook and the SAE's encode,
+    then per prefix every active query feature at t against every active (position, key)
+    pair in [0, t]. Both must give the same F1 at every count."""
+    from rulecheck.core.extract import prefix_chunks, prefix_features
+    from rulecheck.core.heads import head_encoder, head_weights, input_directions, resid_pre_hook
+    from rulecheck.core.metrics import binary_scores
+    from rulecheck.core.scores import value_scores
+
+    layer, head = 1, 1
+    _, art, col = _tiny(layer, head)
+    model, sae_in, tokens = art.model, art.sae_in, art.tokens
+    w = head_weights(model, layer, head)
+    d = input_directions(sae_in, w, 1.0)
+    u = head_encoder(art.sae_outs[head], head, model.cfg.d_head).to(d.dtype)
+    features = col.eligible().tolist()[:2]
+    vs = value_scores(d, w.W_V, u[:, features])
+    cases = []
+    for i, f in enumerate(features):
+        terms = rank_by_weight(candidate_terms(d, w.W_Q, w.W_K, w.attn_scale, vs[:, i]))
+        ex = col.examples(f)
+        test = ex.part("test")
+        cases.append((terms, ex.seq[test], ex.t[test], ex.act[test]))
+    counts = term_counts(10_000)
+
+    def fast() -> list[list[float]]:
+        out = []
+        for terms, seq, t, act in cases:
+            chunks = prefix_chunks(model, sae_in, tokens, layer, seq, t, 256)
+            q_act, k_max, _ = prefix_features(chunks, 256)
+            preds = predictions_by_terms(term_contributions(q_act, k_max, terms), counts)
+            out.append(binary_scores(act, preds)["f1"].tolist())
+        return out
+
+    hook = resid_pre_hook(layer)
+
+    @torch.no_grad()
+    def reference() -> list[list[float]]:
+        out = []
+        for terms, seq, t, act in cases:
+            live = ((terms.attn > 0) & (terms.value > 0)).tolist()
+            ids = zip(terms.query.tolist(), terms.key.tolist(), strict=True)
+            rows = [
+                (q, k, w, ok)
+                for (q, k), w, ok in zip(ids, terms.weight.tolist(), live, strict=True)
+            ]
+            f1s = []
+            for n in counts:
+                table: dict[int, dict[int, float]] = {}
+                for q, k, weight, ok in rows[:n]:
+                    if ok:
+                        table.setdefault(q, {})[k] = weight
+                preds = []
+                for start in range(0, len(seq), 8):
+                    batch = tokens[seq[start : start + 8]]
+                    _, cache = model.run_with_cache(
+                        batch, stop_at_layer=layer + 1, names_filter=[hook]
+                    )
+                    feats = sae_in.encode(cache[hook])
+                    for j in range(len(batch)):
+                        pos = int(t[start + j])
+                        pairs = feats[j, : pos + 1].nonzero().tolist()
+                        best = 0.0
+                        for q in feats[j, pos].nonzero().flatten().tolist():
+                            keys = table.get(q)
+                            if not keys:
+                                continue
+                            fq = float(feats[j, pos, q])
+                            for kp, k in pairs:
+                                if k in keys:
+                                    fk = float(feats[j, kp, k])
+                                    best = max(best, fq * fk * fk * keys[k])
+                        preds.append(best)
+                f1s.append(float(binary_scores(act, torch.tensor(preds))["f1"]))
+            out.append(f1s)
+        return out
+
+    t_fast, a = timed(fast)
+    t_base, b = timed(reference, repeat=1)
+    assert a == b, (a, b)
+    return "goal 1: F1 at 11 term counts, 2 features (tiny L1H1)", t_fast, t_base, "reference loops"
+
+
+def bench_head_extraction() -> tuple[str, float, float, str]:
+    """Goal 2: extracting one head (rulecheck-tiny L0H1, every eligible feature, absence and
+    counting rules validated, the layer's corpus pass included) against its floor: one pass
+    over the corpus through the head's layer and its output SAE's encode. The speed-up column
+    is below 1: the head costs that many floors' worth, less is better."""
+    from rulecheck.api import extract_books
+    from rulecheck.config import ExtractConfig
+    from rulecheck.core.heads import encode_head, run_to_layer, z_hook
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
+
+    layer, head = 0, 1
+    ckpt = Specs("rulecheck-tiny").resolve()
+    art = Workbench(device="cpu", cache_dir=None).layer(ckpt, layer, [head])
+    cfg = ExtractConfig(features=1000)  # every eligible feature
+
+    def extract() -> None:
+        extract_books(Workbench(device="cpu", cache_dir=None), ckpt, layer, [head], cfg)
+
+    @torch.no_grad()
+    def floor() -> None:
+        for start in range(0, len(art.tokens), 256):
+            batch = art.tokens[start : start + 256]
+            z = run_to_layer(art.model, batch, layer, (z_hook(layer),))[z_hook(layer)]
+            encode_head(art.sae_outs[head], z, head)
+
+    t_fast, _ = timed(extract, repeat=1)
+    t_base, _ = timed(floor, repeat=1)
+    return (
+        "goal 2: extract tiny L0H1 (all features), vs its floor",
+        t_fast,
+        t_base,
+        "layer + SAE pass",
+    )
+
+
+def bench_check_vs_extract() -> tuple[str, float, float, str]:
+    """Goal 3: checking a shipped head's rulebook (``pytest`` on rulecheck-tiny's L0H1, a cold
+    exemplar cache) against extracting the same head (``rulecheck extract``), each a fresh
+    process. Above 1: checking costs less than extracting."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    book = Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny" / "L0H1.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        check = [sys.executable, "-m", "pytest", str(book), "-q", "-p", "no:cacheprovider"]
+        check += ["--rulecheck-cache", str(Path(tmp) / "cache")]
+        extract = [sys.executable, "-m", "rulecheck.cli", "extract", "--layer", "0"]
+        extract += ["--heads", "1", "--out", str(Path(tmp) / "out")]
+        t_fast, _ = timed(lambda: subprocess.run(check, check=True, capture_output=True), 1)
+        t_base, _ = timed(lambda: subprocess.run(extract, check=True, capture_output=True), 1)
+    return "goal 3: check tiny L0H1's book, vs extracting it", t_fast, t_base, "extraction"
+
+
 def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -322,6 +473,9 @@ def main() -> None:
         bench_rulebook_rewrite(),
         bench_planted_end_to_end(),
         bench_cli_yaml_work(),
+        bench_rule_evaluation(),
+        bench_head_extraction(),
+        bench_check_vs_extract(),
     ]
     for name, fast, base, what in cases:
         table.add_row(name, f"{fast:.3f}", f"{base:.3f}", what, f"{base / fast:.1f}x")

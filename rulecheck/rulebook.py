@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 import yaml.constructor
@@ -80,7 +80,7 @@ class _FastLoader(getattr(yaml, "CSafeLoader", _Loader)):
     expressions one by one; a book repeats its scalars (token strings, small ids), so the tag
     of each plain scalar is kept (half the time of reading a book)."""
 
-    _tags: dict[tuple[str, tuple[bool, bool]], str] = {}
+    _tags: ClassVar[dict[tuple[str, tuple[bool, bool]], str]] = {}
 
     def resolve(self, kind: type, value: Any, implicit: Any) -> str:
         if kind is not yaml.nodes.ScalarNode:

@@ -6,6 +6,7 @@ The hook names are TransformerLens's: input SAEs read ``blocks.{l}.hook_resid_pr
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -134,14 +135,12 @@ def run_to_layer(
         if len(store) == len(names):
             raise _Captured
 
-    try:
+    with contextlib.suppress(_Captured):
         model.run_with_hooks(
             tokens,
             fwd_hooks=[(name, save) for name in names],
             stop_at_layer=layer + 1,
         )
-    except _Captured:
-        pass
     return store
 
 
