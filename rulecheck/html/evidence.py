@@ -50,6 +50,7 @@ class Exemplar:
     each, and the positions where a key of a term that matches at ``t`` is present."""
 
     seq: int
+    pos: int  # the query's position in the sequence
     act: float
     tokens: list[str]
     acts: list[float | None]
@@ -61,6 +62,7 @@ class Exemplar:
     def plain(self) -> dict[str, Any]:
         return {
             "seq": self.seq,
+            "pos": self.pos,
             "act": rounded(self.act),
             "tok": self.tokens,
             "a": self.acts,
@@ -227,6 +229,7 @@ def _exemplar(
             keys.update(at)
     return Exemplar(
         seq=seq,
+        pos=t,
         act=act,
         tokens=[decode(int(x)) for x in tokens[lo:hi]],
         acts=[rounded(float(x)) for x in acts[lo:hi]],

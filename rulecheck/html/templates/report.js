@@ -44,7 +44,7 @@
       row.className = "exemplar";
       var meta = document.createElement("span");
       meta.className = "meta";
-      meta.textContent = "sequence " + x.seq + ", activation " + x.act;
+      meta.textContent = "sequence " + x.seq + ", t = " + x.pos + ", activation " + x.act;
       row.appendChild(meta);
       var text = document.createElement("span");
       text.className = "toks";
