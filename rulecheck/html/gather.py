@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import rulecheck.html.figures as figures
 from rulecheck import kinds
 from rulecheck.book import FeatureRules, Rulebook
-from rulecheck.html import figures
 from rulecheck.html.evidence import FeatureEvidence, rounded
 from rulecheck.html.outcomes import Outcome, feature_status
 from rulecheck.refs import ref_name
