@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rulecheck.errors import InvalidSpec, RulecheckError
 from rulecheck.html.outcomes import Outcome, by_book
+
+if TYPE_CHECKING:
+    from rulecheck.session import Workbench
 
 Progress = Callable[[str, int, int], None]
 
@@ -37,7 +41,7 @@ def build_report(
     books: list[tuple[Path, str]],
     run: list[Outcome] | None = None,
     *,
-    bench: object | None = None,
+    bench: Workbench | None = None,
     root: Path | None = None,
     exemplars: int = 5,
     progress: Progress | None = None,
@@ -51,6 +55,9 @@ def build_report(
     from rulecheck.rulebook import load_rulebook
 
     loaded = [(path, shown, load_rulebook(path, measurements=True)) for path, shown in books]
+    if bench is not None:
+        for path, _, book in loaded:
+            bench.announce(book, str(path))  # a layer's heads then share one corpus pass
     matched = by_book(run or [], [p for p, _, _ in loaded], root)
     entries = []
     for path, shown, book in loaded:

@@ -9,7 +9,6 @@ counting curves and missing distractor drops through the same probes the checks 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from rulecheck.core.counts import counting_curve, default_filler
 from rulecheck.core.distractors import distractor_drop
 from rulecheck.core.heads import encode_columns, encode_head, resid_pre_hook, run_to_layer, z_hook
 from rulecheck.errors import RulecheckError
+from rulecheck.html.figures import rounded
 from rulecheck.kinds.counting import MAX_COUNT
 from rulecheck.refs import Resolved
 from rulecheck.report import render_skipgram, top_terms
@@ -34,13 +34,6 @@ CHUNK = 64
 
 def pattern_hook(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_pattern"
-
-
-def rounded(x: float, digits: int = 3) -> float | None:
-    """``x`` to ``digits`` significant digits; None for NaN (JSON has no NaN)."""
-    if math.isnan(x) or math.isinf(x):
-        return None
-    return float(f"{x:.{digits}g}")
 
 
 @dataclass
@@ -141,6 +134,8 @@ def head_evidence(
     head = bench.head_of(book, file)
     bench.check_fingerprints(book, head, file)
     model, sae_in, sae_out, corpus = bench.load(head)
+    if progress is not None and not bench.has_exemplars(head):
+        bench.layer_pass(head, progress)  # the corpus pass, once per layer, with its bar
     resolver = bench.resolver(head, file)
     decode = _Tokens(model.tokenizer)
     out: dict[int, FeatureEvidence] = {}

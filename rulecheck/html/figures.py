@@ -4,10 +4,19 @@ draws only what it is given; the report says when a curve was not measured."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 Figure = dict[str, Any]
+
+
+def rounded(x: float, digits: int = 3) -> float | None:
+    """``x`` to ``digits`` significant digits; None for NaN (JSON has no NaN)."""
+    if math.isnan(x) or math.isinf(x):
+        return None
+    return float(f"{x:.{digits}g}")
+
 
 BLUE, ORANGE, GREEN, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f"
 RANKING_COLOURS = {"gradient": BLUE, "weight": ORANGE}

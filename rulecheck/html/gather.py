@@ -13,15 +13,18 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import rulecheck.html.figures as figures
 from rulecheck import kinds
 from rulecheck.book import FeatureRules, Rulebook
-from rulecheck.html.evidence import FeatureEvidence, rounded
+from rulecheck.html.figures import rounded
 from rulecheck.html.outcomes import Outcome, feature_status
 from rulecheck.refs import ref_name
 from rulecheck.report import render_ref, render_skipgram, top_terms
+
+if TYPE_CHECKING:
+    from rulecheck.html.evidence import FeatureEvidence
 
 SHOWN_TERMS = 10  # skip-grams listed on a card (the rest are in the book)
 METRICS = ("f1", "precision", "recall", "spearman")
