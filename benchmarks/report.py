@@ -56,7 +56,7 @@ def load_times(page_path: Path, repeats: int, screenshots: Path | None) -> list[
         for i in range(repeats):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             start = time.perf_counter()
-            page.goto(page_path.as_uri(), wait_until="load")
+            page.goto(page_path.resolve().as_uri(), wait_until="load")
             n = page.evaluate("document.querySelectorAll('#overview .plot, #figures .plot').length")
             page.wait_for_function(
                 f"document.querySelectorAll('#overview .js-plotly-plot, "

@@ -97,7 +97,10 @@ def test_every_figure_is_drawn_from_the_measurements(run, data):
             curves = {"gradient": rules.measured["f1_by_terms"]}
             curves.update(rules.measured["f1_by_ranking"])
             assert set(curves) == {"gradient", "weight"}
-            for trace in fig["data"]:
+            *rankings, kept = fig["data"]
+            assert kept["name"] == f"kept: {rules.measured['n_terms']} terms"
+            assert kept["x"] == [rules.measured["n_terms"]] * 2
+            for trace in rankings:
                 method = trace["name"].split()[0]
                 assert trace["x"] == sorted(curves[method])
                 assert trace["y"] == [curves[method][n] for n in trace["x"]]

@@ -82,12 +82,18 @@ def rule_shares(model: str, shares: Mapping[int, tuple[float, float, int]]) -> F
         "share of features",
         barmode="group",
     )
-    layout["yaxis"]["tickformat"] = ".0%"
+    layout["yaxis"]["tickformat"] = ".1%"
     return {"data": bars, "layout": layout}
 
 
-def _counts_axis() -> dict[str, Any]:
-    return {"title": {"text": "number of terms"}, "type": "log", "dtick": 0.30103}
+def _counts_axis(counts: Sequence[int]) -> dict[str, Any]:
+    """A log axis with a tick at each term count of the grid."""
+    return {
+        "title": {"text": "number of terms"},
+        "type": "log",
+        "tickvals": list(counts),
+        "ticktext": [str(n) for n in counts],
+    }
 
 
 def f1_by_terms_layers(
@@ -115,7 +121,7 @@ def f1_by_terms_layers(
     layout = _layout(
         f"{model}: F1 against terms, {ranking} ranking (Fig. {figure})", "", "mean test F1"
     )
-    layout["xaxis"] = _counts_axis()
+    layout["xaxis"] = _counts_axis(sorted({n for c in curves.values() for n in c}))
     layout["yaxis"]["range"] = [0, 1.02]
     return {"data": data, "layout": layout}
 
@@ -137,31 +143,21 @@ def feature_f1(curves: Mapping[str, Mapping[int, float]], chosen: int | None) ->
                 "hovertemplate": "%{x} terms: F1 %{y:.3f}<extra>" + method + "</extra>",
             }
         )
-    layout = _layout("F1 against terms", "", "test F1")
-    layout["xaxis"] = _counts_axis()
-    layout["yaxis"]["range"] = [0, 1.02]
     if chosen:
-        layout["shapes"] = [
+        data.append(
             {
-                "type": "line",
-                "x0": chosen,
-                "x1": chosen,
-                "y0": 0,
-                "y1": 1,
-                "yref": "paper",
-                "line": {"dash": "dot", "color": GREY},
+                "type": "scatter",
+                "mode": "lines",
+                "name": f"kept: {chosen} terms",
+                "x": [chosen, chosen],
+                "y": [0, 1],
+                "line": {"color": GREY, "dash": "dot"},
+                "hoverinfo": "skip",
             }
-        ]
-        layout["annotations"] = [
-            {
-                "x": chosen,
-                "y": 1,
-                "yref": "paper",
-                "text": f"kept: {chosen}",
-                "showarrow": False,
-                "yanchor": "bottom",
-            }
-        ]
+        )
+    layout = _layout("F1 against terms", "", "test F1")
+    layout["xaxis"] = _counts_axis(sorted({n for c in curves.values() for n in c}))
+    layout["yaxis"]["range"] = [0, 1.02]
     return {"data": data, "layout": layout}
 
 

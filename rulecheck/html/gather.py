@@ -9,6 +9,7 @@ run's outcomes and the evidence measured on the model are given.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -53,9 +54,18 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(numbers) if numbers else None
 
 
+SPACES = re.compile(r" {4,}")
+
+
+def compact(text: str) -> str:
+    """A run of four or more spaces as ``⎵`` and its length (indentation tokens are long)."""
+    return SPACES.sub(lambda m: f"\u23b5{len(m[0])}", text)
+
+
 def shown_token(text: str) -> str:
-    """A token as a page shows it: line breaks and tabs made visible."""
-    return text.replace("\r", "\u240d").replace("\n", "\u21b5").replace("\t", "\u21e5")
+    """A token as a page shows it: line breaks and tabs visible, long runs of spaces counted."""
+    text = text.replace("\r", "\u240d").replace("\n", "\u21b5").replace("\t", "\u21e5")
+    return compact(text)
 
 
 def _anchors(names: list[str]) -> list[str]:
@@ -100,6 +110,10 @@ def _curves(book: Rulebook, rules: FeatureRules) -> dict[str, dict[int, float]]:
 
 
 def _rule_text(kind: str, claim: Any) -> str:
+    return compact(_claim_text(kind, claim))
+
+
+def _claim_text(kind: str, claim: Any) -> str:
     if kind == "absence":
         key, query, dis = (render_ref(r) for r in (claim.key, claim.query, claim.distractor))
         return f"{key} ... {query} unless {dis}"
@@ -169,7 +183,7 @@ def _card(
     ordered = top_terms(rules, SHOWN_TERMS)
     skipgrams = [
         {
-            "text": render_skipgram(t),
+            "text": _rule_text("skipgrams", t),
             "ids": _ids(t),
             "importance": t.importance,
             "attn": t.attn_score,
@@ -187,7 +201,7 @@ def _card(
         drop, source = list(claim.drop), "measured at extraction"
         if not drop and ev is not None and i in ev.drops:
             drop, source = ev.drops[i], "measured for this report"
-        name = ref_name(claim.distractor)
+        name = shown_token(ref_name(claim.distractor))
         if drop:
             fig_ids["drops"][i] = figs.add(
                 f"{key}-drop{i}", figures.distractor_drop(name, drop, source)
@@ -205,7 +219,7 @@ def _card(
     for i, claim in enumerate(rules.counting):
         curve = None if ev is None else ev.counting.get(i)
         if curve is not None:
-            fig = figures.counting(ref_name(claim.key), curve)
+            fig = figures.counting(shown_token(ref_name(claim.key)), curve)
             fig_ids["counting"][i] = figs.add(f"{key}-count{i}", fig)
         counting.append(
             {
@@ -221,7 +235,7 @@ def _card(
         data["ex"][key] = [x.plain() for x in ev.exemplars]
     items = [_item_view(o) for o in outcomes]
     remapped = next((o.record["remapped_to"] for o in outcomes if "remapped_to" in o.record), None)
-    label = rules.label or (skipgrams[0]["text"] if skipgrams else "")
+    label = compact(rules.label) or (skipgrams[0]["text"] if skipgrams else "")
     return {
         "key": key,
         "feature": rules.feature,

@@ -30,7 +30,9 @@
   }
 
   function shown(text) {
-    return text.replace(/\r/g, "\u240d").replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
+    // as the page's Python side shows tokens: breaks and tabs visible, long runs of spaces counted
+    return text.replace(/\r/g, "\u240d").replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5")
+      .replace(/ {4,}/g, function (m) { return "\u23b5" + m.length; });
   }
 
   function exemplars(el) {
