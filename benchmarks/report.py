@@ -80,7 +80,11 @@ def _screenshots(page, directory: Path) -> None:
     """The overview, and the card of the first feature with exemplars, absence or counting
     rules and an F1 curve."""
     directory.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(directory / "report-overview.png"))
+    bottom = page.evaluate(
+        "document.querySelector('#figures').getBoundingClientRect().bottom + window.scrollY"
+    )
+    clip = {"x": 0, "y": 0, "width": 1280, "height": bottom + 8}
+    page.screenshot(path=str(directory / "report-overview.png"), clip=clip, full_page=True)
     key = page.evaluate(
         """() => {
         const cards = [...document.querySelectorAll('details.card')];

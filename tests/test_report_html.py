@@ -113,6 +113,13 @@ def test_every_figure_is_drawn_from_the_measurements(run, data):
         [trace] = data["figs"][f"planted-fig4-{method}"]["data"]
         want = [round(sum(v) / len(v), 4) for _, v in sorted(by_n.items())]
         assert [round(y, 4) for y in trace["y"]] == want
+    # planted L0H1's counting rule, measured for the report: the mean activation rises with
+    # the count and more contexts are active from the rule's threshold on
+    book = load_rulebook(run / "books" / "L0H1.yaml")
+    [(feature, rule)] = [(r.feature, c) for r in book.features for c in r.counting]
+    mean, active = data["figs"][f"L0H1-f{feature}-count0"]["data"]
+    assert mean["y"][-1] > mean["y"][1] and active["y"][-1] > 0.5
+    assert active["y"][rule.threshold_count] > 0.5 >= active["y"][rule.threshold_count - 1]
     heat = data["figs"]["planted-heatmap"]["data"][0]
     assert heat["x"] == ["H0", "H1"] and heat["y"] == ["L0"]
     assert all(v is not None for v in heat["z"][0])

@@ -235,7 +235,7 @@ def _card(
         data["ex"][key] = [x.plain() for x in ev.exemplars]
     items = [_item_view(o) for o in outcomes]
     remapped = next((o.record["remapped_to"] for o in outcomes if "remapped_to" in o.record), None)
-    label = compact(rules.label) or (skipgrams[0]["text"] if skipgrams else "")
+    label = shown_token(rules.label) or (skipgrams[0]["text"] if skipgrams else "")
     return {
         "key": key,
         "feature": rules.feature,
