@@ -57,11 +57,10 @@ def load_times(page_path: Path, repeats: int, screenshots: Path | None) -> list[
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             start = time.perf_counter()
             page.goto(page_path.resolve().as_uri(), wait_until="load")
-            n = page.evaluate("document.querySelectorAll('#overview .plot, #figures .plot').length")
-            page.wait_for_function(
-                f"document.querySelectorAll('#overview .js-plotly-plot, "
-                f"#figures .js-plotly-plot').length >= {n}"
-            )
+            n = page.locator("#overview .plot[data-fig], #figures .plot[data-fig]").count()
+            # locators, not a string predicate: that is eval, which the page's CSP forbids
+            plots = page.locator("#overview .js-plotly-plot, #figures .js-plotly-plot")
+            plots.nth(n - 1).wait_for(state="attached")
             drawn = time.perf_counter() - start
             nav = json.loads(
                 page.evaluate(
@@ -95,7 +94,7 @@ def _screenshots(page, directory: Path) -> None:
     )
     card = page.locator(f"#{key}")
     card.locator("summary").click()
-    page.wait_for_function(f"document.querySelectorAll('#{key} .js-plotly-plot').length >= 1")
+    card.locator(".js-plotly-plot").first.wait_for(state="attached")
     page.wait_for_timeout(500)
     card.screenshot(path=str(directory / "report-feature.png"))
 

@@ -299,7 +299,8 @@ def test_the_report_in_a_browser(run, data, tmp_path):
             )
             page.goto((run / "report.html").as_uri(), wait_until="load")
             # the overview's figures: heat map, Fig. 9, Fig. 4a and 4b
-            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 4")
+            # (waits through locators: a string predicate is eval, which the page's CSP forbids)
+            page.locator(".js-plotly-plot").nth(3).wait_for(state="attached")
             assert page.locator("#overview .js-plotly-plot").count() == 2
             assert page.locator("#figures .js-plotly-plot").count() == 2
             assert page.locator("details.card").count() == n_cards
@@ -308,9 +309,7 @@ def test_the_report_in_a_browser(run, data, tmp_path):
             # an extracted feature's card: exemplars shaded, keys boxed, its curves drawn
             card = page.locator("#L0H0-f0")
             card.locator("summary").click()
-            page.wait_for_function(
-                "document.querySelectorAll('#L0H0-f0 .js-plotly-plot').length >= 1"
-            )
+            card.locator(".js-plotly-plot").first.wait_for(state="attached")
             tokens = card.locator(".exemplars .tok")
             assert tokens.count() > 20
             shaded = page.evaluate(

@@ -11,7 +11,9 @@ counterexample.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,24 @@ def check_output(path: Path, option: str) -> Path:
             "no such directory", file=parent, field=option, fix="create it or choose another path"
         )
     return path
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread while the report measures, unless ``OMP_NUM_THREADS`` says
+    otherwise: its batches are small, and on a busy machine a second thread costs more than
+    it gives (the shipped books of rulecheck-tiny: 8 s on one thread, 48 s on two, BENCHMARKS.md)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def build_report(
@@ -66,14 +86,15 @@ def build_report(
             from rulecheck.html.evidence import head_evidence
 
             try:
-                entry.evidence = head_evidence(
-                    bench,
-                    book,
-                    str(path),
-                    exemplars,
-                    progress,
-                    Path(shown).name,  # type: ignore[arg-type]
-                )
+                with one_thread():
+                    entry.evidence = head_evidence(
+                        bench,
+                        book,
+                        str(path),
+                        exemplars,
+                        progress,
+                        Path(shown).name,
+                    )
             except RulecheckError as e:
                 entry.error = str(e)
         entries.append(entry)
