@@ -284,10 +284,9 @@ def extract_head(
         q_act, k_max, importance = prefix_features(
             chunks, cfg.batch_size, terms=terms, importance_rows=ex.part("train")
         )
-        rankings = {
-            "weight": rank_by_weight(terms),
-            "gradient": rank_by_importance(with_importance(terms, importance)),
-        }
+        rankings = {"weight": rank_by_weight(terms)}
+        if cfg.method == "gradient" or importance is not None:  # none without train prefixes
+            rankings["gradient"] = rank_by_importance(with_importance(terms, importance))
         ranked = rankings[cfg.method]
         result = evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms, cfg.term_margin)
         result.f1_by_ranking = {
