@@ -252,7 +252,11 @@ def test_a_gate_run_shows_kept_changed_and_lost_features(run):
     a, b = (rules.feature for rules in book.features[:2])
     head = "planted L0H0"
     outcomes = [
-        Outcome(f"books/L0H0.yaml::feature[{a}]::f1", "passed", {"head": head, "remapped_to": 9}),
+        Outcome(
+            f"books/L0H0.yaml::feature[{a}]::f1",
+            "passed",
+            {"head": head, "remapped_to": 9, "f1": 0.5},
+        ),
         Outcome(f"books/L0H0.yaml::feature[{b}]::f1", "skipped", {"head": head, "lost": True}),
     ]
     html = build_report([(run / "books" / "L0H0.yaml", "L0H0.yaml")], outcomes, root=run)
@@ -262,6 +266,10 @@ def test_a_gate_run_shows_kept_changed_and_lost_features(run):
     assert re.search(rf'<tr class="kept"><td>kept</td><td>1</td>{row}>{a}&rarr;9</a>', gate, re.S)
     assert re.search(rf'<tr class="lost"><td>lost</td><td>1</td>{row}>{b}</a>', gate, re.S)
     assert '<tr class="changed"><td>changed</td><td>0</td>' in gate
+    # the card says what the run measured on the new SAE beside what the book records
+    card = html[html.index(f'id="L0H0-f{a}"') :]
+    assert "&rarr; 0.50 in this run" in card[: card.index("</summary>")]
+    assert "now 9" in card[: card.index("</summary>")]
 
 
 # ------------------------------------------------------------------------------ the browser

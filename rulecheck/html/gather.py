@@ -244,6 +244,7 @@ def _card(
         "status": feature_status(outcomes),
         "xfail": rules.xfail,
         "f1": _feature_f1(rules, outcomes),
+        "run_f1": next((_number(o.record.get("f1")) for o in outcomes if "f1" in o.record), None),
         "measured": {m: _number(rules.measured.get(m)) for m in METRICS},
         "n_terms": rules.measured.get("n_terms"),
         "expect": {m: rules.expect[m] for m in ("f1", "precision", "recall") if m in rules.expect},
