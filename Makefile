@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 # the HTML report), summarise, and say where the report is
 demo: install
 	$(VENV)/bin/rulecheck extract --features 25 --out build/demo
-	$(PY) -m pytest build/demo -q -n 2 --dist loadfile --rulecheck-html build/demo/report.html
+	$(PY) -m pytest build/demo -q -n 2 --dist loadfile --rulecheck-html build/demo/report.html \
+		--rulecheck-report build/demo/run.json
 	$(VENV)/bin/rulecheck summary build/demo
 	@echo "report: $(CURDIR)/build/demo/report.html"
 
