@@ -590,7 +590,7 @@ class Summary:
             bench = workbench(self.config)
         try:
             html = build_report(books, self.items, bench=bench, root=root)
-            write_report(path, html)
+            write_report(path, html, "--rulecheck-html")
         except RulecheckError as e:
             terminalreporter.write_line(
                 f"rulecheck: --rulecheck-html: {_relative(self.config, e)}", red=True

@@ -102,8 +102,16 @@ def build_report(
     return render_page(context, data)
 
 
-def write_report(path: Path, html: str) -> Path:
-    """Write the report atomically."""
+def write_report(path: Path, html: str, option: str = "--out") -> Path:
+    """Write the report atomically; ``InvalidSpec`` naming ``option`` when it cannot be."""
     from rulecheck.atomic import atomic_write
 
-    return atomic_write(path, html.encode("utf-8"))
+    try:
+        return atomic_write(path, html.encode("utf-8"))
+    except OSError as exc:
+        raise InvalidSpec(
+            f"cannot write it: {exc.strerror or exc}",
+            file=path,
+            field=option,
+            fix="choose a file in a directory you can write to",
+        ) from None
