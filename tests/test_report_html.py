@@ -215,6 +215,25 @@ def test_text_from_books_is_escaped(tmp_path):
     assert "not measured (the report was written without the model)" in html
 
 
+def test_a_counting_counterexample_shows_the_activation_by_count(tmp_path):
+    """A failed counting claim's record (as the check writes it) on the card: the prompt with
+    its inserted copies marked, the activation at each count."""
+    from rulecheck.html import build_report
+    from rulecheck.html.outcomes import Outcome
+
+    (tmp_path / "L0H0.yaml").write_text(BOOK)
+    cx = {"tokens": ["a", "x", "b", "x", "c"], "inserted": [1, 3], "t": 4}
+    cx |= {"by_count": [0.0, 0.25, 0.125], "first_count": 0}
+    record = {"rule": "counting", "passed": False, "counterexample": cx}
+    run = [Outcome("L0H0.yaml::feature[1]::counting[x]", "failed", record, "falsified")]
+    html = build_report([(tmp_path / "L0H0.yaml", "L0H0.yaml")], run, root=tmp_path)
+    card = html[html.index('id="L0H0-f1"') :]
+    assert card.count('<mark class="tok ins">x</mark>') == 2
+    assert '<span class="tok query">c</span>' in card
+    assert "0: <b>0.0000</b>, 1: <b>0.2500</b>, 2: <b>0.1250</b>" in card
+    assert '<a href="#L0H0-f1">' in html[html.index('<section id="failed">') :]
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     def error(*args: str) -> str:
         assert main(["report", *args]) == 2
