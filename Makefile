@@ -15,11 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# the main job: extract every head of the bundled model, run the rulebooks as tests, summarise
+# the main job: extract every head of the bundled model, run the rulebooks as tests (writing
+# the HTML report), summarise, and say where the report is
 demo: install
 	$(VENV)/bin/rulecheck extract --features 25 --out build/demo
-	$(PY) -m pytest build/demo -q -n 2 --dist loadfile
+	$(PY) -m pytest build/demo -q -n 2 --dist loadfile --rulecheck-html build/demo/report.html \
+		--rulecheck-report build/demo/run.json
 	$(VENV)/bin/rulecheck summary build/demo
+	@echo "report: $(CURDIR)/build/demo/report.html"
 
 test: install
 	$(PY) -m pytest -n 2 --dist loadfile -q

@@ -48,6 +48,11 @@ def feature_rules(result: FeatureResult, tolerance: float) -> FeatureRules:
         "n_terms": result.n_terms,
         "f1_by_terms": {n: significant(f, 4) for n, f in result.f1_by_terms.items()},
     }
+    if result.f1_by_ranking:  # the other ranking methods' curves (the paper's Fig. 4a/4b)
+        measured["f1_by_ranking"] = {
+            m: {n: significant(f, 4) for n, f in curve.items()}
+            for m, curve in result.f1_by_ranking.items()
+        }
     # minimums rounded down to 3 significant digits: a fresh book passes its own tests
     expect = {
         m: significant(max(0.0, result.test[m] - tolerance), 3, down=True)

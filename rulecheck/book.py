@@ -16,6 +16,7 @@ from typing import Any, Literal, NoReturn
 
 from rulecheck import kinds
 from rulecheck import schema as sc
+from rulecheck.config import METHODS
 from rulecheck.errors import InvalidRulebook
 from rulecheck.refs import RefTable
 
@@ -37,7 +38,7 @@ EXTRACTION_ORDER = (
     "n_sequences",
     "rulecheck",
 )
-MEASURED_ORDER = (*METRICS, "n_test", "n_terms", "f1_by_terms")
+MEASURED_ORDER = (*METRICS, "n_test", "n_terms", "f1_by_terms", "f1_by_ranking")
 FILE_NAME = re.compile(r"^L(\d+)H(\d+)\.ya?ml$")
 CHECKED = ("f1", "precision", "recall")  # the minimums a format-2 book may give
 
@@ -84,6 +85,9 @@ def _parse_measured(where: sc.Where, value: Any, path: str) -> dict[str, Any]:
             out[key] = sc.integer()(where, item, sub)
         elif key == "f1_by_terms" and item is not None:
             out[key] = _parse_f1_by_terms(where, item, sub)
+        elif key == "f1_by_ranking" and item is not None:
+            data = sc.mapping(where, item, sub, METHODS)
+            out[key] = {m: _parse_f1_by_terms(where, c, sc.join(sub, m)) for m, c in data.items()}
         else:
             out[key] = item
     return out

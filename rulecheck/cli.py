@@ -1,5 +1,5 @@
 """Command line: ``rulecheck extract``, ``show``, ``summary``, ``diff``, ``upgrade``,
-``match`` and ``remap``."""
+``match``, ``remap`` and ``report``."""
 
 from __future__ import annotations
 
@@ -132,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     remap.add_argument("--threshold", default="0.5", help="least score of a pair: -1..1")
     remap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     remap.add_argument("--out", required=True, type=Path, help="directory for the new books")
+
+    report = sub.add_parser(
+        "report", help="write an HTML report of rulebooks: figures and every feature's evidence"
+    )
+    report.add_argument("paths", nargs="+", type=Path, help="rulebook files or directories")
+    report.add_argument("-o", "--out", required=True, type=Path, help="HTML file to write")
+    report.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="the JSON of a run (pytest --rulecheck-report PATH): each claim's outcome",
+    )
+    report.add_argument(
+        "--exemplars", default="5", help="top exemplars per feature, 0 to skip the model: 0..50"
+    )
+    report.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    report.add_argument(
+        "--cache", default=".rulecheck_cache", type=Path, help="directory of cached exemplars"
+    )
     return parser
 
 
@@ -474,6 +493,28 @@ def run_remap(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace, console: Console) -> int:
+    from rulecheck.html import build_report, check_output, write_report
+    from rulecheck.html.outcomes import read_run
+
+    out = check_output(args.out, "--out")
+    n = Bound(int, 0, 50).parse(args.exemplars, "--exemplars")
+    paths = _rulebook_paths(args.paths)
+    run = None if args.run is None else read_run(args.run)
+    bench = None
+    if n:
+        from rulecheck.session import Workbench
+
+        bench = Workbench(device=args.device, cache_dir=args.cache)
+    with rich_progress(console) as progress:
+        html = build_report(
+            [(p, str(p)) for p in paths], run, bench=bench, exemplars=n, progress=progress
+        )
+    write_report(out, html)
+    console.print(f"wrote {out}", soft_wrap=True)
+    return 0
+
+
 def match_summary(matching: Any, n_old: int, n_new: int) -> tuple[Table, str]:
     """The counts of a matching as a rich table, and a one-line verdict."""
     kept = len(matching.pairs)
@@ -508,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         "upgrade": run_upgrade,
         "match": run_match,
         "remap": run_remap,
+        "report": run_report,
     }
     try:
         args = build_parser().parse_args(argv)

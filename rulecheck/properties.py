@@ -150,6 +150,26 @@ def shown(model: HookedTransformer, found: dict[str, Any]) -> list[str]:
     ]
 
 
+def counterexample(model: HookedTransformer, found: dict[str, Any]) -> dict[str, Any]:
+    """The counterexample as plain values for the run report (and the HTML report): each
+    token of the prompt after BOS up to ``t`` as decoded, the positions of the inserted ones
+    and of ``t`` in that list, and what the check measured (``before``/``after``, or the
+    activation ``by_count`` from ``first_count``)."""
+    edit = found["edit"]
+    ids = edit.tokens[1 : edit.t + 1].tolist()
+    tok = model.tokenizer
+    out: dict[str, Any] = {
+        "tokens": [tok.decode([i]) if tok is not None else str(i) for i in ids],
+        "inserted": sorted(p - 1 for p in edit.inserted if 0 < p <= edit.t),
+        "t": edit.t - 1,
+    }
+    if "before" in found:
+        out["before"], out["after"] = float(found["before"]), float(found["after"])
+    if "acts" in found:
+        out["by_count"], out["first_count"] = [float(a) for a in found["acts"]], found["own"]
+    return out
+
+
 def activations(
     bench: Workbench, head: Head, feature: int, rows: Sequence[Tensor], t: Sequence[int]
 ) -> list[float]:

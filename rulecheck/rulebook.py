@@ -320,8 +320,10 @@ def _fill_measurements(book: Rulebook, measured: dict[int, dict[str, Any]]) -> N
             continue
         rules.measured = {k: v for k, v in data.items() if k != "feature" and k not in rules.claims}
         if "f1_by_terms" in rules.measured:
-            rules.measured["f1_by_terms"] = {
-                int(n): f for n, f in rules.measured["f1_by_terms"].items()
+            rules.measured["f1_by_terms"] = _curve(rules.measured["f1_by_terms"])
+        if isinstance(rules.measured.get("f1_by_ranking"), dict):
+            rules.measured["f1_by_ranking"] = {
+                m: _curve(c) for m, c in rules.measured["f1_by_ranking"].items()
             }
         for key, claims in rules.claims.items():
             values = data.get(key, [])
@@ -329,6 +331,11 @@ def _fill_measurements(book: Rulebook, measured: dict[int, dict[str, Any]]) -> N
                 rules.claims[key] = [
                     dataclasses.replace(c, **v) for c, v in zip(claims, values, strict=True)
                 ]
+
+
+def _curve(curve: Mapping[Any, float]) -> dict[int, float]:
+    """A curve by term count as JSON writes it (string keys), by integer count."""
+    return {int(n): f for n, f in curve.items()}
 
 
 _TOP_KEY_LINE = re.compile(r"""^(?:rulecheck|"rulecheck"|'rulecheck')[ \t]*:(?:[ \t]|$)""", re.M)

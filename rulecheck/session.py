@@ -519,6 +519,13 @@ class Workbench:
         other._fingerprints, other._sample_ids = self._fingerprints, self._sample_ids
         return other
 
+    def has_exemplars(self, head: Head) -> bool:
+        """Whether the head's exemplars are at hand (in memory or the disk cache), so that
+        ``examples`` needs no pass over the corpus."""
+        if (head, self._ids_digest(head)) in self._collectors:
+            return True
+        return self.cache_dir is not None and self._cache_path(head).exists()
+
     def _cache_path(self, head: Head) -> Path:
         assert self.cache_dir is not None
         return self.cache_dir / f"exemplars-{self._cache_key(head)}.safetensors"

@@ -23,7 +23,14 @@ SOURCES = {
     "rulecheck": ROOT / "rulecheck",
     "pytest_rulecheck": ROOT / "plugins" / "pytest_rulecheck",
 }
-DATA = ["rulecheck/schemas/rulebook.schema.json", "rulecheck/py.typed"]
+DATA = [
+    "rulecheck/schemas/rulebook.schema.json",
+    "rulecheck/py.typed",
+    "rulecheck/html/templates/report.html.j2",
+    "rulecheck/html/templates/card.html.j2",
+    "rulecheck/html/templates/report.css",
+    "rulecheck/html/templates/report.js",
+]
 
 
 def tree_packages() -> dict[str, Path]:

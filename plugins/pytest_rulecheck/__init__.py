@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     option("tolerance", "lower every expected minimum by this much (default 0)")
     option("examples", "Hypothesis examples per absence/counting property (default 25)")
     option("report", "write a JSON report of every checked rule to this path")
+    option(
+        "html",
+        "write an HTML report of the run to this path: the figures, and every feature's "
+        "evidence (exemplars, curves, counterexamples) with its items' outcomes",
+    )
     option("cache", "directory of cached exemplars (default .rulecheck_cache)")
     option(
         "accept-changed",
@@ -257,6 +263,7 @@ class RuleItem(OneLine, pytest.Item):
                 self.record({"rule": self.kind.key, "passed": False})
                 untranslatable(gate, rules.feature, self.kind.key, self.index, file)
             rules = translated
+            self.remapped_to = translated.feature
         else:
             head = bench.head_of(self.book, file)
             bench.check_fingerprints(self.book, head, file, settings.accept_changed)
@@ -271,7 +278,7 @@ class RuleItem(OneLine, pytest.Item):
 
                 note_remapped(failed, self.rules.feature, rules.feature)
             if isinstance(failed, RuleFailed):
-                self.record(failed.record)
+                self.record({**failed.record, "message": _relative(config, failed)})
             raise
         self.record(record)
 
@@ -280,6 +287,8 @@ class RuleItem(OneLine, pytest.Item):
         if self.book.model:
             head = f"{self.book.model} {head}"
         entry = {"head": head, "feature": self.rules.feature, **values}
+        if getattr(self, "remapped_to", None) is not None:
+            entry["remapped_to"] = self.remapped_to
         self.user_properties.append(("rulecheck", entry))
 
     def reportinfo(self):
@@ -453,15 +462,21 @@ def check_settings(config: pytest.Config):
             fix="give --rulecheck-extract alone (the extracted features) or "
             "--rulecheck-extract=all (also books holding only manual entries)",
         )
-    report = setting(config, "report")
-    if report is not None and not hasattr(config, "workerinput"):
-        parent = Path(report).resolve().parent
+    for name in ("report", "html"):
+        path = setting(config, name)
+        if path is None or hasattr(config, "workerinput"):
+            continue
+        parent = Path(path).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise InvalidSpec(
                 "no such directory" if not parent.is_dir() else "cannot write here",
                 file=parent,
-                field="--rulecheck-report",
+                field=f"--rulecheck-{name}",
                 fix="create the directory or choose another path",
+            )
+        if Path(path).is_dir():
+            raise InvalidSpec(
+                "is a directory", file=path, field=f"--rulecheck-{name}", fix="name a file"
             )
     return checked
 
@@ -487,14 +502,32 @@ class Summary:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.results: list[dict[str, Any]] = []
+        self.items: list[Any] = []  # every rulebook item's outcome, for the HTML report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call" and not (report.when == "setup" and report.failed):
+        if report.when != "call" and not (
+            report.when == "setup" and (report.failed or report.skipped)
+        ):
             return
         outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
-        for name, value in report.user_properties:
-            if name == "rulecheck":
+        records = [value for name, value in report.user_properties if name == "rulecheck"]
+        if report.when == "call" or report.failed:
+            for value in records:
                 self.results.append(dict(value, outcome=outcome, nodeid=report.nodeid))
+        if setting(self.config, "html") and report.nodeid.split("::", 1)[0].endswith(
+            (".yaml", ".yml")
+        ):
+            from rulecheck.html.outcomes import Outcome
+
+            failed = report.failed or outcome == "xfailed"
+            self.items.append(
+                Outcome(
+                    nodeid=report.nodeid,
+                    outcome=outcome,
+                    record=dict(records[0]) if records else {},
+                    message=_message(report, records) if failed else None,
+                )
+            )
 
     def table(self) -> Table:
         by_head: dict[str, dict[str, Any]] = {}
@@ -521,12 +554,63 @@ class Summary:
         return table
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config) -> None:
-        if not self.results:
+        if self.results:
+            Console(file=terminalreporter._tw._file, width=100).print(self.table())
+            path = setting(self.config, "report")
+            if path:
+                Path(path).write_text(json.dumps(self.results, indent=2, sort_keys=True) + "\n")
+        html = setting(self.config, "html")
+        if html and not hasattr(self.config, "workerinput"):
+            self.write_html(Path(html), terminalreporter)
+
+    def write_html(self, path: Path, terminalreporter) -> None:
+        """The HTML report of the run's rulebooks, measured on the books' own checkpoints
+        (the retrained SAEs' ids mean nothing to a book's features)."""
+        import time
+
+        from rulecheck.html import build_report, write_report
+
+        start = time.perf_counter()
+        root = self.config.rootpath
+        files = sorted({o.file for o in self.items})
+        books = [(root / f, f) for f in files if (root / f).is_file()]
+        if not books:
+            terminalreporter.write_line(f"rulecheck: no rulebook items ran; {path} not written")
             return
-        Console(file=terminalreporter._tw._file, width=100).print(self.table())
-        path = setting(self.config, "report")
-        if path:
-            Path(path).write_text(json.dumps(self.results, indent=2, sort_keys=True) + "\n")
+        settings = self.config.stash[STASH_CHECK]
+        if settings.remap:
+            from rulecheck.session import Workbench
+
+            cache = Path(setting(self.config, "cache", ".rulecheck_cache"))
+            bench = Workbench(
+                device=setting(self.config, "device", "auto"),
+                cache_dir=cache if cache.is_absolute() else root / cache,
+            )
+        else:
+            bench = workbench(self.config)
+        try:
+            html = build_report(books, self.items, bench=bench, root=root)
+            write_report(path, html, "--rulecheck-html")
+        except RulecheckError as e:
+            terminalreporter.write_line(
+                f"rulecheck: --rulecheck-html: {_relative(self.config, e)}", red=True
+            )
+            return
+        seconds = time.perf_counter() - start
+        terminalreporter.write_line(f"rulecheck: wrote {path} ({seconds:.1f} s)")
+
+
+def _message(report: pytest.TestReport, records: list[dict[str, Any]]) -> str:
+    """A failed item's message: its record's, else its report's text (without the line
+    naming the xdist worker)."""
+    for record in records:
+        if isinstance(record.get("message"), str):
+            return record["message"]
+    lines = report.longreprtext.splitlines()
+    return "\n".join(line for line in lines if not _WORKER_LINE.match(line)).strip()
+
+
+_WORKER_LINE = re.compile(r"^\[gw\d+\] .* -- Python ")
 
 
 def _head_order(name: str) -> tuple[str, int, int]:

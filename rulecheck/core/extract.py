@@ -64,6 +64,8 @@ class FeatureResult:
     test: dict[str, float]  # f1, precision, recall, spearman, n_test
     f1_by_terms: dict[int, float]  # test F1 against number of terms
     claims: dict[str, list[Any]] = field(default_factory=dict)  # candidates, by rule kind
+    # the same curve for each other ranking method (the same candidates in its order)
+    f1_by_ranking: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -222,6 +224,15 @@ def evaluate_feature(
     )
 
 
+def f1_curve(terms: Terms, ex: FeatureExamples, q_act: Tensor, k_max: Tensor) -> dict[int, float]:
+    """Test F1 of the first ``n`` of the ranked ``terms`` for every ``n`` of the grid."""
+    counts = term_counts(len(terms)) or [0]
+    test = ex.part("test").to(q_act.device)
+    preds = predictions_by_terms(term_contributions(q_act[test], k_max[test], terms), counts)
+    f1 = binary_scores(ex.act.to(preds.device)[test], preds)["f1"]
+    return {c: float(v) for c, v in zip(counts, f1, strict=True)}
+
+
 def pick_features(
     collector: ExemplarCollector, cfg: ExtractConfig, layer: int, head: int
 ) -> list[int]:
@@ -278,19 +289,19 @@ def extract_head(
             d, w.W_Q, w.W_K, w.attn_scale, vs[:, i], cfg.keys, cfg.queries_per_key
         )
         ex = collector.examples(f)
-        gradient = cfg.method == "gradient"
         chunks = prefix_chunks(model, sae_in, tokens, layer, ex.seq, ex.t, cfg.batch_size)
+        # both rankings from the same forward passes: the book's, and the other's F1 curve
         q_act, k_max, importance = prefix_features(
-            chunks,
-            cfg.batch_size,
-            terms=terms if gradient else None,
-            importance_rows=ex.part("train") if gradient else None,
+            chunks, cfg.batch_size, terms=terms, importance_rows=ex.part("train")
         )
-        if gradient:
-            ranked = rank_by_importance(with_importance(terms, importance))
-        else:
-            ranked = rank_by_weight(terms)
+        rankings = {"weight": rank_by_weight(terms)}
+        if cfg.method == "gradient" or importance is not None:  # none without train prefixes
+            rankings["gradient"] = rank_by_importance(with_importance(terms, importance))
+        ranked = rankings[cfg.method]
         result = evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms, cfg.term_margin)
+        result.f1_by_ranking = {
+            m: f1_curve(r, ex, q_act, k_max) for m, r in rankings.items() if r is not ranked
+        }
         found = kinds.Found(
             feature=f,
             probe=Probe(model, sae_out, layer, head, f),

@@ -119,7 +119,15 @@ class Absence(RuleKind):
 
     def check(self, ctx: CheckContext, rules: FeatureRules, index: int) -> dict[str, Any]:
         from rulecheck.core.distractors import matches_term, split_positives
-        from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
+        from rulecheck.properties import (
+            Bases,
+            activations,
+            copies,
+            counterexample,
+            falsify,
+            run_key,
+            shown,
+        )
 
         rule: AbsenceRule = rules.absence[index]
         bench, head = ctx.bench, ctx.head
@@ -181,5 +189,5 @@ class Absence(RuleKind):
                     f"{found['after']:.4f} (drop {drop:.1%}, needed >= {MARGIN:.0%})",
                 ]
             ),
-            record=record,
+            record={**record, "counterexample": counterexample(model, found)},
         )

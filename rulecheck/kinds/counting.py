@@ -131,7 +131,15 @@ class Counting(RuleKind):
 
         from rulecheck.core.counterfactuals import repeat_token
         from rulecheck.core.counts import base_contexts, counting_curve, default_filler, own_counts
-        from rulecheck.properties import Bases, activations, copies, falsify, run_key, shown
+        from rulecheck.properties import (
+            Bases,
+            activations,
+            copies,
+            counterexample,
+            falsify,
+            run_key,
+            shown,
+        )
 
         rule: CountingRule = rules.counting[index]
         bench, head = ctx.bench, ctx.head
@@ -204,6 +212,7 @@ class Counting(RuleKind):
                 *shown(model, found),
                 f"  activation at t by n: {acts}",
             ]
+            record["counterexample"] = counterexample(model, found)
         raise RuleFailed("\n".join(lines), record=record)
 
 

@@ -1,0 +1,238 @@
+"""The report's figures as plotly.js figure specs (``{"data": [...], "layout": {...}}``):
+plain values, drawn in the browser by the plotly.js the report carries inline. Each function
+draws only what it is given; the report says when a curve was not measured."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Figure = dict[str, Any]
+
+
+def rounded(x: float, digits: int = 3) -> float | None:
+    """``x`` to ``digits`` significant digits; None for NaN (JSON has no NaN)."""
+    if math.isnan(x) or math.isinf(x):
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+BLUE, ORANGE, GREEN, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f"
+RANKING_COLOURS = {"gradient": BLUE, "weight": ORANGE}
+LAYER_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+
+
+def _layout(title: str, x: str, y: str, **more: Any) -> dict[str, Any]:
+    return {
+        "title": {"text": title, "font": {"size": 14}},
+        "xaxis": {"title": {"text": x}},
+        "yaxis": {"title": {"text": y}},
+        **more,
+    }
+
+
+def f1_heatmap(model: str, cells: Mapping[tuple[int, int], float | None]) -> Figure:
+    """Median F1 per head: layers down, heads across (empty cells: no features)."""
+    layers = sorted({layer for layer, _ in cells})
+    heads = sorted({head for _, head in cells})
+    z = [[cells.get((layer, head)) for head in heads] for layer in layers]
+    text = [["" if v is None else f"{v:.2f}" for v in row] for row in z]
+    return {
+        "data": [
+            {
+                "type": "heatmap",
+                "z": z,
+                "x": [f"H{h}" for h in heads],
+                "y": [f"L{layer}" for layer in layers],
+                "text": text,
+                "texttemplate": "%{text}",
+                "zmin": 0,
+                "zmax": 1,
+                "colorscale": "Viridis",
+                "colorbar": {"title": {"text": "F1"}},
+                "hovertemplate": "%{y}%{x}: median F1 %{z:.3f}<extra></extra>",
+            }
+        ],
+        "layout": _layout(
+            f"{model}: median F1 per head", "head", "layer", yaxis={"autorange": "reversed"}
+        ),
+    }
+
+
+def rule_shares(model: str, shares: Mapping[int, tuple[float, float, int]]) -> Figure:
+    """Fig. 9: per layer, the share of features with absence rules and with counting rules
+    (``shares[layer] = (absence, counting, n_features)``)."""
+    layers = sorted(shares)
+    x = [f"L{layer} ({shares[layer][2]} features)" for layer in layers]
+    bars = [
+        {
+            "type": "bar",
+            "name": name,
+            "x": x,
+            "y": [shares[layer][i] for layer in layers],
+            "marker": {"color": colour},
+            "hovertemplate": "%{x}: %{y:.1%}<extra>" + name + "</extra>",
+        }
+        for i, (name, colour) in enumerate((("absence", ORANGE), ("counting", GREEN)))
+    ]
+    layout = _layout(
+        f"{model}: features with absence and counting rules (Fig. 9)",
+        "layer",
+        "share of features",
+        barmode="group",
+    )
+    layout["yaxis"]["tickformat"] = ".1%"
+    return {"data": bars, "layout": layout}
+
+
+def _counts_axis(counts: Sequence[int]) -> dict[str, Any]:
+    """A log axis with a tick at each term count of the grid."""
+    return {
+        "title": {"text": "number of terms"},
+        "type": "log",
+        "tickvals": list(counts),
+        "ticktext": [str(n) for n in counts],
+    }
+
+
+def f1_by_terms_layers(
+    model: str, ranking: str, curves: Mapping[int, Mapping[int, tuple[float, int]]]
+) -> Figure:
+    """Fig. 4a/4b: mean test F1 against the number of terms, one line per layer, for one
+    ranking (``curves[layer][n] = (mean F1, features)``)."""
+    data = []
+    for i, layer in enumerate(sorted(curves)):
+        counts = sorted(curves[layer])
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": f"layer {layer}",
+                "x": counts,
+                "y": [curves[layer][n][0] for n in counts],
+                "customdata": [curves[layer][n][1] for n in counts],
+                "line": {"color": LAYER_COLOURS[i % len(LAYER_COLOURS)]},
+                "hovertemplate": "%{x} terms: mean F1 %{y:.3f} over %{customdata} features"
+                f"<extra>layer {layer}</extra>",
+            }
+        )
+    figure = "4a" if ranking == "weight" else "4b"
+    layout = _layout(
+        f"{model}: F1 against terms, {ranking} ranking (Fig. {figure})", "", "mean test F1"
+    )
+    layout["xaxis"] = _counts_axis(sorted({n for c in curves.values() for n in c}))
+    layout["yaxis"]["range"] = [0, 1.02]
+    return {"data": data, "layout": layout}
+
+
+def feature_f1(curves: Mapping[str, Mapping[int, float]], chosen: int | None) -> Figure:
+    """One feature's test F1 against the number of terms, per ranking; the chosen count
+    marked."""
+    data = []
+    for method in sorted(curves):
+        counts = sorted(curves[method])
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": f"{method} ranking",
+                "x": counts,
+                "y": [curves[method][n] for n in counts],
+                "line": {"color": RANKING_COLOURS.get(method, GREY)},
+                "hovertemplate": "%{x} terms: F1 %{y:.3f}<extra>" + method + "</extra>",
+            }
+        )
+    if chosen:
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": f"kept: {chosen} terms",
+                "x": [chosen, chosen],
+                "y": [0, 1],
+                "line": {"color": GREY, "dash": "dot"},
+                "hoverinfo": "skip",
+            }
+        )
+    layout = _layout("F1 against terms", "", "test F1")
+    layout["xaxis"] = _counts_axis(sorted({n for c in curves.values() for n in c}))
+    layout["yaxis"]["range"] = [0, 1.02]
+    return {"data": data, "layout": layout}
+
+
+def distractor_drop(name: str, drop: Sequence[float | None], source: str) -> Figure:
+    """Fig. 6c: the mean relative drop of the activation per inserted copy of a distractor."""
+    copies = list(range(1, len(drop) + 1))
+    return {
+        "data": [
+            {
+                "type": "bar",
+                "x": copies,
+                "y": list(drop),
+                "marker": {"color": ORANGE},
+                "hovertemplate": "%{x} copies: drop %{y:.1%}<extra></extra>",
+            }
+        ],
+        "layout": _layout(
+            f"drop with [{name}] inserted ({source})",
+            "copies inserted",
+            "mean relative drop",
+            yaxis={"title": {"text": "mean relative drop"}, "tickformat": ".1%"},
+            xaxis={"title": {"text": "copies inserted"}, "dtick": 1},
+        ),
+    }
+
+
+def counting(name: str, curve: Mapping[str, Any]) -> Figure:
+    """Fig. 7: the mean activation and the share of active contexts against the count of the
+    key (NaN-free: counts no context has are gaps)."""
+    counts = list(range(len(curve["mean"])))
+    layout = _layout(
+        f"activation against the count of [{name}]",
+        "count of the key in the prefix",
+        "mean activation",
+        yaxis2={
+            "title": {"text": "share active"},
+            "overlaying": "y",
+            "side": "right",
+            "range": [0, 1.02],
+            "tickformat": ".0%",
+        },
+        legend={"orientation": "h", "y": -0.3},
+    )
+    layout["xaxis"]["dtick"] = 1
+    if curve.get("threshold") is not None:
+        layout["shapes"] = [
+            {
+                "type": "line",
+                "x0": curve["threshold"],
+                "x1": curve["threshold"],
+                "y0": 0,
+                "y1": 1,
+                "yref": "paper",
+                "line": {"dash": "dot", "color": GREY},
+            }
+        ]
+    return {
+        "data": [
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": "mean activation",
+                "x": counts,
+                "y": curve["mean"],
+                "line": {"color": GREEN},
+            },
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": "share active",
+                "x": counts,
+                "y": curve["active"],
+                "yaxis": "y2",
+                "line": {"color": GREY, "dash": "dash"},
+            },
+        ],
+        "layout": layout,
+    }

@@ -1,0 +1,424 @@
+"""Everything the report shows, gathered into plain values: the overview, the paper's figures,
+and one card per feature (its rules, measurements, items, exemplars and curves).
+
+``report_data`` returns the template's context and the data the page's script draws from
+(figures and exemplars by id). Nothing here reads a file or runs the model: the books, the
+run's outcomes and the evidence measured on the model are given.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import rulecheck.html.figures as figures
+from rulecheck import kinds
+from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.html.figures import rounded
+from rulecheck.html.outcomes import Outcome, feature_status
+from rulecheck.refs import ref_name
+from rulecheck.report import render_ref, render_skipgram, top_terms
+
+if TYPE_CHECKING:
+    from rulecheck.html.evidence import FeatureEvidence
+
+SHOWN_TERMS = 10  # skip-grams listed on a card (the rest are in the book)
+METRICS = ("f1", "precision", "recall", "spearman")
+
+
+@dataclass
+class BookInput:
+    """One rulebook as the report gets it: the book (measurements filled in), how its path is
+    shown, its run's outcomes, and its evidence (by feature) or why there is none."""
+
+    book: Rulebook
+    shown: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    evidence: dict[int, FeatureEvidence] | None = None
+    error: str | None = None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    numbers = [v for v in values if v is not None]
+    return statistics.median(numbers) if numbers else None
+
+
+SPACES = re.compile(r" {4,}")
+
+
+def compact(text: str) -> str:
+    """A run of four or more spaces as ``⎵`` and its length (indentation tokens are long)."""
+    return SPACES.sub(lambda m: f"\u23b5{len(m[0])}", text)
+
+
+def shown_token(text: str) -> str:
+    """A token as a page shows it: line breaks and tabs visible, long runs of spaces counted."""
+    text = text.replace("\r", "\u240d").replace("\n", "\u21b5").replace("\t", "\u21e5")
+    return compact(text)
+
+
+def _anchors(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+class _Figures:
+    """The figures of a report by id, as the page's data holds them."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, figures.Figure] = {}
+
+    def add(self, name: str, figure: figures.Figure) -> str:
+        self.by_id[name] = figure
+        return name
+
+
+def _feature_f1(rules: FeatureRules, outcomes: list[Outcome]) -> float | None:
+    """What extraction measured, else what the run measured."""
+    measured = _number(rules.measured.get("f1"))
+    if measured is not None:
+        return measured
+    return next((_number(o.record.get("f1")) for o in outcomes if "f1" in o.record), None)
+
+
+def _curves(book: Rulebook, rules: FeatureRules) -> dict[str, dict[int, float]]:
+    """The feature's F1 against terms, by ranking method: the book's own and any other."""
+    out: dict[str, dict[int, float]] = {}
+    own = rules.measured.get("f1_by_terms")
+    if isinstance(own, Mapping) and own:
+        out[str(book.extraction.get("method", "gradient"))] = {
+            int(n): float(v) for n, v in own.items() if _number(v) is not None
+        }
+    for method, curve in (rules.measured.get("f1_by_ranking") or {}).items():
+        out[str(method)] = {int(n): float(v) for n, v in curve.items() if _number(v) is not None}
+    return out
+
+
+def _rule_text(kind: str, claim: Any) -> str:
+    return compact(_claim_text(kind, claim))
+
+
+def _claim_text(kind: str, claim: Any) -> str:
+    if kind == "absence":
+        key, query, dis = (render_ref(r) for r in (claim.key, claim.query, claim.distractor))
+        return f"{key} ... {query} unless {dis}"
+    if kind == "counting":
+        if claim.threshold_count is None:
+            state = claim.direction
+        else:
+            op = ">=" if claim.direction == "increasing" else "<"
+            state = f"{op} {claim.threshold_count}"
+        return f"count {render_ref(claim.key)} {state}"
+    return render_skipgram(claim)
+
+
+def _ids(claim: Any) -> str:
+    """The input feature ids a claim names, for a tooltip."""
+    refs = kinds.refs_of(claim)
+    return ", ".join(f"#{r.feature}" if r.feature is not None else ref_name(r) for r in refs)
+
+
+def _item_names(rules: FeatureRules) -> dict[tuple[str, int], str]:
+    return {(kind.key, index): name for kind in kinds.kinds() for name, index in kind.items(rules)}
+
+
+def _item_view(o: Outcome) -> dict[str, Any]:
+    cx = o.record.get("counterexample")
+    view: dict[str, Any] = {
+        "name": o.item,
+        "outcome": o.outcome,
+        "message": o.message,
+        "counterexample": None,
+    }
+    if isinstance(cx, Mapping) and isinstance(cx.get("tokens"), list):
+        inserted = set(cx.get("inserted", []))
+        view["counterexample"] = {
+            "tokens": [
+                {"text": shown_token(str(t)), "inserted": i in inserted, "query": i == cx.get("t")}
+                for i, t in enumerate(cx["tokens"])
+            ],
+            "n_inserted": len(inserted),
+            "before": _number(cx.get("before")),
+            "after": _number(cx.get("after")),
+            "by_count": [
+                (cx.get("first_count", 0) + n, a) for n, a in enumerate(cx.get("by_count", []))
+            ],
+        }
+    return view
+
+
+def _card(
+    entry: BookInput,
+    anchor: str,
+    rules: FeatureRules,
+    outcomes: list[Outcome],
+    figs: _Figures,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    book = entry.book
+    key = f"{anchor}-f{rules.feature}"
+    ev = (entry.evidence or {}).get(rules.feature)
+    names = _item_names(rules)
+    by_item = {o.item: o for o in outcomes}
+
+    def outcome_of(kind: str, index: int) -> str | None:
+        o = by_item.get(names.get((kind, index), ""))
+        return None if o is None else o.outcome
+
+    ordered = top_terms(rules, SHOWN_TERMS)
+    skipgrams = [
+        {
+            "text": _rule_text("skipgrams", t),
+            "ids": _ids(t),
+            "importance": t.importance,
+            "attn": t.attn_score,
+            "value": t.value_score,
+        }
+        for t in ordered
+    ]
+    curves = _curves(book, rules)
+    fig_ids: dict[str, Any] = {"f1": None, "drops": {}, "counting": {}}
+    if curves:
+        chosen = rules.measured.get("n_terms")
+        fig_ids["f1"] = figs.add(f"{key}-f1", figures.feature_f1(curves, chosen))
+    absence = []
+    for i, claim in enumerate(rules.absence):
+        drop, source = list(claim.drop), "measured at extraction"
+        if not drop and ev is not None and i in ev.drops:
+            drop, source = ev.drops[i], "measured for this report"
+        name = shown_token(ref_name(claim.distractor))
+        if drop:
+            fig_ids["drops"][i] = figs.add(
+                f"{key}-drop{i}", figures.distractor_drop(name, drop, source)
+            )
+        absence.append(
+            {
+                "text": _rule_text("absence", claim),
+                "ids": _ids(claim),
+                "drop": [rounded(x) if x is not None else None for x in drop],
+                "outcome": outcome_of("absence", i),
+                "fig": fig_ids["drops"].get(i),
+            }
+        )
+    counting = []
+    for i, claim in enumerate(rules.counting):
+        curve = None if ev is None else ev.counting.get(i)
+        if curve is not None:
+            fig = figures.counting(shown_token(ref_name(claim.key)), curve)
+            fig_ids["counting"][i] = figs.add(f"{key}-count{i}", fig)
+        counting.append(
+            {
+                "text": _rule_text("counting", claim),
+                "ids": _ids(claim),
+                "spearman": claim.spearman,
+                "outcome": outcome_of("counting", i),
+                "fig": fig_ids["counting"].get(i),
+                "contexts": None if curve is None else curve["contexts"],
+            }
+        )
+    if ev is not None and ev.exemplars:
+        data["ex"][key] = [x.plain() for x in ev.exemplars]
+    items = [_item_view(o) for o in outcomes]
+    remapped = next((o.record["remapped_to"] for o in outcomes if "remapped_to" in o.record), None)
+    label = shown_token(rules.label) or (skipgrams[0]["text"] if skipgrams else "")
+    return {
+        "key": key,
+        "feature": rules.feature,
+        "label": label,
+        "source": rules.source,
+        "status": feature_status(outcomes),
+        "xfail": rules.xfail,
+        "f1": _feature_f1(rules, outcomes),
+        "run_f1": next((_number(o.record.get("f1")) for o in outcomes if "f1" in o.record), None),
+        "measured": {m: _number(rules.measured.get(m)) for m in METRICS},
+        "n_terms": rules.measured.get("n_terms"),
+        "expect": {m: rules.expect[m] for m in ("f1", "precision", "recall") if m in rules.expect},
+        "skipgrams": skipgrams,
+        "more_terms": max(0, len(rules.skipgrams) - len(ordered)),
+        "absence": absence,
+        "counting": counting,
+        "items": items,
+        "failed_items": [i for i in items if i["outcome"] in ("failed", "error", "xfailed")],
+        "figs": fig_ids,
+        "n_exemplars": 0 if ev is None else len(ev.exemplars),
+        "evidence_error": None if ev is None else ev.error,
+        "notes": [] if ev is None else ev.notes,
+        "remapped_to": remapped,
+        "search": " ".join(
+            [str(rules.feature), label, *(s["text"] for s in skipgrams)]
+            + [a["text"] for a in absence]
+            + [c["text"] for c in counting]
+        ).lower(),
+    }
+
+
+def _figure4(
+    model: str, books: list[BookInput], figs: _Figures
+) -> tuple[dict[str, str | None], list[str]]:
+    sums: dict[str, dict[int, dict[int, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for entry in books:
+        for rules in entry.book.features:
+            for method, curve in _curves(entry.book, rules).items():
+                for n, f1 in curve.items():
+                    sums[method][entry.book.layer][n].append(f1)
+    out: dict[str, str | None] = {}
+    notes = []
+    for method in ("weight", "gradient"):
+        if method not in sums:
+            out[method] = None
+            notes.append(
+                f"{method} ranking: no F1-against-terms curve in these books' measurements "
+                f"(extraction records it for books extracted with this version of rulecheck; "
+                f"run rulecheck extract again to record it)"
+            )
+            continue
+        curves = {
+            layer: {n: (rounded(statistics.fmean(v), 4), len(v)) for n, v in by_n.items()}
+            for layer, by_n in sums[method].items()
+        }
+        out[method] = figs.add(
+            f"{model}-fig4-{method}", figures.f1_by_terms_layers(model, method, curves)
+        )
+    return out, notes
+
+
+def _gate(books: list[tuple[BookInput, str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per head of a run with ``--rulecheck-remap``: its features kept (re-identified, every
+    claim holds), changed (re-identified, a claim fails) and lost (no partner)."""
+    heads = []
+    for entry, anchor, cards in books:
+        remapped = [o for o in entry.outcomes if "remapped_to" in o.record or "lost" in o.record]
+        if not remapped:
+            continue
+        rows: dict[str, list[dict[str, Any]]] = {"kept": [], "changed": [], "lost": []}
+        for card in cards:
+            mine = [o for o in entry.outcomes if o.feature == card["feature"]]
+            if any(o.record.get("lost") or o.item == "lost" for o in mine):
+                group = "lost"
+            elif card["remapped_to"] is None:
+                continue
+            else:
+                group = "changed" if card["status"] == "failed" else "kept"
+            rows[group].append(card)
+        heads.append({"name": entry.book.name, "anchor": anchor, "shown": entry.shown, **rows})
+    return heads
+
+
+def report_data(entries: list[BookInput], run: list[Outcome] | None) -> tuple[dict, dict]:
+    """The template's context and the page's data (figures and exemplars by id)."""
+    figs = _Figures()
+    data: dict[str, Any] = {"ex": {}}
+    order = sorted(
+        range(len(entries)),
+        key=lambda i: (
+            entries[i].book.model or "",
+            entries[i].book.layer,
+            entries[i].book.head,
+            entries[i].shown,
+        ),
+    )
+    entries = [entries[i] for i in order]
+    anchors = _anchors([e.book.name for e in entries])
+    books = []
+    failed = []
+    for entry, anchor in zip(entries, anchors, strict=True):
+        by_feature: dict[int, list[Outcome]] = defaultdict(list)
+        for o in entry.outcomes:
+            if o.feature is not None:
+                by_feature[o.feature].append(o)
+        cards = [
+            _card(entry, anchor, rules, by_feature.get(rules.feature, []), figs, data)
+            for rules in entry.book.features
+        ]
+        for card in cards:
+            for item in card["failed_items"]:
+                failed.append({"card": card, "book": entry.book.name, "item": item})
+        statuses = [c["status"] for c in cards]
+        books.append(
+            {
+                "entry": entry,
+                "anchor": anchor,
+                "name": entry.book.name,
+                "model": entry.book.model or "(model from the command line)",
+                "shown": entry.shown,
+                "error": entry.error,
+                "cards": cards,
+                "n_features": len(cards),
+                "passed": statuses.count("passed"),
+                "failed": statuses.count("failed"),
+                "xfailed": statuses.count("xfailed"),
+                "skipped": statuses.count("skipped"),
+                "median_f1": _median(c["f1"] for c in cards),
+                "method": entry.book.extraction.get("method"),
+                "lost": len(entry.book.lost),
+            }
+        )
+    models = []
+    for model in sorted({b["model"] for b in books}):
+        mine = [b for b in books if b["model"] == model]
+        cells: dict[tuple[int, int], list[float]] = defaultdict(list)
+        shares: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+        for b in mine:
+            book = b["entry"].book
+            cells[(book.layer, book.head)] += [c["f1"] for c in b["cards"] if c["f1"] is not None]
+            for rules in book.features:
+                row = shares[book.layer]
+                row[0] += bool(rules.absence)
+                row[1] += bool(rules.counting)
+                row[2] += 1
+        heat = figs.add(
+            f"{model}-heatmap",
+            figures.f1_heatmap(model, {k: _median(v) for k, v in cells.items()}),
+        )
+        fig9 = figs.add(
+            f"{model}-fig9",
+            figures.rule_shares(
+                model,
+                {layer: (a / max(n, 1), c / max(n, 1), n) for layer, (a, c, n) in shares.items()},
+            ),
+        )
+        fig4, notes = _figure4(model, [b["entry"] for b in mine], figs)
+        models.append(
+            {
+                "name": model,
+                "books": mine,
+                "heatmap": heat,
+                "fig9": fig9,
+                "fig4": fig4,
+                "fig4_notes": notes,
+            }
+        )
+    run_counts = None
+    if run is not None:
+        run_counts = {
+            s: sum(o.outcome == s for o in run)
+            for s in ("passed", "failed", "xfailed", "skipped", "error")
+        }
+        run_counts["items"] = len(run)
+    context = {
+        "books": books,
+        "models": models,
+        "failed": failed,
+        "gate": _gate([(b["entry"], b["anchor"], b["cards"]) for b in books]),
+        "run": run_counts,
+        "n_features": sum(b["n_features"] for b in books),
+    }
+    data["figs"] = figs.by_id
+    return context, data
