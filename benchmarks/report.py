@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 CHROMIUM = os.environ.get("RULECHECK_CHROMIUM", "/usr/bin/chromium")
-ARGS = [
+ARGS = [  # headless, and nothing that reaches for the network
     "--headless",
     "--no-sandbox",
     "--disable-gpu",

@@ -16,23 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.report import ARGS as CHROMIUM_ARGS
+from benchmarks.report import CHROMIUM
 from rulecheck.cli import main
 from rulecheck.rulebook import load_rulebook
 
 ROOT = Path(__file__).parents[1]
 FAILURE = ROOT / "rulebooks" / "examples" / "planted_expected_failure.yaml"
 MAX_BYTES = 10 * 1024 * 1024
-CHROMIUM = os.environ.get("RULECHECK_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")
