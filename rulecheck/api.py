@@ -107,12 +107,12 @@ def extract_books(
     progress: Progress = no_progress,
 ) -> list[Rulebook]:
     """Extract one layer's heads; one rulebook per head. The corpus pass is the session's
-    (``Workbench.layer_pass``): extracting or checking other heads of the layer later in the
-    session reuses it."""
+    (``Workbench.layer_pass``) and collects the extracted heads only: a sharded or one-head
+    extraction does not encode the corpus with every other head's output SAE."""
     cfg = cfg or ExtractConfig()
     bench = bench.with_exemplars(cfg.exemplars)
     art = bench.layer(ckpt, layer, heads)
-    collectors, ln_scale = bench.layer_pass(art.heads[0], progress)
+    collectors, ln_scale = bench.layer_pass(art.heads[0], progress, heads=art.heads)
     token_of, table = bench.memo(
         ("layer_tokens", ckpt.sae_in, layer, cfg.top_tokens, cfg.rules),
         lambda: layer_tokens(art.model, art.sae_in, layer, cfg),

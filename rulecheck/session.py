@@ -421,17 +421,20 @@ class Workbench:
             return None
         return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
 
-    def layer_group(self, head: Head) -> list[Head]:
+    def layer_group(self, head: Head, heads: Sequence[Head] | None = None) -> list[Head]:
         """The heads one corpus pass for ``head`` collects: ``head``, the other heads of its
-        layer that its output SAE's ``{head}`` template names, and the heads of books
-        announced for the session that read the same model and corpus at that layer (one
-        head per index; only SAEs that load; none whose draws are keyed by other ids). A head
-        whose draws are keyed by other ids (``sample_by``) has a pass of its own."""
+        layer that its output SAE's ``{head}`` template names (or, given, ``heads``:
+        extraction collects the heads it extracts), and the heads of books announced for the
+        session that read the same model and corpus at that layer (one head per index; only
+        SAEs that load; none whose draws are keyed by other ids). A head whose draws are
+        keyed by other ids (``sample_by``) has a pass of its own."""
         if head in self._sample_ids:
             return [head]
         model = self.model(head.specs.model)
         others = []
-        if "{head}" in head.specs.sae_out:
+        if heads is not None:
+            others += list(heads)
+        elif "{head}" in head.specs.sae_out:
             others += [replace(head, head=h) for h in range(model.cfg.n_heads)]
         same = (head.specs.model, head.specs.corpus, head.layer)
         others += sorted(
@@ -447,21 +450,25 @@ class Workbench:
         return sorted(group, key=lambda h: h.head)
 
     def layer_pass(
-        self, head: Head, progress: Progress = no_progress
+        self,
+        head: Head,
+        progress: Progress = no_progress,
+        heads: Sequence[Head] | None = None,
     ) -> tuple[dict[int, ExemplarCollector], float]:
         """One pass over the corpus for ``head``'s layer, once per session: the exemplars of
-        the heads of ``layer_group(head)``, by head index, and the layer's mean LayerNorm
+        the heads of ``layer_group(head)`` (or of ``heads``, ``head`` among them: extraction
+        collects only the heads it extracts), by head index, and the layer's mean LayerNorm
         scale."""
-        _, collectors, ln_scale = self._pass(head, progress)
+        _, collectors, ln_scale = self._pass(head, progress, heads)
         return collectors, ln_scale
 
     def _pass(
-        self, head: Head, progress: Progress = no_progress
+        self, head: Head, progress: Progress = no_progress, heads: Sequence[Head] | None = None
     ) -> tuple[list[Head], dict[int, ExemplarCollector], float]:
         """``layer_pass`` with the heads it collected; each head's draws keyed by its sample
         ids where it has them."""
         model, _, _, tokens = self.load(head)
-        group = self.layer_group(head)
+        group = self.layer_group(head, heads)
 
         def compute() -> tuple[dict[int, ExemplarCollector], float]:
             check_corpus_size(tokens.shape[0], self.exemplar_cfg, head.specs.corpus)
@@ -472,7 +479,9 @@ class Workbench:
 
         digests = tuple(self._ids_digest(g) for g in group)
         key = ("layer_pass", tuple(group), digests, self.exemplar_cfg)
-        return (group, *self.memo(key, compute))
+        collectors, ln_scale = self.memo(key, compute)
+        self._keep(group, collectors)
+        return group, collectors, ln_scale
 
     def _loads(self, head: Head) -> bool:
         """Whether the output SAE of ``head`` loads and fits (a retrained SAE may exist for
@@ -493,19 +502,23 @@ class Workbench:
         if cached is not None:
             self._collectors[key] = cached
             return cached
-        group, collectors, _ = self._pass(head)
+        self._pass(head)
+        return self._collectors[key]
+
+    def _keep(self, group: Sequence[Head], collectors: dict[int, ExemplarCollector]) -> None:
+        """Hold a pass's exemplars for ``collector`` (and the disk cache), so that a head a
+        pass collected is never streamed again in the session, whichever pass it was."""
         for other in group:
-            col = collectors[other.head]
             other_key = (other, self._ids_digest(other))
             if other_key in self._collectors:
                 continue
+            col = collectors[other.head]
             col.flush()
             self._collectors[other_key] = col
             if self.cache_dir is not None:
                 state = {name: getattr(col, name).contiguous() for name in COLLECTOR_STATE}
                 state["n_seen"] = torch.tensor(col.n_seen)
                 atomic_write(self._cache_path(other), save({k: v.cpu() for k, v in state.items()}))
-        return self._collectors[key]
 
     def with_exemplars(self, exemplars: ExemplarConfig) -> Workbench:
         """This workbench under other protocol settings: the loaded models, SAEs and corpora

@@ -229,6 +229,31 @@ def test_shards_together_write_exactly_the_unsharded_books(tmp_path: Path) -> No
         assert (whole / name).read_bytes() == (parts / name).read_bytes(), name
 
 
+def test_a_one_head_extraction_streams_the_corpus_for_that_head_only(tmp_path, monkeypatch):
+    """The corpus pass encodes with the extracted heads' output SAEs only, and the book is the
+    one a whole-layer extraction writes for that head."""
+    import rulecheck.session
+    from rulecheck.loading import load_model
+    from rulecheck.specs import locate
+
+    collected = []
+    real = rulecheck.session.collect_layer
+
+    def spy(model, saes, *args, **kwargs):
+        collected.append(sorted(saes))
+        return real(model, saes, *args, **kwargs)
+
+    monkeypatch.setattr(rulecheck.session, "collect_layer", spy)
+    base = ["extract", "--model", "planted", "--features", "4"]
+    assert main([*base, "--heads", "1", "--out", str(tmp_path / "one")]) == 0
+    assert collected == [[1]]
+    assert main([*base, "--out", str(tmp_path / "all")]) == 0
+    n_heads = load_model(locate("planted")).cfg.n_heads
+    assert collected[1:] == [list(range(n_heads))]  # the whole layer, in one pass
+    book = "L0H1.yaml"
+    assert (tmp_path / "one" / book).read_bytes() == (tmp_path / "all" / book).read_bytes()
+
+
 @pytest.mark.parametrize(
     ("shard", "message"),
     [("0/3", "must be a whole number in [1, 3]"), ("4/3", "in [1, 3]"), ("2", "expected i/n")],

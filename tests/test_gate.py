@@ -119,13 +119,29 @@ def test_a_permuted_copy_passes_the_gate_for_input_and_output_saes(
     plain = run(gate_dir, tmp_path, cache=cache)
     plain.assert_outcomes(passed=len(outcomes(tmp_path)))
     before = outcomes(tmp_path)
-    result = run(gate_dir, tmp_path, *swap, "--rulecheck-remap=auto", cache=cache)
+    page = tmp_path / "gate.html"
+    remap = ("--rulecheck-remap=auto", f"--rulecheck-html={page}")
+    result = run(gate_dir, tmp_path, *swap, *remap, cache=cache)
     result.assert_outcomes(passed=len(before))
     after = outcomes(tmp_path)
     assert after.keys() == before.keys()  # same items, named by the book's ids
     for node, (_, value) in before.items():
         if value is not None:
             assert after[node][1] == pytest.approx(value, abs=0.02), node
+    # the run's report shows the gate: every feature kept, under its id in the permuted SAE
+    html = page.read_text(encoding="utf-8")
+    start = html.index('<section id="gate">')
+    gate = html[start : html.index("</section>", start)]
+    features = [rules.feature for rules in load_rulebook(gate_dir.path / "L0H1.yaml").features]
+    new_id = {
+        old: new
+        for new, old in enumerate(json.loads((permuted / "perms.json").read_text())["sae_out"])
+    }
+    assert f'<tr class="kept"><td>kept</td><td>{len(features)}</td>' in gate
+    assert '<tr class="changed"><td>changed</td><td>0</td>' in gate
+    assert '<tr class="lost"><td>lost</td><td>0</td>' in gate
+    for f in features:
+        assert f">{f}&rarr;{new_id[f]}</a>" in gate, f
 
 
 def test_mapping_files_gate_like_auto_and_are_checked_against_the_saes(

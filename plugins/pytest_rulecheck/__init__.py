@@ -354,6 +354,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     named = config.args_source == pytest.Config.ArgsSource.ARGS
     notes, fresh, changed = [], [], {}
     try:
+        todo = []
         for path in rulebook_files(config.args or [str(config.rootpath)]):
             old = load_rulebook(path)
             if not any(f.source == "extracted" for f in old.features) and not (
@@ -364,7 +365,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                     "(--rulecheck-extract=all with this path named fills it)"
                 )
                 continue
-            new = regenerated(old, path, workbench(config))
+            todo.append((path, old))
+        bench = workbench(config)
+        for path, old in todo:  # the heads of a layer then share one corpus pass
+            bench.announce(old, str(path))
+        for path, old in todo:
+            new = regenerated(old, path, bench)
             features, removed = changes(old, merge_manual(new, old))
             changed[str(path.resolve())] = {"features": features, "removed": removed}
             fresh.append((new, path))
