@@ -21,6 +21,7 @@ from rulecheck import kinds
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.html.figures import rounded
 from rulecheck.html.outcomes import Outcome, feature_status
+from rulecheck.kinds.base import unique
 from rulecheck.refs import ref_name
 from rulecheck.report import render_ref, render_skipgram, top_terms
 
@@ -66,15 +67,6 @@ def shown_token(text: str) -> str:
     """A token as a page shows it: line breaks and tabs visible, long runs of spaces counted."""
     text = text.replace("\r", "\u240d").replace("\n", "\u21b5").replace("\t", "\u21e5")
     return compact(text)
-
-
-def _anchors(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
-    return out
 
 
 class _Figures:
@@ -335,7 +327,7 @@ def report_data(entries: list[BookInput], run: list[Outcome] | None) -> tuple[di
         ),
     )
     entries = [entries[i] for i in order]
-    anchors = _anchors([e.book.name for e in entries])
+    anchors = unique([e.book.name for e in entries], sep="-")
     books = []
     failed = []
     for entry, anchor in zip(entries, anchors, strict=True):

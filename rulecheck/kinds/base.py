@@ -155,11 +155,11 @@ def shorthand(
     return [g for w, g in zip(words, got, strict=True) if w is None], [table.fill(r) for r in refs]
 
 
-def unique(names: list[str]) -> list[str]:
-    """Item names made unique: a repeated ``absence[x]`` becomes ``absence[x]#2``, ..."""
+def unique(names: list[str], sep: str = "#") -> list[str]:
+    """Names made unique: a repeated ``absence[x]`` becomes ``absence[x]#2``, ..."""
     seen: dict[str, int] = {}
     out = []
     for name in names:
         seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+        out.append(name if seen[name] == 1 else f"{name}{sep}{seen[name]}")
     return out
