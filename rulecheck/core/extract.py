@@ -28,6 +28,7 @@ from rulecheck.core.exemplars import (
 from rulecheck.core.gradient import term_importance, with_importance
 from rulecheck.core.heads import (
     Probe,
+    by_end,
     encode_columns,
     encode_head,
     head_encoder,
@@ -133,16 +134,11 @@ def prefix_chunks(
 ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Input-SAE activations ``[batch, pos, d_sae_in]`` (only ``columns``, in that order, when
     given) of the prefixes ``(seq, t)``, a chunk at a time, with the chunk's rows (indices into
-    ``seq``), tokens ``[batch, pos]`` and end positions.
-
-    A prefix reads nothing after its end, so the prefixes go in order of ``t`` (stable) and
-    each chunk is cut after its last ``t``: ``pos`` is that ``t + 1``."""
+    ``seq``), tokens ``[batch, pos]`` and end positions. A prefix reads nothing after its end:
+    the chunks are ``by_end``'s, ``pos`` their last ``t + 1``."""
     device = model.cfg.device
     t = t.cpu().long()
-    order = torch.argsort(t, stable=True)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        end = int(t[rows].max()) + 1
+    for rows, end in by_end(t, batch_size):
         toks = tokens[seq.cpu()[rows].to(tokens.device), :end].to(device)
         resid = model(toks, stop_at_layer=layer)
         feats = sae_in.encode(resid) if columns is None else encode_columns(sae_in, resid, columns)

@@ -7,7 +7,7 @@ The hook names are TransformerLens's: input SAEs read ``blocks.{l}.hook_resid_pr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +117,17 @@ def encode_head(sae_out: SAE, z: Tensor, head: int) -> Tensor:
     return sae_out.encode(head_input(sae_out, z, head))
 
 
+def by_end(t: Tensor, batch_size: int) -> Iterator[tuple[Tensor, int]]:
+    """Batches of prompts that are read at positions ``t [n]``: the row indices of each batch,
+    in order of ``t`` (stable), and the length its prompts are cut to, its last ``t`` + 1.
+    Attention is causal, so nothing after ``t`` can change what is read at ``t``."""
+    t = t.cpu().long()
+    order = torch.argsort(t, stable=True)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        yield rows, int(t[rows].max()) + 1
+
+
 class _Captured(Exception):
     """Raised by ``run_to_layer``'s last hook: the rest of the forward pass is not needed."""
 
@@ -193,16 +204,11 @@ class Probe:
 
     @torch.no_grad()
     def at(self, tokens: Tensor, t: Tensor) -> Tensor:
-        """``[batch]`` activation of the feature at position ``t [batch]`` of ``tokens``.
-
-        Attention is causal, so the tokens after ``t`` cannot change it: the prompts run in
-        order of ``t`` (stable), each batch cut after its last ``t``."""
+        """``[batch]`` activation of the feature at position ``t [batch]`` of ``tokens``, the
+        prompts run in batches cut after their last ``t`` (``by_end``)."""
         t = t.cpu().long()
         out = torch.zeros(len(t), dtype=torch.float32)
-        order = torch.argsort(t, stable=True)
-        for start in range(0, len(t), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            end = int(t[rows].max()) + 1
+        for rows, end in by_end(t, self.batch_size):
             acts = self._run(tokens[rows.to(tokens.device), :end])
             out[rows] = acts.gather(1, t[rows].unsqueeze(1)).squeeze(1)
         return out
