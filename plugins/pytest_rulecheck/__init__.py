@@ -104,6 +104,12 @@ def setting(config: pytest.Config, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def cache_dir(config: pytest.Config) -> Path:
+    """The exemplar cache's directory (``--rulecheck-cache``; relative to the rootdir)."""
+    cache = Path(setting(config, "cache", ".rulecheck_cache"))
+    return cache if cache.is_absolute() else config.rootpath / cache
+
+
 def workbench(config: pytest.Config):
     """The session's Workbench (created on first use, in each xdist worker)."""
     if STASH_BENCH not in config.stash:
@@ -116,11 +122,10 @@ def workbench(config: pytest.Config):
             sae_out=setting(config, "sae-out"),
             corpus=setting(config, "corpus"),
         )
-        cache = Path(setting(config, "cache", ".rulecheck_cache"))
-        if not cache.is_absolute():
-            cache = config.rootpath / cache
         bench = Workbench(
-            overrides=overrides, device=setting(config, "device", "auto"), cache_dir=cache
+            overrides=overrides,
+            device=setting(config, "device", "auto"),
+            cache_dir=cache_dir(config),
         )
         for book, file in config.stash.get(STASH_BOOKS, []):
             bench.announce(book, file)  # a layer's heads then share one corpus pass
@@ -587,10 +592,8 @@ class Summary:
         if settings.remap:
             from rulecheck.session import Workbench
 
-            cache = Path(setting(self.config, "cache", ".rulecheck_cache"))
             bench = Workbench(
-                device=setting(self.config, "device", "auto"),
-                cache_dir=cache if cache.is_absolute() else root / cache,
+                device=setting(self.config, "device", "auto"), cache_dir=cache_dir(self.config)
             )
         else:
             bench = workbench(self.config)
