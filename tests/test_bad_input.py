@@ -242,6 +242,8 @@ PLUGIN_OPTION_CASES = [
     ("--rulecheck-examples=abc", "--rulecheck-examples: must be a whole number in [1, 100000]"),
     ("--rulecheck-examples=-1", "got -1"),
     ("--rulecheck-report=nowhere/r.json", "--rulecheck-report: no such directory"),
+    ("--rulecheck-html=nowhere/r.html", "--rulecheck-html: no such directory"),
+    ("--rulecheck-html=.", "--rulecheck-html: is a directory"),
 ]
 
 

@@ -244,6 +244,9 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     (books / "L0H0.measured.json").write_text("{not json")
     line = error(str(books), "--exemplars", "0", "-o", out)
     assert "L0H0.measured.json" in line and "cannot read the measurements" in line
+    for bad in ("51", "-1", "five"):
+        line = error(str(books), "--exemplars", bad, "-o", out)
+        assert "--exemplars" in line and "[0, 50]" in line
     assert "is a directory" in error(str(books), "-o", str(books))
     assert "no such directory" in error(str(books), "-o", str(tmp_path / "no" / "r.html"))
     (tmp_path / "run.json").write_text('{"a": 1}')
