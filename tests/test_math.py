@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_sae
+from conftest import random_model, random_sae
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
@@ -314,6 +314,66 @@ def test_probe_at_cuts_and_sorts_prompts_yet_reads_the_full_pass(model, tokens, 
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-6)
     everywhere = Probe(model, sae, LAYER, HEAD, feature, batch_size=7).activations(tokens)
     torch.testing.assert_close(everywhere, acts[..., feature], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalization_type", ["LN", None])
+def test_z_at_is_the_full_pass_hook_z_at_t_for_every_head(tokens, normalization_type):
+    from rulecheck.core.heads import query_rows_supported, z_at
+
+    model = random_model(seed=4, normalization_type=normalization_type)
+    cache = full_pass(model, tokens)
+    g = torch.Generator().manual_seed(9)
+    t = torch.randint(0, tokens.shape[1], (len(tokens),), generator=g)
+    for layer in range(model.cfg.n_layers):
+        assert query_rows_supported(model, layer)
+        z = cache[z_hook(layer)]  # [batch, pos, n_heads, d_head]
+        got = z_at(model, tokens, t, layer, [1, 0])
+        for i in range(len(tokens)):
+            for j, h in enumerate([1, 0]):
+                torch.testing.assert_close(got[i, j], z[i, int(t[i]), h], rtol=1e-5, atol=1e-6)
+
+
+def test_probe_at_takes_the_full_pass_where_query_rows_do_not_apply(tokens):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from rulecheck.core.heads import Probe, query_rows_supported
+
+    rotary = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=2,
+            d_model=16,
+            n_heads=2,
+            d_head=8,
+            d_mlp=32,
+            d_vocab=40,
+            n_ctx=16,
+            act_fn="gelu",
+            positional_embedding_type="rotary",
+            seed=3,
+        )
+    ).eval()
+    assert not query_rows_supported(rotary, LAYER)
+    sae = random_sae(8, 10, z_hook(LAYER), head=HEAD, seed=5)
+    t = torch.randint(
+        1, tokens.shape[1], (len(tokens),), generator=torch.Generator().manual_seed(2)
+    )
+    acts = encode_head(sae, full_pass(rotary, tokens)[z_hook(LAYER)], HEAD).detach()
+    want = acts[torch.arange(len(tokens)), t]  # [batch, d_sae]
+    for f in range(10):
+        got = Probe(rotary, sae, LAYER, HEAD, f, batch_size=5).at(tokens, t)
+        torch.testing.assert_close(got, want[:, f], rtol=1e-5, atol=1e-6)
+    # a hook on the layer (an ablation, say) must be seen: the full pass runs it
+    model = random_model(seed=4)
+    hook = model.blocks[LAYER].attn.hook_v
+    hook.add_hook(lambda v, hook: v * 0)
+    try:
+        assert not query_rows_supported(model, LAYER)
+        assert Probe(model, sae, LAYER, HEAD, 0).at(tokens, t).abs().max() == pytest.approx(
+            float(encode_head(sae, torch.zeros(1, 1, 2, 8), HEAD).detach()[0, 0, 0])
+        )
+    finally:
+        model.reset_hooks()
+    assert query_rows_supported(model, LAYER)
 
 
 def test_prefix_features_come_back_in_the_order_of_the_prefixes(model, tokens):

@@ -155,6 +155,82 @@ def run_to_layer(
     return store
 
 
+_UNSUPPORTED_FLAGS = (
+    "use_split_qkv_input",
+    "use_attn_in",
+    "load_in_4bit",
+    "use_qk_norm",
+    "use_logn_attn",
+    "use_attention_sinks",
+)
+
+
+def query_rows_supported(model: HookedTransformer, layer: int) -> bool:
+    """Whether ``z_at`` reproduces ``blocks.{layer}.attn.hook_z``: plain multi-head attention
+    reading ``ln1(resid_pre)``, learned or no absolute positions, global causal attention, no
+    hooks attached to the layer. Anything else (rotary, grouped queries, soft-capping, ...)
+    takes TransformerLens's own forward pass."""
+    from transformer_lens.components import Attention
+
+    cfg = model.cfg
+    block = model.blocks[layer]
+    attn = block.attn
+    hooked = any(
+        hp._forward_hooks
+        for name, hp in model.hook_dict.items()
+        if name.startswith(f"blocks.{layer}.")
+    )
+    return (
+        type(attn) is Attention
+        and getattr(attn, "attn_type", "global") == "global"
+        and cfg.positional_embedding_type == "standard"
+        and (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
+        and not any(getattr(cfg, name, False) for name in _UNSUPPORTED_FLAGS)
+        and getattr(cfg, "clip_qkv", None) is None
+        and getattr(cfg, "attn_scores_soft_cap", -1.0) <= 0
+        and getattr(cfg, "n_key_value_heads", None) is None
+        and cfg.original_architecture not in _post_norm_architectures()
+        and not hooked
+    )
+
+
+def _post_norm_architectures() -> tuple[str, ...]:
+    try:
+        from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+    except ImportError:
+        return ()
+    return tuple(POST_NORM_ARCHITECTURES)
+
+
+@torch.no_grad()
+def z_at(
+    model: HookedTransformer, tokens: Tensor, t: Tensor, layer: int, heads: Sequence[int]
+) -> Tensor:
+    """``blocks.{layer}.attn.hook_z`` of ``heads`` at position ``t [batch]`` of each row of
+    ``tokens [batch, pos]``: ``[batch, len(heads), d_head]``. Only the query row ``t`` of the
+    chosen heads is computed (the keys and values of ``[0, t]``), not the layer's other heads
+    or positions; the layers below run in full. Valid where ``query_rows_supported``."""
+    block = model.blocks[layer]
+    attn = block.attn
+    x = block.ln1(model(tokens, stop_at_layer=layer))  # [batch, pos, d_model]
+    h = torch.tensor(list(heads), dtype=torch.long, device=x.device)
+    batch, pos, d_model = x.shape
+    n, d_head = len(heads), attn.W_Q.shape[-1]
+
+    def project(inp: Tensor, W: Tensor, b: Tensor) -> Tensor:  # -> [..., n, d_head]
+        w = W[h].permute(1, 0, 2).reshape(d_model, n * d_head)
+        return (inp @ w + b[h].reshape(n * d_head)).unflatten(-1, (n, d_head))
+
+    t = t.to(x.device).long()
+    q = project(x[torch.arange(batch, device=x.device), t], attn.W_Q, attn.b_Q)  # [b, n, d]
+    k = project(x, attn.W_K, attn.b_K)  # [batch, pos, n, d_head]
+    v = project(x, attn.W_V, attn.b_V)
+    scores = torch.einsum("bnd,bpnd->bnp", q, k) / attn.attn_scale  # [batch, n, pos]
+    after_t = torch.arange(pos, device=x.device) > t.unsqueeze(1)  # [batch, pos]
+    pattern = torch.softmax(scores.masked_fill(after_t.unsqueeze(1), float("-inf")), dim=-1)
+    return torch.einsum("bnp,bpnd->bnd", pattern.to(v.dtype), v)
+
+
 def ln_inverse_scale(model: HookedTransformer, store: dict[str, Tensor], layer: int) -> Tensor:
     """``[batch, pos]``: the factor LayerNorm multiplies the centred residual by (1 with no
     normalisation)."""
@@ -208,7 +284,20 @@ class Probe:
         prompts run in batches cut after their last ``t`` (``by_end``)."""
         t = t.cpu().long()
         out = torch.zeros(len(t), dtype=torch.float32)
+        rows_only = query_rows_supported(self.model, self.layer)
         for rows, end in by_end(t, self.batch_size):
-            acts = self._run(tokens[rows.to(tokens.device), :end])
-            out[rows] = acts.gather(1, t[rows].unsqueeze(1)).squeeze(1)
+            batch = tokens[rows.to(tokens.device), :end].to(self.model.cfg.device)
+            if rows_only:
+                out[rows] = self._run_at(batch, t[rows])
+            else:
+                out[rows] = self._run(batch).gather(1, t[rows].unsqueeze(1)).squeeze(1)
         return out
+
+    def _run_at(self, tokens: Tensor, t: Tensor) -> Tensor:
+        """``[batch]`` activation of the feature at ``t [batch]``, from the head's query row at
+        ``t`` alone (``z_at``): all heads of the layer for a layer-level output SAE."""
+        per_head = is_per_head(self.sae_out)
+        heads = [self.head] if per_head else range(self.model.cfg.n_heads)
+        z = z_at(self.model, tokens, t, self.layer, heads)  # [batch, n, d_head]
+        x = z[:, 0] if per_head else head_input(self.sae_out, z.unsqueeze(1), self.head)[:, 0]
+        return encode_columns(self.sae_out, x, [self.feature])[..., 0].float().cpu()
