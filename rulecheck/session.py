@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from rulecheck import __version__
 from rulecheck.atomic import atomic_write
-from rulecheck.book import Rulebook
+from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.config import FINGERPRINTED
 from rulecheck.core.exemplars import (
     ExemplarCollector,
@@ -38,9 +38,9 @@ from rulecheck.core.extract import (
     Progress,
     collect_layer,
     no_progress,
-    prefix_chunks,
 )
 from rulecheck.core.heads import Probe
+from rulecheck.core.prefixes import SequenceChunk, sequence_chunks
 from rulecheck.core.tokens import top_token
 from rulecheck.errors import (
     FingerprintMismatch,
@@ -114,6 +114,7 @@ class Workbench:
         self._collectors: dict[tuple[Head, str | None], ExemplarCollector] = {}
         self._sample_ids: dict[Head, Tensor] = {}
         self._announced: set[Head] = set()
+        self._books: dict[str, tuple[Rulebook, frozenset[int] | None]] = {}
         self._memo: dict[tuple, Any] = {}
         self._fingerprints: dict[tuple, str] = {}
 
@@ -129,10 +130,12 @@ class Workbench:
         self._check_header(head, book, file)
         return head
 
-    def announce(self, book: Rulebook, file: str) -> None:
+    def announce(self, book: Rulebook, file: str, features: Iterable[int] | None = None) -> None:
         """Say that ``book`` will be checked this session (nothing is loaded): the corpus pass
         for its layer then collects its head's exemplars too, so the heads of a layer share
-        one pass even when each book names its own output SAE."""
+        one pass even when each book names its own output SAE; and the measurements of its
+        ``features`` (all when None: those whose items run) share one prefix pass."""
+        self._books[file] = (book, None if features is None else frozenset(features))
         with contextlib.suppress(RulecheckError):  # reported when the book's items run
             self._announced.add(self._head(book, file, True))
 
@@ -603,13 +606,25 @@ class Workbench:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def prefix_chunks(
+    def memoized(self, key: tuple) -> bool:
+        return key in self._memo
+
+    def sequence_chunks(
         self, head: Head, seq: Tensor, t: Tensor, columns: Sequence[int] | None = None
-    ) -> Iterator[tuple[slice, Tensor, Tensor, Tensor]]:
-        """The input-SAE activations of the prefixes ``(seq, t)`` of the head's corpus, a chunk
-        at a time (``rulecheck.core.extract.prefix_chunks``), only ``columns`` when given."""
+    ) -> Iterator[SequenceChunk]:
+        """The input-SAE activations of the prefixes ``(seq, t)`` of the head's corpus, each
+        distinct sequence run once (``rulecheck.core.prefixes.sequence_chunks``), only
+        ``columns`` when given."""
         model, sae_in, _, tokens = self.load(head)
-        return prefix_chunks(model, sae_in, tokens, head.layer, seq, t, self.batch_size, columns)
+        return sequence_chunks(model, sae_in, tokens, head.layer, seq, t, self.batch_size, columns)
+
+    def announced_features(self, file: str) -> list[FeatureRules]:
+        """The features of the book announced from ``file`` whose items run this session (all
+        of them unless ``announce`` was told), in the book's order; none if not announced."""
+        book, features = self._books.get(file, (None, None))
+        if book is None:
+            return []
+        return [r for r in book.features if features is None or r.feature in features]
 
     def resolver(self, head: Head, file: str) -> Resolver:
         """The resolver of a rulebook's references on the head's model and input SAE."""

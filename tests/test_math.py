@@ -376,16 +376,95 @@ def test_probe_at_takes_the_full_pass_where_query_rows_do_not_apply(tokens):
     assert query_rows_supported(model, LAYER)
 
 
-def test_prefix_features_come_back_in_the_order_of_the_prefixes(model, tokens):
-    from rulecheck.core.extract import prefix_chunks, prefix_features
+def shared_prefixes(n_seq: int, sizes: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefixes of several features drawn from few sequences (so that they share some)."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, n_seq, (sum(sizes),), generator=g)
+    t = torch.randint(1, 16, (sum(sizes),), generator=g)
+    return seq, t
+
+
+def test_prefix_features_run_each_sequence_once_and_match_per_prefix_loops(model, tokens):
+    from rulecheck.core.gradient import term_importance
+    from rulecheck.core.prefixes import prefix_features, sequence_chunks
+    from rulecheck.core.scores import Terms
 
     sae_in = random_sae(16, 24, f"blocks.{LAYER}.hook_resid_pre", seed=2)
-    g = torch.Generator().manual_seed(8)
-    seq = torch.randint(0, len(tokens), (30,), generator=g)
-    t = torch.randint(1, tokens.shape[1], (30,), generator=g)
+    sizes = [12, 10, 8]
+    seq, t = shared_prefixes(9, sizes, seed=8)
+    train = torch.arange(len(seq)) % 3 == 0
+    g = torch.Generator().manual_seed(11)
+    terms = [
+        Terms(
+            query=torch.randint(0, 24, (20,), generator=g),
+            key=torch.randint(0, 24, (20,), generator=g),
+            attn=torch.rand(20, generator=g),
+            value=torch.rand(20, generator=g),
+        )
+        for _ in sizes
+    ]
+    rows_run = []
+    handle = model.embed.register_forward_hook(lambda m, i, out: rows_run.append(out.shape[0]))
+    try:
+        chunks = sequence_chunks(model, sae_in, tokens, LAYER, seq, t, batch_size=4)
+        got = prefix_features(chunks, sizes, terms, train, batch_size=3)
+    finally:
+        handle.remove()
+    assert sum(rows_run) == len(seq.unique())  # one run per distinct sequence
     feats = sae_in.encode(full_pass(model, tokens)[f"blocks.{LAYER}.hook_resid_pre"]).detach()
-    chunks = prefix_chunks(model, sae_in, tokens, LAYER, seq, t, batch_size=4)
-    q_act, k_max, _ = prefix_features(chunks, 4)
-    for i, (s, end) in enumerate(zip(seq.tolist(), t.tolist(), strict=True)):
-        torch.testing.assert_close(q_act[i], feats[s, end], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(k_max[i], feats[s, : end + 1].amax(0), rtol=1e-5, atol=1e-6)
+    start = 0
+    for size, pf, feature_terms in zip(sizes, got, terms, strict=True):
+        mine = range(start, start + size)
+        for j, i in enumerate(mine):
+            s, end = int(seq[i]), int(t[i])
+            torch.testing.assert_close(pf.q_act[j], feats[s, end], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                pf.k_max[j], feats[s, : end + 1].amax(0), rtol=1e-5, atol=1e-6
+            )
+        picked = [i for i in mine if train[i]]
+        want = term_importance(feats[seq[picked]], t[picked], feature_terms)
+        torch.testing.assert_close(pf.importance, want, rtol=1e-4, atol=1e-7)
+        start += size
+
+
+def test_predict_prefixes_reads_each_features_terms_through_the_union_of_columns(model, tokens):
+    from rulecheck.core.evaluate import Columns, input_columns, predict_prefixes, union_columns
+    from rulecheck.core.prefixes import sequence_chunks
+    from rulecheck.core.scores import Terms
+
+    sae_in = random_sae(16, 24, f"blocks.{LAYER}.hook_resid_pre", seed=2)
+    feats = sae_in.encode(full_pass(model, tokens)[f"blocks.{LAYER}.hook_resid_pre"]).detach()
+    own = [
+        Columns((3, 7, 1), ((5, 6),)),
+        Columns((7, 2), ()),
+        Columns((1,), ((5, 6), tuple(range(10, 30)))),
+    ]
+    g = torch.Generator().manual_seed(12)
+    terms = []
+    for c in own:
+        n_cols = len(c.features) + len(c.token_sets)
+        terms.append(
+            Terms(
+                query=torch.randint(0, n_cols, (6,), generator=g),
+                key=torch.randint(0, n_cols, (6,), generator=g),
+                attn=torch.rand(6, generator=g),
+                value=torch.rand(6, generator=g),
+            )
+        )
+    sizes = [9, 7, 8]
+    seq, t = shared_prefixes(6, sizes, seed=13)
+    union, index = union_columns(own)
+    read = [Terms(i[x.query], i[x.key], x.attn, x.value) for i, x in zip(index, terms, strict=True)]
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    chunks = sequence_chunks(model, sae_in, tokens, LAYER, seq, t, 4, union.features)
+    got = predict_prefixes(chunks, owner, union, read)
+    assert all((got[owner == i] > 0).any() for i in range(3))  # every feature's terms match
+    for i in range(len(seq)):
+        c, x = own[int(owner[i])], terms[int(owner[i])]
+        cols = input_columns(feats[seq[i] : seq[i] + 1], tokens[seq[i] : seq[i] + 1], c)[0]
+        best = 0.0
+        for q, k, a, v in zip(x.query, x.key, x.attn, x.value, strict=True):
+            fq, fk = float(cols[int(t[i]), q]), float(cols[: int(t[i]) + 1, k].max())
+            if fq > 0 and fk > 0:
+                best = max(best, fq * fk * float(a) * fk * float(v))
+        assert float(got[i]) == pytest.approx(best, rel=1e-5, abs=1e-7)

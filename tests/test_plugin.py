@@ -160,6 +160,37 @@ def test_extract_loads_and_streams_once_per_layer(books, monkeypatch):
     assert calls == {"load_model": 1, "collect_layer": 1}
 
 
+def test_a_books_selected_features_are_measured_in_one_prefix_pass(books, monkeypatch):
+    """The skip-gram items of a book's features measure them all in one pass over their test
+    prefixes' distinct sequences; a deselected feature is not measured; each feature's
+    numbers are those it has when measured alone."""
+    import rulecheck.session
+
+    real = rulecheck.session.Workbench.sequence_chunks
+    passes: list[int] = []
+
+    def counted(self, head, seq, t, columns=None):
+        passes.append(len(seq))
+        return real(self, head, seq, t, columns)
+
+    monkeypatch.setattr(rulecheck.session.Workbench, "sequence_chunks", counted)
+
+    def measured(path):
+        return {r["nodeid"]: r["measured"] for r in json.loads(path.read_text())}
+
+    both, alone = books.path / "both.json", books.path / "alone.json"
+    run(books, "L0H0.yaml", f"--rulecheck-report={both}").assert_outcomes(passed=3, failed=1)
+    assert len(passes) == 1
+    together = passes.pop()
+    result = run(
+        books, "L0H0.yaml", "--deselect", "L0H0.yaml::feature[0]::f1", f"--rulecheck-report={alone}"
+    )
+    result.assert_outcomes(passed=3, deselected=1)
+    assert len(passes) == 1 and passes[0] < together  # feature 0's prefixes are not run
+    for nodeid, value in measured(alone).items():
+        assert measured(both)[nodeid] == pytest.approx(value, abs=1e-6)
+
+
 MALFORMED = {
     "syntax": ("rulecheck: 2\nlayer: [0\n", ":2:"),
     "type": ("rulecheck: 2\nlayer: zero\nhead: 0\nfeatures: []\n", ":2: layer:"),

@@ -28,6 +28,7 @@ STASH_BENCH = pytest.StashKey["Any"]()
 STASH_CHECK = pytest.StashKey["Any"]()
 STASH_CHANGED = pytest.StashKey["dict[str, Any]"]()
 STASH_BOOKS = pytest.StashKey["list[tuple[Any, str]]"]()  # collected books, for the workbench
+STASH_SELECTED = pytest.StashKey["dict[str, set[int]]"]()  # features whose items run, by file
 
 
 # ------------------------------------------------------------------------------------ options
@@ -127,13 +128,25 @@ def workbench(config: pytest.Config):
             device=setting(config, "device", "auto"),
             cache_dir=cache_dir(config),
         )
+        selected = config.stash.get(STASH_SELECTED, None)
         for book, file in config.stash.get(STASH_BOOKS, []):
-            bench.announce(book, file)  # a layer's heads then share one corpus pass
+            # a layer's heads then share one corpus pass, a book's features one prefix pass
+            bench.announce(book, file, None if selected is None else selected.get(file, ()))
         config.stash[STASH_BENCH] = bench
     return config.stash[STASH_BENCH]
 
 
 # ---------------------------------------------------------------------------------- collection
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Note, per book, the features whose items run (after ``-k`` and other deselection)."""
+    selected: dict[str, set[int]] = {}
+    for item in items:
+        if isinstance(item, RuleItem):
+            selected.setdefault(str(item.path), set()).add(item.rules.feature)
+    config.stash[STASH_SELECTED] = selected
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

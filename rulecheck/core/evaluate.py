@@ -7,6 +7,7 @@ scored on its test split: precision, recall, F1 and Spearman.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,8 @@ from torch import Tensor
 
 from rulecheck.core.exemplars import FeatureExamples
 from rulecheck.core.metrics import binary_scores, spearman
-from rulecheck.core.rules import predict
+from rulecheck.core.prefixes import SequenceChunk
+from rulecheck.core.rules import term_contributions
 from rulecheck.core.scores import Terms
 
 
@@ -74,12 +76,36 @@ def score_predictions(pred: Tensor, ex: FeatureExamples) -> Measured:
     )
 
 
-def predict_examples(
-    feats_chunks, columns: Columns, terms: Terms, n: int, device: torch.device
+def union_columns(columns: Sequence[Columns]) -> tuple[Columns, list[Tensor]]:
+    """The columns all of ``columns`` read, each feature's once, and for each ``Columns`` the
+    index of each of its columns among them (``[n_columns]``, long)."""
+    features = tuple(dict.fromkeys(f for c in columns for f in c.features))
+    token_sets = tuple(dict.fromkeys(ts for c in columns for ts in c.token_sets))
+    union = Columns(features, token_sets)
+    index = [
+        torch.tensor(
+            [union.index(f) for f in c.features] + [union.index(None, ts) for ts in c.token_sets],
+            dtype=torch.long,
+        )
+        for c in columns
+    ]
+    return union, index
+
+
+def predict_prefixes(
+    chunks: Iterable[SequenceChunk], owner: Tensor, columns: Columns, terms: Sequence[Terms]
 ) -> Tensor:
-    """``[n]`` predictions from chunks ``(rows, feats, tokens, t)`` of the examples."""
-    pred = torch.zeros(n, device=device)
-    terms = Terms(*(x.to(device) for x in (terms.query, terms.key, terms.attn, terms.value)))
-    for rows, feats, tokens, t in feats_chunks:
-        pred[rows.to(device)] = predict(input_columns(feats, tokens, columns), t, terms)
+    """``[n]`` predicted activation of each prefix under the terms of its owner (``owner [n]``
+    indexes ``terms``, whose columns index ``columns``), from ``chunks`` of the prefixes
+    (``prefixes.sequence_chunks``, encoding the input features of ``columns`` in order)."""
+    read = Columns(tuple(range(len(columns.features))), columns.token_sets)
+    pred = torch.zeros(len(owner))
+    for chunk in chunks:
+        q, k = chunk.stats(input_columns(chunk.feats, chunk.tokens, read))
+        mine_of = owner[chunk.rows].to(q.device)
+        for i in mine_of.unique().tolist():
+            mine = mine_of == i
+            if len(terms[i]):
+                contrib = term_contributions(q[mine], k[mine], terms[i].to(q.device))
+                pred[chunk.rows[mine.cpu()]] = contrib.amax(dim=1).float().cpu()
     return pred

@@ -8,7 +8,7 @@ registered rule kind proposes its candidate claims from the kept terms (``rulech
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +25,9 @@ from rulecheck.core.exemplars import (
     check_corpus_size,
     sample_features,
 )
-from rulecheck.core.gradient import term_importance, with_importance
+from rulecheck.core.gradient import with_importance
 from rulecheck.core.heads import (
     Probe,
-    by_end,
-    encode_columns,
     encode_head,
     head_encoder,
     head_weights,
@@ -40,7 +38,8 @@ from rulecheck.core.heads import (
     z_hook,
 )
 from rulecheck.core.metrics import binary_scores, spearman
-from rulecheck.core.rules import predictions_by_terms, prefix_stats, term_contributions, term_counts
+from rulecheck.core.prefixes import prefix_features, sequence_chunks
+from rulecheck.core.rules import predictions_by_terms, term_contributions, term_counts
 from rulecheck.core.scores import (
     Terms,
     candidate_terms,
@@ -119,61 +118,6 @@ def collect_layer(
             collectors[h].update(encode_head(sae, z, h))
         progress(f"L{layer} exemplars", len(batch), n_seq)
     return collectors, inv_sum / max(inv_count, 1)
-
-
-@torch.no_grad()
-def prefix_chunks(
-    model: HookedTransformer,
-    sae_in: SAE,
-    tokens: Tensor,
-    layer: int,
-    seq: Tensor,
-    t: Tensor,
-    batch_size: int,
-    columns: Sequence[int] | None = None,
-) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """Input-SAE activations ``[batch, pos, d_sae_in]`` (only ``columns``, in that order, when
-    given) of the prefixes ``(seq, t)``, a chunk at a time, with the chunk's rows (indices into
-    ``seq``), tokens ``[batch, pos]`` and end positions. A prefix reads nothing after its end:
-    the chunks are ``by_end``'s, ``pos`` their last ``t + 1``."""
-    device = model.cfg.device
-    t = t.cpu().long()
-    for rows, end in by_end(t, batch_size):
-        toks = tokens[seq.cpu()[rows].to(tokens.device), :end].to(device)
-        resid = model(toks, stop_at_layer=layer)
-        feats = sae_in.encode(resid) if columns is None else encode_columns(sae_in, resid, columns)
-        yield rows, feats, toks, t[rows].to(device)
-
-
-def prefix_features(
-    chunks: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]],
-    batch_size: int,
-    terms: Terms | None = None,
-    importance_rows: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``q_act, k_max`` (each ``[n, d_sae_in]``, in the order of the prefixes) for the prefixes
-    of ``chunks`` (as ``prefix_chunks`` yields them), and, when ``terms`` and a boolean
-    ``importance_rows [n]`` are given, the terms' gradient importance averaged over those rows,
-    from the same forward passes."""
-    row_parts, q_parts, k_parts = [], [], []
-    total, count = None, 0
-    for rows, feats, _, t_rows in chunks:
-        q, k = prefix_stats(feats, t_rows)
-        row_parts.append(rows.cpu())
-        q_parts.append(q)
-        k_parts.append(k)
-        if terms is not None and importance_rows is not None:
-            pick = importance_rows.cpu()[rows.cpu()].to(feats.device)
-            n = int(pick.sum())
-            if n:
-                part = term_importance(feats[pick], t_rows[pick], terms, batch_size) * n
-                total = part if total is None else total + part
-                count += n
-    importance = None if total is None else total / count
-    rows = torch.cat(row_parts) if row_parts else torch.zeros(0, dtype=torch.long)
-    inverse = torch.empty_like(rows)
-    inverse[rows] = torch.arange(len(rows))
-    return torch.cat(q_parts)[inverse], torch.cat(k_parts)[inverse], importance
 
 
 def choose_n_terms(val_f1: Tensor, counts: list[int], max_terms: int, margin: float = 0.0) -> int:
@@ -256,6 +200,23 @@ def pick_features(
     return sorted(cfg.features)
 
 
+PREFIX_PASS_BYTES = 1 << 30  # what one shared prefix pass may hold for its features
+
+
+def feature_groups(
+    features: Sequence[int], d_sae_in: int, seq_len: int, cfg: ExtractConfig
+) -> list[list[tuple[int, int]]]:
+    """``(index, feature)`` pairs in groups whose prefixes share one pass
+    (``prefixes.sequence_chunks``), each group's prefix activations within
+    ``PREFIX_PASS_BYTES``: per feature ``q_act`` and ``k_max`` (``[n, d_sae_in]``) and its train
+    prefixes' key activations (``[n / 3, pos, keys]``), in float32."""
+    n = cfg.exemplars.n_pos + cfg.exemplars.n_neg
+    per_feature = 4 * (2 * n * d_sae_in + n // 3 * seq_len * cfg.keys)
+    size = max(1, PREFIX_PASS_BYTES // per_feature)
+    pairs = list(enumerate(features))
+    return [pairs[i : i + size] for i in range(0, len(pairs), size)]
+
+
 def extract_head(
     model: HookedTransformer,
     sae_in: SAE,
@@ -280,39 +241,55 @@ def extract_head(
     u = head_encoder(sae_out, head, model.cfg.d_head).to(d.dtype)
     vs = value_scores(d, w.W_V, u[:, features])  # [d_sae_in, n_features]
     results = []
-    for i, f in enumerate(features):
-        terms = candidate_terms(
-            d, w.W_Q, w.W_K, w.attn_scale, vs[:, i], cfg.keys, cfg.queries_per_key
+    for group in feature_groups(features, sae_in.cfg.d_sae, tokens.shape[1], cfg):
+        candidates = [
+            candidate_terms(d, w.W_Q, w.W_K, w.attn_scale, vs[:, i], cfg.keys, cfg.queries_per_key)
+            for i, _ in group
+        ]
+        exs = [collector.examples(f) for _, f in group]
+        # one pass over the distinct sequences of the group's prefixes gives both rankings:
+        # the book's, and the other's F1 curve
+        chunks = sequence_chunks(
+            model,
+            sae_in,
+            tokens,
+            layer,
+            torch.cat([ex.seq for ex in exs]),
+            torch.cat([ex.t for ex in exs]),
+            cfg.batch_size,
         )
-        ex = collector.examples(f)
-        chunks = prefix_chunks(model, sae_in, tokens, layer, ex.seq, ex.t, cfg.batch_size)
-        # both rankings from the same forward passes: the book's, and the other's F1 curve
-        q_act, k_max, importance = prefix_features(
-            chunks, cfg.batch_size, terms=terms, importance_rows=ex.part("train")
+        train = torch.cat([ex.part("train") for ex in exs])
+        stats = prefix_features(
+            chunks, [len(ex.seq) for ex in exs], candidates, train, cfg.batch_size
         )
-        rankings = {"weight": rank_by_weight(terms)}
-        if cfg.method == "gradient" or importance is not None:  # none without train prefixes
-            rankings["gradient"] = rank_by_importance(with_importance(terms, importance))
-        ranked = rankings[cfg.method]
-        result = evaluate_feature(ranked, ex, q_act, k_max, cfg.max_terms, cfg.term_margin)
-        result.f1_by_ranking = {
-            m: f1_curve(r, ex, q_act, k_max) for m, r in rankings.items() if r is not ranked
-        }
-        found = kinds.Found(
-            feature=f,
-            probe=Probe(model, sae_out, layer, head, f),
-            tokens=tokens,
-            examples=ex,
-            d=d,
-            weights=w,
-            value_score=vs[:, i],
-            terms=result.terms,
-            token_of=token_of if cfg.rules else None,
-            ref=lambda j: TokenRef(feature=j, tokens=list((token_table or {}).get(j, []))),
-        )
-        result.claims = {kind.key: kind.find(found) for kind in kinds.kinds()}
-        results.append(result)
-        progress(f"L{layer}H{head} features", 1, len(features))
+        for (i, f), terms, ex, pf in zip(group, candidates, exs, stats, strict=True):
+            rankings = {"weight": rank_by_weight(terms)}
+            if cfg.method == "gradient" or pf.importance is not None:  # none without train
+                rankings["gradient"] = rank_by_importance(with_importance(terms, pf.importance))
+            ranked = rankings[cfg.method]
+            result = evaluate_feature(
+                ranked, ex, pf.q_act, pf.k_max, cfg.max_terms, cfg.term_margin
+            )
+            result.f1_by_ranking = {
+                m: f1_curve(r, ex, pf.q_act, pf.k_max)
+                for m, r in rankings.items()
+                if r is not ranked
+            }
+            found = kinds.Found(
+                feature=f,
+                probe=Probe(model, sae_out, layer, head, f),
+                tokens=tokens,
+                examples=ex,
+                d=d,
+                weights=w,
+                value_score=vs[:, i],
+                terms=result.terms,
+                token_of=token_of if cfg.rules else None,
+                ref=lambda j: TokenRef(feature=j, tokens=list((token_table or {}).get(j, []))),
+            )
+            result.claims = {kind.key: kind.find(found) for kind in kinds.kinds()}
+            results.append(result)
+            progress(f"L{layer}H{head} features", 1, len(features))
     return HeadResult(
         layer=layer,
         head=head,

@@ -33,26 +33,40 @@ def key_slots(key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return keys, slot, value.new_zeros(keys.shape[0]).scatter(0, slot, value)
 
 
+def surrogate_inputs(feats: Tensor, t: Tensor, terms: Terms) -> tuple[Tensor, Tensor]:
+    """What the surrogate reads of ``feats [batch, pos, d_sae_in]``: each term's query
+    activation at ``t [batch]``, ``fq [batch, n_terms]``, and the distinct keys' activations at
+    every position, ``fk [batch, pos, n_keys]`` (keys in ``key_slots`` order)."""
+    device = feats.device
+    query = terms.query.to(device)
+    keys = torch.unique(terms.key.to(device))
+    batch = torch.arange(feats.shape[0], device=device)
+    fq = feats[batch.unsqueeze(1), t.to(device).unsqueeze(1), query.unsqueeze(0)]
+    return fq, feats[:, :, keys]
+
+
+def surrogate_from(fq: Tensor, fk: Tensor, t: Tensor, terms: Terms, mask: Tensor) -> Tensor:
+    """``[batch]`` surrogate activation from ``surrogate_inputs``'s ``fq [batch, n_terms]`` and
+    ``fk [batch, pos, n_keys]``; differentiable in ``mask [n_terms]``."""
+    device = fq.device
+    dtype = torch.promote_types(fq.dtype, mask.dtype)
+    _, slot, key_value = key_slots(terms.key.to(device), terms.value.to(device, dtype))
+    fk = fk.to(dtype)
+    w = mask.to(dtype) * terms.attn.to(device, dtype) * fq.to(dtype)  # [B, n_terms]
+    per_key = w.new_zeros(fq.shape[0], fk.shape[2]).index_add(1, slot, w)  # [B, n_keys]
+    s = torch.einsum("bik,bk->bi", fk, per_key)  # [B, P]
+    after_t = torch.arange(fk.shape[1], device=device) > t.to(device).unsqueeze(1)  # [B, P]
+    a = torch.softmax(s.masked_fill(after_t, float("-inf")), dim=1)
+    return (a * (fk @ key_value)).sum(dim=1)
+
+
 def surrogate_activation(feats: Tensor, t: Tensor, terms: Terms, mask: Tensor) -> Tensor:
     """``[batch]`` surrogate activation of the prefixes ending at ``t``.
 
     ``feats`` is ``[batch, pos, d_sae_in]`` (non-negative), ``t`` is ``[batch]``, ``mask`` is
     ``[n_terms]``; differentiable in ``mask``.
     """
-    device = feats.device
-    dtype = torch.promote_types(feats.dtype, mask.dtype)
-    query, key = terms.query.to(device), terms.key.to(device)
-    keys, slot, key_value = key_slots(key, terms.value.to(device, dtype))
-    t = t.to(device)
-    batch = torch.arange(feats.shape[0], device=device)
-    fq = feats[batch.unsqueeze(1), t.unsqueeze(1), query.unsqueeze(0)].to(dtype)  # [B, n_terms]
-    fk = feats[:, :, keys].to(dtype)  # [B, P, n_keys]
-    w = mask.to(dtype) * terms.attn.to(device, dtype) * fq  # [B, n_terms]
-    per_key = w.new_zeros(feats.shape[0], keys.shape[0]).index_add(1, slot, w)  # [B, n_keys]
-    s = torch.einsum("bik,bk->bi", fk, per_key)  # [B, P]
-    after_t = torch.arange(feats.shape[1], device=device) > t.unsqueeze(1)  # [B, P]
-    a = torch.softmax(s.masked_fill(after_t, float("-inf")), dim=1)
-    return (a * (fk @ key_value)).sum(dim=1)
+    return surrogate_from(*surrogate_inputs(feats, t, terms), t, terms, mask)
 
 
 def term_importance(feats: Tensor, t: Tensor, terms: Terms, batch_size: int = 64) -> Tensor:
@@ -62,16 +76,26 @@ def term_importance(feats: Tensor, t: Tensor, terms: Terms, batch_size: int = 64
     ``batch_size``. Zero when there are no prefixes. Works under ``no_grad`` and
     ``inference_mode``.
     """
-    dtype = torch.promote_types(feats.dtype, terms.attn.dtype)
-    n = feats.shape[0]
+    return importance_from(*surrogate_inputs(feats, t, terms), t, terms, batch_size)
+
+
+def importance_from(
+    fq: Tensor, fk: Tensor, t: Tensor, terms: Terms, batch_size: int = 64
+) -> Tensor:
+    """``term_importance`` from ``surrogate_inputs``'s ``fq [n, n_terms]`` and ``fk [n, pos,
+    n_keys]`` (gathered once, e.g. while a pass shared by many features runs)."""
+    dtype = torch.promote_types(fq.dtype, terms.attn.dtype)
+    n = fq.shape[0]
     with torch.inference_mode(False), torch.enable_grad():
-        total = torch.zeros(len(terms), dtype=dtype, device=feats.device)
+        total = torch.zeros(len(terms), dtype=dtype, device=fq.device)
         # attn is saved for backward, which a tensor made under inference_mode cannot be
         chunk_terms = replace(terms, attn=terms.attn.clone())
         for start in range(0, n, batch_size):
-            mask = torch.ones(len(terms), dtype=dtype, device=feats.device, requires_grad=True)
+            mask = torch.ones(len(terms), dtype=dtype, device=fq.device, requires_grad=True)
             stop = start + batch_size
-            pred = surrogate_activation(feats[start:stop], t[start:stop], chunk_terms, mask)
+            pred = surrogate_from(
+                fq[start:stop].clone(), fk[start:stop].clone(), t[start:stop], chunk_terms, mask
+            )
             total += torch.autograd.grad(pred.sum(), mask)[0]
     return total / max(n, 1)
 

@@ -15,17 +15,28 @@ from torch import Tensor
 from rulecheck.core.scores import Terms
 
 
-def prefix_stats(feats: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def prefix_stats(feats: Tensor, t: Tensor, where: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Query activations at ``t`` and key activations maxed over the prefix ``[0, t]``.
 
-    ``feats`` is ``[batch, pos, d_sae_in]`` (non-negative), ``t`` is ``[batch]``; returns
-    ``q_act, k_max``, both ``[batch, d_sae_in]``.
+    ``feats`` is ``[batch, pos, d_sae_in]``, ``t`` is ``[m]``, each prefix reading row
+    ``where[m]`` of ``feats`` (default: prefix ``i`` reads row ``i``); returns ``q_act, k_max``,
+    both ``[m, d_sae_in]``. The running maximum over positions is kept once per row and read
+    by every prefix that ends there.
     """
-    batch = torch.arange(feats.shape[0], device=feats.device)
-    q_act = feats[batch, t]
-    after_t = torch.arange(feats.shape[1], device=feats.device) > t.unsqueeze(1)  # [batch, pos]
-    k_max = feats.masked_fill(after_t.unsqueeze(-1), 0).amax(dim=1)
-    return q_act, k_max
+    if where is None:
+        where = torch.arange(feats.shape[0], device=feats.device)
+    k_max = feats.new_empty(len(t), feats.shape[2])
+    order = torch.argsort(t, stable=True)
+    ends = torch.searchsorted(t[order], torch.arange(feats.shape[1] + 1, device=t.device))
+    running = feats[:, 0]
+    for p, (lo, hi) in enumerate(zip(ends[:-1].tolist(), ends[1:].tolist(), strict=True)):
+        running = running if p == 0 else torch.maximum(running, feats[:, p])
+        if hi > lo:
+            rows = order[lo:hi]
+            k_max[rows] = running[where[rows]]
+        if hi == len(t):
+            break
+    return feats[where, t], k_max
 
 
 def term_contributions(q_act: Tensor, k_max: Tensor, terms: Terms) -> Tensor:

@@ -76,6 +76,10 @@ class Terms:
         imp = None if self.importance is None else self.importance[index]
         return Terms(self.query[index], self.key[index], self.attn[index], self.value[index], imp)
 
+    def to(self, device: torch.device | str) -> Terms:
+        imp = None if self.importance is None else self.importance.to(device)
+        return Terms(*(x.to(device) for x in (self.query, self.key, self.attn, self.value)), imp)
+
     @property
     def weight(self) -> Tensor:
         """Weight-based importance ``attn-score * value-score``."""

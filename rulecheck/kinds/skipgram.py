@@ -108,29 +108,68 @@ def feature_terms(rules: FeatureRules, resolver: Resolver) -> tuple[Columns, Ter
     return columns, terms
 
 
+def _measure_key(head: Head, rules: FeatureRules) -> tuple:
+    return ("skipgrams", head, rules.feature, repr(rules.skipgrams))
+
+
 def measure(bench: Workbench, head: Head, rules: FeatureRules, file: str = "") -> Measured:
     """Precision, recall, F1 and Spearman of the skip-grams on the feature's test split
-    (computed once per session for the same terms)."""
-    key = ("skipgrams", head, rules.feature, repr(rules.skipgrams))
+    (computed once per session for the same terms). The other features of the book announced
+    from ``file`` whose items run this session are measured with it: one pass over the
+    distinct sequences of their test prefixes, encoding only the input features they read."""
+    return bench.memo(
+        _measure_key(head, rules), lambda: _measure_with_book(bench, head, rules, file)
+    )
 
-    def compute() -> Measured:
-        import torch
 
-        from rulecheck.core.evaluate import Columns, predict_examples, score_predictions
+def _measure_with_book(bench: Workbench, head: Head, rules: FeatureRules, file: str) -> Measured:
+    """``measure`` of ``rules``; the book's other features measured on the way are kept."""
+    import torch
 
-        columns, terms = feature_terms(rules, bench.resolver(head, file))
-        ex = bench.examples(head, rules.feature, file)
-        # only the test split is scored: run only its prefixes, and encode only the input
-        # features the rules read (they come first, numbered 0..n-1)
-        test = ex.part("test")
-        chunks = bench.prefix_chunks(head, ex.seq[test], ex.t[test], columns.features)
-        read = Columns(tuple(range(len(columns.features))), columns.token_sets)
-        device = torch.device(bench.device)
-        pred = torch.zeros(len(ex.seq), device=device)
-        pred[test.to(device)] = predict_examples(chunks, read, terms, int(test.sum()), device)
-        return score_predictions(pred, ex)
+    from rulecheck.core.evaluate import predict_prefixes, score_predictions, union_columns
+    from rulecheck.core.scores import Terms
+    from rulecheck.errors import RulecheckError
 
-    return bench.memo(key, compute)
+    book = bench.announced_features(file)
+    batch = [rules]
+    if any(r is rules for r in book):  # the book's own claims, on its own head
+        batch += [
+            r
+            for r in book
+            if r is not rules and r.skipgrams and not bench.memoized(_measure_key(head, r))
+        ]
+    prepared = []
+    for r in batch:
+        try:
+            columns, terms = feature_terms(r, bench.resolver(head, file))
+            ex = bench.examples(head, r.feature, file)
+        except RulecheckError:
+            if r is rules:
+                raise
+            continue  # reported by that feature's own items
+        prepared.append((r, columns, terms, ex, ex.part("test")))
+    union, index = union_columns([columns for _, columns, _, _, _ in prepared])
+    read = [
+        Terms(query=i[terms.query], key=i[terms.key], attn=terms.attn, value=terms.value)
+        for i, (_, _, terms, _, _) in zip(index, prepared, strict=True)
+    ]
+    sizes = [int(test.sum()) for *_, test in prepared]
+    owner = torch.repeat_interleave(torch.arange(len(prepared)), torch.tensor(sizes))
+    chunks = bench.sequence_chunks(
+        head,
+        torch.cat([ex.seq[test] for *_, ex, test in prepared]),
+        torch.cat([ex.t[test] for *_, ex, test in prepared]),
+        union.features,
+    )
+    preds = predict_prefixes(chunks, owner, union, read).split(sizes)
+    out = {}
+    for (r, _, _, ex, test), pred in zip(prepared, preds, strict=True):
+        full = torch.zeros(len(ex.seq))
+        full[test] = pred
+        out[r.feature] = measured = score_predictions(full, ex)
+        if r is not rules:
+            bench.memo(_measure_key(head, r), lambda m=measured: m)
+    return out[rules.feature]
 
 
 class SkipGrams(RuleKind):
