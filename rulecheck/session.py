@@ -17,6 +17,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl: there each process streams its own layers
+    fcntl = None  # type: ignore[assignment]
+
 import torch
 from sae_lens import SAE
 from safetensors.torch import load_file, save
@@ -501,12 +506,30 @@ class Workbench:
         key = (head, self._ids_digest(head))
         if key in self._collectors:
             return self._collectors[key]
-        cached = self._load_cached(head)
-        if cached is not None:
-            self._collectors[key] = cached
-            return cached
-        self._pass(head)
+        with self._layer_lock(head):  # another process may be streaming the same layer
+            cached = self._load_cached(head)
+            if cached is not None:
+                self._collectors[key] = cached
+                return cached
+            self._pass(head)
         return self._collectors[key]
+
+    @contextlib.contextmanager
+    def _layer_lock(self, head: Head) -> Iterator[None]:
+        """Hold the disk cache's lock of the head's layer: processes sharing the cache (pytest
+        workers) wait for one pass over a layer instead of each streaming it."""
+        if self.cache_dir is None or fcntl is None:
+            yield
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        name = repr((head.specs.model, head.specs.corpus, head.layer)).encode()
+        path = self.cache_dir / f"layer-{hashlib.sha256(name).hexdigest()[:16]}.lock"
+        with path.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _keep(self, group: Sequence[Head], collectors: dict[int, ExemplarCollector]) -> None:
         """Hold a pass's exemplars for ``collector`` (and the disk cache), so that a head a

@@ -254,6 +254,42 @@ def test_a_one_head_extraction_streams_the_corpus_for_that_head_only(tmp_path, m
     assert (tmp_path / "one" / book).read_bytes() == (tmp_path / "all" / book).read_bytes()
 
 
+def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch):
+    """Two sessions (pytest workers, say) asking at once for a layer's exemplars with a cold
+    cache: one streams the corpus, the other waits for it and reads the cache."""
+    import threading
+    import time
+
+    import rulecheck.session
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
+
+    streamed = []
+    real = rulecheck.session.collect_layer
+
+    def slow(*args, **kwargs):
+        streamed.append(1)
+        time.sleep(0.5)  # long enough for the other session to ask meanwhile
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rulecheck.session, "collect_layer", slow)
+    benches = [Workbench(device="cpu", cache_dir=tmp_path / "cache") for _ in range(2)]
+    heads = [b.layer_heads(Specs("planted").resolve(), 0, [0])[0] for b in benches]
+    got = [None, None]
+
+    def ask(i):
+        got[i] = benches[i].collector(heads[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(streamed) == 1
+    assert got[0] is not None and got[1] is not None
+    assert torch.equal(got[0].top_seq, got[1].top_seq)
+
+
 @pytest.mark.parametrize(
     ("shard", "message"),
     [("0/3", "must be a whole number in [1, 3]"), ("4/3", "in [1, 3]"), ("2", "expected i/n")],
