@@ -101,3 +101,39 @@ def test_quality_measures_detect_a_broken_sae(model, tokens):
         sae.W_dec.mul_(-1)
     q = sae_quality(model, sae, tokens[:200], 0, 0)
     assert q["ce_recovered"] < 0.8 and q["explained_variance"] < 0
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_spliced_and_ablated_losses_equal_separate_full_runs(layer):
+    """The quality measure's one run from the layer on equals two whole-model runs, one with
+    the head's output replaced by the SAE's reconstruction, one with it zeroed."""
+    from conftest import random_model, random_sae
+
+    model = random_model(seed=3)
+    sae = random_sae(8, 12, f"blocks.{layer}.attn.hook_z", head=1, seed=4)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(1, 40, (10, 16), generator=g)
+    tokens[:, 0] = 0
+    got = sae_quality(model, sae, tokens, layer, 1, batch_size=4)
+
+    def patched(fn):
+        def hook(z, hook):
+            z = z.clone()
+            z[:, :, 1] = fn(z[:, :, 1])
+            return z
+
+        with torch.no_grad():
+            per_tok = model.run_with_hooks(
+                tokens,
+                return_type="loss",
+                loss_per_token=True,
+                fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)],
+            )
+        return float(per_tok.mean())
+
+    spliced = patched(lambda z: sae.decode(sae.encode(z)))
+    zero = patched(torch.zeros_like)
+    assert got["loss_spliced"] == pytest.approx(spliced, rel=1e-5)
+    assert got["loss_zero_ablated"] == pytest.approx(zero, rel=1e-5)
+    assert got["loss_clean"] == pytest.approx(clean_loss(model, tokens), rel=1e-6)
+    assert spliced != pytest.approx(zero, rel=1e-3)  # the two runs are told apart

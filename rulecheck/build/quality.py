@@ -17,10 +17,14 @@ from transformer_lens import HookedTransformer
 from rulecheck.core.heads import resid_pre_hook, run_to_layer, z_hook
 
 
-def _patch_head(head: int, fn: Callable[[Tensor], Tensor]):
-    def hook(z: Tensor, hook) -> Tensor:  # z [batch, pos, n_heads, d_head]
+def _splice_then_zero(sae: SAE, head: int, b: int) -> Callable[[Tensor, object], Tensor]:
+    """A ``hook_z`` hook: ``head``'s output replaced by the SAE's reconstruction in the first
+    ``b`` rows, by zeros in the others."""
+
+    def hook(z: Tensor, hook: object) -> Tensor:  # z [2b, pos, n_heads, d_head]
         z = z.clone()
-        z[:, :, head] = fn(z[:, :, head])
+        z[:b, :, head] = sae.decode(sae.encode(z[:b, :, head]))
+        z[b:, :, head] = 0
         return z
 
     return hook
@@ -55,9 +59,11 @@ def sae_quality(
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     err_sq, x_sum, x_sq = 0.0, None, 0.0
     losses = {"spliced": 0.0, "zero": 0.0}
+    names = (hook,) if head is None else (resid_pre_hook(layer), hook)
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
-        x = run_to_layer(model, batch, layer, (hook,))[hook]
+        store = run_to_layer(model, batch, layer, names)
+        x = store[hook]
         x = (x if head is None else x[:, :, head])[:, 1:].reshape(-1, sae.cfg.d_in)
         f = sae.encode(x)
         recon = sae.decode(f)
@@ -68,13 +74,19 @@ def sae_quality(
         x_sum = x.sum(0) if x_sum is None else x_sum + x.sum(0)
         x_sq += float(x.square().sum())
         if head is not None:
-            spliced = _patch_head(head, lambda z: sae.decode(sae.encode(z)))
-            zeroed = _patch_head(head, torch.zeros_like)
-            for name, fn in (("spliced", spliced), ("zero", zeroed)):
-                per_tok = model.run_with_hooks(
-                    batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, fn)]
-                )
-                losses[name] += float(per_tok.sum())
+            # spliced and zero-ablated in one run from the layer on: rows [:b] then [b:]
+            b = len(batch)
+            resid = store[resid_pre_hook(layer)]
+            per_tok = model.run_with_hooks(
+                torch.cat([resid, resid]),
+                start_at_layer=layer,
+                tokens=torch.cat([batch, batch]),
+                return_type="loss",
+                loss_per_token=True,
+                fwd_hooks=[(hook, _splice_then_zero(sae, head, b))],
+            )
+            losses["spliced"] += float(per_tok[:b].sum())
+            losses["zero"] += float(per_tok[b:].sum())
     total_var = x_sq - float(x_sum.square().sum()) / n_tok
     out = {
         "l0": l0_sum / n_tok,
