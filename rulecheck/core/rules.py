@@ -40,24 +40,30 @@ def prefix_stats(feats: Tensor, t: Tensor, where: Tensor | None = None) -> tuple
 
 
 def term_contributions(q_act: Tensor, k_max: Tensor, terms: Terms) -> Tensor:
-    """``[batch, n_terms]``: each term's predicted activation, 0 where it does not match."""
-    fq = q_act[:, terms.query]
-    fk = k_max[:, terms.key]
-    live = (terms.attn > 0) & (terms.value > 0)
+    """``[batch, n_terms]``: each term's predicted activation, 0 where it does not match (its
+    query or key inactive, or its attn- or value-score not positive)."""
+    fq = q_act.clamp(min=0)[:, terms.query]  # an inactive column reads 0: its products are 0
+    fk = k_max.clamp(min=0)[:, terms.key]
     contrib = fq * fk * terms.attn * fk * terms.value
-    return torch.where(live & (fq > 0) & (fk > 0), contrib, torch.zeros_like(contrib))
+    live = (terms.attn > 0) & (terms.value > 0)  # [n_terms]
+    return contrib if bool(live.all()) else torch.where(live, contrib, 0.0)
 
 
 def predictions_by_terms(contrib: Tensor, n_terms: list[int]) -> Tensor:
     """``[batch, len(n_terms)]``: the prediction of the disjunction of the first ``n`` terms,
-    for every ``n`` in ``n_terms``, from one running maximum over the ranked terms."""
-    if contrib.shape[1] == 0:
-        return contrib.new_zeros(contrib.shape[0], len(n_terms))
-    running = contrib.cummax(dim=1).values
-    cols = torch.tensor([min(n, contrib.shape[1]) - 1 for n in n_terms], device=contrib.device)
-    out = running[:, cols.clamp(min=0)]
-    out[:, cols < 0] = 0
-    return out
+    for every ``n`` in ``n_terms``, from one running maximum over the ranked terms, taken a
+    segment (between two counts) at a time. ``contrib`` is ``term_contributions``'s (>= 0)."""
+    ends = [min(max(n, 0), contrib.shape[1]) for n in n_terms]
+    at: dict[int, Tensor] = {}
+    running, prev = contrib.new_zeros(contrib.shape[0]), 0
+    for end in sorted(set(ends)):
+        if end > prev:
+            running = torch.maximum(running, contrib[:, prev:end].amax(dim=1))
+            prev = end
+        at[end] = running
+    if not ends:
+        return contrib.new_zeros(contrib.shape[0], 0)
+    return torch.stack([at[e] for e in ends], dim=1)
 
 
 def predict(feats: Tensor, t: Tensor, terms: Terms) -> Tensor:
