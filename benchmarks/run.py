@@ -424,8 +424,8 @@ def bench_head_extraction() -> tuple[str, float, float, str]:
             z = run_to_layer(art.model, batch, layer, (z_hook(layer),))[z_hook(layer)]
             encode_head(art.sae_outs[head], z, head)
 
-    t_fast, _ = timed(extract, repeat=1)
-    t_base, _ = timed(floor, repeat=1)
+    t_fast, _ = timed(extract, repeat=2)
+    t_base, _ = timed(floor, repeat=2)
     return (
         "goal 2: extract tiny L0H1 (all features), vs its floor",
         t_fast,

@@ -141,11 +141,16 @@ def evaluate_feature(
     counts = term_counts(len(terms))
     if not counts:
         counts = [0]
-    preds = predictions_by_terms(term_contributions(q_act, k_max, terms), counts)
-    act = ex.act.to(preds.device)
-    val, test = ex.part("val").to(preds.device), ex.part("test").to(preds.device)
-    best = choose_n_terms(binary_scores(act[val], preds[val])["f1"], counts, max_terms, margin)
-    test_scores = binary_scores(act[test], preds[test])
+    device = q_act.device
+    val, test = ex.part("val").to(device), ex.part("test").to(device)
+    act = ex.act.to(device)
+    # only the validation and test prefixes are scored: the train ones are not predicted
+    pred_val, pred_test = (
+        predictions_by_terms(term_contributions(q_act[rows], k_max[rows], terms), counts)
+        for rows in (val, test)
+    )
+    best = choose_n_terms(binary_scores(act[val], pred_val)["f1"], counts, max_terms, margin)
+    test_scores = binary_scores(act[test], pred_test)
     n = counts[best]
     top = terms.take(torch.arange(min(n, len(terms)), device=terms.query.device))
     live = (top.attn > 0) & (top.value > 0)
@@ -157,7 +162,7 @@ def evaluate_feature(
             "f1": float(test_scores["f1"][best]),
             "precision": float(test_scores["precision"][best]),
             "recall": float(test_scores["recall"][best]),
-            "spearman": spearman(preds[test, best].cpu(), act[test].cpu()),
+            "spearman": spearman(pred_test[:, best].cpu(), act[test].cpu()),
             "n_test": int(test.sum()),
         },
         f1_by_terms={c: float(f) for c, f in zip(counts, test_scores["f1"], strict=True)},
