@@ -430,20 +430,15 @@ class Workbench:
         return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
 
     def layer_group(self, head: Head, heads: Sequence[Head] | None = None) -> list[Head]:
-        """The heads one corpus pass for ``head`` collects: ``head``, the other heads of its
-        layer that its output SAE's ``{head}`` template names (or, given, ``heads``:
-        extraction collects the heads it extracts), and the heads of books announced for the
+        """The heads one corpus pass for ``head`` collects: ``head``, ``heads`` when given
+        (extraction collects the heads it extracts), and the heads of books announced for the
         session that read the same model and corpus at that layer (one head per index; only
-        SAEs that load; none whose draws are keyed by other ids). A head whose draws are
-        keyed by other ids (``sample_by``) has a pass of its own."""
+        SAEs that load; none whose draws are keyed by other ids): what the session will read,
+        not every head the SAE's ``{head}`` template could name. A head whose draws are keyed
+        by other ids (``sample_by``) has a pass of its own."""
         if head in self._sample_ids:
             return [head]
-        model = self.model(head.specs.model)
-        others = []
-        if heads is not None:
-            others += list(heads)
-        elif "{head}" in head.specs.sae_out:
-            others += [replace(head, head=h) for h in range(model.cfg.n_heads)]
+        others = list(heads or [])
         same = (head.specs.model, head.specs.corpus, head.layer)
         others += sorted(
             (h for h in self._announced if (h.specs.model, h.specs.corpus, h.layer) == same),
