@@ -23,8 +23,11 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(1)
 
 
-def random_model(seed: int = 0, normalization_type: str | None = "LN") -> HookedTransformer:
-    """Two layers, LayerNorm with non-trivial weights, random biases everywhere."""
+def random_model(
+    seed: int = 0, normalization_type: str | None = "LN", **config: object
+) -> HookedTransformer:
+    """Two layers, LayerNorm with non-trivial weights, random biases everywhere; ``config``
+    sets other ``HookedTransformerConfig`` fields (``positional_embedding_type``, ...)."""
     cfg = HookedTransformerConfig(
         n_layers=2,
         d_model=16,
@@ -36,6 +39,7 @@ def random_model(seed: int = 0, normalization_type: str | None = "LN") -> Hooked
         act_fn="gelu",
         normalization_type=normalization_type,
         seed=seed,
+        **config,
     )
     model = HookedTransformer(cfg)
     g = torch.Generator().manual_seed(seed)

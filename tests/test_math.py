@@ -334,24 +334,9 @@ def test_z_at_is_the_full_pass_hook_z_at_t_for_every_head(tokens, normalization_
 
 
 def test_probe_at_takes_the_full_pass_where_query_rows_do_not_apply(tokens):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     from rulecheck.core.heads import Probe, query_rows_supported
 
-    rotary = HookedTransformer(
-        HookedTransformerConfig(
-            n_layers=2,
-            d_model=16,
-            n_heads=2,
-            d_head=8,
-            d_mlp=32,
-            d_vocab=40,
-            n_ctx=16,
-            act_fn="gelu",
-            positional_embedding_type="rotary",
-            seed=3,
-        )
-    ).eval()
+    rotary = random_model(seed=3, positional_embedding_type="rotary")
     assert not query_rows_supported(rotary, LAYER)
     sae = random_sae(8, 10, z_hook(LAYER), head=HEAD, seed=5)
     t = torch.randint(
