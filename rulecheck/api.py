@@ -23,10 +23,11 @@ from rulecheck.core.extract import (
     layer_tokens,
     no_progress,
 )
+from rulecheck.core.prefixes import KeptInputs
 from rulecheck.errors import InvalidSpec, RuleFailed
 from rulecheck.kinds.skipgram import label
 from rulecheck.schema import significant
-from rulecheck.session import Head, Workbench
+from rulecheck.session import Head, Layer, Workbench
 from rulecheck.specs import Checkpoint, head_spec
 
 RECORDED = ("method", "keys", "queries_per_key", "max_terms", "term_margin", "tolerance")
@@ -98,6 +99,17 @@ def head_rulebook(
     )
 
 
+def keeps_inputs(art: Layer, cfg: ExtractConfig) -> bool:
+    """Whether the corpus pass should keep the input-SAE activations of the whole corpus
+    (``prefixes.KeptInputs``): when the extracted heads' exemplar prefixes, about half a
+    sequence each, come to more tokens than the corpus; the model's lower layers then run once
+    per sequence, not once per prefix pass."""
+    n_features = cfg.features if isinstance(cfg.features, int) else len(cfg.features)
+    per_feature = cfg.exemplars.n_pos + cfg.exemplars.n_neg
+    n_seq, seq_len = art.tokens.shape
+    return len(art.heads) * n_features * per_feature * seq_len / 2 > n_seq * seq_len
+
+
 def extract_books(
     bench: Workbench,
     ckpt: Checkpoint,
@@ -112,7 +124,10 @@ def extract_books(
     cfg = cfg or ExtractConfig()
     bench = bench.with_exemplars(cfg.exemplars)
     art = bench.layer(ckpt, layer, heads)
-    collectors, ln_scale = bench.layer_pass(art.heads[0], progress, heads=art.heads)
+    kept = KeptInputs(art.sae_in, layer, art.tokens) if keeps_inputs(art, cfg) else None
+    collectors, ln_scale = bench.layer_pass(
+        art.heads[0], progress, heads=art.heads, observe=kept.observe if kept else None
+    )
     token_of, table = bench.memo(
         ("layer_tokens", ckpt.sae_in, layer, cfg.top_tokens, cfg.rules),
         lambda: layer_tokens(art.model, art.sae_in, layer, cfg),
@@ -132,6 +147,7 @@ def extract_books(
             progress,
             token_of,
             table,
+            kept if kept is not None and kept.complete else None,
         )
         book = head_rulebook(result, head, bench.fingerprints(head), cfg)
         books.append(keep_rules_that_hold(book, bench, head) if cfg.rules else book)

@@ -457,16 +457,21 @@ class Workbench:
         head: Head,
         progress: Progress = no_progress,
         heads: Sequence[Head] | None = None,
+        observe: Callable[[dict[str, Tensor]], None] | None = None,
     ) -> tuple[dict[int, ExemplarCollector], float]:
         """One pass over the corpus for ``head``'s layer, once per session: the exemplars of
         the heads of ``layer_group(head)`` (or of ``heads``, ``head`` among them: extraction
         collects only the heads it extracts), by head index, and the layer's mean LayerNorm
-        scale."""
-        _, collectors, ln_scale = self._pass(head, progress, heads)
+        scale. ``observe`` sees each batch's activations if the pass runs now."""
+        _, collectors, ln_scale = self._pass(head, progress, heads, observe)
         return collectors, ln_scale
 
     def _pass(
-        self, head: Head, progress: Progress = no_progress, heads: Sequence[Head] | None = None
+        self,
+        head: Head,
+        progress: Progress = no_progress,
+        heads: Sequence[Head] | None = None,
+        observe: Callable[[dict[str, Tensor]], None] | None = None,
     ) -> tuple[list[Head], dict[int, ExemplarCollector], float]:
         """``layer_pass`` with the heads it collected; each head's draws keyed by its sample
         ids where it has them."""
@@ -478,7 +483,7 @@ class Workbench:
             cfg = ExtractConfig(batch_size=self.batch_size, exemplars=self.exemplar_cfg)
             saes = {g.head: self.sae_out(g) for g in group}
             ids = {g.head: self._sample_ids[g] for g in group if g in self._sample_ids}
-            return collect_layer(model, saes, tokens, head.layer, cfg, progress, ids)
+            return collect_layer(model, saes, tokens, head.layer, cfg, progress, ids, observe)
 
         digests = tuple(self._ids_digest(g) for g in group)
         key = ("layer_pass", tuple(group), digests, self.exemplar_cfg)

@@ -254,6 +254,33 @@ def test_a_one_head_extraction_streams_the_corpus_for_that_head_only(tmp_path, m
     assert (tmp_path / "one" / book).read_bytes() == (tmp_path / "all" / book).read_bytes()
 
 
+def test_kept_inputs_give_the_books_that_prefix_passes_give(tmp_path, monkeypatch):
+    """A whole-layer extraction reads its prefixes from the corpus pass's kept input-SAE
+    activations, running no prefix pass; the books are those the prefix passes give."""
+    import rulecheck.api
+    import rulecheck.core.extract
+
+    passes = []
+    real = rulecheck.core.extract.sequence_chunks
+
+    def spy(*args, **kwargs):
+        passes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rulecheck.core.extract, "sequence_chunks", spy)
+    base = ["extract", "--model", "planted"]  # every feature: more prefix tokens than corpus
+    assert main([*base, "--out", str(tmp_path / "kept")]) == 0
+    assert not passes
+    monkeypatch.setattr(rulecheck.api, "keeps_inputs", lambda art, cfg: False)
+    assert main([*base, "--out", str(tmp_path / "run")]) == 0
+    assert passes
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names and names == sorted(p.name for p in (tmp_path / "kept").iterdir())
+    for name in names:
+        kept, run = (tmp_path / d / name for d in ("kept", "run"))
+        assert kept.read_bytes() == run.read_bytes(), name
+
+
 def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch):
     """Two sessions (pytest workers, say) asking at once for a layer's exemplars with a cold
     cache: one streams the corpus, the other waits for it and reads the cache."""

@@ -412,6 +412,32 @@ def test_prefix_features_run_each_sequence_once_and_match_per_prefix_loops(model
         start += size
 
 
+def test_kept_inputs_read_the_prefixes_a_sequence_pass_computes(model, tokens, monkeypatch):
+    """The corpus pass's kept input-SAE activations give every prefix what running its
+    sequence again gives; past its memory bound it gives up and says so."""
+    import rulecheck.core.prefixes as prefixes
+    from rulecheck.core.prefixes import KeptInputs, prefix_features, sequence_chunks
+
+    sae_in = random_sae(16, 24, f"blocks.{LAYER}.hook_resid_pre", seed=2)
+    sae_out = random_sae(8, 10, z_hook(LAYER), head=HEAD, seed=3)
+    cfg = ExtractConfig(batch_size=5, exemplars=ExemplarConfig(n_pos=3, n_neg=3))
+    kept = KeptInputs(sae_in, LAYER, tokens)
+    collect_layer(model, {HEAD: sae_out}, tokens, LAYER, cfg, observe=kept.observe)
+    assert kept.complete and kept.nbytes > 0
+    sizes = [12, 10]
+    seq, t = shared_prefixes(len(tokens), sizes, seed=14)
+    read = prefix_features(kept.chunks(seq, t, 4), sizes)
+    run = prefix_features(sequence_chunks(model, sae_in, tokens, LAYER, seq, t, 4), sizes)
+    for a, b in zip(read, run, strict=True):
+        torch.testing.assert_close(a.q_act, b.q_act, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.k_max, b.k_max, rtol=1e-5, atol=1e-6)
+    assert any(bool((pf.k_max > 0).any()) for pf in read)
+    monkeypatch.setattr(prefixes, "KEPT_BYTES", kept.nbytes // 2)
+    over = KeptInputs(sae_in, LAYER, tokens)
+    collect_layer(model, {HEAD: sae_out}, tokens, LAYER, cfg, observe=over.observe)
+    assert not over.complete
+
+
 def test_predict_prefixes_reads_each_features_terms_through_the_union_of_columns(model, tokens):
     from rulecheck.core.evaluate import Columns, input_columns, predict_prefixes, union_columns
     from rulecheck.core.prefixes import sequence_chunks

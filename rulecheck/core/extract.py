@@ -38,7 +38,7 @@ from rulecheck.core.heads import (
     z_hook,
 )
 from rulecheck.core.metrics import binary_scores, spearman
-from rulecheck.core.prefixes import prefix_features, sequence_chunks
+from rulecheck.core.prefixes import KeptInputs, prefix_features, sequence_chunks
 from rulecheck.core.rules import predictions_by_terms, term_contributions, term_counts
 from rulecheck.core.scores import (
     Terms,
@@ -92,10 +92,12 @@ def collect_layer(
     cfg: ExtractConfig,
     progress: Progress = no_progress,
     sample_ids: dict[int, Tensor] | None = None,
+    observe: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> tuple[dict[int, ExemplarCollector], float]:
     """Stream ``tokens [n_seq, pos]`` once: exemplars for every head in ``sae_outs`` and the
     mean inverse LayerNorm scale of ``blocks.{layer}`` (positions after BOS). ``sample_ids``
-    gives a head's features the ids their random draws are keyed by (``ExemplarCollector``)."""
+    gives a head's features the ids their random draws are keyed by (``ExemplarCollector``);
+    ``observe`` sees each batch's activations by hook name (``prefixes.KeptInputs``)."""
     device = model.cfg.device
     n_seq, seq_len = tokens.shape
     ids = sample_ids or {}
@@ -110,6 +112,8 @@ def collect_layer(
     for start in range(0, n_seq, cfg.batch_size):
         batch = tokens[start : start + cfg.batch_size].to(device)
         store = run_to_layer(model, batch, layer, names)
+        if observe is not None:
+            observe(store)
         inv = ln_inverse_scale(model, store, layer)[:, 1:]
         inv_sum += float(inv.double().sum())
         inv_count += inv.numel()
@@ -235,11 +239,13 @@ def extract_head(
     progress: Progress = no_progress,
     token_of: Tensor | None = None,
     token_table: dict[int, list[str]] | None = None,
+    kept: KeptInputs | None = None,
 ) -> HeadResult:
     """Rank, evaluate and keep the skip-gram terms of the chosen features of one head, then
     ask every rule kind for its candidate claims (``FeatureResult.claims``). With ``token_of``
     (``[d_sae_in]`` top token per input feature) the kinds that insert tokens find theirs;
-    ``token_table`` names input features by their top tokens."""
+    ``token_table`` names input features by their top tokens; with ``kept`` (the corpus
+    pass's input-SAE activations) the prefixes are read from it, not run again."""
     features = pick_features(collector, cfg, layer, head)
     w = head_weights(model, layer, head)
     d = input_directions(sae_in, w, ln_scale)
@@ -254,14 +260,11 @@ def extract_head(
         exs = [collector.examples(f) for _, f in group]
         # one pass over the distinct sequences of the group's prefixes gives both rankings:
         # the book's, and the other's F1 curve
-        chunks = sequence_chunks(
-            model,
-            sae_in,
-            tokens,
-            layer,
-            torch.cat([ex.seq for ex in exs]),
-            torch.cat([ex.t for ex in exs]),
-            cfg.batch_size,
+        seq, t = torch.cat([ex.seq for ex in exs]), torch.cat([ex.t for ex in exs])
+        chunks = (
+            sequence_chunks(model, sae_in, tokens, layer, seq, t, cfg.batch_size)
+            if kept is None
+            else kept.chunks(seq, t, cfg.batch_size)
         )
         train = torch.cat([ex.part("train") for ex in exs])
         stats = prefix_features(

@@ -19,7 +19,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rulecheck.core.gradient import importance_from
-from rulecheck.core.heads import by_end, encode_columns
+from rulecheck.core.heads import by_end, encode_columns, resid_pre_hook
 from rulecheck.core.rules import prefix_stats
 from rulecheck.core.scores import Terms
 
@@ -40,6 +40,28 @@ class SequenceChunk:
         return prefix_stats(self.feats if feats is None else feats, self.t, self.where)
 
 
+def _by_sequence(
+    seq: Tensor, t: Tensor, batch_size: int
+) -> Iterator[tuple[Tensor, int, Tensor, Tensor]]:
+    """The distinct sequences of the prefixes ``(seq [n], t [n])``, ``batch_size`` at a time in
+    order of their last ``t`` (``heads.by_end``): each batch's sequence ids, the length they are
+    cut to, and its prefixes (indices into ``seq``) with the batch row of their sequence."""
+    seq, t = seq.cpu().long(), t.cpu().long()
+    if len(seq) == 0:
+        return
+    distinct, owner = torch.unique(seq, return_inverse=True)  # owner [n]: index into distinct
+    last = torch.zeros(len(distinct), dtype=torch.long).scatter_reduce(
+        0, owner, t, "amax", include_self=False
+    )
+    by_sequence = torch.argsort(owner, stable=True)  # prefixes grouped by their sequence
+    starts = torch.searchsorted(owner[by_sequence], torch.arange(len(distinct) + 1))
+    for batch, end in by_end(last, batch_size):
+        counts = starts[batch + 1] - starts[batch]
+        rows = torch.cat([by_sequence[starts[b] : starts[b + 1]] for b in batch.tolist()])
+        where = torch.repeat_interleave(torch.arange(len(batch)), counts)
+        yield distinct[batch], end, rows, where
+
+
 @torch.no_grad()
 def sequence_chunks(
     model: HookedTransformer,
@@ -56,23 +78,81 @@ def sequence_chunks(
     activations (only ``columns``, in that order, when given). Every prefix comes in exactly one
     chunk."""
     device = model.cfg.device
-    seq, t = seq.cpu().long(), t.cpu().long()
-    if len(seq) == 0:
-        return
-    distinct, owner = torch.unique(seq, return_inverse=True)  # owner [n]: index into distinct
-    last = torch.zeros(len(distinct), dtype=torch.long).scatter_reduce(
-        0, owner, t, "amax", include_self=False
-    )
-    by_sequence = torch.argsort(owner, stable=True)  # prefixes grouped by their sequence
-    starts = torch.searchsorted(owner[by_sequence], torch.arange(len(distinct) + 1))
-    for batch, end in by_end(last, batch_size):
-        toks = tokens[distinct[batch].to(tokens.device), :end].to(device)
+    for seqs, end, rows, where in _by_sequence(seq, t, batch_size):
+        toks = tokens[seqs.to(tokens.device), :end].to(device)
         resid = model(toks, stop_at_layer=layer)
         feats = sae_in.encode(resid) if columns is None else encode_columns(sae_in, resid, columns)
-        counts = starts[batch + 1] - starts[batch]
-        rows = torch.cat([by_sequence[starts[b] : starts[b + 1]] for b in batch.tolist()])
-        where = torch.repeat_interleave(torch.arange(len(batch)), counts)
-        yield SequenceChunk(rows, feats, toks, where.to(device), t[rows].to(device))
+        yield SequenceChunk(rows, feats, toks, where.to(device), t.cpu()[rows].to(device))
+
+
+KEPT_BYTES = 2 << 30  # the most ``KeptInputs`` holds; past it, prefixes run the model again
+
+
+class KeptInputs:
+    """The input-SAE activations of every corpus sequence, kept sparse (8 bytes a nonzero) as
+    the corpus pass goes by (``observe``), so that exemplar prefixes are read from them
+    (``chunks``) instead of running the model to the layer again. Past ``KEPT_BYTES`` it
+    gives up (``complete`` stays False)."""
+
+    def __init__(self, sae_in: SAE, layer: int, tokens: Tensor) -> None:
+        self.sae_in, self.hook, self.tokens = sae_in, resid_pre_hook(layer), tokens
+        self.n_seq, self.seq_len = tokens.shape
+        self.d = sae_in.cfg.d_sae
+        self.seen, self.nbytes, self.given_up = 0, 0, False
+        self._counts: list[Tensor] = []  # [batch] nonzeros of each sequence
+        self._index: list[Tensor] = []  # [nnz] int32, position * d + column, by sequence
+        self._values: list[Tensor] = []  # [nnz]
+        self._ptr: Tensor | None = None
+
+    @property
+    def complete(self) -> bool:
+        return not self.given_up and self.seen == self.n_seq
+
+    @torch.no_grad()
+    def observe(self, store: dict[str, Tensor]) -> None:
+        """Keep the next batch's activations, from the pass's ``hook_resid_pre``."""
+        if self.given_up:
+            return
+        feats = self.sae_in.encode(store[self.hook])  # [batch, pos, d]
+        flat = feats.reshape(feats.shape[0], -1)
+        nz = flat.nonzero()  # [nnz, 2], by row, then index
+        self._counts.append(torch.bincount(nz[:, 0], minlength=flat.shape[0]).cpu())
+        self._index.append(nz[:, 1].to(torch.int32))
+        self._values.append(flat[nz[:, 0], nz[:, 1]])
+        self.seen += flat.shape[0]
+        self.nbytes += 8 * len(nz)
+        if self.nbytes > KEPT_BYTES:
+            self.given_up = True
+            self._counts, self._index, self._values = [], [], []
+
+    def _finish(self) -> None:
+        if self._ptr is None:
+            counts = torch.cat(self._counts)
+            self._ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            self._index, self._values = [torch.cat(self._index)], [torch.cat(self._values)]
+
+    def dense(self, seqs: Tensor, end: int) -> Tensor:
+        """``[len(seqs), end, d]``: the kept activations of sequences ``seqs``, cut at ``end``."""
+        self._finish()
+        assert self._ptr is not None and self.complete
+        index, values = self._index[0], self._values[0]
+        lo, n = self._ptr[seqs], self._ptr[seqs + 1] - self._ptr[seqs]
+        start = torch.repeat_interleave(lo - (n.cumsum(0) - n), n)
+        at = (start + torch.arange(int(n.sum()))).to(index.device)
+        w, row = index[at].long(), torch.repeat_interleave(torch.arange(len(seqs)), n)
+        keep = w < end * self.d  # positions before ``end``
+        out = values.new_zeros(len(seqs) * end * self.d)
+        out[(row.to(w.device) * end * self.d + w)[keep]] = values[at][keep]
+        return out.view(len(seqs), end, self.d)
+
+    def chunks(self, seq: Tensor, t: Tensor, batch_size: int) -> Iterator[SequenceChunk]:
+        """``sequence_chunks`` of the prefixes ``(seq, t)``, read from the kept activations."""
+        for seqs, end, rows, where in _by_sequence(seq, t, batch_size):
+            feats = self.dense(seqs, end)
+            toks = self.tokens[seqs.to(self.tokens.device), :end].to(feats.device)
+            yield SequenceChunk(
+                rows, feats, toks, where.to(feats.device), t.cpu()[rows].to(feats.device)
+            )
 
 
 @dataclass(frozen=True)
