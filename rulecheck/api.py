@@ -101,13 +101,14 @@ def head_rulebook(
 
 def keeps_inputs(art: Layer, cfg: ExtractConfig) -> bool:
     """Whether the corpus pass should keep the input-SAE activations of the whole corpus
-    (``prefixes.KeptInputs``): when the extracted heads' exemplar prefixes, about half a
-    sequence each, come to more tokens than the corpus; the model's lower layers then run once
-    per sequence, not once per prefix pass."""
-    n_features = cfg.features if isinstance(cfg.features, int) else len(cfg.features)
+    (``prefixes.KeptInputs``): when the extracted heads' exemplar prefixes (at most as many
+    features as each output SAE has, about half a sequence each) come to more tokens than the
+    corpus; the model's lower layers then run once per sequence, not once per prefix pass."""
+    cap = cfg.features if isinstance(cfg.features, int) else len(cfg.features)
+    n_features = sum(min(cap, art.sae_outs[h.head].cfg.d_sae) for h in art.heads)
     per_feature = cfg.exemplars.n_pos + cfg.exemplars.n_neg
     n_seq, seq_len = art.tokens.shape
-    return len(art.heads) * n_features * per_feature * seq_len / 2 > n_seq * seq_len
+    return n_features * per_feature * seq_len / 2 > n_seq * seq_len
 
 
 def extract_books(

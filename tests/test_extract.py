@@ -268,7 +268,8 @@ def test_kept_inputs_give_the_books_that_prefix_passes_give(tmp_path, monkeypatc
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rulecheck.core.extract, "sequence_chunks", spy)
-    base = ["extract", "--model", "planted"]  # every feature: more prefix tokens than corpus
+    base = ["extract", "--model", "planted"]
+    monkeypatch.setattr(rulecheck.api, "keeps_inputs", lambda art, cfg: True)
     assert main([*base, "--out", str(tmp_path / "kept")]) == 0
     assert not passes
     monkeypatch.setattr(rulecheck.api, "keeps_inputs", lambda art, cfg: False)
@@ -279,6 +280,24 @@ def test_kept_inputs_give_the_books_that_prefix_passes_give(tmp_path, monkeypatc
     for name in names:
         kept, run = (tmp_path / d / name for d in ("kept", "run"))
         assert kept.read_bytes() == run.read_bytes(), name
+
+
+def test_inputs_are_kept_only_when_the_prefixes_outnumber_the_corpus():
+    """Keeping the corpus's input activations pays when the extracted heads' prefixes come to
+    more tokens than the corpus: a whole layer of tiny, not its 64-feature head alone (however
+    high ``--features``), nor a few features a head."""
+    from rulecheck.api import keeps_inputs
+    from rulecheck.config import ExtractConfig
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
+
+    bench = Workbench(device="cpu", cache_dir=None)
+    tiny = Specs("rulecheck-tiny").resolve()
+    layer, one = bench.layer(tiny, 0), bench.layer(tiny, 0, [1])
+    assert one.sae_outs[1].cfg.d_sae == 64
+    assert keeps_inputs(layer, ExtractConfig())
+    assert not keeps_inputs(one, ExtractConfig(features=1000))
+    assert not keeps_inputs(layer, ExtractConfig(features=4))
 
 
 def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch):
