@@ -4,7 +4,9 @@ A prefix ``(seq, t)`` is a corpus sequence read up to position ``t``. The prefix
 features (a head's exemplars, a rulebook's test splits) share sequences, and attention is
 causal: every distinct sequence runs once to ``blocks.{layer}.hook_resid_pre``, cut after the
 last ``t`` any prefix reads it at, and each prefix takes its query activations at ``t`` and its
-keys' running maximum over ``[0, t]`` from that one pass.
+keys' running maximum over ``[0, t]`` from that one pass (``sequence_chunks``). A whole-layer
+extraction can do without even that: the corpus pass that finds the exemplars keeps every
+sequence's activations (``KeptInputs``) and the prefixes are read from them.
 """
 
 from __future__ import annotations
