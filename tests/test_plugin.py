@@ -191,6 +191,28 @@ def test_a_books_selected_features_are_measured_in_one_prefix_pass(books, monkey
         assert measured(both)[nodeid] == pytest.approx(value, abs=1e-6)
 
 
+def test_an_f1_claim_without_skipgrams_fails_as_a_claim(books):
+    """A hand-written feature that claims an F1 but lists no skip-grams predicts nothing: its
+    item fails with the measured F1, not with an error."""
+    books.makefile(
+        ".yaml",
+        L0H0="""\
+rulecheck: 2
+model: planted
+layer: 0
+head: 0
+features:
+  - feature: 1
+    source: manual
+    expect: {f1: 0.5}
+""",
+    )
+    result = run(books, "L0H0.yaml")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*feature 1 of L0H0 (no skip-grams): f1 is 0.000*"])
+    assert "IndexError" not in result.stdout.str()
+
+
 MALFORMED = {
     "syntax": ("rulecheck: 2\nlayer: [0\n", ":2:"),
     "type": ("rulecheck: 2\nlayer: zero\nhead: 0\nfeatures: []\n", ":2: layer:"),

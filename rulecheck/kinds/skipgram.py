@@ -99,11 +99,16 @@ def feature_terms(rules: FeatureRules, resolver: Resolver) -> tuple[Columns, Ter
             if r.feature is None and r.token_ids not in token_sets:
                 token_sets.append(r.token_ids)
     columns = Columns(tuple(features), tuple(token_sets))
+    long, number = torch.long, torch.get_default_dtype()  # typed even with no terms at all
     terms = Terms(
-        query=torch.tensor([columns.index(q.feature, q.token_ids) for _, q, _, _ in refs]),
-        key=torch.tensor([columns.index(k.feature, k.token_ids) for k, _, _, _ in refs]),
-        attn=torch.tensor([abs(a or 1.0) or 1.0 for _, _, a, _ in refs]),
-        value=torch.tensor([abs(v or 1.0) or 1.0 for _, _, _, v in refs]),
+        query=torch.tensor(
+            [columns.index(q.feature, q.token_ids) for _, q, _, _ in refs], dtype=long
+        ),
+        key=torch.tensor(
+            [columns.index(k.feature, k.token_ids) for k, _, _, _ in refs], dtype=long
+        ),
+        attn=torch.tensor([abs(a or 1.0) or 1.0 for _, _, a, _ in refs], dtype=number),
+        value=torch.tensor([abs(v or 1.0) or 1.0 for _, _, _, v in refs], dtype=number),
     )
     return columns, terms
 
