@@ -16,7 +16,7 @@ from torch import Tensor
 from rulecheck.core.exemplars import FeatureExamples
 from rulecheck.core.metrics import binary_scores, spearman
 from rulecheck.core.prefixes import SequenceChunk
-from rulecheck.core.rules import term_contributions
+from rulecheck.core.rules import predict_from
 from rulecheck.core.scores import Terms
 
 
@@ -105,7 +105,6 @@ def predict_prefixes(
         mine_of = owner[chunk.rows].to(q.device)
         for i in mine_of.unique().tolist():
             mine = mine_of == i
-            if len(terms[i]):
-                contrib = term_contributions(q[mine], k[mine], terms[i].to(q.device))
-                pred[chunk.rows[mine.cpu()]] = contrib.amax(dim=1).float().cpu()
+            own = predict_from(q[mine], k[mine], terms[i].to(q.device))
+            pred[chunk.rows[mine.cpu()]] = own.float().cpu()
     return pred

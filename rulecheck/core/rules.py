@@ -27,15 +27,16 @@ def prefix_stats(feats: Tensor, t: Tensor, where: Tensor | None = None) -> tuple
         where = torch.arange(feats.shape[0], device=feats.device)
     k_max = feats.new_empty(len(t), feats.shape[2])
     order = torch.argsort(t, stable=True)
-    ends = torch.searchsorted(t[order], torch.arange(feats.shape[1] + 1, device=t.device))
+    # the prefixes ending at p are order[ends[p] : ends[p + 1]]
+    ends = torch.searchsorted(t[order], torch.arange(feats.shape[1] + 1, device=t.device)).tolist()
     running = feats[:, 0]
-    for p, (lo, hi) in enumerate(zip(ends[:-1].tolist(), ends[1:].tolist(), strict=True)):
-        running = running if p == 0 else torch.maximum(running, feats[:, p])
-        if hi > lo:
-            rows = order[lo:hi]
-            k_max[rows] = running[where[rows]]
-        if hi == len(t):
+    for p in range(feats.shape[1]):
+        if ends[p] == len(t):
             break
+        if p:
+            running = torch.maximum(running, feats[:, p])
+        rows = order[ends[p] : ends[p + 1]]
+        k_max[rows] = running[where[rows]]
     return feats[where, t], k_max
 
 
@@ -68,9 +69,13 @@ def predictions_by_terms(contrib: Tensor, n_terms: list[int]) -> Tensor:
 
 def predict(feats: Tensor, t: Tensor, terms: Terms) -> Tensor:
     """``[batch]`` predicted activation of the disjunction of all ``terms``."""
-    q_act, k_max = prefix_stats(feats, t)
+    return predict_from(*prefix_stats(feats, t), terms)
+
+
+def predict_from(q_act: Tensor, k_max: Tensor, terms: Terms) -> Tensor:
+    """``predict`` from ``prefix_stats``'s ``q_act, k_max [batch, d_sae_in]``."""
     contrib = term_contributions(q_act, k_max, terms)
-    return contrib.amax(dim=1) if len(terms) else contrib.new_zeros(feats.shape[0])
+    return contrib.amax(dim=1) if len(terms) else contrib.new_zeros(q_act.shape[0])
 
 
 def term_counts(n_candidates: int, largest: int = 4096) -> list[int]:
