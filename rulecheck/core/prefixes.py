@@ -98,13 +98,13 @@ class KeptInputs:
 
     def __init__(self, sae_in: SAE, layer: int, tokens: Tensor) -> None:
         self.sae_in, self.hook, self.tokens = sae_in, resid_pre_hook(layer), tokens
-        self.n_seq, self.seq_len = tokens.shape
+        self.n_seq = tokens.shape[0]
         self.d = sae_in.cfg.d_sae
         self.seen, self.nbytes, self.given_up = 0, 0, False
-        self._counts: list[Tensor] = []  # [batch] nonzeros of each sequence
-        self._index: list[Tensor] = []  # [nnz] int32, position * d + column, by sequence
-        self._values: list[Tensor] = []  # [nnz]
-        self._ptr: Tensor | None = None
+        # per observed batch: nonzeros of each sequence, their position * d + column (int32,
+        # by sequence) and their values; joined once read (``_joined``)
+        self._parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._joined: tuple[Tensor, Tensor, Tensor] | None = None  # ptr [n_seq + 1], ...
 
     @property
     def complete(self) -> bool:
@@ -118,27 +118,23 @@ class KeptInputs:
         feats = self.sae_in.encode(store[self.hook])  # [batch, pos, d]
         flat = feats.reshape(feats.shape[0], -1)
         nz = flat.nonzero()  # [nnz, 2], by row, then index
-        self._counts.append(torch.bincount(nz[:, 0], minlength=flat.shape[0]).cpu())
-        self._index.append(nz[:, 1].to(torch.int32))
-        self._values.append(flat[nz[:, 0], nz[:, 1]])
+        counts = torch.bincount(nz[:, 0], minlength=flat.shape[0]).cpu()
+        self._parts.append((counts, nz[:, 1].to(torch.int32), flat[nz[:, 0], nz[:, 1]]))
         self.seen += flat.shape[0]
         self.nbytes += 8 * len(nz)
         if self.nbytes > KEPT_BYTES:
             self.given_up = True
-            self._counts, self._index, self._values = [], [], []
-
-    def _finish(self) -> None:
-        if self._ptr is None:
-            counts = torch.cat(self._counts)
-            self._ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            self._index, self._values = [torch.cat(self._index)], [torch.cat(self._values)]
+            self._parts = []
 
     def dense(self, seqs: Tensor, end: int) -> Tensor:
         """``[len(seqs), end, d]``: the kept activations of sequences ``seqs``, cut at ``end``."""
-        self._finish()
-        assert self._ptr is not None and self.complete
-        index, values = self._index[0], self._values[0]
-        lo, n = self._ptr[seqs], self._ptr[seqs + 1] - self._ptr[seqs]
+        assert self.complete
+        if self._joined is None:
+            counts, index, values = (torch.cat(part) for part in zip(*self._parts, strict=True))
+            self._joined = (torch.cat([counts.new_zeros(1), counts.cumsum(0)]), index, values)
+            self._parts = []
+        ptr, index, values = self._joined
+        lo, n = ptr[seqs], ptr[seqs + 1] - ptr[seqs]
         start = torch.repeat_interleave(lo - (n.cumsum(0) - n), n)
         at = (start + torch.arange(int(n.sum()))).to(index.device)
         w, row = index[at].long(), torch.repeat_interleave(torch.arange(len(seqs)), n)
