@@ -128,6 +128,7 @@ def _parse_refs(where: sc.Where, value: Any, path: str) -> dict[int, list[str]]:
             )
         out[key] = sc.list_of(sc.text, "strings")(where, item, sub)
     where.refs = out  # references by id read after this take their tokens from it
+    where.ref_cache.clear()
     return out
 
 
@@ -137,14 +138,25 @@ def _parse_fingerprints(where: sc.Where, value: Any, path: str) -> dict[str, str
 
 
 def _kind_specs() -> dict[str, sc.Spec]:
-    """One field per registered rule kind: a list of its claims."""
-    return {
-        kind.key: sc.Spec(
-            sc.list_of(kind.read, "rules"),
-            omit=(lambda rules: False) if kind.always_written else (lambda rules: not rules),
-        )
-        for kind in kinds.kinds()
-    }
+    """One field per registered rule kind: a list of its claims (built again only when the
+    registry changed: a book asks once a feature)."""
+    registered = kinds.kinds()
+    cached, specs = _KIND_SPECS
+    if len(cached) != len(registered) or any(
+        a is not b for a, b in zip(cached, registered, strict=True)
+    ):
+        specs = {
+            kind.key: sc.Spec(
+                sc.list_of(kind.read, "rules"),
+                omit=(lambda rules: False) if kind.always_written else (lambda rules: not rules),
+            )
+            for kind in registered
+        }
+        _KIND_SPECS[:] = [registered, specs]
+    return specs
+
+
+_KIND_SPECS: list[Any] = [[], {}]  # the registry the specs were built for, and the specs
 
 
 def _empty(value: Any) -> bool:

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("new", type=Path, help="the same kind of path")
     diff.add_argument("--format", choices=("table", "md"), default="table")
     diff.add_argument(
+        "--limit",
+        default="50",
+        help="changed features listed, the most important first (default 50; 0 lists all)",
+    )
+    diff.add_argument(
         "--tolerance", default="0.05", help="a kept feature regressed when its F1 fell by more"
     )
     diff.add_argument(
@@ -254,6 +259,7 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.rulebook import load_rulebook
 
     tolerance = Bound(float, 0.0, 1.0).parse(args.tolerance, "--tolerance")
+    limit = Bound(int, 0).parse(args.limit, "--limit")
     pairs = _book_pairs(args.old, args.new)
     heads = []
     for a, b in pairs:
@@ -269,9 +275,9 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
             mapping = found[1].mapping()
         heads.append(diff_books(old, new, mapping))
     if args.format == "md":
-        console.file.write(diff_markdown(heads, tolerance))
+        console.file.write(diff_markdown(heads, tolerance, limit))
     else:
-        for table in diff_tables(heads, tolerance):
+        for table in diff_tables(heads, tolerance, limit):
             console.print(table)
     return 1 if any(h.regressions(tolerance) for h in heads) else 0
 

@@ -38,7 +38,7 @@ from rulecheck import schema
 from rulecheck.errors import InvalidRulebook
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenRef(schema.Record):
     """An SAE feature, the tokens that typically fire it, or both."""
 
@@ -66,8 +66,11 @@ def read_ref(where: schema.Where, value: Any, path: str) -> TokenRef:
             'write an input feature id (858), a token (" then") or {feature: N, tokens: [...]}',
         )
     if isinstance(value, int):
-        feature = schema.integer()(where, value, path)
-        return TokenRef(feature, list(where.refs.get(feature, [])))
+        ref = where.ref_cache.get(value)
+        if ref is None:  # one reference a feature id and book: a book names each many times
+            feature = schema.integer()(where, value, path)
+            ref = where.ref_cache[value] = TokenRef(feature, list(where.refs.get(feature, [])))
+        return ref
     if isinstance(value, str):
         return TokenRef(tokens=[value])
     return schema.parse(TokenRef, where, value, path)

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from rulecheck.book import FeatureRules, Rulebook
-from rulecheck.bookdiff import HeadDiff
+from rulecheck.bookdiff import FeatureDiff, HeadDiff
 from rulecheck.kinds.skipgram import SkipGram
 from rulecheck.refs import TokenRef, ref_name
 from rulecheck.rulebook import load_rulebook
@@ -172,11 +172,24 @@ def _diff_row(head: HeadDiff, tolerance: float) -> list[str]:
     return [head.head, *map(str, counts + rules), str(len(head.regressions(tolerance)))]
 
 
-def _feature_rows(head: HeadDiff, tolerance: float) -> list[list[str]]:
+def _feature_rows(heads: list[HeadDiff], tolerance: float) -> list[list[str]]:
+    """The changed features of every head, the ones a reviewer must see first: regressed,
+    lost, new, rules changed, then by how far the F1 moved (heads and ids breaking ties)."""
+    order = ("regressed", "lost", "new")
+
+    def rank(item: tuple[str, FeatureDiff, str]) -> tuple[int, bool, float]:
+        status, f, _ = item
+        first = order.index(status) if status in order else len(order)
+        return first, not (f.added or f.removed), -abs(f.delta_f1 or 0.0)
+
+    changed = [
+        ("regressed" if f.regressed(tolerance) else f.status, f, h.head)
+        for h in heads
+        for f in h.features
+        if f.changed
+    ]
     rows = []
-    for f in head.features:
-        if not f.changed:
-            continue
+    for status, f, head in sorted(changed, key=rank):
         if f.old is None or f.new in (None, f.old):
             name = str(f.new if f.old is None else f.old)
         else:
@@ -185,9 +198,15 @@ def _feature_rows(head: HeadDiff, tolerance: float) -> list[list[str]]:
         f1 = " -> ".join(_number(x) for x in (f.f1_old, f.f1_new) if x is not None)
         rules = [f"+{k} {r}" for k, rs in f.added.items() for r in rs]
         rules += [f"-{k} {r}" for k, rs in f.removed.items() for r in rs]
-        status = "regressed" if f.regressed(tolerance) else f.status
-        rows.append([head.head, name, status, f1, delta, "; ".join(rules)])
+        rows.append([head, name, status, f1, delta, "; ".join(rules)])
     return rows
+
+
+def _more(shown: int, total: int) -> str | None:
+    """The line under a feature table cut at ``shown`` rows."""
+    if shown >= total:
+        return None
+    return f"... and {_count(total - shown, 'more changed feature')} (--limit 0 lists all)"
 
 
 FEATURE_COLUMNS = ("head", "feature", "status", "F1", "change", "rules")
@@ -197,25 +216,28 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def diff_tables(heads: list[HeadDiff], tolerance: float) -> list[Table]:
+def diff_tables(heads: list[HeadDiff], tolerance: float, limit: int = 0) -> list[Table]:
     """A table of heads (kept, lost, new features; rules added and removed; regressions) and
-    one of the features that changed."""
+    one of the features that changed, the first ``limit`` of them (0: all) in the order a
+    reviewer reads them (``_feature_rows``)."""
     summary = Table(
         title=f"rulebook diff: {_count(len(heads), 'head')} (F1 tolerance {tolerance:g})"
     )
     for col in DIFF_COLUMNS:
         summary.add_column(col, justify="left" if col == "head" else "right")
-    changed = Table(title="changed features")
-    for col in FEATURE_COLUMNS:
-        changed.add_column(col, justify="right" if col in ("F1", "change") else "left")
     for head in heads:
         summary.add_row(*_diff_row(head, tolerance))
-        for row in _feature_rows(head, tolerance):
-            changed.add_row(*(Text(cell) for cell in row))
+    rows = _feature_rows(heads, tolerance)
+    shown = rows[:limit] if limit else rows
+    changed = Table(title="changed features", caption=_more(len(shown), len(rows)))
+    for col in FEATURE_COLUMNS:
+        changed.add_column(col, justify="right" if col in ("F1", "change") else "left")
+    for row in shown:
+        changed.add_row(*(Text(cell) for cell in row))
     return [summary, changed]
 
 
-def diff_markdown(heads: list[HeadDiff], tolerance: float) -> str:
+def diff_markdown(heads: list[HeadDiff], tolerance: float, limit: int = 0) -> str:
     """The same as ``diff_tables``, as Markdown for a pull-request comment."""
 
     def table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
@@ -232,7 +254,10 @@ def diff_markdown(heads: list[HeadDiff], tolerance: float) -> str:
     )
     lines = ["### rulecheck diff", "", verdict if regressed else "No kept feature regressed.", ""]
     lines += table(DIFF_COLUMNS, [_diff_row(h, tolerance) for h in heads])
-    rows = [row for h in heads for row in _feature_rows(h, tolerance)]
+    rows = _feature_rows(heads, tolerance)
     if rows:
-        lines += ["", "Changed features:", "", *table(FEATURE_COLUMNS, rows)]
+        shown = rows[:limit] if limit else rows
+        lines += ["", "Changed features:", "", *table(FEATURE_COLUMNS, shown)]
+        more = _more(len(shown), len(rows))
+        lines += ["", more] if more else []
     return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ atomically. Measurements (quality curves, scores) go beside the book, in
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
+import gc
 import json
 import re
 import warnings
@@ -42,6 +43,7 @@ from rulecheck.book import (
 from rulecheck.errors import InvalidRulebook, RulecheckError
 from rulecheck.roundtrip import FLOAT_12, render
 from rulecheck.schema import Where, join
+from rulecheck.schema import keys as schema_keys
 from rulecheck.schemas import modeline
 
 _MAX_REPEATS = 100_000
@@ -80,18 +82,25 @@ class _FastLoader(getattr(yaml, "CSafeLoader", _Loader)):
     expressions one by one; a book repeats its scalars (token strings, small ids), so the tag
     of each plain scalar is kept (half the time of reading a book)."""
 
-    _tags: ClassVar[dict[tuple[str, tuple[bool, bool]], str]] = {}
+    _tags: ClassVar[dict[str, str]] = {}  # of plain scalars
 
     def resolve(self, kind: type, value: Any, implicit: Any) -> str:
         if kind is not yaml.nodes.ScalarNode:
             return super().resolve(kind, value, implicit)
-        key = (value, tuple(implicit))
-        tag = self._tags.get(key)
+        if not implicit[0]:  # quoted: a string (no path resolvers are registered)
+            return _STR_TAG
+        tag = self._tags.get(value)
         if tag is None:
             if len(self._tags) > _MAX_TAGS:
                 self._tags.clear()
-            tag = self._tags[key] = super().resolve(kind, value, implicit)
+            tag = self._tags[value] = super().resolve(kind, value, implicit)
         return tag
+
+    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+        """No path resolvers: nothing to track a node's path for."""
+
+    def ascend_resolver(self) -> None:
+        """No path resolvers: nothing to track a node's path for."""
 
 
 for _cls in (_Loader, _FastLoader):
@@ -108,7 +117,11 @@ _SEQ_TAG = "tag:yaml.org,2002:seq"
 
 @dataclass
 class _Walk:
-    """Turns a composed YAML node tree into plain values, recording each field's line."""
+    """Turns a composed YAML node tree into plain values, recording each field's line.
+
+    A field's line is recorded only where it differs from its parent's (``Where.line`` falls
+    back to the parent), and scalar items are read inline: most of a book is flow lists of
+    scalars on one line (``- [12, 34]``)."""
 
     where: Where
     constructor: yaml.constructor.SafeConstructor = field(
@@ -118,38 +131,51 @@ class _Walk:
     repeats: int = 0
     active: set[int] = field(default_factory=set)
 
-    def value(self, node: yaml.nodes.Node, path: str) -> Any:
-        self.where.lines.setdefault(path, node.start_mark.line + 1)
+    def value(self, node: yaml.nodes.Node, path: str, parent_line: int = 0) -> Any:
+        line = node.start_mark.line + 1
+        if line != parent_line:
+            self.where.lines.setdefault(path, line)
+        if isinstance(node, yaml.nodes.ScalarNode):
+            return self.scalar(node, path)
         if id(node) in self.seen:
-            self.repeats += 1
+            self.repeats += 1 + len(node.value)  # its scalars are read again too
             if self.repeats > _MAX_REPEATS:
                 self.where.fail(path, "too many YAML nodes from aliases", "write the values out")
         self.seen.add(id(node))
         if id(node) in self.active:
             self.where.fail(path, "recursive YAML alias", "write the value out instead of an alias")
-        if isinstance(node, yaml.nodes.ScalarNode):
-            return self.scalar(node, path)
         self.active.add(id(node))
         try:
             if isinstance(node, yaml.nodes.SequenceNode) and node.tag == _SEQ_TAG:
-                return [self.value(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+                return self.sequence(node, path, line)
             if isinstance(node, yaml.nodes.MappingNode) and node.tag == _MAP_TAG:
-                return self.mapping(node, path)
+                return self.mapping(node, path, line)
         finally:
             self.active.discard(id(node))
         self.where.fail(path, f"unsupported YAML tag {node.tag}", "remove the tag")
 
-    def mapping(self, node: yaml.nodes.MappingNode, path: str) -> dict[Any, Any]:
+    def sequence(self, node: yaml.nodes.SequenceNode, path: str, line: int) -> list[Any]:
+        out = []
+        for i, item in enumerate(node.value):
+            if type(item) is yaml.nodes.ScalarNode and item.start_mark.line + 1 == line:
+                value = _plain(item)
+                out.append(value if value is not _OTHER else self.scalar(item, f"{path}[{i}]"))
+            else:
+                out.append(self.value(item, f"{path}[{i}]", line))
+        return out
+
+    def mapping(self, node: yaml.nodes.MappingNode, path: str, line: int) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = self.key(key_node, path)
             sub = join(path, key)
+            key_line = key_node.start_mark.line + 1
             if key in out:
                 first = self.where.key_lines.get(sub)
-                self.where.lines[sub] = key_node.start_mark.line + 1
+                self.where.lines[sub] = key_line
                 self.where.fail(sub, f"duplicate key (first at line {first})", "keep only one")
-            self.where.key_lines[sub] = key_node.start_mark.line + 1
-            out[key] = self.value(value_node, sub)
+            self.where.key_lines[sub] = key_line
+            out[key] = self.value(value_node, sub, line)
         return out
 
     def key(self, node: yaml.nodes.Node, path: str) -> Any:
@@ -160,7 +186,9 @@ class _Walk:
         if not isinstance(node, yaml.nodes.ScalarNode):
             self.where.lines.setdefault(path, line)
             self.where.fail(path, "mapping keys must be plain scalars", "use a string key")
-        key = self.scalar(node, path)
+        key = _plain(node)
+        if key is _OTHER:
+            key = self.scalar(node, path)
         try:
             hash(key)
         except TypeError:
@@ -168,12 +196,9 @@ class _Walk:
         return key
 
     def scalar(self, node: yaml.nodes.ScalarNode, path: str) -> Any:
-        # the common cases first, as PyYAML's constructor reads them: a string is its value,
-        # a decimal integer without sign or leading zero its int
-        if node.tag == _STR_TAG:
-            return node.value
-        if node.tag == _INT_TAG and _DECIMAL.fullmatch(node.value):
-            return int(node.value)
+        value = _plain(node)
+        if value is not _OTHER:
+            return value
         try:
             value = self.constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, OverflowError, ArithmeticError) as exc:
@@ -186,6 +211,19 @@ class _Walk:
                 "put it in quotes",
             )
         return value
+
+
+_OTHER = object()  # a scalar PyYAML's constructor reads
+
+
+def _plain(node: yaml.nodes.ScalarNode) -> Any:
+    """The common scalars as PyYAML's constructor reads them: a string is its value, a decimal
+    integer without sign or leading zero its int; anything else is ``_OTHER``."""
+    if node.tag == _STR_TAG:
+        return node.value
+    if node.tag == _INT_TAG and _DECIMAL.fullmatch(node.value):
+        return int(node.value)
+    return _OTHER
 
 
 def _first_line(exc: BaseException) -> str:
@@ -286,14 +324,30 @@ def parse_rulebook(text: str, file: str | Path = "<string>") -> Rulebook:
         len(text.encode("utf-8", errors="replace")) if len(text) * 4 > MAX_BYTES else 0, file
     )
     where = Where(file=str(file))
-    node = _compose(text, str(file))
-    try:
-        data = _Walk(where).value(node, "")
-    except RecursionError:
-        raise InvalidRulebook("YAML nested too deeply", file=file, fix="flatten the file") from None
-    rulebook = parse_book(where, data)
+    with _collector_paused():
+        node = _compose(text, str(file))
+        try:
+            data = _Walk(where).value(node, "")
+        except RecursionError:
+            raise InvalidRulebook(
+                "YAML nested too deeply", file=file, fix="flatten the file"
+            ) from None
+        rulebook = parse_book(where, data)
     _check_file_name(where, rulebook, Path(str(file)))
     return rulebook
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while a book is read: reading allocates some 10^5 objects
+    a book and no cycles, and the collector's passes over them took a fifth of the time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def load_rulebook(path: str | Path, *, measurements: bool = False) -> Rulebook:
@@ -327,10 +381,18 @@ def _fill_measurements(book: Rulebook, measured: dict[int, dict[str, Any]]) -> N
             }
         for key, claims in rules.claims.items():
             values = data.get(key, [])
-            if len(values) == len(claims):
-                rules.claims[key] = [
-                    dataclasses.replace(c, **v) for c, v in zip(claims, values, strict=True)
-                ]
+            if len(values) != len(claims):
+                continue
+            for claim, given in zip(claims, values, strict=True):  # claims this book just read
+                fields = _measured_fields(type(claim))
+                for name, value in given.items():
+                    if name in fields:
+                        setattr(claim, name, value)
+
+
+@functools.cache
+def _measured_fields(cls: type) -> frozenset[str]:
+    return frozenset(schema_keys(cls, measured=True))
 
 
 def _curve(curve: Mapping[Any, float]) -> dict[int, float]:

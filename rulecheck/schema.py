@@ -44,6 +44,7 @@ class Where:
     key_lines: dict[str, int] = dataclasses.field(default_factory=dict)
     measured: bool = True  # whether measured fields may be given (format 1 books)
     refs: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # the book's table
+    ref_cache: dict[int, Any] = dataclasses.field(default_factory=dict)  # references read by id
 
     def line(self, path: str, *, key: bool = False) -> int | None:
         if key and path in self.key_lines:
@@ -280,8 +281,9 @@ def parse(cls: type[T], where: Where, value: Any, path: str = "") -> T:
     """An instance of ``cls`` from a plain mapping; every problem is ``InvalidRulebook``."""
     required = {spec.key or name: spec.fix for name, spec in _specs(cls) if spec.required}
     if not where.measured and isinstance(value, Mapping):
+        measurements = set(keys(cls, measured=True)) - set(keys(cls, measured=False))
         for key in value:
-            if key in keys(cls, measured=True) and key not in keys(cls, measured=False):
+            if key in measurements:
                 where.fail(
                     join(path, key),
                     f"`{key}` is a measurement, not part of a format-2 rulebook",

@@ -103,6 +103,33 @@ def test_markdown_for_a_pull_request(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "| L0H3 | 2 | regressed | 0.80 -> 0.60 | -0.200 | +skipgrams [c] ... [d] |" in lines
 
 
+def test_changed_features_come_most_important_first_and_are_cut_at_the_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = Rulebook(layer=0, head=3, features=[feature(i, [term("a", "b")], 0.5) for i in range(60)])
+    new = Rulebook(layer=0, head=3, features=[feature(i, [term("a", "b")], 0.5) for i in range(60)])
+    for i, rules in enumerate(new.features):
+        rules.measured["f1"] = 0.5 + i / 1000  # feature 59 moved most
+    new.features[7].measured["f1"] = 0.3  # regressed
+    new.features[3].skipgrams.append(term("c", "d"))  # a rule added, F1 barely moved
+    new.features.pop(11)  # lost
+    save_rulebook(old, tmp_path / "old" / "L0H3.yaml")
+    save_rulebook(new, tmp_path / "new" / "L0H3.yaml")
+    args = ["diff", str(tmp_path / "old"), str(tmp_path / "new"), "--format", "md"]
+    assert main([*args, "--limit", "5"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("Changed features:") + 4 :]
+    rows = [line.split(" | ")[1:3] for line in table if line.startswith("| L0H3 | ")]
+    assert rows[:4] == [["7", "regressed"], ["11", "lost"], ["3", "kept"], ["59", "kept"]]
+    assert len(rows) == 5
+    assert lines[-1] == "... and 54 more changed features (--limit 0 lists all)"
+    assert main([*args, "--limit", "0"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("| L0H3 | ") == 1 + 59 and "more changed" not in out
+    assert main(["diff", str(tmp_path / "old"), str(tmp_path / "new"), "--limit", "-1"]) == 2
+    assert "--limit" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

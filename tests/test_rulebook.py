@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 from pathlib import Path
@@ -394,6 +395,22 @@ ERROR_CASES = [
         "expected a list of rules",
         None,
     ),
+    (  # a list item on the list's line: the line of the list
+        "flow-item",
+        MINIMAL + "      - [12, true]\n",
+        10,
+        "features[0].skipgrams[1][1]",
+        "expected a reference",
+        None,
+    ),
+    (  # a list item on a line of its own: its line
+        "flow-item-own-line",
+        MINIMAL + "      - [12,\n         true]\n",
+        11,
+        "features[0].skipgrams[1][1]",
+        "expected a reference",
+        None,
+    ),
     (
         "python-tag",
         MINIMAL + "    label: !!python/object/apply:os.system [ls]\n",
@@ -445,6 +462,19 @@ def test_load_errors(
         assert fix in err.fix, str(err)
     assert str(err).startswith(f"{tmp_path / 'L0H3.yaml'}:{line}: {field + ': ' if field else ''}")
     assert "\n" not in str(err)
+
+
+def test_reading_leaves_the_cycle_collector_as_it_was(tmp_path: Path) -> None:
+    assert gc.isenabled()
+    load_rulebook(write(tmp_path, MINIMAL))
+    load_error(tmp_path, MINIMAL + "      - [12, true]\n")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load_rulebook(write(tmp_path, MINIMAL))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_missing_file(tmp_path: Path) -> None:
