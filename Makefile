@@ -25,7 +25,7 @@ demo: install
 	@echo "report: $(CURDIR)/build/demo/report.html"
 
 test: install
-	$(PY) -m pytest -n 2 --dist loadfile -q
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q
 
 # the property tests of options, loaders and the YAML writer at 10,000 examples each
 # (make test runs a few dozen)
