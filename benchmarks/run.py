@@ -149,6 +149,28 @@ def bench_exemplars(device: torch.device) -> tuple[str, float, float, str]:
     return "exemplars, 4,096 seq x 2,048 features, streamed", t_fast, t_base, "keep all, sort"
 
 
+def bench_one_head_pass() -> tuple[str, float, float, str]:
+    """A corpus pass for one head of rulecheck-tiny's layer 0 (what checking or extracting one
+    head streams): only that head's attention, against TransformerLens's whole layer up to
+    ``hook_z``; the head's z must be equal."""
+    from rulecheck.core.heads import layer_hooks, run_to_heads, run_to_layer
+
+    _, art, _ = _tiny(0, 1)
+    tokens = art.tokens[:2048].long()
+
+    def run(fn) -> torch.Tensor:
+        return torch.cat(
+            [fn(tokens[s : s + 128])["blocks.0.attn.hook_z"][:, :, 1] for s in range(0, 2048, 128)]
+        )
+
+    t_fast, a = timed(lambda: run(lambda b: run_to_heads(art.model, b, 0, [1])))
+    t_base, b = timed(
+        lambda: run(lambda b: run_to_layer(art.model, b, 0, layer_hooks(art.model, 0)))
+    )
+    assert torch.equal(a, b)
+    return "corpus pass, tiny L0H1, 2,048 sequences", t_fast, t_base, "the whole layer"
+
+
 def bench_encode_columns(device: torch.device) -> tuple[str, float, float, str]:
     """Checking one feature's rules reads ~100 input features of a 24,576-feature input SAE at
     GPT-2 small's d_model over 100 prefixes: encode only those columns, against the full
@@ -502,6 +524,7 @@ def main() -> None:
         bench_exemplars(device),
         bench_encode_columns(device),
         bench_decoder_cosine(device),
+        bench_one_head_pass(),
         bench_rulebook_parsing(),
         bench_rulebook_rewrite(),
         bench_planted_end_to_end(),

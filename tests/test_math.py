@@ -333,6 +333,39 @@ def test_z_at_is_the_full_pass_hook_z_at_t_for_every_head(tokens, normalization_
                 torch.testing.assert_close(got[i, j], z[i, int(t[i]), h], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalization_type", ["LN", "RMS", None])
+def test_run_to_heads_is_the_full_pass_for_the_heads_it_reads(tokens, normalization_type):
+    from rulecheck.core.heads import layer_hooks, run_to_heads
+
+    model = random_model(seed=4, normalization_type=normalization_type)
+    cache = full_pass(model, tokens)
+    for layer in range(model.cfg.n_layers):
+        names = layer_hooks(model, layer)
+        for heads in ([0], [1], [1, 0]):
+            got = run_to_heads(model, tokens, layer, heads)
+            assert set(got) == set(names)
+            for name in names:
+                want = cache[name]
+                if name == z_hook(layer):  # the heads read are the pass's; the others zero
+                    others = [h for h in range(model.cfg.n_heads) if h not in heads]
+                    assert not got[name][:, :, others].any()
+                    got[name], want = got[name][:, :, heads], want[:, :, heads]
+                torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6)
+    # a hooked layer or a rotary model run TransformerLens's attention: every head
+    rotary = random_model(seed=3, positional_embedding_type="rotary")
+    z = run_to_heads(rotary, tokens, LAYER, [HEAD])[z_hook(LAYER)]
+    torch.testing.assert_close(z, full_pass(rotary, tokens)[z_hook(LAYER)])
+
+
+def test_heads_read_are_their_own_or_all_for_a_layer_level_sae():
+    from rulecheck.core.heads import heads_read
+
+    per_head = {h: random_sae(8, 6, z_hook(LAYER), head=h) for h in (3, 1)}
+    assert heads_read(per_head, 4) == [1, 3]
+    layer_level = {1: random_sae(16, 6, z_hook(LAYER))}
+    assert heads_read({**per_head, **layer_level}, 4) == [0, 1, 2, 3]
+
+
 def test_probe_at_takes_the_full_pass_where_query_rows_do_not_apply(tokens):
     from rulecheck.core.heads import Probe, query_rows_supported
 

@@ -31,10 +31,10 @@ from rulecheck.core.heads import (
     encode_head,
     head_encoder,
     head_weights,
+    heads_read,
     input_directions,
-    layer_hooks,
     ln_inverse_scale,
-    run_to_layer,
+    run_to_heads,
     z_hook,
 )
 from rulecheck.core.metrics import binary_scores, spearman
@@ -107,11 +107,11 @@ def collect_layer(
         )
         for h, sae in sae_outs.items()
     }
-    names = layer_hooks(model, layer)
+    heads = heads_read(sae_outs, model.cfg.n_heads)
     inv_sum, inv_count = 0.0, 0
     for start in range(0, n_seq, cfg.batch_size):
         batch = tokens[start : start + cfg.batch_size].to(device)
-        store = run_to_layer(model, batch, layer, names)
+        store = run_to_heads(model, batch, layer, heads)
         if observe is not None:
             observe(store)
         inv = ln_inverse_scale(model, store, layer)[:, 1:]

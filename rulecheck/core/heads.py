@@ -76,6 +76,14 @@ def is_per_head(sae: SAE) -> bool:
     return sae.cfg.metadata.get("hook_head_index") is not None
 
 
+def heads_read(saes: dict[int, SAE], n_heads: int) -> list[int]:
+    """The heads whose ``hook_z`` the output SAEs of heads ``saes`` read: their own, or all
+    of the layer's where one of them is layer-level."""
+    if all(is_per_head(sae) for sae in saes.values()):
+        return sorted(saes)
+    return list(range(n_heads))
+
+
 def head_encoder(sae_out: SAE, head: int, d_head: int) -> Tensor:
     """``[d_head, d_sae_out]`` encoder columns ``u_g`` restricted to ``head``."""
     W_enc = sae_out.W_enc.detach()
@@ -152,6 +160,46 @@ def run_to_layer(
             fwd_hooks=[(name, save) for name in names],
             stop_at_layer=layer + 1,
         )
+    return store
+
+
+@torch.no_grad()
+def run_to_heads(
+    model: HookedTransformer, tokens: Tensor, layer: int, heads: Sequence[int]
+) -> dict[str, Tensor]:
+    """``run_to_layer`` for ``layer_hooks(model, layer)`` when only ``heads`` of the layer are
+    read: where ``query_rows_supported``, the layers below run in full and the layer computes
+    only those heads, TransformerLens's own operations on their weights (the other heads' z
+    are zero); otherwise the layer's whole attention runs."""
+    names = layer_hooks(model, layer)
+    n_heads = model.cfg.n_heads
+    if len(set(heads)) == n_heads or not query_rows_supported(model, layer):
+        return run_to_layer(model, tokens, layer, names)
+    from transformer_lens.utilities.attention import simple_attn_linear
+
+    block = model.blocks[layer]
+    attn = block.attn
+    resid = model(tokens, stop_at_layer=layer)  # [batch, pos, d_model]
+    store = {resid_pre_hook(layer): resid}
+
+    def save(act: Tensor, hook) -> None:
+        store[hook.name] = act
+
+    scale = [(ln_scale_hook(layer), save)] if ln_scale_hook(layer) in names else []
+    with model.hooks(fwd_hooks=scale):
+        x = block.ln1(resid)
+    h = torch.tensor(sorted(set(heads)), dtype=torch.long, device=x.device)
+    q, k, v = (
+        simple_attn_linear(x, W[h], b[h])  # [batch, pos, n, d_head]
+        for W, b in ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V))
+    )
+    scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / attn.attn_scale
+    pattern = torch.softmax(attn.apply_causal_mask(scores), dim=-1)  # [batch, n, pos, pos]
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    z = (pattern.to(v.dtype) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+    full = z.new_zeros(*z.shape[:2], n_heads, z.shape[-1])
+    full[:, :, h] = z
+    store[z_hook(layer)] = full
     return store
 
 
@@ -262,9 +310,9 @@ class Probe:
     def _run(self, tokens: Tensor) -> Tensor:
         """``[batch, pos]`` activation of the feature for one batch ``tokens [batch, pos]``
         (only its encoder column is computed where the architecture allows)."""
-        name = z_hook(self.layer)
-        z = run_to_layer(self.model, tokens.to(self.model.cfg.device), self.layer, (name,))[name]
-        x = head_input(self.sae_out, z, self.head)
+        heads = heads_read({self.head: self.sae_out}, self.model.cfg.n_heads)
+        store = run_to_heads(self.model, tokens.to(self.model.cfg.device), self.layer, heads)
+        x = head_input(self.sae_out, store[z_hook(self.layer)], self.head)
         return encode_columns(self.sae_out, x, [self.feature])[..., 0].float().cpu()
 
     @torch.no_grad()
