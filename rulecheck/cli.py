@@ -379,7 +379,8 @@ def run_match(args: argparse.Namespace, console: Console) -> int:
     from rulecheck import zoo
     from rulecheck.config import MatchConfig, parse_config
     from rulecheck.loading import fingerprint_sae, load_corpus, load_model, load_sae
-    from rulecheck.mapping import header_for, match_saes, save_mapping
+    from rulecheck.mapping import header_for, save_mapping
+    from rulecheck.match import match_saes
     from rulecheck.specs import locate, processing_for
 
     texts = {"k": args.k, "threshold": args.threshold, "tokens": args.tokens}

@@ -5,7 +5,7 @@ For each rulebook the SAEs it records (the *old* ones: its own header, whatever 
 line overrides) are compared with the SAEs the run loads (the *new* ones, from
 ``--rulecheck-sae-in``/``--rulecheck-sae-out``). An SAE that did not change needs no
 translation; one that did is matched to the old one, either on the fly (``auto``: decoder
-cosine and activation correlation over the head's corpus, ``rulecheck.mapping.match_saes``)
+cosine and activation correlation over the head's corpus, ``rulecheck.match.match_saes``)
 or from mapping files written by ``rulecheck match`` (a file, or a directory of them, each
 found by the hook and head it maps and checked against both SAEs' fingerprints). The book is
 then translated (``rulecheck.remap``). A claim on a feature without a confident partner fails
@@ -19,9 +19,10 @@ from typing import NoReturn
 
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.config import Budget, MatchConfig
-from rulecheck.core.matching import Matching
+from rulecheck.core.pairs import Matching
 from rulecheck.errors import InvalidMapping, RemapLost, RulecheckError
-from rulecheck.mapping import MappingHeader, mapping_for, match_saes
+from rulecheck.mapping import MappingHeader, mapping_for
+from rulecheck.match import match_saes
 from rulecheck.remap import FeatureMap, Remapped, remap_book
 from rulecheck.session import PART_NAMES, Head, Workbench
 from rulecheck.specs import head_spec

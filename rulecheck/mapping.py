@@ -22,31 +22,23 @@ and how they were matched, one flow list per kept pair, then the features withou
 
 ``save_mapping`` writes it atomically (numbers at 3 significant digits), ``load_mapping``
 reads it back with PyYAML's safe loader; a malformed file is one ``InvalidMapping`` line
-naming the file, line and field. ``stream_activations`` feeds ``activation_correlation``.
+naming the file, line and field. Reading one loads no torch (``rulecheck diff --mapping``);
+``rulecheck.match`` computes the matching.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from rulecheck.atomic import atomic_write
 from rulecheck.config import MatchConfig
-from rulecheck.core.matching import (
-    Matching,
-    Pair,
-    activation_correlation,
-    decoder_cosine,
-    match_features,
-)
+from rulecheck.core.pairs import Matching, Pair
 from rulecheck.errors import InvalidMapping, InvalidSpec
 from rulecheck.schema import Where, significant
 
@@ -435,65 +427,6 @@ def mapping_for(
 def _read_mapping(file: str, stamp: tuple[int, int]) -> tuple[MappingHeader, Matching]:
     """``load_mapping(file)``, once for each ``stamp`` (modification time and size)."""
     return load_mapping(file)
-
-
-# ---------------------------------------------------------------------------- activations
-
-
-def _layer_of(hook: str) -> int | None:
-    match = re.match(r"blocks\.(\d+)\.", hook)
-    return int(match.group(1)) if match else None
-
-
-def _encode(sae: Any, act: torch.Tensor) -> torch.Tensor:
-    """``[batch, pos, d_sae]`` activations of ``sae`` from its hook's activation: one head of
-    ``hook_z`` for a per-head SAE, all heads flattened for a layer-level one."""
-    head = sae.cfg.metadata.hook_head_index
-    if head is not None and act.ndim == 4:
-        return sae.encode(act[:, :, head, :])
-    if act.ndim == 4 and sae.cfg.reshape_activations != "hook_z":
-        return sae.encode(act.flatten(-2))
-    return sae.encode(act)
-
-
-@torch.no_grad()
-def stream_activations(
-    model: Any, sae_old: Any, sae_new: Any, tokens: torch.Tensor, batch_size: int = 32
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(acts_old [t, n_old], acts_new [t, n_new])`` per batch of ``tokens [n_seq, seq]``:
-    the model is run up to the SAEs' hook and both SAEs encode what it reads there. Position 0
-    (BOS) is left out."""
-    hook = sae_old.cfg.metadata.hook_name
-    layer = _layer_of(hook)
-    device = model.cfg.device
-    for start in range(0, tokens.shape[0], batch_size):
-        batch = tokens[start : start + batch_size].to(device)
-        _, cache = model.run_with_cache(
-            batch,
-            names_filter=lambda name: name == hook,
-            stop_at_layer=None if layer is None else layer + 1,
-        )
-        act = cache[hook][:, 1:]
-        old = _encode(sae_old, act.to(sae_old.W_dec.dtype))
-        new = _encode(sae_new, act.to(sae_new.W_dec.dtype))
-        yield old.reshape(-1, old.shape[-1]), new.reshape(-1, new.shape[-1])
-
-
-def match_saes(
-    old: Any, new: Any, cfg: MatchConfig, model: Any = None, tokens: torch.Tensor | None = None
-) -> tuple[Matching, int | None]:
-    """Match the features of SAE ``old`` to those of ``new`` (same hook): decoder cosine, and
-    with ``model`` and ``tokens [n_seq, pos]`` the activation correlation over the first
-    ``cfg.tokens`` tokens after BOS. Returns the matching and the number of tokens
-    correlated (None without a model)."""
-    w_new = new.W_dec.detach().to(old.W_dec.device)
-    candidates = decoder_cosine(old.W_dec.detach(), w_new, cfg.k)
-    corr, n_tokens = None, None
-    if model is not None and tokens is not None:
-        tokens = tokens[: -(-cfg.tokens // max(1, tokens.shape[1] - 1))]
-        corr = activation_correlation(stream_activations(model, old, new, tokens), candidates)
-        n_tokens = int(tokens.shape[0] * (tokens.shape[1] - 1))
-    return match_features(candidates, corr, cfg.threshold, cfg.split_threshold), n_tokens
 
 
 def header_for(

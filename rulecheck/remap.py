@@ -30,7 +30,7 @@ import torch
 
 from rulecheck import kinds
 from rulecheck.book import BestCandidate, FeatureRules, Rulebook
-from rulecheck.core.matching import Matching
+from rulecheck.core.pairs import Matching
 from rulecheck.refs import TokenRef
 
 

@@ -13,7 +13,7 @@ import yaml
 from rulecheck.book import book_dict
 from rulecheck.config import ExemplarConfig
 from rulecheck.core.exemplars import ExemplarCollector
-from rulecheck.core.matching import Matching, Pair
+from rulecheck.core.pairs import Matching, Pair
 from rulecheck.remap import FeatureMap, remap_book
 from rulecheck.rulebook import dump_rulebook, parse_rulebook
 
