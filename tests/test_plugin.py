@@ -294,6 +294,14 @@ def test_feature_fixture_runs_the_same_assertions(books):
 def test_xdist_workers_share_the_cores(pytester, monkeypatch):
     """Each of n workers gets cores // n torch threads (all cores each oversubscribes them and
     runs many times slower); an explicit OMP_NUM_THREADS is left alone."""
+    from pytest_rulecheck import worker_threads
+
+    assert worker_threads(2, 16, {}) == 8
+    assert worker_threads(3, 2, {}) == 1
+    assert worker_threads(4, None, {}) == 1
+    assert worker_threads(2, 16, {"OMP_NUM_THREADS": "1"}) is None
+    assert worker_threads(None, 16, {}) is None  # not an xdist worker
+    # and the workers of a real xdist run get it
     pytester.makepyfile(
         test_threads="""
         import os, torch
@@ -305,7 +313,4 @@ def test_xdist_workers_share_the_cores(pytester, monkeypatch):
     )
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("WANT", str(max(1, (os.cpu_count() or 1) // 2)))
-    run(pytester, "-n", "2").assert_outcomes(passed=1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("WANT", "1")
     run(pytester, "-n", "2").assert_outcomes(passed=1)

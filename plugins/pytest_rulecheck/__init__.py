@@ -14,6 +14,7 @@ import json
 import os
 import re
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -511,12 +512,22 @@ def pytest_configure(config: pytest.Config) -> None:
     except RulecheckError as e:
         raise pytest.UsageError(str(e)) from None
     config.pluginmanager.register(Summary(config), "rulecheck-summary")
-    workers = getattr(config, "workerinput", {}).get("workercount")
-    if workers and "OMP_NUM_THREADS" not in os.environ:
-        # xdist workers share the cores: torch's default (all cores each) oversubscribes them
+    threads = worker_threads(
+        getattr(config, "workerinput", {}).get("workercount"), os.cpu_count(), os.environ
+    )
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        torch.set_num_threads(threads)
+
+
+def worker_threads(workers: int | None, cores: int | None, env: Mapping[str, str]) -> int | None:
+    """Torch threads for one of ``workers`` xdist workers: ``cores // workers`` (torch's
+    default, all cores in each, oversubscribes them and runs many times slower); None, torch
+    left as it is, outside xdist or where ``OMP_NUM_THREADS`` says."""
+    if not workers or "OMP_NUM_THREADS" in env:
+        return None
+    return max(1, (cores or 1) // int(workers))
 
 
 class Summary:
