@@ -14,7 +14,7 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rulecheck.core.heads import resid_pre_hook, run_to_layer, z_hook
+from rulecheck.core.heads import resid_pre_hook, run_to_heads, run_to_layer, z_hook
 
 
 def _splice_then_zero(sae: SAE, head: int, b: int) -> Callable[[Tensor, object], Tensor]:
@@ -65,10 +65,12 @@ def sae_quality(
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     err_sq, x_sum, x_sq = 0.0, None, 0.0
     losses = {"spliced": 0.0, "zero": 0.0}
-    names = (hook,) if head is None else (resid_pre_hook(layer), hook)
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
-        store = run_to_layer(model, batch, layer, names)
+        if head is None:
+            store = run_to_layer(model, batch, layer, (hook,))
+        else:  # the layer's residual and this head's z only
+            store = run_to_heads(model, batch, layer, [head])
         x = store[hook]
         x = (x if head is None else x[:, :, head])[:, 1:].reshape(-1, sae.cfg.d_in)
         f = sae.encode(x)
