@@ -1,9 +1,11 @@
 """Rulebook files: YAML in and out.
 
-One file per head, ``L{layer}H{head}.yaml``. Reading composes the YAML safely (no tags, no
-merge keys, aliases bounded), records the line of every field and hands the plain values to
-the schema (``rulecheck.book``), so every problem is an ``InvalidRulebook`` naming the file,
-line and field.
+One file per head, ``L{layer}H{head}.yaml``. Reading builds plain values from libyaml's
+parser events, recording the line of every field; a file with anything else (tags, merge
+keys, anchors and aliases, repeated keys, a syntax error) is composed and walked node by node
+instead, safely (no tags, no merge keys, aliases bounded), which names its problem. The
+values go to the schema (``rulecheck.book``), so every problem is an ``InvalidRulebook``
+naming the file, line and field.
 
 Writing goes over the file already there (``rulecheck.roundtrip``): its comments, key order
 and manual features survive, unchanged values keep their lines, so a regenerated book's diff
@@ -47,9 +49,10 @@ from rulecheck.schema import keys as schema_keys
 from rulecheck.schemas import modeline
 
 _MAX_REPEATS = 100_000
-# Reading costs about 2 s and 80 MiB of memory a MiB of YAML (libyaml's parser, the node tree,
-# and the line of every field; linear in the size, `make bench`): 8 MiB, eight times the largest
-# book extraction writes, takes about 15 s. Larger books are refused, not read for minutes.
+# Reading costs about 1 s and 80 MiB of memory a MiB of YAML when the node tree is composed
+# (a file the parser events do not read; linear in the size, `make bench`): 8 MiB, eight times
+# the largest book extraction writes, takes seconds. Larger books are refused, not read for
+# minutes.
 MAX_BYTES = 8 * 2**20
 
 
@@ -226,6 +229,129 @@ def _plain(node: yaml.nodes.ScalarNode) -> Any:
     return _OTHER
 
 
+class _Bail(Exception):
+    """Something only the node walk reads (anchors, aliases, tags, complex or repeated keys,
+    a value PyYAML's constructor must read, a syntax error): read the file that way."""
+
+
+_SCALAR_CONSTRUCTORS = yaml.constructor.SafeConstructor.yaml_constructors
+
+
+class _Events:
+    """``_Walk``'s values and lines, built from libyaml's parser events without composing a
+    node tree (two fifths of reading a book); anything else raises ``_Bail``."""
+
+    def __init__(self, loader: _FastLoader, where: Where) -> None:
+        self.loader, self.where = loader, where
+        self.next = loader.get_event
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    def document(self) -> Any:
+        for expected in (yaml.StreamStartEvent, yaml.DocumentStartEvent):
+            if type(self.next()) is not expected:
+                raise _Bail
+        value = self.value(self.next(), "", 0)
+        for expected in (yaml.DocumentEndEvent, yaml.StreamEndEvent):
+            if type(self.next()) is not expected:
+                raise _Bail
+        return value
+
+    def value(self, event: Any, path: str, parent_line: int) -> Any:
+        line = event.start_mark.line + 1
+        if line != parent_line:
+            self.where.lines.setdefault(path, line)
+        kind = type(event)
+        if event.anchor is not None or kind is yaml.AliasEvent:
+            raise _Bail
+        if kind is yaml.ScalarEvent:
+            return self.scalar(event)
+        if event.tag not in (None, "!"):
+            raise _Bail
+        if kind is yaml.SequenceStartEvent:
+            return self.sequence(path, line)
+        if kind is yaml.MappingStartEvent:
+            return self.mapping(path, line)
+        raise _Bail
+
+    def sequence(self, path: str, line: int) -> list[Any]:
+        out = []
+        while True:
+            event = self.next()
+            kind = type(event)
+            if kind is yaml.SequenceEndEvent:
+                return out
+            if (
+                kind is yaml.ScalarEvent
+                and event.anchor is None
+                and event.start_mark.line + 1 == line
+            ):
+                out.append(self.scalar(event))
+            else:
+                out.append(self.value(event, f"{path}[{len(out)}]", line))
+
+    def mapping(self, path: str, line: int) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        key_lines = self.where.key_lines
+        while True:
+            event = self.next()
+            kind = type(event)
+            if kind is yaml.MappingEndEvent:
+                return out
+            if kind is not yaml.ScalarEvent or event.anchor is not None:
+                raise _Bail
+            key = self.scalar(event)
+            if key in out or self.tag(event) == _MERGE_TAG:
+                raise _Bail
+            sub = join(path, key)
+            key_lines[sub] = event.start_mark.line + 1
+            out[key] = self.value(self.next(), sub, line)
+
+    def tag(self, event: Any) -> str:
+        if event.tag not in (None, "!"):
+            raise _Bail
+        return self.loader.resolve(yaml.nodes.ScalarNode, event.value, event.implicit)
+
+    def scalar(self, event: Any) -> Any:
+        tag = self.tag(event)
+        if tag == _STR_TAG:
+            return event.value
+        if tag == _INT_TAG and _DECIMAL.fullmatch(event.value):
+            return int(event.value)
+        construct = _SCALAR_CONSTRUCTORS.get(tag)
+        if construct is None or tag == _MERGE_TAG:
+            raise _Bail
+        try:
+            value = construct(self.constructor, yaml.nodes.ScalarNode(tag, event.value))
+        except Exception:  # the walk names the problem
+            raise _Bail from None
+        if not isinstance(value, _PLAIN_TYPES):
+            raise _Bail
+        return value
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _read_values(text: str, where: Where, file: str) -> Any:
+    """The plain values of the YAML ``text``, each field's line recorded in ``where``: from
+    the parser's events where they hold nothing but plain collections and scalars, else (or
+    on any problem, which it reports) from the composed node tree (``_Walk``)."""
+    if _FastLoader is not _Loader:  # libyaml is there
+        loader = _FastLoader(text)
+        try:
+            return _Events(loader, where).document()
+        except (_Bail, yaml.YAMLError, RecursionError):
+            where.lines.clear()
+            where.key_lines.clear()
+        finally:
+            loader.dispose()
+    node = _compose(text, file)
+    try:
+        return _Walk(where).value(node, "")
+    except RecursionError:
+        raise InvalidRulebook("YAML nested too deeply", file=file, fix="flatten the file") from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -325,14 +451,7 @@ def parse_rulebook(text: str, file: str | Path = "<string>") -> Rulebook:
     )
     where = Where(file=str(file))
     with _collector_paused():
-        node = _compose(text, str(file))
-        try:
-            data = _Walk(where).value(node, "")
-        except RecursionError:
-            raise InvalidRulebook(
-                "YAML nested too deeply", file=file, fix="flatten the file"
-            ) from None
-        rulebook = parse_book(where, data)
+        rulebook = parse_book(where, _read_values(text, where, str(file)))
     _check_file_name(where, rulebook, Path(str(file)))
     return rulebook
 

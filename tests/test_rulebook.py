@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
@@ -798,6 +799,50 @@ def _mutations(draw: st.DrawFn) -> str:
 @given(text=_mutations())
 def test_fuzz_mutated_rulebook(tmp_path: Path, text: str) -> None:
     _expect_only_rulecheck_errors(write(tmp_path, text.encode("utf-8", "surrogatepass")))
+
+
+def _readings(text: str) -> tuple[object, object]:
+    """What the parser-event reading and the node walk make of ``text``: ``(values, lines,
+    key lines)`` each, or None where that reading refuses the text."""
+    from rulecheck import rulebook as rb
+    from rulecheck.schema import Where
+
+    def events() -> object:
+        where, loader = Where(), rb._FastLoader(text)
+        try:
+            return rb._Events(loader, where).document(), where.lines, where.key_lines
+        except (rb._Bail, yaml.YAMLError, RecursionError):
+            return None
+        finally:
+            loader.dispose()
+
+    def walk() -> object:
+        where = Where()
+        try:
+            return rb._Walk(where).value(rb._compose(text, "x"), ""), where.lines, where.key_lines
+        except RulecheckError:
+            return None
+
+    return events(), walk()
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "rulebooks").rglob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_books_are_read_from_parser_events_as_the_walk_reads_them(path: Path) -> None:
+    fast, walked = _readings(path.read_text(encoding="utf-8"))
+    assert fast is not None  # nothing in a book needs the node tree
+    assert fast == walked
+
+
+@_fuzz_settings
+@given(text=_mutations() | st.text(max_size=300))
+def test_fuzz_parser_events_read_what_the_walk_reads(text: str) -> None:
+    """Where the event reading takes a text, values and every line are the walk's; where it
+    does not, the walk reads it (and reports its errors)."""
+    fast, walked = _readings(text)
+    if fast is not None:
+        assert fast == walked
 
 
 # ---------------------------------------------------------------------------- saving
