@@ -116,6 +116,7 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _INT_TAG = "tag:yaml.org,2002:int"
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,17}")
 _SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 @dataclass
@@ -161,7 +162,7 @@ class _Walk:
         out = []
         for i, item in enumerate(node.value):
             if type(item) is yaml.nodes.ScalarNode and item.start_mark.line + 1 == line:
-                value = _plain(item)
+                value = _plain(item.tag, item.value)
                 out.append(value if value is not _OTHER else self.scalar(item, f"{path}[{i}]"))
             else:
                 out.append(self.value(item, f"{path}[{i}]", line))
@@ -183,13 +184,13 @@ class _Walk:
 
     def key(self, node: yaml.nodes.Node, path: str) -> Any:
         line = node.start_mark.line + 1
-        if node.tag == "tag:yaml.org,2002:merge":
+        if node.tag == _MERGE_TAG:
             self.where.lines.setdefault(path, line)
             self.where.fail(path, "YAML merge keys (<<) are not supported", "write the keys out")
         if not isinstance(node, yaml.nodes.ScalarNode):
             self.where.lines.setdefault(path, line)
             self.where.fail(path, "mapping keys must be plain scalars", "use a string key")
-        key = _plain(node)
+        key = _plain(node.tag, node.value)
         if key is _OTHER:
             key = self.scalar(node, path)
         try:
@@ -199,7 +200,7 @@ class _Walk:
         return key
 
     def scalar(self, node: yaml.nodes.ScalarNode, path: str) -> Any:
-        value = _plain(node)
+        value = _plain(node.tag, node.value)
         if value is not _OTHER:
             return value
         try:
@@ -219,22 +220,19 @@ class _Walk:
 _OTHER = object()  # a scalar PyYAML's constructor reads
 
 
-def _plain(node: yaml.nodes.ScalarNode) -> Any:
+def _plain(tag: str, value: str) -> Any:
     """The common scalars as PyYAML's constructor reads them: a string is its value, a decimal
     integer without sign or leading zero its int; anything else is ``_OTHER``."""
-    if node.tag == _STR_TAG:
-        return node.value
-    if node.tag == _INT_TAG and _DECIMAL.fullmatch(node.value):
-        return int(node.value)
+    if tag == _STR_TAG:
+        return value
+    if tag == _INT_TAG and _DECIMAL.fullmatch(value):
+        return int(value)
     return _OTHER
 
 
 class _Bail(Exception):
     """Something only the node walk reads (anchors, aliases, tags, complex or repeated keys,
     a value PyYAML's constructor must read, a syntax error): read the file that way."""
-
-
-_SCALAR_CONSTRUCTORS = yaml.constructor.SafeConstructor.yaml_constructors
 
 
 class _Events:
@@ -299,37 +297,28 @@ class _Events:
                 return out
             if kind is not yaml.ScalarEvent or event.anchor is not None:
                 raise _Bail
-            key = self.scalar(event)
-            if key in out or self.tag(event) == _MERGE_TAG:
+            key = self.scalar(event)  # a merge key (<<) is no value: it bails
+            if key in out:
                 raise _Bail
             sub = join(path, key)
             key_lines[sub] = event.start_mark.line + 1
             out[key] = self.value(self.next(), sub, line)
 
-    def tag(self, event: Any) -> str:
+    def scalar(self, event: Any) -> Any:
         if event.tag not in (None, "!"):
             raise _Bail
-        return self.loader.resolve(yaml.nodes.ScalarNode, event.value, event.implicit)
-
-    def scalar(self, event: Any) -> Any:
-        tag = self.tag(event)
-        if tag == _STR_TAG:
-            return event.value
-        if tag == _INT_TAG and _DECIMAL.fullmatch(event.value):
-            return int(event.value)
-        construct = _SCALAR_CONSTRUCTORS.get(tag)
-        if construct is None or tag == _MERGE_TAG:
-            raise _Bail
-        try:
-            value = construct(self.constructor, yaml.nodes.ScalarNode(tag, event.value))
-        except Exception:  # the walk names the problem
+        tag = self.loader.resolve(yaml.nodes.ScalarNode, event.value, event.implicit)
+        value = _plain(tag, event.value)
+        if value is not _OTHER:
+            return value
+        try:  # as the walk constructs it, which names the problem where this fails
+            node = yaml.nodes.ScalarNode(tag, event.value)
+            value = self.constructor.construct_object(node, deep=True)
+        except Exception:
             raise _Bail from None
         if not isinstance(value, _PLAIN_TYPES):
             raise _Bail
         return value
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _read_values(text: str, where: Where, file: str) -> Any:
