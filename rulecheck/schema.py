@@ -124,6 +124,9 @@ def mapping(
         if key not in value:
             fix = fix or f"add `{key}:` to {path or 'the file'}"
             where.fail(join(path, key), f"missing required field `{key}`", fix)
+        if value[key] is None:
+            fix = fix or f"give `{key}:` a value"
+            where.fail(join(path, key), f"required field `{key}` is empty", fix)
     return value
 
 
