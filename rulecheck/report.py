@@ -202,11 +202,17 @@ def _feature_rows(heads: list[HeadDiff], tolerance: float) -> list[list[str]]:
     return rows
 
 
-def _more(shown: int, total: int) -> str | None:
-    """The line under a feature table cut at ``shown`` rows."""
-    if shown >= total:
-        return None
-    return f"... and {_count(total - shown, 'more changed feature')} (--limit 0 lists all)"
+def _shown_rows(
+    heads: list[HeadDiff], tolerance: float, limit: int
+) -> tuple[list[list[str]], str | None]:
+    """The first ``limit`` (0: all) of ``_feature_rows``, and the line saying how many more
+    there are (None when none are left out)."""
+    rows = _feature_rows(heads, tolerance)
+    shown = rows[:limit] if limit else rows
+    if len(shown) == len(rows):
+        return shown, None
+    more = _count(len(rows) - len(shown), "more changed feature")
+    return shown, f"... and {more} (--limit 0 lists all)"
 
 
 FEATURE_COLUMNS = ("head", "feature", "status", "F1", "change", "rules")
@@ -227,9 +233,8 @@ def diff_tables(heads: list[HeadDiff], tolerance: float, limit: int = 0) -> list
         summary.add_column(col, justify="left" if col == "head" else "right")
     for head in heads:
         summary.add_row(*_diff_row(head, tolerance))
-    rows = _feature_rows(heads, tolerance)
-    shown = rows[:limit] if limit else rows
-    changed = Table(title="changed features", caption=_more(len(shown), len(rows)))
+    shown, more = _shown_rows(heads, tolerance, limit)
+    changed = Table(title="changed features", caption=more)
     for col in FEATURE_COLUMNS:
         changed.add_column(col, justify="right" if col in ("F1", "change") else "left")
     for row in shown:
@@ -254,10 +259,8 @@ def diff_markdown(heads: list[HeadDiff], tolerance: float, limit: int = 0) -> st
     )
     lines = ["### rulecheck diff", "", verdict if regressed else "No kept feature regressed.", ""]
     lines += table(DIFF_COLUMNS, [_diff_row(h, tolerance) for h in heads])
-    rows = _feature_rows(heads, tolerance)
-    if rows:
-        shown = rows[:limit] if limit else rows
+    shown, more = _shown_rows(heads, tolerance, limit)
+    if shown:
         lines += ["", "Changed features:", "", *table(FEATURE_COLUMNS, shown)]
-        more = _more(len(shown), len(rows))
         lines += ["", more] if more else []
     return "\n".join(lines) + "\n"
