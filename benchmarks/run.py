@@ -153,15 +153,15 @@ def bench_one_head_pass() -> tuple[str, float, float, str]:
     """A corpus pass for one head of rulecheck-tiny's layer 0 (what checking or extracting one
     head streams): only that head's attention, against TransformerLens's whole layer up to
     ``hook_z``; the head's z must be equal."""
-    from rulecheck.core.heads import layer_hooks, run_to_heads, run_to_layer
+    from rulecheck.core.heads import layer_hooks, run_to_heads, run_to_layer, z_hook
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
 
-    _, art, _ = _tiny(0, 1)
+    art = Workbench(device="cpu", cache_dir=None).layer(Specs("rulecheck-tiny").resolve(), 0, [1])
     tokens = art.tokens[:2048].long()
 
     def run(fn) -> torch.Tensor:
-        return torch.cat(
-            [fn(tokens[s : s + 128])["blocks.0.attn.hook_z"][:, :, 1] for s in range(0, 2048, 128)]
-        )
+        return torch.cat([fn(tokens[s : s + 128])[z_hook(0)][:, :, 1] for s in range(0, 2048, 128)])
 
     t_fast, a = timed(lambda: run(lambda b: run_to_heads(art.model, b, 0, [1])))
     t_base, b = timed(
