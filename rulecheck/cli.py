@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,6 +30,9 @@ from rulecheck.config import (
     shard_of,
 )
 from rulecheck.errors import InvalidSpec, RulecheckError
+
+if TYPE_CHECKING:
+    from rulecheck.book import Rulebook
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument(
         "--mapping",
         default=None,
-        help="mapping files of the output SAEs (rulecheck match --out: a file or a directory) "
-        "when NEW was extracted with retrained ones: features are paired through them",
+        help="when NEW was extracted with retrained SAEs: auto (match them on the fly) or the "
+        "mapping files of rulecheck match (a file or a directory). OLD is then gated on NEW's "
+        "SAEs first (the verdict of pytest --rulecheck-remap, which sets the exit status), and "
+        "features are paired through the matching",
     )
+    diff.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
     upgrade = sub.add_parser("upgrade", help="rewrite rulebooks in the current format")
     upgrade.add_argument("paths", nargs="+", type=Path, help="rulebook files or directories")
@@ -253,33 +259,58 @@ def run_summary(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_diff(args: argparse.Namespace, console: Console) -> int:
-    """Exit status 1 when a kept feature regressed past the tolerance, else 0."""
+    """Without ``--mapping``: exit status 1 when a kept feature regressed past the tolerance.
+    With it: the gate verdict of each old book on the new book's SAEs leads and sets the exit
+    status; the regressions are its evidence."""
     from rulecheck.bookdiff import diff_books
-    from rulecheck.report import diff_markdown, diff_tables
+    from rulecheck.report import diff_markdown, diff_tables, gate_markdown, print_gate
     from rulecheck.rulebook import load_rulebook
 
     tolerance = Bound(float, 0.0, 1.0).parse(args.tolerance, "--tolerance")
     limit = Bound(int, 0).parse(args.limit, "--limit")
     pairs = _book_pairs(args.old, args.new)
-    heads = []
+    heads, gates = [], []
     for a, b in pairs:
         old = load_rulebook(a, measurements=True)
         # a head whose book and measurements did not change is the same book: read once
         new = old if _same_bytes(a, b) else load_rulebook(b, measurements=True)
         mapping = None
-        if args.mapping is not None:  # the head's own output SAE, else its layer's
-            from rulecheck.mapping import mapping_for
-
-            hook = f"blocks.{old.layer}.attn.hook_z"
-            found = mapping_for(args.mapping, hook, (old.head, None), field="--mapping")
-            mapping = found[1].mapping()
+        if args.mapping is not None:
+            mapping, verdict = _diff_gate(old, str(a), new, args)
+            gates.append(verdict)
         heads.append(diff_books(old, new, mapping))
     if args.format == "md":
-        console.file.write(diff_markdown(heads, tolerance, limit))
+        console.file.write(
+            (gate_markdown(gates) + "\n" if gates else "") + diff_markdown(heads, tolerance, limit)
+        )
     else:
+        if gates:
+            print_gate(gates, console)
         for table in diff_tables(heads, tolerance, limit):
             console.print(table)
+    if gates:
+        return 0 if all(g["passed"] for g in gates) else 1
     return 1 if any(h.regressions(tolerance) for h in heads) else 0
+
+
+def _diff_gate(
+    old: Rulebook, file: str, new: Rulebook, args: argparse.Namespace
+) -> tuple[dict[int, int] | None, dict]:
+    """The old book gated on the new book's SAEs (``--mapping``: auto or mapping files):
+    the output features' pairing (None: the SAE did not change) and the verdict's record."""
+    from rulecheck.gate import gate_verdict, gated
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
+
+    overrides = Specs(model=None, sae_in=new.sae_in, sae_out=new.sae_out)
+    bench = Workbench(overrides=overrides, device=args.device, cache_dir=None)
+    bench.announce(old, file)
+    gate = gated(bench, old, file, args.mapping, option="--mapping")
+    bench.check_fingerprints(old, gate.old, file)
+    verdict = gate_verdict(bench, old, file, args.mapping)
+    out_map = gate.maps["sae_out"]
+    mapping = None if out_map is None else out_map.new_of
+    return mapping, verdict.record(old.name)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:

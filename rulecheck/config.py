@@ -151,6 +151,18 @@ class MatchConfig(Checked):
 
 
 @dataclass(frozen=True)
+class GateConfig(Checked):
+    """The retraining gate's thresholds (``rulecheck.core.verdict``): the least share of a
+    book's features whose skip-grams still hold, the least median F1 change of the
+    re-identified ones, and the least fresh-to-before F1 ratio. The defaults sit midway
+    between the healthy and broken retrains of the calibration (the model card's table)."""
+
+    holding: float = bounded(float, 0.0, 1.0, default=0.385)
+    f1_change: float = bounded(float, -1.0, 1.0, default=-0.25)
+    fresh: float = bounded(float, 0.0, 10.0, default=0.5)
+
+
+@dataclass(frozen=True)
 class Budget:
     """How many features of a rulebook may be lost in remapping: ``count`` features, or a
     ``share`` of the book's features (rounded down)."""
@@ -188,6 +200,7 @@ class CheckConfig(Checked):
     # translate claims into retrained SAEs' ids: "auto" (match on the fly) or mapping files
     remap: str | None = None
     allow_lost: Budget = dataclasses.field(default_factory=Budget)
+    gate: GateConfig = dataclasses.field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -101,3 +101,8 @@ class RemapLost(RulecheckError, AssertionError):
 class Regenerated(RulecheckError, AssertionError):
     """A claim that ``--rulecheck-extract`` rewrote: it fails once, so the change is
     reviewed before it is trusted."""
+
+
+class GateFailed(RulecheckError, AssertionError):
+    """A head whose rulebook, taken as a whole, does not survive the retrained SAEs: which
+    statistic of the gate is past which threshold, by how much, and what to look at."""

@@ -14,12 +14,13 @@ with one line, unless the budget ``--rulecheck-allow-lost`` allows that many los
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from rulecheck.book import FeatureRules, Rulebook
-from rulecheck.config import Budget, MatchConfig
+from rulecheck.config import Budget, GateConfig, MatchConfig
 from rulecheck.core.pairs import Matching
+from rulecheck.core.verdict import FeatureChange, Verdict, gate_statistics, judge
 from rulecheck.errors import InvalidMapping, RemapLost, RulecheckError
 from rulecheck.mapping import MappingHeader, mapping_for
 from rulecheck.match import match_saes
@@ -90,7 +91,7 @@ def gated(
         except RulecheckError as exc:
             return exc  # every item of the book fails with it, computed once
 
-    result = bench.memo(("gated", file, source, cfg), once)
+    result = bench.memo(("gated", file, source, cfg, bench.overrides), once)
     if isinstance(result, RulecheckError):
         raise result
     return result
@@ -150,22 +151,16 @@ def _check_mapping(
 # ------------------------------------------------------------------------------ lost claims
 
 
-def lost_verdict(
+def lost_reason(
     book: Rulebook,
     entry: FeatureRules,
-    budget: Budget,
-    file: str,
-    *,
     new_spec: str | None = None,
-    field: str | None = None,
     threshold: float | None = None,
 ) -> str:
-    """The one line about a claim on a lost feature: returned (to skip it) when the budget
-    allows the book's lost features, else raised as ``RemapLost``. ``book`` is the book as
-    translated (its ``lost:`` holds every lost feature); ``new_spec`` the SAE it was lost in;
-    ``threshold`` the least score of a pair."""
+    """Why a feature has no partner: its best candidate and score, and how many of the book's
+    features are lost. ``book`` is the book as translated (its ``lost:`` holds every lost
+    feature); ``new_spec`` the SAE it was lost in; ``threshold`` the least score of a pair."""
     lost, total = len(book.lost), len(book.features) + len(book.lost)
-    allowed = budget.allows(total)
     best = entry.best_candidate
     evidence = "no candidate"
     if best is not None and best.feature is not None:
@@ -175,11 +170,20 @@ def lost_verdict(
             score += ", paired with another feature" if taken else f" < {threshold:g}"
         evidence = f"best candidate {best.feature}{score}"
     where = f"the new output SAE {new_spec}" if new_spec else "this book's output SAE"
-    what = (
+    return (
         f"feature {entry.feature} (an id of the SAE the book was remapped from) has no "
         f"confident partner in {where} ({evidence}); {lost} of {total} features of "
         f"{book.name} lost"
     )
+
+
+def lost_verdict(book: Rulebook, entry: FeatureRules, budget: Budget, file: str) -> str:
+    """The one line about a claim on a lost feature of a remapped book (its ``lost:``):
+    returned (to skip it) when the budget allows the book's lost features, else raised as
+    ``RemapLost``."""
+    lost, total = len(book.lost), len(book.features) + len(book.lost)
+    allowed = budget.allows(total)
+    what = lost_reason(book, entry)
     if lost <= allowed:
         return f"{what}, within --rulecheck-allow-lost {budget}"
     if total and lost * 2 > total:
@@ -189,7 +193,7 @@ def lost_verdict(
     raise RemapLost(
         f"{what}, --rulecheck-allow-lost allows {allowed}",
         file=file,
-        field=field or f"lost[{entry.feature}]",
+        field=f"lost[{entry.feature}]",
         fix="re-home the claims by hand (rulecheck remap writes them under `lost:`), or allow "
         "lost features with --rulecheck-allow-lost 5%",
     )
@@ -211,3 +215,88 @@ def untranslatable(gate: Gated, feature: int, key: str, index: int, file: str) -
         field=f"feature[{feature}].{key}[{index}]",
         fix="give the reference its tokens (`[#id]` with an entry in `refs:`), or remove it",
     )
+
+
+# ------------------------------------------------------------------------------- the verdict
+
+
+def _f1(bench: Workbench, head: Head, rules: FeatureRules, file: str) -> float | None:
+    """The skip-grams' test F1 on ``head``; 0 when the feature is not eligible there (too
+    rare or too common to be measured: its claims cannot hold); None without skip-grams."""
+    from rulecheck.errors import NotEligible
+    from rulecheck.kinds.skipgram import measure
+
+    if not rules.skipgrams:
+        return None
+    try:
+        return measure(bench, head, rules, file).f1
+    except NotEligible:
+        return 0.0
+
+
+def _fresh_f1(bench: Workbench, gate: Gated, book: Rulebook, wanted: set[int]) -> dict[int, float]:
+    """The test F1 of skip-grams extracted afresh, with the book's settings, for the new
+    output SAE's features ``wanted`` (those eligible there)."""
+    from rulecheck.api import config_from_rulebook, extract_books
+
+    eligible = set(bench.collector(gate.new).eligible().tolist())
+    features = tuple(sorted(wanted & eligible))
+    if not features:
+        return {}
+    cfg = replace(config_from_rulebook(book), features=features, rules=False)
+    [fresh] = extract_books(bench, gate.new.specs, book.layer, [book.head], cfg)
+    return {r.feature: float(r.measured.get("f1", 0.0)) for r in fresh.features}
+
+
+def feature_changes(
+    bench: Workbench, gate: Gated, book: Rulebook, file: str
+) -> list[FeatureChange]:
+    """Every feature of ``book`` before and after the retrain, with the fresh extraction for
+    what the new output SAE has in its place. A feature merged away (it shares a confident
+    partner with another: a narrower SAE) is re-identified as that partner, its claims
+    checked there."""
+    remapped, out_map = gate.remapped, gate.maps["sae_out"]
+    merged = out_map.merged_into if out_map else {}
+    place: dict[int, int | None] = {}
+    translated: dict[int, FeatureRules | None] = {}
+    for rules in book.features:
+        old = rules.feature
+        best = out_map.best.get(old) if out_map else None
+        place[old] = remapped.new_id.get(old, merged.get(old, best and best[0]))
+        translated[old] = remapped.rules(old)
+        if translated[old] is None and old in merged:
+            translated[old] = replace(remapped.lost[old], feature=merged[old])
+    fresh = _fresh_f1(bench, gate, book, {f for f in place.values() if f is not None})
+    changes = []
+    for rules in book.features:
+        new, after = place[rules.feature], translated[rules.feature]
+        changes.append(
+            FeatureChange(
+                old=rules.feature,
+                new=new,
+                reidentified=after is not None,
+                before=_f1(bench, gate.old, rules, file),
+                after=None if after is None else _f1(bench, gate.new, after, file),
+                fresh=None if new is None else fresh.get(new, 0.0),
+            )
+        )
+    return changes
+
+
+def gate_verdict(
+    bench: Workbench,
+    book: Rulebook,
+    file: str,
+    source: str,
+    thresholds: GateConfig | None = None,
+    cfg: MatchConfig | None = None,
+) -> Verdict:
+    """The gate verdict of ``book`` under the SAEs this run loads (once per session)."""
+    thresholds = thresholds or GateConfig()
+
+    def compute() -> list[FeatureChange]:
+        gate = gated(bench, book, file, source, cfg)
+        return feature_changes(bench, gate, book, file)
+
+    changes = bench.memo(("gate", file, source, cfg, bench.overrides), compute)
+    return judge(gate_statistics(changes), thresholds)

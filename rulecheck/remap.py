@@ -37,19 +37,21 @@ from rulecheck.refs import TokenRef
 @dataclass(frozen=True)
 class FeatureMap:
     """Old -> new ids of one SAE's features (``new_of``); ``best`` gives each old feature
-    without a partner its best-scoring candidate and the score. ``None`` as a map means the
-    SAE did not change."""
+    without a partner its best-scoring candidate and the score; ``merged_into`` each old
+    feature merged away the new feature it joined (a confident partner it shares with another
+    old feature). ``None`` as a map means the SAE did not change."""
 
     new_of: dict[int, int]
     best: dict[int, tuple[int, float]] = field(default_factory=dict)
+    merged_into: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, matching: Matching) -> FeatureMap:
         best = dict(matching.best)
-        for new, olds in matching.merged.items():  # merged away: the new feature they joined
-            for old in olds:
-                best.setdefault(old, (new, math.nan))
-        return cls(matching.mapping(), best)
+        merged_into = {old: new for new, olds in matching.merged.items() for old in olds}
+        for old, new in merged_into.items():
+            best.setdefault(old, (new, math.nan))
+        return cls(matching.mapping(), best, merged_into)
 
     def sample_ids(self, n_old: int, n_new: int) -> torch.Tensor:
         """``[n_new]``: each new feature's old partner, or ``n_old + j`` for a new feature

@@ -222,6 +222,64 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def _gate_value(stat: dict[str, Any]) -> str:
+    value = stat["value"]
+    if value is None:
+        return "n/a"
+    if stat["threshold"] is None:
+        return f"{value:.3f}"
+    mark = ">=" if stat["passed"] else "<"
+    return f"{value:.3f} {mark} {stat['threshold']:g}"
+
+
+def gate_rows(gates: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The gate verdicts (``Verdict.record``) as a header and rows: head, verdict, each
+    statistic against its threshold."""
+    names = list(gates[0]["statistics"]) if gates else []
+    rows = [
+        [
+            g["head"],
+            "pass" if g["passed"] else "FAIL",
+            *(_gate_value(g["statistics"][n]) for n in names),
+        ]
+        for g in gates
+    ]
+    return ["head", "gate", *names], rows
+
+
+def gate_table(gates: list[dict[str, Any]]) -> Table:
+    """The retraining gate's verdict per head, then why each failing head failed."""
+    passed = sum(g["passed"] for g in gates)
+    verdict = "passed" if passed == len(gates) else "FAILED"
+    table = Table(title=f"rulecheck gate: {verdict} ({passed} of {len(gates)} heads pass)")
+    header, rows = gate_rows(gates)
+    for col in header:
+        table.add_column(col, justify="left" if col in ("head", "gate") else "right")
+    for g, row in zip(gates, rows, strict=True):
+        table.add_row(*row, style=None if g["passed"] else "red")
+    return table
+
+
+def print_gate(gates: list[dict[str, Any]], console: Console) -> None:
+    """``gate_table``, then each failing head's reason on its own line."""
+    console.print(gate_table(gates))
+    for g in gates:
+        if not g["passed"]:
+            console.print(Text(f"{g['head']}: gate failed: {g['reason']}", style="red"))
+
+
+def gate_markdown(gates: list[dict[str, Any]]) -> str:
+    """``gate_table`` as Markdown (a pull request's comment, a job summary)."""
+    passed = sum(g["passed"] for g in gates)
+    verdict = "passed" if passed == len(gates) else "**failed**"
+    header, rows = gate_rows(gates)
+    lines = [f"**rulecheck gate: {verdict}** ({passed} of {len(gates)} heads pass)", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"- {g['head']}: {g['reason']}" for g in gates if not g["passed"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def diff_tables(heads: list[HeadDiff], tolerance: float, limit: int = 0) -> list[Table]:
     """A table of heads (kept, lost, new features; rules added and removed; regressions) and
     one of the features that changed, the first ``limit`` of them (0: all) in the order a

@@ -558,6 +558,25 @@ class Workbench:
         other._fingerprints, other._sample_ids = self._fingerprints, self._sample_ids
         return other
 
+    def with_overrides(self, overrides: Specs) -> Workbench:
+        """This workbench with other overrides (another retrained SAE to compare, say):
+        everything loaded, measured and memoised is shared, each keyed by what it came from;
+        the books announced are its own."""
+        other = Workbench(
+            overrides, str(self.device), self.cache_dir, self.exemplar_cfg, self.batch_size
+        )
+        for name in (
+            "_models",
+            "_saes",
+            "_corpora",
+            "_collectors",
+            "_sample_ids",
+            "_memo",
+            "_fingerprints",
+        ):
+            setattr(other, name, getattr(self, name))
+        return other
+
     def has_exemplars(self, head: Head) -> bool:
         """Whether the head's exemplars are at hand (in memory or the disk cache), so that
         ``examples`` needs no pass over the corpus."""

@@ -209,16 +209,19 @@ def test_the_lost_verdict_says_why_and_counts_against_the_budget() -> None:
     from rulecheck.book import BestCandidate
     from rulecheck.config import Budget, parse_budget
     from rulecheck.errors import RemapLost
-    from rulecheck.gate import lost_verdict
+    from rulecheck.gate import lost_reason, lost_verdict
 
     outputs, inputs = maps()
     book = remap_book(parse_rulebook(BOOK), outputs, inputs).book
     entry = book.lost[0]
+    why = lost_reason(book, entry, "new.sae", threshold=0.5)
+    assert why.startswith("feature 2 ") and "in the new output SAE new.sae" in why
+    assert "(best candidate 7, confidence 0.300 < 0.5); 1 of 3 features of L0H1 lost" in why
     with pytest.raises(RemapLost) as failed:
-        lost_verdict(book, entry, Budget(), "L0H1.yaml", field="feature[2]", threshold=0.5)
+        lost_verdict(book, entry, Budget(), "L0H1.yaml")
     line = str(failed.value)
-    assert line.startswith("L0H1.yaml: feature[2]: feature 2 ")
-    assert "(best candidate 7, confidence 0.300 < 0.5); 1 of 3 features of L0H1 lost" in line
+    assert line.startswith("L0H1.yaml: lost[2]: feature 2 ")
+    assert "(best candidate 7, confidence 0.300); 1 of 3 features of L0H1 lost" in line
     assert "--rulecheck-allow-lost allows 0" in line and "\n" not in line
     assert "within --rulecheck-allow-lost 34%" in lost_verdict(
         book, entry, parse_budget("34%", "x"), "L0H1.yaml"
@@ -226,5 +229,4 @@ def test_the_lost_verdict_says_why_and_counts_against_the_budget() -> None:
     with pytest.raises(RemapLost):  # 33% of 3 features allows none
         lost_verdict(book, entry, parse_budget("33%", "x"), "L0H1.yaml")
     entry.best_candidate = BestCandidate(feature=7, confidence=0.6)
-    with pytest.raises(RemapLost, match=r"confidence 0\.600, paired with another feature"):
-        lost_verdict(book, entry, Budget(), "L0H1.yaml", threshold=0.5)
+    assert "confidence 0.600, paired with another feature" in lost_reason(book, entry, None, 0.5)

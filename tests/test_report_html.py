@@ -255,30 +255,51 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert not Path(out).exists()
 
 
-def test_a_gate_run_shows_kept_changed_and_lost_features(run):
-    """The gate's section from a run's records: re-identified features whose claims hold are
-    kept, those with a failing claim changed, those without a partner lost."""
+def test_a_gate_run_shows_the_verdict_then_kept_changed_and_lost_features(run):
+    """The gate's section from a run's records: the head's verdict and its statistics against
+    their thresholds first; then re-identified features whose claims hold are kept, those with
+    a claim that no longer holds (xfailed in a gate run) changed, those without a partner
+    lost."""
+    from rulecheck.config import GateConfig
+    from rulecheck.core.verdict import FeatureChange, gate_statistics, judge
     from rulecheck.html import build_report
     from rulecheck.html.outcomes import Outcome
 
     book = load_rulebook(run / "books" / "L0H0.yaml")
     a, b = (rules.feature for rules in book.features[:2])
     head = "planted L0H0"
+    changes = [
+        FeatureChange(a, 9, True, 0.9, 0.9, 0.9),
+        FeatureChange(b, None, False, 0.9, None, None),
+        FeatureChange(2, 4, True, 0.9, 0.2, 0.9),
+    ]
+    verdict = judge(gate_statistics(changes), GateConfig())
     outcomes = [
+        Outcome("books/L0H0.yaml::gate", "failed", dict(verdict.record(head), rule="gate")),
         Outcome(
             f"books/L0H0.yaml::feature[{a}]::f1",
             "passed",
             {"head": head, "remapped_to": 9, "f1": 0.5},
         ),
-        Outcome(f"books/L0H0.yaml::feature[{b}]::f1", "skipped", {"head": head, "lost": True}),
+        Outcome(
+            f"books/L0H0.yaml::feature[{a}]::recall", "xfailed", {"head": head, "remapped_to": 9}
+        ),
+        Outcome(f"books/L0H0.yaml::feature[{b}]::f1", "xfailed", {"head": head, "lost": True}),
     ]
     html = build_report([(run / "books" / "L0H0.yaml", "L0H0.yaml")], outcomes, root=run)
     start = html.index('<section id="gate">')
     gate = html[start : html.index("</section>", start)]
+    assert '<span class="badge failed">gate failed</span>' in gate
+    reason = "f1_change -0.350 &lt; -0.25 (by 0.100), holding 0.333 &lt; 0.385 (by 0.052): "
+    assert f'<p class="reason">{reason}' in gate
+    assert '<tr class="failed"><td>holding</td><td>0.333 &lt; 0.385</td></tr>' in gate
+    assert "<td>reidentified</td><td>0.667</td>" in gate
+    assert gate.index("gate-statistics") < gate.index('<tr class="kept">')
     row = r"(?:(?!</tr>).)*"  # within the row
-    assert re.search(rf'<tr class="kept"><td>kept</td><td>1</td>{row}>{a}&rarr;9</a>', gate, re.S)
+    assert '<tr class="kept"><td>kept</td><td>0</td>' in gate
+    changed = rf'<tr class="changed"><td>changed</td><td>1</td>{row}>{a}&rarr;9</a>'
+    assert re.search(changed, gate, re.S)
     assert re.search(rf'<tr class="lost"><td>lost</td><td>1</td>{row}>{b}</a>', gate, re.S)
-    assert '<tr class="changed"><td>changed</td><td>0</td>' in gate
     # the card says what the run measured on the new SAE beside what the book records
     card = html[html.index(f'id="L0H0-f{a}"') :]
     assert "&rarr; 0.50 in this run" in card[: card.index("</summary>")]

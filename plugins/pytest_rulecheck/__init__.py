@@ -73,6 +73,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "features of a rulebook that may have no partner in the retrained SAE: a count (3) or "
         "a share of the book with a percent sign; their claims skip instead of failing (default 0)",
     )
+    from rulecheck.config import GateConfig
+    from rulecheck.core.verdict import STATISTICS
+
+    for name, meaning in STATISTICS.items():
+        default = getattr(GateConfig(), name)
+        option(
+            f"gate-{name.replace('_', '-')}",
+            f"with --rulecheck-remap, the least {name} a head passes the gate with ({meaning}; "
+            f"default {default:g})",
+        )
     group.addoption(
         "--rulecheck-extract",
         dest="rulecheck_extract",
@@ -168,6 +178,8 @@ class OneLine:
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, RulecheckError):
             return _relative(self.config, excinfo.value)  # type: ignore[attr-defined]
+        if isinstance(excinfo.value, pytest.xfail.Exception):  # a claim changed in a gate run
+            return str(excinfo.value)
         return super().repr_failure(excinfo, style)  # type: ignore[misc]
 
 
@@ -188,6 +200,8 @@ class RulebookFile(OneLine, pytest.File):
         self.book = book
         self.config.stash.setdefault(STASH_BOOKS, []).append((book, str(self.path)))
         self.regenerated = regeneration(self.config, self.path)
+        if self.config.stash[STASH_CHECK].remap:
+            yield GateItem.from_parent(self, name="gate")
         for rules in book.features:
             yield FeatureNode.from_parent(self, name=f"feature[{rules.feature}]", rules=rules)
         for rules in book.lost:
@@ -259,28 +273,23 @@ class RuleItem(OneLine, pytest.Item):
         file = str(self.path)
         rules = self.rules
         if settings.remap:
-            from rulecheck.gate import gated, lost_verdict, untranslatable
+            from rulecheck.gate import gated
 
             gate = gated(bench, self.book, file, settings.remap)
             bench.check_fingerprints(self.book, gate.old, file, settings.accept_changed)
             head, translated = gate.new, gate.remapped.rules(rules.feature)
             if translated is None:
-                entry = gate.remapped.lost[rules.feature]
                 self.record({"rule": self.kind.key, "lost": True, "passed": False})
-                pytest.skip(
-                    lost_verdict(
-                        gate.remapped.book,
-                        entry,
-                        settings.allow_lost,
-                        file,
-                        new_spec=gate.specs["sae_out"],
-                        field=f"feature[{rules.feature}]",
-                        threshold=gate.threshold,
-                    )
-                )
+                changed(lost_reason(gate, gate.remapped.lost[rules.feature]))
             if (translated.feature, self.kind.key, self.index) in gate.remapped.untranslatable:
+                from rulecheck.gate import untranslatable
+
                 self.record({"rule": self.kind.key, "passed": False})
-                untranslatable(gate, rules.feature, self.kind.key, self.index, file)
+                try:
+                    untranslatable(gate, rules.feature, self.kind.key, self.index, file)
+                except RulecheckError as lost:
+                    as_evidence(config, lost)
+                    raise
             rules = translated
             self.remapped_to = translated.feature
         else:
@@ -298,6 +307,7 @@ class RuleItem(OneLine, pytest.Item):
                 note_remapped(failed, self.rules.feature, rules.feature)
             if isinstance(failed, RuleFailed):
                 self.record({**failed.record, "message": _relative(config, failed)})
+            as_evidence(config, failed)
             raise
         self.record(record)
 
@@ -326,13 +336,53 @@ class LostItem(BookItem):
         from rulecheck.gate import gated, lost_verdict
 
         settings = self.config.stash[STASH_CHECK]
-        book, spec = self.parent.book, None
         if settings.remap:
-            gate = gated(workbench(self.config), book, str(self.path), settings.remap)
-            book, spec = gate.remapped.book, gate.specs["sae_out"]
-        pytest.skip(
-            lost_verdict(book, self.rules, settings.allow_lost, str(self.path), new_spec=spec)
-        )
+            gate = gated(workbench(self.config), self.parent.book, str(self.path), settings.remap)
+            changed(lost_reason(gate, self.rules))
+        pytest.skip(lost_verdict(self.parent.book, self.rules, settings.allow_lost, str(self.path)))
+
+
+def lost_reason(gate, entry) -> str:
+    """Why a feature of the book has no partner in the retrained SAE."""
+    from rulecheck.gate import lost_reason
+
+    return lost_reason(gate.remapped.book, entry, gate.specs["sae_out"], gate.threshold)
+
+
+class GateItem(BookItem):
+    """``L0H0.yaml::gate``: the head's verdict under the retrained SAEs, from statistics of the
+    whole book (``rulecheck.core.verdict``); in a gate run only these items decide the exit
+    status, the claims' items show which claims changed."""
+
+    def runtest(self) -> None:
+        from rulecheck.errors import GateFailed
+        from rulecheck.gate import gate_verdict, gated
+
+        settings = self.config.stash[STASH_CHECK]
+        bench, book, file = workbench(self.config), self.parent.book, str(self.path)
+        gate = gated(bench, book, file, settings.remap)
+        bench.check_fingerprints(book, gate.old, file, settings.accept_changed)
+        verdict = gate_verdict(bench, book, file, settings.remap, settings.gate)
+        head = f"L{book.layer}H{book.head}"
+        if book.model:
+            head = f"{book.model} {head}"
+        self.user_properties.append(("rulecheck-gate", verdict.record(head)))
+        if not verdict.passed:
+            raise GateFailed(verdict.reason(), file=file, field="gate")
+
+
+def changed(reason: str) -> None:
+    """A claim that no longer holds under the retrained SAEs: evidence for the reviewer,
+    reported as xfailed; the gate items decide the run."""
+    pytest.xfail(f"changed under the retrained SAEs: {reason}")
+
+
+def as_evidence(config: pytest.Config, error: RulecheckError) -> None:
+    """In a gate run, a claim that does not hold (not bad input) is reported by ``changed``."""
+    from rulecheck.errors import NotEligible, RemapLost, RuleFailed
+
+    if config.stash[STASH_CHECK].remap and isinstance(error, RuleFailed | RemapLost | NotEligible):
+        changed(_relative(config, error))
 
 
 class RemovedItem(BookItem):
@@ -453,10 +503,12 @@ def check_settings(config: pytest.Config):
     from rulecheck.config import (
         Budget,
         CheckConfig,
+        GateConfig,
         parse_accept_changed,
         parse_budget,
         parse_config,
     )
+    from rulecheck.core.verdict import STATISTICS
 
     texts = {name: setting(config, name) for name in ("tolerance", "examples")}
     accept = parse_accept_changed(
@@ -465,6 +517,11 @@ def check_settings(config: pytest.Config):
     remap = setting(config, "remap")
     allow_lost = setting(config, "allow-lost")
     budget = Budget() if allow_lost is None else parse_budget(allow_lost, "--rulecheck-allow-lost")
+    gate = parse_config(
+        GateConfig,
+        {name: setting(config, f"gate-{name.replace('_', '-')}") for name in STATISTICS},
+        "--rulecheck-gate-{}",
+    )
     checked = parse_config(
         CheckConfig,
         texts,
@@ -472,6 +529,7 @@ def check_settings(config: pytest.Config):
         accept_changed=accept,
         remap=remap,
         allow_lost=budget,
+        gate=gate,
     )
     mode = config.getoption("rulecheck_extract", None)
     if mode is not None and remap is not None:
@@ -537,6 +595,7 @@ class Summary:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.results: list[dict[str, Any]] = []
+        self.gates: list[dict[str, Any]] = []  # each gate item's verdict (--rulecheck-remap)
         self.items: list[Any] = []  # every rulebook item's outcome, for the HTML report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -549,6 +608,11 @@ class Summary:
         if report.when == "call" or report.failed:
             for value in records:
                 self.results.append(dict(value, outcome=outcome, nodeid=report.nodeid))
+            for name, value in report.user_properties:
+                if name == "rulecheck-gate":
+                    gate = dict(value, rule="gate", outcome=outcome, nodeid=report.nodeid)
+                    self.gates.append(gate)
+                    records.append(gate)
         if setting(self.config, "html") and report.nodeid.split("::", 1)[0].endswith(
             (".yaml", ".yml")
         ):
@@ -589,11 +653,18 @@ class Summary:
         return table
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config) -> None:
-        if self.results:
-            Console(file=terminalreporter._tw._file, width=100).print(self.table())
+        console = Console(file=terminalreporter._tw._file, width=100)
+        if self.gates:
+            from rulecheck.report import print_gate
+
+            print_gate(sorted(self.gates, key=lambda g: _head_order(g["head"])), console)
+        if self.results or self.gates:
+            if self.results:
+                console.print(self.table())
             path = setting(self.config, "report")
             if path:
-                Path(path).write_text(json.dumps(self.results, indent=2, sort_keys=True) + "\n")
+                entries = [*self.gates, *self.results]
+                Path(path).write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
         html = setting(self.config, "html")
         if html and not hasattr(self.config, "workerinput"):
             self.write_html(Path(html), terminalreporter)

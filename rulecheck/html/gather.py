@@ -292,12 +292,19 @@ def _figure4(
 
 
 def _gate(books: list[tuple[BookInput, str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """Per head of a run with ``--rulecheck-remap``: its features kept (re-identified, every
-    claim holds), changed (re-identified, a claim fails) and lost (no partner)."""
+    """Per head of a run with ``--rulecheck-remap``: its gate verdict (``Verdict.record``,
+    None when its gate item did not run), then its features kept (re-identified, every claim
+    holds), changed (re-identified, a claim no longer holds) and lost (no partner)."""
+    from rulecheck.report import gate_rows
+
     heads = []
     for entry, anchor, cards in books:
         remapped = [o for o in entry.outcomes if "remapped_to" in o.record or "lost" in o.record]
-        if not remapped:
+        verdict = next(
+            (o.record for o in entry.outcomes if o.item == "gate" and "statistics" in o.record),
+            None,
+        )
+        if not remapped and verdict is None:
             continue
         rows: dict[str, list[dict[str, Any]]] = {"kept": [], "changed": [], "lost": []}
         for card in cards:
@@ -307,9 +314,19 @@ def _gate(books: list[tuple[BookInput, str, list[dict[str, Any]]]]) -> list[dict
             elif card["remapped_to"] is None:
                 continue
             else:
-                group = "changed" if card["status"] == "failed" else "kept"
+                group = "changed" if card["status"] in ("failed", "xfailed") else "kept"
             rows[group].append(card)
-        heads.append({"name": entry.book.name, "anchor": anchor, "shown": entry.shown, **rows})
+        header, values = gate_rows([verdict]) if verdict else ([], [[]])
+        heads.append(
+            {
+                "name": entry.book.name,
+                "anchor": anchor,
+                "shown": entry.shown,
+                "verdict": verdict,
+                "statistics": list(zip(header[2:], values[0][2:], strict=True)),
+                **rows,
+            }
+        )
     return heads
 
 
