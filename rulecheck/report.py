@@ -265,13 +265,14 @@ def print_gate(gates: list[dict[str, Any]], console: Console) -> None:
     console.print(gate_table(gates))
     for g in gates:
         if not g["passed"]:
-            console.print(Text(f"{g['head']}: gate failed: {g['reason']}", style="red"))
+            line = Text(f"{g['head']}: gate failed: {g['reason']}", style="red")
+            console.print(line, soft_wrap=True)
 
 
 def gate_markdown(gates: list[dict[str, Any]]) -> str:
     """``gate_table`` as Markdown (a pull request's comment, a job summary)."""
     passed = sum(g["passed"] for g in gates)
-    verdict = "passed" if passed == len(gates) else "**failed**"
+    verdict = "passed" if passed == len(gates) else "FAILED"
     header, rows = gate_rows(gates)
     lines = [f"**rulecheck gate: {verdict}** ({passed} of {len(gates)} heads pass)", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -99,3 +99,25 @@ def test_a_book_without_skip_grams_is_judged_on_nothing_and_passes() -> None:
 def test_thresholds_out_of_range_are_refused(field: str, value: float) -> None:
     with pytest.raises(InvalidSpec, match=f"{field}: must be a number in"):
         GateConfig(**{field: value})
+
+
+def test_the_gate_table_and_markdown_lead_with_the_verdict() -> None:
+    from rich.console import Console
+
+    from rulecheck.report import gate_markdown, print_gate
+
+    good = judge(gate_statistics([FeatureChange(1, 1, True, 0.9, 0.9, 0.9)]), GateConfig())
+    bad = judge(gate_statistics([FeatureChange(1, None, False, 0.9, None, 0.0)]), GateConfig())
+    records = [good.record("L0H0"), bad.record("L0H1")]
+    text = gate_markdown(records)
+    lines = text.splitlines()
+    assert lines[0] == "**rulecheck gate: FAILED** (1 of 2 heads pass)"
+    assert lines[2] == "| head | gate | reidentified | holding | f1_change | fresh |"
+    assert lines[4] == "| L0H0 | pass | 1.000 | 1.000 >= 0.385 | 0.000 >= -0.25 | 1.000 >= 0.5 |"
+    assert lines[5] == "| L0H1 | FAIL | 0.000 | 0.000 < 0.385 | n/a | 0.000 < 0.5 |"
+    assert lines[-1] == f"- L0H1: {bad.reason()}"
+    console = Console(width=100, record=True)
+    print_gate(records, console)
+    shown = console.export_text()
+    assert "rulecheck gate: FAILED (1 of 2 heads pass)" in shown.splitlines()[0]
+    assert f"L0H1: gate failed: {bad.reason()}" in shown
