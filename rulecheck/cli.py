@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="when NEW was extracted with retrained SAEs: auto (match them on the fly) or the "
         "mapping files of rulecheck match (a file or a directory). OLD is then gated on NEW's "
         "SAEs first (the verdict of pytest --rulecheck-remap, which sets the exit status), and "
-        "features are paired through the matching",
+        "features are paired through the matching; where both books name the same SAEs, "
+        "through the mapping files alone",
     )
     diff.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
 
@@ -275,9 +276,15 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
         # a head whose book and measurements did not change is the same book: read once
         new = old if _same_bytes(a, b) else load_rulebook(b, measurements=True)
         mapping = None
-        if args.mapping is not None:
+        if args.mapping is not None and (old.sae_in, old.sae_out) != (new.sae_in, new.sae_out):
             mapping, verdict = _diff_gate(old, str(a), new, args)
             gates.append(verdict)
+        elif args.mapping is not None:  # the same SAEs: paired through the files alone
+            from rulecheck.mapping import mapping_for
+
+            hook = f"blocks.{old.layer}.attn.hook_z"
+            found = mapping_for(args.mapping, hook, (old.head, None), field="--mapping")
+            mapping = found[1].mapping()
         heads.append(diff_books(old, new, mapping))
     if args.format == "md":
         console.file.write(

@@ -928,11 +928,14 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
     analysis_path = work / "analysis.json"
     if analysis_path.exists():
         lines += analysis_lines(json.loads(analysis_path.read_text()))
-    gate_path = out / "calibration" / "gate.json"
-    if gate_path.exists():
-        from rulecheck.build.calibration import gate_lines
-
-        lines += gate_lines(json.loads(gate_path.read_text()))
+    # the gate's section is rulecheck.build.calibration's (calibration card): kept as it is
+    before = (out / "MODEL_CARD.md").read_text() if (out / "MODEL_CARD.md").exists() else ""
+    if "\n## The retraining gate\n" in before:
+        lines += [
+            "",
+            "## The retraining gate",
+            *before.split("\n## The retraining gate\n")[1].rstrip("\n").split("\n"),
+        ]
     (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
 
 

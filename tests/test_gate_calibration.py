@@ -1,0 +1,76 @@
+"""The retraining gate's calibration on rulecheck-tiny's L0H0: the recorded table behind the
+model card and its default thresholds, and the broken kinds gated live, each failing with its
+one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rulecheck.rulebook import load_rulebook
+from rulecheck.session import Workbench
+from rulecheck.specs import Specs
+
+ROOT = Path(__file__).parents[1]
+SHIPPED = ROOT / "rulebooks" / "rulecheck-tiny"
+
+
+def test_the_model_card_shows_the_calibration() -> None:
+    """The card's gate section is the one written from ``calibration/gate.json``, whose
+    thresholds are the defaults: every case got the verdict it was expected to get,
+    identically in every run."""
+    from dataclasses import asdict
+
+    from rulecheck.build.calibration import CASES, gate_lines
+    from rulecheck.config import GateConfig
+
+    tiny = ROOT / "rulecheck/zoo/tiny"
+    report = json.loads((tiny / "calibration/gate.json").read_text())
+    card = (tiny / "MODEL_CARD.md").read_text()
+    assert card.endswith("\n".join(gate_lines(report)) + "\n")
+    assert report["thresholds"] == asdict(GateConfig())
+    assert [c.name for c in CASES] == list(report["cases"])
+    healthy = [c for c in CASES if c.healthy and not c.held_out]
+    broken = [c for c in CASES if not c.healthy and not c.held_out]
+    assert len(healthy) >= 3 and len(broken) >= 4
+    for case in CASES:
+        row = report["cases"][case.name]
+        assert row["identical"] and len(row["exit"]) == report["reruns"] >= 5, case.name
+        assert row["exit"] == [0 if case.healthy else 1] * report["reruns"], case.name
+        assert row["passed"] == case.healthy, case.name
+
+
+@pytest.fixture(scope="module")
+def calibration_bench() -> Workbench:
+    """One workbench for the calibration cases: the model, the shipped SAEs and the book's
+    measurements on them are loaded and taken once."""
+    return Workbench(cache_dir=None)
+
+
+LIVE = ("seed2", "fewtokens", "sparse", "otherhead", "scrambled", "untrained")
+
+
+@pytest.mark.parametrize("name", LIVE)
+def test_each_calibration_case_gets_its_verdict(calibration_bench: Workbench, name: str) -> None:
+    """Gated live, each broken kind fails with its one line (and a healthy retrain passes),
+    with the statistics the calibration recorded, within a tolerance of 0.03 across
+    machines."""
+    from rulecheck.build.calibration import BOOK, CASES
+    from rulecheck.gate import gate_verdict
+
+    [case] = [c for c in CASES if c.name == name]
+    recorded = json.loads((ROOT / "rulecheck/zoo/tiny/calibration/gate.json").read_text())
+    bench = calibration_bench.with_overrides(Specs(sae_in=case.sae_in, sae_out=case.sae_out))
+    path = SHIPPED / f"{BOOK}.yaml"
+    book = load_rulebook(path)
+    bench.announce(book, str(path))
+    verdict = gate_verdict(bench, book, str(path), "auto")
+    assert verdict.passed == case.healthy
+    record = verdict.record("L0H0")
+    for stat, value in recorded["cases"][name]["statistics"].items():
+        assert record["statistics"][stat]["value"] == pytest.approx(value, abs=0.03), stat
+    if not case.healthy:
+        reason = verdict.reason()
+        assert "\n" not in reason and " < " in reason and "(by " in reason and "look at" in reason
