@@ -255,11 +255,9 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert not Path(out).exists()
 
 
-def test_a_gate_run_shows_the_verdict_then_kept_changed_and_lost_features(run):
-    """The gate's section from a run's records: the head's verdict and its statistics against
-    their thresholds first; then re-identified features whose claims hold are kept, those with
-    a claim that no longer holds (xfailed in a gate run) changed, those without a partner
-    lost."""
+def gate_page(run: Path) -> tuple[str, int, int]:
+    """The report of a gate run's records (a failed verdict, a changed and a lost feature),
+    and the two features' ids."""
     from rulecheck.config import GateConfig
     from rulecheck.core.verdict import FeatureChange, gate_statistics, judge
     from rulecheck.html import build_report
@@ -287,6 +285,15 @@ def test_a_gate_run_shows_the_verdict_then_kept_changed_and_lost_features(run):
         Outcome(f"books/L0H0.yaml::feature[{b}]::f1", "xfailed", {"head": head, "lost": True}),
     ]
     html = build_report([(run / "books" / "L0H0.yaml", "L0H0.yaml")], outcomes, root=run)
+    return html, a, b
+
+
+def test_a_gate_run_shows_the_verdict_then_kept_changed_and_lost_features(run):
+    """The gate's section from a run's records: the head's verdict and its statistics against
+    their thresholds first; then re-identified features whose claims hold are kept, those with
+    a claim that no longer holds (xfailed in a gate run) changed, those without a partner
+    lost."""
+    html, a, b = gate_page(run)
     start = html.index('<section id="gate">')
     gate = html[start : html.index("</section>", start)]
     assert '<span class="badge failed">gate failed</span>' in gate
@@ -368,7 +375,8 @@ def test_the_report_in_a_browser(run, data, tmp_path):
             # the failed claim, from the list of failed claims
             page.locator("#failed a[href='#L0H0-2-f0']").first.click()
             failed = page.locator("#L0H0-2-f0")
-            assert failed.get_attribute("open") is not None
+            # the page opens it on hashchange, which the browser fires after the click returns
+            sync_api.expect(failed).to_have_attribute("open", re.compile(".*"))
             assert failed.locator("mark.ins").first.inner_text() == "the"
             assert float(failed.locator(".acts .before").inner_text()) > 0
             assert "falsified" in failed.locator("pre.message").last.inner_text()
@@ -385,3 +393,39 @@ def test_the_report_in_a_browser(run, data, tmp_path):
     assert leaving == []
     assert (tmp_path / "overview.png").stat().st_size > 10_000
     assert (tmp_path / "feature.png").stat().st_size > 10_000
+
+
+def test_the_gate_section_in_a_browser(run, tmp_path):
+    """The gate's section as a reader sees it: reached from the header, the verdict before
+    the statistics, the statistic past its threshold marked, a feature's link opening its
+    card."""
+    sync_api = _browser()
+    html, a, _ = gate_page(run)
+    page_file = tmp_path / "gate.html"
+    page_file.write_text(html, encoding="utf-8")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_file.as_uri(), wait_until="load")
+            page.locator("header a[href='#gate']").click()
+            gate = page.locator("section#gate")
+            badge = gate.locator(".badge.failed")
+            assert badge.inner_text() == "gate failed" and badge.is_visible()
+            first_table = gate.locator("table").first
+            assert first_table.get_attribute("class") == "gate-statistics"
+            assert first_table.locator("tr.failed td").first.inner_text() == "holding"
+            color = first_table.locator("tr.failed td").first.evaluate(
+                "e => getComputedStyle(e).color"
+            )
+            assert color == "rgb(198, 40, 40)"
+            assert gate.locator("p.reason").inner_text().startswith("f1_change -0.350 < -0.25")
+            gate.locator(f"tr.changed a[href='#L0H0-f{a}']").click()
+            card = page.locator(f"#L0H0-f{a}")
+            sync_api.expect(card).to_have_attribute("open", re.compile(".*"))
+            assert card.is_visible()
+        finally:
+            browser.close()
+    assert errors == []
