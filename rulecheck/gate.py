@@ -8,8 +8,13 @@ translation; one that did is matched to the old one, either on the fly (``auto``
 cosine and activation correlation over the head's corpus, ``rulecheck.match.match_saes``)
 or from mapping files written by ``rulecheck match`` (a file, or a directory of them, each
 found by the hook and head it maps and checked against both SAEs' fingerprints). The book is
-then translated (``rulecheck.remap``). A claim on a feature without a confident partner fails
-with one line, unless the budget ``--rulecheck-allow-lost`` allows that many lost features.
+then translated (``rulecheck.remap``).
+
+The verdict (``gate_verdict``) is the book's as a whole (``rulecheck.core.verdict``): each
+feature's skip-grams measured on the book's SAEs and, translated, on its partner, and rules
+extracted afresh for what the new SAE has in its place. In a gate run a claim that no longer
+holds is evidence; a book written by ``rulecheck remap`` and run as any book fails on a lost
+feature with one line (``lost_verdict``), unless ``--rulecheck-allow-lost`` allows it.
 """
 
 from __future__ import annotations

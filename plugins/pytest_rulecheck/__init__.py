@@ -6,6 +6,10 @@ feature yields ``f1``, ``precision`` and ``recall`` items (thresholds from ``exp
 
     L0H3.yaml::feature[94]::f1
     L0H3.yaml::feature[94]::absence[twitter]
+
+With ``--rulecheck-remap`` (a retraining gate) each book also yields ``L0H3.yaml::gate``, its
+verdict from statistics of the whole book; the claims then are its evidence, a claim that no
+longer holds reported xfailed.
 """
 
 from __future__ import annotations
