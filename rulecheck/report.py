@@ -14,7 +14,7 @@ from rich.text import Text
 
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.bookdiff import FeatureDiff, HeadDiff
-from rulecheck.kinds.skipgram import SkipGram
+from rulecheck.kinds.skipgram import SkipGram, distance_text
 from rulecheck.refs import TokenRef, ref_name
 from rulecheck.rulebook import load_rulebook
 
@@ -29,8 +29,9 @@ def render_ref(ref: TokenRef) -> str:
 
 
 def render_skipgram(term: SkipGram) -> str:
-    """``[If] ... [ then]``: the key, then the query that attends to it."""
-    return f"{render_ref(term.key)} ... {render_ref(term.query)}"
+    """``[If] ... [ then]``: the key, then the query that attends to it (and how far after
+    the key, where the term says: ``[(] ... [)] (distance <= 3)``)."""
+    return f"{render_ref(term.key)} ... {render_ref(term.query)}{distance_text(term)}"
 
 
 def top_terms(entry: FeatureRules, n: int = TOP_TERMS) -> list[SkipGram]:

@@ -512,3 +512,49 @@ def test_predict_prefixes_reads_each_features_terms_through_the_union_of_columns
             if fq > 0 and fk > 0:
                 best = max(best, fq * fk * float(a) * fk * float(v))
         assert float(got[i]) == pytest.approx(best, rel=1e-5, abs=1e-7)
+
+
+def test_bounded_terms_read_their_keys_only_at_their_distances(model, tokens):
+    """Terms with ``min_distance``/``max_distance`` (some unbounded, -1), through ``predict``
+    and through ``predict_prefixes``'s chunks, against a loop over key positions."""
+    from rulecheck.core.evaluate import Columns, predict_prefixes
+    from rulecheck.core.prefixes import sequence_chunks
+    from rulecheck.core.scores import Terms
+
+    sae_in = random_sae(16, 24, f"blocks.{LAYER}.hook_resid_pre", seed=4)
+    feats = sae_in.encode(full_pass(model, tokens)[f"blocks.{LAYER}.hook_resid_pre"]).detach()
+    g = torch.Generator().manual_seed(21)
+    n = 12
+    terms = Terms(
+        query=torch.randint(0, 24, (n,), generator=g),
+        key=torch.randint(0, 24, (n,), generator=g),
+        attn=torch.rand(n, generator=g),
+        value=torch.rand(n, generator=g),
+        max_distance=torch.tensor([-1, 0, 1, 2, 3, 5, 8, -1, 2, 4, 1, 6]),
+        min_distance=torch.tensor([-1, 0, 1, -1, 2, 5, 3, 4, -1, 1, 0, -1]),
+    )
+    assert terms.bounded and not Terms(terms.query, terms.key, terms.attn, terms.value).bounded
+
+    def reference(b: int, end: int) -> float:
+        best = 0.0
+        for j in range(n):
+            lo, hi = int(terms.min_distance[j]), int(terms.max_distance[j])
+            lo, hi = max(lo, 0), hi if hi >= 0 else end
+            keys = [float(feats[b, i, terms.key[j]]) for i in range(end + 1) if lo <= end - i <= hi]
+            fq, fk = float(feats[b, end, terms.query[j]]), max([0.0, *keys])
+            if fq > 0 and fk > 0:
+                best = max(best, fq * fk * float(terms.attn[j]) * fk * float(terms.value[j]))
+        return best
+
+    t = torch.randint(0, tokens.shape[1], (tokens.shape[0],), generator=g)
+    got = predict(feats, t, terms)
+    for b in range(tokens.shape[0]):
+        assert float(got[b]) == pytest.approx(reference(b, int(t[b])), rel=1e-5, abs=1e-7)
+    assert (got > 0).any()
+    seq, ends = shared_prefixes(tokens.shape[0], [10], seed=22)
+    columns = Columns(tuple(range(24)), ())
+    chunks = sequence_chunks(model, sae_in, tokens, LAYER, seq, ends, 3, columns.features)
+    through = predict_prefixes(chunks, torch.zeros(len(seq), dtype=torch.long), columns, [terms])
+    for i in range(len(seq)):
+        want = reference(int(seq[i]), int(ends[i]))
+        assert float(through[i]) == pytest.approx(want, rel=1e-5, abs=1e-7)

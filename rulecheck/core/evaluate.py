@@ -16,7 +16,7 @@ from torch import Tensor
 from rulecheck.core.exemplars import FeatureExamples
 from rulecheck.core.metrics import binary_scores, spearman
 from rulecheck.core.prefixes import SequenceChunk
-from rulecheck.core.rules import predict_from
+from rulecheck.core.rules import predict_from, window_key_act
 from rulecheck.core.scores import Terms
 
 
@@ -101,10 +101,16 @@ def predict_prefixes(
     read = Columns(tuple(range(len(columns.features))), columns.token_sets)
     pred = torch.zeros(len(owner))
     for chunk in chunks:
-        q, k = chunk.stats(input_columns(chunk.feats, chunk.tokens, read))
+        cols = input_columns(chunk.feats, chunk.tokens, read)
+        q, k = chunk.stats(cols)
         mine_of = owner[chunk.rows].to(q.device)
         for i in mine_of.unique().tolist():
             mine = mine_of == i
-            own = predict_from(q[mine], k[mine], terms[i].to(q.device))
+            own_terms = terms[i].to(q.device)
+            k_act = None
+            if own_terms.bounded:
+                where, t = chunk.where.to(q.device)[mine], chunk.t.to(q.device)[mine]
+                k_act = window_key_act(cols, t, where, own_terms)
+            own = predict_from(q[mine], k[mine], own_terms, k_act)
             pred[chunk.rows[mine.cpu()]] = own.float().cpu()
     return pred

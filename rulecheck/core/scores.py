@@ -68,17 +68,33 @@ class Terms:
     attn: Tensor  # [n_terms] attn-score(query, key)
     value: Tensor  # [n_terms] value-score(key)
     importance: Tensor | None = None  # [n_terms], gradient-based ranking only
+    # [n_terms] long, query position minus key position at most / at least (-1: no bound);
+    # None: no term is bounded
+    max_distance: Tensor | None = None
+    min_distance: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.query.shape[0])
 
+    @property
+    def bounded(self) -> bool:
+        """Whether some term holds only at some distances (``rules.window_key_act``)."""
+        return any(
+            d is not None and bool((d >= 0).any()) for d in (self.max_distance, self.min_distance)
+        )
+
+    def _map(self, f) -> Terms:
+        return Terms(
+            *(f(x) for x in (self.query, self.key, self.attn, self.value)),
+            *(None if x is None else f(x) for x in (self.importance, self.max_distance)),
+            None if self.min_distance is None else f(self.min_distance),
+        )
+
     def take(self, index: Tensor) -> Terms:
-        imp = None if self.importance is None else self.importance[index]
-        return Terms(self.query[index], self.key[index], self.attn[index], self.value[index], imp)
+        return self._map(lambda x: x[index])
 
     def to(self, device: torch.device | str) -> Terms:
-        imp = None if self.importance is None else self.importance.to(device)
-        return Terms(*(x.to(device) for x in (self.query, self.key, self.attn, self.value)), imp)
+        return self._map(lambda x: x.to(device))
 
     @property
     def weight(self) -> Tensor:

@@ -96,6 +96,13 @@ class _Term:
     key: Resolved
     query: Resolved
     label: str
+    min_distance: int | None = None
+    max_distance: int | None = None
+
+    def reaches(self, i: int, t: int) -> bool:
+        """Whether a key at ``i`` is at one of the term's distances from the query at ``t``."""
+        lo, hi = self.min_distance or 0, self.max_distance
+        return lo <= t - i and (hi is None or t - i <= hi)
 
 
 def _terms(rules: FeatureRules, resolve: Callable[[Any, str], Resolved]) -> list[_Term]:
@@ -107,7 +114,7 @@ def _terms(rules: FeatureRules, resolve: Callable[[Any, str], Resolved]) -> list
         where = f"feature[{rules.feature}].skipgrams[{i}]"
         key = resolve(term.key, f"{where}.key")
         query = resolve(term.query, f"{where}.query")
-        out.append(_Term(key, query, render_skipgram(term)))
+        out.append(_Term(key, query, render_skipgram(term), term.min_distance, term.max_distance))
     return out
 
 
@@ -219,6 +226,7 @@ def _exemplar(
         if not bool(_present(term.query, tokens, inputs, col)[t]):
             continue
         at = torch.nonzero(_present(term.key, tokens, inputs, col)[: t + 1]).flatten().tolist()
+        at = [i for i in at if term.reaches(i, t)]
         if at:
             first = first or term.label
             keys.update(at)

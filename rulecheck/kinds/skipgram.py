@@ -10,7 +10,7 @@ Items: ``f1``, ``precision`` and ``recall`` of that prediction on the feature's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from rulecheck import schema
@@ -34,20 +34,41 @@ def _score() -> Any:
 SHORTHAND = '"[key] ... [query]", e.g. "[if] ... [then]"'
 
 
+def _distance() -> Any:
+    return schema.entry(schema.integer(0), default=None)
+
+
 @dataclass
 class SkipGram(schema.Record):
-    """Query ``query`` attends to key ``key`` and writes the feature: ``[key] ... [query]``."""
+    """Query ``query`` attends to key ``key`` and writes the feature: ``[key] ... [query]``;
+    with ``max_distance`` (``min_distance``) only where the query is at most (at least) that
+    many tokens after the key (0: the same token)."""
 
     key: TokenRef = ref_entry(required=True)
     query: TokenRef = ref_entry(required=True)
     attn_score: float | None = _score()
     value_score: float | None = _score()
     importance: float | None = _score()
+    max_distance: int | None = _distance()
+    min_distance: int | None = _distance()
+
+
+def distance_text(term: SkipGram) -> str:
+    """`` (distance <= 3)``, `` (distance 1-3)``, ``(distance >= 2)``, or nothing for a
+    term without bounds."""
+    lo, hi = term.min_distance, term.max_distance
+    if lo is None and hi is None:
+        return ""
+    if lo is None:
+        return f" (distance <= {hi})"
+    if hi is None:
+        return f" (distance >= {lo})"
+    return f" (distance {lo})" if lo == hi else f" (distance {lo}-{hi})"
 
 
 def label(term: SkipGram) -> str:
-    """``[If] ... [then]``: a term as a feature's label shows it."""
-    return f"[{ref_name(term.key)}] ... [{ref_name(term.query)}]"
+    """``[If] ... [then]``: a term as a feature's label shows it (with its distances)."""
+    return f"[{ref_name(term.key)}] ... [{ref_name(term.query)}]{distance_text(term)}"
 
 
 def claim_text(rules: FeatureRules, head: str) -> str:
@@ -90,6 +111,7 @@ def feature_terms(rules: FeatureRules, resolver: Resolver) -> tuple[Columns, Ter
         key = resolver.resolve(term.key, f"{where}.key")
         query = resolver.resolve(term.query, f"{where}.query")
         refs.append((key, query, term.attn_score, term.value_score))
+    bounds = [(t.max_distance, t.min_distance) for t in rules.skipgrams]
     features: list[int] = []
     token_sets: list[tuple[int, ...]] = []
     for key, query, _, _ in refs:
@@ -110,6 +132,12 @@ def feature_terms(rules: FeatureRules, resolver: Resolver) -> tuple[Columns, Ter
         attn=torch.tensor([abs(a or 1.0) or 1.0 for _, _, a, _ in refs], dtype=number),
         value=torch.tensor([abs(v or 1.0) or 1.0 for _, _, _, v in refs], dtype=number),
     )
+    if any(b != (None, None) for b in bounds):
+        terms = replace(
+            terms,
+            max_distance=torch.tensor([-1 if hi is None else hi for hi, _ in bounds]),
+            min_distance=torch.tensor([-1 if lo is None else lo for _, lo in bounds]),
+        )
     return columns, terms
 
 
@@ -132,7 +160,6 @@ def _measure_with_book(bench: Workbench, head: Head, rules: FeatureRules, file: 
     import torch
 
     from rulecheck.core.evaluate import predict_prefixes, score_predictions, union_columns
-    from rulecheck.core.scores import Terms
     from rulecheck.errors import RulecheckError
 
     book = bench.announced_features(file)
@@ -155,7 +182,7 @@ def _measure_with_book(bench: Workbench, head: Head, rules: FeatureRules, file: 
         prepared.append((r, columns, terms, ex, ex.part("test")))
     union, index = union_columns([columns for _, columns, _, _, _ in prepared])
     read = [
-        Terms(query=i[terms.query], key=i[terms.key], attn=terms.attn, value=terms.value)
+        replace(terms, query=i[terms.query], key=i[terms.key])
         for i, (_, _, terms, _, _) in zip(index, prepared, strict=True)
     ]
     sizes = [int(test.sum()) for *_, test in prepared]
@@ -185,7 +212,8 @@ class SkipGrams(RuleKind):
     together = True  # the terms of one F1 claim
 
     def read(self, where: schema.Where, value: Any, path: str) -> SkipGram:
-        """``[key, query]``, ``"[key] ... [query]"`` or ``{key: ..., query: ...}``."""
+        """``[key, query]``, ``"[key] ... [query]"`` or ``{key: ..., query: ...}``, the
+        last with ``max_distance``/``min_distance`` where the term is bounded."""
         if isinstance(value, str):
             _, (key, query) = shorthand(where, value, path, ("", "...", ""), SHORTHAND)
             return SkipGram(key=key, query=query)
@@ -200,9 +228,19 @@ class SkipGrams(RuleKind):
                 key=read_ref(where, value[0], f"{path}[0]"),
                 query=read_ref(where, value[1], f"{path}[1]"),
             )
-        return super().read(where, value, path)
+        term = super().read(where, value, path)
+        lo, hi = term.min_distance, term.max_distance
+        if lo is not None and hi is not None and lo > hi:
+            where.fail(
+                f"{path}.min_distance",
+                f"min_distance {lo} is more than max_distance {hi}: no position is that far",
+                "swap them, or drop min_distance",
+            )
+        return term
 
     def write(self, claim: SkipGram, table: RefTable) -> Any:
+        if claim.max_distance is not None or claim.min_distance is not None:
+            return super().write(claim, table)  # only the long form says how far
         key, query = table.short(claim.key), table.short(claim.query)
         if isinstance(key, int) and isinstance(query, int):
             return [key, query]
