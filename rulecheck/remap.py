@@ -10,7 +10,8 @@ matchings:
   moves to the book's ``lost:`` list under its old id, with the best candidate and its score;
 - an input reference with a partner takes the partner's id and keeps its tokens; one whose
   input feature is lost keeps only its tokens, so that the claim is checked on the tokens as
-  written (``by_tokens`` counts these). A reference lost with no tokens cannot be translated:
+  written (``by_tokens`` counts these), less any shown with U+FFFD (decoded from part of a
+  character, they name no token). A reference lost with no tokens cannot be translated:
   a rule of a kind checked as a set (skip-gram terms) leaves the set; any other rule stays,
   untranslated, and is listed in ``untranslatable`` (its item fails; a written book leaves it
   out).
@@ -119,14 +120,16 @@ class _Counts:
 
 def _ref(ref: TokenRef, inputs: FeatureMap | None) -> TokenRef | None:
     """``ref`` in the new input SAE's ids: by its partner, or by its tokens alone when its
-    feature was lost; None when it has neither."""
+    feature was lost (those that name one token: a token shown with U+FFFD was decoded from
+    part of a character and names none); None when it has neither."""
     if inputs is None or ref.feature is None:
         return ref
     new = inputs.new_of.get(ref.feature)
     if new is not None:
         return TokenRef(new, list(ref.tokens))
-    if ref.tokens:
-        return TokenRef(None, list(ref.tokens))
+    tokens = [t for t in ref.tokens if "\ufffd" not in t]
+    if tokens:
+        return TokenRef(None, tokens)
     return None
 
 

@@ -74,3 +74,20 @@ def test_each_calibration_case_gets_its_verdict(calibration_bench: Workbench, na
     if not case.healthy:
         reason = verdict.reason()
         assert "\n" not in reason and " < " in reason and "(by " in reason and "look at" in reason
+
+
+def test_an_input_sae_retrained_alone_passes_the_gate(calibration_bench: Workbench) -> None:
+    """The retrained input SAE with each head's own output SAE: L0H1's book (whose lost input
+    features fall back on tokens, one of them shown with U+FFFD) passes, every feature
+    re-identified."""
+    from rulecheck.gate import gate_verdict
+
+    path = SHIPPED / "L0H1.yaml"
+    book = load_rulebook(path)
+    bench = calibration_bench.with_overrides(
+        Specs(sae_in="rulecheck-tiny:retrained/sae_in/L{layer}")
+    )
+    bench.announce(book, str(path))
+    verdict = gate_verdict(bench, book, str(path), "auto")
+    assert verdict.passed, verdict.reason()
+    assert verdict.statistics.reidentified == 1.0 and (verdict.statistics.holding or 0) > 0.8

@@ -230,3 +230,18 @@ def test_the_lost_verdict_says_why_and_counts_against_the_budget() -> None:
         lost_verdict(book, entry, parse_budget("33%", "x"), "L0H1.yaml")
     entry.best_candidate = BestCandidate(feature=7, confidence=0.6)
     assert "confidence 0.600, paired with another feature" in lost_reason(book, entry, None, 0.5)
+
+
+def test_a_lost_reference_keeps_only_the_tokens_that_name_one() -> None:
+    """A token shown with U+FFFD was decoded from part of a character: it names no token of
+    the tokenizer, so a reference falling back on its tokens leaves it out (and with nothing
+    else left, cannot be translated)."""
+    text = BOOK.replace("9: [' else']", "9: [' else', \"\\ufffd\"]").replace(
+        "8: []", '8: ["\\ufffd\\ufffd"]'
+    )
+    book = parse_rulebook(text)
+    assert book.refs[9] == [" else", "\ufffd"]
+    outputs, inputs = maps()
+    r = remap_book(book, outputs, inputs)
+    assert book_dict(r.book)["features"] == book_dict(parse_rulebook(TRANSLATED))["features"]
+    assert (r.by_tokens, r.dropped) == (2, 1)
