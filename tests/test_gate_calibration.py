@@ -57,13 +57,13 @@ def test_each_calibration_case_gets_its_verdict(calibration_bench: Workbench, na
     """Gated live, each broken kind fails with its one line (and a healthy retrain passes),
     with the statistics the calibration recorded, within a tolerance of 0.03 across
     machines."""
-    from rulecheck.build.calibration import BOOK, CASES
+    from rulecheck.build.calibration import CASES
     from rulecheck.gate import gate_verdict
 
     [case] = [c for c in CASES if c.name == name]
     recorded = json.loads((ROOT / "rulecheck/zoo/tiny/calibration/gate.json").read_text())
     bench = calibration_bench.with_overrides(Specs(sae_in=case.sae_in, sae_out=case.sae_out))
-    path = SHIPPED / f"{BOOK}.yaml"
+    path = SHIPPED / f"{case.book}.yaml"
     book = load_rulebook(path)
     bench.announce(book, str(path))
     verdict = gate_verdict(bench, book, str(path), "auto")

@@ -54,6 +54,12 @@ class Case:
     train: dict | None = None
     seed: int | None = None
     held_out: bool = False  # not looked at when the thresholds were chosen
+    book: str = "L0H0"  # the head whose output SAE the case replaces
+
+    @property
+    def sae(self) -> str:
+        """The case's output SAE inside its directory: ``sae_out/L0H0``."""
+        return f"sae_out/{self.book}"
 
 
 def _spec(case: str) -> str:
@@ -156,6 +162,26 @@ CASES = (
         _spec("otherlayer"),
         held_out=True,
     ),
+    Case(
+        "L0H2-seed21",
+        True,
+        "head L0H2's output SAE retrained, seed 21 (its own book)",
+        _spec("L0H2-seed21"),
+        train={},
+        seed=21,
+        held_out=True,
+        book="L0H2",
+    ),
+    Case(
+        "L1H1-seed22",
+        True,
+        "head L1H1's output SAE retrained, seed 22 (its own book)",
+        _spec("L1H1-seed22"),
+        train={},
+        seed=22,
+        held_out=True,
+        book="L1H1",
+    ),
 )
 
 
@@ -247,18 +273,19 @@ def step_saes(work: Path, out: Path, threads: int, only: list[str] | None = None
             continue
         start = time.time()
         with atomic_directory(root / case.name) as staging:
+            layer, head = (int(x) for x in case.book[1:].split("H"))
             if case.train is not None:
                 sc = replace(SaeConfig(), **case.train)
-                run = {HEAD: sae_runs(model.cfg, sc)[0][HEAD]}
+                run = {case.sae: sae_runs(model.cfg, sc)[head][case.sae]}
                 dataset = training_dataset(work)
-                sae = train_run(model, dataset, run, sc, case.seed)[HEAD]
-                sae.save_inference_model(staging / HEAD)
+                sae = train_run(model, dataset, run, sc, case.seed)[case.sae]
+                sae.save_inference_model(staging / case.sae)
             else:
                 make, seed, source = MAKERS[case.name]
                 sae = load_sae(str(out / source))
-                make(sae, torch.Generator().manual_seed(seed)).save_model(str(staging / HEAD))
-            sae = load_sae(str(staging / HEAD))
-            quality = sae_quality(model, sae, tokens, 0, 0, loss_clean=clean)
+                make(sae, torch.Generator().manual_seed(seed)).save_model(str(staging / case.sae))
+            sae = load_sae(str(staging / case.sae))
+            quality = sae_quality(model, sae, tokens, layer, head, loss_clean=clean)
             for path in [staging, *staging.rglob("*")]:
                 path.chmod(0o755 if path.is_dir() else 0o644)
         report[case.name] = {
@@ -275,7 +302,6 @@ def step_saes(work: Path, out: Path, threads: int, only: list[str] | None = None
 
 # ---------------------------------------------------------------------------------- the table
 
-BOOK = "L0H0"  # the head every case retrains
 RERUNS = 5
 
 
@@ -314,10 +340,17 @@ def _gate_run(case: Case, book: Path, scratch: Path) -> dict:
     return {"exit": done.returncode, "gate": gates[0], "seconds": round(seconds, 1)}
 
 
-def step_table(out: Path, rulebooks: Path, reruns: int = RERUNS, jobs: int = 2) -> None:
-    """Gate ``BOOK`` on every case ``reruns`` times from an empty cache, with the README's
-    command and default thresholds; the statistics, verdicts and margins into
-    ``calibration/gate.json`` and the model card."""
+def step_table(
+    out: Path,
+    rulebooks: Path,
+    reruns: int = RERUNS,
+    jobs: int = 2,
+    only: list[str] | None = None,
+) -> None:
+    """Gate each case's book on its SAEs ``reruns`` times from an empty cache, with the
+    README's command and default thresholds; the statistics, verdicts and margins into
+    ``calibration/gate.json`` and the model card. With ``only``, those cases are gated again
+    and the others kept as recorded."""
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import asdict
@@ -325,19 +358,24 @@ def step_table(out: Path, rulebooks: Path, reruns: int = RERUNS, jobs: int = 2) 
     from rulecheck.config import GateConfig
     from rulecheck.core.verdict import HOLDING_DROP
 
-    book = rulebooks / f"{BOOK}.yaml"
-    jobs_list = [(case, i) for case in CASES for i in range(reruns)]
+    path = out / "calibration" / "gate.json"
+    recorded = json.loads(path.read_text())["cases"] if only and path.exists() else {}
+    todo = [case for case in CASES if not only or case.name in only]
+    jobs_list = [(case, i) for case in todo for i in range(reruns)]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
 
         def one(job: tuple[Case, int]) -> dict:
             case, i = job
             scratch = Path(tmp) / f"{case.name}-{i}"
             scratch.mkdir()
-            return _gate_run(case, book, scratch)
+            return _gate_run(case, rulebooks / f"{case.book}.yaml", scratch)
 
         runs = list(pool.map(one, jobs_list))
     cases = {}
     for case in CASES:
+        if case not in todo:
+            cases[case.name] = recorded[case.name]
+            continue
         mine = [r for (c, _), r in zip(jobs_list, runs, strict=True) if c is case]
         first = mine[0]["gate"]
         identical = all(
@@ -346,6 +384,7 @@ def step_table(out: Path, rulebooks: Path, reruns: int = RERUNS, jobs: int = 2) 
         )
         cases[case.name] = {
             "what": case.what,
+            "book": case.book,
             "healthy": case.healthy,
             "held_out": case.held_out,
             "sae_in": case.sae_in,
@@ -358,15 +397,14 @@ def step_table(out: Path, rulebooks: Path, reruns: int = RERUNS, jobs: int = 2) 
             "seconds": max(r["seconds"] for r in mine),
         }
     report = {
-        "book": BOOK,
-        "command": "python " + " ".join(gate_command(CASES[0], book)),
+        "command": "python " + " ".join(gate_command(CASES[0], rulebooks / "L0H0.yaml")),
         "thresholds": asdict(GateConfig()),
         "holding_drop": HOLDING_DROP,
         "reruns": reruns,
         "cases": cases,
         "machine": machine(),
     }
-    (out / "calibration" / "gate.json").write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
     step_card(out)
 
 
@@ -411,11 +449,11 @@ def gate_lines(report: dict) -> list[str]:
         "",
         "## The retraining gate",
         "",
-        f"`python -m rulecheck.build.calibration saes` builds the output SAEs of head "
-        f"{report['book']} below (`zoo/tiny/calibration/`; `retrained/` holds input and "
-        "output SAEs retrained with seed 1); `... calibration table` runs the README's gate "
-        f"command on each, {report['reruns']} times from an empty cache, with the default "
-        "thresholds:",
+        "`python -m rulecheck.build.calibration saes` builds the output SAEs below, of head "
+        "L0H0 unless the case names another (`zoo/tiny/calibration/`; `retrained/` holds input "
+        "and output SAEs retrained with seed 1); `... calibration table` runs the README's gate "
+        f"command on each, on its head's shipped book, {report['reruns']} times from an empty "
+        "cache, with the default thresholds:",
         "",
         f"    {report['command']}",
         "",
@@ -504,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.step == "saes":
         step_saes(args.work, args.out, args.threads, args.only)
     if args.step == "table":
-        step_table(args.out, args.rulebooks, args.reruns, jobs=args.threads)
+        step_table(args.out, args.rulebooks, args.reruns, jobs=args.threads, only=args.only)
     if args.step == "card":
         step_card(args.out)
 
