@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -163,11 +164,11 @@ def feature_order(seed: int = 0) -> list[int]:
     return torch.cat([order, added]).tolist()
 
 
-def build_tokenizer():
-    """A word-level ``tokenizers.Tokenizer`` over ``VOCAB``; ``<bos>`` is its BOS."""
+def build_tokenizer(vocab: list[str] = VOCAB):
+    """A word-level ``tokenizers.Tokenizer`` over ``vocab``; ``<bos>`` is its BOS."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens([BOS, "<unk>"])
     return tok
@@ -322,14 +323,17 @@ def build(directory: Path) -> Path:
     return directory
 
 
-def ensure_built(directory: Path) -> Path:
-    """Build the entry once, atomically (temp dir + rename), and reuse it afterwards."""
+def ensure_built(
+    directory: Path, builder: Callable[[Path], Path] = build, version: int = VERSION
+) -> Path:
+    """Build the entry (``builder`` at ``version``) once, atomically (temp dir + rename), and
+    reuse it afterwards."""
     directory = Path(directory)
-    marker = directory / f"BUILT-v{VERSION}"
+    marker = directory / f"BUILT-v{version}"
     if marker.exists():
         return directory
     # an entry an older version left is replaced; one another process built meanwhile is kept
     with atomic_directory(directory, replace=directory.exists()) as staging:
-        build(staging)
+        builder(staging)
         (staging / marker.name).write_text("ok\n")
     return directory

@@ -1,4 +1,5 @@
-"""Zoo registry: named checkpoints that run offline (``planted``, ``rulecheck-tiny``).
+"""Zoo registry: named checkpoints that run offline (``planted``, ``planted-local``,
+``rulecheck-tiny``).
 
 A zoo entry is a directory with a fixed layout, the same formats as any checkpoint::
 
@@ -6,7 +7,7 @@ A zoo entry is a directory with a fixed layout, the same formats as any checkpoi
     sae_in/L{l}/         sae_lens directory (cfg.json, sae_weights.safetensors)
     sae_out/L{l}H{h}/    sae_lens directory, per-head (hook_head_index in metadata)
     eval_tokens.npy      int [N, T], BOS in column 0
-    ground_truth.json    (planted only) the rules the weights implement
+    ground_truth.json    (planted entries only) the rules the weights implement
 
 Specs: ``NAME`` is the model, ``NAME:REL`` a path inside the entry, ``NAME:eval`` the corpus.
 This module only names entries and says where their files are; the code that builds them is
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from rulecheck.paths import cache_dir
 
-ENTRIES = ("planted", "rulecheck-tiny")
+ENTRIES = ("planted", "planted-local", "rulecheck-tiny")
 ALIASES = {"eval": "eval_tokens.npy", "corpus": "eval_tokens.npy", "model": "model"}
 PACKAGE_DIR = Path(__file__).parent
 
@@ -30,6 +31,10 @@ def entry_dir(name: str) -> Path:
         from rulecheck.build.planted import ensure_built
 
         return ensure_built(cache_dir() / "zoo" / "planted")
+    if name == "planted-local":
+        from rulecheck.build import planted_local
+
+        return planted_local.ensure_built(cache_dir() / "zoo" / "planted-local")
     if name == "rulecheck-tiny":
         return PACKAGE_DIR / "tiny"
     raise KeyError(name)
