@@ -154,12 +154,14 @@ class MatchConfig(Checked):
 class GateConfig(Checked):
     """The retraining gate's thresholds (``rulecheck.core.verdict``): the least share of a
     book's features whose skip-grams still hold, the least median F1 change of the
-    re-identified ones, and the least fresh-to-before F1 ratio. The defaults sit midway
+    re-identified ones, the least fresh-to-before F1 ratio, and the least share of the input
+    features its rules name found again in a retrained input SAE. The defaults sit midway
     between the healthy and broken retrains of the calibration (the model card's table)."""
 
     holding: float = bounded(float, 0.0, 1.0, default=0.385)
     f1_change: float = bounded(float, -1.0, 1.0, default=-0.25)
     fresh: float = bounded(float, 0.0, 10.0, default=0.5)
+    inputs: float = bounded(float, 0.0, 1.0, default=0.45)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from rulecheck.core.verdict import FeatureChange, Verdict, gate_statistics, judg
 from rulecheck.errors import InvalidMapping, RemapLost, RulecheckError
 from rulecheck.mapping import MappingHeader, mapping_for
 from rulecheck.match import match_saes
-from rulecheck.remap import FeatureMap, Remapped, remap_book
+from rulecheck.remap import FeatureMap, Remapped, referenced_inputs, remap_book
 from rulecheck.session import PART_NAMES, Head, Workbench
 from rulecheck.specs import head_spec
 
@@ -299,9 +299,11 @@ def gate_verdict(
     """The gate verdict of ``book`` under the SAEs this run loads (once per session)."""
     thresholds = thresholds or GateConfig()
 
-    def compute() -> list[FeatureChange]:
+    def compute() -> tuple[list[FeatureChange], tuple[int, int] | None]:
         gate = gated(bench, book, file, source, cfg)
-        return feature_changes(bench, gate, book, file)
+        in_map, named = gate.maps["sae_in"], referenced_inputs(book)
+        inputs = None if in_map is None else (sum(f in in_map.new_of for f in named), len(named))
+        return feature_changes(bench, gate, book, file), inputs
 
-    changes = bench.memo(("gate", file, source, cfg, bench.overrides), compute)
-    return judge(gate_statistics(changes), thresholds)
+    changes, inputs = bench.memo(("gate", file, source, cfg, bench.overrides), compute)
+    return judge(gate_statistics(changes, inputs), thresholds)

@@ -133,6 +133,18 @@ def _ref(ref: TokenRef, inputs: FeatureMap | None) -> TokenRef | None:
     return None
 
 
+def referenced_inputs(book: Rulebook) -> set[int]:
+    """The input features the claims of ``book``'s features name by id."""
+    return {
+        value.feature
+        for rules in book.features
+        for claims in rules.claims.values()
+        for claim in claims
+        for f in dataclasses.fields(claim)
+        if isinstance(value := getattr(claim, f.name), TokenRef) and value.feature is not None
+    }
+
+
 def _claim(claim: Any, inputs: FeatureMap | None) -> tuple[Any, int, bool]:
     """``claim`` with its references translated, how many of them fell back on their tokens,
     and whether all could be translated (one that cannot keeps its old id)."""

@@ -49,7 +49,7 @@ def calibration_bench() -> Workbench:
     return Workbench(cache_dir=None)
 
 
-LIVE = ("seed2", "fewtokens", "sparse", "otherhead", "scrambled", "untrained")
+LIVE = ("seed2", "fewtokens", "sparse", "otherhead", "scrambled", "untrained", "in-untrained")
 
 
 @pytest.mark.parametrize("name", LIVE)

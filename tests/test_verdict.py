@@ -112,12 +112,30 @@ def test_the_gate_table_and_markdown_lead_with_the_verdict() -> None:
     text = gate_markdown(records)
     lines = text.splitlines()
     assert lines[0] == "**rulecheck gate: FAILED** (1 of 2 heads pass)"
-    assert lines[2] == "| head | gate | reidentified | holding | f1_change | fresh |"
-    assert lines[4] == "| L0H0 | pass | 1.000 | 1.000 >= 0.385 | 0.000 >= -0.25 | 1.000 >= 0.5 |"
-    assert lines[5] == "| L0H1 | FAIL | 0.000 | 0.000 < 0.385 | n/a | 0.000 < 0.5 |"
+    assert lines[2] == "| head | gate | reidentified | holding | f1_change | fresh | inputs |"
+    assert lines[4] == (
+        "| L0H0 | pass | 1.000 | 1.000 >= 0.385 | 0.000 >= -0.25 | 1.000 >= 0.5 | 1.000 >= 0.45 |"
+    )
+    assert lines[5] == "| L0H1 | FAIL | 0.000 | 0.000 < 0.385 | n/a | 0.000 < 0.5 | 1.000 >= 0.45 |"
     assert lines[-1] == f"- L0H1: {bad.reason()}"
     console = Console(width=100, record=True)
     print_gate(records, console)
     shown = console.export_text()
     assert "rulecheck gate: FAILED (1 of 2 heads pass)" in shown.splitlines()[0]
     assert f"L0H1: gate failed: {bad.reason()}" in shown
+
+
+def test_an_input_sae_that_lost_the_books_inputs_fails_on_them_alone() -> None:
+    """Claims checked by their tokens can hold on an unchanged output feature while the new
+    input SAE has none of the features they name: ``inputs`` fails the book."""
+    changes = [FeatureChange(i, i, True, 0.9, 0.9, 0.9) for i in range(5)]
+    healthy = judge(gate_statistics(changes, (60, 100)), GateConfig())
+    assert healthy.passed and healthy.statistics.inputs == 0.6
+    broken = judge(gate_statistics(changes, (2, 100)), GateConfig())
+    assert not broken.passed
+    assert broken.reason() == (
+        "inputs 0.020 < 0.45 (by 0.430): 2 of the 100 input features the rules name have a "
+        "confident partner in the new input SAE; look at the new input SAE's matching "
+        "(rulecheck match) and its training"
+    )
+    assert gate_statistics(changes).inputs == 1.0  # the input SAE did not change

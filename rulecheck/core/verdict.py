@@ -17,9 +17,13 @@ of the whole book (:class:`GateStatistics`):
 - ``fresh``: what the new SAE has in each feature's place (its partner, else its best
   candidate) as rules extracted afresh for it can describe it: the median fresh F1 over the
   book's features (0 where there is no candidate or it cannot be measured), relative to the
-  book's median F1 before.
+  book's median F1 before;
+- ``inputs``: the share of the input features the book's rules name (by id) with a confident
+  partner in the new input SAE (1 when the input SAE did not change). Claims whose input
+  features are lost are still checked by their tokens, so an input SAE broken while the
+  output SAE is not leaves ``holding`` high: this statistic is what fails it.
 
-The last three are judged, each against a threshold (:class:`GateConfig`); the defaults sit
+The last four are judged, each against a threshold (:class:`GateConfig`); the defaults sit
 midway between the healthy and the broken retrains of the calibration on rulecheck-tiny
 (``rulecheck.build.calibration``; the model card's table).
 """
@@ -72,14 +76,19 @@ class GateStatistics:
     f1_before: float | None  # medians, for the reader
     f1_after: float | None
     f1_fresh: float | None
+    inputs: float = 1.0
+    inputs_named: int = 0  # the input features the book's rules name by id
 
 
 def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def gate_statistics(changes: Sequence[FeatureChange]) -> GateStatistics:
-    """The statistics of a book from its features' changes."""
+def gate_statistics(
+    changes: Sequence[FeatureChange], inputs: tuple[int, int] | None = None
+) -> GateStatistics:
+    """The statistics of a book from its features' changes and, where the input SAE changed,
+    ``inputs``: how many of the input features its rules name have a partner, of how many."""
     n = len(changes)
     measured = [c for c in changes if c.before is not None]
     kept = [c for c in measured if c.reidentified and c.after is not None]
@@ -98,6 +107,8 @@ def gate_statistics(changes: Sequence[FeatureChange]) -> GateStatistics:
         f1_before=before,
         f1_after=_median([c.after for c in kept]),  # type: ignore[misc]
         f1_fresh=fresh,
+        inputs=inputs[0] / inputs[1] if inputs and inputs[1] else 1.0,
+        inputs_named=inputs[1] if inputs else 0,
     )
 
 
@@ -126,12 +137,15 @@ STATISTICS = {
     "f1_change": "median F1 change of the re-identified features' skip-grams",
     "fresh": "median F1 of rules extracted afresh for the new features in their place, "
     "relative to before",
+    "inputs": "share of the input features the rules name with a confident partner in the "
+    "new input SAE",
 }
 
 LOOK_AT = {
     "holding": "the items marked xfail (the claims that changed) and rulecheck match's pairs",
     "f1_change": "the items marked xfail: the claims that changed",
     "fresh": "the new SAE's dead and dense features",
+    "inputs": "the new input SAE's matching (rulecheck match) and its training",
 }
 
 
@@ -189,6 +203,12 @@ class Verdict:
             return (
                 f"the skip-grams of {held} of {s.measured} features stay within "
                 f"{HOLDING_DROP:g} F1 of before ({kept} of {s.features} re-identified)"
+            )
+        if name == "inputs":
+            kept = round(s.inputs * s.inputs_named)
+            return (
+                f"{kept} of the {s.inputs_named} input features the rules name have a "
+                "confident partner in the new input SAE"
             )
         if name == "f1_change":
             return (
