@@ -657,7 +657,8 @@ class Summary:
         return table
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config) -> None:
-        console = Console(file=terminalreporter._tw._file, width=100)
+        # 120 columns: the gate's table holds each statistic against its threshold unwrapped
+        console = Console(file=terminalreporter._tw._file, width=120)
         if self.gates:
             from rulecheck.report import print_gate
 
