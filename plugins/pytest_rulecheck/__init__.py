@@ -316,10 +316,7 @@ class RuleItem(OneLine, pytest.Item):
         self.record(record)
 
     def record(self, values: dict[str, Any]) -> None:
-        head = f"L{self.book.layer}H{self.book.head}"
-        if self.book.model:
-            head = f"{self.book.model} {head}"
-        entry = {"head": head, "feature": self.rules.feature, **values}
+        entry = {"head": head_name(self.book), "feature": self.rules.feature, **values}
         if getattr(self, "remapped_to", None) is not None:
             entry["remapped_to"] = self.remapped_to
         self.user_properties.append(("rulecheck", entry))
@@ -367,12 +364,15 @@ class GateItem(BookItem):
         gate = gated(bench, book, file, settings.remap)
         bench.check_fingerprints(book, gate.old, file, settings.accept_changed)
         verdict = gate_verdict(bench, book, file, settings.remap, settings.gate)
-        head = f"L{book.layer}H{book.head}"
-        if book.model:
-            head = f"{book.model} {head}"
-        self.user_properties.append(("rulecheck-gate", verdict.record(head)))
+        self.user_properties.append(("rulecheck-gate", verdict.record(head_name(book))))
         if not verdict.passed:
             raise GateFailed(verdict.reason(), file=file, field="gate")
+
+
+def head_name(book) -> str:
+    """How the run's tables name a book's head: ``rulecheck-tiny L0H3``."""
+    head = f"L{book.layer}H{book.head}"
+    return f"{book.model} {head}" if book.model else head
 
 
 def changed(reason: str) -> None:
