@@ -97,6 +97,10 @@ class Layer:
     tokens: Tensor
 
 
+# what a workbench loaded, each keyed by what it came from: shared by derived workbenches
+LOADED = ("_models", "_saes", "_corpora", "_fingerprints", "_sample_ids")
+
+
 class Workbench:
     """Loads what rulebooks name, once, and measures their rules."""
 
@@ -551,29 +555,20 @@ class Workbench:
         are shared, exemplars and measurements are its own."""
         if exemplars == self.exemplar_cfg:
             return self
-        other = Workbench(
-            self.overrides, str(self.device), self.cache_dir, exemplars, self.batch_size
-        )
-        other._models, other._saes, other._corpora = self._models, self._saes, self._corpora
-        other._fingerprints, other._sample_ids = self._fingerprints, self._sample_ids
-        return other
+        return self._sharing(self.overrides, exemplars, LOADED)
 
     def with_overrides(self, overrides: Specs) -> Workbench:
         """This workbench with other overrides (another retrained SAE to compare, say):
         everything loaded, measured and memoised is shared, each keyed by what it came from;
         the books announced are its own."""
-        other = Workbench(
-            overrides, str(self.device), self.cache_dir, self.exemplar_cfg, self.batch_size
-        )
-        for name in (
-            "_models",
-            "_saes",
-            "_corpora",
-            "_collectors",
-            "_sample_ids",
-            "_memo",
-            "_fingerprints",
-        ):
+        return self._sharing(overrides, self.exemplar_cfg, (*LOADED, "_collectors", "_memo"))
+
+    def _sharing(
+        self, overrides: Specs, exemplars: ExemplarConfig, shared: Sequence[str]
+    ) -> Workbench:
+        """A workbench of these settings holding this one's ``shared`` attributes."""
+        other = Workbench(overrides, str(self.device), self.cache_dir, exemplars, self.batch_size)
+        for name in shared:
             setattr(other, name, getattr(self, name))
         return other
 
