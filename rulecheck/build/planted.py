@@ -231,25 +231,31 @@ def build_model() -> HookedTransformer:
     return model
 
 
-def build_sae_in(seed: int = 0) -> StandardSAE:
-    """One feature per word, shuffled: feature j fires 1.0 on token ``feature_order()[j]``."""
-    d = len(VOCAB)
+def word_sae(W_dec: torch.Tensor, model_name: str) -> StandardSAE:
+    """An input SAE on ``blocks.0.hook_resid_pre`` whose features are the rows of ``W_dec``
+    ``[d_sae, d_model]`` (one-hot word directions), read by its transpose, no biases."""
     sae = StandardSAE(
         StandardSAEConfig(
-            d_in=d,
-            d_sae=d,
-            metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre", model_name="planted"),
+            d_in=W_dec.shape[1],
+            d_sae=W_dec.shape[0],
+            metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre", model_name=model_name),
         )
     )
-    W_dec = torch.zeros(d, d)
-    for j, tok in enumerate(feature_order(seed)):
-        W_dec[j, tok] = 1.0
     with torch.no_grad():
         sae.W_dec.copy_(W_dec)
         sae.W_enc.copy_(W_dec.T)
         sae.b_enc.zero_()
         sae.b_dec.zero_()
     return sae
+
+
+def build_sae_in(seed: int = 0) -> StandardSAE:
+    """One feature per word, shuffled: feature j fires 1.0 on token ``feature_order()[j]``."""
+    d = len(VOCAB)
+    W_dec = torch.zeros(d, d)
+    for j, tok in enumerate(feature_order(seed)):
+        W_dec[j, tok] = 1.0
+    return word_sae(W_dec, "planted")
 
 
 def build_sae_out(head: int) -> StandardSAE:

@@ -109,24 +109,12 @@ def build_model() -> HookedTransformer:
 
 
 def build_sae_in() -> StandardSAE:
-    """One feature per word, in token order: feature j fires 1.0 on token j."""
+    """One feature per word, in token order: feature j fires 1.0 on token j (the position
+    dimensions are not read)."""
     n_words = len(VOCAB)
-    d = n_words + SEQ_LEN
-    sae = StandardSAE(
-        StandardSAEConfig(
-            d_in=d,
-            d_sae=n_words,
-            metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre", model_name="planted-local"),
-        )
-    )
-    W_dec = torch.zeros(n_words, d)
+    W_dec = torch.zeros(n_words, n_words + SEQ_LEN)
     W_dec[:, :n_words] = torch.eye(n_words)
-    with torch.no_grad():
-        sae.W_dec.copy_(W_dec)
-        sae.W_enc.copy_(W_dec.T)
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
+    return planted.word_sae(W_dec, "planted-local")
 
 
 def build_sae_out() -> StandardSAE:
