@@ -37,6 +37,7 @@ from rulecheck.build.train_tiny import (
     train_run,
     training_dataset,
 )
+from rulecheck.core.verdict import STATISTICS
 
 HEAD = "sae_out/L0H0"
 SCRAMBLED_SHARE = 0.75
@@ -447,15 +448,12 @@ def step_card(out: Path) -> None:
     print("\n".join(gate_lines(report)))
 
 
-JUDGED = ("holding", "f1_change", "fresh", "inputs")
-
-
 def margins(report: dict) -> dict[str, dict[str, float | int | None]]:
     """Per judged statistic, over the calibration cases (not the held-out ones): the healthy
     cases' least distance above the threshold, and of the broken cases it fails, the least
     distance below it, and how many it fails."""
     out = {}
-    for name in JUDGED:
+    for name in STATISTICS:
         t = report["thresholds"][name]
         healthy, broken = [], []
         for case in report["cases"].values():
@@ -522,7 +520,7 @@ def gate_lines(report: dict) -> list[str]:
         "(the held-out cases were gated only after the thresholds were set):",
         "",
     ]
-    for name in JUDGED:
+    for name in STATISTICS:
         row = m[name]
         broken = (
             f"{row['caught']} of {row['of']} broken cases below it, the nearest by "
