@@ -313,7 +313,6 @@ def _diff_gate(
     bench = Workbench(overrides=overrides, device=args.device, cache_dir=None)
     bench.announce(old, file)
     gate = gated(bench, old, file, args.mapping, option="--mapping")
-    bench.check_fingerprints(old, gate.old, file)
     verdict = gate_verdict(bench, old, file, args.mapping)
     out_map = gate.maps["sae_out"]
     mapping = None if out_map is None else out_map.new_of

@@ -19,6 +19,7 @@ feature with one line (``lost_verdict``), unless ``--rulecheck-allow-lost`` allo
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
@@ -295,12 +296,15 @@ def gate_verdict(
     source: str,
     thresholds: GateConfig | None = None,
     cfg: MatchConfig | None = None,
+    accept_changed: Collection[str] = (),
 ) -> Verdict:
-    """The gate verdict of ``book`` under the SAEs this run loads (once per session)."""
+    """The gate verdict of ``book`` under the SAEs this run loads (once per session), after
+    checking that the book's own SAEs are the ones it records (but ``accept_changed``)."""
     thresholds = thresholds or GateConfig()
+    gate = gated(bench, book, file, source, cfg)
+    bench.check_fingerprints(book, gate.old, file, accept_changed)
 
     def compute() -> tuple[list[FeatureChange], tuple[int, int] | None]:
-        gate = gated(bench, book, file, source, cfg)
         in_map, named = gate.maps["sae_in"], referenced_inputs(book)
         inputs = None if in_map is None else (sum(f in in_map.new_of for f in named), len(named))
         return feature_changes(bench, gate, book, file), inputs

@@ -357,13 +357,13 @@ class GateItem(BookItem):
 
     def runtest(self) -> None:
         from rulecheck.errors import GateFailed
-        from rulecheck.gate import gate_verdict, gated
+        from rulecheck.gate import gate_verdict
 
         settings = self.config.stash[STASH_CHECK]
         bench, book, file = workbench(self.config), self.parent.book, str(self.path)
-        gate = gated(bench, book, file, settings.remap)
-        bench.check_fingerprints(book, gate.old, file, settings.accept_changed)
-        verdict = gate_verdict(bench, book, file, settings.remap, settings.gate)
+        verdict = gate_verdict(
+            bench, book, file, settings.remap, settings.gate, accept_changed=settings.accept_changed
+        )
         self.user_properties.append(("rulecheck-gate", verdict.record(head_name(book))))
         if not verdict.passed:
             raise GateFailed(verdict.reason(), file=file, field="gate")
