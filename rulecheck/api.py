@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rulecheck import __version__, kinds
-from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.book import HELD_OUT, FeatureRules, Rulebook
 from rulecheck.config import METHODS, ExemplarConfig, bound_of
 from rulecheck.core.extract import (
     ExtractConfig,
@@ -46,6 +46,8 @@ def feature_rules(result: FeatureResult, tolerance: float) -> FeatureRules:
     measured = {
         **{m: significant(result.test[m], 4) for m in ("f1", "precision", "recall", "spearman")},
         "n_test": result.test["n_test"],
+        **{m: significant(result.test[m], 4) for m in HELD_OUT if m in result.test},
+        **{m: result.test[m] for m in ("n_fire", "n_hard") if m in result.test},
         "n_terms": result.n_terms,
         "f1_by_terms": {n: significant(f, 4) for n, f in result.f1_by_terms.items()},
     }

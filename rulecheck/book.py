@@ -38,7 +38,18 @@ EXTRACTION_ORDER = (
     "n_sequences",
     "rulecheck",
 )
-MEASURED_ORDER = (*METRICS, "n_test", "n_terms", "f1_by_terms", "f1_by_ranking")
+# precision and F1 as the paper's protocol scores them, and precision where the rules fire
+HELD_OUT = ("protocol_precision", "protocol_f1", "corpus_precision")
+MEASURED_ORDER = (
+    *METRICS,
+    "n_test",
+    *HELD_OUT,
+    "n_fire",
+    "n_hard",
+    "n_terms",
+    "f1_by_terms",
+    "f1_by_ranking",
+)
 FILE_NAME = re.compile(r"^L(\d+)H(\d+)\.ya?ml$")
 CHECKED = ("f1", "precision", "recall")  # the minimums a format-2 book may give
 
@@ -79,9 +90,9 @@ def _parse_measured(where: sc.Where, value: Any, path: str) -> dict[str, Any]:
             where.fail(
                 sub, f"keys must be strings, got {sc.describe(key)}", "rename the key", key=True
             )
-        if key in METRICS and item is not None:
+        if key in (*METRICS, *HELD_OUT) and item is not None:
             out[key] = sc.number(_metric_bounds(key), allow_nan=True)(where, item, sub)
-        elif key in ("n_test", "n_terms") and item is not None:
+        elif key in ("n_test", "n_terms", "n_fire", "n_hard") and item is not None:
             out[key] = sc.integer()(where, item, sub)
         elif key == "f1_by_terms" and item is not None:
             out[key] = _parse_f1_by_terms(where, item, sub)

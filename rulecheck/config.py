@@ -100,6 +100,8 @@ class ExemplarConfig(Checked):
     min_inactive: int = bounded(int, 1, default=150)
     max_features: int = bounded(int, 1, default=100)
     seed: int = bounded(int, 0, 2**31 - 1, default=0)
+    # sequences kept at every position, for precision where a rule fires (``core.heldout``)
+    n_held: int = bounded(int, 0, default=512)
 
     @property
     def min_sequences(self) -> int:

@@ -227,15 +227,17 @@ def untranslatable(gate: Gated, feature: int, key: str, index: int, file: str) -
 
 
 def _f1(bench: Workbench, head: Head, rules: FeatureRules, file: str) -> float | None:
-    """The skip-grams' test F1 on ``head``; 0 when the feature is not eligible there (too
-    rare or too common to be measured: its claims cannot hold); None without skip-grams."""
+    """The skip-grams' test F1 on ``head``, as the paper's protocol scores it (the gate compares
+    before with after on the same exemplars; hard negatives belong to the claims); 0 when the
+    feature is not eligible there (too rare or too common to be measured: its claims cannot
+    hold); None without skip-grams."""
     from rulecheck.errors import NotEligible
     from rulecheck.kinds.skipgram import measure
 
     if not rules.skipgrams:
         return None
     try:
-        return measure(bench, head, rules, file).f1
+        return measure(bench, head, rules, file).protocol_f1
     except NotEligible:
         return 0.0
 
@@ -251,7 +253,7 @@ def _fresh_f1(bench: Workbench, gate: Gated, book: Rulebook, wanted: set[int]) -
         return {}
     cfg = replace(config_from_rulebook(book), features=features, rules=False)
     [fresh] = extract_books(bench, gate.new.specs, book.layer, [book.head], cfg)
-    return {r.feature: float(r.measured.get("f1", 0.0)) for r in fresh.features}
+    return {r.feature: float(r.measured.get("protocol_f1", 0.0)) for r in fresh.features}
 
 
 def feature_changes(

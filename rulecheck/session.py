@@ -70,6 +70,7 @@ from rulecheck.zoo import is_zoo_spec
 
 T = TypeVar("T")
 COLLECTOR_STATE = ("active", "top_val", "top_seq", "top_pos", "neg_key", "neg_seq")
+HELD_STATE = ("held_feat", "held_row", "held_pos", "held_val")  # ``core.heldout``
 
 
 @dataclass(frozen=True)
@@ -546,7 +547,8 @@ class Workbench:
             col.flush()
             self._collectors[other_key] = col
             if self.cache_dir is not None:
-                state = {name: getattr(col, name).contiguous() for name in COLLECTOR_STATE}
+                names = (*COLLECTOR_STATE, *HELD_STATE)
+                state = {name: getattr(col, name).contiguous() for name in names}
                 state["n_seen"] = torch.tensor(col.n_seen)
                 atomic_write(self._cache_path(other), save({k: v.cpu() for k, v in state.items()}))
 
@@ -594,6 +596,7 @@ class Workbench:
             self.exemplar_cfg,
             torch.device(self.device),
             self._sample_ids.get(head),
+            tokens.shape[0],
         )
         path = self._cache_path(head)
         try:
@@ -607,7 +610,7 @@ class Workbench:
             )
             path.unlink(missing_ok=True)
             return None
-        for name in COLLECTOR_STATE:
+        for name in (*COLLECTOR_STATE, *HELD_STATE):
             setattr(col, name, state[name])
         col.n_seen = int(state["n_seen"])
         return col
@@ -711,6 +714,20 @@ def _check_state(state: dict[str, Tensor], col: ExemplarCollector) -> None:
     rows = {state[n].shape[0] for n in COLLECTOR_STATE}
     if rows != {d_sae} or -1 in widths:
         raise ValueError("shape")
+    missing = [n for n in HELD_STATE if n not in state]
+    if missing:
+        raise ValueError(f"missing {missing}")
+    held = [state[n] for n in HELD_STATE]
+    if {x.dim() for x in held} != {1} or len({len(x) for x in held}) != 1:
+        raise ValueError("shape")
+    feat, row, pos = held[:3]
+    if len(feat) and not (
+        0 <= int(feat.min()) <= int(feat.max()) < d_sae
+        and 0 <= int(row.min()) <= int(row.max()) < len(col.held_seq)
+        and 1 <= int(pos.min()) <= int(pos.max()) < col.seq_len
+        and bool((feat[1:] >= feat[:-1]).all())
+    ):
+        raise ValueError("held-out positions out of range")
 
 
 def _check_index(

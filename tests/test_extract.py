@@ -34,7 +34,16 @@ def test_planted_rules_are_recovered_with_their_tokens(planted_books):
             assert (feature_of[key], feature_of[query]) in found
             term = rules.skipgrams[found.index((feature_of[key], feature_of[query]))]
             assert term.key.tokens[0] == key and term.query.tokens[0] == query
-        assert rules.measured["f1"] >= 0.95
+        # on the paper's protocol the skip-grams describe every planted feature; over the
+        # corpus, a feature that also needs its key twice (a counting rule) is off at many
+        # of the positions where its skip-gram fires, and its hard negatives say so
+        assert rules.measured["protocol_f1"] >= 0.95
+        if entry["counting"]:
+            assert rules.measured["corpus_precision"] < 0.8 and rules.measured["n_hard"] > 0
+            assert rules.measured["precision"] < rules.measured["protocol_precision"]
+        else:
+            assert rules.measured["f1"] >= 0.95 and rules.measured["corpus_precision"] >= 0.95
+        assert all(s.max_distance is None for s in rules.skipgrams)  # none is local
         assert rules.expect["f1"] <= rules.measured["f1"]
         absence = [
             (a.key.tokens[0], a.query.tokens[0], a.distractor.tokens[0]) for a in rules.absence
@@ -191,7 +200,7 @@ def test_gradient_ranking_recovers_planted_rules(tmp_path):
         book = load_rulebook(tmp_path / f"L0H{entry['head']}.yaml", measurements=True)
         assert book.extraction["method"] == "gradient"
         rules = book.feature(entry["feature"])
-        assert rules.measured["f1"] >= 0.95
+        assert rules.measured["protocol_f1"] >= 0.95
         importance = [s.importance for s in rules.skipgrams]
         assert all(i is not None for i in importance)
         assert importance == sorted(importance, reverse=True)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rulecheck.core.exemplars import FeatureExamples
+from rulecheck.core.heldout import FireCounts, term_matches
 from rulecheck.core.metrics import binary_scores, spearman
 from rulecheck.core.prefixes import SequenceChunk
 from rulecheck.core.rules import predict_from, window_key_act
@@ -50,30 +51,74 @@ def input_columns(feats: Tensor, tokens: Tensor, columns: Columns) -> Tensor:
 
 @dataclass
 class Measured:
-    """A feature's rules scored on its test split."""
+    """A feature's rules scored on its test split, its hard negatives counted
+    (``core.heldout``); ``protocol_*`` without them, as the paper scores; ``corpus_precision``
+    over the held-out positions where the rules fire (NaN where they never do)."""
 
     f1: float
     precision: float
     recall: float
     spearman: float
     n_test: int
+    protocol_precision: float = float("nan")
+    protocol_f1: float = float("nan")
+    corpus_precision: float = float("nan")
+    n_fire: int = 0
+    n_hard: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
 
-def score_predictions(pred: Tensor, ex: FeatureExamples) -> Measured:
-    """Binary scores and Spearman of predicted against true activations on the test split."""
+def with_hard(act: Tensor, pred: Tensor, n_hard: int) -> tuple[Tensor, Tensor]:
+    """``act, pred [n]`` (or ``pred [n, k]``) with ``n_hard`` hard negatives appended: the
+    feature off where the rule predicts it on."""
+    shape = (n_hard, *pred.shape[1:])
+    return torch.cat([act, act.new_zeros(n_hard)]), torch.cat([pred, pred.new_ones(shape)])
+
+
+def score_predictions(
+    pred: Tensor, ex: FeatureExamples, fire: FireCounts | None = None
+) -> Measured:
+    """Binary scores and Spearman of predicted against true activations on the test split;
+    precision and F1 with ``fire``'s hard negatives among the negatives."""
     test = ex.part("test").to(pred.device)
     act = ex.act.to(pred.device)[test]
-    scores = binary_scores(act, pred[test])
+    protocol = binary_scores(act, pred[test])
+    n_hard = 0 if fire is None else fire.hard
+    scores = binary_scores(*with_hard(act, pred[test], n_hard))
     return Measured(
         f1=float(scores["f1"]),
         precision=float(scores["precision"]),
         recall=float(scores["recall"]),
         spearman=spearman(pred[test].cpu(), act.cpu()),
         n_test=int(test.sum()),
+        protocol_precision=float(protocol["precision"]),
+        protocol_f1=float(protocol["f1"]),
+        corpus_precision=float("nan") if fire is None else fire.precision,
+        n_fire=0 if fire is None else fire.fire,
+        n_hard=n_hard,
     )
+
+
+def fire_positions(
+    chunks: Iterable[SequenceChunk], n_seq: int, columns: Columns, terms: Sequence[Terms]
+) -> list[Tensor]:
+    """Per ``terms`` (whose columns index ``columns``), ``[n_seq, pos]`` bool: where it
+    predicts the feature on at each position of ``n_seq`` sequences (``heldout.term_matches``),
+    from ``chunks`` reading the sequences whole (one prefix per sequence, its rows its
+    index)."""
+    read = Columns(tuple(range(len(columns.features))), columns.token_sets)
+    out: list[Tensor] = []
+    for chunk in chunks:
+        cols = input_columns(chunk.feats, chunk.tokens, read)
+        if not out:
+            out = [torch.zeros(n_seq, cols.shape[1], dtype=torch.bool) for _ in terms]
+        rows = chunk.rows.cpu()
+        for i, own in enumerate(terms):
+            fire = term_matches(cols, own).any(dim=2).cpu()
+            out[i][rows, : fire.shape[1]] = fire[chunk.where.cpu()]
+    return out
 
 
 def union_columns(columns: Sequence[Columns]) -> tuple[Columns, list[Tensor]]:

@@ -16,25 +16,12 @@ import torch
 from torch import Tensor
 
 from rulecheck.config import ExemplarConfig
+from rulecheck.core.heldout import HeldOut, held_out_sequences, test_half
+from rulecheck.core.seeded import seeded_keys
 from rulecheck.errors import InvalidSpec
 
 SPLITS = ("train", "val", "test")
-_MASK32 = 0xFFFFFFFF
 INACTIVE_ONLY = 1 << 40  # key of an active sequence: never a negative
-
-
-def mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (murmur3 finaliser) of an int64 tensor, as int64 in [0, 2**32)."""
-    x = x & _MASK32
-    x = ((x ^ (x >> 16)) * 0x85EBCA6B) & _MASK32
-    x = ((x ^ (x >> 13)) * 0xC2B2AE35) & _MASK32
-    return x ^ (x >> 16)
-
-
-def seeded_keys(seed: int, seq: Tensor, feature: Tensor, salt: int = 0) -> Tensor:
-    """Deterministic pseudo-random keys in [0, 2**32) for (sequence, feature) pairs."""
-    base = mix32(torch.as_tensor(seed * 0x9E3779B1 + salt, dtype=torch.int64))
-    return mix32(mix32(seq * 0x27D4EB2F + base) ^ (feature * 0x165667B1))
 
 
 class ExemplarCollector:
@@ -47,6 +34,7 @@ class ExemplarCollector:
         cfg: ExemplarConfig,
         device: torch.device,
         sample_ids: Tensor | None = None,
+        n_seq: int = 0,
     ):
         self.cfg = cfg
         self.seq_len = seq_len
@@ -67,6 +55,14 @@ class ExemplarCollector:
         self.flush_every = max(1024, cfg.n_pos, cfg.n_neg)
         self._buffer: list[tuple[Tensor, Tensor, Tensor]] = []
         self._buffered = 0
+        # every position of the held-out sequences (``core.heldout``), kept sparse: the
+        # nonzeros' feature, held-out row, position and value, by feature once flushed
+        self.held_seq = held_out_sequences(n_seq, cfg.n_held, cfg.seed).to(device)
+        self.held_feat = torch.zeros(0, dtype=torch.int64, device=device)
+        self.held_row = torch.zeros(0, dtype=torch.int64, device=device)
+        self.held_pos = torch.zeros(0, dtype=torch.int64, device=device)
+        self.held_val = torch.zeros(0, device=device)
+        self._held: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
     @torch.no_grad()
     def update(self, acts: Tensor) -> None:
@@ -78,12 +74,33 @@ class ExemplarCollector:
         self.active += (seq_max > 0).sum(dim=0)
         self._buffer.append((seq, seq_max.T.float(), arg.T + 1))
         self._buffered += batch
+        held = torch.isin(seq, self.held_seq)
+        if bool(held.any()):
+            b, p, f = torch.nonzero(acts[held], as_tuple=True)
+            rows = torch.searchsorted(self.held_seq, seq[held])
+            keep = p > 0  # BOS never counts
+            self._held.append((f[keep], rows[b[keep]], p[keep], acts[held][b, p, f][keep].float()))
         if self._buffered >= self.flush_every:
             self.flush()
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Merge the buffered sequences into the kept positives and negatives."""
+        """Merge the buffered sequences into the kept positives and negatives (and the
+        held-out positions, ordered by feature)."""
+        if self._held:
+            parts = [torch.cat(x) for x in zip(*self._held, strict=True)]
+            self._held = []
+            feat, row, pos, val = (
+                torch.cat([old, new])
+                for old, new in zip(
+                    (self.held_feat, self.held_row, self.held_pos, self.held_val),
+                    parts,
+                    strict=True,
+                )
+            )
+            order = torch.argsort(feat * (1 << 40) + row * self.seq_len + pos)
+            self.held_feat, self.held_row = feat[order], row[order]
+            self.held_pos, self.held_val = pos[order], val[order]
         if not self._buffer:
             return
         seq = torch.cat([b[0] for b in self._buffer])
@@ -132,6 +149,25 @@ class ExemplarCollector:
             ]
         ).to(seq.device)
         return FeatureExamples(feature=feature, seq=seq, t=t, act=act, split=split)
+
+    def held_out(self, feature: int, ex: FeatureExamples) -> HeldOut:
+        """The feature at every position of the held-out sequences; ``ex`` (its exemplars)
+        names the train and val sequences it is not scored on."""
+        self.flush()
+        lo, hi = torch.searchsorted(
+            self.held_feat, torch.tensor([feature, feature + 1], device=self.held_feat.device)
+        ).tolist()
+        act = torch.zeros(len(self.held_seq), self.seq_len, device=self.held_val.device)
+        act[self.held_row[lo:hi], self.held_pos[lo:hi]] = self.held_val[lo:hi]
+        seen = ex.seq[~ex.part("test")].to(self.held_seq.device)
+        return HeldOut(
+            seq=self.held_seq,
+            act=act,
+            test=test_half(self.held_seq, self.cfg.seed).to(self.held_seq.device),
+            allowed=~torch.isin(self.held_seq, seen),
+            key=int(self.features[feature]),
+            seed=self.cfg.seed,
+        )
 
 
 def split_labels(n: int, seed: int, feature: int, salt: int) -> Tensor:

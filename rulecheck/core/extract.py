@@ -8,7 +8,7 @@ registered rule kind proposes its candidate claims from the kept terms (``rulech
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from transformer_lens import HookedTransformer
 
 from rulecheck import kinds
 from rulecheck.config import ExtractConfig
+from rulecheck.core.evaluate import score_predictions
 from rulecheck.core.exemplars import (
     ExemplarCollector,
     FeatureExamples,
@@ -37,9 +38,23 @@ from rulecheck.core.heads import (
     run_to_heads,
     z_hook,
 )
+from rulecheck.core.heldout import (
+    candidate_bounds,
+    choose_bounds,
+    fire_counts,
+    nearest_key_distance,
+    term_matches,
+    with_bounds,
+)
 from rulecheck.core.metrics import binary_scores, spearman
-from rulecheck.core.prefixes import KeptInputs, prefix_features, sequence_chunks
-from rulecheck.core.rules import predictions_by_terms, term_contributions, term_counts
+from rulecheck.core.prefixes import KeptInputs, SequenceChunk, prefix_features, sequence_chunks
+from rulecheck.core.rules import (
+    predict_from,
+    predictions_by_terms,
+    term_contributions,
+    term_counts,
+    window_key_act,
+)
 from rulecheck.core.scores import (
     Terms,
     candidate_terms,
@@ -66,6 +81,7 @@ class FeatureResult:
     claims: dict[str, list[Any]] = field(default_factory=dict)  # candidates, by rule kind
     # the same curve for each other ranking method (the same candidates in its order)
     f1_by_ranking: dict[str, dict[int, float]] = field(default_factory=dict)
+    test_pred: Tensor | None = field(default=None, repr=False)  # [n] on the test split
 
 
 @dataclass
@@ -103,7 +119,7 @@ def collect_layer(
     ids = sample_ids or {}
     collectors = {
         h: ExemplarCollector(
-            sae.cfg.d_sae, seq_len, cfg.exemplars, torch.device(device), ids.get(h)
+            sae.cfg.d_sae, seq_len, cfg.exemplars, torch.device(device), ids.get(h), n_seq
         )
         for h, sae in sae_outs.items()
     }
@@ -158,10 +174,13 @@ def evaluate_feature(
     n = counts[best]
     top = terms.take(torch.arange(min(n, len(terms)), device=terms.query.device))
     live = (top.attn > 0) & (top.value > 0)
+    test_pred = torch.zeros(len(ex.seq))
+    test_pred[test.cpu()] = pred_test[:, best].float().cpu()
     return FeatureResult(
         feature=ex.feature,
         terms=top.take(torch.nonzero(live).flatten()),
         n_terms=n,
+        test_pred=test_pred,
         test={
             "f1": float(test_scores["f1"][best]),
             "precision": float(test_scores["precision"][best]),
@@ -226,6 +245,100 @@ def feature_groups(
     return [pairs[i : i + size] for i in range(0, len(pairs), size)]
 
 
+ReadChunks = Callable[[Tensor, Tensor], Iterable[SequenceChunk]]  # prefixes (seq, t), all columns
+
+
+def _owned(
+    read: ReadChunks, prefixes: list[tuple[Tensor, Tensor]]
+) -> Iterator[tuple[int, SequenceChunk, Tensor]]:
+    """``(i, chunk, mine)`` for each feature ``i`` with prefixes in each chunk of one pass over
+    all features' ``prefixes`` (``(seq, t)`` each), ``mine`` its rows of the chunk's."""
+    sizes = torch.tensor([len(s) for s, _ in prefixes])
+    if int(sizes.sum()) == 0:
+        return
+    owner = torch.repeat_interleave(torch.arange(len(prefixes)), sizes)
+    seq = torch.cat([s.cpu() for s, _ in prefixes])
+    t = torch.cat([t.cpu() for _, t in prefixes])
+    for chunk in read(seq, t):
+        mine_of = owner[chunk.rows.cpu()]
+        for i in mine_of.unique().tolist():
+            yield i, chunk, mine_of == i
+
+
+def settle(
+    results: list[FeatureResult],
+    exs: list[FeatureExamples],
+    collector: ExemplarCollector,
+    read: ReadChunks,
+) -> None:
+    """Distance bounds, precision where the rules fire and the final test scores of a group of
+    features (``core.heldout``): candidate bounds from where each term's nearest key is in the
+    train and val positives, kept where they raise the val half's F1; then the test split
+    scored with the test half's hard negatives (``result.test``)."""
+    helds = [collector.held_out(r.feature, ex) for r, ex in zip(results, exs, strict=True)]
+    cands = [torch.full((len(r.terms),), -1, dtype=torch.long) for r in results]
+    positives = [(~ex.part("test") & (ex.act > 0)).cpu() for ex in exs]
+    parts: list[list[Tensor]] = [[] for _ in results]
+    if len(collector.held_seq):
+        prefixes = [(ex.seq[p], ex.t[p]) for ex, p in zip(exs, positives, strict=True)]
+        for i, chunk, mine in _owned(read, prefixes):
+            m = mine.to(chunk.where.device)
+            terms = results[i].terms.to(chunk.feats.device)
+            parts[i].append(nearest_key_distance(chunk.feats, chunk.t[m], chunk.where[m], terms))
+        cands = [
+            candidate_bounds(torch.cat(p).cpu()) if p else c
+            for p, c in zip(parts, cands, strict=True)
+        ]
+    # the held-out positions where some term matches: rows, positions, free and bound matches
+    seen: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = [[] for _ in results]
+    seq = collector.held_seq.cpu()
+    if len(seq):
+        ends = torch.full_like(seq, collector.seq_len - 1)
+        for chunk in read(seq, ends):
+            rows = chunk.rows.cpu()[chunk.where.cpu().argsort()]  # chunk row -> held-out row
+            for i, result in enumerate(results):
+                terms = result.terms.to(chunk.feats.device)
+                free = term_matches(chunk.feats, terms)
+                bound = term_matches(chunk.feats, with_bounds(terms, cands[i]))
+                b, p = torch.nonzero(free.any(dim=2), as_tuple=True)
+                seen[i].append((rows[b.cpu()], p.cpu(), free[b, p].cpu(), bound[b, p].cpu()))
+    for result, ex, held, cand, spots in zip(results, exs, helds, cands, seen, strict=True):
+        fire = None
+        if spots:
+            row, pos, free, bound = (torch.cat(x) for x in zip(*spots, strict=True))
+            on = held.act.cpu()[row, pos] > 0
+            val = held.rows("val").cpu()
+            at = val[row]
+            elsewhere = int((held.act.cpu()[val] > 0).sum()) - int(on[at].sum())
+            result.terms = choose_bounds(result.terms, cand, free[at], bound[at], on[at], elsewhere)
+            chosen = result.terms.max_distance
+            if chosen is not None:
+                free = torch.where(chosen.cpu() >= 0, bound, free)
+            firing = torch.zeros(len(held.seq), held.act.shape[1], dtype=torch.bool)
+            firing[row, pos] = free.any(dim=1)
+            n_neg = int((ex.part("test") & (ex.act <= 0)).sum())
+            fire = fire_counts(firing, held, n_neg)
+        pred = result.test_pred
+        if result.terms.bounded:
+            pred = _bounded_test_predictions(read, ex, result.terms)
+        assert pred is not None
+        result.test = score_predictions(pred, ex, fire).as_dict()
+
+
+def _bounded_test_predictions(read: ReadChunks, ex: FeatureExamples, terms: Terms) -> Tensor:
+    """``[n]`` predictions of bounded ``terms`` on the feature's test prefixes (0 elsewhere)."""
+    test = ex.part("test").cpu()
+    pred = torch.zeros(len(ex.seq))
+    rows = torch.nonzero(test).flatten()
+    for _, chunk, mine in _owned(read, [(ex.seq.cpu()[rows], ex.t.cpu()[rows])]):
+        m = mine.to(chunk.where.device)
+        own = terms.to(chunk.feats.device)
+        q, k = chunk.stats()
+        k_act = window_key_act(chunk.feats, chunk.t[m], chunk.where[m], own)
+        pred[rows[chunk.rows.cpu()[mine]]] = predict_from(q[m], k[m], own, k_act).float().cpu()
+    return pred
+
+
 def extract_head(
     model: HookedTransformer,
     sae_in: SAE,
@@ -270,7 +383,8 @@ def extract_head(
         stats = prefix_features(
             chunks, [len(ex.seq) for ex in exs], candidates, train, cfg.batch_size
         )
-        for (i, f), terms, ex, pf in zip(group, candidates, exs, stats, strict=True):
+        group_results = []
+        for terms, ex, pf in zip(candidates, exs, stats, strict=True):
             rankings = {"weight": rank_by_weight(terms)}
             if cfg.method == "gradient" or pf.importance is not None:  # none without train
                 rankings["gradient"] = rank_by_importance(with_importance(terms, pf.importance))
@@ -283,6 +397,15 @@ def extract_head(
                 for m, r in rankings.items()
                 if r is not ranked
             }
+            group_results.append(result)
+
+        def read(seq: Tensor, t: Tensor) -> Iterator[SequenceChunk]:
+            if kept is not None:
+                return kept.chunks(seq, t, cfg.batch_size)
+            return sequence_chunks(model, sae_in, tokens, layer, seq, t, cfg.batch_size)
+
+        settle(group_results, exs, collector, read)
+        for (i, f), result, ex in zip(group, group_results, exs, strict=True):
             found = kinds.Found(
                 feature=f,
                 probe=Probe(model, sae_out, layer, head, f),

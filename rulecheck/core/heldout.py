@@ -1,0 +1,177 @@
+"""Precision where a rule fires, and the distances it holds at (pure tensor functions).
+
+The exemplar protocol (paper A.2) scores a rule on top-activating positives and *random*
+inactive positions, which almost never hold a rule's pattern in the wrong place: its precision
+over-states how often the rule is right where it fires. So the corpus pass also keeps every
+position of a seeded sample of sequences (``held_out_sequences``; the output feature's
+activation at each, ``exemplars.ExemplarCollector``), cut into a *val* and a *test* half by
+sequence. For a feature, the sequences among its train or val exemplars are left out
+(``HeldOut.rows``). On the test half:
+
+- **corpus precision**: the share of the positions where the rule predicts the feature on at
+  which it is on (``FireCounts.precision``);
+- **hard negatives**: ``m`` of those positions, drawn with a seed (``m`` = the number of the
+  feature's test negatives); the misses among them join the test negatives, so the checked
+  ``precision`` and ``f1`` count them (``FireCounts.hard``).
+
+Extraction chooses distance bounds on the val half (``choose_bounds``): a term's candidate
+``max_distance`` is the farthest its nearest key is from the query among the train and val
+positives it matches (``nearest_key_distance``), kept where it raises the F1 of the rule over
+the val half's positions by at least ``BOUND_GAIN``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from rulecheck.core.scores import Terms
+from rulecheck.core.seeded import seeded_keys
+
+HELD_SALT, HALF_SALT, HARD_SALT = 4, 5, 6
+BOUND_GAIN = 0.01  # the val-half F1 a bound must add to be kept
+
+
+def held_out_sequences(n_seq: int, n: int, seed: int) -> Tensor:
+    """``[min(n, n_seq)]`` ids of the held-out sequences, ascending: the ``n`` with the
+    smallest seeded keys."""
+    keys = seeded_keys(seed, torch.arange(n_seq), torch.tensor(0), salt=HELD_SALT)
+    return torch.sort(torch.argsort(keys, stable=True)[:n]).values
+
+
+def test_half(seq: Tensor, seed: int) -> Tensor:
+    """``[n]`` bool: the held-out sequences ``seq`` in the test half (the rest: val)."""
+    return seeded_keys(seed, seq.cpu(), torch.tensor(0), salt=HALF_SALT) % 2 == 1
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One feature on the held-out sequences: its activation at every position."""
+
+    seq: Tensor  # [n] corpus rows
+    act: Tensor  # [n, pos] the feature's activation (0 at BOS)
+    test: Tensor  # [n] bool, the test half
+    allowed: Tensor  # [n] bool, not among the feature's train or val exemplar sequences
+    key: int  # the id the feature's draws are keyed by
+    seed: int
+
+    def rows(self, half: str) -> Tensor:
+        """``[n]`` bool: the rows of ``half`` ("val" or "test") the feature may be scored on."""
+        return self.allowed & (self.test if half == "test" else ~self.test)
+
+
+def term_matches(feats: Tensor, terms: Terms) -> Tensor:
+    """``[batch, pos, n_terms]`` bool: where each term predicts the feature on, reading every
+    position ``p >= 1`` as the end of a prefix (``rules.term_contributions > 0``): query active
+    at ``p``, key active at some ``i <= p`` within the term's distances, scores positive.
+    ``feats`` is ``[batch, pos, d]``."""
+    b, n_pos, _ = feats.shape
+    dev = feats.device
+    q = feats[..., terms.query.to(dev)] > 0
+    k = (feats[..., terms.key.to(dev)] > 0).long()
+    count = torch.cat([k.new_zeros(b, 1, len(terms)), k.cumsum(dim=1)], dim=1)  # [b, pos+1, n]
+    none = torch.full((len(terms),), -1, dtype=torch.long, device=dev)
+    lo = (none if terms.min_distance is None else terms.min_distance.to(dev)).clamp(min=0)
+    hi = none if terms.max_distance is None else terms.max_distance.to(dev)
+    hi = torch.where(hi < 0, n_pos, hi)
+    p = torch.arange(n_pos, device=dev)[:, None]
+    upper = (p - lo[None, :] + 1).clamp(min=0)  # keys at i <= p - lo
+    lower = (p - hi[None, :]).clamp(min=0)  # keys at i >= p - hi
+    inside = count.gather(1, upper.expand(b, -1, -1)) - count.gather(1, lower.expand(b, -1, -1))
+    live = ((terms.attn > 0) & (terms.value > 0)).to(dev)
+    out = q & (inside > 0) & live
+    out[:, 0] = False
+    return out
+
+
+def nearest_key_distance(feats: Tensor, t: Tensor, where: Tensor, terms: Terms) -> Tensor:
+    """``[m, n_terms]``: for the prefixes ending at ``t [m]`` (reading rows ``where [m]`` of
+    ``feats [batch, pos, d]``), how far each term's nearest key is from ``t`` (``t - i`` of
+    the last ``i <= t`` where the key is active), -1 where the query is inactive at ``t`` or
+    no key is active."""
+    rows = feats[where]  # [m, pos, d]
+    q = rows[torch.arange(len(t), device=feats.device), t][:, terms.query] > 0  # [m, n]
+    k = rows[:, :, terms.key] > 0  # [m, pos, n]
+    pos = torch.arange(feats.shape[1], device=feats.device)
+    k &= (pos[None, :] <= t[:, None])[:, :, None]
+    last = torch.where(k, pos[None, :, None], -1).amax(dim=1)  # [m, n]
+    return torch.where(q & (last >= 0), t[:, None] - last, -1)
+
+
+@dataclass(frozen=True)
+class FireCounts:
+    """A rule's firing on the test half of the held-out sequences."""
+
+    fire: int  # positions where the rule predicts the feature on
+    hit: int  # of them, where the feature is on
+    sampled: int  # hard-negative draws among the ``fire`` positions
+    hard: int  # of the draws, misses: the test's hard negatives
+
+    @property
+    def precision(self) -> float:
+        """Corpus precision, NaN where the rule never fires."""
+        return self.hit / self.fire if self.fire else float("nan")
+
+
+def fire_counts(fire: Tensor, held: HeldOut, m: int) -> FireCounts:
+    """``FireCounts`` of the prediction ``fire [n, pos]`` (bool) on ``held``'s test rows,
+    with ``m`` seeded hard-negative draws among the firing positions."""
+    rows = held.rows("test").to(fire.device)
+    on = fire & rows[:, None]
+    act = held.act.to(fire.device)
+    hit = int((on & (act > 0)).sum())
+    r, p = torch.nonzero(on, as_tuple=True)
+    ids = held.seq.to(fire.device)[r] * fire.shape[1] + p
+    keys = seeded_keys(held.seed, ids, torch.tensor(held.key), salt=HARD_SALT)
+    drawn = torch.argsort(keys, stable=True)[:m]
+    hard = int((act[r[drawn], p[drawn]] <= 0).sum())
+    return FireCounts(fire=len(r), hit=hit, sampled=len(drawn), hard=hard)
+
+
+def _f1(fire: Tensor, on: Tensor, elsewhere: int) -> float:
+    tp = float((fire & on).sum())
+    denominator = float(fire.sum()) + float(on.sum()) + elsewhere
+    return 2 * tp / denominator if denominator else 0.0
+
+
+def choose_bounds(
+    terms: Terms, cand: Tensor, free: Tensor, bound: Tensor, on: Tensor, elsewhere: int = 0
+) -> Terms:
+    """``terms`` with ``max_distance`` set where a bound makes the rule more precise.
+
+    ``cand [n_terms]`` are the candidate bounds (``candidate_bounds``); ``free``/``bound``
+    ``[N, n_terms]`` are ``term_matches`` at the val half's positions without bounds and with
+    each term bounded at its candidate, ``on [N]`` the feature there; ``elsewhere`` counts the
+    val positions where the feature is on and no term matches. Terms are tried in rank order;
+    each bound is kept where the F1 of the whole rule over the val half's positions rises by at
+    least ``BOUND_GAIN``."""
+    cand = cand.cpu()
+    free, bound, on = free.cpu(), bound.cpu(), on.cpu()
+    chosen = torch.full((len(terms),), -1, dtype=torch.long)
+    current = free.clone()
+    best = _f1(current.any(dim=1), on, elsewhere)
+    for j in torch.nonzero(cand >= 0).flatten().tolist():
+        trial = current.clone()
+        trial[:, j] = bound[:, j]
+        f1 = _f1(trial.any(dim=1), on, elsewhere)
+        if f1 >= best + BOUND_GAIN:
+            current, best, chosen[j] = trial, f1, int(cand[j])
+    return with_bounds(terms, chosen) if bool((chosen >= 0).any()) else terms
+
+
+MIN_SEEN = 3  # positives a term must match for its distances to say anything
+
+
+def candidate_bounds(distance: Tensor) -> Tensor:
+    """``[n_terms]``: each term's candidate ``max_distance``, the farthest nearest key among
+    the positives it matches (``distance``, ``nearest_key_distance``), -1 where it matches
+    fewer than ``MIN_SEEN``."""
+    seen = (distance >= 0).sum(dim=0)
+    return torch.where(seen >= MIN_SEEN, distance.amax(dim=0), -1)
+
+
+def with_bounds(terms: Terms, max_distance: Tensor) -> Terms:
+    """``terms`` bounded at ``max_distance [n_terms]`` (-1: unbounded)."""
+    return replace(terms, max_distance=max_distance.to(terms.query.device), min_distance=None)
