@@ -229,7 +229,7 @@ def test_a_stated_strength_is_shown_with_its_rule(tmp_path):
     from rulecheck.html import build_report
 
     text = BOOK + (
-        "    absence:\n      - \"[if] ... [then] unless [unless] (drop >= 0.3)\"\n"
+        '    absence:\n      - "[if] ... [then] unless [unless] (drop >= 0.3)"\n'
         "    counting:\n      - {key: if, threshold_count: 2, min_spearman: 0.55}\n"
     )
     (tmp_path / "L0H0.yaml").write_text(text)
