@@ -159,7 +159,9 @@ def extract_books(
 
 def keep_rules_that_hold(book: Rulebook, bench: Workbench, head: Head) -> Rulebook:
     """Drop the claims whose check fails, run derandomised as the pytest plugin runs it (for
-    each kind that asks for it), so that a fresh rulebook passes its own tests."""
+    each kind that asks for it), so that a fresh rulebook passes its own tests. Of the
+    candidates of one slot (``RuleKind.slot``: one claim stated strictly, then with a measured
+    strength), the first that holds is kept and the rest are not checked."""
     from hypothesis import settings
 
     from rulecheck.profiles import CI_PROFILE
@@ -172,11 +174,13 @@ def keep_rules_that_hold(book: Rulebook, bench: Workbench, head: Head) -> Rulebo
             for kind in kinds.kinds():
                 if not kind.validate:
                     continue
-                rules.claims[kind.key] = [
-                    claim
-                    for i, claim in enumerate(list(rules.claims[kind.key]))
-                    if _holds(kind, ctx, rules, i)
-                ]
+                kept, filled = [], set()
+                for i, claim in enumerate(rules.claims[kind.key]):
+                    slot = kind.slot(claim)
+                    if slot not in filled and _holds(kind, ctx, rules, i):
+                        kept.append(claim)
+                        filled.add(slot)
+                rules.claims[kind.key] = kept
     finally:
         settings.load_profile(previous)
     return book

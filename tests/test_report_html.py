@@ -225,6 +225,20 @@ def test_a_counting_counterexample_shows_the_activation_by_count(tmp_path):
     assert '<a href="#L0H0-f1">' in html[html.index('<section id="failed">') :]
 
 
+def test_a_stated_strength_is_shown_with_its_rule(tmp_path):
+    from rulecheck.html import build_report
+
+    text = BOOK + (
+        '    absence:\n      - "[if] ... [then] unless [unless] (drop >= 0.3)"\n'
+        "    counting:\n      - {key: if, threshold_count: 2, min_spearman: 0.55}\n"
+    )
+    (tmp_path / "L0H0.yaml").write_text(text)
+    html = build_report([(tmp_path / "L0H0.yaml", "L0H0.yaml")], [], root=tmp_path)
+    card = html[html.index('id="L0H0-f1"') :]
+    assert "[if] ... [then] unless [unless] (drop &gt;= 0.3)" in card
+    assert "count [if] &gt;= 2 (spearman &gt;= 0.55)" in card
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     def error(*args: str) -> str:
         assert main(["report", *args]) == 2

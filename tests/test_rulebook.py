@@ -18,6 +18,7 @@ from rulecheck.book import HEADER_KEYS, FeatureRules, Rulebook, merge_manual
 from rulecheck.errors import RulecheckError
 from rulecheck.kinds import refs_of
 from rulecheck.kinds.absence import AbsenceRule
+from rulecheck.kinds.base import STRENGTH_FLOOR
 from rulecheck.kinds.counting import CountingRule
 from rulecheck.kinds.skipgram import SkipGram
 from rulecheck.refs import TokenRef
@@ -32,7 +33,7 @@ from rulecheck.rulebook import (
     save_rulebook,
     write_rulebook,
 )
-from rulecheck.schema import significant
+from rulecheck.schema import dump, significant
 
 EXAMPLE = """\
 rulecheck: 1                      # schema version
@@ -451,6 +452,38 @@ ERROR_CASES = [
     ("empty-file", "", 1, None, "empty file", "rulecheck: 2"),
     ("comment-only", "# nothing here\n\n", 1, None, "empty file", None),
     ("two-documents", "rulecheck: 1\n---\nlayer: 0\n", 2, None, "not valid YAML", None),
+    (
+        "min-drop-below-the-floor",
+        MINIMAL + "    absence:\n      - {key: if, query: then, distractor: the, min_drop: 0.05}\n",
+        11,
+        "features[0].absence[0].min_drop",
+        "min_drop 0.05 is below 0.1: a token with no effect measures about 0 and would pass",
+        "state min_drop >= 0.1, or remove min_drop",
+    ),
+    (
+        "drop-shorthand-below-the-floor",
+        MINIMAL + '    absence:\n      - "[if] ... [then] unless [the] (drop >= 0.01)"\n',
+        11,
+        "features[0].absence[0].min_drop",
+        "min_drop 0.01 is below 0.1",
+        "remove min_drop",
+    ),
+    (
+        "drop-shorthand-misspelt",
+        MINIMAL + '    absence:\n      - "[if] ... [then] unless [the] (drops >= 0.3)"\n',
+        11,
+        "features[0].absence[0].min_drop",
+        "cannot read '(drops >= 0.3)'",
+        "(drop >= 0.3)",
+    ),
+    (
+        "spearman-shorthand-above-1",
+        MINIMAL + '    counting:\n      - "count [x] >= 2 (spearman >= 2)"\n',
+        11,
+        "features[0].counting[0].min_spearman",
+        "min_spearman must be at most 1, got 2",
+        None,
+    ),
     ("not-utf8", b"rulecheck: 1\nlayer: \xff\n", 2, None, "not UTF-8", None),
     ("nul-char", "rulecheck: 1\nlayer: \x00\n", 2, None, "not valid YAML", None),
 ]
@@ -662,8 +695,18 @@ _refs = st.builds(TokenRef, feature=_ids, tokens=_tokens) | st.builds(
     TokenRef, feature=st.none(), tokens=st.lists(st.text(max_size=6), min_size=1, max_size=3)
 )
 _skipgrams = st.builds(SkipGram, _refs, _refs, _scores, _scores, _scores)
+_strengths = (
+    st.none() | st.floats(STRENGTH_FLOOR, 1.0) | st.sampled_from([STRENGTH_FLOOR, 1.0, 0.3])
+)
 _absences = st.builds(
-    AbsenceRule, _refs, _refs, _refs, _scores, _scores, st.lists(_numbers, max_size=4)
+    AbsenceRule,
+    _refs,
+    _refs,
+    _refs,
+    _scores,
+    _scores,
+    st.lists(_numbers, max_size=4),
+    min_drop=_strengths,
 )
 _countings = st.builds(
     CountingRule,
@@ -671,6 +714,7 @@ _countings = st.builds(
     st.sampled_from(["increasing", "decreasing"]),
     st.none() | st.integers(0, 50),
     st.none() | st.floats(-1.0, 1.0).map(significant),
+    min_spearman=_strengths,
 )
 _expects = st.fixed_dictionaries(
     {},
@@ -717,6 +761,12 @@ _rulebooks = st.builds(
 )
 
 
+def stated(claim: object) -> dict[str, object]:
+    """What a claim states besides its references (measurements left out)."""
+    refs = {name for name in dump(claim) if isinstance(getattr(claim, name, None), TokenRef)}
+    return {k: v for k, v in dump(claim, measured=False).items() if k not in refs}
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(book=_rulebooks)
 def test_round_trip_property(book: Rulebook, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -741,6 +791,7 @@ def test_round_trip_property(book: Rulebook, tmp_path_factory: pytest.TempPathFa
                 for ref, got in zip(refs_of(was), refs_of(now), strict=True):
                     assert got.feature == ref.feature
                     assert got.tokens == ref.tokens or (ref.feature is not None and not ref.tokens)
+                assert stated(now) == stated(was)  # direction, strength, ... as they were
     path = save_rulebook(book, tmp_path_factory.mktemp("rt") / f"{book.name}.yaml")
     assert load_rulebook(path).to_dict() == again.to_dict()
     assert dump_rulebook(load_rulebook(path), path.read_text(encoding="utf-8")) == path.read_text(

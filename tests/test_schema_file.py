@@ -249,12 +249,16 @@ GOOD = {
           absence:
             - "[if] ... [then] unless [unless]"
             - '[#1] ... ["x y"] unless [#2]'
+            - "[if] ... [then] unless [unless] (drop >= 0.3)"
+            - "[if] ... [then] unless [unless] (drop >= 1)"
           counting:
             - count [games] >= 2
             - count [https] < 6
             - count [x] increasing
             - 'count ["]"] decreasing'
             - count [#806] >= 0
+            - count [games] >= 2 (spearman >= 0.6)
+            - count [x] decreasing (spearman >= 0.1)
         """
     ),
     "mixed references": book(
@@ -277,8 +281,10 @@ GOOD = {
             - {key: 5, query: " then"}
           absence:
             - {key: 1, query: {tokens: [then]}, distractor: "unless"}
+            - {key: 1, query: 2, distractor: 3, min_drop: 0.25}
           counting:
             - {key: {feature: 806}}
+            - {key: games, threshold_count: 2, min_spearman: 0.55}
             - {key: games, direction: increasing, threshold_count: 2}
             - {key: https, direction: decreasing, threshold_count: 6}
         """
@@ -314,6 +320,17 @@ GOOD = {
 def test_valid_books_validate(text):
     assert not (errs := errors(load(text))), show(errs)
     assert DRAFT_07.is_valid(load(text))
+
+
+def test_the_mapping_forms_have_the_fields_the_claims_write():
+    """Each kind's mapping form in the schema allows exactly the keys its claim class writes
+    in a book (measurements are not in a book); a new field changes both."""
+    from rulecheck import kinds, schema
+
+    for kind in kinds.kinds():
+        name = {"skipgrams": "skipgram"}.get(kind.key, kind.key)
+        [form] = [alt for alt in SCHEMA["$defs"][name]["anyOf"] if alt.get("type") == "object"]
+        assert set(form["properties"]) == set(schema.keys(kind.claim, measured=False)), name
 
 
 def test_the_books_are_read_as_meant():
@@ -399,6 +416,14 @@ BAD = [
     ("counting threshold", feature("counting: [{key: x, threshold_count: -1}]\n"), ["features", 0, "counting", 0, "threshold_count"], "minimum"),
     ("counting with spearman", feature("counting: [{key: x, spearman: 0.9}]\n"), ["features", 0, "counting", 0], "additionalProperties"),
     ("counting without key", feature("counting: [{direction: increasing}]\n"), ["features", 0, "counting", 0], "required"),
+    ("min_drop below the floor", feature("absence: [{key: 1, query: 2, distractor: 3, min_drop: 0.05}]\n"), ["features", 0, "absence", 0, "min_drop"], "minimum"),
+    ("min_drop above 1", feature("absence: [{key: 1, query: 2, distractor: 3, min_drop: 1.5}]\n"), ["features", 0, "absence", 0, "min_drop"], "maximum"),
+    ("min_drop as text", feature("absence: [{key: 1, query: 2, distractor: 3, min_drop: '0.3'}]\n"), ["features", 0, "absence", 0, "min_drop"], "type"),
+    ("drop shorthand below the floor", feature("absence: ['[a] ... [b] unless [c] (drop >= 0.05)']\n"), ["features", 0, "absence", 0], "pattern"),
+    ("spearman in an absence", feature("absence: ['[a] ... [b] unless [c] (spearman >= 0.5)']\n"), ["features", 0, "absence", 0], "pattern"),
+    ("drop in a skip-gram", feature("skipgrams: ['[a] ... [b] (drop >= 0.5)']\n"), ["features", 0, "skipgrams", 0], "pattern"),
+    ("min_spearman below the floor", feature("counting: [{key: x, min_spearman: 0}]\n"), ["features", 0, "counting", 0, "min_spearman"], "minimum"),
+    ("spearman shorthand above 1", feature("counting: ['count [x] >= 2 (spearman >= 1.5)']\n"), ["features", 0, "counting", 0], "pattern"),
 ]  # fmt: skip
 
 
@@ -560,13 +585,13 @@ def parse_shorthand(kind: str, text: str) -> tuple[Any, ...]:
         i = literal("count ", i)
         ref, i = parse_bracket(text, i)
         i = literal(" ", i)
-        rest = text[i:]
+        rest, strength = split_strength(text[i:], "spearman")
         for op in (">= ", "< "):
             number = rest.removeprefix(op)
             if rest.startswith(op) and number.isascii() and number.isdigit():
-                return (ref, op.strip(), int(number))
+                return (ref, op.strip(), int(number), *strength)
         if rest in ("increasing", "decreasing"):
-            return (ref, rest, None)
+            return (ref, rest, None, *strength)
         raise Unparsed(i)
     ref, i = parse_bracket(text, i)
     parts.append(ref)
@@ -574,9 +599,25 @@ def parse_shorthand(kind: str, text: str) -> tuple[Any, ...]:
         i = literal(word, i)
         ref, i = parse_bracket(text, i)
         parts.append(ref)
-    if i != len(text):
+    rest, strength = split_strength(text[i:], "drop") if kind == "absence" else (text[i:], ())
+    if rest:
         raise Unparsed(i)
-    return tuple(parts)
+    return (*parts, *strength)
+
+
+def split_strength(tail: str, word: str) -> tuple[str, tuple[float, ...]]:
+    """``tail`` without a final `` (word >= X)`` and X, X a number in [0.1, 1] written with
+    a leading digit (``0.25``, ``1``, ``1.00``); ``tail`` as it is when it has none."""
+    start = tail.rfind(f" ({word} >= ")
+    if start < 0 or not tail.endswith(")"):
+        return tail, ()
+    number = tail[start + len(f" ({word} >= ") : -1]
+    whole, dot, digits = number.partition(".")
+    if not number.isascii() or whole not in ("0", "1") or (dot and not digits.isdigit()):
+        return tail, ()
+    if not 0.1 <= float(number) <= 1:
+        return tail, ()
+    return tail[:start], (float(number),)
 
 
 def reference_accepts(kind: str, text: str) -> bool:
@@ -613,6 +654,22 @@ NEAR_MISSES += ['"\\q"', '"\\u12"', '"\\uzzzz"', '"\\x41"']  # not JSON escapes
 SEPARATOR_MISSES = [" .. ", "...", "  ...  ", " … ", " ... ... ", " ...", "... "]
 UNLESS_MISSES = [" unless", "unless ", " UNLESS ", "  unless ", " unless  "]
 CLAIMS = [">= 2", "< 6", "increasing", "decreasing", ">= 0", "< 10", ">= 007"]
+STRENGTHS = ["", " ({} >= 0.3)", " ({} >= 0.1)", " ({} >= 1)", " ({} >= 1.00)", " ({} >= 0.25)"]
+STRENGTH_MISSES = [
+    " ({} >= 0.05)",
+    " ({} >= 1.5)",
+    " ({} >= .3)",
+    " ({} > 0.3)",
+    " ({} >= 0.3",
+    "({} >= 0.3)",
+    " ({}>= 0.3)",
+    " (x >= 0.3)",
+    " ({} >= 0.3) ",
+    " ({} >= 1e-1)",
+    " ({} >= 0.)",
+    " ({} >= 0.09)",
+    " ({} >= 0.3)(spearman >= 0.3)",
+]
 CLAIM_MISSES = ["> 2", ">=2", "<= 1", ">= -1", ">= two", ">= 1.5", "Increasing", ">= ２", ""]
 TAIL_MISSES = ["\n", " ", "x", "]", "\r\n"]
 
@@ -631,7 +688,10 @@ def shorthands(draw: st.DrawFn) -> tuple[str, str]:
     kind = draw(st.sampled_from(["skipgram", "absence", "counting"]))
     parts = [draw(contents) for _ in range({"skipgram": 2, "absence": 3, "counting": 1}[kind])]
     dots, unless, claim, tail = " ... ", " unless ", draw(st.sampled_from(CLAIMS)), ""
+    word = {"absence": "drop", "counting": "spearman"}.get(kind, "drop")
+    strength = draw(st.sampled_from(STRENGTHS)).format(word)
     spoil = draw(st.sampled_from(["none", "none", "content", "content", "separator", "tail"]))
+    spoil = draw(st.sampled_from([spoil, "strength"]))
     if spoil == "content":
         i = draw(st.integers(0, len(parts) - 1))
         parts[i] = draw(spoiled(parts[i]))
@@ -643,12 +703,16 @@ def shorthands(draw: st.DrawFn) -> tuple[str, str]:
             dots, unless = " ... ", draw(st.sampled_from(UNLESS_MISSES))
     elif spoil == "tail":
         tail = draw(st.sampled_from(TAIL_MISSES))
+    elif spoil == "strength":
+        strength = draw(st.sampled_from(STRENGTH_MISSES)).format(word)
+    if kind == "skipgram" and spoil != "strength":
+        strength = ""  # a skip-gram states no strength
     b = [f"[{part}]" for part in parts]
     if kind == "counting":
-        return kind, f"count {b[0]} {claim}{tail}"
+        return kind, f"count {b[0]} {claim}{strength}{tail}"
     if kind == "skipgram":
-        return kind, f"{b[0]}{dots}{b[1]}{tail}"
-    return kind, f"{b[0]}{dots}{b[1]}{unless}{b[2]}{tail}"
+        return kind, f"{b[0]}{dots}{b[1]}{strength}{tail}"
+    return kind, f"{b[0]}{dots}{b[1]}{unless}{b[2]}{strength}{tail}"
 
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None)
@@ -702,6 +766,17 @@ def test_every_reference_can_be_written_in_a_shorthand(key, query, dis, quote):
         ("absence", "[a] ... [b] unless [c d]", (("token", "a"), ("token", "b"), ("token", "c d"))),
         ("counting", "count [games] >= 2", (("token", "games"), ">=", 2)),
         ("counting", "count [x] decreasing", (("token", "x"), "decreasing", None)),
+        (
+            "absence",
+            "[a] ... [b] unless [c] (drop >= 0.3)",
+            (("token", "a"), ("token", "b"), ("token", "c"), 0.3),
+        ),
+        (
+            "absence",
+            "[a] ... [b] unless [c (drop >= 0.3)]",
+            (("token", "a"), ("token", "b"), ("token", "c (drop >= 0.3)")),
+        ),
+        ("counting", "count [x] >= 2 (spearman >= 1)", (("token", "x"), ">=", 2, 1.0)),
     ],
 )
 def test_the_reference_parser(kind, text, parts):

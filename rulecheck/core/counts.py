@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -53,6 +53,8 @@ class CountingCurve:
     spearman: float
     threshold_count: int | None
     n_contexts: int
+    # [n_contexts, max_count + 1] activation of each base context by count (NaN: unmeasured)
+    by_context: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def first_count(self) -> int:
@@ -164,7 +166,22 @@ def counting_curve(
         spearman=spearman(counts[measured].double(), act[measured].double()),
         threshold_count=threshold_count(active),
         n_contexts=len(seqs),
+        by_context=act,
     )
+
+
+def context_spearman(act: Tensor) -> Tensor:
+    """``[n]`` the Spearman correlation of each base context's activation with the count,
+    over its measured counts (``act`` ``[n, counts]``, NaN where unmeasured; 0 for a constant
+    curve)."""
+    counts = torch.arange(act.shape[1], dtype=torch.float64)
+    out = [
+        spearman(counts[~row.isnan()], row[~row.isnan()].double())
+        if (~row.isnan()).sum() > 1
+        else 0.0
+        for row in act
+    ]
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def as_counting_rule(curve: CountingCurve, min_spearman: float = 0.5) -> CountingResult | None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rulecheck.core.counterfactuals import insert_before_batch
+from rulecheck.core.counterfactuals import BatchEdit, insert_before_batch
 from rulecheck.core.exemplars import FeatureExamples
 from rulecheck.core.heads import Probe
 from rulecheck.core.scores import Terms, attn_scores
@@ -190,6 +190,72 @@ def distractor_drop(
         ends.append(edit.t.cpu())
     before, *after = probe.at(torch.cat(prompts), torch.cat(ends)).split(len(seqs))
     return [float(((before - a) / before).mean()) for a in after]
+
+
+@dataclass(frozen=True)
+class CopyDrops:
+    """Copies of a distractor inserted right after BOS into a pool of prompts, one row per
+    measured prompt: ``index`` ``[n]`` its row in the pool, ``before``/``after`` ``[n]`` the
+    activation at its tracked position without and with the copies, ``edit`` the edited
+    prompts."""
+
+    index: Tensor
+    before: Tensor
+    after: Tensor
+    edit: BatchEdit
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def drop(self) -> Tensor:
+        """``[n]`` relative drop ``(before - after) / before`` of each prompt."""
+        return (self.before - self.after) / self.before
+
+    def mean(self) -> float:
+        """The mean relative drop (NaN with no prompt)."""
+        return _mean(self.drop)
+
+    def weakest(self) -> int:
+        """The row with the smallest drop (the first of equal ones)."""
+        return int(torch.sort(self.drop, stable=True).indices[0])
+
+
+def copy_drops(
+    probe: Probe,
+    rows: Tensor,
+    t: Tensor,
+    distractor_token: int,
+    copies: int = 1,
+    protect: Tensor | None = None,
+) -> CopyDrops:
+    """``copies`` copies of ``distractor_token`` inserted right after BOS into each prompt
+    ``rows [B, T]`` tracked at ``t [B]``, measured in one call of ``probe`` (true activation).
+    ``protect [B, T]`` marks tokens that are never dropped to make room. Prompts without room
+    for the copies, and prompts whose activation before is not above 0 (the relative drop
+    needs a positive one), are left out. The statistic of absence claims with a strength
+    (``rulecheck.kinds.absence``); token identity: layer 0 only (see module doc)."""
+    room = (rows.shape[1] - 1 - t) + droppable_before(t, rows.shape[1], protect)
+    index = torch.nonzero(room >= copies).flatten().cpu()
+    sel = index.to(rows.device)
+    rows, t = rows[sel], t[sel]
+    protect = None if protect is None else protect[sel]
+    if len(index) == 0:
+        empty = torch.zeros(0)
+        return CopyDrops(index, empty, empty, BatchEdit(rows, t, t.new_zeros(0, copies), rows))
+    edit = insert_before_batch(
+        rows, t, [distractor_token] * copies, at=torch.ones_like(t), protect=protect
+    )
+    acts = probe.at(torch.cat([rows, edit.tokens]), torch.cat([t.cpu(), edit.t.cpu()]))
+    before, after = acts.split(len(rows))
+    ok = torch.nonzero(before > 0).flatten()
+    kept = BatchEdit(
+        tokens=edit.tokens[ok.to(rows.device)],
+        t=edit.t[ok.to(edit.t.device)],
+        inserted=edit.inserted[ok.to(edit.inserted.device)],
+        origin=edit.origin[ok.to(edit.origin.device)],
+    )
+    return CopyDrops(index=index[ok], before=before[ok], after=after[ok], edit=kept)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from rulecheck import kinds
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.html.figures import rounded
 from rulecheck.html.outcomes import Outcome, feature_status
-from rulecheck.kinds.base import unique
+from rulecheck.kinds.base import strength_text, unique
+from rulecheck.kinds.counting import state_text
 from rulecheck.refs import ref_name
 from rulecheck.report import render_ref, render_skipgram, top_terms
 
@@ -108,14 +109,9 @@ def _rule_text(kind: str, claim: Any) -> str:
 def _claim_text(kind: str, claim: Any) -> str:
     if kind == "absence":
         key, query, dis = (render_ref(r) for r in (claim.key, claim.query, claim.distractor))
-        return f"{key} ... {query} unless {dis}"
+        return f"{key} ... {query} unless {dis}{strength_text('drop', claim.min_drop)}"
     if kind == "counting":
-        if claim.threshold_count is None:
-            state = claim.direction
-        else:
-            op = ">=" if claim.direction == "increasing" else "<"
-            state = f"{op} {claim.threshold_count}"
-        return f"count {render_ref(claim.key)} {state}"
+        return f"count {render_ref(claim.key)} {state_text(claim)}"
     return render_skipgram(claim)
 
 

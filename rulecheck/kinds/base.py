@@ -13,13 +13,22 @@ A kind owns one key of a feature's entry in a rulebook (``skipgrams:``, ``absenc
 - ``find(found)``: the candidate claims extraction proposes for a feature (none for a kind
   that is only written by hand), and ``keep(claim)``, whether a measured candidate is kept;
   kept candidates are then checked with ``check`` before they are written
-  (``validate``), so that a fresh rulebook passes its own tests.
+  (``validate``), so that a fresh rulebook passes its own tests. Candidates of one ``slot``
+  (the same distractor stated strictly and with a measured strength, say) are alternatives,
+  strongest first: extraction keeps the first whose check passes.
+
+A claim may state how strong its effect is (absence's ``min_drop``, counting's
+``min_spearman``): a number in ``[STRENGTH_FLOOR, 1]`` read by :func:`strength`, written
+in a shorthand as a trailing ``(drop >= 0.3)``. A strength below the floor is refused when
+the book is read: a token with no effect measures about 0 and would pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+import re
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,6 +43,10 @@ if TYPE_CHECKING:
     from rulecheck.core.heads import HeadWeights, Probe
     from rulecheck.core.scores import Terms
     from rulecheck.session import Head, Workbench
+
+
+STRENGTH_FLOOR = 0.1  # the smallest strength a claim may state (a neutral token measures ~0)
+GRID = 0.05  # extraction states a measured strength rounded down to a multiple of this
 
 
 @dataclass(frozen=True)
@@ -110,9 +123,76 @@ class RuleKind:
         """Whether a measured candidate is worth checking and writing."""
         return True
 
+    def slot(self, claim: Any) -> Hashable:
+        """Which claim ``claim`` is an alternative form of: extraction keeps the first
+        candidate of a slot whose check passes (by default each claim is its own slot)."""
+        return schema.identity(claim)
+
     def field(self, rules: FeatureRules, index: int) -> str:
         """The field path of one rule in errors: ``feature[94].absence[0]``."""
         return f"feature[{rules.feature}].{self.key}[{index}]"
+
+
+def strength(key: str, without: str) -> schema.Parse:
+    """The parser of a claim's strength field ``key``: a number in ``[STRENGTH_FLOOR, 1]``;
+    ``without`` says what the claim means without one (for the fix)."""
+
+    def parse(where: schema.Where, value: Any, path: str) -> float:
+        x = schema.number()(where, value, path)
+        if x < STRENGTH_FLOOR:
+            where.fail(
+                path,
+                f"{key} {x:g} is below {STRENGTH_FLOOR:g}: a token with no effect measures "
+                "about 0 and would pass",
+                f"state {key} >= {STRENGTH_FLOOR:g}, or remove {key} to claim {without}",
+            )
+        if x > 1:
+            where.fail(
+                path,
+                f"{key} must be at most 1, got {x:g}",
+                f"state {key} in [{STRENGTH_FLOOR:g}, 1]",
+            )
+        return x
+
+    return parse
+
+
+def grid_down(x: float, step: float = GRID) -> float:
+    """``x`` rounded down to a multiple of ``step`` (never above ``x``): the strength that
+    extraction states for a measured one, so that the claim holds when checked."""
+    k = math.floor(x / step)
+    while round(k * step, 10) > x:
+        k -= 1
+    return round(k * step, 10)
+
+
+_STRENGTH = re.compile(r"^\((?P<name>[a-z]+) >= (?P<x>[^ ()]+)\)$")
+
+
+def strength_text(word: str, value: float | None) -> str:
+    """A strength as a shorthand ends: `` (drop >= 0.3)``, or nothing."""
+    return "" if value is None else f" ({word} >= {float(value)!r})"
+
+
+def read_strength(
+    where: schema.Where, text: str, tail: str, path: str, word: str, parse: schema.Parse
+) -> float | None:
+    """The strength a shorthand ``text`` states in its ``tail`` (``(drop >= 0.3)``, or
+    nothing), read by ``parse`` as field ``path``."""
+    if not tail:
+        return None
+    match = _STRENGTH.match(tail)
+    if match is None or match["name"] != word:
+        where.fail(
+            path,
+            f"cannot read {tail!r} at the end of {text!r}",
+            f"end it with ({word} >= 0.3), or with nothing",
+        )
+    try:
+        value = float(match["x"])
+    except ValueError:
+        where.fail(path, f"cannot read {match['x']!r} in {text!r} as a number", "write 0.3")
+    return parse(where, value, path)
 
 
 def refs_of(claim: Any) -> list[TokenRef]:

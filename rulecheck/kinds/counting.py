@@ -13,37 +13,70 @@ Checking, ``key`` with ``direction`` and ``threshold_count`` ``k``: base context
 feature's test positives with the key in ``[1, t)`` replaced by the corpus's most frequent
 other token (``counting.base_contexts``). Two claims:
 
-- per context (Hypothesis): with ``1..max_count`` copies of the key at drawn positions, the
-  activation ``a(n)`` at ``t`` with the first copies of them never falls as ``n`` grows
-  (``a(n+1) >= a(n) - 1e-5 * max(1, |a(n)|)``; never rises for ``decreasing``);
+- the trend, one of two forms:
+
+  - **without a strength**, per context (Hypothesis): with ``1..max_count`` copies of the
+    key at drawn positions, the activation ``a(n)`` at ``t`` with the first copies of them
+    never falls as ``n`` grows (``a(n+1) >= a(n) - 1e-5 * max(1, |a(n)|)``; never rises for
+    ``decreasing``);
+  - **with a strength** ``min_spearman`` (``"count [games] >= 2 (spearman >= 0.6)"``, or
+    ``min_spearman: 0.6`` in the long form), over all contexts (deterministic, nothing
+    drawn): the Spearman correlation of the activation with ``n`` over every (base context,
+    ``n``) pair of the detection protocol (copies spread over the prefix, ``n`` up to
+    ``max(6, k)``; ``rulecheck.core.counts.counting_curve``), taken with the sign of
+    ``direction``, is at least ``min_spearman``, the statistic extraction measures. A failure
+    names the measured correlation, the number of contexts and the context whose own curve
+    follows the direction least. ``min_spearman`` lies in ``[0.1, 1]`` (``STRENGTH_FLOOR``):
+    a key with no effect correlates about 0;
+
 - by majority (the detection protocol, copies spread over the prefix): for ``increasing`` at
   most half of the base contexts are active (activation > 0) at every count ``n < k`` and more
   than half at ``n = k``; for ``decreasing`` more than half are active below ``k`` and at most
   half at ``k``; counts no context has (0 when every query is the key) are skipped. When this
-  fails at ``n``, Hypothesis looks for a context that disagrees at ``n`` to show it.
+  fails at ``n``, Hypothesis looks for a context that disagrees at ``n`` to show it (a claim
+  with a strength shows its weakest context instead).
+
+Extraction proposes, for a detected curve, the claim without a strength and, as its
+alternative (one ``slot``), the claim with ``min_spearman`` the measured Spearman rounded
+down to a multiple of 0.05 when that is at least ``KEEP_SPEARMAN``; it keeps the first whose
+check passes.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from rulecheck import schema
 from rulecheck.errors import RuleFailed
-from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
+from rulecheck.kinds.base import (
+    CheckContext,
+    Found,
+    RuleKind,
+    as_text,
+    grid_down,
+    read_strength,
+    shorthand,
+    strength,
+    strength_text,
+)
 from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
+    from rulecheck.core.counts import CountingCurve
 
 DIRECTIONS = ("increasing", "decreasing")
 MAX_COUNT = 6
 MAJORITY = 0.5
 MONOTONE_RTOL = 1e-5
 TOP_KEYS = 1  # finding: counting curves of the keys of this many top terms
+KEEP_SPEARMAN = 0.5  # finding: the smallest Spearman stated as a strength
+
+_min_spearman = strength("min_spearman", "that the activation is monotone in every context")
 
 
 @dataclass
@@ -56,13 +89,19 @@ class CountingRule(schema.Record):
     )
     threshold_count: int | None = schema.entry(schema.integer(), default=None)
     spearman: float | None = schema.entry(schema.number((-1.0, 1.0)), default=None, measured=True)
+    # the claim's strength: the smallest Spearman of the counting curve (see module doc)
+    min_spearman: float | None = schema.entry(_min_spearman, default=None)
 
 
 SHORTHAND = (
     '"count [key] >= N" (on from N copies), "count [key] < N" (off from N), or '
-    '"count [key] increasing" (or decreasing), e.g. "count [games] >= 2"'
+    '"count [key] increasing" (or decreasing), optionally ending "(spearman >= 0.6)", e.g. '
+    '"count [games] >= 2"'
 )
-_STATE = re.compile(r"^(?:(?P<op>>=|<) ?(?P<n>[0-9]+)|(?P<direction>increasing|decreasing))$")
+_STATE = re.compile(
+    r"^(?:(?P<op>>=|<) ?(?P<n>[0-9]+)|(?P<direction>increasing|decreasing))"
+    r"(?: (?P<tail>\(.*\)))?$"
+)
 
 
 class Counting(RuleKind):
@@ -79,24 +118,31 @@ class Counting(RuleKind):
         match = _STATE.match(state)
         if match is None:
             where.fail(path, f"cannot read {value!r}: expected {SHORTHAND}", f"write {SHORTHAND}")
+        field = schema.join(path, "min_spearman")
+        tail = match["tail"] or ""
+        min_spearman = read_strength(where, value, tail, field, "spearman", _min_spearman)
         if match["direction"]:
-            return CountingRule(key=key, direction=match["direction"])
+            return CountingRule(key=key, direction=match["direction"], min_spearman=min_spearman)
         up = match["op"] == ">="
         return CountingRule(
-            key=key, direction="increasing" if up else "decreasing", threshold_count=int(match["n"])
+            key=key,
+            direction="increasing" if up else "decreasing",
+            threshold_count=int(match["n"]),
+            min_spearman=min_spearman,
         )
 
     def write(self, claim: CountingRule, table: RefTable) -> Any:
-        if claim.threshold_count is None:
-            state = claim.direction
-        else:
-            op = ">=" if claim.direction == "increasing" else "<"
-            state = f"{op} {claim.threshold_count}"
-        text = as_text(table, [claim.key], f"count {{}} {state}")
+        text = as_text(table, [claim.key], f"count {{}} {state_text(claim)}")
         return text if text is not None else super().write(claim, table)
 
     def name(self, claim: CountingRule) -> str:
         return ref_name(claim.key)
+
+    def slot(self, claim: CountingRule) -> Hashable:
+        return schema.identity((claim.key, claim.direction, claim.threshold_count))
+
+    def keep(self, claim: CountingRule) -> bool:
+        return claim.min_spearman is None or claim.min_spearman >= KEEP_SPEARMAN
 
     def find(self, found: Found) -> list[CountingRule]:
         from rulecheck.core.counts import as_counting_rule, counting_curve
@@ -115,15 +161,18 @@ class Counting(RuleKind):
                 found.probe, found.tokens, found.examples, int(found.token_of[k])
             )
             rule = as_counting_rule(curve)
-            if rule is not None:
-                out.append(
-                    CountingRule(
-                        key=found.ref(k),
-                        direction=rule.direction,  # type: ignore[arg-type]
-                        threshold_count=rule.threshold_count,
-                        spearman=schema.significant(rule.spearman, 4),
-                    )
-                )
+            if rule is None:
+                continue
+            claim = CountingRule(
+                key=found.ref(k),
+                direction=rule.direction,  # type: ignore[arg-type]
+                threshold_count=rule.threshold_count,
+                spearman=schema.significant(rule.spearman, 4),
+            )
+            out.append(claim)
+            signed = abs(rule.spearman)  # as_counting_rule: the sign agrees with the direction
+            if signed >= KEEP_SPEARMAN:
+                out.append(replace(claim, min_spearman=grid_down(signed)))
         return out
 
     def check(self, ctx: CheckContext, rules: FeatureRules, index: int) -> dict[str, Any]:
@@ -163,6 +212,10 @@ class Counting(RuleKind):
             bench.probe(head, rules.feature), corpus, ex, key, max_count=top, filler_token=filler
         )
         bad = _majority_violation(curve.active_by_count, up, k)
+        if rule.min_spearman is not None:
+            claim += strength_text("spearman", rule.min_spearman)
+            what = _Contexts(rows, t, key, key_name, filler_name, claim, record)
+            return _check_strength(model, curve, rule.min_spearman, up, k, bad, what)
         bases = Bases.of(rows, t)
 
         def falsified(case: Any) -> dict[str, Any] | None:
@@ -214,6 +267,94 @@ class Counting(RuleKind):
             ]
             record["counterexample"] = counterexample(model, found)
         raise RuleFailed("\n".join(lines), record=record)
+
+
+@dataclass(frozen=True)
+class _Contexts:
+    """A check's base contexts and how its messages name things."""
+
+    rows: Any  # Tensor [n, T]
+    t: Any  # Tensor [n]
+    key: int
+    key_name: str
+    filler_name: str
+    claim: str
+    record: dict[str, Any]
+
+
+def _check_strength(
+    model: Any,
+    curve: CountingCurve,
+    min_spearman: float,
+    up: bool,
+    k: int | None,
+    bad: int | None,
+    c: _Contexts,
+) -> dict[str, Any]:
+    """The Spearman of the curve, with the direction's sign, is at least ``min_spearman``,
+    and the majority changes state at ``k``."""
+    import torch
+
+    from rulecheck.core.counterfactuals import repeat_token, spread_positions
+    from rulecheck.core.counts import context_spearman
+    from rulecheck.properties import counterexample, shown
+
+    measured = curve.spearman if up else -curve.spearman
+    n = curve.n_contexts
+    record = {**c.record, "spearman": measured, "min_spearman": min_spearman, "contexts": n}
+    if measured >= min_spearman and bad is None:
+        return {**record, "passed": True}
+    assert curve.by_context is not None
+    sign = 1.0 if up else -1.0
+    i = int(torch.sort(sign * context_spearman(curve.by_context), stable=True).indices[0])
+    row = curve.by_context[i]
+    acts = row[~row.isnan()].tolist()
+    own = int(torch.nonzero(~row.isnan())[0])  # the lowest count this context has
+    t0, copies_in = int(c.t[i]), len(acts) - 1
+    at = spread_positions(torch.tensor([t0]), copies_in)[0].tolist()
+    found = {
+        "t0": t0,
+        "edit": repeat_token(c.rows[i], t0, c.key, copies_in, positions=at),
+        "acts": acts,
+        "own": own,
+    }
+    fails = []
+    if measured < min_spearman:
+        fails.append(f"Spearman {measured:.3f} < {min_spearman:g} stated")
+    if bad is not None:
+        share = curve.active_by_count[bad]
+        fails.append(f"majority violated at n = {bad} ({share:.0%} of base contexts active)")
+    trend = "rises" if up else "falls"
+    by_n = ", ".join(f"{m}: {a:.4f}" for m, a in enumerate(acts, own))
+    lines = [
+        f"{c.claim}: falsified: {', '.join(fails)}, over {n} base contexts",
+        f"  criterion: the Spearman correlation of the activation at t with n over every "
+        f"(base context, n) pair, copies spread over the prefix, {'' if up else 'negated '}"
+        f">= {min_spearman:g}; {_majority_text(up, k)} (n: the count of [{c.key_name}] in "
+        "[1, t], t included)",
+        f"  base contexts: {n} test positives with [{c.key_name}] before t replaced by "
+        f"[{c.filler_name}]",
+        "  share of base contexts active by n (copies spread over the prefix): "
+        + ", ".join(
+            f"{m}: {s:.0%}" for m, s in enumerate(curve.active_by_count) if not math.isnan(s)
+        ),
+        f"  the context whose activation {trend} least with n, {len(acts) - 1} copies inserted:",
+        *shown(model, found),
+        f"  activation at t by n: {by_n}",
+    ]
+    record["counterexample"] = counterexample(model, found)
+    raise RuleFailed("\n".join(lines), record=record)
+
+
+def state_text(claim: CountingRule) -> str:
+    """What a counting shorthand says after its key: ``>= 2``, ``< 6``, ``increasing``, then
+    its strength (`` (spearman >= 0.6)``) when it states one."""
+    if claim.threshold_count is None:
+        state = claim.direction
+    else:
+        op = ">=" if claim.direction == "increasing" else "<"
+        state = f"{op} {claim.threshold_count}"
+    return state + strength_text("spearman", claim.min_spearman)
 
 
 def _monotone_break(acts: Sequence[float], increasing: bool, first: int = 0) -> str | None:
