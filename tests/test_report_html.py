@@ -443,3 +443,33 @@ def test_the_gate_section_in_a_browser(run, tmp_path):
         finally:
             browser.close()
     assert errors == []
+
+
+def test_the_layer_table_counts_bounds_and_both_precisions(run, html, data):
+    """Per layer: features with absence, counting and distance-bounded rules (also Fig. 9's
+    bars) and the median precision on the protocol, over the corpus and as checked, read
+    against the paper's figures."""
+    import statistics
+
+    paths = [run / "books" / f"L0H{h}.yaml" for h in (0, 1)] + [run / "books" / FAILURE.name]
+    features = [r for p in paths for r in load_rulebook(p, measurements=True).features]
+    measured = [r for r in features if r.source == "extracted"]  # the false claim: by hand
+    n = len(features)
+    counts = [
+        sum(bool(r.absence) for r in features),
+        sum(bool(r.counting) for r in features),
+        sum(any(t.max_distance is not None for t in r.skipgrams) for r in features),
+    ]
+    bars = {t["name"]: t["y"] for t in data["figs"]["planted-fig9"]["data"]}
+    assert bars == {
+        "absence": [counts[0] / n],
+        "counting": [counts[1] / n],
+        "distance-bounded": [counts[2] / n],
+    }
+    table = html[html.index('<table class="layers">') :]
+    table = table[: table.index("</table>")]
+    cells = [c.split("<")[0] for c in table.split("<td>")[1:]]
+    assert cells[:5] == ["0", str(n), *(f"{c} ({c / n:.0%})" for c in counts)]
+    for cell, key in zip(cells[5:], ("protocol_precision", "corpus_precision", "precision")):
+        assert cell == f"{statistics.median(r.measured[key] for r in measured):.3f}"
+    assert "over a quarter of layer-0 features" in html and "carry no distance" in html

@@ -60,9 +60,10 @@ def f1_heatmap(model: str, cells: Mapping[tuple[int, int], float | None]) -> Fig
     }
 
 
-def rule_shares(model: str, shares: Mapping[int, tuple[float, float, int]]) -> Figure:
-    """Fig. 9: per layer, the share of features with absence rules and with counting rules
-    (``shares[layer] = (absence, counting, n_features)``)."""
+def rule_shares(model: str, shares: Mapping[int, tuple[float, float, int, float]]) -> Figure:
+    """Fig. 9: per layer, the share of features with absence rules, with counting rules and
+    with a distance-bounded skip-gram (``shares[layer] = (absence, counting, n_features,
+    bounded)``)."""
     layers = sorted(shares)
     x = [f"L{layer} ({shares[layer][2]} features)" for layer in layers]
     bars = [
@@ -74,10 +75,14 @@ def rule_shares(model: str, shares: Mapping[int, tuple[float, float, int]]) -> F
             "marker": {"color": colour},
             "hovertemplate": "%{x}: %{y:.1%}<extra>" + name + "</extra>",
         }
-        for i, (name, colour) in enumerate((("absence", ORANGE), ("counting", GREEN)))
+        for i, (name, colour) in (
+            (0, ("absence", ORANGE)),
+            (1, ("counting", GREEN)),
+            (3, ("distance-bounded", BLUE)),
+        )
     ]
     layout = _layout(
-        f"{model}: features with absence and counting rules (Fig. 9)",
+        f"{model}: features with absence, counting and distance-bounded rules (Fig. 9)",
         "layer",
         "share of features",
         barmode="group",

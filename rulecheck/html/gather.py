@@ -31,6 +31,17 @@ if TYPE_CHECKING:
 
 SHOWN_TERMS = 10  # skip-grams listed on a card (the rest are in the book)
 METRICS = ("f1", "precision", "recall", "spearman")
+# precision as the paper's protocol measures it, over the corpus where the rules fire, and as
+# the books check it (with hard negatives)
+PRECISIONS = ("protocol_precision", "corpus_precision", "precision")
+# the paper's figures (GPT-2 small) the layer table is read against
+PAPER_FIGURES = {
+    "absence": "a distractor key for over a quarter of layer-0 features, more at later layers "
+    "(Fig. 9; weight analysis, not a checked claim)",
+    "counting": "a few examples isolated (Sec. 4.3, Fig. 7)",
+    "bounded": "none: its skip-grams carry no distance",
+    "precision": "on random inactive negatives only (A.2)",
+}
 
 
 @dataclass
@@ -379,7 +390,8 @@ def report_data(entries: list[BookInput], run: list[Outcome] | None) -> tuple[di
     for model in sorted({b["model"] for b in books}):
         mine = [b for b in books if b["model"] == model]
         cells: dict[tuple[int, int], list[float]] = defaultdict(list)
-        shares: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+        shares: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        precisions: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for b in mine:
             book = b["entry"].book
             cells[(book.layer, book.head)] += [c["f1"] for c in b["cards"] if c["f1"] is not None]
@@ -388,6 +400,25 @@ def report_data(entries: list[BookInput], run: list[Outcome] | None) -> tuple[di
                 row[0] += bool(rules.absence)
                 row[1] += bool(rules.counting)
                 row[2] += 1
+                row[3] += any(
+                    t.max_distance is not None or t.min_distance is not None
+                    for t in rules.skipgrams
+                )
+                for key in PRECISIONS:
+                    value = rules.measured.get(key)
+                    if isinstance(value, (int, float)) and not math.isnan(value):
+                        precisions[book.layer][key].append(float(value))
+        layers = [
+            {
+                "layer": layer,
+                "features": n,
+                "absence": a,
+                "counting": c,
+                "bounded": d,
+                **{k: _median(precisions[layer][k]) for k in PRECISIONS},
+            }
+            for layer, (a, c, n, d) in sorted(shares.items())
+        ]
         heat = figs.add(
             f"{model}-heatmap",
             figures.f1_heatmap(model, {k: _median(v) for k, v in cells.items()}),
@@ -396,7 +427,10 @@ def report_data(entries: list[BookInput], run: list[Outcome] | None) -> tuple[di
             f"{model}-fig9",
             figures.rule_shares(
                 model,
-                {layer: (a / max(n, 1), c / max(n, 1), n) for layer, (a, c, n) in shares.items()},
+                {
+                    layer: (a / max(n, 1), c / max(n, 1), n, d / max(n, 1))
+                    for layer, (a, c, n, d) in shares.items()
+                },
             ),
         )
         fig4, notes = _figure4(model, [b["entry"] for b in mine], figs)
@@ -406,6 +440,7 @@ def report_data(entries: list[BookInput], run: list[Outcome] | None) -> tuple[di
                 "books": mine,
                 "heatmap": heat,
                 "fig9": fig9,
+                "layers": layers,
                 "fig4": fig4,
                 "fig4_notes": notes,
             }
@@ -424,6 +459,7 @@ def report_data(entries: list[BookInput], run: list[Outcome] | None) -> tuple[di
         "gate": _gate([(b["entry"], b["anchor"], b["cards"]) for b in books]),
         "run": run_counts,
         "n_features": sum(b["n_features"] for b in books),
+        "paper": PAPER_FIGURES,
     }
     data["figs"] = figs.by_id
     return context, data
