@@ -123,6 +123,8 @@ class ExtractConfig(Checked):
     batch_size: int = bounded(int, 1, default=64)
     top_tokens: int = bounded(int, 0, default=3)
     rules: bool = True  # also search the other rule kinds' claims
+    # distance bounds and hard negatives (``core.heldout``); without, the paper's protocol alone
+    held_out: bool = True
     exemplars: ExemplarConfig = dataclasses.field(default_factory=ExemplarConfig)
 
     def __post_init__(self) -> None:

@@ -221,6 +221,7 @@ class Resolver:
     file: str
     top_tokens: Callable[[], Any] | None = None
     _cache: dict[tuple[Any, ...], Resolved] = field(default_factory=dict, repr=False)
+    _encoded: dict[str, list[int]] = field(default_factory=dict, repr=False)  # text -> ids
 
     def resolve(self, ref: TokenRef, field: str) -> Resolved:
         """``ref`` resolved (see module doc); a bad reference is ``InvalidRulebook`` naming
@@ -288,7 +289,9 @@ class Resolver:
                 f"names token {text!r} but the model has no tokenizer",
                 "give the input feature id instead (feature: N)",
             )
-        ids = tok.encode(text, add_special_tokens=False)
+        if text not in self._encoded:
+            self._encoded[text] = tok.encode(text, add_special_tokens=False)
+        ids = self._encoded[text]
         unk = getattr(tok, "unk_token_id", None)
         if unk is not None and ids == [unk] and text != tok.unk_token:
             self._fail(

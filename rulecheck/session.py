@@ -45,7 +45,7 @@ from rulecheck.core.extract import (
     no_progress,
 )
 from rulecheck.core.heads import Probe
-from rulecheck.core.prefixes import SequenceChunk, sequence_chunks
+from rulecheck.core.prefixes import KeptInputs, SequenceChunk, sequence_chunks
 from rulecheck.core.tokens import top_token
 from rulecheck.errors import (
     FingerprintMismatch,
@@ -657,6 +657,38 @@ class Workbench:
         ``columns`` when given."""
         model, sae_in, _, tokens = self.load(head)
         return sequence_chunks(model, sae_in, tokens, head.layer, seq, t, self.batch_size, columns)
+
+    def held_out_chunks(self, head: Head) -> Iterator[SequenceChunk]:
+        """The held-out sequences of the head's exemplars (``core.heldout``), whole, with every
+        input feature: run once per session and kept sparse (``KeptInputs``), as every
+        feature's precision where its rules fire reads them."""
+        model, sae_in, _, tokens = self.load(head)
+        seq = self.collector(head).held_seq.cpu()
+        ends = torch.full_like(seq, tokens.shape[1] - 1)
+
+        def keep() -> KeptInputs:
+            held = tokens[seq.to(tokens.device)]
+            kept = KeptInputs(sae_in, head.layer, held)
+            with torch.no_grad():
+                for start in range(0, len(held), self.batch_size):
+                    batch = held[start : start + self.batch_size].to(model.cfg.device)
+                    kept.observe({kept.hook: model(batch, stop_at_layer=head.layer)})
+            return kept
+
+        kept = self.memo(
+            (
+                "held_inputs",
+                head.specs.model,
+                head.specs.sae_in,
+                head.specs.corpus,
+                head.layer,
+                tuple(seq.tolist()),
+            ),
+            keep,
+        )
+        if kept.complete:
+            return kept.chunks(torch.arange(len(seq)), ends, self.batch_size)
+        return sequence_chunks(model, sae_in, tokens, head.layer, seq, ends, self.batch_size)
 
     def announced_features(self, file: str) -> list[FeatureRules]:
         """The features of the book announced from ``file`` whose items run this session (all

@@ -330,8 +330,10 @@ def test_measurements_are_written_beside_the_book_not_in_it(tmp_path: Path) -> N
 
 
 def test_shipped_books_are_small_and_at_least_as_good_as_the_former_ones() -> None:
-    """Every head's book <= 100 KB, the set <= 600 KB, and per layer a median test F1 at least
-    that of the format-1 books they replaced (numbers kept in the model card's builder)."""
+    """Every head's book <= 100 KB, the set <= 600 KB, and per layer a median test F1 on the
+    paper's protocol (the one the format-1 books were measured on, without hard negatives) at
+    least that of the format-1 books they replaced (numbers kept in the model card's
+    builder)."""
     from rulecheck.build.train_tiny import FORMER_BOOKS
 
     books = sorted((ROOT / "rulebooks" / "rulecheck-tiny").glob("L*H*.yaml"))
@@ -342,6 +344,6 @@ def test_shipped_books_are_small_and_at_least_as_good_as_the_former_ones() -> No
     f1: dict[int, list[float]] = {}
     for path in books:
         book = load_rulebook(path, measurements=True)
-        f1.setdefault(book.layer, []).extend(f.measured["f1"] for f in book.features)
+        f1.setdefault(book.layer, []).extend(f.measured["protocol_f1"] for f in book.features)
     for layer, values in f1.items():
         assert statistics.median(values) >= FORMER_BOOKS[layer]["f1"][1], layer

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from rulecheck.core.exemplars import FeatureExamples
-from rulecheck.core.heldout import FireCounts, term_matches
+from rulecheck.core.heldout import FireCounts, any_of, joined, term_matches
 from rulecheck.core.metrics import binary_scores, spearman
 from rulecheck.core.prefixes import SequenceChunk
 from rulecheck.core.rules import predict_from, window_key_act
@@ -107,18 +107,19 @@ def fire_positions(
     """Per ``terms`` (whose columns index ``columns``), ``[n_seq, pos]`` bool: where it
     predicts the feature on at each position of ``n_seq`` sequences (``heldout.term_matches``),
     from ``chunks`` reading the sequences whole (one prefix per sequence, its rows its
-    index)."""
-    read = Columns(tuple(range(len(columns.features))), columns.token_sets)
-    out: list[Tensor] = []
+    index), their activations those of every input feature."""
+    read = columns
+    every, offsets = joined(list(terms))
+    out = None
     for chunk in chunks:
         cols = input_columns(chunk.feats, chunk.tokens, read)
-        if not out:
-            out = [torch.zeros(n_seq, cols.shape[1], dtype=torch.bool) for _ in terms]
-        rows = chunk.rows.cpu()
-        for i, own in enumerate(terms):
-            fire = term_matches(cols, own).any(dim=2).cpu()
-            out[i][rows, : fire.shape[1]] = fire[chunk.where.cpu()]
-    return out
+        if out is None:
+            out = torch.zeros(n_seq, cols.shape[1], len(terms), dtype=torch.bool)
+        fire = any_of(term_matches(cols, every.to(cols.device)), offsets).cpu()
+        out[chunk.rows.cpu(), : fire.shape[1]] = fire[chunk.where.cpu()]
+    if out is None:
+        return [torch.zeros(n_seq, 0, dtype=torch.bool) for _ in terms]
+    return list(out.unbind(dim=2))
 
 
 def union_columns(columns: Sequence[Columns]) -> tuple[Columns, list[Tensor]]:

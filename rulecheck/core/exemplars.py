@@ -81,13 +81,13 @@ class ExemplarCollector:
             keep = p > 0  # BOS never counts
             self._held.append((f[keep], rows[b[keep]], p[keep], acts[held][b, p, f][keep].float()))
         if self._buffered >= self.flush_every:
-            self.flush()
+            self.flush(held=False)
 
     @torch.no_grad()
-    def flush(self) -> None:
-        """Merge the buffered sequences into the kept positives and negatives (and the
-        held-out positions, ordered by feature)."""
-        if self._held:
+    def flush(self, held: bool = True) -> None:
+        """Merge the buffered sequences into the kept positives and negatives (and, with
+        ``held``, the held-out positions, ordered by feature: once, when they are read)."""
+        if held and self._held:
             parts = [torch.cat(x) for x in zip(*self._held, strict=True)]
             self._held = []
             feat, row, pos, val = (

@@ -8,6 +8,7 @@ registered rule kind proposes its candidate claims from the kept terms (``rulech
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,9 +40,11 @@ from rulecheck.core.heads import (
     z_hook,
 )
 from rulecheck.core.heldout import (
+    any_of,
     candidate_bounds,
     choose_bounds,
     fire_counts,
+    joined,
     nearest_key_distance,
     term_matches,
     with_bounds,
@@ -292,16 +295,26 @@ def settle(
     # the held-out positions where some term matches: rows, positions, free and bound matches
     seen: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = [[] for _ in results]
     seq = collector.held_seq.cpu()
-    if len(seq):
+    if len(seq) and results:
+        free_terms, offsets = joined([r.terms for r in results])
+        bound_terms, _ = joined(
+            [with_bounds(r.terms, c) for r, c in zip(results, cands, strict=True)]
+        )
         ends = torch.full_like(seq, collector.seq_len - 1)
         for chunk in read(seq, ends):
             rows = chunk.rows.cpu()[chunk.where.cpu().argsort()]  # chunk row -> held-out row
-            for i, result in enumerate(results):
-                terms = result.terms.to(chunk.feats.device)
-                free = term_matches(chunk.feats, terms)
-                bound = term_matches(chunk.feats, with_bounds(terms, cands[i]))
-                b, p = torch.nonzero(free.any(dim=2), as_tuple=True)
-                seen[i].append((rows[b.cpu()], p.cpu(), free[b, p].cpu(), bound[b, p].cpu()))
+            free = term_matches(chunk.feats, free_terms.to(chunk.feats.device))
+            bound = (
+                term_matches(chunk.feats, bound_terms.to(chunk.feats.device))
+                if any(bool((c >= 0).any()) for c in cands)
+                else free
+            )
+            fires = any_of(free, offsets)  # [batch, pos, n_features]
+            for i, (lo, hi) in enumerate(itertools.pairwise(offsets.tolist())):
+                b, p = torch.nonzero(fires[..., i], as_tuple=True)
+                seen[i].append(
+                    (rows[b.cpu()], p.cpu(), free[b, p, lo:hi].cpu(), bound[b, p, lo:hi].cpu())
+                )
     for result, ex, held, cand, spots in zip(results, exs, helds, cands, seen, strict=True):
         fire = None
         if spots:
@@ -404,7 +417,12 @@ def extract_head(
                 return kept.chunks(seq, t, cfg.batch_size)
             return sequence_chunks(model, sae_in, tokens, layer, seq, t, cfg.batch_size)
 
-        settle(group_results, exs, collector, read)
+        if cfg.held_out:
+            settle(group_results, exs, collector, read)
+        else:
+            for result, ex in zip(group_results, exs, strict=True):
+                assert result.test_pred is not None
+                result.test = score_predictions(result.test_pred, ex).as_dict()
         for (i, f), result, ex in zip(group, group_results, exs, strict=True):
             found = kinds.Found(
                 feature=f,

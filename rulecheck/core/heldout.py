@@ -66,24 +66,62 @@ def term_matches(feats: Tensor, terms: Terms) -> Tensor:
     """``[batch, pos, n_terms]`` bool: where each term predicts the feature on, reading every
     position ``p >= 1`` as the end of a prefix (``rules.term_contributions > 0``): query active
     at ``p``, key active at some ``i <= p`` within the term's distances, scores positive.
-    ``feats`` is ``[batch, pos, d]``."""
-    b, n_pos, _ = feats.shape
-    dev = feats.device
-    q = feats[..., terms.query.to(dev)] > 0
-    k = (feats[..., terms.key.to(dev)] > 0).long()
-    count = torch.cat([k.new_zeros(b, 1, len(terms)), k.cumsum(dim=1)], dim=1)  # [b, pos+1, n]
+    ``feats`` is ``[batch, pos, d]``. Keys are counted once per column (running counts), and
+    a term reads its window as the difference of two counts."""
+    n_pos, dev = feats.shape[1], feats.device
+    active = feats > 0
+    keys, column = torch.unique(terms.key.to(dev), return_inverse=True)  # column [n_terms]
+    count = active[..., keys].to(torch.int32).cumsum(dim=1)  # [b, pos, n_keys]: keys in [0, p]
+    out = active[..., terms.query.to(dev)] & (count > 0)[..., column]
     none = torch.full((len(terms),), -1, dtype=torch.long, device=dev)
     lo = (none if terms.min_distance is None else terms.min_distance.to(dev)).clamp(min=0)
     hi = none if terms.max_distance is None else terms.max_distance.to(dev)
     hi = torch.where(hi < 0, n_pos, hi)
-    p = torch.arange(n_pos, device=dev)[:, None]
-    upper = (p - lo[None, :] + 1).clamp(min=0)  # keys at i <= p - lo
-    lower = (p - hi[None, :]).clamp(min=0)  # keys at i >= p - hi
-    inside = count.gather(1, upper.expand(b, -1, -1)) - count.gather(1, lower.expand(b, -1, -1))
+    bounded = torch.nonzero((lo > 0) | (hi < n_pos - 1)).flatten()
+    if len(bounded):
+        padded = torch.nn.functional.pad(count, (0, 0, 1, 0))  # [b, pos + 1, n_keys]
+        p = torch.arange(n_pos, device=dev)[:, None]
+        upper = (p - lo[bounded][None, :] + 1).clamp(min=0)  # keys at i <= p - lo
+        lower = (p - hi[bounded][None, :]).clamp(min=0)  # keys at i >= p - hi
+        col = column[bounded][None, :].expand(n_pos, -1)
+        inside = padded[:, upper, col] - padded[:, lower, col]  # [b, pos, n_bounded]
+        out[..., bounded] = active[..., terms.query[bounded].to(dev)] & (inside > 0)
     live = ((terms.attn > 0) & (terms.value > 0)).to(dev)
-    out = q & (inside > 0) & live
+    out &= live
     out[:, 0] = False
     return out
+
+
+def joined(terms: list[Terms]) -> tuple[Terms, Tensor]:
+    """The terms of several features as one ``Terms`` (bounds -1 where a feature has none)
+    and ``[n_features + 1]`` offsets of each feature's terms in it: one ``term_matches`` for
+    all of them."""
+    sizes = torch.tensor([len(t) for t in terms], dtype=torch.long)
+    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+
+    def bound(t: Terms, d: Tensor | None) -> Tensor:
+        return torch.full((len(t),), -1, dtype=torch.long) if d is None else d.cpu().long()
+
+    out = Terms(
+        query=torch.cat([t.query.cpu() for t in terms]).long(),
+        key=torch.cat([t.key.cpu() for t in terms]).long(),
+        attn=torch.cat([t.attn.cpu().float() for t in terms]),
+        value=torch.cat([t.value.cpu().float() for t in terms]),
+        max_distance=torch.cat([bound(t, t.max_distance) for t in terms]),
+        min_distance=torch.cat([bound(t, t.min_distance) for t in terms]),
+    )
+    return out, offsets
+
+
+def any_of(matches: Tensor, offsets: Tensor) -> Tensor:
+    """``[..., n_features]``: whether any of each feature's terms matches, from ``matches
+    [..., n_terms]`` of ``joined`` terms at ``offsets`` (one product with the terms'
+    membership)."""
+    n_terms, n_features = int(offsets[-1]), len(offsets) - 1
+    owner = torch.repeat_interleave(torch.arange(n_features), offsets.diff())
+    member = torch.zeros(n_terms, n_features, device=matches.device)
+    member[torch.arange(n_terms), owner.to(matches.device)] = 1.0
+    return (matches.float() @ member) > 0
 
 
 def nearest_key_distance(feats: Tensor, t: Tensor, where: Tensor, terms: Terms) -> Tensor:

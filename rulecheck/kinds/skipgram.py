@@ -226,8 +226,6 @@ def held_out_fires(
     """Per feature (with its exemplars), where its ``terms`` fire on the held-out sequences
     (``core.heldout``): one pass over them for all, reading only ``columns``; None each when
     the protocol holds no sequences out."""
-    import torch
-
     from rulecheck.core.evaluate import fire_positions
     from rulecheck.core.heldout import fire_counts
 
@@ -235,9 +233,7 @@ def held_out_fires(
     if len(col.held_seq) == 0 or not features:
         return [None] * len(features)
     seq = col.held_seq.cpu()
-    ends = torch.full_like(seq, col.seq_len - 1)
-    chunks = bench.sequence_chunks(head, seq, ends, columns.features)
-    fires = fire_positions(chunks, len(seq), columns, terms)
+    fires = fire_positions(bench.held_out_chunks(head), len(seq), columns, terms)
     out: list[FireCounts | None] = []
     for (f, ex), fire in zip(features, fires, strict=True):
         n_neg = int((ex.part("test") & (ex.act <= 0)).sum())
