@@ -347,3 +347,24 @@ def test_shipped_books_are_small_and_at_least_as_good_as_the_former_ones() -> No
         f1.setdefault(book.layer, []).extend(f.measured["protocol_f1"] for f in book.features)
     for layer, values in f1.items():
         assert statistics.median(values) >= FORMER_BOOKS[layer]["f1"][1], layer
+
+
+def test_the_card_counts_the_shipped_books_rules_and_precisions() -> None:
+    """The model card's census section is the one ``rulecheck.build.census`` writes from the
+    shipped books, and its counts are the books' own."""
+    from rulecheck.build.census import census, census_lines
+
+    shipped = ROOT / "rulebooks" / "rulecheck-tiny"
+    card = (ROOT / "rulecheck" / "zoo" / "tiny" / "MODEL_CARD.md").read_text()
+    assert "\n".join(census_lines(shipped)).strip("\n") in card
+    rows = census(shipped)
+    for layer in (0, 1):
+        books = [load_rulebook(p, measurements=True) for p in shipped.glob(f"L{layer}H*.yaml")]
+        features = [f for b in books for f in b.features]
+        assert rows[layer]["features"] == len(features)
+        assert rows[layer]["absence"] == sum(bool(f.absence) for f in features)
+        assert rows[layer]["counting"] == sum(bool(f.counting) for f in features)
+        assert rows[layer]["bounded"] == sum(
+            any(s.max_distance is not None for s in f.skipgrams) for f in features
+        )
+        assert rows[layer]["corpus_precision"] < rows[layer]["protocol_precision"]

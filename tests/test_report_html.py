@@ -470,6 +470,7 @@ def test_the_layer_table_counts_bounds_and_both_precisions(run, html, data):
     table = table[: table.index("</table>")]
     cells = [c.split("<")[0] for c in table.split("<td>")[1:]]
     assert cells[:5] == ["0", str(n), *(f"{c} ({c / n:.0%})" for c in counts)]
-    for cell, key in zip(cells[5:], ("protocol_precision", "corpus_precision", "precision")):
+    keys = ("protocol_precision", "corpus_precision", "precision")
+    for cell, key in zip(cells[5:8], keys, strict=True):
         assert cell == f"{statistics.median(r.measured[key] for r in measured):.3f}"
     assert "over a quarter of layer-0 features" in html and "carry no distance" in html

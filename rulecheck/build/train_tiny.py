@@ -818,6 +818,8 @@ def _quartiles(values: list[float]) -> str:
 
 def step_card(work: Path, out: Path, rulebooks: Path) -> None:
     """MODEL_CARD.md from the measured reports of every step and the shipped rulebooks."""
+    from rulecheck.build.census import census_lines
+
     corpus = json.loads((work / "corpus.json").read_text())
     model = json.loads((work / "model.json").read_text())
     saes = json.loads((work / "saes.json").read_text())
@@ -928,6 +930,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
     analysis_path = work / "analysis.json"
     if analysis_path.exists():
         lines += analysis_lines(json.loads(analysis_path.read_text()))
+    lines += census_lines(rulebooks)
     # the gate's section is rulecheck.build.calibration's (calibration card): kept as it is
     before = (out / "MODEL_CARD.md").read_text() if (out / "MODEL_CARD.md").exists() else ""
     if "\n## The retraining gate\n" in before:
