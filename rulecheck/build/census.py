@@ -152,12 +152,12 @@ def with_section(card: str, lines: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from rulecheck.build.train_tiny import out_default
+    from rulecheck import zoo
 
     parser = argparse.ArgumentParser(prog="python -m rulecheck.build.census")
     parser.add_argument("step", choices=["card", "show"])
     parser.add_argument("--rulebooks", type=Path, default=Path("rulebooks/rulecheck-tiny"))
-    parser.add_argument("--out", type=Path, default=out_default())
+    parser.add_argument("--out", type=Path, default=zoo.entry_dir("rulecheck-tiny"))
     args = parser.parse_args(argv)
     if args.step == "show":
         for layer, row in census(args.rulebooks).items():
