@@ -264,6 +264,8 @@ def feature_changes(
     what the new output SAE has in its place. A feature merged away (it shares a confident
     partner with another: a narrower SAE) is re-identified as that partner, its claims
     checked there."""
+    from rulecheck.kinds.skipgram import measure_all
+
     remapped, out_map = gate.remapped, gate.maps["sae_out"]
     merged = out_map.merged_into if out_map else {}
     place: dict[int, int | None] = {}
@@ -276,6 +278,8 @@ def feature_changes(
         if translated[old] is None and old in merged:
             translated[old] = replace(remapped.lost[old], feature=merged[old])
     fresh = _fresh_f1(bench, gate, book, {f for f in place.values() if f is not None})
+    # the translated claims in one pass: they are not the announced book's own
+    measure_all(bench, gate.new, [r for r in translated.values() if r is not None], file)
     changes = []
     for rules in book.features:
         new, after = place[rules.feature], translated[rules.feature]

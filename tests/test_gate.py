@@ -194,11 +194,11 @@ def _other_heads(directory: Path) -> None:
 
 @pytest.mark.parametrize("make", [_untrained, _other_heads], ids=["untrained", "other-head"])
 def test_a_wrong_sae_fails_the_gate_with_a_verdict(
-    gate_dir: pytest.Pytester, tmp_path: Path, make
+    gate_dir: pytest.Pytester, tmp_path: Path, make, cache: Path
 ) -> None:
     make(tmp_path / "wrong" / "L0H1")
     swap = f"--rulecheck-sae-out={tmp_path}/wrong/L{{layer}}H{{head}}"
-    result = run(gate_dir, tmp_path, swap, "--rulecheck-remap=auto", "-rfx")
+    result = run(gate_dir, tmp_path, swap, "--rulecheck-remap=auto", "-rfx", cache=cache)
     text = result.stdout.str()
     assert result.ret == 1 and "Traceback" not in text
     # the gate item alone fails, with one line: the statistic, its threshold, by how much
@@ -215,7 +215,13 @@ def test_a_wrong_sae_fails_the_gate_with_a_verdict(
     # thresholds are options: with none to pass, the same SAE passes the gate
     off = ("--rulecheck-gate-holding=0", "--rulecheck-gate-f1-change=-1")
     result = run(
-        gate_dir, tmp_path, swap, "--rulecheck-remap=auto", *off, "--rulecheck-gate-fresh=0"
+        gate_dir,
+        tmp_path,
+        swap,
+        "--rulecheck-remap=auto",
+        *off,
+        "--rulecheck-gate-fresh=0",
+        cache=cache,
     )
     assert result.ret == 0, result.stdout.str()
 
@@ -364,19 +370,20 @@ def test_the_example_workflow_runs_real_commands(pytester: pytest.Pytester) -> N
 
 
 def test_the_gate_verdict_is_the_same_under_xdist(
-    pytester: pytest.Pytester, tmp_path: Path
+    pytester: pytest.Pytester, tmp_path: Path, cache: Path
 ) -> None:
     """A book's gate on the shipped retrain (input and output SAEs, seed 1), serial and under
-    xdist: the same verdict, the same statistics and the same outcome of every item."""
+    xdist: the same verdict, the same statistics and the same outcome of every item (the
+    workers read the exemplars the serial run cached, and compute the gate themselves)."""
     book = load_rulebook(SHIPPED / "L0H0.yaml")
     path = pytester.path / "L0H0.yaml"
-    path.write_text(dump_rulebook(replace(book, features=book.features[:12])))
+    path.write_text(dump_rulebook(replace(book, features=book.features[:N_FEATURES])))
     swap = [f"--rulecheck-{k.replace('_', '-')}={v}" for k, v in RETRAINED.items()]
     runs = []
     for i, extra in enumerate(([], ["-n", "2"])):
         run_dir = tmp_path / f"run{i}"
         run_dir.mkdir()
-        result = run(pytester, run_dir, *swap, "--rulecheck-remap=auto", *extra)
+        result = run(pytester, run_dir, *swap, "--rulecheck-remap=auto", *extra, cache=cache)
         assert "Traceback" not in result.stdout.str()
         entries = json.loads((run_dir / "report.json").read_text())
         [gate] = [e for e in entries if e.get("rule") == "gate"]

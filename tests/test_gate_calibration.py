@@ -49,7 +49,9 @@ def calibration_bench() -> Workbench:
     return Workbench(cache_dir=None)
 
 
-LIVE = ("seed2", "fewtokens", "sparse", "otherhead", "scrambled", "untrained", "in-untrained")
+# gated live here: a healthy retrain, the degraded and broken output SAEs, a broken input SAE
+# (``test_gate`` gates an untrained and another head's output SAE end to end through pytest)
+LIVE = ("seed2", "fewtokens", "sparse", "scrambled", "in-untrained")
 
 
 @pytest.mark.parametrize("name", LIVE)

@@ -55,16 +55,19 @@ def sae_quality(
     head: int | None = None,
     batch_size: int = BATCH,
     loss_clean: float | None = None,
+    losses: bool = True,
 ) -> dict[str, float]:
     """L0, dead fraction and explained variance of an SAE on ``tokens [n, pos]``; for a
     per-head output SAE (``head`` given) also the clean, spliced and zero-ablated losses and
-    the fraction of cross-entropy recovered. ``loss_clean`` (``clean_loss`` of the same
+    the fraction of cross-entropy recovered (unless ``losses`` is False: they take two passes
+    through the unembedding, most of the cost). ``loss_clean`` (``clean_loss`` of the same
     tokens) saves a forward pass per SAE when several are measured."""
+    losses_wanted = head is not None and losses
     hook = resid_pre_hook(layer) if head is None else z_hook(layer)
     l0_sum, n_tok = 0.0, 0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     err_sq, x_sum, x_sq = 0.0, None, 0.0
-    losses = {"spliced": 0.0, "zero": 0.0}
+    totals = {"spliced": 0.0, "zero": 0.0}
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
         if head is None:
@@ -81,7 +84,7 @@ def sae_quality(
         err_sq += float((x - recon).square().sum())
         x_sum = x.sum(0) if x_sum is None else x_sum + x.sum(0)
         x_sq += float(x.square().sum())
-        if head is not None:
+        if losses_wanted:
             # spliced and zero-ablated in one run from the layer on: rows [:b] then [b:]
             b = len(batch)
             resid = store[resid_pre_hook(layer)]
@@ -93,17 +96,17 @@ def sae_quality(
                 loss_per_token=True,
                 fwd_hooks=[(hook, _splice_then_zero(sae, head, b))],
             )
-            losses["spliced"] += float(per_tok[:b].sum())
-            losses["zero"] += float(per_tok[b:].sum())
+            totals["spliced"] += float(per_tok[:b].sum())
+            totals["zero"] += float(per_tok[b:].sum())
     total_var = x_sq - float(x_sum.square().sum()) / n_tok
     out = {
         "l0": l0_sum / n_tok,
         "dead_fraction": 1.0 - float(fired.float().mean()),
         "explained_variance": 1.0 - err_sq / total_var,
     }
-    if head is not None:
+    if losses_wanted:
         n_pred = len(tokens) * (tokens.shape[1] - 1)
-        spliced, zero = (losses[k] / n_pred for k in ("spliced", "zero"))
+        spliced, zero = (totals[k] / n_pred for k in ("spliced", "zero"))
         clean = clean_loss(model, tokens, batch_size) if loss_clean is None else loss_clean
         out |= {
             "loss_clean": clean,

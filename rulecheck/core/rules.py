@@ -68,7 +68,9 @@ def term_contributions(
     the prefix's maximum."""
     fq = q_act.clamp(min=0)[:, terms.query]  # an inactive column reads 0: its products are 0
     fk = k_max.clamp(min=0)[:, terms.key] if k_act is None else k_act
-    contrib = fq * fk * terms.attn * fk * terms.value
+    # ((((fq * fk) * attn) * fk) * value), in place: the same products, three fewer
+    # [batch, n_terms] temporaries
+    contrib = (fq * fk).mul_(terms.attn).mul_(fk).mul_(terms.value)
     live = (terms.attn > 0) & (terms.value > 0)  # [n_terms]
     return contrib if bool(live.all()) else torch.where(live, contrib, 0.0)
 

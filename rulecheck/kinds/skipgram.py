@@ -10,6 +10,7 @@ Items: ``f1``, ``precision`` and ``recall`` of that prediction on the feature's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -164,13 +165,20 @@ def measure(bench: Workbench, head: Head, rules: FeatureRules, file: str = "") -
     )
 
 
+def measure_all(
+    bench: Workbench, head: Head, batch: Sequence[FeatureRules], file: str = ""
+) -> None:
+    """Measure those of ``batch`` (claims of ``head``'s features) not yet measured this
+    session, together: one prefix pass and one held-out pass for all, where ``measure`` one
+    by one would take one each. A feature that cannot be measured is skipped (``measure``
+    then says why)."""
+    todo = [r for r in batch if r.skipgrams and not bench.memoized(_measure_key(head, r))]
+    if todo:
+        _measure_batch(bench, head, todo, file, strict=False)
+
+
 def _measure_with_book(bench: Workbench, head: Head, rules: FeatureRules, file: str) -> Measured:
     """``measure`` of ``rules``; the book's other features measured on the way are kept."""
-    import torch
-
-    from rulecheck.core.evaluate import predict_prefixes, score_predictions, union_columns
-    from rulecheck.errors import RulecheckError
-
     book = bench.announced_features(file)
     batch = [rules]
     if any(r is rules for r in book):  # the book's own claims, on its own head
@@ -179,16 +187,32 @@ def _measure_with_book(bench: Workbench, head: Head, rules: FeatureRules, file: 
             for r in book
             if r is not rules and r.skipgrams and not bench.memoized(_measure_key(head, r))
         ]
+    return _measure_batch(bench, head, batch, file, strict=True)[0]
+
+
+def _measure_batch(
+    bench: Workbench, head: Head, batch: Sequence[FeatureRules], file: str, strict: bool
+) -> list[Measured | None]:
+    """The measurements of ``batch`` in one prefix pass and one held-out pass, each kept for
+    the session but the first when ``strict`` (its caller's memo keeps it); None for a
+    feature that cannot be measured (raised for the first when ``strict``)."""
+    import torch
+
+    from rulecheck.core.evaluate import predict_prefixes, score_predictions, union_columns
+    from rulecheck.errors import RulecheckError
+
     prepared = []
     for r in batch:
         try:
             columns, terms = feature_terms(r, bench.resolver(head, file))
             ex = bench.examples(head, r.feature, file)
         except RulecheckError:
-            if r is rules:
+            if strict and r is batch[0]:
                 raise
             continue  # reported by that feature's own items
         prepared.append((r, columns, terms, ex, ex.part("test")))
+    if not prepared:
+        return [None] * len(batch)
     union, index = union_columns([columns for _, columns, _, _, _ in prepared])
     read = [
         replace(terms, query=i[terms.query], key=i[terms.key])
@@ -206,14 +230,14 @@ def _measure_with_book(bench: Workbench, head: Head, rules: FeatureRules, file: 
     fires = held_out_fires(
         bench, head, [(r.feature, ex) for r, _, _, ex, _ in prepared], union, read
     )
-    out = {}
+    out: dict[int, Measured] = {}
     for (r, _, _, ex, test), pred, fire in zip(prepared, preds, fires, strict=True):
         full = torch.zeros(len(ex.seq))
         full[test] = pred
-        out[r.feature] = measured = score_predictions(full, ex, fire)
-        if r is not rules:
+        out[id(r)] = measured = score_predictions(full, ex, fire)
+        if not (strict and r is batch[0]):  # the first is kept by its caller's memo
             bench.memo(_measure_key(head, r), lambda m=measured: m)
-    return out[rules.feature]
+    return [out.get(id(r)) for r in batch]
 
 
 def held_out_fires(
