@@ -212,6 +212,8 @@ def test_a_wrong_sae_fails_the_gate_with_a_verdict(
     # the claims are the evidence: xfailed, each lost one saying why
     lost = [line for line in text.splitlines() if "has no confident partner" in line]
     assert lost and all(line.startswith("XFAIL") and "best candidate" in line for line in lost)
+    if make is not _untrained:
+        return
     # thresholds are options: with none to pass, the same SAE passes the gate
     off = ("--rulecheck-gate-holding=0", "--rulecheck-gate-f1-change=-1")
     result = run(
