@@ -77,18 +77,18 @@ def random_model(
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    fields: dict = {
+        "n_layers": 2,
+        "d_model": 16,
+        "n_heads": 2,
+        "d_head": 8,
+        "d_mlp": 32,
+        "d_vocab": 40,
+        "n_ctx": 16,
+        "act_fn": "gelu",
+    }
     cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=16,
-        n_heads=2,
-        d_head=8,
-        d_mlp=32,
-        d_vocab=40,
-        n_ctx=16,
-        act_fn="gelu",
-        normalization_type=normalization_type,
-        seed=seed,
-        **config,
+        **(fields | config), normalization_type=normalization_type, seed=seed
     )
     model = HookedTransformer(cfg)
     g = torch.Generator().manual_seed(seed)

@@ -351,10 +351,11 @@ def test_run_to_heads_is_the_full_pass_for_the_heads_it_reads(tokens, normalizat
                     assert not got[name][:, :, others].any()
                     got[name], want = got[name][:, :, heads], want[:, :, heads]
                 torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6)
-    # a hooked layer or a rotary model run TransformerLens's attention: every head
-    rotary = random_model(seed=3, positional_embedding_type="rotary")
-    z = run_to_heads(rotary, tokens, LAYER, [HEAD])[z_hook(LAYER)]
-    torch.testing.assert_close(z, full_pass(rotary, tokens)[z_hook(LAYER)])
+    # what the layer pass cannot read (ALiBi here) runs TransformerLens's attention, every head
+    # (each family it reads: tests/test_families.py)
+    alibi = random_model(seed=3, positional_embedding_type="alibi")
+    z = run_to_heads(alibi, tokens, LAYER, [HEAD])[z_hook(LAYER)]
+    torch.testing.assert_close(z, full_pass(alibi, tokens)[z_hook(LAYER)])
 
 
 def test_heads_read_are_their_own_or_all_for_a_layer_level_sae():
@@ -369,16 +370,16 @@ def test_heads_read_are_their_own_or_all_for_a_layer_level_sae():
 def test_probe_at_takes_the_full_pass_where_query_rows_do_not_apply(tokens):
     from rulecheck.core.heads import Probe, query_rows_supported
 
-    rotary = random_model(seed=3, positional_embedding_type="rotary")
-    assert not query_rows_supported(rotary, LAYER)
+    alibi = random_model(seed=3, positional_embedding_type="alibi")
+    assert not query_rows_supported(alibi, LAYER)
     sae = random_sae(8, 10, z_hook(LAYER), head=HEAD, seed=5)
     t = torch.randint(
         1, tokens.shape[1], (len(tokens),), generator=torch.Generator().manual_seed(2)
     )
-    acts = encode_head(sae, full_pass(rotary, tokens)[z_hook(LAYER)], HEAD).detach()
+    acts = encode_head(sae, full_pass(alibi, tokens)[z_hook(LAYER)], HEAD).detach()
     want = acts[torch.arange(len(tokens)), t]  # [batch, d_sae]
     for f in range(10):
-        got = Probe(rotary, sae, LAYER, HEAD, f, batch_size=5).at(tokens, t)
+        got = Probe(alibi, sae, LAYER, HEAD, f, batch_size=5).at(tokens, t)
         torch.testing.assert_close(got, want[:, f], rtol=1e-5, atol=1e-6)
     # a hook on the layer (an ablation, say) must be seen: the full pass runs it
     model = random_model(seed=4)

@@ -32,7 +32,7 @@ from torch import Tensor
 from rulecheck.core.counterfactuals import BatchEdit, insert_before_batch
 from rulecheck.core.exemplars import FeatureExamples
 from rulecheck.core.heads import Probe
-from rulecheck.core.scores import Terms, attn_scores
+from rulecheck.core.scores import QKForm, Terms, attn_scores
 
 # A value-score is a float32 sum over d_model products: its rounding error is about
 # sqrt(d_model) * 6e-8 of the largest score, at most d_model * 6e-8 (5e-5 at d_model 768,
@@ -60,11 +60,12 @@ def find_distractors(
     d: Tensor,
     W_Q: Tensor,
     W_K: Tensor,
-    attn_scale: float,
+    form: QKForm | float,
     value_score: Tensor,
     terms: Terms,
     top_terms: int = 1,
     eligible: Tensor | None = None,
+    max_distance: int = 0,
 ) -> list[Distractor]:
     """Distractors of the first ``top_terms`` of ``terms`` (in the order given, e.g.
     ``candidate_terms``'s, whose first term is the paper's ``(q*, k*)``), at most one per term.
@@ -74,13 +75,14 @@ def find_distractors(
     ``-VALUE_MARGIN * max |value-score|`` and, with ``eligible`` (``[d_sae_in]`` bool, e.g.
     ``text_keys``), ``eligible[k']``; a key that fails is skipped for the next one.
     ``d`` is ``[d_sae_in, d_model]``, ``W_Q``/``W_K`` ``[d_model, d_head]``, ``value_score``
-    ``[d_sae_in]`` for this output feature.
+    ``[d_sae_in]`` for this output feature. For a positional head (``QKForm``) the scores
+    compared are the largest over the distances up to ``max_distance``.
     """
     n = min(top_terms, len(terms))
     if n == 0:
         return []
     queries, keys = terms.query[:n], terms.key[:n]
-    attn = attn_scores(d[queries], d, W_Q, W_K, attn_scale)  # [n, d_sae_in]
+    attn = attn_scores(d[queries], d, W_Q, W_K, form, max_distance)  # [n, d_sae_in]
     key_attn = attn.gather(1, keys.unsqueeze(1))  # [n, 1]
     negative = value_score < -VALUE_MARGIN * value_score.abs().max()
     if eligible is not None:

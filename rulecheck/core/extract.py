@@ -380,7 +380,16 @@ def extract_head(
     results = []
     for group in feature_groups(features, sae_in.cfg.d_sae, tokens.shape[1], cfg):
         candidates = [
-            candidate_terms(d, w.W_Q, w.W_K, w.attn_scale, vs[:, i], cfg.keys, cfg.queries_per_key)
+            candidate_terms(
+                d,
+                w.W_Q,
+                w.W_K,
+                w.form,
+                vs[:, i],
+                cfg.keys,
+                cfg.queries_per_key,
+                n_distances=tokens.shape[1],
+            )
             for i, _ in group
         ]
         exs = [collector.examples(f) for _, f in group]

@@ -8,7 +8,10 @@ surrogate of the attention head, evaluated on the prefix ending at ``t``:
 - ``a = softmax_i(s)``,
 - ``pred = sum_i a_i sum_{k in K} f_k(x_i) value(k)``, ``K`` the distinct candidate keys.
 
-A term's importance is ``d pred / d m_j`` at ``m = 1``, averaged over prefixes.
+A term's importance is ``d pred / d m_j`` at ``m = 1``, averaged over prefixes. Where a head's
+score depends on distance (rotary positions, ``Terms.attn_at``), ``attn_j`` in ``s_i`` is the
+term's score at the distance ``t - i`` where its query and key meet, and positions beyond a
+local window are out of the softmax.
 
 Terms are folded into their keys before touching positions, so memory is
 ``[batch, pos, n_keys] + [batch, n_terms]``, never ``[batch, pos, n_terms]``.
@@ -52,12 +55,38 @@ def surrogate_from(fq: Tensor, fk: Tensor, t: Tensor, terms: Terms, mask: Tensor
     dtype = torch.promote_types(fq.dtype, mask.dtype)
     _, slot, key_value = key_slots(terms.key.to(device), terms.value.to(device, dtype))
     fk = fk.to(dtype)
-    w = mask.to(dtype) * terms.attn.to(device, dtype) * fq.to(dtype)  # [B, n_terms]
-    per_key = w.new_zeros(fq.shape[0], fk.shape[2]).index_add(1, slot, w)  # [B, n_keys]
-    s = torch.einsum("bik,bk->bi", fk, per_key)  # [B, P]
-    after_t = torch.arange(fk.shape[1], device=device) > t.to(device).unsqueeze(1)  # [B, P]
+    t = t.to(device)
+    after_t = torch.arange(fk.shape[1], device=device) > t.unsqueeze(1)  # [B, P]
+    if terms.attn_at is None:
+        w = mask.to(dtype) * terms.attn.to(device, dtype) * fq.to(dtype)  # [B, n_terms]
+        per_key = w.new_zeros(fq.shape[0], fk.shape[2]).index_add(1, slot, w)  # [B, n_keys]
+        s = torch.einsum("bik,bk->bi", fk, per_key)  # [B, P]
+    else:
+        s, beyond = _scores_at_distances(fq, fk, t, terms, mask.to(dtype), slot)
+        after_t = after_t | beyond
     a = torch.softmax(s.masked_fill(after_t, float("-inf")), dim=1)
     return (a * (fk @ key_value)).sum(dim=1)
+
+
+def _scores_at_distances(
+    fq: Tensor, fk: Tensor, t: Tensor, terms: Terms, mask: Tensor, slot: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``s [B, P]`` of the surrogate when each term's score is read at the distance ``t - i``
+    (``terms.attn_at [n_terms, D]``), and ``[B, P]`` bool: the positions no term's key can be
+    seen from (beyond a local window)."""
+    assert terms.attn_at is not None
+    table = terms.attn_at.to(fk.device, fk.dtype)  # [n_terms, D]
+    seen = torch.isfinite(table)
+    table = torch.where(seen, table, 0.0)
+    n_dist = table.shape[1]
+    w = mask * fq.to(fk.dtype)  # [B, n_terms]
+    per_key = w.new_zeros(fq.shape[0], fk.shape[2], n_dist)  # [B, n_keys, D]
+    per_key = per_key.index_add(1, slot, w.unsqueeze(2) * table.unsqueeze(0))
+    distance = t.unsqueeze(1) - torch.arange(fk.shape[1], device=fk.device)  # [B, P]
+    at = distance.clamp(0, n_dist - 1)
+    gathered = per_key.gather(2, at.unsqueeze(1).expand(-1, fk.shape[2], -1))  # [B, n_keys, P]
+    beyond = ~seen.any(0)[at] if len(terms) else torch.zeros_like(at, dtype=torch.bool)
+    return torch.einsum("bik,bki->bi", fk, gathered), beyond
 
 
 def surrogate_activation(feats: Tensor, t: Tensor, terms: Terms, mask: Tensor) -> Tensor:
@@ -86,6 +115,8 @@ def importance_from(
     n_keys]`` (gathered once, e.g. while a pass shared by many features runs)."""
     dtype = torch.promote_types(fq.dtype, terms.attn.dtype)
     n = fq.shape[0]
+    if terms.attn_at is not None:  # [batch, n_terms, D] per chunk: about 32 MiB at most
+        batch_size = max(1, min(batch_size, 2**23 // max(1, terms.attn_at.numel())))
     with torch.inference_mode(False), torch.enable_grad():
         total = torch.zeros(len(terms), dtype=dtype, device=fq.device)
         # attn is saved for backward, which a tensor made under inference_mode cannot be

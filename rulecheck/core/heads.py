@@ -15,7 +15,7 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rulecheck.core.scores import reading_directions
+from rulecheck.core.scores import QKForm, Rotary, reading_directions
 
 
 def resid_pre_hook(layer: int) -> str:
@@ -40,13 +40,46 @@ class HeadWeights:
     b_Q: Tensor  # [d_head]
     b_K: Tensor
     b_V: Tensor
-    attn_scale: float
+    form: QKForm  # what the head does to queries and keys besides their dot product
     normalization_type: str | None
     ln_w: Tensor | None  # [d_model], when LayerNorm's weight is not folded
 
+    @property
+    def attn_scale(self) -> float:
+        return self.form.attn_scale
+
+
+def qk_form(model: HookedTransformer, layer: int) -> QKForm:
+    """The layer's ``QKForm``, read from its attention module: rotary tables, q/k norm
+    weights, the soft cap and a local window, as its forward pass applies them."""
+    attn = model.blocks[layer].attn
+    cfg = model.cfg
+    rotary = None
+    if cfg.positional_embedding_type == "rotary":
+        rotary = Rotary(
+            cos=attn.rotary_cos.detach(),
+            sin=attn.rotary_sin.detach(),
+            adjacent_pairs=bool(getattr(cfg, "rotary_adjacent_pairs", False)),
+        )
+    q_norm = k_norm = None
+    if getattr(cfg, "use_qk_norm", False):
+        q_norm, k_norm = attn.q_norm.w.detach(), attn.k_norm.w.detach()
+    cap = getattr(cfg, "attn_scores_soft_cap", -1.0)
+    local = getattr(attn, "attn_type", "global") == "local"
+    return QKForm(
+        attn_scale=float(attn.attn_scale),
+        rotary=rotary,
+        q_norm=q_norm,
+        k_norm=k_norm,
+        norm_eps=float(cfg.eps),
+        soft_cap=float(cap) if cap is not None and cap > 0 else 0.0,
+        window=int(cfg.window_size) if local else None,
+    )
+
 
 def head_weights(model: HookedTransformer, layer: int, head: int) -> HeadWeights:
-    attn = model.blocks[layer].attn
+    """One head's weights as its forward pass reads them: a grouped-query head's keys and
+    values are its group's (TransformerLens's ``W_K`` repeats them per query head)."""
     ln = model.blocks[layer].ln1
     ln_w = getattr(ln, "w", None)
     return HeadWeights(
@@ -56,7 +89,7 @@ def head_weights(model: HookedTransformer, layer: int, head: int) -> HeadWeights
         b_Q=model.b_Q[layer, head].detach(),
         b_K=model.b_K[layer, head].detach(),
         b_V=model.b_V[layer, head].detach(),
-        attn_scale=float(attn.attn_scale),
+        form=qk_form(model, layer),
         normalization_type=model.cfg.normalization_type,
         ln_w=None if ln_w is None else ln_w.detach(),
     )
@@ -189,14 +222,18 @@ def run_to_heads(
     with model.hooks(fwd_hooks=scale):
         x = block.ln1(resid)
     h = torch.tensor(sorted(set(heads)), dtype=torch.long, device=x.device)
-    q, k, v = (
-        simple_attn_linear(x, W[h], b[h])  # [batch, pos, n, d_head]
-        for W, b in ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V))
-    )
-    scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / attn.attn_scale
-    pattern = torch.softmax(attn.apply_causal_mask(scores), dim=-1)  # [batch, n, pos, pos]
-    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
-    z = (pattern.to(v.dtype) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+    if qk_form(model, layer).plain:  # GPT-2's attention, in TransformerLens's own operations
+        q, k, v = (
+            simple_attn_linear(x, W[h], b[h])  # [batch, pos, n, d_head]
+            for W, b in ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V))
+        )
+        scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / attn.attn_scale
+        pattern = torch.softmax(attn.apply_causal_mask(scores), dim=-1)  # [batch, n, pos, pos]
+        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+        z = (pattern.to(v.dtype) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+    else:
+        positions = torch.arange(x.shape[1], device=x.device)
+        z = _attend(model, layer, h, x, x, positions.expand(x.shape[0], -1))  # [b, pos, n, d]
     full = z.new_zeros(*z.shape[:2], n_heads, z.shape[-1])
     full[:, :, h] = z
     store[z_hook(layer)] = full
@@ -207,18 +244,19 @@ _UNSUPPORTED_FLAGS = (
     "use_split_qkv_input",
     "use_attn_in",
     "load_in_4bit",
-    "use_qk_norm",
     "use_logn_attn",
     "use_attention_sinks",
+    "use_dynamic_ntk_rope",
 )
 
 
 def query_rows_supported(model: HookedTransformer, layer: int) -> bool:
-    """Whether ``z_at`` reproduces ``blocks.{layer}.attn.hook_z``: plain multi-head attention
-    reading ``ln1(resid_pre)``, learned or no absolute positions, global causal attention, no
-    hooks attached to the layer. Anything else (rotary, grouped queries, soft-capping, ...)
-    takes TransformerLens's own forward pass."""
-    from transformer_lens.components import Attention
+    """Whether ``z_at`` and ``run_to_heads`` reproduce ``blocks.{layer}.attn.hook_z``:
+    attention reading ``ln1(resid_pre)`` (LayerNorm or RMSNorm), multi-head or grouped-query,
+    learned, rotary or no positions, q/k norm, a soft cap, global or local causal attention,
+    no hooks attached to the layer. Anything else (ALiBi, split inputs, sinks, ...) takes
+    TransformerLens's own forward pass."""
+    from transformer_lens.components import Attention, GroupedQueryAttention
 
     cfg = model.cfg
     block = model.blocks[layer]
@@ -229,14 +267,11 @@ def query_rows_supported(model: HookedTransformer, layer: int) -> bool:
         if name.startswith(f"blocks.{layer}.")
     )
     return (
-        type(attn) is Attention
-        and getattr(attn, "attn_type", "global") == "global"
-        and cfg.positional_embedding_type == "standard"
+        type(attn) in (Attention, GroupedQueryAttention)
+        and cfg.positional_embedding_type in ("standard", "rotary")
         and (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) == "causal"
         and not any(getattr(cfg, name, False) for name in _UNSUPPORTED_FLAGS)
         and getattr(cfg, "clip_qkv", None) is None
-        and getattr(cfg, "attn_scores_soft_cap", -1.0) <= 0
-        and getattr(cfg, "n_key_value_heads", None) is None
         and cfg.original_architecture not in _post_norm_architectures()
         and not hooked
     )
@@ -263,20 +298,63 @@ def z_at(
     x = block.ln1(model(tokens, stop_at_layer=layer))  # [batch, pos, d_model]
     h = torch.tensor(list(heads), dtype=torch.long, device=x.device)
     batch, pos, d_model = x.shape
+    t = t.to(x.device).long()
+    rows = torch.arange(batch, device=x.device)
+    if not qk_form(model, layer).plain:
+        return _attend(model, layer, h, x[rows, t].unsqueeze(1), x, t.unsqueeze(1))[:, 0]
     n, d_head = len(heads), attn.W_Q.shape[-1]
 
     def project(inp: Tensor, W: Tensor, b: Tensor) -> Tensor:  # -> [..., n, d_head]
         w = W[h].permute(1, 0, 2).reshape(d_model, n * d_head)
         return (inp @ w + b[h].reshape(n * d_head)).unflatten(-1, (n, d_head))
 
-    t = t.to(x.device).long()
-    q = project(x[torch.arange(batch, device=x.device), t], attn.W_Q, attn.b_Q)  # [b, n, d]
+    q = project(x[rows, t], attn.W_Q, attn.b_Q)  # [b, n, d]
     k = project(x, attn.W_K, attn.b_K)  # [batch, pos, n, d_head]
     v = project(x, attn.W_V, attn.b_V)
     scores = torch.einsum("bnd,bpnd->bnp", q, k) / attn.attn_scale  # [batch, n, pos]
     after_t = torch.arange(pos, device=x.device) > t.unsqueeze(1)  # [batch, pos]
     pattern = torch.softmax(scores.masked_fill(after_t.unsqueeze(1), float("-inf")), dim=-1)
     return torch.einsum("bnp,bpnd->bnd", pattern.to(v.dtype), v)
+
+
+def _attend(
+    model: HookedTransformer, layer: int, h: Tensor, x_q: Tensor, x_kv: Tensor, t: Tensor
+) -> Tensor:
+    """``[batch, n_q, len(h), d_head]``: the z of heads ``h`` for queries read from ``x_q
+    [batch, n_q, d_model]`` at positions ``t [batch, n_q]`` over the keys and values of
+    ``x_kv [batch, pos, d_model]`` (the layer's normalised input), with TransformerLens's
+    own weights (a grouped-query head's key/value group's) and each step its attention
+    takes: q/k norm, rotary positions, the scale, the soft cap, causal and local masks."""
+    attn = model.blocks[layer].attn
+    form = qk_form(model, layer)
+    d_model = x_kv.shape[-1]
+    n, d_head = len(h), attn.W_Q.shape[-1]
+
+    def project(inp: Tensor, W: Tensor, b: Tensor, norm: Tensor | None) -> Tensor:
+        w = W[h].permute(1, 0, 2).reshape(d_model, n * d_head)
+        out = (inp @ w + b[h].reshape(n * d_head)).unflatten(-1, (n, d_head))
+        if norm is None:
+            return out
+        scale = (out.pow(2).mean(-1, keepdim=True) + form.norm_eps).sqrt()
+        return out / scale * norm.to(out.dtype)
+
+    q = project(x_q, attn.W_Q, attn.b_Q, form.q_norm)  # [batch, n_q, n, d_head]
+    k = project(x_kv, attn.W_K, attn.b_K, form.k_norm)  # [batch, pos, n, d_head]
+    v = project(x_kv, attn.W_V, attn.b_V, None)
+    key_pos = torch.arange(x_kv.shape[1], device=x_kv.device)
+    if form.rotary is not None:
+        q = form.rotary.rotate(q, t.unsqueeze(-1))
+        k = form.rotary.rotate(k, key_pos.view(1, -1, 1))
+    scores = torch.einsum("bqnd,bpnd->bnqp", q, k) / form.attn_scale  # [batch, n, n_q, pos]
+    if form.soft_cap > 0:
+        scores = form.soft_cap * torch.tanh(scores / form.soft_cap)
+    distance = (t.unsqueeze(-1) - key_pos).unsqueeze(1)  # [batch, 1, n_q, pos]
+    hidden = distance < 0
+    if form.window is not None:
+        hidden = hidden | (distance >= form.window)
+    pattern = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    return torch.einsum("bnqp,bpnd->bqnd", pattern.to(v.dtype), v)
 
 
 def ln_inverse_scale(model: HookedTransformer, store: dict[str, Tensor], layer: int) -> Tensor:

@@ -138,7 +138,15 @@ class Absence(RuleKind):
         rows, t = split_positives(found.tokens, found.examples, "test")
         out = []
         for dis in find_distractors(
-            found.d, w.W_Q, w.W_K, w.attn_scale, found.value_score, found.terms, TOP_TERMS, text
+            found.d,
+            w.W_Q,
+            w.W_K,
+            w.form,
+            found.value_score,
+            found.terms,
+            TOP_TERMS,
+            text,
+            max_distance=found.tokens.shape[1] - 1,
         ):
             ids = [int(found.token_of[f]) for f in (dis.distractor, dis.key, dis.query)]
             if min(ids) < 0:

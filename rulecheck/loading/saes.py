@@ -456,7 +456,7 @@ def check_sae(
             fix=f"pick a layer in 0..{cfg.n_layers - 1}",
         )
     if kind == "in":
-        _check_hook(sae, f"blocks.{layer}.hook_resid_pre", spec=spec)
+        _check_hook(sae, *input_hooks(model, layer), spec=spec)
         _check_d_in(sae, cfg.d_model, "d_model", spec=spec)
         if sae.cfg.metadata.hook_head_index is not None:
             raise InvalidSpec(
@@ -496,11 +496,25 @@ def check_sae(
     _check_d_in(sae, cfg.n_heads * cfg.d_head, "n_heads*d_head, all heads", spec=spec)
 
 
-def _check_hook(sae: SAE, expected: str, *, spec: str) -> None:
+def input_hooks(model: HookedTransformer, layer: int) -> tuple[str, ...]:
+    """The hooks that hold the tensor an input SAE of ``layer`` reads, ``hook_resid_pre``
+    first: the previous block's ``hook_resid_post`` (Gemma Scope's residual SAEs), and at
+    layer 0 ``hook_embed`` where no position embedding is added to it (rotary, ALiBi)."""
+    names = [f"blocks.{layer}.hook_resid_pre"]
+    if layer > 0:
+        names.append(f"blocks.{layer - 1}.hook_resid_post")
+    elif model.cfg.positional_embedding_type in ("rotary", "alibi"):
+        names.append("hook_embed")
+    return tuple(names)
+
+
+def _check_hook(sae: SAE, expected: str, *same: str, spec: str) -> None:
+    """``sae`` reads ``expected`` or a hook holding the same tensor (``same``)."""
     found = sae.cfg.metadata.hook_name
-    if found is not None and found != expected:
+    if found is not None and found not in (expected, *same):
+        also = "".join(f" or {name!r}" for name in same)
         raise InvalidSpec(
-            f"expected {expected!r}, found {found!r}",
+            f"expected {expected!r}{also}, found {found!r}",
             file=spec,
             field="hook_name",
             fix=f"load the SAE trained on {expected}",
