@@ -4,6 +4,8 @@ hard-negative draw and the choice of distance bounds."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import random_sae
@@ -20,6 +22,7 @@ from rulecheck.core.heldout import (
     fire_counts,
     held_out_sequences,
     nearest_key_distance,
+    nearest_key_distances,
     term_matches,
 )
 from rulecheck.core.metrics import binary_scores
@@ -67,6 +70,26 @@ def test_term_matches_are_predict_at_every_position(feats, bounded) -> None:
             want = (predict(feats, t, one) > 0) & (p > 0)  # BOS is never a prediction
             assert torch.equal(got[:, p, j], want), (j, p)
     assert got.any() and not got.all()
+
+
+def test_nearest_key_distances_at_every_position_are_the_prefixes(feats) -> None:
+    """Every position read as the end of a prefix: the per-prefix distance there; a term
+    bounded at that distance still matches, one step tighter it does not."""
+    terms = random_terms(8, feats.shape[2], seed=6, bounded=False)
+    got = nearest_key_distances(feats, terms)  # [batch, pos, n_terms]
+    b, p = (
+        x.flatten()
+        for x in torch.meshgrid(
+            torch.arange(feats.shape[0]), torch.arange(feats.shape[1]), indexing="ij"
+        )
+    )
+    assert torch.equal(got[b, p], nearest_key_distance(feats, p, b, terms))
+    assert (got > 0).any()
+    live = (terms.attn > 0) & (terms.value > 0)
+    free = term_matches(feats, terms)
+    tight = term_matches(feats, replace(terms, max_distance=got.amax(dim=(0, 1))))
+    assert torch.equal(free, tight)  # the farthest distance seen bounds nothing
+    assert torch.equal(free & (got >= 0), free) and not (free & ~live).any()
 
 
 def test_nearest_key_distance_against_a_loop(feats) -> None:

@@ -46,8 +46,8 @@ from rulecheck.core.heldout import (
     fire_counts,
     joined,
     nearest_key_distance,
+    nearest_key_distances,
     term_matches,
-    with_bounds,
 )
 from rulecheck.core.metrics import binary_scores, spearman
 from rulecheck.core.prefixes import KeptInputs, SequenceChunk, prefix_features, sequence_chunks
@@ -276,52 +276,44 @@ def settle(
 ) -> None:
     """Distance bounds, precision where the rules fire and the final test scores of a group of
     features (``core.heldout``): candidate bounds from where each term's nearest key is in the
-    train and val positives, kept where they raise the val half's F1; then the test split
-    scored with the test half's hard negatives (``result.test``)."""
+    train and val positives and at the val half's positions where the feature is on, kept
+    where they raise the val half's F1; then the test split scored with the test half's hard
+    negatives (``result.test``)."""
     helds = [collector.held_out(r.feature, ex) for r, ex in zip(results, exs, strict=True)]
-    cands = [torch.full((len(r.terms),), -1, dtype=torch.long) for r in results]
     positives = [(~ex.part("test") & (ex.act > 0)).cpu() for ex in exs]
-    parts: list[list[Tensor]] = [[] for _ in results]
+    parts: list[list[Tensor]] = [[] for _ in results]  # nearest-key distances of positives
     if len(collector.held_seq):
         prefixes = [(ex.seq[p], ex.t[p]) for ex, p in zip(exs, positives, strict=True)]
         for i, chunk, mine in _owned(read, prefixes):
             m = mine.to(chunk.where.device)
             terms = results[i].terms.to(chunk.feats.device)
             parts[i].append(nearest_key_distance(chunk.feats, chunk.t[m], chunk.where[m], terms))
-        cands = [
-            candidate_bounds(torch.cat(p).cpu()) if p else c
-            for p, c in zip(parts, cands, strict=True)
-        ]
-    # the held-out positions where some term matches: rows, positions, free and bound matches
+    # the held-out positions where some term matches: rows, positions, matches, distances
     seen: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] = [[] for _ in results]
     seq = collector.held_seq.cpu()
     if len(seq) and results:
         free_terms, offsets = joined([r.terms for r in results])
-        bound_terms, _ = joined(
-            [with_bounds(r.terms, c) for r, c in zip(results, cands, strict=True)]
-        )
         ends = torch.full_like(seq, collector.seq_len - 1)
         for chunk in read(seq, ends):
             rows = chunk.rows.cpu()[chunk.where.cpu().argsort()]  # chunk row -> held-out row
             free = term_matches(chunk.feats, free_terms.to(chunk.feats.device))
-            bound = (
-                term_matches(chunk.feats, bound_terms.to(chunk.feats.device))
-                if any(bool((c >= 0).any()) for c in cands)
-                else free
-            )
+            dist = nearest_key_distances(chunk.feats, free_terms)
             fires = any_of(free, offsets)  # [batch, pos, n_features]
             for i, (lo, hi) in enumerate(itertools.pairwise(offsets.tolist())):
                 b, p = torch.nonzero(fires[..., i], as_tuple=True)
                 seen[i].append(
-                    (rows[b.cpu()], p.cpu(), free[b, p, lo:hi].cpu(), bound[b, p, lo:hi].cpu())
+                    (rows[b.cpu()], p.cpu(), free[b, p, lo:hi].cpu(), dist[b, p, lo:hi].cpu())
                 )
-    for result, ex, held, cand, spots in zip(results, exs, helds, cands, seen, strict=True):
+    for result, ex, held, part, spots in zip(results, exs, helds, parts, seen, strict=True):
         fire = None
         if spots:
-            row, pos, free, bound = (torch.cat(x) for x in zip(*spots, strict=True))
+            row, pos, free, dist = (torch.cat(x) for x in zip(*spots, strict=True))
             on = held.act.cpu()[row, pos] > 0
             val = held.rows("val").cpu()
             at = val[row]
+            held_dist = torch.where(free[at & on], dist[at & on], -1)
+            cand = candidate_bounds(torch.cat([*part, held_dist]).cpu())
+            bound = free & ((cand < 0) | (dist <= cand))
             elsewhere = int((held.act.cpu()[val] > 0).sum()) - int(on[at].sum())
             result.terms = choose_bounds(result.terms, cand, free[at], bound[at], on[at], elsewhere)
             chosen = result.terms.max_distance

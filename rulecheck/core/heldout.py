@@ -15,9 +15,11 @@ sequence. For a feature, the sequences among its train or val exemplars are left
   ``precision`` and ``f1`` count them (``FireCounts.hard``).
 
 Extraction chooses distance bounds on the val half (``choose_bounds``): a term's candidate
-``max_distance`` is the farthest its nearest key is from the query among the train and val
-positives it matches (``nearest_key_distance``), kept where it raises the F1 of the rule over
-the val half's positions by at least ``BOUND_GAIN``.
+``max_distance`` is the farthest its nearest key is from the query among the positives it
+matches, both the train and val exemplars (``nearest_key_distance``) and the val half's
+positions where the feature is on (``nearest_key_distances``: exemplars are the strongest
+activations, which may all sit nearer than the rule reaches), kept where it raises the F1 of
+the rule over the val half's positions by at least ``BOUND_GAIN``.
 """
 
 from __future__ import annotations
@@ -136,6 +138,19 @@ def nearest_key_distance(feats: Tensor, t: Tensor, where: Tensor, terms: Terms) 
     k &= (pos[None, :] <= t[:, None])[:, :, None]
     last = torch.where(k, pos[None, :, None], -1).amax(dim=1)  # [m, n]
     return torch.where(q & (last >= 0), t[:, None] - last, -1)
+
+
+def nearest_key_distances(feats: Tensor, terms: Terms) -> Tensor:
+    """``[batch, pos, n_terms]``: at every position ``p`` of ``feats [batch, pos, d]``, how
+    far each term's nearest key is (``p - i`` of the last ``i <= p`` where it is active), -1
+    where the query is inactive at ``p`` or no key is active up to it."""
+    dev = feats.device
+    active = feats > 0
+    keys, column = torch.unique(terms.key.to(dev), return_inverse=True)
+    pos = torch.arange(feats.shape[1], device=dev)[None, :, None]
+    last = torch.where(active[..., keys], pos, -1).cummax(dim=1).values[..., column]
+    query = active[..., terms.query.to(dev)]
+    return torch.where(query & (last >= 0), pos - last, -1)
 
 
 @dataclass(frozen=True)
