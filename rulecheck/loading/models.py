@@ -406,7 +406,7 @@ def _load_named_model(spec: str, device: torch.device, **processing: bool) -> Ho
         raise InvalidSpec(
             "no such file or directory, and not a TransformerLens model name",
             file=spec,
-            fix="pass a model directory, a zoo name (planted, planted-local, rulecheck-tiny) or a name like gpt2",
+            fix="pass a model directory, a zoo name (planted, planted-local, planted-rotary, rulecheck-tiny) or a name like gpt2",
         )
     try:
         return HookedTransformer.from_pretrained(spec, device=str(device), **processing)

@@ -1,5 +1,5 @@
 """Zoo registry: named checkpoints that run offline (``planted``, ``planted-local``,
-``rulecheck-tiny``).
+``planted-rotary``, ``rulecheck-tiny``).
 
 A zoo entry is a directory with a fixed layout, the same formats as any checkpoint::
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rulecheck.paths import cache_dir
 
-ENTRIES = ("planted", "planted-local", "rulecheck-tiny")
+ENTRIES = ("planted", "planted-local", "planted-rotary", "rulecheck-tiny")
 ALIASES = {"eval": "eval_tokens.npy", "corpus": "eval_tokens.npy", "model": "model"}
 PACKAGE_DIR = Path(__file__).parent
 
@@ -35,6 +35,10 @@ def entry_dir(name: str) -> Path:
         from rulecheck.build import planted_local
 
         return planted_local.ensure_built(cache_dir() / "zoo" / "planted-local")
+    if name == "planted-rotary":
+        from rulecheck.build import planted_rotary
+
+        return planted_rotary.ensure_built(cache_dir() / "zoo" / "planted-rotary")
     if name == "rulecheck-tiny":
         return PACKAGE_DIR / "tiny"
     raise KeyError(name)

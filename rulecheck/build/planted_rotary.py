@@ -1,0 +1,239 @@
+"""``planted-rotary``: the modern family's planted model. One attention-only layer with rotary
+positions on every dimension of its heads (GPT-NeoX's pairing, base 10,000), grouped-query
+attention (two query heads share one key/value head) and RMSNorm, whose weights implement
+known rules:
+
+- L0H0 feature 0: ``[open] ... [close]`` with ``open`` 1 to ``WINDOW`` tokens before
+  ``close``: a local rule. ``close``'s query meets every token's key on the eight fastest rotary
+  pairs (a constant carrier dimension of the residual) in a kernel whose logit is ``NEAR`` at
+  distances 1 to ``WINDOW`` and at most 0 at every other distance of the context
+  (``position_kernel``); ``open`` adds ``HIT`` on a slow pair, so an ``open`` in the window takes
+  the attention and one further back loses it to the tokens in the window.
+- L0H1 feature 0: ``[if] ... [then]`` at any distance (a slow pair: its rotation over the
+  context is below 0.1%), with ``unless`` a distractor key for ``then`` (a higher logit, a
+  slightly negative value): an absence rule, as in ``planted``.
+- Feature 1 of each head is dead. Every other query attends to BOS.
+
+Built by code, no training, like ``planted``; ``ground_truth.json`` holds the rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from rulecheck.build import planted
+from rulecheck.build.planted import BOS, FILLER, build_tokenizer
+
+VERSION = 1
+VOCAB = [BOS, "<unk>", "open", "close", "if", "then", "unless", *FILLER]
+SEQ_LEN = 32
+N_SEQUENCES = 3000
+WINDOW = 3
+D_HEAD = 32  # 16 rotary pairs: dimension p with p + 16
+BASE = 10_000
+KERNEL_PAIRS = range(8)  # the fastest pairs carry the local kernel
+OPEN_PAIR, IF_PAIR, REST_PAIR = 12, 13, 14  # slow pairs: content at any distance
+NEAR = 20.0  # the kernel's logit in the window: NEAR to NEAR + 6
+HIT = 15.0  # logit of open from close, of if from then
+STEAL = 16.0  # logit of unless from then: e times if's attention per copy
+STEAL_VALUE = -0.01
+SINK = 4.0  # logit of BOS from close and then
+REST = 30.0  # logit of BOS from every other query
+THRESHOLD = 0.6  # of the local feature
+ABSENCE_THRESHOLD = 0.05  # of the feature with the absence rule
+OPEN_VALUE, IF_VALUE, DEAD_VALUE = 0, 1, D_HEAD - 1  # value dimensions the output SAEs read
+
+GROUND_TRUTH = {
+    "layer": 0,
+    "features": [
+        {
+            "head": 0,
+            "feature": 0,
+            "skipgrams": [
+                {"key": "open", "query": "close", "min_distance": 1, "max_distance": WINDOW}
+            ],
+        },
+        {
+            "head": 1,
+            "feature": 0,
+            "skipgrams": [{"key": "if", "query": "then"}],
+            "absence": [{"key": "if", "query": "then", "distractor": "unless"}],
+        },
+    ],
+    "dead": [{"head": 0, "feature": 1}, {"head": 1, "feature": 1}],
+}
+
+
+def token_id(word: str) -> int:
+    return VOCAB.index(word)
+
+
+def position_kernel(n_ctx: int = SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:
+    """Query coefficients ``(a, b)`` on ``KERNEL_PAIRS`` against a key ``(1, 0)`` on each
+    pair, such that the logit at distance ``d``, ``sum_p a_p cos(theta_p d) + b_p
+    sin(theta_p d)``, is within ``[NEAR, NEAR + 6]`` for ``1 <= d <= WINDOW`` and at most 0 at
+    every other distance below ``n_ctx``: a reweighted ridge least-squares fit, deterministic
+    (the query's second coordinate of pair ``p`` is ``-b_p``: rotation by ``theta_p d``)."""
+    theta = BASE ** (-np.arange(D_HEAD // 2) / (D_HEAD // 2))[list(KERNEL_PAIRS)]
+    d = np.arange(n_ctx)
+    basis = np.concatenate([np.cos(np.outer(d, theta)), np.sin(np.outer(d, theta))], 1)
+    inside = (d >= 1) & (d <= WINDOW)
+    target = np.where(inside, NEAR + 3.0, -8.0)
+    weight = np.ones(n_ctx)
+    for _ in range(1000):
+        a = basis * weight[:, None]
+        coef = np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ (target * weight))
+        f = basis @ coef
+        wrong = np.where(inside, (f < NEAR) | (f > NEAR + 6), f > 0)
+        if not wrong.any():
+            n = len(theta)
+            return coef[:n], coef[n:]
+        weight = weight + 0.5 * wrong
+    raise RuntimeError("no position kernel fits the window")
+
+
+def build_model() -> HookedTransformer:
+    """The planted weights (float32, CPU): words one-hot in the first ``len(VOCAB)``
+    dimensions of the residual, a carrier dimension (1 on every token) last."""
+    n_words = len(VOCAB)
+    d_model = n_words + 1
+    carrier = n_words
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=d_model,
+        n_heads=2,
+        n_key_value_heads=1,
+        d_head=D_HEAD,
+        d_vocab=n_words,
+        n_ctx=SEQ_LEN,
+        attn_only=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=D_HEAD,
+        rotary_base=BASE,
+        act_fn="silu",
+        seed=0,
+    )
+    model = HookedTransformer(cfg)
+    sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items() if "rotary" not in k}
+    sd["embed.W_E"][:, :n_words] = torch.eye(n_words)
+    sd["embed.W_E"][:, carrier] = 1.0
+    # RMSNorm divides each token (a word and the carrier: norm sqrt 2) by sqrt(2 / d_model);
+    # its weight undoes that, so the head reads the one-hot word and the carrier as they are
+    sd["blocks.0.ln1.w"] = torch.full((d_model,), math.sqrt(2 / d_model))
+    sd["ln_final.w"] = torch.ones(d_model)
+    g = torch.Generator().manual_seed(1)
+    sd["unembed.W_U"] = torch.randn(d_model, n_words, generator=g) / math.sqrt(d_model)
+    W_Q, W_K, W_V = (
+        sd["blocks.0.attn.W_Q"],
+        sd["blocks.0.attn._W_K"][0],
+        sd["blocks.0.attn._W_V"][0],
+    )
+    scale = math.sqrt(D_HEAD)
+    half = D_HEAD // 2
+    close, then = token_id("close"), token_id("then")
+    cos_part, sin_part = position_kernel()
+    for p, a, b in zip(KERNEL_PAIRS, cos_part, sin_part, strict=True):
+        W_K[carrier, p] = 1.0
+        W_Q[0, close, p], W_Q[0, close, p + half] = a * scale, -b * scale
+    W_Q[0, close, OPEN_PAIR] = scale
+    W_K[token_id("open"), OPEN_PAIR] = HIT
+    W_K[token_id(BOS), OPEN_PAIR] = SINK
+    W_Q[1, then, IF_PAIR] = scale
+    W_K[token_id("if"), IF_PAIR] = HIT
+    W_K[token_id("unless"), IF_PAIR] = STEAL
+    W_K[token_id(BOS), IF_PAIR] = SINK
+    for head, query in ((0, close), (1, then)):
+        W_Q[head, [i for i in range(n_words) if i != query], REST_PAIR] = scale
+    W_K[token_id(BOS), REST_PAIR] = REST
+    W_V[token_id("open"), OPEN_VALUE] = 1.0
+    W_V[token_id("if"), IF_VALUE] = 1.0
+    W_V[token_id("unless"), IF_VALUE] = STEAL_VALUE
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def build_sae_in() -> StandardSAE:
+    """One feature per word, in token order (the carrier dimension is not read)."""
+    n_words = len(VOCAB)
+    W_dec = torch.zeros(n_words, n_words + 1)
+    W_dec[:, :n_words] = torch.eye(n_words)
+    return planted.word_sae(W_dec, "planted-rotary")
+
+
+def build_sae_out(head: int) -> StandardSAE:
+    """Head ``head``'s SAE on ``blocks.0.attn.hook_z``: feature 0 reads its rule's value
+    dimension, feature 1 one nothing writes (dead)."""
+    sae = StandardSAE(
+        StandardSAEConfig(
+            d_in=D_HEAD,
+            d_sae=2,
+            metadata=SAEMetadata(
+                hook_name="blocks.0.attn.hook_z", hook_head_index=head, model_name="planted-rotary"
+            ),
+        )
+    )
+    W_enc = torch.zeros(D_HEAD, 2)
+    W_enc[(OPEN_VALUE, IF_VALUE)[head], 0] = 1.0
+    W_enc[DEAD_VALUE, 1] = 1.0
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.W_dec.copy_(W_enc.T)
+        sae.b_enc.fill_(-(THRESHOLD, ABSENCE_THRESHOLD)[head])
+        sae.b_dec.zero_()
+    return sae
+
+
+def build_corpus(n: int = N_SEQUENCES, seed: int = 0) -> np.ndarray:
+    """``[n, SEQ_LEN]`` int32 tokens, BOS first, filler words; in most sequences a ``close``
+    with an ``open`` 1 to ``3 * WINDOW`` tokens before it, in half of them an ``if`` ... ``then``
+    at any distance (an ``unless`` between them in a fifth of those), and here and there one
+    of the rule words alone."""
+    rng = np.random.default_rng(seed)
+    filler = np.array([token_id(w) for w in FILLER])
+    tokens = filler[rng.integers(0, len(filler), size=(n, SEQ_LEN))]
+    tokens[:, 0] = token_id(BOS)
+    for row in tokens:
+        if rng.random() < 0.5:
+            i, t = sorted(int(x) for x in rng.choice(np.arange(1, SEQ_LEN), 2, replace=False))
+            row[i], row[t] = token_id("if"), token_id("then")
+            if t - i > 1 and rng.random() < 0.2:
+                row[int(rng.integers(i + 1, t))] = token_id("unless")
+        if rng.random() < 0.8:
+            dist = int(rng.integers(1, 3 * WINDOW + 1))
+            t = int(rng.integers(1 + dist, SEQ_LEN))
+            row[t - dist], row[t] = token_id("open"), token_id("close")
+        for word in ("open", "close", "if", "then"):
+            if rng.random() < 0.1:
+                row[int(rng.integers(1, SEQ_LEN))] = token_id(word)
+    return tokens.astype(np.int32)
+
+
+def build(directory: Path) -> Path:
+    """Write the whole zoo entry (model, SAEs, corpus, ground truth) into ``directory``."""
+    from rulecheck.loading import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(build_model(), directory / "model")
+    build_tokenizer(VOCAB).save(str(directory / "model" / "tokenizer.json"))
+    build_sae_in().save_model(directory / "sae_in" / "L0")
+    for head in (0, 1):
+        build_sae_out(head).save_model(directory / "sae_out" / f"L0H{head}")
+    np.save(directory / "eval_tokens.npy", build_corpus())
+    truth = dict(GROUND_TRUTH, input_features={w: j for j, w in enumerate(VOCAB)})
+    (directory / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    return directory
+
+
+def ensure_built(directory: Path) -> Path:
+    """Build the entry once, atomically, and reuse it afterwards."""
+    return planted.ensure_built(directory, build, VERSION)
