@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# the main job: extract every head of the bundled model, run the rulebooks as tests (writing
-# the HTML report), summarise, and say where the report is
+# the main job: extract every head of the bundled model (or of MODEL, e.g. MODEL=planted-rotary),
+# run the rulebooks as tests (writing the HTML report), summarise, and say where the report is
+MODEL ?= rulecheck-tiny
 demo: install
-	$(VENV)/bin/rulecheck extract --features 25 --out build/demo
+	$(VENV)/bin/rulecheck extract --model $(MODEL) --features 25 --out build/demo
 	$(PY) -m pytest build/demo -q -n 2 --dist loadfile --rulecheck-html build/demo/report.html \
 		--rulecheck-report build/demo/run.json
 	$(VENV)/bin/rulecheck summary build/demo
