@@ -55,10 +55,12 @@ from rulecheck.errors import (
     RulecheckError,
 )
 from rulecheck.loading import (
+    attn_out_hook,
     check_sae,
     fingerprint_corpus,
     fingerprint_model,
     fingerprint_sae,
+    head_view,
     load_corpus,
     load_model,
     load_sae,
@@ -264,14 +266,10 @@ class Workbench:
         key = (spec, head.layer, head.head)
         if key not in self._saes:
             sae = load_sae(locate(spec), layer=head.layer, head=head.head, device=self.device)
-            check_sae(
-                sae,
-                self.model(head.specs.model),
-                layer=head.layer,
-                head=head.head,
-                kind="out",
-                spec=spec,
-            )
+            model = self.model(head.specs.model)
+            check_sae(sae, model, layer=head.layer, head=head.head, kind="out", spec=spec)
+            if sae.cfg.metadata.hook_name == attn_out_hook(head.layer):
+                sae = head_view(sae, model, head.layer, head.head, spec)
             self._saes[key] = sae
         return self._saes[key]
 

@@ -257,3 +257,80 @@ def test_input_saes_on_a_hook_holding_the_same_tensor_are_accepted():
             check_sae(random_sae(16, 8, hook), model, layer=layer, head=None, kind="in", spec="in")
         assert f"found {hook!r}" in str(err.value)
         assert f"expected 'blocks.{layer}.hook_resid_pre'" in str(err.value)
+
+
+def test_an_attn_out_sae_is_read_per_head_through_W_O():
+    """Llama Scope's and Pythia's attention SAEs sit on ``hook_attn_out``: each head reads one
+    as a per-head ``hook_z`` SAE whose features are the original's on the head's own write
+    plus the output bias, exactly."""
+    from conftest import random_sae
+
+    from rulecheck.core.heads import is_per_head
+    from rulecheck.errors import InvalidSpec
+    from rulecheck.loading import check_sae, head_view
+
+    model = family_model("llama")
+    sae = random_sae(model.cfg.d_model, 12, "blocks.1.hook_attn_out", seed=3)
+    check_sae(sae, model, layer=1, head=0, kind="out", spec="attn_out")
+    _, cache = model.run_with_cache(random_tokens())
+    z = cache[z_hook(1)]
+    attn = model.blocks[1].attn
+    for head in range(model.cfg.n_heads):
+        view = head_view(sae, model, 1, head, "attn_out")
+        assert is_per_head(view) and view.cfg.d_in == model.cfg.d_head
+        assert view.cfg.metadata.hook_name == z_hook(1)
+        with torch.no_grad():
+            want = sae.encode(z[:, :, head] @ attn.W_O[head] + attn.b_O)
+            torch.testing.assert_close(view.encode(z[:, :, head]), want, atol=1e-5, rtol=1e-4)
+    assert sae.cfg.d_in == model.cfg.d_model  # the loaded SAE is left as it was
+    with pytest.raises(InvalidSpec, match="d_model, the attention output"):
+        check_sae(
+            random_sae(8, 4, "blocks.1.hook_attn_out"),
+            model,
+            layer=1,
+            head=0,
+            kind="out",
+            spec="attn_out",
+        )
+    normalised = random_sae(model.cfg.d_model, 4, "blocks.1.hook_attn_out")
+    normalised.cfg.normalize_activations = "layer_norm"
+    with pytest.raises(InvalidSpec, match="linear encoder without input normalisation"):
+        head_view(normalised, model, 1, 0, "attn_out")
+
+
+def test_extraction_reads_an_attn_out_sae_per_head(tmp_path):
+    """A rotary model with an input SAE on the previous block's ``hook_resid_post`` and an
+    output SAE on ``hook_attn_out``: the workbench loads both, hands every head its view and
+    extracts its books."""
+    from conftest import random_sae
+
+    from rulecheck.api import extract_books
+    from rulecheck.config import ExemplarConfig, ExtractConfig
+    from rulecheck.loading import save_model
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
+
+    model = family_model("llama")
+    save_model(model, tmp_path / "model")
+    random_sae(16, 24, "blocks.0.hook_resid_post", seed=1).save_model(str(tmp_path / "in"))
+    random_sae(16, 20, "blocks.1.hook_attn_out", seed=2).save_model(str(tmp_path / "out"))
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(1, 40, (400, N_CTX), generator=g)
+    tokens[:, 0] = 0
+    import numpy as np
+
+    np.save(tmp_path / "corpus.npy", tokens.numpy().astype(np.int32))
+    specs = Specs(
+        model=str(tmp_path / "model"),
+        sae_in=str(tmp_path / "in"),
+        sae_out=str(tmp_path / "out"),
+        corpus=str(tmp_path / "corpus.npy"),
+    )
+    bench = Workbench(cache_dir=None)
+    cfg = ExtractConfig(exemplars=ExemplarConfig(min_active=5, n_pos=20, n_neg=20), rules=False)
+    books = extract_books(bench, specs.resolve(), 1, [0, 1], cfg)
+    assert [b.head for b in books] == [0, 1]
+    assert sum(len(b.features) for b in books) > 0
+    for book in books:
+        view = bench.sae_out(bench.head_of(book, f"L1H{book.head}.yaml"))
+        assert view.cfg.metadata.hook_head_index == book.head

@@ -21,14 +21,16 @@ from rulecheck.loading.fingerprints import (
     fingerprint_tensors,
 )
 from rulecheck.loading.models import load_model, save_model
-from rulecheck.loading.saes import check_sae, load_sae
+from rulecheck.loading.saes import attn_out_hook, check_sae, head_view, load_sae
 
 __all__ = [
+    "attn_out_hook",
     "check_sae",
     "fingerprint_corpus",
     "fingerprint_model",
     "fingerprint_sae",
     "fingerprint_tensors",
+    "head_view",
     "load_corpus",
     "load_model",
     "load_sae",

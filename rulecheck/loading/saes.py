@@ -471,7 +471,12 @@ def check_sae(
         raise InvalidSpec(
             f"unknown SAE kind {kind!r}", file=spec, field="kind", fix='use "in" or "out"'
         )
-    _check_hook(sae, f"blocks.{layer}.attn.hook_z", spec=spec)
+    if sae.cfg.metadata.hook_name == attn_out_hook(layer):  # read per head: ``head_view``
+        _check_d_in(sae, cfg.d_model, "d_model, the attention output", spec=spec)
+        if head is not None:
+            _check_head(head, cfg.n_heads, spec=spec, field="head")
+        return
+    _check_hook(sae, f"blocks.{layer}.attn.hook_z", attn_out_hook(layer), spec=spec)
     sae_head = sae.cfg.metadata.hook_head_index
     if sae_head is not None:
         if head is not None and head != sae_head:
@@ -494,6 +499,45 @@ def check_sae(
             fix="set metadata.hook_head_index to the head it was trained on",
         )
     _check_d_in(sae, cfg.n_heads * cfg.d_head, "n_heads*d_head, all heads", spec=spec)
+
+
+def attn_out_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_attn_out"
+
+
+LINEAR_ENCODERS = ("standard", "jumprelu", "topk")  # act(x @ W_enc + b_enc), nothing else
+
+
+def head_view(sae: SAE, model: HookedTransformer, layer: int, head: int, spec: str) -> SAE:
+    """An output SAE on ``blocks.{layer}.hook_attn_out`` as one head reads it: a per-head SAE
+    on ``hook_z`` whose features are the original's on ``z_h W_O[h] + b_O``, the head's write
+    and the output bias alone (the other heads' writes, which add to the same features, are
+    left out). Exact for that input: ``W_enc' = W_O[h] W_enc``, ``b_enc' = (b_O - b_dec)
+    W_enc + b_enc``; the decoder maps back through the pseudo-inverse of ``W_O[h]``."""
+    arch = sae.cfg.architecture()
+    norm = getattr(sae.cfg, "normalize_activations", "none")
+    if arch not in LINEAR_ENCODERS or norm not in ("none", None):
+        raise InvalidSpec(
+            f"an output SAE on hook_attn_out is read per head through W_O, which needs a linear "
+            f"encoder without input normalisation; found architecture {arch!r}, "
+            f"normalize_activations {norm!r}",
+            file=spec,
+            field="architecture",
+            fix="fold the normalisation into the weights, or use a hook_z SAE",
+        )
+    W_O = model.blocks[layer].attn.W_O[head].detach().to(sae.W_enc.dtype)  # [d_head, d_model]
+    b_O = model.blocks[layer].attn.b_O.detach().to(sae.W_enc.dtype)
+    view = copy.deepcopy(sae)
+    b_in = b_O - sae.b_dec.detach() * float(sae.cfg.apply_b_dec_to_input)
+    with torch.no_grad():
+        view.W_enc = torch.nn.Parameter(W_O @ sae.W_enc.detach())
+        view.b_enc = torch.nn.Parameter(b_in @ sae.W_enc.detach() + sae.b_enc.detach())
+        view.W_dec = torch.nn.Parameter(sae.W_dec.detach() @ torch.linalg.pinv(W_O))
+        view.b_dec = torch.nn.Parameter(torch.zeros(W_O.shape[0], dtype=W_O.dtype))
+    view.cfg.d_in = W_O.shape[0]
+    view.cfg.metadata.hook_name = f"blocks.{layer}.attn.hook_z"
+    view.cfg.metadata.hook_head_index = head
+    return view
 
 
 def input_hooks(model: HookedTransformer, layer: int) -> tuple[str, ...]:
