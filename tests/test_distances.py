@@ -47,17 +47,23 @@ def test_distances_are_read_written_and_checked() -> None:
         parse_rulebook(BOOK.replace("max_distance: 3}", "max_distance: -1}"))
 
 
+@pytest.fixture(scope="module")
+def exemplars(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exemplar cache for the module: the shipped L0H1 book's layer is streamed once."""
+    return tmp_path_factory.mktemp("exemplars")
+
+
 def bounded(rules, **bounds):
     terms = [replace(t, **bounds) for t in rules.skipgrams]
     return replace(rules, claims={**rules.claims, "skipgrams": terms})
 
 
-def test_a_bound_changes_what_the_terms_predict_on_the_model() -> None:
+def test_a_bound_changes_what_the_terms_predict_on_the_model(exemplars: Path) -> None:
     """Through the check's own measurement on rulecheck-tiny: a bound no prefix reaches
     changes nothing, a window no key can sit in predicts nothing, and a tight window
     predicts at most what the unbounded terms predict."""
     book = load_rulebook(SHIPPED)
-    bench = Workbench(cache_dir=None)
+    bench = Workbench(cache_dir=exemplars)
     bench.announce(book, str(SHIPPED))
     head = bench.head_of(book, str(SHIPPED))
     rules = book.features[0]
@@ -72,12 +78,14 @@ def test_a_bound_changes_what_the_terms_predict_on_the_model() -> None:
     assert near != base  # the keys of this feature's terms are not all on the query itself
 
 
-def test_a_failing_bounded_claim_says_its_distance(pytester: pytest.Pytester) -> None:
+def test_a_failing_bounded_claim_says_its_distance(
+    pytester: pytest.Pytester, exemplars: Path
+) -> None:
     book = load_rulebook(SHIPPED)
     rules = replace(bounded(book.features[0], min_distance=10_000), label="")
     path = pytester.path / "L0H1.yaml"
     path.write_text(dump_rulebook(replace(book, features=[rules])))
-    result = pytester.runpytest("-p", "no:cacheprovider", "-q", "--rulecheck-cache=cache")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-q", f"--rulecheck-cache={exemplars}")
     text = result.stdout.str()
     assert result.ret == 1 and "Traceback" not in text
     assert "(distance >= 10000)" in text and "recall is 0.000" in text

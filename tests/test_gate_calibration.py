@@ -43,10 +43,12 @@ def test_the_model_card_shows_the_calibration() -> None:
 
 
 @pytest.fixture(scope="module")
-def calibration_bench() -> Workbench:
+def calibration_bench(tmp_path_factory: pytest.TempPathFactory) -> Workbench:
     """One workbench for the calibration cases: the model, the shipped SAEs and the book's
-    measurements on them are loaded and taken once."""
-    return Workbench(cache_dir=None)
+    measurements on them are loaded and taken once, and an exemplar cache of the module's own
+    holds each output SAE's pass (keyed without the input SAE: an input SAE's case streams no
+    layer)."""
+    return Workbench(cache_dir=tmp_path_factory.mktemp("exemplars"))
 
 
 # gated live here: a healthy retrain, a degraded output SAE, a broken input SAE (``test_gate``
