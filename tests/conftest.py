@@ -42,15 +42,15 @@ def pytest_configure(config: pytest.Config) -> None:
 # cold exemplar cache each worker streams its own layer instead of waiting on the other's
 # (the cache's layer lock). Seconds on 2 cores, cold cache, in the comments.
 FIRST = (
-    "tests/test_gate_calibration.py",  # 100: broken and healthy retrains gated live
-    "tests/test_gate.py",  # 90
+    "tests/test_gate.py",  # 90: retrained, permuted and broken SAEs gated end to end
+    "tests/test_gate_calibration.py",  # 55: degraded and broken retrains gated live
     "rulebooks/rulecheck-tiny/L1H0.yaml",  # 21: streams layer 1
     "rulebooks/rulecheck-tiny/L0H0.yaml",  # 11: streams layer 0
-    "tests/test_tiny.py",  # 45: the quality bars of eight output SAEs
     "tests/test_tiny_rulebooks.py",  # 33
     "tests/test_plugin.py",  # 28
     "tests/test_regenerate.py",  # 22
-    "tests/test_distances.py",  # 13
+    "tests/test_tiny.py",  # 20: the shipped SAEs against the card
+    "tests/test_distances.py",  # 8
     "tests/test_extract.py",  # 11
 )
 
