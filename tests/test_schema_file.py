@@ -457,6 +457,13 @@ def test_invalid_documents_beyond_what_yaml_can_write(doc, path):
 
 
 def _version(path: Path) -> Any:
+    """The book's ``rulecheck:`` version: its top-level line where the header has one (books
+    put it first), else the whole document's (collection reads every shipped book)."""
+    with path.open(encoding="utf-8") as lines:
+        for _, line in zip(range(40), lines, strict=False):
+            if line.startswith("rulecheck:"):
+                data = yaml.load(line, Loader=_Loader)
+                return data.get("rulecheck") if isinstance(data, dict) else None
     data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     return data.get("rulecheck") if isinstance(data, dict) else None
 
