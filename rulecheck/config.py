@@ -125,6 +125,8 @@ class ExtractConfig(Checked):
     rules: bool = True  # also search the other rule kinds' claims
     # distance bounds and hard negatives (``core.heldout``); without, the paper's protocol alone
     held_out: bool = True
+    # the other ranking's F1 curve beside the book (``f1_by_ranking``)
+    compare_rankings: bool = True
     exemplars: ExemplarConfig = dataclasses.field(default_factory=ExemplarConfig)
 
     def __post_init__(self) -> None:

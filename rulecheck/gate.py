@@ -252,7 +252,13 @@ def _fresh_f1(bench: Workbench, gate: Gated, book: Rulebook, wanted: set[int]) -
     if not features:
         return {}
     # the protocol's F1 of the skip-grams alone, as the thresholds were calibrated on
-    cfg = replace(config_from_rulebook(book), features=features, rules=False, held_out=False)
+    cfg = replace(
+        config_from_rulebook(book),
+        features=features,
+        rules=False,
+        held_out=False,
+        compare_rankings=False,
+    )
     [fresh] = extract_books(bench, gate.new.specs, book.layer, [book.head], cfg)
     return {r.feature: float(r.measured.get("protocol_f1", 0.0)) for r in fresh.features}
 

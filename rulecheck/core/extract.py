@@ -409,7 +409,7 @@ def extract_head(
             result.f1_by_ranking = {
                 m: f1_curve(r, ex, pf.q_act, pf.k_max)
                 for m, r in rankings.items()
-                if r is not ranked
+                if r is not ranked and cfg.compare_rankings
             }
             group_results.append(result)
 
