@@ -249,6 +249,53 @@ def word_sae(W_dec: torch.Tensor, model_name: str) -> StandardSAE:
     return sae
 
 
+def head_sae(
+    W_enc: torch.Tensor, thresholds: torch.Tensor, head: int, model_name: str
+) -> StandardSAE:
+    """A per-head output SAE on ``blocks.0.attn.hook_z``: feature ``j`` reads column ``j`` of
+    ``W_enc [d_head, d_sae]`` (decoded by its transpose) and fires above ``thresholds[j]``."""
+    sae = StandardSAE(
+        StandardSAEConfig(
+            d_in=W_enc.shape[0],
+            d_sae=W_enc.shape[1],
+            metadata=SAEMetadata(
+                hook_name="blocks.0.attn.hook_z", hook_head_index=head, model_name=model_name
+            ),
+        )
+    )
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.W_dec.copy_(W_enc.T)
+        sae.b_enc.copy_(-thresholds)
+        sae.b_dec.zero_()
+    return sae
+
+
+def write_entry(
+    directory: Path,
+    model: HookedTransformer,
+    vocab: list[str],
+    sae_in: StandardSAE,
+    sae_outs: dict[int, StandardSAE],
+    corpus: np.ndarray,
+    truth: dict,
+) -> Path:
+    """Write a planted zoo entry into ``directory``: the model and its word tokenizer, the
+    input SAE of layer 0, each head's output SAE, the corpus and the ground truth."""
+    from rulecheck.loading import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, directory / "model")
+    build_tokenizer(vocab).save(str(directory / "model" / "tokenizer.json"))
+    sae_in.save_model(directory / "sae_in" / "L0")
+    for head, sae in sae_outs.items():
+        sae.save_model(directory / "sae_out" / f"L0H{head}")
+    np.save(directory / "eval_tokens.npy", corpus)
+    (directory / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    return directory
+
+
 def build_sae_in(seed: int = 0) -> StandardSAE:
     """One feature per word, shuffled: feature j fires 1.0 on token ``feature_order()[j]``."""
     d = len(VOCAB)
@@ -262,28 +309,15 @@ def build_sae_out(head: int) -> StandardSAE:
     """Per-head SAE on ``blocks.0.attn.hook_z``: feature 0 reads dim 1 for head 0 (dim 0 for
     heads 1 and 2), feature 1 the other (dead for head 2, which writes dim 0 only), feature 2
     is dead."""
-    sae = StandardSAE(
-        StandardSAEConfig(
-            d_in=D_HEAD,
-            d_sae=3,
-            metadata=SAEMetadata(
-                hook_name="blocks.0.attn.hook_z", hook_head_index=head, model_name="planted"
-            ),
-        )
-    )
     dims = {0: (1, 0), 1: (0, 1), 2: (0, 1)}[head]  # dims read by features 0 and 1
     W_enc = torch.zeros(D_HEAD, 3)
     W_enc[dims[0], 0] = 1.0
     W_enc[dims[1], 1] = 1.0
     W_enc[D_HEAD - 1, 2] = 1.0  # nothing writes the last dim
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc)
-        sae.W_dec.copy_(W_enc.T)
-        sae.b_enc.fill_(-THRESHOLD)
-        if head == 0:
-            sae.b_enc[1] = -ABSENCE_THRESHOLD
-        sae.b_dec.zero_()
-    return sae
+    thresholds = torch.full((3,), THRESHOLD)
+    if head == 0:
+        thresholds[1] = ABSENCE_THRESHOLD
+    return head_sae(W_enc, thresholds, head, "planted")
 
 
 def build_corpus(n: int = N_SEQUENCES, seq_len: int = SEQ_LEN, seed: int = 0) -> np.ndarray:
@@ -313,20 +347,10 @@ def build_corpus(n: int = N_SEQUENCES, seq_len: int = SEQ_LEN, seed: int = 0) ->
 
 def build(directory: Path) -> Path:
     """Write the whole zoo entry (model, SAEs, corpus, ground truth) into ``directory``."""
-    from rulecheck.loading import save_model
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_model(build_model(), directory / "model")
-    build_tokenizer().save(str(directory / "model" / "tokenizer.json"))
-    build_sae_in().save_model(directory / "sae_in" / "L0")
-    for head in range(N_HEADS):
-        build_sae_out(head).save_model(directory / "sae_out" / f"L0H{head}")
-    np.save(directory / "eval_tokens.npy", build_corpus())
     order = feature_order()
     truth = dict(GROUND_TRUTH, input_features={VOCAB[tok]: j for j, tok in enumerate(order)})
-    (directory / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
-    return directory
+    saes = {head: build_sae_out(head) for head in range(N_HEADS)}
+    return write_entry(directory, build_model(), VOCAB, build_sae_in(), saes, build_corpus(), truth)
 
 
 def ensure_built(

@@ -18,18 +18,16 @@ the rule and its distances.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from sae_lens import StandardSAE
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rulecheck.build import planted
-from rulecheck.build.planted import BOS, FILLER, build_tokenizer
+from rulecheck.build.planted import BOS, FILLER
 
 VERSION = 1
 VOCAB = [BOS, "<unk>", "open", "close", *FILLER]
@@ -120,24 +118,21 @@ def build_sae_in() -> StandardSAE:
 def build_sae_out() -> StandardSAE:
     """The head's SAE on ``blocks.0.attn.hook_z``: feature 0 reads the value dimension (open
     attended to), feature 1 a dimension nothing writes (dead)."""
-    sae = StandardSAE(
-        StandardSAEConfig(
-            d_in=D_HEAD,
-            d_sae=2,
-            metadata=SAEMetadata(
-                hook_name="blocks.0.attn.hook_z", hook_head_index=0, model_name="planted-local"
-            ),
-        )
-    )
     W_enc = torch.zeros(D_HEAD, 2)
     W_enc[VALUE_DIM, 0] = 1.0
     W_enc[REST_DIM, 1] = 1.0  # the values never write it
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc)
-        sae.W_dec.copy_(W_enc.T)
-        sae.b_enc.fill_(-THRESHOLD)
-        sae.b_dec.zero_()
-    return sae
+    return planted.head_sae(W_enc, torch.full((2,), THRESHOLD), 0, "planted-local")
+
+
+def place_near(
+    row: np.ndarray, rng: np.random.Generator, key: int, query: int, window: int
+) -> None:
+    """In 80% of rows, ``query`` with ``key`` 1 to ``3 * window`` tokens before it (so that
+    about two thirds of the pairs lie beyond the window)."""
+    if rng.random() < 0.8:
+        dist = int(rng.integers(1, 3 * window + 1))
+        t = int(rng.integers(1 + dist, len(row)))
+        row[t - dist], row[t] = key, query
 
 
 def build_corpus(n: int = N_SEQUENCES, seed: int = 0) -> np.ndarray:
@@ -149,10 +144,7 @@ def build_corpus(n: int = N_SEQUENCES, seed: int = 0) -> np.ndarray:
     tokens = filler[rng.integers(0, len(filler), size=(n, SEQ_LEN))]
     tokens[:, 0] = token_id(BOS)
     for row in tokens:
-        if rng.random() < 0.8:
-            dist = int(rng.integers(1, 3 * WINDOW + 1))
-            t = int(rng.integers(1 + dist, SEQ_LEN))
-            row[t - dist], row[t] = token_id("open"), token_id("close")
+        place_near(row, rng, token_id("open"), token_id("close"), WINDOW)
         for word in ("open", "close"):
             if rng.random() < 0.2:
                 row[int(rng.integers(1, SEQ_LEN))] = token_id(word)
@@ -161,18 +153,16 @@ def build_corpus(n: int = N_SEQUENCES, seed: int = 0) -> np.ndarray:
 
 def build(directory: Path) -> Path:
     """Write the whole zoo entry (model, SAEs, corpus, ground truth) into ``directory``."""
-    from rulecheck.loading import save_model
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_model(build_model(), directory / "model")
-    build_tokenizer(VOCAB).save(str(directory / "model" / "tokenizer.json"))
-    build_sae_in().save_model(directory / "sae_in" / "L0")
-    build_sae_out().save_model(directory / "sae_out" / "L0H0")
-    np.save(directory / "eval_tokens.npy", build_corpus())
     truth = dict(GROUND_TRUTH, input_features={w: j for j, w in enumerate(VOCAB)})
-    (directory / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
-    return directory
+    return planted.write_entry(
+        directory,
+        build_model(),
+        VOCAB,
+        build_sae_in(),
+        {0: build_sae_out()},
+        build_corpus(),
+        truth,
+    )
 
 
 def ensure_built(directory: Path) -> Path:

@@ -19,18 +19,17 @@ Built by code, no training, like ``planted``; ``ground_truth.json`` holds the ru
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
-from sae_lens.saes.sae import SAEMetadata
+from sae_lens import StandardSAE
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rulecheck.build import planted
-from rulecheck.build.planted import BOS, FILLER, build_tokenizer
+from rulecheck.build.planted import BOS, FILLER
+from rulecheck.build.planted_local import place_near
 
 VERSION = 1
 VOCAB = [BOS, "<unk>", "open", "close", "if", "then", "unless", *FILLER]
@@ -172,24 +171,11 @@ def build_sae_in() -> StandardSAE:
 def build_sae_out(head: int) -> StandardSAE:
     """Head ``head``'s SAE on ``blocks.0.attn.hook_z``: feature 0 reads its rule's value
     dimension, feature 1 one nothing writes (dead)."""
-    sae = StandardSAE(
-        StandardSAEConfig(
-            d_in=D_HEAD,
-            d_sae=2,
-            metadata=SAEMetadata(
-                hook_name="blocks.0.attn.hook_z", hook_head_index=head, model_name="planted-rotary"
-            ),
-        )
-    )
     W_enc = torch.zeros(D_HEAD, 2)
     W_enc[(OPEN_VALUE, IF_VALUE)[head], 0] = 1.0
     W_enc[DEAD_VALUE, 1] = 1.0
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc)
-        sae.W_dec.copy_(W_enc.T)
-        sae.b_enc.fill_(-(THRESHOLD, ABSENCE_THRESHOLD)[head])
-        sae.b_dec.zero_()
-    return sae
+    thresholds = torch.full((2,), (THRESHOLD, ABSENCE_THRESHOLD)[head])
+    return planted.head_sae(W_enc, thresholds, head, "planted-rotary")
 
 
 def build_corpus(n: int = N_SEQUENCES, seed: int = 0) -> np.ndarray:
@@ -207,10 +193,7 @@ def build_corpus(n: int = N_SEQUENCES, seed: int = 0) -> np.ndarray:
             row[i], row[t] = token_id("if"), token_id("then")
             if t - i > 1 and rng.random() < 0.2:
                 row[int(rng.integers(i + 1, t))] = token_id("unless")
-        if rng.random() < 0.8:
-            dist = int(rng.integers(1, 3 * WINDOW + 1))
-            t = int(rng.integers(1 + dist, SEQ_LEN))
-            row[t - dist], row[t] = token_id("open"), token_id("close")
+        place_near(row, rng, token_id("open"), token_id("close"), WINDOW)
         for word in ("open", "close", "if", "then"):
             if rng.random() < 0.1:
                 row[int(rng.integers(1, SEQ_LEN))] = token_id(word)
@@ -219,19 +202,11 @@ def build_corpus(n: int = N_SEQUENCES, seed: int = 0) -> np.ndarray:
 
 def build(directory: Path) -> Path:
     """Write the whole zoo entry (model, SAEs, corpus, ground truth) into ``directory``."""
-    from rulecheck.loading import save_model
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_model(build_model(), directory / "model")
-    build_tokenizer(VOCAB).save(str(directory / "model" / "tokenizer.json"))
-    build_sae_in().save_model(directory / "sae_in" / "L0")
-    for head in (0, 1):
-        build_sae_out(head).save_model(directory / "sae_out" / f"L0H{head}")
-    np.save(directory / "eval_tokens.npy", build_corpus())
     truth = dict(GROUND_TRUTH, input_features={w: j for j, w in enumerate(VOCAB)})
-    (directory / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
-    return directory
+    saes = {head: build_sae_out(head) for head in (0, 1)}
+    return planted.write_entry(
+        directory, build_model(), VOCAB, build_sae_in(), saes, build_corpus(), truth
+    )
 
 
 def ensure_built(directory: Path) -> Path:
