@@ -156,7 +156,7 @@ def test_a_summary_is_the_largest_score_over_the_distances(family):
     torch.testing.assert_close(
         attn_scores(d, d, w.W_Q, w.W_K, form, N_CTX - 1), by_distance.amax(0)
     )
-    table = pair_scores_by_distance(d, d.flip(0), w.W_Q, w.W_K, form, N_CTX)
+    table = pair_scores_by_distance(q, k.flip(0), form, N_CTX)
     for x in range(N_CTX):
         want = torch.diagonal(form.scores(q, k.flip(0), x))
         torch.testing.assert_close(table[:, x], want, atol=1e-5, rtol=1e-5)

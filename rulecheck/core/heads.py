@@ -222,7 +222,8 @@ def run_to_heads(
     with model.hooks(fwd_hooks=scale):
         x = block.ln1(resid)
     h = torch.tensor(sorted(set(heads)), dtype=torch.long, device=x.device)
-    if qk_form(model, layer).plain:  # GPT-2's attention, in TransformerLens's own operations
+    form = qk_form(model, layer)
+    if form.plain:  # GPT-2's attention, in TransformerLens's own operations
         q, k, v = (
             simple_attn_linear(x, W[h], b[h])  # [batch, pos, n, d_head]
             for W, b in ((attn.W_Q, attn.b_Q), (attn.W_K, attn.b_K), (attn.W_V, attn.b_V))
@@ -233,7 +234,7 @@ def run_to_heads(
         z = (pattern.to(v.dtype) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
     else:
         positions = torch.arange(x.shape[1], device=x.device)
-        z = _attend(model, layer, h, x, x, positions.expand(x.shape[0], -1))  # [b, pos, n, d]
+        z = _attend(attn, form, h, x, x, positions.expand(x.shape[0], -1))  # [b, pos, n, d]
     full = z.new_zeros(*z.shape[:2], n_heads, z.shape[-1])
     full[:, :, h] = z
     store[z_hook(layer)] = full
@@ -297,57 +298,46 @@ def z_at(
     attn = block.attn
     x = block.ln1(model(tokens, stop_at_layer=layer))  # [batch, pos, d_model]
     h = torch.tensor(list(heads), dtype=torch.long, device=x.device)
-    batch, pos, d_model = x.shape
+    batch, pos, _ = x.shape
     t = t.to(x.device).long()
     rows = torch.arange(batch, device=x.device)
-    if not qk_form(model, layer).plain:
-        return _attend(model, layer, h, x[rows, t].unsqueeze(1), x, t.unsqueeze(1))[:, 0]
-    n, d_head = len(heads), attn.W_Q.shape[-1]
-
-    def project(inp: Tensor, W: Tensor, b: Tensor) -> Tensor:  # -> [..., n, d_head]
-        w = W[h].permute(1, 0, 2).reshape(d_model, n * d_head)
-        return (inp @ w + b[h].reshape(n * d_head)).unflatten(-1, (n, d_head))
-
-    q = project(x[rows, t], attn.W_Q, attn.b_Q)  # [b, n, d]
-    k = project(x, attn.W_K, attn.b_K)  # [batch, pos, n, d_head]
-    v = project(x, attn.W_V, attn.b_V)
+    form = qk_form(model, layer)
+    if not form.plain:
+        return _attend(attn, form, h, x[rows, t].unsqueeze(1), x, t.unsqueeze(1))[:, 0]
+    q = _project(x[rows, t], attn.W_Q, attn.b_Q, h)  # [b, n, d]
+    k = _project(x, attn.W_K, attn.b_K, h)  # [batch, pos, n, d_head]
+    v = _project(x, attn.W_V, attn.b_V, h)
     scores = torch.einsum("bnd,bpnd->bnp", q, k) / attn.attn_scale  # [batch, n, pos]
     after_t = torch.arange(pos, device=x.device) > t.unsqueeze(1)  # [batch, pos]
     pattern = torch.softmax(scores.masked_fill(after_t.unsqueeze(1), float("-inf")), dim=-1)
     return torch.einsum("bnp,bpnd->bnd", pattern.to(v.dtype), v)
 
 
+def _project(inp: Tensor, W: Tensor, b: Tensor, h: Tensor) -> Tensor:
+    """``[..., len(h), d_head]``: ``inp [..., d_model]`` through heads ``h`` of ``W [n_heads,
+    d_model, d_head]`` and ``b [n_heads, d_head]``, one matmul for all of them."""
+    n, d_model, d_head = len(h), W.shape[1], W.shape[2]
+    w = W[h].permute(1, 0, 2).reshape(d_model, n * d_head)
+    return (inp @ w + b[h].reshape(n * d_head)).unflatten(-1, (n, d_head))
+
+
 def _attend(
-    model: HookedTransformer, layer: int, h: Tensor, x_q: Tensor, x_kv: Tensor, t: Tensor
+    attn: torch.nn.Module, form: QKForm, h: Tensor, x_q: Tensor, x_kv: Tensor, t: Tensor
 ) -> Tensor:
-    """``[batch, n_q, len(h), d_head]``: the z of heads ``h`` for queries read from ``x_q
-    [batch, n_q, d_model]`` at positions ``t [batch, n_q]`` over the keys and values of
-    ``x_kv [batch, pos, d_model]`` (the layer's normalised input), with TransformerLens's
-    own weights (a grouped-query head's key/value group's) and each step its attention
-    takes: q/k norm, rotary positions, the scale, the soft cap, causal and local masks."""
-    attn = model.blocks[layer].attn
-    form = qk_form(model, layer)
-    d_model = x_kv.shape[-1]
-    n, d_head = len(h), attn.W_Q.shape[-1]
-
-    def project(inp: Tensor, W: Tensor, b: Tensor, norm: Tensor | None) -> Tensor:
-        w = W[h].permute(1, 0, 2).reshape(d_model, n * d_head)
-        out = (inp @ w + b[h].reshape(n * d_head)).unflatten(-1, (n, d_head))
-        if norm is None:
-            return out
-        scale = (out.pow(2).mean(-1, keepdim=True) + form.norm_eps).sqrt()
-        return out / scale * norm.to(out.dtype)
-
-    q = project(x_q, attn.W_Q, attn.b_Q, form.q_norm)  # [batch, n_q, n, d_head]
-    k = project(x_kv, attn.W_K, attn.b_K, form.k_norm)  # [batch, pos, n, d_head]
-    v = project(x_kv, attn.W_V, attn.b_V, None)
+    """``[batch, n_q, len(h), d_head]``: the z of heads ``h`` of the attention module
+    ``attn`` (whose ``QKForm`` is ``form``) for queries read from ``x_q [batch, n_q,
+    d_model]`` at positions ``t [batch, n_q]`` over the keys and values of ``x_kv [batch,
+    pos, d_model]`` (the layer's normalised input), with TransformerLens's own weights (a
+    grouped-query head's key/value group's) and each step its attention takes: q/k norm,
+    rotary positions, the scale, the soft cap, causal and local masks."""
+    q = form.normed(_project(x_q, attn.W_Q, attn.b_Q, h), form.q_norm)  # [batch, n_q, n, d]
+    k = form.normed(_project(x_kv, attn.W_K, attn.b_K, h), form.k_norm)  # [batch, pos, n, d]
+    v = _project(x_kv, attn.W_V, attn.b_V, h)
     key_pos = torch.arange(x_kv.shape[1], device=x_kv.device)
     if form.rotary is not None:
         q = form.rotary.rotate(q, t.unsqueeze(-1))
         k = form.rotary.rotate(k, key_pos.view(1, -1, 1))
-    scores = torch.einsum("bqnd,bpnd->bnqp", q, k) / form.attn_scale  # [batch, n, n_q, pos]
-    if form.soft_cap > 0:
-        scores = form.soft_cap * torch.tanh(scores / form.soft_cap)
+    scores = form.capped(torch.einsum("bqnd,bpnd->bnqp", q, k) / form.attn_scale)
     distance = (t.unsqueeze(-1) - key_pos).unsqueeze(1)  # [batch, 1, n_q, pos]
     hidden = distance < 0
     if form.window is not None:

@@ -109,11 +109,21 @@ class QKForm:
     def project(self, d: Tensor, W: Tensor, norm: Tensor | None) -> Tensor:
         """``[n, d_head]``: directions ``d [n, d_model]`` through ``W [d_model, d_head]`` and
         the q/k norm ``norm``, as the head's queries or keys."""
-        x = d @ W
+        return self.normed(d @ W, norm)
+
+    def normed(self, x: Tensor, norm: Tensor | None) -> Tensor:
+        """Queries or keys ``x [..., d_head]`` through the q/k RMSNorm of weight ``norm``
+        (none: as they are)."""
         if norm is None:
             return x
         scale = (x.pow(2).mean(-1, keepdim=True) + self.norm_eps).sqrt()
         return x / scale * norm.to(x.dtype)
+
+    def capped(self, s: Tensor) -> Tensor:
+        """Scaled scores ``s`` through the soft cap, where the head has one."""
+        if self.soft_cap > 0:
+            return self.soft_cap * torch.tanh(s / self.soft_cap)
+        return s
 
     def scores(self, q: Tensor, k: Tensor, distance: int = 0) -> Tensor:
         """``[n_q, n_k]`` scores of projected queries ``q [n_q, d_head]`` against keys ``k
@@ -124,8 +134,7 @@ class QKForm:
 
     def finish(self, s: Tensor, distance: int) -> Tensor:
         """Scaled scores ``s`` at ``distance`` through the soft cap and the local window."""
-        if self.soft_cap > 0:
-            s = self.soft_cap * torch.tanh(s / self.soft_cap)
+        s = self.capped(s)
         if self.window is not None and distance >= self.window:
             s = torch.full_like(s, -math.inf)
         return s
@@ -161,6 +170,12 @@ def attn_scores(
     if form.plain:
         return (d_q @ W_Q) @ (d_k @ W_K).T / form.attn_scale
     q, k = form.project(d_q, W_Q, form.q_norm), form.project(d_k, W_K, form.k_norm)
+    return summary_scores(q, k, form, max_distance)
+
+
+def summary_scores(q: Tensor, k: Tensor, form: QKForm, max_distance: int) -> Tensor:
+    """``attn_scores`` of projected queries ``q [n_q, d_head]`` and keys ``k [n_k, d_head]``
+    (``QKForm.project``)."""
     if not form.positional:
         return form.scores(q, k)
     grid = distance_grid(max_distance)
@@ -172,12 +187,10 @@ def attn_scores(
     return best
 
 
-def pair_scores_by_distance(
-    d_q: Tensor, d_k: Tensor, W_Q: Tensor, W_K: Tensor, form: QKForm, n_distances: int
-) -> Tensor:
-    """``[n, n_distances]``: the score of each pair ``(d_q[j], d_k[j])`` (both ``[n,
-    d_model]``) at every distance ``0 .. n_distances - 1``."""
-    q, k = form.project(d_q, W_Q, form.q_norm), form.project(d_k, W_K, form.k_norm)
+def pair_scores_by_distance(q: Tensor, k: Tensor, form: QKForm, n_distances: int) -> Tensor:
+    """``[n, n_distances]``: the score of each pair of projected query ``q[j]`` and key
+    ``k[j]`` (both ``[n, d_head]``, ``QKForm.project``) at every distance ``0 .. n_distances
+    - 1``."""
     if form.rotary is not None:
         k = form.rotary.rotate(k, 0)
     out = []
@@ -260,7 +273,11 @@ def candidate_terms(
     """
     form = as_form(form)
     keys = top_indices(value_score, n_keys)  # [K]
-    attn = attn_scores(d, d[keys], W_Q, W_K, form, n_distances - 1)  # [d_sae_in, K]
+    if form.plain:
+        attn = attn_scores(d, d[keys], W_Q, W_K, form)  # [d_sae_in, K]
+    else:  # every query and key projected once, for the summary and each term's distances
+        q_all, k_keys = form.project(d, W_Q, form.q_norm), form.project(d[keys], W_K, form.k_norm)
+        attn = summary_scores(q_all, k_keys, form, n_distances - 1)
     queries = top_indices(attn, queries_per_key, dim=0)  # [Q, K]
     n_q = queries.shape[0]
     key_ids = keys.unsqueeze(0).expand(n_q, -1)  # [Q, K]
@@ -269,7 +286,8 @@ def candidate_terms(
     query, key = queries.T.reshape(-1), key_ids.T.reshape(-1)
     attn_at = None
     if form.positional:
-        attn_at = pair_scores_by_distance(d[query], d[key], W_Q, W_K, form, n_distances)
+        slot = torch.arange(len(keys), device=keys.device).repeat_interleave(n_q)  # term -> key
+        attn_at = pair_scores_by_distance(q_all[query], k_keys[slot], form, n_distances)
     return Terms(
         query=query,
         key=key,
