@@ -130,14 +130,9 @@ def nearest_key_distance(feats: Tensor, t: Tensor, where: Tensor, terms: Terms) 
     """``[m, n_terms]``: for the prefixes ending at ``t [m]`` (reading rows ``where [m]`` of
     ``feats [batch, pos, d]``), how far each term's nearest key is from ``t`` (``t - i`` of
     the last ``i <= t`` where the key is active), -1 where the query is inactive at ``t`` or
-    no key is active."""
-    rows = feats[where]  # [m, pos, d]
-    q = rows[torch.arange(len(t), device=feats.device), t][:, terms.query] > 0  # [m, n]
-    k = rows[:, :, terms.key] > 0  # [m, pos, n]
-    pos = torch.arange(feats.shape[1], device=feats.device)
-    k &= (pos[None, :] <= t[:, None])[:, :, None]
-    last = torch.where(k, pos[None, :, None], -1).amax(dim=1)  # [m, n]
-    return torch.where(q & (last >= 0), t[:, None] - last, -1)
+    no key is active (``nearest_key_distances`` read at ``t``)."""
+    rows = torch.arange(len(t), device=feats.device)
+    return nearest_key_distances(feats[where], terms)[rows, t]
 
 
 def nearest_key_distances(feats: Tensor, terms: Terms) -> Tensor:

@@ -187,15 +187,18 @@ def _measure_with_book(bench: Workbench, head: Head, rules: FeatureRules, file: 
             for r in book
             if r is not rules and r.skipgrams and not bench.memoized(_measure_key(head, r))
         ]
-    return _measure_batch(bench, head, batch, file, strict=True)[0]
+    measured = _measure_batch(bench, head, batch, file, strict=True)
+    assert measured is not None
+    return measured
 
 
 def _measure_batch(
     bench: Workbench, head: Head, batch: Sequence[FeatureRules], file: str, strict: bool
-) -> list[Measured | None]:
-    """The measurements of ``batch`` in one prefix pass and one held-out pass, each kept for
-    the session but the first when ``strict`` (its caller's memo keeps it); None for a
-    feature that cannot be measured (raised for the first when ``strict``)."""
+) -> Measured | None:
+    """Measure ``batch`` in one prefix pass and one held-out pass, each measurement kept for
+    the session; when ``strict``, the first's is returned instead (its caller's memo keeps
+    it) and its error raised. A feature that cannot be measured is skipped (its own items
+    report why)."""
     import torch
 
     from rulecheck.core.evaluate import predict_prefixes, score_predictions, union_columns
@@ -212,7 +215,7 @@ def _measure_batch(
             continue  # reported by that feature's own items
         prepared.append((r, columns, terms, ex, ex.part("test")))
     if not prepared:
-        return [None] * len(batch)
+        return None
     union, index = union_columns([columns for _, columns, _, _, _ in prepared])
     read = [
         replace(terms, query=i[terms.query], key=i[terms.key])
@@ -230,14 +233,16 @@ def _measure_batch(
     fires = held_out_fires(
         bench, head, [(r.feature, ex) for r, _, _, ex, _ in prepared], union, read
     )
-    out: dict[int, Measured] = {}
+    first = None
     for (r, _, _, ex, test), pred, fire in zip(prepared, preds, fires, strict=True):
         full = torch.zeros(len(ex.seq))
         full[test] = pred
-        out[id(r)] = measured = score_predictions(full, ex, fire)
-        if not (strict and r is batch[0]):  # the first is kept by its caller's memo
+        measured = score_predictions(full, ex, fire)
+        if strict and r is batch[0]:  # kept by its caller's memo
+            first = measured
+        else:
             bench.memo(_measure_key(head, r), lambda m=measured: m)
-    return [out.get(id(r)) for r in batch]
+    return first
 
 
 def held_out_fires(
