@@ -553,7 +553,8 @@ def input_hooks(model: HookedTransformer, layer: int) -> tuple[str, ...]:
 
 
 def _check_hook(sae: SAE, expected: str, *same: str, spec: str) -> None:
-    """``sae`` reads ``expected`` or a hook holding the same tensor (``same``)."""
+    """``sae`` reads ``expected`` or one of the other hooks accepted there (``same``: one
+    holding the same tensor, or ``hook_attn_out`` for an output SAE), all named when not."""
     found = sae.cfg.metadata.hook_name
     if found is not None and found not in (expected, *same):
         also = "".join(f" or {name!r}" for name in same)
