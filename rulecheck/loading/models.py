@@ -7,20 +7,17 @@ directory, or a TransformerLens model name (``gpt2``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import re
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from rulecheck.atomic import atomic_directory
@@ -50,10 +47,6 @@ if TYPE_CHECKING:
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_TOKENIZER = "tokenizer.json"
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# Hugging Face config attributes that TransformerLens still reads under an older name.
-HF_LEGACY_KEYS = {"gpt2": {"n_ctx": "n_positions"}}
 # HookedTransformerConfig fields that describe a run, not the weights: never written.
 UNSAVED_CONFIG_FIELDS = frozenset(
     {
@@ -109,7 +102,9 @@ def load_model(
                 fix=f"pass a directory with {MODEL_CONFIG} and {MODEL_WEIGHTS}",
             )
         if "model_type" in read_json_object(config_path):
-            return _load_hf_directory(path, resolved, **processing)
+            from rulecheck.loading.hf import load_hf_directory
+
+            return load_hf_directory(path, resolved, **processing)
         return _load_rulecheck_directory(path, resolved)
     if path.exists():
         raise InvalidSpec(
@@ -299,103 +294,6 @@ def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTr
     model.eval()
     if tokenizer is not None:
         _attach_tokenizer(model, tokenizer, file=tokenizer_path)
-    return model
-
-
-@contextlib.contextmanager
-def _hf_config_view(directory: Path) -> Iterator[Path]:
-    """A directory holding only the model's config.json, with the keys TransformerLens reads.
-
-    It also keeps TransformerLens from guessing the architecture from words in the path.
-    """
-    raw = read_json_object(directory / MODEL_CONFIG)
-    for legacy, current in HF_LEGACY_KEYS.get(raw.get("model_type", ""), {}).items():
-        if legacy not in raw and current in raw:
-            raw[legacy] = raw[current]
-    with tempfile.TemporaryDirectory(prefix="rulecheck-hf-config-") as view:
-        (Path(view) / MODEL_CONFIG).write_text(json.dumps(raw), encoding="utf-8")
-        yield Path(view)
-
-
-def _effective_processing(cfg: HookedTransformerConfig, flags: dict[str, bool]) -> dict[str, bool]:
-    """The processing ``HookedTransformer.from_pretrained`` would apply to this architecture."""
-    from transformer_lens.utilities import softcap_enabled
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-
-    flags = dict(flags)
-    shortformer = cfg.positional_embedding_type == "shortformer"
-    if shortformer or cfg.original_architecture in POST_NORM_ARCHITECTURES:
-        flags["fold_ln"] = flags["center_writing_weights"] = False
-    if shortformer or softcap_enabled(cfg.output_logits_soft_cap):
-        flags["center_unembed"] = False
-    return flags
-
-
-def _load_hf_directory(
-    directory: Path, device: torch.device, **processing: bool
-) -> HookedTransformer:
-    import transformer_lens.loading_from_pretrained as tl_loading
-    from transformer_lens import HookedTransformer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    weights = next((directory / n for n in HF_WEIGHT_FILES if (directory / n).is_file()), directory)
-    try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise InvalidSpec(
-            f"cannot load the Hugging Face model ({one_line(exc)})",
-            file=weights,
-            fix="save it again with model.save_pretrained(directory)",
-        ) from None
-    try:
-        with _hf_config_view(directory) as view:
-            cfg = tl_loading.get_pretrained_model_config(
-                str(view),
-                hf_cfg=hf_model.config.to_dict(),
-                fold_ln=processing["fold_ln"],
-                device=str(device),
-                dtype=torch.float32,
-            )
-        cfg.model_name = directory.name
-        cfg.tokenizer_name = None
-        state = tl_loading.get_pretrained_state_dict(str(directory), cfg, hf_model)
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        NotImplementedError,
-    ) as exc:
-        raise InvalidSpec(
-            f"TransformerLens cannot convert this model ({one_line(exc)})",
-            file=directory / MODEL_CONFIG,
-            field="architectures",
-            fix="use an architecture TransformerLens supports, or save a rulecheck directory",
-        ) from None
-    model = HookedTransformer(cfg, move_to_device=False)
-    try:
-        model.load_and_process_state_dict(state, **_effective_processing(cfg, processing))
-    except (RuntimeError, KeyError) as exc:
-        raise InvalidSpec(
-            f"converted weights do not fit the converted config ({one_line(exc)})",
-            file=weights,
-            field="state_dict",
-            fix="save the model as a rulecheck directory with save_model",
-        ) from None
-    model.move_model_modules_to_device()
-    model.eval()
-    if any((directory / name).is_file() for name in HF_TOKENIZER_FILES):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        except (OSError, ValueError) as exc:
-            raise InvalidSpec(
-                f"cannot load the tokenizer ({one_line(exc)})",
-                file=directory,
-                field="tokenizer",
-                fix="save it with tokenizer.save_pretrained(directory)",
-            ) from None
-        _attach_tokenizer(model, tokenizer, file=directory)
     return model
 
 
