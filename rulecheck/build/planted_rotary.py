@@ -1,7 +1,7 @@
 """``planted-rotary``: the modern family's planted model. One attention-only layer with rotary
 positions on every dimension of its heads (GPT-NeoX's pairing, base 10,000), grouped-query
-attention (two query heads share one key/value head) and RMSNorm, whose weights implement
-known rules:
+attention (four query heads, two key/value heads: heads 0 and 1 read key/value head 0, heads 2
+and 3 key/value head 1) and RMSNorm, whose weights implement known rules:
 
 - L0H0 feature 0: ``[open] ... [close]`` with ``open`` 1 to ``WINDOW`` tokens before
   ``close``: a local rule. ``close``'s query meets every token's key on the eight fastest rotary
@@ -12,7 +12,14 @@ known rules:
 - L0H1 feature 0: ``[if] ... [then]`` at any distance (a slow pair: its rotation over the
   context is below 0.1%), with ``unless`` a distractor key for ``then`` (a higher logit, a
   slightly negative value): an absence rule, as in ``planted``.
-- Feature 1 of each head is dead. Every other query attends to BOS.
+- L0H2 feature 0: counting, as in ``planted``: ``score`` attends to ``games`` and to BOS with
+  equal logits ``COUNT`` on a slow pair (any distance), so the feature (threshold 0.6 on the
+  value share ``n / (n + 1)``) turns on when ``games`` occurs at least twice before ``score``
+  and grows with the count: threshold count 2.
+- L0H3 feature 0: ``[games] ... [score]`` at any distance, a presence rule from the same keys
+  and values as head 2's count: its query reads another slow pair of key/value head 1, on
+  which ``games`` outweighs BOS (``HIT`` against ``SINK``), so one ``games`` is enough.
+- Feature 1 of each head is dead. Every query that is no rule's attends to BOS.
 
 Built by code, no training, like ``planted``; ``ground_truth.json`` holds the rules.
 """
@@ -31,24 +38,31 @@ from rulecheck.build import planted
 from rulecheck.build.planted import BOS, FILLER
 from rulecheck.build.planted_local import place_near
 
-VERSION = 1
-VOCAB = [BOS, "<unk>", "open", "close", "if", "then", "unless", *FILLER]
+VERSION = 2
+# the counting words go last, so that the other words keep their token ids and input features
+VOCAB = [BOS, "<unk>", "open", "close", "if", "then", "unless", *FILLER, "games", "score"]
 SEQ_LEN = 32
 N_SEQUENCES = 3000
 WINDOW = 3
 D_HEAD = 32  # 16 rotary pairs: dimension p with p + 16
 BASE = 10_000
 KERNEL_PAIRS = range(8)  # the fastest pairs carry the local kernel
-OPEN_PAIR, IF_PAIR, REST_PAIR = 12, 13, 14  # slow pairs: content at any distance
+# slow pairs, content at any distance; of key/value head 0, then of key/value head 1
+OPEN_PAIR, IF_PAIR, REST_PAIR = 12, 13, 14
+COUNT_PAIR, SEEN_PAIR = 15, 13  # score counting games (head 2), seeing one (head 3)
 NEAR = 20.0  # the kernel's logit in the window: NEAR to NEAR + 6
-HIT = 15.0  # logit of open from close, of if from then
+HIT = 15.0  # logit of open from close, of if from then, of games from score in head 3
 STEAL = 16.0  # logit of unless from then: e times if's attention per copy
 STEAL_VALUE = -0.01
-SINK = 4.0  # logit of BOS from close and then
+SINK = 4.0  # logit of BOS from close, then and head 3's score
 REST = 30.0  # logit of BOS from every other query
-THRESHOLD = 0.6  # of the local feature
+COUNT = 12.0  # logit of BOS and of games from head 2's score
+THRESHOLD = 0.6  # of the local, counting and presence features
 ABSENCE_THRESHOLD = 0.05  # of the feature with the absence rule
-OPEN_VALUE, IF_VALUE, DEAD_VALUE = 0, 1, D_HEAD - 1  # value dimensions the output SAEs read
+OPEN_VALUE, IF_VALUE, GAMES_VALUE, DEAD_VALUE = 0, 1, 2, D_HEAD - 1  # read by the output SAEs
+N_HEADS, N_KV_HEADS = 4, 2
+COUNT_SHARE = 0.6  # share of the sequences with a score, after 0 to MAX_GAMES games
+MAX_GAMES = 4
 
 GROUND_TRUTH = {
     "layer": 0,
@@ -66,8 +80,15 @@ GROUND_TRUTH = {
             "skipgrams": [{"key": "if", "query": "then"}],
             "absence": [{"key": "if", "query": "then", "distractor": "unless"}],
         },
+        {
+            "head": 2,
+            "feature": 0,
+            "skipgrams": [{"key": "games", "query": "score"}],
+            "counting": [{"key": "games", "query": "score", "threshold_count": 2}],
+        },
+        {"head": 3, "feature": 0, "skipgrams": [{"key": "games", "query": "score"}]},
     ],
-    "dead": [{"head": 0, "feature": 1}, {"head": 1, "feature": 1}],
+    "dead": [{"head": h, "feature": 1} for h in range(N_HEADS)],
 }
 
 
@@ -108,8 +129,8 @@ def build_model() -> HookedTransformer:
     cfg = HookedTransformerConfig(
         n_layers=1,
         d_model=d_model,
-        n_heads=2,
-        n_key_value_heads=1,
+        n_heads=N_HEADS,
+        n_key_value_heads=N_KV_HEADS,
         d_head=D_HEAD,
         d_vocab=n_words,
         n_ctx=SEQ_LEN,
@@ -131,11 +152,9 @@ def build_model() -> HookedTransformer:
     sd["ln_final.w"] = torch.ones(d_model)
     g = torch.Generator().manual_seed(1)
     sd["unembed.W_U"] = torch.randn(d_model, n_words, generator=g) / math.sqrt(d_model)
-    W_Q, W_K, W_V = (
-        sd["blocks.0.attn.W_Q"],
-        sd["blocks.0.attn._W_K"][0],
-        sd["blocks.0.attn._W_V"][0],
-    )
+    W_Q = sd["blocks.0.attn.W_Q"]
+    W_K, W_K1 = sd["blocks.0.attn._W_K"]  # key/value head 0 (heads 0, 1) and 1 (heads 2, 3)
+    W_V, W_V1 = sd["blocks.0.attn._W_V"]
     scale = math.sqrt(D_HEAD)
     half = D_HEAD // 2
     close, then = token_id("close"), token_id("then")
@@ -156,6 +175,16 @@ def build_model() -> HookedTransformer:
     W_V[token_id("open"), OPEN_VALUE] = 1.0
     W_V[token_id("if"), IF_VALUE] = 1.0
     W_V[token_id("unless"), IF_VALUE] = STEAL_VALUE
+    score, games = token_id("score"), token_id("games")
+    W_Q[2, score, COUNT_PAIR] = scale
+    W_K1[games, COUNT_PAIR] = COUNT
+    W_K1[token_id(BOS), COUNT_PAIR] = COUNT
+    W_Q[3, score, SEEN_PAIR] = scale
+    W_K1[games, SEEN_PAIR] = HIT
+    W_K1[token_id(BOS), SEEN_PAIR] = SINK
+    W_Q[2:, [i for i in range(n_words) if i != score], REST_PAIR] = scale
+    W_K1[token_id(BOS), REST_PAIR] = REST
+    W_V1[games, GAMES_VALUE] = 1.0
     model.load_state_dict(sd, strict=False)
     return model
 
@@ -170,20 +199,40 @@ def build_sae_in() -> StandardSAE:
 
 def build_sae_out(head: int) -> StandardSAE:
     """Head ``head``'s SAE on ``blocks.0.attn.hook_z``: feature 0 reads its rule's value
-    dimension, feature 1 one nothing writes (dead)."""
+    dimension (heads 2 and 3 the same one, of their shared key/value head), feature 1 one
+    nothing writes (dead)."""
     W_enc = torch.zeros(D_HEAD, 2)
-    W_enc[(OPEN_VALUE, IF_VALUE)[head], 0] = 1.0
+    W_enc[(OPEN_VALUE, IF_VALUE, GAMES_VALUE, GAMES_VALUE)[head], 0] = 1.0
     W_enc[DEAD_VALUE, 1] = 1.0
-    thresholds = torch.full((2,), (THRESHOLD, ABSENCE_THRESHOLD)[head])
+    thresholds = torch.full((2,), ABSENCE_THRESHOLD if head == 1 else THRESHOLD)
     return planted.head_sae(W_enc, thresholds, head, "planted-rotary")
+
+
+def place_count(row: np.ndarray, rng: np.random.Generator, filler: np.ndarray) -> None:
+    """In ``COUNT_SHARE`` of rows, a ``score`` with 0 to ``MAX_GAMES`` copies of ``games``
+    before it (and in a quarter of those one after it), all on filler words: the rules
+    placed earlier keep their tokens."""
+    if rng.random() >= COUNT_SHARE:
+        return
+    free = np.flatnonzero(np.isin(row, filler))
+    free = free[free >= 1]
+    t = int(rng.choice(free[free >= MAX_GAMES + 1]))
+    before, after = free[free < t], free[free > t]
+    n = min(int(rng.integers(0, MAX_GAMES + 1)), len(before))
+    row[t] = token_id("score")
+    row[rng.choice(before, n, replace=False)] = token_id("games")
+    if len(after) and rng.random() < 0.25:
+        row[int(rng.choice(after))] = token_id("games")
 
 
 def build_corpus(n: int = N_SEQUENCES, seed: int = 0) -> np.ndarray:
     """``[n, SEQ_LEN]`` int32 tokens, BOS first, filler words; in most sequences a ``close``
     with an ``open`` 1 to ``3 * WINDOW`` tokens before it, in half of them an ``if`` ... ``then``
-    at any distance (an ``unless`` between them in a fifth of those), and here and there one
-    of the rule words alone."""
+    at any distance (an ``unless`` between them in a fifth of those), here and there one of
+    those rule words alone, and in ``COUNT_SHARE`` of them a ``score`` after 0 to
+    ``MAX_GAMES`` copies of ``games`` (``place_count``, from a random stream of its own)."""
     rng = np.random.default_rng(seed)
+    counting = np.random.default_rng([seed, 1])
     filler = np.array([token_id(w) for w in FILLER])
     tokens = filler[rng.integers(0, len(filler), size=(n, SEQ_LEN))]
     tokens[:, 0] = token_id(BOS)
@@ -197,13 +246,14 @@ def build_corpus(n: int = N_SEQUENCES, seed: int = 0) -> np.ndarray:
         for word in ("open", "close", "if", "then"):
             if rng.random() < 0.1:
                 row[int(rng.integers(1, SEQ_LEN))] = token_id(word)
+        place_count(row, counting, filler)
     return tokens.astype(np.int32)
 
 
 def build(directory: Path) -> Path:
     """Write the whole zoo entry (model, SAEs, corpus, ground truth) into ``directory``."""
     truth = dict(GROUND_TRUTH, input_features={w: j for j, w in enumerate(VOCAB)})
-    saes = {head: build_sae_out(head) for head in (0, 1)}
+    saes = {head: build_sae_out(head) for head in range(N_HEADS)}
     return planted.write_entry(
         directory, build_model(), VOCAB, build_sae_in(), saes, build_corpus(), truth
     )
