@@ -656,7 +656,9 @@ def test_registry_sae_offline(offline: None) -> None:
     with pytest.raises(RulecheckError) as excinfo:
         load_sae("gpt2-small-res-jb:blocks.0.hook_resid_pre")
     assert time.monotonic() - start < 15
-    assert_one_line(excinfo, "gpt2-small-res-jb:blocks.0.hook_resid_pre", "local sae_lens")
+    assert_one_line(
+        excinfo, "gpt2-small-res-jb:blocks.0.hook_resid_pre", "HF_HUB_OFFLINE", "downloaded folder"
+    )
 
 
 def test_check_sae_accepts_each_kind(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 from rulecheck.errors import InvalidSpec
 
+SAE_CONFIG = "cfg.json"  # a sae_lens directory's config
+
 
 def one_line(exc: BaseException, limit: int = 240) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__

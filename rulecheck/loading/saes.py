@@ -1,11 +1,14 @@
 """SAEs: ``load_sae`` reads the SAE formats of ``SAE_FORMATS``; ``check_sae`` checks that an
 SAE reads the hook it is used at.
 
-SAE specs (``{layer}`` and ``{head}`` are filled in first): a sae_lens directory (``cfg.json``,
-``sae_weights.safetensors``), the attention-output-SAE format ``NAME_cfg.json`` + ``NAME.pt``,
-or a sae_lens registry id ``release:sae_id``. Input SAEs read ``blocks.{layer}.hook_resid_pre``;
-output SAEs read ``blocks.{layer}.attn.hook_z``, one head (``hook_head_index``) or all heads
-concatenated.
+SAE specs (``{layer}`` and ``{head}`` are filled in first): a Gemma Scope folder
+(``params.npz``), a Llama Scope folder (``hyperparams.json``, ``checkpoints/final.safetensors``),
+a sae_lens directory (``cfg.json``, ``sae_weights.safetensors``), the attention-output-SAE
+format ``NAME_cfg.json`` + ``NAME.pt``, or a sae_lens registry id ``release:sae_id`` (read from
+the Hugging Face cache when ``HF_HUB_OFFLINE`` is set). Input SAEs read
+``blocks.{layer}.hook_resid_pre`` (or the previous block's ``hook_resid_post``); output SAEs
+read ``blocks.{layer}.attn.hook_z``, one head (``hook_head_index``) or all heads concatenated,
+or ``blocks.{layer}.hook_attn_out``, read per head through ``W_O``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from rulecheck.errors import InvalidSpec
+from rulecheck.loading import scope
 from rulecheck.loading._common import (
     INT64_MAX,
+    SAE_CONFIG,
     FieldRules,
     check_fields,
     dataclass_hints,
@@ -40,7 +45,6 @@ if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-SAE_CONFIG = "cfg.json"
 SAE_WEIGHTS = "sae_weights.safetensors"
 PAPER_CONFIG_SUFFIX = "_cfg.json"
 PAPER_WEIGHTS_SUFFIX = ".pt"
@@ -360,15 +364,38 @@ def _read_registry_sae(spec: str, path: Path, device: torch.device) -> SAE:
             fix="check the release and id against sae_lens's pretrained_saes.yaml",
         ) from None
     except OSError as exc:
+        from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
+
+        if is_offline_mode():
+            raise InvalidSpec(
+                f"not in the Hugging Face cache {HF_HUB_CACHE} and HF_HUB_OFFLINE is set"
+                f" ({one_line(exc, 120)})",
+                file=spec,
+                fix="download it once with network into that cache (HF_HOME or HF_HUB_CACHE),"
+                " or pass the downloaded folder",
+            ) from None
         raise InvalidSpec(
             f"cannot download the SAE from the Hugging Face hub ({one_line(exc, 120)})",
             file=spec,
-            fix="pass a local sae_lens directory or NAME_cfg.json + NAME.pt files",
+            fix="pass a local Gemma Scope, Llama Scope or sae_lens folder, or NAME_cfg.json"
+            " + NAME.pt files",
         ) from None
 
 
 # tried in order; the first format that recognises a spec loads it
 SAE_FORMATS: tuple[SaeFormat, ...] = (
+    SaeFormat(
+        "Gemma Scope folder",
+        f"a Gemma Scope folder ({scope.GEMMA_SCOPE_WEIGHTS})",
+        scope.is_gemma_scope,
+        scope.read_gemma_scope,
+    ),
+    SaeFormat(
+        "Llama Scope folder",
+        f"a Llama Scope folder ({scope.LLAMA_SCOPE_CONFIG}, {scope.LLAMA_SCOPE_WEIGHTS})",
+        scope.is_llama_scope,
+        scope.read_llama_scope,
+    ),
     SaeFormat(
         "sae_lens directory",
         f"a sae_lens directory ({SAE_CONFIG}, {SAE_WEIGHTS})",
