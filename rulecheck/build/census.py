@@ -76,33 +76,41 @@ def _share(n: int, of: int) -> str:
     return f"{n} ({n / of:.0%})" if of else "0"
 
 
-def census_lines(rulebooks: Path) -> list[str]:
-    """The card's section, from the books under ``rulebooks``."""
+def census_lines(rulebooks: Path, against: tuple[str, Path] | None = None) -> list[str]:
+    """The card's section, from the books under ``rulebooks``: beside the books they replaced
+    (``FORMER``), or beside another model's books (``against``: its name and directory)."""
     now = census(rulebooks)
+    if against is None:
+        other, labels = FORMER, ("former", "shipped")
+        beside = "in\nthe shipped books and in the books they replaced (before hard negatives, bounds and\nstrengths)"
+    else:
+        other, labels = census(against[1]), (against[0], "this model")
+        beside = f"in\nthis model's books and in {against[0]}'s (another family, the same corpus)"
     lines = [
         "",
         TITLE,
         "",
         "Per layer, over extracted features: how many have an absence claim (of them, with a",
-        "stated mean drop, `min_drop`), a counting claim and a distance-bounded skip-gram, in",
-        "the shipped books and in the books they replaced (before hard negatives, bounds and",
-        "strengths), with the paper's figures for GPT-2 small. Every claim counted here passes",
+        "stated mean drop, `min_drop`), a counting claim and a distance-bounded skip-gram, "
+        + beside
+        + ", with the paper's figures for GPT-2 small. Every claim counted here passes",
         "its check (extraction keeps only those).",
         "",
         "| layer | books | features | absence | counting | distance-bounded |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for layer, row in now.items():
-        old = FORMER.get(layer)
+        old = other.get(layer)
         if old is not None:
             n = old["features"]
+            strength = f", {old['strength']} with min_drop" if "strength" in old else ""
             lines.append(
-                f"| {layer} | former | {n} | {_share(old['absence'], n)} | "
+                f"| {layer} | {labels[0]} | {n} | {_share(old['absence'], n)}{strength} | "
                 f"{_share(old['counting'], n)} | {_share(old['bounded'], n)} |"
             )
         n = row["features"]
         lines.append(
-            f"| {layer} | shipped | {n} | {_share(row['absence'], n)}, {row['strength']} "
+            f"| {layer} | {labels[1]} | {n} | {_share(row['absence'], n)}, {row['strength']} "
             f"with min_drop | "
             f"{_share(row['counting'], n)} | {_share(row['bounded'], n)} |"
         )
@@ -122,13 +130,19 @@ def census_lines(rulebooks: Path) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for layer, row in now.items():
-        old = FORMER.get(layer)
-        if old is not None:
+        old = other.get(layer)
+        if old is not None and against is None:
             lines.append(
                 f"| {layer} | former | {old['precision']:.2f} | - | - | {old['f1']:.2f} | - |"
             )
+        elif old is not None:
+            lines.append(
+                f"| {layer} | {labels[0]} | {old['protocol_precision']:.2f} | "
+                f"{old['corpus_precision']:.2f} | {old['precision']:.2f} | "
+                f"{old['protocol_f1']:.2f} | {old['f1']:.2f} |"
+            )
         lines.append(
-            f"| {layer} | shipped | {row['protocol_precision']:.2f} | "
+            f"| {layer} | {labels[1]} | {row['protocol_precision']:.2f} | "
             f"{row['corpus_precision']:.2f} | {row['precision']:.2f} | "
             f"{row['protocol_f1']:.2f} | {row['f1']:.2f} |"
         )

@@ -7,24 +7,26 @@ SAE paper's measure). Positions after BOS only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rulecheck.core.heads import resid_pre_hook, run_to_heads, run_to_layer, z_hook
+from rulecheck.core.heads import head_input, resid_pre_hook, run_to_heads, run_to_layer, z_hook
 
 
-def _splice_then_zero(sae: SAE, head: int, b: int) -> Callable[[Tensor, object], Tensor]:
-    """A ``hook_z`` hook: ``head``'s output replaced by the SAE's reconstruction in the first
-    ``b`` rows, by zeros in the others."""
+def _splice_then_zero(sae: SAE, head: int | None, b: int) -> Callable[[Tensor, object], Tensor]:
+    """A ``hook_z`` hook: ``head``'s output (every head's, concatenated, for ``None``)
+    replaced by the SAE's reconstruction in the first ``b`` rows, by zeros in the others."""
+    heads = slice(None) if head is None else head
 
     def hook(z: Tensor, hook: object) -> Tensor:  # z [2b, pos, n_heads, d_head]
         z = z.clone()
-        z[:b, :, head] = sae.decode(sae.encode(z[:b, :, head]))
-        z[b:, :, head] = 0
+        x = z[:b, :, heads]
+        z[:b, :, heads] = sae.decode(sae.encode(head_input(sae, z[:b], head))).view_as(x)
+        z[b:, :, heads] = 0
         return z
 
     return hook
@@ -46,6 +48,62 @@ def clean_loss(model: HookedTransformer, tokens: Tensor, batch_size: int = BATCH
     return total / (len(tokens) * (tokens.shape[1] - 1))
 
 
+class _Reconstruction:
+    """Running sums of one SAE's L0, firing features and reconstruction error over batches of
+    its inputs ``x [n, d_in]``."""
+
+    def __init__(self, sae: SAE) -> None:
+        self.sae = sae
+        self.l0_sum, self.n_tok, self.err_sq, self.x_sq = 0.0, 0, 0.0, 0.0
+        self.fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+        self.x_sum: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        f = self.sae.encode(x)
+        recon = self.sae.decode(f)
+        self.l0_sum += float((f > 0).sum())
+        self.n_tok += x.shape[0]
+        self.fired |= (f > 0).any(0).cpu()
+        self.err_sq += float((x - recon).square().sum())
+        self.x_sum = x.sum(0) if self.x_sum is None else self.x_sum + x.sum(0)
+        self.x_sq += float(x.square().sum())
+
+    def result(self) -> dict[str, float]:
+        assert self.x_sum is not None, "no tokens measured"
+        total_var = self.x_sq - float(self.x_sum.square().sum()) / self.n_tok
+        return {
+            "l0": self.l0_sum / self.n_tok,
+            "dead_fraction": 1.0 - float(self.fired.float().mean()),
+            "explained_variance": 1.0 - self.err_sq / total_var,
+        }
+
+
+def _sae_input(sae: SAE, act: Tensor, head: int | None, output: bool) -> Tensor:
+    """What ``sae`` reads at the positions after BOS, ``[n, ...]``: the residual, one head's z,
+    or every head's (as the SAE reads ``hook_z``: flattened, or per head if it reshapes)."""
+    x = head_input(sae, act, head) if output else act  # [batch, pos, ...]
+    return x[:, 1:].flatten(0, 1)
+
+
+@torch.no_grad()
+def output_saes_quality(
+    model: HookedTransformer,
+    saes: Mapping[str, tuple[SAE, int | None]],
+    tokens: Tensor,
+    layer: int,
+    batch_size: int = BATCH,
+) -> dict[str, dict[str, float]]:
+    """``sae_quality(..., losses=False)`` of several output SAEs of ``layer`` (name -> (SAE,
+    head, or None for every head's z)) from one pass over ``tokens`` for all of them."""
+    stats = {name: _Reconstruction(sae) for name, (sae, _) in saes.items()}
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        z = run_to_layer(model, batch, layer, (z_hook(layer),))[z_hook(layer)]
+        for name, (sae, head) in saes.items():
+            stats[name].add(_sae_input(sae, z, head, output=True))
+    return {name: s.result() for name, s in stats.items()}
+
+
 @torch.no_grad()
 def sae_quality(
     model: HookedTransformer,
@@ -56,34 +114,28 @@ def sae_quality(
     batch_size: int = BATCH,
     loss_clean: float | None = None,
     losses: bool = True,
+    all_heads: bool = False,
 ) -> dict[str, float]:
-    """L0, dead fraction and explained variance of an SAE on ``tokens [n, pos]``; for a
-    per-head output SAE (``head`` given) also the clean, spliced and zero-ablated losses and
-    the fraction of cross-entropy recovered (unless ``losses`` is False: they take two passes
-    through the unembedding, most of the cost). ``loss_clean`` (``clean_loss`` of the same
-    tokens) saves a forward pass per SAE when several are measured."""
-    losses_wanted = head is not None and losses
-    hook = resid_pre_hook(layer) if head is None else z_hook(layer)
-    l0_sum, n_tok = 0.0, 0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    err_sq, x_sum, x_sq = 0.0, None, 0.0
+    """L0, dead fraction and explained variance of an SAE on ``tokens [n, pos]``; for an
+    output SAE (of one ``head``, or of every head's z concatenated with ``all_heads``) also the
+    clean, spliced and zero-ablated losses and the fraction of cross-entropy recovered (unless
+    ``losses`` is False: they take two passes through the unembedding, most of the cost).
+    ``loss_clean`` (``clean_loss`` of the same tokens) saves a forward pass per SAE when several
+    are measured."""
+    output = head is not None or all_heads
+    losses_wanted = output and losses
+    hook = z_hook(layer) if output else resid_pre_hook(layer)
+    stats = _Reconstruction(sae)
     totals = {"spliced": 0.0, "zero": 0.0}
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
-        if head is None:
+        if not output:
             store = run_to_layer(model, batch, layer, (hook,))
-        else:  # the layer's residual and this head's z only
-            store = run_to_heads(model, batch, layer, [head])
-        x = store[hook]
-        x = (x if head is None else x[:, :, head])[:, 1:].reshape(-1, sae.cfg.d_in)
-        f = sae.encode(x)
-        recon = sae.decode(f)
-        l0_sum += float((f > 0).sum())
-        n_tok += x.shape[0]
-        fired |= (f > 0).any(0).cpu()
-        err_sq += float((x - recon).square().sum())
-        x_sum = x.sum(0) if x_sum is None else x_sum + x.sum(0)
-        x_sq += float(x.square().sum())
+        else:  # the layer's residual and these heads' z only
+            store = run_to_heads(
+                model, batch, layer, list(range(model.cfg.n_heads)) if all_heads else [head]
+            )
+        stats.add(_sae_input(sae, store[hook], head, output))
         if losses_wanted:
             # spliced and zero-ablated in one run from the layer on: rows [:b] then [b:]
             b = len(batch)
@@ -98,12 +150,7 @@ def sae_quality(
             )
             totals["spliced"] += float(per_tok[:b].sum())
             totals["zero"] += float(per_tok[b:].sum())
-    total_var = x_sq - float(x_sum.square().sum()) / n_tok
-    out = {
-        "l0": l0_sum / n_tok,
-        "dead_fraction": 1.0 - float(fired.float().mean()),
-        "explained_variance": 1.0 - err_sq / total_var,
-    }
+    out = stats.result()
     if losses_wanted:
         n_pred = len(tokens) * (tokens.shape[1] - 1)
         spliced, zero = (totals[k] / n_pred for k in ("spliced", "zero"))

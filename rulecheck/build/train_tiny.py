@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +57,28 @@ class TinyConfig:
     warmup: int = 200
     weight_decay: float = 0.1
     code_share: float = 1.0  # code characters per documentation character, at most
+    family: str = "gpt2"  # "gpt2": LayerNorm, GELU, learned positions; "llama": see FAMILIES
+    n_key_value_heads: int | None = None  # grouped-query attention (llama family)
+
+    @property
+    def name(self) -> str:
+        """The zoo entry this config builds."""
+        return "rulecheck-tiny" if self.family == "gpt2" else f"rulecheck-tiny-{self.family}"
 
 
-def out_default() -> Path:
+# rulecheck-tiny-llama: the modern family on the same corpus and tokenizer. RMSNorm, rotary
+# positions on the whole head, two query heads per key/value head, a gated SiLU MLP whose
+# d_mlp (8/3 d_model, rounded up to 32) gives the MLP the parameters of rulecheck-tiny's.
+FAMILIES = {
+    "gpt2": TinyConfig(),
+    "llama": TinyConfig(family="llama", d_mlp=352, n_key_value_heads=2),
+}
+
+
+def out_default(cfg: TinyConfig) -> Path:
     from rulecheck import zoo
 
-    return zoo.entry_dir("rulecheck-tiny")
+    return zoo.entry_dir(cfg.name)
 
 
 # ------------------------------------------------------------------------------------ corpus
@@ -148,24 +164,72 @@ def step_corpus(cfg: TinyConfig, work: Path) -> None:
     print(json.dumps(stats))
 
 
+def share_corpus(work: Path) -> None:
+    """Another family's corpus: the documents of today's Debian packages cut with
+    rulecheck-tiny's shipped tokenizer, the held-out documents chosen by the same hash of their
+    name, and rulecheck-tiny's shipped held-out split as the held-out tokens, so that both
+    models are measured on the same tokens. (The packages' text can change between Debian
+    point releases; no training document is a held-out one, whatever the version.)"""
+    import shutil
+
+    tiny = out_default(TinyConfig())
+    shutil.copy(tiny / "model" / "tokenizer.json", work / "tokenizer.json")
+    step_corpus(TinyConfig(), work)
+    shutil.copy(tiny / "eval_tokens.npy", work / "eval_tokens.npy")
+    stats = json.loads((work / "corpus.json").read_text())
+    stats["eval_sequences"] = int(np.load(work / "eval_tokens.npy").shape[0])
+    stats["eval_from"] = "rulecheck-tiny"
+    stats["packages"] = debian_versions()
+    (work / "corpus.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def debian_versions() -> dict[str, str]:
+    """Versions of the Debian packages the corpus is read from, where dpkg knows them."""
+    import subprocess
+
+    out = {}
+    for pkg in ("python3.11-doc", "libpython3.11-stdlib"):
+        try:
+            run = subprocess.run(
+                ["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True
+            )
+        except OSError:
+            continue
+        if run.returncode == 0:
+            out[pkg] = run.stdout
+    return out
+
+
 # ------------------------------------------------------------------------------------- model
 
 
 def model_config(cfg: TinyConfig):
     from transformer_lens import HookedTransformerConfig
 
+    common = {
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "d_head": cfg.d_model // cfg.n_heads,
+        "d_mlp": cfg.d_mlp,
+        "d_vocab": cfg.vocab_size,
+        "n_ctx": SEQ_LEN,
+        "seed": cfg.seed,
+    }
+    if cfg.family == "llama":
+        return HookedTransformerConfig(
+            **common,
+            act_fn="silu",
+            gated_mlp=True,
+            normalization_type="RMS",
+            final_rms=True,
+            positional_embedding_type="rotary",
+            rotary_dim=cfg.d_model // cfg.n_heads,
+            n_key_value_heads=cfg.n_key_value_heads,
+            original_architecture="LlamaForCausalLM",
+        )
     return HookedTransformerConfig(
-        n_layers=cfg.n_layers,
-        d_model=cfg.d_model,
-        n_heads=cfg.n_heads,
-        d_head=cfg.d_model // cfg.n_heads,
-        d_mlp=cfg.d_mlp,
-        d_vocab=cfg.vocab_size,
-        n_ctx=SEQ_LEN,
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type="standard",
-        seed=cfg.seed,
+        **common, act_fn="gelu", normalization_type="LN", positional_embedding_type="standard"
     )
 
 
@@ -220,7 +284,7 @@ def step_model(cfg: TinyConfig, work: Path, threads: int) -> None:
     log = []
     start = time.time()
     with Progress() as bar:
-        task = bar.add_task("training rulecheck-tiny", total=cfg.steps)
+        task = bar.add_task(f"training {cfg.name}", total=cfg.steps)
         for step in range(cfg.steps):
             pos = (step * cfg.batch_size) % len(train)
             if pos + cfg.batch_size > len(train):
@@ -278,12 +342,37 @@ class SaeConfig:
     dead_window: int = 1000  # steps without firing before a TopK SAE's AuxK loss revives it
     batch_tokens: int = 1024
     lr: float = 1e-3
+    d_sae_z: int | None = None  # a layer-level hook_z SAE (all heads) of this width, per layer
+    k_z: int = 32  # its k (BatchTopK, saved for inference as JumpReLU as Gemma Scope's are)
+
+
+# rulecheck-tiny-llama's SAEs: input SAEs as rulecheck-tiny's; per-head output SAEs with
+# rulecheck-tiny's TopK recipe (the one that met the bars where L1 did not); one layer-level
+# hook_z SAE per layer, as Gemma Scope's attention SAEs are.
+SAE_OPTIONS = (
+    "training_tokens",
+    "batch_tokens",
+    "lr",
+    "l1_in",
+    "l1_out",
+    "d_sae_out",
+    "dead_window",
+    "k_out",
+    "k_arch",
+)
+FAMILY_SAES = {
+    "gpt2": SaeConfig(),
+    "llama": SaeConfig(
+        d_sae_out=64, k_out=16, dead_window=50, training_tokens=8_000_000, d_sae_z=512
+    ),
+}
 
 
 def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, int, dict]]]:
     """One sae_lens run per head index: that head's output SAE in every layer, plus (in the
     first run) the input SAE of every layer. SAEs that share a hook in one run must share its
-    head index, hence a run per head. Entry: name -> (hook, head, d_sae, sparsity), sparsity
+    head index, hence a run per head; layer-level hook_z SAEs (``d_sae_z``) read every head and
+    get a run of their own. Entry: name -> (hook, head, d_sae, sparsity), sparsity
     ``{"l1": c}`` (standard ReLU SAE) or ``{"k": k, "arch": "topk" | "batchtopk"}``."""
     out_sparsity = (
         {"l1": sc.l1_out}
@@ -305,7 +394,22 @@ def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, 
                     {"l1": sc.l1_in},
                 )
         runs.append(run)
+    if sc.d_sae_z is not None:
+        z_sparsity = {"k": sc.k_z, "arch": "batchtopk", "dead_window": sc.dead_window}
+        runs.append(
+            {
+                f"sae_z/L{layer}": (f"blocks.{layer}.attn.hook_z", None, sc.d_sae_z, z_sparsity)
+                for layer in range(model_cfg.n_layers)
+            }
+        )
     return runs
+
+
+def sae_d_in(model_cfg, hook: str, head: int | None) -> int:
+    """What an SAE at ``hook`` reads: the residual, one head's z, or every head's z."""
+    if not hook.endswith("hook_z"):
+        return model_cfg.d_model
+    return model_cfg.d_head if head is not None else model_cfg.n_heads * model_cfg.d_head
 
 
 def training_config(d_in: int, d_sae: int, sparsity: dict):
@@ -332,7 +436,9 @@ def training_dataset(work: Path):
     return Dataset.from_dict({"input_ids": train.tolist()})
 
 
-def train_run(model, dataset, run: dict, sc: SaeConfig, seed: int) -> dict:
+def train_run(
+    model, dataset, run: dict, sc: SaeConfig, seed: int, model_name: str = "rulecheck-tiny"
+) -> dict:
     """Train the SAEs of one entry of ``sae_runs`` together with sae_lens's multi-SAE runner,
     the runner seeded with ``seed``; name -> trained SAE."""
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -340,9 +446,7 @@ def train_run(model, dataset, run: dict, sc: SaeConfig, seed: int) -> dict:
     from sae_lens.multi_sae_training_runner import MultiSAETrainingRunnerConfig
 
     saes = {
-        name.replace("/", "_"): training_config(
-            model.cfg.d_model if head is None else model.cfg.d_head, d_sae, sparsity
-        )
+        name.replace("/", "_"): training_config(sae_d_in(model.cfg, hook, head), d_sae, sparsity)
         for name, (hook, head, d_sae, sparsity) in run.items()
     }
     runner = MultiSAETrainingRunner(
@@ -350,7 +454,7 @@ def train_run(model, dataset, run: dict, sc: SaeConfig, seed: int) -> dict:
             saes=saes,
             hook_names={n.replace("/", "_"): v[0] for n, v in run.items()},
             hook_head_indices={n.replace("/", "_"): v[1] for n, v in run.items()},
-            model_name="rulecheck-tiny",
+            model_name=model_name,
             context_size=SEQ_LEN,
             training_tokens=sc.training_tokens,
             train_batch_size_tokens=sc.batch_tokens,
@@ -406,7 +510,7 @@ def step_saes(
             if not run:
                 continue
         start = time.time()
-        for name, sae in train_run(model, dataset, run, sc, cfg.seed + i).items():
+        for name, sae in train_run(model, dataset, run, sc, cfg.seed + i, cfg.name).items():
             sae.save_inference_model(work / name)
         entry = {
             "saes": list(run),
@@ -453,8 +557,9 @@ def step_ship(work: Path, out: Path) -> None:
     from rulecheck.build.quality import clean_loss, sae_quality
     from rulecheck.loading import load_model, load_sae
 
+    parts = [p for p in ("model", "sae_in", "sae_out", "sae_z") if (work / p).is_dir()]
     with atomic_directory(out) as staging:
-        for part in ("model", "sae_in", "sae_out"):
+        for part in parts:
             shutil.copytree(work / part, staging / part)
         shutil.copy(work / "eval_tokens.npy", staging / "eval_tokens.npy")
 
@@ -463,14 +568,24 @@ def step_ship(work: Path, out: Path) -> None:
     quality = {}
     clean = clean_loss(model, tokens)
     for layer in range(model.cfg.n_layers):
-        name = f"sae_in/L{layer}"
-        quality[name] = sae_quality(model, load_sae(str(out / name)), tokens, layer)
-        for h in range(model.cfg.n_heads):
-            name = f"sae_out/L{layer}H{h}"
-            sae = load_sae(str(out / name))
-            quality[name] = sae_quality(model, sae, tokens, layer, h, loss_clean=clean)
+        for name, head, all_heads in shipped_saes(model.cfg, layer):
+            if (out / name).is_dir():
+                sae = load_sae(str(out / name))
+                quality[name] = sae_quality(
+                    model, sae, tokens, layer, head, loss_clean=clean, all_heads=all_heads
+                )
         print(json.dumps({k: v for k, v in quality.items() if k.endswith(str(layer))}))
     (work / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+
+
+def shipped_saes(model_cfg, layer: int) -> list[tuple[str, int | None, bool]]:
+    """``(name, head, all_heads)`` of each SAE a zoo entry may ship at ``layer``, in the
+    card's order: the input SAE, each head's output SAE, the layer-level hook_z SAE."""
+    return [
+        (f"sae_in/L{layer}", None, False),
+        *((f"sae_out/L{layer}H{h}", h, False) for h in range(model_cfg.n_heads)),
+        (f"sae_z/L{layer}", None, True),
+    ]
 
 
 RETRAIN_SEED = 1  # the shipped SAEs' run was seeded with TinyConfig.seed (0)
@@ -564,15 +679,16 @@ def step_retrain(work: Path, out: Path, threads: int, sc: SaeConfig | None = Non
     print(text, end="")
 
 
-def step_rules(work: Path, rulebooks: Path) -> None:
-    """Extract every head of the shipped model with the defaults of ``rulecheck extract``."""
+def step_rules(work: Path, rulebooks: Path, name: str = "rulecheck-tiny") -> None:
+    """Extract every head of the shipped model ``name`` with the defaults of
+    ``rulecheck extract``."""
     from rich.console import Console
 
     from rulecheck.cli import main as cli
 
     torch.set_num_threads(1)  # one thread: float sums in a fixed order, so tests can reproduce
     start = time.time()
-    code = cli(["extract", "--model", "rulecheck-tiny", "--out", str(rulebooks)])
+    code = cli(["extract", "--model", name, "--out", str(rulebooks)])
     if code != 0:
         raise SystemExit(code)
     report = {"features": 100, "seconds": round(time.time() - start, 1), "machine": machine()}
@@ -588,7 +704,9 @@ def _nanmean(values: list[float]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-def analyse_layer(layer: int) -> tuple[dict[str, dict[int, list[float]]], list[dict]]:
+def analyse_layer(
+    layer: int, name: str = "rulecheck-tiny"
+) -> tuple[dict[str, dict[int, list[float]]], list[dict]]:
     """One layer of the analysis (one thread): F1 against the number of terms for each ranking
     method, and the distractor of every weight-extracted feature's top term."""
     from rulecheck.core.distractors import cooccurrence
@@ -600,7 +718,7 @@ def analyse_layer(layer: int) -> tuple[dict[str, dict[int, list[float]]], list[d
     from rulecheck.specs import Specs
 
     torch.set_num_threads(1)
-    art = Workbench(device="cpu", cache_dir=None).layer(Specs("rulecheck-tiny").resolve(), layer)
+    art = Workbench(device="cpu", cache_dir=None).layer(Specs(name).resolve(), layer)
     token_of = top_token(art.model, art.sae_in, layer).cpu()
     f1_by_terms: dict[str, dict[int, list[float]]] = {}
     rows = []
@@ -641,7 +759,7 @@ def analyse_layer(layer: int) -> tuple[dict[str, dict[int, list[float]]], list[d
     return f1_by_terms, rows
 
 
-def step_analysis(work: Path, rulebooks: Path, threads: int) -> None:
+def step_analysis(work: Path, rulebooks: Path, threads: int, name: str = "rulecheck-tiny") -> None:
     """The paper's Fig. 4a, 6a-c and 9 analogues on the shipped model: weight against gradient
     ranking, and the distractors of every extracted feature's top term. Layers run in
     parallel processes, one thread each, so the numbers do not depend on ``threads``."""
@@ -653,7 +771,7 @@ def step_analysis(work: Path, rulebooks: Path, threads: int) -> None:
     layers = list(range(TinyConfig.n_layers))
     workers = max(1, min(threads, len(layers)))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        per_layer = list(pool.map(analyse_layer, layers))
+        per_layer = list(pool.map(analyse_layer, layers, [name] * len(layers)))
     report: dict = {"f1_by_terms": {}, "distractors": {}}
     for layer, (f1_by_terms, rows) in zip(layers, per_layer, strict=True):
         for method, by_n in f1_by_terms.items():
@@ -816,24 +934,68 @@ def _quartiles(values: list[float]) -> str:
     return f"{q[1]:.2f} ({q[0]:.2f}-{q[2]:.2f})"
 
 
-def step_card(work: Path, out: Path, rulebooks: Path) -> None:
+def _family_lines(mc: dict) -> dict[str, list[str]]:
+    """The parts of the card that differ between the families: its introduction, the
+    corpus's source of tokens, the architecture, and what the SAEs read."""
+    d_head = mc["d_model"] // mc["n_heads"]
+    if mc.get("family", "gpt2") == "gpt2":
+        return {
+            "intro": ["A small GPT-2-style language model trained on real text, with sparse"],
+            "corpus": [],
+            "model": [
+                f"- {mc['n_layers']} layers, d_model {mc['d_model']}, {mc['n_heads']} heads of "
+                f"d_head {d_head}, d_mlp {mc['d_mlp']}, LayerNorm, GELU, learned positions, "
+                f"n_ctx {SEQ_LEN}."
+            ],
+            "saes": [],
+        }
+    return {
+        "intro": [
+            "A small Llama-style language model (rotary positions, grouped-query attention,",
+            "RMSNorm, a gated SiLU MLP) trained on rulecheck-tiny's corpus with its tokenizer,",
+            "with sparse",
+        ],
+        "corpus": [
+            "- The same documents as rulecheck-tiny's, cut with rulecheck-tiny's shipped",
+            "  tokenizer and split by the same hash of their names; the held-out tokens are",
+            "  rulecheck-tiny's shipped `eval_tokens.npy`, so both models are measured on the",
+            "  same tokens (the training split was read from the Debian packages of this build's",
+            "  machine, whose text may differ from rulecheck-tiny's by a point release).",
+        ],
+        "model": [
+            f"- {mc['n_layers']} layers, d_model {mc['d_model']}, {mc['n_heads']} query heads "
+            f"of d_head {d_head} sharing {mc['n_key_value_heads']} key/value heads, rotary "
+            f"positions on the whole head (base 10000), RMSNorm, gated SiLU MLP of d_mlp "
+            f"{mc['d_mlp']}, n_ctx {SEQ_LEN}."
+        ],
+        "saes": [
+            "A layer-level SAE `sae_z/L{l}` reads every head's z of `blocks.{l}.attn.hook_z`",
+            "concatenated, as Gemma Scope's attention SAEs do (BatchTopK, saved as JumpReLU);",
+            "its CE recovered splices it into every head and compares with all heads ablated.",
+        ],
+    }
+
+
+def step_card(work: Path, out: Path, rulebooks: Path, cfg: TinyConfig | None = None) -> None:
     """MODEL_CARD.md from the measured reports of every step and the shipped rulebooks."""
     from rulecheck.build.census import census_lines
 
+    cfg = cfg or TinyConfig()
     corpus = json.loads((work / "corpus.json").read_text())
     model = json.loads((work / "model.json").read_text())
     saes = json.loads((work / "saes.json").read_text())
     quality = json.loads((work / "quality.json").read_text())
     extraction = json.loads((work / "extraction.json").read_text())
     mc = model["config"]
+    family = _family_lines(mc)
     lines = [
-        "# rulecheck-tiny",
+        f"# {cfg.name}",
         "",
-        "A small GPT-2-style language model trained on real text, with sparse autoencoders",
-        "trained by sae_lens, shipped so that rulecheck runs offline. Everything below is",
-        "measured by `python -m rulecheck.build.train_tiny` (corpus, model, saes, ship, rules,",
-        "analysis, card);",
-        "none of it is estimated.",
+        *family["intro"],
+        "autoencoders trained by sae_lens, shipped so that rulecheck runs offline. Everything",
+        "below is measured by `python -m rulecheck.build.train_tiny"
+        + ("" if cfg.family == "gpt2" else f" --family {cfg.family}")
+        + "` (corpus, model, saes, ship, rules, analysis, card); none of it is estimated.",
         "",
         "## Corpus",
         "",
@@ -844,6 +1006,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "- License: both are distributed under the Python Software Foundation License Version 2,",
         "  which permits redistribution of derived works with the license notice; the model and",
         "  its SAEs are derived works of that text.",
+        *family["corpus"],
         f"- {corpus['documents']} documents ({corpus['doc_files']} documentation files), "
         f"{corpus['characters']:,} characters.",
         f"- Whole documents are held out by a hash of their name ({HELD_OUT_PERCENT}%): "
@@ -859,9 +1022,7 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         "",
         "## Model",
         "",
-        f"- {mc['n_layers']} layers, d_model {mc['d_model']}, {mc['n_heads']} heads of "
-        f"d_head {mc['d_model'] // mc['n_heads']}, d_mlp {mc['d_mlp']}, LayerNorm, GELU, learned "
-        f"positions, n_ctx {SEQ_LEN}.",
+        *family["model"],
         f"- AdamW (lr {mc['lr']}, betas 0.9/0.95, weight decay {mc['weight_decay']}), "
         f"{mc['warmup']} warm-up steps then cosine to a tenth, batch {mc['batch_size']} x "
         f"{SEQ_LEN}, {mc['steps']} steps ({model['tokens_seen']:,} tokens), seed {mc['seed']}.",
@@ -878,11 +1039,23 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
         f"{saes['config']['batch_tokens']:,} tokens at lr {saes['config']['lr']:g}, "
         f"in {sum(r['seconds'] for r in saes['runs']) / 60:.1f} minutes in all on "
         f"{saes['machine']} (SAEs sharing a hook point's head index train in one run).",
-        "Output SAEs that could not meet L0 <= 20 and 80% CE recovered together with an L1",
-        "penalty were trained again, alone, as TopK SAEs (fewer features, and the AuxK loss on",
-        "features silent for `dead_window` steps): the table gives each shipped SAE's own.",
+        *(
+            [
+                "Output SAEs that could not meet L0 <= 20 and 80% CE recovered together with an",
+                "L1 penalty were trained again, alone, as TopK SAEs (fewer features, and the AuxK",
+                "loss on features silent for `dead_window` steps): the table gives each shipped",
+                "SAE's own.",
+            ]
+            if cfg.family == "gpt2"
+            else [
+                "Output SAEs use the TopK recipe that met the bars where an L1 penalty did not",
+                "on rulecheck-tiny (fewer features, the AuxK loss on features silent for",
+                "`dead_window` steps).",
+            ]
+        ),
         "Input SAEs read `blocks.{l}.hook_resid_pre`; output SAEs read one head of",
         "`blocks.{l}.attn.hook_z` (`hook_head_index`).",
+        *family["saes"],
         f"Measured on the first {QUALITY_SEQUENCES:,} held-out sequences, positions after BOS.",
         "CE recovered splices the SAE's reconstruction into its head and compares the loss with",
         "the clean model and with that head's z zero-ablated.",
@@ -908,29 +1081,47 @@ def step_card(work: Path, out: Path, rulebooks: Path) -> None:
             f"| {q['dead_fraction']:.1%} "
             f"| {q['explained_variance']:.3f} | {ce} |"
         )
-    table = f1_by_layer(rulebooks)
-    counts = sorted({n for layer in table.values() for n in layer})
+    books = {cfg.name: rulebooks}
+    if cfg.family != "gpt2":  # the family's books beside rulecheck-tiny's
+        books = {"rulecheck-tiny": rulebooks.parent / "rulecheck-tiny", cfg.name: rulebooks}
+    tables = {name: f1_by_layer(path) for name, path in books.items()}
+    counts = sorted({n for t in tables.values() for layer in t.values() for n in layer})
+    both = len(books) > 1
     lines += [
         "",
         "## Rules",
         "",
-        "`rulebooks/rulecheck-tiny/` holds one rulebook per head, written by `rulecheck extract`",
+        f"`rulebooks/{cfg.name}/` holds one rulebook per head, written by `rulecheck extract`",
         f"({_method(rulebooks)} ranking, {extraction['features']} features per head at most, "
         f"{extraction['seconds']:.0f} s on {extraction['machine']}). Test-split F1 of the",
-        "skip-gram disjunction against the number of terms, median (quartiles) over features:",
+        "skip-gram disjunction against the number of terms, median (quartiles) over features"
+        + (", for both families:" if both else ":"),
         "",
-        "| layer | features | " + " | ".join(str(n) for n in counts) + " |",
-        "|---|---:|" + "---:|" * len(counts),
+        ("| model " if both else "")
+        + "| layer | features | "
+        + " | ".join(str(n) for n in counts)
+        + " |",
+        ("|---" if both else "") + "|---|---:|" + "---:|" * len(counts),
     ]
-    for layer, by_n in sorted(table.items()):
-        n_feat = max(len(v) for v in by_n.values())
-        cells = [_quartiles(by_n[n]) if n in by_n else "" for n in counts]
-        lines.append(f"| {layer} | {n_feat} | " + " | ".join(cells) + " |")
-    lines += shipped_books_lines(rulebooks)
+    for name, table in tables.items():
+        for layer, by_n in sorted(table.items()):
+            n_feat = max(len(v) for v in by_n.values())
+            cells = [_quartiles(by_n[n]) if n in by_n else "" for n in counts]
+            lines.append(
+                (f"| {name} " if both else "")
+                + f"| {layer} | {n_feat} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    if cfg.family == "gpt2":
+        lines += shipped_books_lines(rulebooks)
     analysis_path = work / "analysis.json"
     if analysis_path.exists():
         lines += analysis_lines(json.loads(analysis_path.read_text()))
-    lines += census_lines(rulebooks)
+    if both:
+        lines += census_lines(rulebooks, against=("rulecheck-tiny", books["rulecheck-tiny"]))
+    else:
+        lines += census_lines(rulebooks)
     # the gate's section is rulecheck.build.calibration's (calibration card): kept as it is
     before = (out / "MODEL_CARD.md").read_text() if (out / "MODEL_CARD.md").exists() else ""
     if "\n## The retraining gate\n" in before:
@@ -961,22 +1152,27 @@ def main(argv: list[str] | None = None) -> None:
             "all",
         ],
     )
-    parser.add_argument("--rulebooks", type=Path, default=Path("rulebooks/rulecheck-tiny"))
-    parser.add_argument("--work", type=Path, default=Path("build/tiny"))
-    parser.add_argument("--out", type=Path, default=out_default())
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default="gpt2",
+        help="gpt2: rulecheck-tiny; llama: rulecheck-tiny-llama (same corpus and tokenizer)",
+    )
+    parser.add_argument("--rulebooks", type=Path, help="default rulebooks/NAME")
+    parser.add_argument("--work", type=Path, help="default build/tiny, build/tiny-FAMILY")
+    parser.add_argument("--out", type=Path, help="default the package's zoo entry")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--steps", type=int, default=TinyConfig.steps)
-    parser.add_argument("--sae-tokens", type=int, default=SaeConfig.training_tokens)
-    parser.add_argument("--sae-batch", type=int, default=SaeConfig.batch_tokens)
-    parser.add_argument("--sae-lr", type=float, default=SaeConfig.lr)
-    parser.add_argument("--l1-in", type=float, default=SaeConfig.l1_in)
-    parser.add_argument("--l1-out", type=float, default=SaeConfig.l1_out)
-    parser.add_argument("--d-sae-out", type=int, default=SaeConfig.d_sae_out)
-    parser.add_argument("--dead-window", type=int, default=SaeConfig.dead_window)
-    parser.add_argument(
-        "--k-out", type=int, default=None, help="train TopK-style output SAEs with this k"
-    )
-    parser.add_argument("--k-arch", choices=("topk", "batchtopk"), default=SaeConfig.k_arch)
+    # SAE settings: the family's (FAMILY_SAES) unless given
+    parser.add_argument("--sae-tokens", type=int, dest="training_tokens")
+    parser.add_argument("--sae-batch", type=int, dest="batch_tokens")
+    parser.add_argument("--sae-lr", type=float, dest="lr")
+    parser.add_argument("--l1-in", type=float, dest="l1_in")
+    parser.add_argument("--l1-out", type=float, dest="l1_out")
+    parser.add_argument("--d-sae-out", type=int, dest="d_sae_out")
+    parser.add_argument("--dead-window", type=int, dest="dead_window")
+    parser.add_argument("--k-out", type=int, help="train TopK-style output SAEs with this k")
+    parser.add_argument("--k-arch", choices=("topk", "batchtopk"))
     parser.add_argument(
         "--sae-only",
         type=lambda x: x.split(","),
@@ -990,33 +1186,32 @@ def main(argv: list[str] | None = None) -> None:
         help="train only these head runs (calibration)",
     )
     args = parser.parse_args(argv)
-    cfg = TinyConfig(steps=args.steps)
+    cfg = replace(FAMILIES[args.family], steps=args.steps)
+    args.rulebooks = args.rulebooks or Path("rulebooks") / cfg.name
+    args.work = args.work or Path("build") / cfg.name.replace("rulecheck-", "")
+    args.out = args.out or out_default(cfg)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.step in ("corpus", "all"):
-        step_corpus(cfg, args.work)
+        if cfg.family == "gpt2":
+            step_corpus(cfg, args.work)
+        else:
+            share_corpus(args.work)
     if args.step in ("model", "all"):
         step_model(cfg, args.work, args.threads)
     if args.step in ("saes", "all"):
-        sc = SaeConfig(
-            training_tokens=args.sae_tokens,
-            l1_in=args.l1_in,
-            l1_out=args.l1_out,
-            k_out=args.k_out,
-            k_arch=args.k_arch,
-            d_sae_out=args.d_sae_out,
-            dead_window=args.dead_window,
-            batch_tokens=args.sae_batch,
-            lr=args.sae_lr,
+        sc = replace(
+            FAMILY_SAES[args.family],
+            **{k: v for k, v in vars(args).items() if k in SAE_OPTIONS and v is not None},
         )
         step_saes(cfg, sc, args.work, args.threads, args.sae_heads, args.sae_only)
     if args.step in ("ship", "all"):
         step_ship(args.work, args.out)
     if args.step in ("rules", "all"):
-        step_rules(args.work, args.rulebooks)
+        step_rules(args.work, args.rulebooks, cfg.name)
     if args.step in ("analysis", "all"):
-        step_analysis(args.work, args.rulebooks, args.threads)
+        step_analysis(args.work, args.rulebooks, args.threads, cfg.name)
     if args.step in ("card", "all"):
-        step_card(args.work, args.out, args.rulebooks)
+        step_card(args.work, args.out, args.rulebooks, cfg)
     if args.step == "retrain":
         step_retrain(args.work, args.out, args.threads)
 

@@ -1,5 +1,5 @@
 """Zoo registry: named checkpoints that run offline (``planted``, ``planted-local``,
-``planted-rotary``, ``rulecheck-tiny``).
+``planted-rotary``, ``rulecheck-tiny``, ``rulecheck-tiny-llama``).
 
 A zoo entry is a directory with a fixed layout, the same formats as any checkpoint::
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rulecheck.paths import cache_dir
 
-ENTRIES = ("planted", "planted-local", "planted-rotary", "rulecheck-tiny")
+ENTRIES = ("planted", "planted-local", "planted-rotary", "rulecheck-tiny", "rulecheck-tiny-llama")
 ALIASES = {"eval": "eval_tokens.npy", "corpus": "eval_tokens.npy", "model": "model"}
 PACKAGE_DIR = Path(__file__).parent
 
@@ -41,6 +41,8 @@ def entry_dir(name: str) -> Path:
         return planted_rotary.ensure_built(cache_dir() / "zoo" / "planted-rotary")
     if name == "rulecheck-tiny":
         return PACKAGE_DIR / "tiny"
+    if name == "rulecheck-tiny-llama":
+        return PACKAGE_DIR / "tiny_llama"
     raise KeyError(name)
 
 
