@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from rulecheck import zoo
 from rulecheck.atomic import atomic_directory
 from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import (
@@ -304,7 +305,7 @@ def _load_named_model(spec: str, device: torch.device, **processing: bool) -> Ho
         raise InvalidSpec(
             "no such file or directory, and not a TransformerLens model name",
             file=spec,
-            fix="pass a model directory, a zoo name (planted, planted-local, planted-rotary, rulecheck-tiny) or a name like gpt2",
+            fix=f"pass a model directory, a zoo name ({', '.join(zoo.ENTRIES)}) or a name like gpt2",
         )
     try:
         return HookedTransformer.from_pretrained(spec, device=str(device), **processing)
