@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("extract", help="extract rulebooks for the heads of a model")
-    ex.add_argument("--model", default=None, help="model directory, zoo name or TL model name")
+    ex.add_argument(
+        "--model",
+        default=None,
+        help="model directory, zoo name or TL model name (a HookedTransformer), or bridge: and "
+        "a Hugging Face directory (a TransformerBridge)",
+    )
     ex.add_argument("--sae-in", default=None, help="input SAE spec ({layer} template)")
     ex.add_argument("--sae-out", default=None, help="output SAE spec ({layer}/{head} templates)")
     ex.add_argument("--corpus", default=None, help=".npy [N, T], .txt, .jsonl or dataset name")

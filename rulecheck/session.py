@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +26,6 @@ import torch
 from sae_lens import SAE
 from safetensors.torch import load_file, save
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from rulecheck import __version__
 from rulecheck.atomic import atomic_write
@@ -45,6 +44,7 @@ from rulecheck.core.extract import (
     no_progress,
 )
 from rulecheck.core.heads import Probe
+from rulecheck.core.modelview import Model
 from rulecheck.core.prefixes import KeptInputs, SequenceChunk, sequence_chunks
 from rulecheck.core.tokens import top_token
 from rulecheck.errors import (
@@ -94,7 +94,7 @@ class Layer:
     input SAE, each head's output SAE and the corpus ``[n_seq, pos]``."""
 
     heads: list[Head]
-    model: HookedTransformer
+    model: Model
     sae_in: SAE
     sae_outs: dict[int, SAE]
     tokens: Tensor
@@ -114,13 +114,18 @@ class Workbench:
         cache_dir: Path | None = Path(".rulecheck_cache"),
         exemplars: ExemplarConfig | None = None,
         batch_size: int = 64,
+        models: Mapping[str, Model] | None = None,
     ) -> None:
+        """``models``: model objects already loaded (a HookedTransformer, or a
+        TransformerBridge in compatibility mode), by the model spec that names each in
+        ``Specs`` and rulebooks; used as they are, loaded with whatever processing their
+        caller chose."""
         self.overrides = overrides or Specs(model=None)
         self.device = resolve_device(device)
         self.cache_dir = cache_dir
         self.exemplar_cfg = exemplars or ExemplarConfig()
         self.batch_size = batch_size
-        self._models: dict[str, HookedTransformer] = {}
+        self._models: dict[str, Model] = dict(models or {})
         self._saes: dict[tuple[str, int, int | None], SAE] = {}
         self._corpora: dict[tuple[str, str], Tensor] = {}
         self._collectors: dict[tuple[Head, str | None], ExemplarCollector] = {}
@@ -219,7 +224,7 @@ class Workbench:
         except RulecheckError as exc:
             # a layer past the model has no input SAE either: say so, not which file is missing
             try:
-                n_layers = _n_layers(head.specs.model)
+                n_layers = self._n_layers(head.specs.model)
             except RulecheckError:
                 raise blame("model", exc) from None
             check_range("layer", head.layer, n_layers)
@@ -237,13 +242,21 @@ class Workbench:
                 raise blame(part, exc) from None
         self._memo[("header ok", head)] = True
 
-    def model(self, spec: str, sae_in: SAE | None = None) -> HookedTransformer:
+    def model(self, spec: str, sae_in: SAE | None = None) -> Model:
         if spec not in self._models:
             flags = processing_for(sae_in) if sae_in is not None else {}
             model = load_model(locate(spec), device=self.device, **flags)
             model.eval()
             self._models[spec] = model
         return self._models[spec]
+
+    def _n_layers(self, spec: str) -> int:
+        """The number of layers of a model that could not be loaded the way its SAEs ask (an
+        input SAE is missing): a given or loaded model's, else read once and not kept, so it
+        never stands in for the real load."""
+        if spec in self._models:
+            return self._models[spec].cfg.n_layers
+        return _n_layers(spec)
 
     def sae_in(self, head: Head) -> SAE:
         spec = head_spec(head.specs.sae_in, head.layer)
@@ -300,7 +313,7 @@ class Workbench:
             sae_in = self.sae_in(Head(specs, layer, 0))
         except RulecheckError:
             # a layer past the model has no SAE either: name the layer, not the missing file
-            _check_index("layer", layer, _n_layers(specs.model), **where)
+            _check_index("layer", layer, self._n_layers(specs.model), **where)
             raise
         model = self.model(specs.model, sae_in)
         _check_index("layer", layer, model.cfg.n_layers, **where)
@@ -314,7 +327,7 @@ class Workbench:
         model, sae_in, _, tokens = self.load(group[0])
         return Layer(group, model, sae_in, {h.head: self.sae_out(h) for h in group}, tokens)
 
-    def load(self, head: Head) -> tuple[HookedTransformer, SAE, SAE, Tensor]:
+    def load(self, head: Head) -> tuple[Model, SAE, SAE, Tensor]:
         """Model, input SAE, output SAE and corpus of a head (loaded on first use)."""
         sae_in = self.sae_in(head)
         model = self.model(head.specs.model, sae_in)

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 import torch
 from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from rulecheck.core.heads import head_input, resid_pre_hook, run_to_heads, run_to_layer, z_hook
+from rulecheck.core.modelview import Model, view
 
 
 def _splice_then_zero(sae: SAE, head: int | None, b: int) -> Callable[[Tensor, object], Tensor]:
@@ -39,7 +39,7 @@ BATCH = 16
 
 
 @torch.no_grad()
-def clean_loss(model: HookedTransformer, tokens: Tensor, batch_size: int = BATCH) -> float:
+def clean_loss(model: Model, tokens: Tensor, batch_size: int = BATCH) -> float:
     """The model's mean next-token loss on ``tokens [n, pos]``."""
     total = sum(
         float(model(tokens[s : s + batch_size], return_type="loss", loss_per_token=True).sum())
@@ -87,7 +87,7 @@ def _sae_input(sae: SAE, act: Tensor, head: int | None, output: bool) -> Tensor:
 
 @torch.no_grad()
 def output_saes_quality(
-    model: HookedTransformer,
+    model: Model,
     saes: Mapping[str, tuple[SAE, int | None]],
     tokens: Tensor,
     layer: int,
@@ -106,7 +106,7 @@ def output_saes_quality(
 
 @torch.no_grad()
 def sae_quality(
-    model: HookedTransformer,
+    model: Model,
     sae: SAE,
     tokens: Tensor,
     layer: int,
@@ -140,13 +140,11 @@ def sae_quality(
             # spliced and zero-ablated in one run from the layer on: rows [:b] then [b:]
             b = len(batch)
             resid = store[resid_pre_hook(layer)]
-            per_tok = model.run_with_hooks(
+            per_tok = view(model).loss_with_hooks(
+                torch.cat([batch, batch]),
                 torch.cat([resid, resid]),
-                start_at_layer=layer,
-                tokens=torch.cat([batch, batch]),
-                return_type="loss",
-                loss_per_token=True,
-                fwd_hooks=[(hook, _splice_then_zero(sae, head, b))],
+                layer,
+                [(hook, _splice_then_zero(sae, head, b))],
             )
             totals["spliced"] += float(per_tok[:b].sum())
             totals["zero"] += float(per_tok[b:].sum())

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from rulecheck import kinds
 from rulecheck.config import ExtractConfig
@@ -50,6 +49,7 @@ from rulecheck.core.heldout import (
     term_matches,
 )
 from rulecheck.core.metrics import binary_scores, spearman
+from rulecheck.core.modelview import Model
 from rulecheck.core.prefixes import KeptInputs, SequenceChunk, prefix_features, sequence_chunks
 from rulecheck.core.rules import (
     predict_from,
@@ -104,7 +104,7 @@ def no_progress(task: str, advance: int, total: int) -> None:
 
 @torch.no_grad()
 def collect_layer(
-    model: HookedTransformer,
+    model: Model,
     sae_outs: dict[int, SAE],
     tokens: Tensor,
     layer: int,
@@ -345,7 +345,7 @@ def _bounded_test_predictions(read: ReadChunks, ex: FeatureExamples, terms: Term
 
 
 def extract_head(
-    model: HookedTransformer,
+    model: Model,
     sae_in: SAE,
     sae_out: SAE,
     tokens: Tensor,
@@ -452,7 +452,7 @@ def extract_head(
 
 
 def layer_tokens(
-    model: HookedTransformer, sae_in: SAE, layer: int, cfg: ExtractConfig
+    model: Model, sae_in: SAE, layer: int, cfg: ExtractConfig
 ) -> tuple[Tensor | None, dict[int, list[str]] | None]:
     """The top token of each input feature (``[d_sae_in]``, -1 where none; None when rules
     other than skip-grams are not searched) and each feature's top tokens by name."""
@@ -461,7 +461,7 @@ def layer_tokens(
 
 
 def extract_layer(
-    model: HookedTransformer,
+    model: Model,
     sae_in: SAE,
     sae_outs: dict[int, SAE],
     tokens: Tensor,

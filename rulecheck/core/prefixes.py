@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from rulecheck.core.gradient import importance_from
 from rulecheck.core.heads import by_end, encode_columns, resid_pre_hook
+from rulecheck.core.modelview import Model
 from rulecheck.core.rules import prefix_stats
 from rulecheck.core.scores import Terms
 
@@ -66,7 +66,7 @@ def _by_sequence(
 
 @torch.no_grad()
 def sequence_chunks(
-    model: HookedTransformer,
+    model: Model,
     sae_in: SAE,
     tokens: Tensor,
     layer: int,

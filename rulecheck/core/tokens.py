@@ -7,11 +7,12 @@ from collections.abc import Sequence
 import torch
 from sae_lens import SAE
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from rulecheck.core.modelview import Model, view
 
 
 @torch.no_grad()
-def token_inputs(model: HookedTransformer, layer: int, start: int, stop: int) -> Tensor:
+def token_inputs(model: Model, layer: int, start: int, stop: int) -> Tensor:
     """``[stop - start, d_model]``: what the input SAE of ``layer`` reads for each token id.
 
     At layer 0, the token's embedding plus the mean position embedding; deeper, the residual
@@ -20,8 +21,9 @@ def token_inputs(model: HookedTransformer, layer: int, start: int, stop: int) ->
     ids = torch.arange(start, stop, device=model.W_E.device)
     if layer == 0:
         emb = model.W_E.detach()[ids]
-        if model.cfg.positional_embedding_type == "standard":
-            emb = emb + model.W_pos.detach().mean(0)
+        W_pos = view(model).position_embedding()
+        if W_pos is not None:
+            emb = emb + W_pos.mean(0)
         return emb
     bos = model.tokenizer.bos_token_id if model.tokenizer is not None else 0
     pairs = torch.stack([torch.full_like(ids, bos), ids], dim=1)
@@ -30,7 +32,7 @@ def token_inputs(model: HookedTransformer, layer: int, start: int, stop: int) ->
 
 @torch.no_grad()
 def token_features(
-    model: HookedTransformer, sae_in: SAE, layer: int = 0, top: int = 3, batch_size: int = 4096
+    model: Model, sae_in: SAE, layer: int = 0, top: int = 3, batch_size: int = 4096
 ) -> tuple[Tensor, Tensor]:
     """Input features read as tokens: ``[d_sae_in, top]`` ids of the tokens that activate each
     feature most (see ``token_inputs``), and the activations (0 where fewer tokens do)."""
@@ -49,21 +51,21 @@ def token_features(
     return best_id, best_val
 
 
-def token_strings(model: HookedTransformer, ids: Sequence[int]) -> list[str]:
+def token_strings(model: Model, ids: Sequence[int]) -> list[str]:
     """Decoded strings of token ids (ids as text when the model has no tokenizer)."""
     if model.tokenizer is None:
         return [str(i) for i in ids]
     return [model.tokenizer.decode([i]) for i in ids]
 
 
-def top_token(model: HookedTransformer, sae_in: SAE, layer: int = 0) -> Tensor:
+def top_token(model: Model, sae_in: SAE, layer: int = 0) -> Tensor:
     """``[d_sae_in]``: the token that activates each input feature most (-1 where none does)."""
     ids, vals = token_features(model, sae_in, layer, top=1)
     return torch.where(vals[:, 0] > 0, ids[:, 0], torch.full_like(ids[:, 0], -1))
 
 
 def layer_token_table(
-    model: HookedTransformer, sae_in: SAE, layer: int, top: int
+    model: Model, sae_in: SAE, layer: int, top: int
 ) -> dict[int, list[str]] | None:
     """Top tokens of each input feature of ``layer`` (None when ``top`` is 0 or the model has
     no tokenizer to name them with)."""

@@ -26,6 +26,7 @@ from rulecheck.loading.models import config_json
 if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
+    from transformer_lens.model_bridge import TransformerBridge
 
 MODEL_CONFIG_UNHASHED = frozenset({"model_name"})
 SAE_CONFIG_UNHASHED = frozenset({"device"})
@@ -61,9 +62,13 @@ def fingerprint_tensors(
     return f"sha256:{digest.hexdigest()}"
 
 
-def fingerprint_model(model: HookedTransformer) -> str:
-    """Fingerprint of the model's weights and config (its name left out)."""
+def fingerprint_model(model: HookedTransformer | TransformerBridge) -> str:
+    """Fingerprint of the model's weights and config (its name left out; a TransformerBridge's
+    config with its Hugging Face architecture)."""
+    from rulecheck.core.modelview import view
+
     config = {k: v for k, v in config_json(model.cfg).items() if k not in MODEL_CONFIG_UNHASHED}
+    config |= view(model).config_extras()
     return fingerprint_tensors(model.state_dict(), {"config": config})
 
 

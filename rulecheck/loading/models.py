@@ -2,7 +2,9 @@
 
 Model specs: a rulecheck model directory (``config.json`` with the ``HookedTransformerConfig``
 keyword arguments, ``model.safetensors``, optional ``tokenizer.json``), a Hugging Face model
-directory, or a TransformerLens model name (``gpt2``).
+directory, or a TransformerLens model name (``gpt2``), each loaded as a ``HookedTransformer``;
+or ``bridge:`` and a Hugging Face model directory, loaded as a ``TransformerBridge``
+(``rulecheck.loading.bridge``).
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from rulecheck.loading._common import (
     read_safetensors,
     shown,
 )
+from rulecheck.loading.bridge import is_bridge_spec, load_bridge
 from rulecheck.loading.devices import resolve_device
 from rulecheck.paths import cache_dir
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedTokenizerBase
 
 MODEL_CONFIG = "config.json"
@@ -80,11 +84,13 @@ def load_model(
     center_writing_weights: bool = True,
     center_unembed: bool = True,
     fold_value_biases: bool = True,
-) -> HookedTransformer:
-    """A HookedTransformer from a rulecheck or Hugging Face directory, or a TL name.
+) -> HookedTransformer | TransformerBridge:
+    """A HookedTransformer from a rulecheck or Hugging Face directory, or a TL name; a
+    TransformerBridge from ``bridge:`` and a Hugging Face directory.
 
     The processing flags apply to Hugging Face directories and TL names (as in
-    ``HookedTransformer.from_pretrained``); a rulecheck directory is loaded as saved.
+    ``HookedTransformer.from_pretrained``, or a bridge's ``enable_compatibility_mode``); a
+    rulecheck directory is loaded as saved.
     """
     resolved = resolve_device(device)
     processing = {
@@ -93,6 +99,8 @@ def load_model(
         "center_unembed": center_unembed,
         "fold_value_biases": fold_value_biases,
     }
+    if is_bridge_spec(spec):
+        return load_bridge(spec, resolved, **processing)
     path = expand_path(spec)
     if path.is_dir():
         config_path = path / MODEL_CONFIG

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from packaging.version import Version
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
+    from transformer_lens.model_bridge import TransformerBridge
 
 SAE_WEIGHTS = "sae_weights.safetensors"
 PAPER_CONFIG_SUFFIX = "_cfg.json"
@@ -461,7 +462,7 @@ def _fill_template(spec: str, *, layer: int | None, head: int | None) -> str:
 
 def check_sae(
     sae: SAE,
-    model: HookedTransformer,
+    model: HookedTransformer | TransformerBridge,
     *,
     layer: int,
     head: int | None,
@@ -535,7 +536,9 @@ def attn_out_hook(layer: int) -> str:
 LINEAR_ENCODERS = ("standard", "jumprelu", "topk")  # act(x @ W_enc + b_enc), nothing else
 
 
-def head_view(sae: SAE, model: HookedTransformer, layer: int, head: int, spec: str) -> SAE:
+def head_view(
+    sae: SAE, model: HookedTransformer | TransformerBridge, layer: int, head: int, spec: str
+) -> SAE:
     """An output SAE on ``blocks.{layer}.hook_attn_out`` as one head reads it: a per-head SAE
     on ``hook_z`` whose features are the original's on ``z_h W_O[h] + b_O``, the head's write
     and the output bias alone (the other heads' writes, which add to the same features, are
@@ -552,8 +555,11 @@ def head_view(sae: SAE, model: HookedTransformer, layer: int, head: int, spec: s
             field="architecture",
             fix="fold the normalisation into the weights, or use a hook_z SAE",
         )
-    W_O = model.blocks[layer].attn.W_O[head].detach().to(sae.W_enc.dtype)  # [d_head, d_model]
-    b_O = model.blocks[layer].attn.b_O.detach().to(sae.W_enc.dtype)
+    from rulecheck.core.modelview import view
+
+    W_O, b_O = view(model).output_weights(layer)  # b_O: zeros where the model has none
+    W_O = W_O[head].to(sae.W_enc.dtype)  # [d_head, d_model]
+    b_O = b_O.to(sae.W_enc.dtype)
     view = copy.deepcopy(sae)
     b_in = b_O - sae.b_dec.detach() * float(sae.cfg.apply_b_dec_to_input)
     with torch.no_grad():
@@ -567,7 +573,7 @@ def head_view(sae: SAE, model: HookedTransformer, layer: int, head: int, spec: s
     return view
 
 
-def input_hooks(model: HookedTransformer, layer: int) -> tuple[str, ...]:
+def input_hooks(model: HookedTransformer | TransformerBridge, layer: int) -> tuple[str, ...]:
     """The hooks that hold the tensor an input SAE of ``layer`` reads, ``hook_resid_pre``
     first: the previous block's ``hook_resid_post`` (Gemma Scope's residual SAEs), and at
     layer 0 ``hook_embed`` where no position embedding is added to it (rotary, ALiBi)."""
