@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from rulecheck.errors import InvalidSpec
 
+MODEL_CONFIG = "config.json"  # a model directory's config (rulecheck or Hugging Face)
 SAE_CONFIG = "cfg.json"  # a sae_lens directory's config
 
 

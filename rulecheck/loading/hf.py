@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 
 from rulecheck.errors import InvalidSpec
-from rulecheck.loading._common import json_text, one_line, read_json_object
-from rulecheck.loading.models import MODEL_CONFIG, _attach_tokenizer
+from rulecheck.loading._common import MODEL_CONFIG, json_text, one_line, read_json_object
+from rulecheck.loading.tokenizer import attach_tokenizer
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -250,5 +250,5 @@ def load_hf_directory(
                 field="tokenizer",
                 fix="save it with tokenizer.save_pretrained(directory)",
             ) from None
-        _attach_tokenizer(model, tokenizer, file=directory)
+        attach_tokenizer(model, tokenizer, file=directory)
     return model

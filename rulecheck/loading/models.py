@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -22,10 +21,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from rulecheck import zoo
 from rulecheck.atomic import atomic_directory
 from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import (
+    MODEL_CONFIG,
     FieldRules,
     check_fields,
     check_state_dict,
@@ -42,14 +41,13 @@ from rulecheck.loading._common import (
 )
 from rulecheck.loading.bridge import is_bridge_spec, load_bridge
 from rulecheck.loading.devices import resolve_device
-from rulecheck.paths import cache_dir
+from rulecheck.loading.tokenizer import attach_tokenizer, tokenizer_from_file
+from rulecheck.zoo.names import ENTRIES
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import PreTrainedTokenizerBase
 
-MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_TOKENIZER = "tokenizer.json"
 # HookedTransformerConfig fields that describe a run, not the weights: never written.
@@ -71,9 +69,6 @@ UNSAVED_CONFIG_FIELDS = frozenset(
         "checkpoint_value",
     }
 )
-BOS_NAMES = ("<|endoftext|>", "<|bos|>", "<bos>", "<s>", "[BOS]", "<|begin_of_text|>")
-EOS_NAMES = ("<|endoftext|>", "<|eos|>", "<eos>", "</s>", "[EOS]", "<|end_of_text|>")
-PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 
 def load_model(
@@ -278,7 +273,7 @@ def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTr
         state, skeleton.state_dict(), file=weights_path, fix=WEIGHTS_FIX, derived=derived
     )
     tokenizer_path = directory / MODEL_TOKENIZER
-    tokenizer = _tokenizer_from_file(tokenizer_path) if tokenizer_path.is_file() else None
+    tokenizer = tokenizer_from_file(tokenizer_path) if tokenizer_path.is_file() else None
     if tokenizer is not None:
         cfg.tokenizer_name = None
     try:
@@ -302,7 +297,7 @@ def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTr
         ) from None
     model.eval()
     if tokenizer is not None:
-        _attach_tokenizer(model, tokenizer, file=tokenizer_path)
+        attach_tokenizer(model, tokenizer, file=tokenizer_path)
     return model
 
 
@@ -313,7 +308,7 @@ def _load_named_model(spec: str, device: torch.device, **processing: bool) -> Ho
         raise InvalidSpec(
             "no such file or directory, and not a TransformerLens model name",
             file=spec,
-            fix=f"pass a model directory, a zoo name ({', '.join(zoo.ENTRIES)}) or a name like gpt2",
+            fix=f"pass a model directory, a zoo name ({', '.join(ENTRIES)}) or a name like gpt2",
         )
     try:
         return HookedTransformer.from_pretrained(spec, device=str(device), **processing)
@@ -390,109 +385,3 @@ def _json_value(value: Any, *, field: str) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # tokenizers
-
-
-def _special_token_roles(raw: Mapping[str, Any], *, file: Path) -> dict[str, str]:
-    """BOS/EOS/PAD/UNK token strings of a ``tokenizers`` JSON file.
-
-    BOS is the special token the post-processor puts first, else a conventional name, else the
-    only special token there is.
-    """
-    specials = [t["content"] for t in raw.get("added_tokens") or [] if t.get("special")]
-    bos = _template_bos(raw.get("post_processor")) or next(
-        (name for name in BOS_NAMES if name in specials), None
-    )
-    if bos is None and len(specials) == 1:
-        bos = specials[0]
-    if bos is None:
-        raise InvalidSpec(
-            f"cannot tell which special token is BOS (special tokens: {specials or 'none'})",
-            file=file,
-            field="added_tokens",
-            fix=f"add one of {', '.join(BOS_NAMES[:4])} as a special token",
-        )
-    eos = next((name for name in EOS_NAMES if name in specials), bos)
-    roles = {
-        "bos_token": bos,
-        "eos_token": eos,
-        "pad_token": next((name for name in PAD_NAMES if name in specials), eos),
-    }
-    unk = (raw.get("model") or {}).get("unk_token")
-    if isinstance(unk, str):
-        roles["unk_token"] = unk
-    return roles
-
-
-def _template_bos(post_processor: Any) -> str | None:
-    if not isinstance(post_processor, dict):
-        return None
-    if post_processor.get("type") == "Sequence":
-        for inner in post_processor.get("processors") or []:
-            found = _template_bos(inner)
-            if found:
-                return found
-        return None
-    if post_processor.get("type") != "TemplateProcessing":
-        return None
-    single = post_processor.get("single") or []
-    first = single[0] if single else {}
-    return (first.get("SpecialToken") or {}).get("id")
-
-
-def _tokenizer_from_file(path: Path) -> PreTrainedTokenizerBase:
-    """A transformers tokenizer from a ``tokenizers`` JSON file.
-
-    TransformerLens rebuilds tokenizers from ``name_or_path``, so the tokenizer is saved once to
-    a cache directory (keyed by content) and loaded from there.
-    """
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    raw = read_json_object(path)
-    roles = _special_token_roles(raw, file=path)
-    digest = hashlib.sha256(path.read_bytes() + json.dumps(roles, sort_keys=True).encode())
-    saved = cache_dir() / "tokenizers" / digest.hexdigest()[:24]
-    if not (saved / "tokenizer_config.json").is_file():
-        try:
-            backend = Tokenizer.from_file(str(path))
-        except Exception as exc:
-            raise InvalidSpec(
-                f"not a readable tokenizers file ({one_line(exc)})",
-                file=path,
-                fix="write it with tokenizers.Tokenizer.save",
-            ) from None
-        fast = PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
-        with atomic_directory(saved, replace=False) as staging:
-            fast.save_pretrained(str(staging))
-    return AutoTokenizer.from_pretrained(str(saved))
-
-
-def _attach_tokenizer(
-    model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, *, file: Path
-) -> None:
-    """Set the tokenizer and check that it tokenizes into the model's vocabulary."""
-    largest = max(tokenizer.get_vocab().values())
-    if largest >= model.cfg.d_vocab:
-        raise InvalidSpec(
-            f"tokenizer has token id {largest} but the model has d_vocab={model.cfg.d_vocab}",
-            file=file,
-            field="d_vocab",
-            fix="use the tokenizer the model was trained with",
-        )
-    try:
-        model.set_tokenizer(tokenizer)
-        tokens = model.to_tokens("hello")
-    except Exception as exc:
-        raise InvalidSpec(
-            f"tokenizer does not work with the model ({one_line(exc)})",
-            file=file,
-            field="tokenizer",
-            fix="use a Hugging Face fast tokenizer with a BOS token",
-        ) from None
-    if tokens.ndim != 2 or tokens.shape[1] == 0 or int(tokens.max()) >= model.cfg.d_vocab:
-        raise InvalidSpec(
-            f"tokenizing 'hello' gave {tokens.tolist()}, outside d_vocab={model.cfg.d_vocab}",
-            file=file,
-            field="tokenizer",
-            fix="use the tokenizer the model was trained with",
-        )

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+import rulecheck.loading.scope as scope
 from rulecheck.errors import InvalidSpec
-from rulecheck.loading import scope
 from rulecheck.loading._common import (
     INT64_MAX,
     SAE_CONFIG,

@@ -19,8 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rulecheck.paths import cache_dir
+from rulecheck.zoo.names import ENTRIES
 
-ENTRIES = ("planted", "planted-local", "planted-rotary", "rulecheck-tiny", "rulecheck-tiny-llama")
 ALIASES = {"eval": "eval_tokens.npy", "corpus": "eval_tokens.npy", "model": "model"}
 PACKAGE_DIR = Path(__file__).parent
 
