@@ -582,7 +582,6 @@ def match_summary(matching: Any, n_old: int, n_new: int) -> tuple[Table, str]:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
     console = Console(stderr=False)
     err = Console(stderr=True)
     commands = {

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from rulecheck.atomic import atomic_directory
 from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import (
+    MODEL_DEPRECATED,
     FieldRules,
     check_fields,
     check_state_dict,
@@ -36,6 +37,7 @@ from rulecheck.loading._common import (
     read_json_object,
     read_safetensors,
     shown,
+    without_warning,
 )
 from rulecheck.loading.devices import resolve_device
 from rulecheck.paths import cache_dir
@@ -220,7 +222,7 @@ def _skeleton(kwargs: Mapping[str, Any], *, file: Path) -> HookedTransformer:
 
     cfg = _model_config({**kwargs, "tokenizer_name": None}, "meta", file=file)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), without_warning(MODEL_DEPRECATED):
             return HookedTransformer(cfg)
     except (
         AssertionError,
@@ -273,7 +275,8 @@ def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTr
     if tokenizer is not None:
         cfg.tokenizer_name = None
     try:
-        model = HookedTransformer(cfg)
+        with without_warning(MODEL_DEPRECATED):
+            model = HookedTransformer(cfg)
     except (OSError, ValueError) as exc:
         raise InvalidSpec(
             f"cannot build the model ({one_line(exc)})",
@@ -307,7 +310,8 @@ def _load_named_model(spec: str, device: torch.device, **processing: bool) -> Ho
             fix="pass a model directory, a zoo name (planted, planted-local, planted-rotary, rulecheck-tiny) or a name like gpt2",
         )
     try:
-        return HookedTransformer.from_pretrained(spec, device=str(device), **processing)
+        with without_warning(MODEL_DEPRECATED):
+            return HookedTransformer.from_pretrained(spec, device=str(device), **processing)
     except OSError as exc:
         raise InvalidSpec(
             f"cannot download the model from the Hugging Face hub ({one_line(exc, 120)})",
