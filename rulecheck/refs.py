@@ -193,6 +193,19 @@ def ref_name(ref: TokenRef, token_text: str | None = None) -> str:
     return ref.tokens[0] if ref.tokens else f"f{ref.feature}"
 
 
+def escaped(text: str) -> str:
+    """``text`` on one line: a backslash doubled, a line break, tab or other unprintable
+    character as its escape (``\\n``, ``\\t``, ``\\x1b``, ``\\u2028``), the rest, spaces
+    included, as it is. One to one: distinct texts stay distinct (test item names)."""
+    return "".join(_escape_char(c) for c in text)
+
+
+def _escape_char(c: str) -> str:
+    if c == "\\":
+        return "\\\\"
+    return c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A reference checked against a model: its input feature and its usable token ids."""

@@ -1,11 +1,16 @@
 """What a person reads stays exact: loading without the libraries' notices that say nothing to
-rulecheck's users."""
+rulecheck's users and item names on one line."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
+import pytest
+
+from rulecheck import zoo
 from rulecheck.loading._common import MODEL_DEPRECATED, SAE_MODEL_KWARGS, without_warning
+from rulecheck.refs import escaped
 
 pytest_plugins = ["pytester"]
 
@@ -45,3 +50,60 @@ def test_only_the_named_notice_is_silenced():
         warnings.warn(*deprecated, stacklevel=1)  # outside, as before
     shown = [(str(w.message), w.category) for w in seen]
     assert shown == [other_category, other_message, deprecated]
+
+
+# ----------------------------------------------------------------------------- node ids on one line
+
+
+def run(pytester, *args):
+    return pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly", *args)
+
+
+@pytest.fixture
+def planted_books(pytester, monkeypatch, tmp_path):
+    monkeypatch.setenv("RULECHECK_CACHE", str(tmp_path / "zoo"))
+    return pytester
+
+
+def test_item_names_escape_line_breaks_and_stay_distinct(planted_books):
+    unless = json.loads(zoo.resolve("planted:ground_truth.json").read_text())["input_features"][
+        "unless"
+    ]
+
+    def absence(tokens: list[str]) -> str:
+        ref = json.dumps({"feature": unless, "tokens": tokens})
+        return f"      - {{key: if, query: then, distractor: {ref}}}\n"
+
+    # a feature id's tokens only describe it: the check inserts the planted "unless" token,
+    # while the first listed token names the item
+    planted_books.makefile(
+        ".yaml",
+        L0H0="rulecheck: 2\nmodel: planted\nlayer: 0\nhead: 0\nfeatures:\n"
+        "  - feature: 1\n    source: manual\n"
+        '    skipgrams: ["[if] ... [then]", "[when] ... [do]"]\n'
+        "    absence:\n"
+        + absence(["\n", "unless"])
+        + absence(["\\n", "unless"])
+        + absence(["\t\u2028", "unless"]),
+    )
+    collected = run(planted_books, "--collect-only", "-q")
+    ids = [line for line in collected.stdout.lines if "::" in line]
+    assert ids == [
+        "L0H0.yaml::feature[1]::absence[\\n]",
+        "L0H0.yaml::feature[1]::absence[\\\\n]",
+        "L0H0.yaml::feature[1]::absence[\\t\\u2028]",
+    ]
+    result = run(planted_books, "-v", "-k", "absence[\\n]", "--rulecheck-examples", "5")
+    result.assert_outcomes(passed=1, deselected=2)
+    assert any(
+        line.startswith("L0H0.yaml::feature[1]::absence[\\n] PASSED")
+        for line in result.stdout.lines
+    ), result.stdout.str()
+
+
+def test_escaped_is_one_to_one_on_one_line():
+    texts = ["\n", "\\n", "\\\n", "\t", " a ", "\u2028", "\x1b[0m", "é", ""]
+    shown = [escaped(t) for t in texts]
+    assert len(set(shown)) == len(texts)
+    assert all(s.isprintable() for s in shown)
+    assert escaped(" a b ") == " a b " and escaped("é") == "é"
