@@ -14,24 +14,24 @@ from rich.text import Text
 
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.bookdiff import FeatureDiff, HeadDiff
-from rulecheck.kinds.skipgram import SkipGram, distance_text
-from rulecheck.refs import TokenRef, ref_name
+from rulecheck.kinds.skipgram import SkipGram, label, shown_label, shown_term
+from rulecheck.refs import TokenRef, ref_shown
 from rulecheck.rulebook import load_rulebook
 
 TOP_TERMS = 3
 
 
 def render_ref(ref: TokenRef) -> str:
-    """``[If]`` for a ref with tokens (its first token), ``[f1234]`` for a bare feature;
-    unprintable characters escaped."""
-    name = ref_name(ref)
-    return f"[{name if name.isprintable() else repr(name)[1:-1]}]"
+    """``[If]`` for a ref with tokens (its first token; ``[" then"]``, ``["\\n"]`` where a
+    space at either end or an unprintable character must be seen), ``[f1234]`` for a bare
+    feature (``refs.ref_shown``)."""
+    return ref_shown(ref)
 
 
 def render_skipgram(term: SkipGram) -> str:
-    """``[If] ... [ then]``: the key, then the query that attends to it (and how far after
+    """``[If] ... [" then"]``: the key, then the query that attends to it (and how far after
     the key, where the term says: ``[(] ... [)] (distance <= 3)``)."""
-    return f"{render_ref(term.key)} ... {render_ref(term.query)}{distance_text(term)}"
+    return shown_term(term)
 
 
 def top_terms(entry: FeatureRules, n: int = TOP_TERMS) -> list[SkipGram]:
@@ -65,12 +65,13 @@ def rulebook_table(rulebook: Rulebook) -> Table:
         table.add_column(name, justify="right")
     for entry in rulebook.features:
         # the label is normally the first term; list the ones after it
-        shown = [render_skipgram(t) for t in top_terms(entry, TOP_TERMS + 1)]
-        rest = shown[1:] if shown and entry.label == shown[0] else shown[:TOP_TERMS]
+        terms = top_terms(entry, TOP_TERMS + 1)
+        shown = [shown_term(t) for t in terms]
+        rest = shown[1:] if terms and entry.label == label(terms[0]) else shown[:TOP_TERMS]
         table.add_row(
             str(entry.feature),
             "manual" if entry.source == "manual" else "ext",
-            Text(entry.label),
+            Text(shown_label(entry)),
             str(len(entry.skipgrams)),
             Text(", ".join(rest)),
             str(len(entry.absence)),

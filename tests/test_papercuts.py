@@ -1,5 +1,5 @@
 """What a person reads stays exact: loading without the libraries' notices that say nothing to
-rulecheck's users and item names on one line."""
+rulecheck's users, item names on one line and tokens shown with their spaces."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ import warnings
 import pytest
 
 from rulecheck import zoo
+from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.errors import RuleFailed
+from rulecheck.kinds import KINDS, CheckContext
+from rulecheck.kinds.skipgram import SkipGram
 from rulecheck.loading._common import MODEL_DEPRECATED, SAE_MODEL_KWARGS, without_warning
-from rulecheck.refs import escaped
+from rulecheck.refs import TokenRef, escaped, shown_token
+from rulecheck.report import rulebook_table
+from rulecheck.rulebook import load_rulebook
+from rulecheck.session import Workbench
 
 pytest_plugins = ["pytester"]
 
@@ -107,3 +114,96 @@ def test_escaped_is_one_to_one_on_one_line():
     assert len(set(shown)) == len(texts)
     assert all(s.isprintable() for s in shown)
     assert escaped(" a b ") == " a b " and escaped("é") == "é"
+
+
+# ------------------------------------------------------------------------- tokens with their spaces
+
+
+def _render(renderable, width: int = 200) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=width)
+    console.print(renderable)
+    return console.export_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory) -> Workbench:
+    return Workbench(device="cpu", cache_dir=tmp_path_factory.mktemp("exemplars"))
+
+
+@pytest.mark.parametrize(
+    ("token", "shown"),
+    [
+        ("then", "[then]"),
+        (" the", '[" the"]'),
+        ("the ", '["the "]'),
+        ("   ", '["   "]'),
+        ("\n", '["\\n"]'),
+        ("\n   ", '["\\n   "]'),
+        ("a\tb", '["a\\tb"]'),
+        ("\x7f", '["\\u007f"]'),
+        ("[x]", '["[x]"]'),
+        ('"', '["\\""]'),
+        ("\\", '["\\\\"]'),
+        ("#12", '["#12"]'),
+        ("if then", "[if then]"),
+    ],
+)
+def test_a_token_is_shown_with_every_character_visible(token, shown):
+    assert shown_token(token) == shown
+    # what is shown reads back as the token, in the shorthand's JSON form
+    inner = shown[1:-1]
+    assert (json.loads(inner) if inner.startswith('"') else inner) == token
+
+
+def test_rulecheck_show_keeps_a_tokens_spaces():
+    terms = [SkipGram(TokenRef(tokens=["If"]), TokenRef(tokens=[" then"]))]
+    terms.append(SkipGram(TokenRef(tokens=["\n"]), TokenRef(tokens=["x "])))
+    features = [
+        FeatureRules(3, "extracted", "[If] ... [ then]", skipgrams=terms),  # extraction's label
+        FeatureRules(4, "manual", "two\nlines", skipgrams=terms[1:]),
+    ]
+    text = _render(rulebook_table(Rulebook(layer=0, head=0, features=features)))
+    assert '[If] ... [" then"]' in text and '["\\n"] ... ["x "]' in text
+    assert "[ then]" not in text
+    assert "two\\nlines" in text
+
+
+TINY_SPACES = """\
+rulecheck: 2
+model: rulecheck-tiny
+layer: 0
+head: 1
+features:
+  - feature: 7
+    source: manual
+    label: "[ v] ... [is]"
+    skipgrams: ["[ v] ... [is]"]
+    absence:
+      - {key: " v", query: is, distractor: " the", min_drop: 0.95}
+    counting:
+      - {key: " the", direction: increasing, min_spearman: 0.95}
+"""
+
+
+def test_a_failed_claim_keeps_its_tokens_spaces(tiny_bench, tmp_path):
+    path = tmp_path / "L0H1.yaml"
+    path.write_text(TINY_SPACES)
+    book = load_rulebook(path)
+    head = tiny_bench.head_of(book, str(path))
+    messages = {}
+    for key in ("absence", "counting"):
+        with pytest.raises(RuleFailed) as failed:
+            KINDS[key].check(CheckContext(tiny_bench, head, str(path)), book.features[0], 0)
+        messages[key] = str(failed.value)
+    first = messages["absence"].splitlines()[0]
+    assert first.startswith(
+        '[" the"] suppresses feature 7 ([" v"] ... [is]) of L0H1 (drop >= 0.95)'
+    )
+    assert 'one copy of [" the"] inserted' in messages["absence"]
+    assert 'test positives reading [" v"] ... [is] at t' in messages["absence"]
+    assert messages["counting"].startswith(
+        'feature 7 of L0H1 rises with the count of [" the"] (spearman >= 0.95)'
+    )
+    assert "[the]" not in messages["absence"] + messages["counting"]

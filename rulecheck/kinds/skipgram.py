@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING, Any
 from rulecheck import schema
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
-from rulecheck.refs import RefTable, Resolver, TokenRef, read_ref, ref_entry, ref_name
+from rulecheck.refs import (
+    RefTable,
+    Resolver,
+    TokenRef,
+    escaped,
+    read_ref,
+    ref_entry,
+    ref_name,
+    ref_shown,
+)
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
@@ -70,15 +79,29 @@ def distance_text(term: SkipGram) -> str:
 
 
 def label(term: SkipGram) -> str:
-    """``[If] ... [then]``: a term as a feature's label shows it (with its distances)."""
+    """``[If] ... [then]``: a term as extraction writes it as a feature's label (with its
+    distances)."""
     return f"[{ref_name(term.key)}] ... [{ref_name(term.query)}]{distance_text(term)}"
+
+
+def shown_term(term: SkipGram) -> str:
+    """``[If] ... [" then"]``: a term as messages and tables show it, every character of its
+    tokens visible (``refs.shown_token``), with its distances."""
+    return f"{ref_shown(term.key)} ... {ref_shown(term.query)}{distance_text(term)}"
+
+
+def shown_label(rules: FeatureRules) -> str:
+    """A feature's label as messages and tables show it: a label extraction wrote from one of
+    its terms as that term is shown (``shown_term``), any other on one line (``escaped``)."""
+    term = next((t for t in rules.skipgrams if rules.label == label(t)), None)
+    return escaped(rules.label) if term is None else shown_term(term)
 
 
 def claim_text(rules: FeatureRules, head: str) -> str:
     """The feature's skip-gram claim in words: ``feature 94 of L0H3 ([If] ... [then])``, by its
     label, or its terms joined by ``or``."""
-    terms = rules.label or " or ".join(label(t) for t in rules.skipgrams) or "no skip-grams"
-    return f"feature {rules.feature} of {head} ({terms})"
+    terms = shown_label(rules) or " or ".join(map(shown_term, rules.skipgrams))
+    return f"feature {rules.feature} of {head} ({terms or 'no skip-grams'})"
 
 
 def assert_minimums(
