@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="print a rulebook as a table")
     show.add_argument("file", type=Path)
+    show.add_argument(
+        "--format",
+        choices=("table", "plain", "markdown"),
+        default=None,
+        help="table (the default in a terminal; as wide as the terminal), plain (one "
+        "tab-separated line per feature, the default when piped) or markdown (a GitHub table)",
+    )
 
     summary = sub.add_parser("summary", help="per-head summary of a directory of rulebooks")
     summary.add_argument("directory", type=Path)
@@ -235,7 +242,8 @@ def run_extract(args: argparse.Namespace, console: Console) -> int:
 def run_show(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.report import print_rulebook
 
-    print_rulebook(args.file, console=console)
+    format = args.format or ("table" if console.is_terminal else "plain")
+    print_rulebook(args.file, console=console, format=format)
     return 0
 
 

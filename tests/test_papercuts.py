@@ -1,15 +1,19 @@
 """What a person reads stays exact: loading without the libraries' notices that say nothing to
-rulecheck's users, item names on one line and tokens shown with their spaces."""
+rulecheck's users, item names on one line, tokens shown with their spaces and ``rulecheck show``
+with every number at 80 columns and in each format."""
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 
 from rulecheck import zoo
 from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.cli import main
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds import KINDS, CheckContext
 from rulecheck.kinds.skipgram import SkipGram
@@ -207,3 +211,47 @@ def test_a_failed_claim_keeps_its_tokens_spaces(tiny_bench, tmp_path):
         'feature 7 of L0H1 rises with the count of [" the"] (spearman >= 0.95)'
     )
     assert "[the]" not in messages["absence"] + messages["counting"]
+
+
+# ------------------------------------------------------------------------------- show at 80 columns
+
+
+SHIPPED = Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny" / "L0H1.yaml"
+
+
+def _expected_rows() -> dict[str, str]:
+    """Each feature id of the shipped book and its F1 as ``show`` writes it."""
+    book = load_rulebook(SHIPPED, measurements=True)
+    return {str(f.feature): f"{f.measured['f1']:.2f}" for f in book.features}
+
+
+@pytest.mark.parametrize("fmt", ["table", "plain", "markdown", None])
+def test_show_keeps_every_feature_and_its_f1_at_80_columns(fmt, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["show", str(SHIPPED)] + ([] if fmt is None else ["--format", fmt])) == 0
+    out = capsys.readouterr().out
+    expected = _expected_rows()
+    assert len(expected) > 40 and all(expected.values())
+    if fmt == "table":
+        assert max(len(line) for line in out.splitlines()) <= 80
+        rows = [
+            [cell.strip() for cell in line.strip("│").split("│")]
+            for line in out.splitlines()
+            if line.startswith("│") and line.split("│")[1].strip()
+        ]
+        header = next(line for line in out.splitlines() if line.startswith("┃"))
+        names = [c.strip() for c in header.strip("┃").split("┃")]
+        assert {"feature", "label", "F1", "prec", "recall"} <= set(names), header
+        got = {row[0]: row[names.index("F1")] for row in rows}
+    elif fmt == "markdown":
+        lines = [line for line in out.splitlines() if line.startswith("| ")]
+        names = [c.strip() for c in lines[0].strip("| ").split(" | ")]
+        rows = [re.split(r"(?<!\\)\|", line.strip("|")) for line in lines[1:]]
+        got = {row[0].strip(): row[names.index("F1")].strip() for row in rows}
+    else:  # plain, also the default when the output is not a terminal
+        lines = out.splitlines()
+        names = lines[0].split("\t")
+        rows = [line.split("\t") for line in lines[1:]]
+        assert all(len(row) == len(names) for row in rows)
+        got = {row[0]: row[names.index("F1")] for row in rows}
+    assert got == expected
