@@ -1,6 +1,7 @@
 """What a person reads stays exact: loading without the libraries' notices that say nothing to
-rulecheck's users, item names on one line, tokens shown with their spaces and ``rulecheck show``
-with every number at 80 columns and in each format."""
+rulecheck's users, item names on one line, tokens shown with their spaces, ``rulecheck show``
+with every number at 80 columns and in each format and a failed recall naming the positives it
+missed with the terms that would have matched them."""
 
 from __future__ import annotations
 
@@ -255,3 +256,87 @@ def test_show_keeps_every_feature_and_its_f1_at_80_columns(fmt, capsys, monkeypa
         assert all(len(row) == len(names) for row in rows)
         got = {row[0]: row[names.index("F1")] for row in rows}
     assert got == expected
+
+
+# ----------------------------------------------------------------- a failed recall names its misses
+
+
+IF_THEN_ONLY = """\
+rulecheck: 2
+model: planted
+layer: 0
+head: 0
+features:
+  - feature: 1
+    source: manual
+    skipgrams:
+      - "[if] ... [then]"
+    expect: {recall: 0.95}
+"""
+
+
+def test_a_failed_recall_names_missed_positives_and_the_deleted_term(planted_books):
+    # the planted feature fires on [if] ... [then] and [when] ... [do]; the second is deleted
+    planted_books.makefile(".yaml", L0H0=IF_THEN_ONLY)
+    result = run(planted_books, "-v")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "feature 1 of L0H0 ([if] ... [then]): recall is 0." in out
+    assert "  missed: " in out, out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  missed: "))
+    assert re.search(r"missed: \d+ of \d+ test positives predicted off; the 3 strongest", lines[at])
+    shown = lines[at + 1 : at + 7]
+    prompts, matches = shown[0::2], shown[1::2]
+    for prompt, match in zip(prompts, matches, strict=True):
+        assert re.search(r"t = \d+, activation 0\.\d{4}: .* when .* do$", prompt), prompt
+        assert "none of the book's terms; the head's candidates here: [when] ... [do]" in match
+
+
+def test_a_missed_positive_names_the_books_bounded_term_that_would_match(tmp_path):
+    """A term bounded too tightly misses positives it would match without its bounds."""
+    path = tmp_path / "L0H0.yaml"
+    path.write_text(
+        IF_THEN_ONLY.replace('"[if] ... [then]"', "{key: if, query: then, max_distance: 1}")
+    )
+    bench = Workbench(device="cpu", cache_dir=tmp_path / "exemplars")
+    book = load_rulebook(path)
+    head = bench.head_of(book, str(path))
+    with pytest.raises(RuleFailed) as failed:
+        KINDS["skipgrams"].check(CheckContext(bench, head, str(path)), book.features[0], 2)
+    message = str(failed.value)
+    assert (
+        "would match: the book's [if] ... [then] (distance <= 1) without its distance bounds"
+        in message
+    )
+
+
+def test_the_candidates_of_a_missed_prefix_are_its_strongest_live_pairs():
+    """``candidate_matches`` against every pair of the prefix scored one at a time."""
+    import torch
+
+    from rulecheck.core.misses import candidate_matches, strongest_missed
+
+    g = torch.Generator().manual_seed(0)
+    d_sae, d_model, d_head, t = 12, 8, 4, 6
+    feats = torch.randn(t + 1, d_sae, generator=g).clamp(min=0)
+    d = torch.randn(d_sae, d_model, generator=g)
+    W_Q, W_K = torch.randn(d_model, d_head, generator=g), torch.randn(d_model, d_head, generator=g)
+    value = torch.randn(d_sae, generator=g)
+    slow = []
+    for q in range(d_sae):
+        for k in range(d_sae):
+            fq, fk = float(feats[t, q]), float(feats[:, k].max())
+            attn = float((d[q] @ W_Q) @ (d[k] @ W_K)) / 2.0
+            score = fq * fk * attn * fk * float(value[k])
+            if fq > 0 and fk > 0 and attn > 0 and value[k] > 0:
+                slow.append((-score, q * d_sae + k, k, q, int(feats[:, k].argmax())))
+    slow.sort()
+    got = candidate_matches(feats, d, W_Q, W_K, 2.0, value, 5)
+    assert [(c.key, c.query, c.key_pos) for c in got] == [s[2:] for s in slow[:5]]
+    assert all(
+        abs(c.score + s[0]) < 1e-4 * max(1, abs(s[0])) for c, s in zip(got, slow, strict=False)
+    )
+    act = torch.tensor([0.5, 0.0, 0.9, 0.9, 0.2, 0.7])
+    pred = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    assert strongest_missed(act, pred, 3).tolist() == [3, 5, 0]
