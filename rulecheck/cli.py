@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="print a rulebook as a table")
     show.add_argument("file", type=Path)
+    show.add_argument(
+        "--format",
+        choices=("table", "plain", "markdown"),
+        default=None,
+        help="table (the default in a terminal; as wide as the terminal), plain (one "
+        "tab-separated line per feature, the default when piped) or markdown (a GitHub table)",
+    )
 
     summary = sub.add_parser("summary", help="per-head summary of a directory of rulebooks")
     summary.add_argument("directory", type=Path)
@@ -240,7 +247,8 @@ def run_extract(args: argparse.Namespace, console: Console) -> int:
 def run_show(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.report import print_rulebook
 
-    print_rulebook(args.file, console=console)
+    format = args.format or ("table" if console.is_terminal else "plain")
+    print_rulebook(args.file, console=console, format=format)
     return 0
 
 
@@ -587,7 +595,6 @@ def match_summary(matching: Any, n_old: int, n_new: int) -> tuple[Table, str]:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
     console = Console(stderr=False)
     err = Console(stderr=True)
     commands = {

@@ -17,7 +17,13 @@ from torch import Tensor
 
 from rulecheck.book import FeatureRules
 from rulecheck.core.evaluate import Measured
-from rulecheck.kinds.skipgram import SkipGram, assert_minimums, claim_text, measure
+from rulecheck.kinds.skipgram import (
+    SkipGram,
+    assert_minimums,
+    claim_text,
+    measure,
+    missed_lines,
+)
 from rulecheck.refs import TokenRef
 from rulecheck.session import Head, Workbench
 from rulecheck.specs import Specs
@@ -72,11 +78,15 @@ class FeatureHandle:
     ) -> Measured:
         """Assert the disjunction of ``skipgrams`` reaches the given minimums (``RuleFailed``
         otherwise)."""
-        rules = self.rules(skipgrams)
-        measured = measure(self.bench, self.head, rules, f"<feature {self.feature}>")
+        rules, file = self.rules(skipgrams), f"<feature {self.feature}>"
+        measured = measure(self.bench, self.head, rules, file)
         wanted = {"f1": f1, "precision": precision, "recall": recall}
         minimums = {k: v for k, v in wanted.items() if v is not None}
-        assert_minimums(measured, minimums, claim_text(rules, self.head.name), {})
+
+        def missed() -> list[str]:
+            return missed_lines(self.bench, self.head, rules, file)
+
+        assert_minimums(measured, minimums, claim_text(rules, self.head.name), {}, missed)
         return measured
 
     def __repr__(self) -> str:

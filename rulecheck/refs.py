@@ -10,7 +10,9 @@ given, checked against the input SAE) and to token ids:
   most.
 
 Skip-grams read the feature when there is one, else the token set; counterfactual checks
-insert :attr:`Resolved.token`. :func:`ref_name` is how a reference is shown everywhere.
+insert :attr:`Resolved.token`. :func:`ref_shown` is how a reference is shown to a person
+(messages, tables: every character of a token visible), :func:`ref_name` how items and
+labels name it.
 
 In a rulebook (format 2) a reference is written short: an integer is an input feature whose
 tokens the book's ``refs:`` table gives (:class:`RefTable`), a string is one token, and the long
@@ -185,12 +187,49 @@ class RefTable:
         return short if short is not None else schema.Flow(ref.to_dict())
 
 
-def ref_name(ref: TokenRef, token_text: str | None = None) -> str:
-    """How a reference is shown in item names, labels and messages: the text of its token
-    (``token_text``, without surrounding spaces), else its first listed token, else ``f{id}``."""
-    if token_text is not None:
-        return token_text.strip() or token_text
+def ref_name(ref: TokenRef) -> str:
+    """How a reference is named in item names and the labels extraction writes: its first
+    listed token as it is, else ``f{id}`` (item names escape it: ``escaped``)."""
     return ref.tokens[0] if ref.tokens else f"f{ref.feature}"
+
+
+def ref_shown(ref: TokenRef, token_text: str | None = None) -> str:
+    """How a reference is shown to a person, in messages and tables: the token (``token_text``,
+    the decoded text of the token a check uses, else its first listed token) in brackets as
+    ``shown_token`` writes it, else ``[f{id}]``."""
+    if token_text is None and not ref.tokens:
+        return f"[f{ref.feature}]"
+    return shown_token(ref.tokens[0] if token_text is None else token_text)
+
+
+def shown_token(text: str) -> str:
+    """A token in shorthand brackets, every character of it visible: ``[then]`` as written
+    where that is unambiguous, else the JSON string the shorthand reads (``[" then"]``,
+    ``["\\n"]``): a space at either end, a line break or other unprintable character, a
+    bracket, a quote or a backslash is never left to the eye."""
+    if (
+        text
+        and text == text.strip()
+        and _PLAIN.match(text)
+        and text.isprintable()
+        and not re.match(r"^#[0-9]+$", text)
+    ):
+        return f"[{text}]"
+    quoted = json.dumps(text, ensure_ascii=False)  # JSON escapes the control characters
+    return "[" + "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in quoted) + "]"
+
+
+def escaped(text: str) -> str:
+    """``text`` on one line: a backslash doubled, a line break, tab or other unprintable
+    character as its escape (``\\n``, ``\\t``, ``\\x1b``, ``\\u2028``), the rest, spaces
+    included, as it is. One to one: distinct texts stay distinct (test item names)."""
+    return "".join(_escape_char(c) for c in text)
+
+
+def _escape_char(c: str) -> str:
+    if c == "\\":
+        return "\\\\"
+    return c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -244,11 +283,14 @@ class Resolver:
             )
         return token
 
-    def name(self, ref: TokenRef, token: int | None = None) -> str:
-        """``ref_name`` of ``ref``, by the decoded text of ``token`` when there is one."""
-        if token is None or self.tokenizer is None:
-            return ref_name(ref) if token is None else str(token)
-        return ref_name(ref, self.tokenizer.decode([token]))
+    def shown(self, ref: TokenRef, token: int | None = None) -> str:
+        """``ref_shown`` of ``ref``, by the decoded text of ``token`` when there is one (its
+        id without a tokenizer)."""
+        if token is None:
+            return ref_shown(ref)
+        return ref_shown(
+            ref, str(token) if self.tokenizer is None else self.tokenizer.decode([token])
+        )
 
     def _resolve(self, ref: TokenRef, field: str) -> Resolved:
         if ref.feature is None:

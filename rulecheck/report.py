@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,24 +15,24 @@ from rich.text import Text
 
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.bookdiff import FeatureDiff, HeadDiff
-from rulecheck.kinds.skipgram import SkipGram, distance_text
-from rulecheck.refs import TokenRef, ref_name
+from rulecheck.kinds.skipgram import SkipGram, label, shown_label, shown_term
+from rulecheck.refs import TokenRef, ref_shown
 from rulecheck.rulebook import load_rulebook
 
 TOP_TERMS = 3
 
 
 def render_ref(ref: TokenRef) -> str:
-    """``[If]`` for a ref with tokens (its first token), ``[f1234]`` for a bare feature;
-    unprintable characters escaped."""
-    name = ref_name(ref)
-    return f"[{name if name.isprintable() else repr(name)[1:-1]}]"
+    """``[If]`` for a ref with tokens (its first token; ``[" then"]``, ``["\\n"]`` where a
+    space at either end or an unprintable character must be seen), ``[f1234]`` for a bare
+    feature (``refs.ref_shown``)."""
+    return ref_shown(ref)
 
 
 def render_skipgram(term: SkipGram) -> str:
-    """``[If] ... [ then]``: the key, then the query that attends to it (and how far after
+    """``[If] ... [" then"]``: the key, then the query that attends to it (and how far after
     the key, where the term says: ``[(] ... [)] (distance <= 3)``)."""
-    return f"{render_ref(term.key)} ... {render_ref(term.query)}{distance_text(term)}"
+    return shown_term(term)
 
 
 def top_terms(entry: FeatureRules, n: int = TOP_TERMS) -> list[SkipGram]:
@@ -50,40 +51,106 @@ def _number(value: Any) -> str:
     return "nan" if math.isnan(value) else f"{value:.2f}"
 
 
-def rulebook_table(rulebook: Rulebook) -> Table:
-    """One row per feature: its label, its strongest terms, rule counts and scores."""
-    count = len(rulebook.features)
-    table = Table(title=f"{rulebook.name}: {count} feature{'' if count == 1 else 's'}")
-    table.add_column("feature", justify="right")
-    table.add_column("src", justify="left")
-    table.add_column("label", no_wrap=True, overflow="ellipsis")
-    table.add_column("terms", justify="right")
-    table.add_column("next terms", no_wrap=True, overflow="ellipsis")
-    table.add_column("abs", justify="right")
-    table.add_column("cnt", justify="right")
-    for name in ("F1", "prec", "recall", "≥F1"):
-        table.add_column(name, justify="right")
+SHOW_COLUMNS = ("feature", "src", "label", "terms", "next terms", "abs", "cnt")
+SHOW_SCORES = ("F1", "prec", "recall", "≥F1")
+WIDE_TABLE = 120  # a narrower table leaves out "next terms", so the label keeps its room
+
+
+def rulebook_rows(rulebook: Rulebook) -> list[list[str]]:
+    """One row per feature (``SHOW_COLUMNS``, then ``SHOW_SCORES``), each cell on one line:
+    its label, its strongest terms, rule counts and scores."""
+    rows = []
     for entry in rulebook.features:
         # the label is normally the first term; list the ones after it
-        shown = [render_skipgram(t) for t in top_terms(entry, TOP_TERMS + 1)]
-        rest = shown[1:] if shown and entry.label == shown[0] else shown[:TOP_TERMS]
-        table.add_row(
-            str(entry.feature),
-            "manual" if entry.source == "manual" else "ext",
-            Text(entry.label),
-            str(len(entry.skipgrams)),
-            Text(", ".join(rest)),
-            str(len(entry.absence)),
-            str(len(entry.counting)),
-            _number(entry.measured.get("f1")),
-            _number(entry.measured.get("precision")),
-            _number(entry.measured.get("recall")),
-            _number(entry.expect.get("f1")),
+        terms = top_terms(entry, TOP_TERMS + 1)
+        shown = [shown_term(t) for t in terms]
+        rest = shown[1:] if terms and entry.label == label(terms[0]) else shown[:TOP_TERMS]
+        rows.append(
+            [
+                str(entry.feature),
+                "manual" if entry.source == "manual" else "ext",
+                shown_label(entry),
+                str(len(entry.skipgrams)),
+                ", ".join(rest),
+                str(len(entry.absence)),
+                str(len(entry.counting)),
+                _number(entry.measured.get("f1")),
+                _number(entry.measured.get("precision")),
+                _number(entry.measured.get("recall")),
+                _number(entry.expect.get("f1")),
+            ]
         )
+    return rows
+
+
+def _rulebook_title(rulebook: Rulebook) -> str:
+    count = len(rulebook.features)
+    return f"{rulebook.name}: {count} feature{'' if count == 1 else 's'}"
+
+
+def rulebook_table(rulebook: Rulebook, width: int | None = None) -> Table:
+    """``rulebook_rows`` as a table for a console ``width`` columns wide (None: wide). The
+    ids, counts and scores never wrap; the label wraps, and below ``WIDE_TABLE`` columns the
+    next terms are left out (``--format plain`` lists them), so that a narrow terminal or a
+    pipe still shows every number."""
+    wide = width is None or width >= WIDE_TABLE
+    table = Table(title=_rulebook_title(rulebook))
+    names = [n for n in SHOW_COLUMNS + SHOW_SCORES if wide or n != "next terms"]
+    for name in names:
+        if name in ("label", "next terms"):  # shrink (the label wraps, the terms are cut)
+            table.add_column(name, min_width=8 if name == "label" else None)
+        else:
+            table.add_column(name, justify="left" if name == "src" else "right", no_wrap=True)
+    for row in rulebook_rows(rulebook):
+        cells = dict(zip(SHOW_COLUMNS + SHOW_SCORES, row, strict=True))
+        # text cells as Text: a label such as "[b]x[/b]" is not markup
+        cells["label"] = Text(cells["label"], overflow="fold")
+        cells["next terms"] = Text(cells["next terms"], no_wrap=True, overflow="ellipsis")
+        table.add_row(*(cells[name] for name in names))
     return table
 
 
-def rulebook_header(rulebook: Rulebook) -> Text:
+def rulebook_plain(rulebook: Rulebook) -> str:
+    """``rulebook_rows`` as tab-separated lines under a header line: one line per feature,
+    for ``cut``, ``sort`` and ``grep``."""
+    lines = ["\t".join(SHOW_COLUMNS + SHOW_SCORES)]
+    lines += ["\t".join(row) for row in rulebook_rows(rulebook)]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_cell(text: str, code: bool = False) -> str:
+    """A table cell of GitHub Markdown: ``|`` escaped; ``code`` in a code span whose fence is
+    longer than any run of backticks inside, so tokens show as written."""
+    if code and text:
+        fence = "`" * (max((len(r) for r in re.findall("`+", text)), default=0) + 1)
+        text = f"{fence} {text} {fence}"
+    return text.replace("|", "\\|")
+
+
+def rulebook_markdown(rulebook: Rulebook, path: str | Path) -> str:
+    """The rulebook as GitHub Markdown: its path, header fields, then ``rulebook_rows`` as a
+    table, labels and terms as code."""
+    header = rulebook_fields(rulebook)
+    lines = [f"### {path}", "", *(f"- {k}: {v}" for k, v in header.items()), ""]
+    lines.append(f"**{_rulebook_title(rulebook)}**")
+    lines.append("")
+    names = SHOW_COLUMNS + SHOW_SCORES
+    lines.append("| " + " | ".join(names) + " |")
+    lines.append(
+        "|" + "|".join("---" if n in ("src", "label", "next terms") else "--:" for n in names) + "|"
+    )
+    for row in rulebook_rows(rulebook):
+        cells = [
+            _markdown_cell(cell, code=name in ("label", "next terms"))
+            for name, cell in zip(names, row, strict=True)
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if rulebook.lost:
+        lines += ["", lost_line(rulebook)]
+    return "\n".join(lines) + "\n"
+
+
+def rulebook_fields(rulebook: Rulebook) -> dict[str, str]:
     """Which head, model, SAEs, corpus and extraction method the rulebook is about."""
     fields = {
         "head": f"layer {rulebook.layer}, head {rulebook.head}",
@@ -93,20 +160,35 @@ def rulebook_header(rulebook: Rulebook) -> Text:
         "corpus": rulebook.corpus,
         "extraction": rulebook.extraction.get("method"),
     }
+    return {name: str(value) if value is not None else "-" for name, value in fields.items()}
+
+
+def rulebook_header(rulebook: Rulebook) -> Text:
+    """``rulebook_fields``, one a line."""
     text = Text()
-    for name, value in fields.items():
+    for name, value in rulebook_fields(rulebook).items():
         text.append(f"{name}: ", style="bold")
-        text.append(f"{value if value is not None else '-'}\n")
+        text.append(f"{value}\n")
     return text
 
 
-def print_rulebook(path: str | Path, console: Console | None = None) -> Rulebook:
-    """Load the rulebook at ``path`` and print its header and feature table."""
+def print_rulebook(
+    path: str | Path, console: Console | None = None, format: str = "table"
+) -> Rulebook:
+    """Load the rulebook at ``path`` and print it: its header and feature table
+    (``format`` table, as wide as the console), its feature lines (plain) or GitHub
+    Markdown."""
     rulebook = load_rulebook(path, measurements=True)
     console = console or Console()
+    if format == "plain":
+        console.file.write(rulebook_plain(rulebook))
+        return rulebook
+    if format == "markdown":
+        console.file.write(rulebook_markdown(rulebook, path))
+        return rulebook
     console.print(Text(str(path), style="bold underline"))
     console.print(rulebook_header(rulebook), end="")
-    console.print(rulebook_table(rulebook))
+    console.print(rulebook_table(rulebook, console.width))
     if rulebook.lost:
         console.print(lost_line(rulebook), soft_wrap=True)
     return rulebook

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from rulecheck.kinds.skipgram import MISSED_SHOWN
 from rulecheck.loading import load_model, save_model
 from rulecheck.rulebook import load_rulebook
 from rulecheck.specs import locate
@@ -197,9 +198,11 @@ def test_a_books_selected_features_are_measured_in_one_prefix_pass(books, monkey
 
     both, alone = books.path / "both.json", books.path / "alone.json"
     run(books, "L0H0.yaml", f"--rulecheck-report={both}").assert_outcomes(passed=3, failed=1)
-    # one pass over the test prefixes (the held-out sequences' are kept once per session)
-    assert len(passes) == 1
-    together = passes.pop()
+    # one pass over the test prefixes (the held-out sequences' are kept once per session),
+    # then one over the few positives the failed claim missed, to say what would match them
+    assert len(passes) == 2 and passes[1] <= MISSED_SHOWN
+    together = passes[0]
+    passes.clear()
     result = run(
         books, "L0H0.yaml", "--deselect", "L0H0.yaml::feature[0]::f1", f"--rulecheck-report={alone}"
     )

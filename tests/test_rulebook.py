@@ -1031,10 +1031,10 @@ def test_rulebook_table_shows_each_feature() -> None:
     )
     text = _render(rulebook_table(book))
     assert "94" in text and "12" in text and " ext " in text and "manual" in text
-    assert "[If] ... [ then]" in text
+    assert '[If] ... [" then"]' in text  # the token's leading space shown
     assert "[bold]not markup[/bold]" in text
-    assert "[f1234] ... [ q4]" in text and "[f1234] ... [ q2]" in text
-    assert "[ q1]" not in text and "[ q0]" not in text
+    assert '[f1234] ... [" q4"]' in text and '[f1234] ... [" q2"]' in text
+    assert '[" q1"]' not in text and '[" q0"]' not in text
     row_94 = next(line for line in text.splitlines() if " 94 " in line)
     assert "0.80" in row_94 and "0.78" in row_94 and "0.83" in row_94 and "0.72" in row_94
     row_12 = next(line for line in text.splitlines() if " 12 " in line)
@@ -1054,7 +1054,7 @@ def test_print_rulebook_prints_header_and_table(tmp_path: Path) -> None:
         "layer 0, head 3",
     ):
         assert part in text
-    assert "weight" in text and "[If] ... [ then]" in text
+    assert "weight" in text and '[If] ... [" then"]' in text
 
 
 def test_print_rulebook_reports_bad_files(tmp_path: Path) -> None:

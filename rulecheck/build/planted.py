@@ -38,6 +38,7 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rulecheck.atomic import atomic_directory
+from rulecheck.loading._common import MODEL_DEPRECATED, without_warning
 
 VERSION = 4
 BOS = "<bos>"
@@ -189,7 +190,8 @@ def build_model() -> HookedTransformer:
         act_fn="relu",
         seed=0,
     )
-    model = HookedTransformer(cfg)
+    with without_warning(MODEL_DEPRECATED):
+        model = HookedTransformer(cfg)
     sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     sd["embed.W_E"] = torch.eye(d)
     g = torch.Generator().manual_seed(1)

@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rulecheck.build import planted
 from rulecheck.build.planted import BOS, FILLER
+from rulecheck.loading._common import MODEL_DEPRECATED, without_warning
 
 VERSION = 1
 VOCAB = [BOS, "<unk>", "open", "close", *FILLER]
@@ -79,7 +80,8 @@ def build_model() -> HookedTransformer:
         positional_embedding_type="standard",
         seed=0,
     )
-    model = HookedTransformer(cfg)
+    with without_warning(MODEL_DEPRECATED):
+        model = HookedTransformer(cfg)
     sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     sd["embed.W_E"][:, :n_words] = torch.eye(n_words)
     sd["pos_embed.W_pos"][:, n_words:] = torch.eye(SEQ_LEN)

@@ -37,6 +37,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from rulecheck.build import planted
 from rulecheck.build.planted import BOS, FILLER
 from rulecheck.build.planted_local import place_near
+from rulecheck.loading._common import MODEL_DEPRECATED, without_warning
 
 VERSION = 2
 # the counting words go last, so that the other words keep their token ids and input features
@@ -142,7 +143,8 @@ def build_model() -> HookedTransformer:
         act_fn="silu",
         seed=0,
     )
-    model = HookedTransformer(cfg)
+    with without_warning(MODEL_DEPRECATED):
+        model = HookedTransformer(cfg)
     sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items() if "rotary" not in k}
     sd["embed.W_E"][:, :n_words] = torch.eye(n_words)
     sd["embed.W_E"][:, carrier] = 1.0

@@ -197,9 +197,9 @@ class Absence(RuleKind):
         assert distractor is not None
         key = refs.token(rule.key, f"{where}.key", required=False)
         query = refs.token(rule.query, f"{where}.query", required=False)
-        name = refs.name(rule.distractor, distractor)
-        term = f"[{refs.name(rule.key, key)}] ... [{refs.name(rule.query, query)}]"
-        claim = f"[{name}] suppresses feature {rules.feature} ({term}) of {head.name}"
+        name = refs.shown(rule.distractor, distractor)
+        term = f"{refs.shown(rule.key, key)} ... {refs.shown(rule.query, query)}"
+        claim = f"{name} suppresses feature {rules.feature} ({term}) of {head.name}"
         claim += strength_text("drop", rule.min_drop)
         record = {"rule": self.key, "passed": False}
 
@@ -232,7 +232,7 @@ class _Prompts:
     t: Any  # Tensor [n]
     key: int | None
     distractor: int
-    name: str  # the distractor as messages show it
+    name: str  # the distractor as messages show it, in its brackets
     claim: str  # the claim's first words in messages
     pool: str  # which prompts, in words
     record: dict[str, Any]
@@ -271,7 +271,7 @@ def _check_strength(
             [
                 f"{p.claim}: falsified: mean drop {mean:.3f} < {min_drop:g} stated, over "
                 f"{len(m)} prompts",
-                f"  criterion: one copy of [{p.name}] inserted right after BOS lowers the "
+                f"  criterion: one copy of {p.name} inserted right after BOS lowers the "
                 f"activation at t by (before - after) / before >= {min_drop:g} on average",
                 f"  prompts: {p.pool}{left}",
                 f"  the prompt with the smallest drop ({float(m.drop[i]):.1%}):",
@@ -310,7 +310,7 @@ def _check_every_prompt(
         "\n".join(
             [
                 f"{p.claim}: falsified",
-                f"  criterion: 1-{MAX_COPIES} copies of [{p.name}] inserted before t leave "
+                f"  criterion: 1-{MAX_COPIES} copies of {p.name} inserted before t leave "
                 f"at most {1 - MARGIN:.0%} of the activation at t (after <= "
                 f"{1 - MARGIN:g} * before)",
                 f"  prompts: {p.pool}",

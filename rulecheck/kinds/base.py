@@ -7,7 +7,8 @@ A kind owns one key of a feature's entry in a rulebook (``skipgrams:``, ``absenc
 - ``read(where, value, path)`` and ``write(claim, table)``: a rule as a book holds it, short
   (a one-line list or shorthand text, references by id in the book's ``refs:`` table) when it
   can be, else the long form, a mapping of the claim's fields;
-- ``items(rules)``: the test items it yields for a feature, as ``(name, index)`` pairs;
+- ``items(rules)``: the test items it yields for a feature, as ``(name, index)`` pairs, each
+  name on one line (pytest node ids, ``-k``);
 - ``check(ctx, rules, index)``: runs one item against the checkpoint and returns what the
   run report records, or raises :class:`~rulecheck.errors.RuleFailed`;
 - ``find(found)``: the candidate claims extraction proposes for a feature (none for a kind
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rulecheck import schema
-from rulecheck.refs import RefTable, Resolver, ShorthandError, TokenRef, split_shorthand
+from rulecheck.refs import RefTable, Resolver, ShorthandError, TokenRef, escaped, split_shorthand
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -103,8 +104,9 @@ class RuleKind:
         return schema.Flow(long_form(claim, table))
 
     def items(self, rules: FeatureRules) -> list[tuple[str, int]]:
-        """One item per rule, ``item[<name>]``, names made unique with ``#2``, ``#3``."""
-        names = [f"{self.item}[{self.name(r)}]" for r in rules.claims[self.key]]
+        """One item per rule, ``item[<name>]``, names on one line (a line break in a token as
+        ``\\n``, ``refs.escaped``) and made unique with ``#2``, ``#3``."""
+        names = [f"{self.item}[{escaped(self.name(r))}]" for r in rules.claims[self.key]]
         return list(zip(unique(names), range(len(names)), strict=True))
 
     def name(self, claim: Any) -> str:

@@ -201,7 +201,7 @@ class Counting(RuleKind):
         ex = bench.examples(head, rules.feature, ctx.file)
         filler = default_filler(corpus, exclude=(key,))
         rows, t = base_contexts(corpus, ex, key, filler, "test")
-        key_name, filler_name = refs.name(rule.key, key), refs.name(rule.key, filler)
+        key_name, filler_name = refs.shown(rule.key, key), refs.shown(rule.key, filler)
         claim = _claim(rules.feature, head.name, key_name, up, k)
         record = {"rule": self.key, "passed": False}
         if len(t) == 0:
@@ -242,10 +242,10 @@ class Counting(RuleKind):
         lines = [
             f"{claim}: falsified",
             f"  criterion: per context, the activation at t never "
-            f"{'falls' if up else 'rises'} as copies of [{key_name}] are added; "
-            f"{_majority_text(up, k)} (n: the count of [{key_name}] in [1, t], t included)",
-            f"  base contexts: {len(t)} test positives with [{key_name}] before t replaced by "
-            f"[{filler_name}]",
+            f"{'falls' if up else 'rises'} as copies of {key_name} are added; "
+            f"{_majority_text(up, k)} (n: the count of {key_name} in [1, t], t included)",
+            f"  base contexts: {len(t)} test positives with {key_name} before t replaced by "
+            f"{filler_name}",
             "  share of base contexts active by n (copies spread over the prefix): "
             + ", ".join(
                 f"{n}: {s:.0%}" for n, s in enumerate(curve.active_by_count) if not math.isnan(s)
@@ -330,10 +330,10 @@ def _check_strength(
         f"{c.claim}: falsified: {', '.join(fails)}, over {n} base contexts",
         f"  criterion: the Spearman correlation of the activation at t with n over every "
         f"(base context, n) pair, copies spread over the prefix, {'' if up else 'negated '}"
-        f">= {min_spearman:g}; {_majority_text(up, k)} (n: the count of [{c.key_name}] in "
+        f">= {min_spearman:g}; {_majority_text(up, k)} (n: the count of {c.key_name} in "
         "[1, t], t included)",
-        f"  base contexts: {n} test positives with [{c.key_name}] before t replaced by "
-        f"[{c.filler_name}]",
+        f"  base contexts: {n} test positives with {c.key_name} before t replaced by "
+        f"{c.filler_name}",
         "  share of base contexts active by n (copies spread over the prefix): "
         + ", ".join(
             f"{m}: {s:.0%}" for m, s in enumerate(curve.active_by_count) if not math.isnan(s)
@@ -403,4 +403,4 @@ def _claim(feature: int, head: str, key: str, increasing: bool, k: int | None) -
 
     verb = "rises" if increasing else "falls"
     state = "" if k is None else f", {'on' if increasing else 'off'} from {copies(k)}"
-    return f"feature {feature} of {head} {verb} with the count of [{key}]{state}"
+    return f"feature {feature} of {head} {verb} with the count of {key}{state}"

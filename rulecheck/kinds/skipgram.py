@@ -10,14 +10,24 @@ Items: ``f1``, ``precision`` and ``recall`` of that prediction on the feature's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from rulecheck import schema
 from rulecheck.errors import RuleFailed
 from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
-from rulecheck.refs import RefTable, Resolver, TokenRef, read_ref, ref_entry, ref_name
+from rulecheck.refs import (
+    RefTable,
+    Resolver,
+    TokenRef,
+    escaped,
+    read_ref,
+    ref_entry,
+    ref_name,
+    ref_shown,
+    shown_token,
+)
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
@@ -70,22 +80,41 @@ def distance_text(term: SkipGram) -> str:
 
 
 def label(term: SkipGram) -> str:
-    """``[If] ... [then]``: a term as a feature's label shows it (with its distances)."""
+    """``[If] ... [then]``: a term as extraction writes it as a feature's label (with its
+    distances)."""
     return f"[{ref_name(term.key)}] ... [{ref_name(term.query)}]{distance_text(term)}"
+
+
+def shown_term(term: SkipGram) -> str:
+    """``[If] ... [" then"]``: a term as messages and tables show it, every character of its
+    tokens visible (``refs.shown_token``), with its distances."""
+    return f"{ref_shown(term.key)} ... {ref_shown(term.query)}{distance_text(term)}"
+
+
+def shown_label(rules: FeatureRules) -> str:
+    """A feature's label as messages and tables show it: a label extraction wrote from one of
+    its terms as that term is shown (``shown_term``), any other on one line (``escaped``)."""
+    term = next((t for t in rules.skipgrams if rules.label == label(t)), None)
+    return escaped(rules.label) if term is None else shown_term(term)
 
 
 def claim_text(rules: FeatureRules, head: str) -> str:
     """The feature's skip-gram claim in words: ``feature 94 of L0H3 ([If] ... [then])``, by its
     label, or its terms joined by ``or``."""
-    terms = rules.label or " or ".join(label(t) for t in rules.skipgrams) or "no skip-grams"
-    return f"feature {rules.feature} of {head} ({terms})"
+    terms = shown_label(rules) or " or ".join(map(shown_term, rules.skipgrams))
+    return f"feature {rules.feature} of {head} ({terms or 'no skip-grams'})"
 
 
 def assert_minimums(
-    measured: Measured, minimums: dict[str, float], claim: str, record: dict[str, Any]
+    measured: Measured,
+    minimums: dict[str, float],
+    claim: str,
+    record: dict[str, Any],
+    missed: Callable[[], list[str]] | None = None,
 ) -> None:
     """The one threshold comparison: every metric in ``minimums`` reaches its minimum, else
-    ``RuleFailed`` naming each short metric and what was measured."""
+    ``RuleFailed`` naming each short metric and what was measured, and, where recall or F1
+    falls short with positives missed, the lines of ``missed`` (``missed_lines``)."""
     short = {m: (getattr(measured, m), v) for m, v in minimums.items() if getattr(measured, m) < v}
     if not short:
         return
@@ -104,7 +133,99 @@ def assert_minimums(
             f"{measured.corpus_precision:.1%}; on the protocol's random negatives alone "
             f"precision is {measured.protocol_precision:.3f}, F1 {measured.protocol_f1:.3f}"
         )
+    if missed is not None and measured.recall < 1 and short.keys() & {"recall", "f1"}:
+        lines += missed()
     raise RuleFailed("\n".join(lines), record=record)
+
+
+MISSED_SHOWN = 3  # missed positives a failed recall shows
+TAIL = 12  # tokens of each missed prompt shown, the query's last
+
+
+def missed_lines(
+    bench: Workbench, head: Head, rules: FeatureRules, file: str = "", n: int = MISSED_SHOWN
+) -> list[str]:
+    """What a failed recall shows: the ``n`` strongest test positives the skip-grams predict
+    off (``core.misses``), each with its prompt's tail, position and activation, and what
+    would have matched it: the feature's terms that match once their distance bounds are
+    dropped, else the head's candidate skip-grams present in the prompt (by the tokens there
+    and their input-feature ids)."""
+    import torch
+
+    from rulecheck.core.evaluate import input_columns
+    from rulecheck.core.heads import head_encoder, head_weights, input_directions
+    from rulecheck.core.misses import candidate_matches, strongest_missed, unbounded_matches
+    from rulecheck.core.rules import prefix_stats
+    from rulecheck.core.scores import value_scores
+
+    measure(bench, head, rules, file)  # its predictions on the exemplars, kept
+    ex = bench.examples(head, rules.feature, file)
+    positives = torch.nonzero(ex.part("test") & (ex.act > 0)).flatten().cpu()
+    columns, terms = feature_terms(rules, bench.resolver(head, file))
+    seq, t = ex.seq.cpu()[positives], ex.t.cpu()[positives]
+    kept = bench.memo(_predictions_key(head, rules), lambda: None)
+    assert kept is not None  # measure keeps them
+    pred = kept[positives]
+    act = ex.act.cpu()[positives]
+    picked = strongest_missed(act, pred, n)
+    if not len(picked):
+        return []
+    model, sae_in, sae_out, tokens = bench.load(head)
+    w = head_weights(model, head.layer, head.head)
+    # one scale for every direction: LayerNorm's mean scale would change no ranking
+    d = input_directions(sae_in, w, 1.0)
+    u = head_encoder(sae_out, head.head, model.cfg.d_head).to(d.dtype)[:, [rules.feature]]
+    value = value_scores(d, w.W_V, u)[:, 0]
+    tok = model.tokenizer
+
+    def token(ids: Any, i: int) -> str:
+        return shown_token(tok.decode([int(ids[i])])) if tok is not None else f"[{int(ids[i])}]"
+
+    found: dict[int, str] = {}
+    for chunk in bench.sequence_chunks(head, seq[picked], t[picked]):  # every input feature
+        q_act, k_max = prefix_stats(
+            input_columns(chunk.feats, chunk.tokens, columns), chunk.t, chunk.where
+        )
+        near = unbounded_matches(q_act, k_max, terms.to(q_act.device)).cpu()
+        for m, row in enumerate(chunk.rows.tolist()):
+            end, ids = int(chunk.t[m]), chunk.tokens[int(chunk.where[m])].cpu()
+            book = [shown_term(rules.skipgrams[i]) for i in torch.nonzero(near[m]).flatten()]
+            if book:
+                its = "its" if len(book) == 1 else "their"
+                found[row] = f"the book's {', '.join(book)} without {its} distance bounds"
+                continue
+            feats = chunk.feats[int(chunk.where[m]), : end + 1]
+            cands = candidate_matches(feats, d, w.W_Q, w.W_K, w.form, value, MISSED_SHOWN)
+            named = [
+                f"{token(ids, c.key_pos)} ... {token(ids, end)} ([#{c.key}] ... [#{c.query}])"
+                for c in cands
+            ]
+            found[row] = (
+                "none of the book's terms; the head's candidates here: " + ", ".join(named)
+                if named
+                else "none of the book's terms, nor a candidate of the head"
+            )
+    n_missed = int(((act > 0) & (pred <= 0)).sum())
+    lines = [
+        f"  missed: {n_missed} of {len(positives)} test positives predicted off; the "
+        f"{len(picked)} strongest, and what would match them:"
+    ]
+    for row, i in enumerate(picked.tolist()):
+        end = int(t[i])
+        start = max(1, end - TAIL + 1)
+        tail = _text(model, tokens[int(seq[i]), start : end + 1])
+        lines.append(
+            f"    t = {end}, activation {float(act[i]):.4f}: {'…' if start > 1 else ''}{tail}"
+        )
+        lines.append(f"      would match: {found[row]}")
+    return lines
+
+
+def _text(model: Any, ids: Any) -> str:
+    """Token ids as text on one line (ids as numbers without a tokenizer)."""
+    if model.tokenizer is None:
+        return " ".join(str(int(i)) for i in ids)
+    return escaped(model.tokenizer.decode([int(i) for i in ids]))
 
 
 def feature_terms(rules: FeatureRules, resolver: Resolver) -> tuple[Columns, Terms]:
@@ -153,6 +274,11 @@ def feature_terms(rules: FeatureRules, resolver: Resolver) -> tuple[Columns, Ter
 
 def _measure_key(head: Head, rules: FeatureRules) -> tuple:
     return ("skipgrams", head, rules.feature, repr(rules.skipgrams))
+
+
+def _predictions_key(head: Head, rules: FeatureRules) -> tuple:
+    """Where a measurement keeps its predictions on the exemplars, for ``missed_lines``."""
+    return ("skipgram predictions", *_measure_key(head, rules)[1:])
 
 
 def measure(bench: Workbench, head: Head, rules: FeatureRules, file: str = "") -> Measured:
@@ -237,6 +363,7 @@ def _measure_batch(
     for (r, _, _, ex, test), pred, fire in zip(prepared, preds, fires, strict=True):
         full = torch.zeros(len(ex.seq))
         full[test] = pred
+        bench.memo(_predictions_key(head, r), lambda f=full: f)  # a failure's misses read them
         measured = score_predictions(full, ex, fire)
         if strict and r is batch[0]:  # kept by its caller's memo
             first = measured
@@ -322,7 +449,11 @@ class SkipGrams(RuleKind):
         value, minimum = getattr(measured, metric), rules.expect[metric] - ctx.tolerance
         record = {"metric": metric, "measured": value, "expected": minimum, "f1": measured.f1}
         claim = claim_text(rules, ctx.head.name)
-        assert_minimums(measured, {metric: minimum}, claim, {**record, "passed": False})
+
+        def missed() -> list[str]:
+            return missed_lines(ctx.bench, ctx.head, rules, ctx.file)
+
+        assert_minimums(measured, {metric: minimum}, claim, {**record, "passed": False}, missed)
         return {**record, "passed": True}
 
     def find(self, found: Found) -> list[SkipGram]:

@@ -8,7 +8,9 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Collection, Mapping
+import warnings
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,23 @@ from rulecheck.errors import InvalidSpec
 
 MODEL_CONFIG = "config.json"  # a model directory's config (rulecheck or Hugging Face)
 SAE_CONFIG = "cfg.json"  # a sae_lens directory's config
+
+# TransformerLens 3 says on every HookedTransformer it builds that the class is deprecated:
+# rulecheck's models are HookedTransformers, a choice its users cannot act on
+MODEL_DEPRECATED = (DeprecationWarning, r"HookedTransformer(\.from_pretrained)? is deprecated")
+# sae_lens asks whoever builds an SAE whose config has model_from_pretrained_kwargs to load the
+# model with them: rulecheck does (specs.processing_for), so the advice is not for its users
+SAE_MODEL_KWARGS = (UserWarning, r"\s*This SAE has non-empty model_from_pretrained_kwargs")
+
+
+@contextmanager
+def without_warning(notice: tuple[type[Warning], str]) -> Iterator[None]:
+    """Inside, the one warning ``notice`` (its category and the start of its message, a
+    regular expression) is not shown; every other warning is, as outside."""
+    category, message = notice
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=message, category=category)
+        yield
 
 
 def one_line(exc: BaseException, limit: int = 240) -> str:

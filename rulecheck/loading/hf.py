@@ -16,7 +16,14 @@ import torch
 from safetensors import SafetensorError
 
 from rulecheck.errors import InvalidSpec
-from rulecheck.loading._common import MODEL_CONFIG, json_text, one_line, read_json_object
+from rulecheck.loading._common import (
+    MODEL_CONFIG,
+    MODEL_DEPRECATED,
+    json_text,
+    one_line,
+    read_json_object,
+    without_warning,
+)
 from rulecheck.loading.tokenizer import attach_tokenizer
 
 if TYPE_CHECKING:
@@ -228,7 +235,8 @@ def load_hf_directory(
             field="architectures",
             fix="use an architecture TransformerLens supports, or save a rulecheck directory",
         ) from None
-    model = HookedTransformer(cfg, move_to_device=False)
+    with without_warning(MODEL_DEPRECATED):
+        model = HookedTransformer(cfg, move_to_device=False)
     try:
         model.load_and_process_state_dict(state, **_effective_processing(cfg, processing))
     except (RuntimeError, KeyError) as exc:

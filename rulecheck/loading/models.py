@@ -25,6 +25,7 @@ from rulecheck.atomic import atomic_directory
 from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import (
     MODEL_CONFIG,
+    MODEL_DEPRECATED,
     FieldRules,
     check_fields,
     check_state_dict,
@@ -38,6 +39,7 @@ from rulecheck.loading._common import (
     read_json_object,
     read_safetensors,
     shown,
+    without_warning,
 )
 from rulecheck.loading.bridge import is_bridge_spec, load_bridge
 from rulecheck.loading.devices import resolve_device
@@ -224,7 +226,7 @@ def _skeleton(kwargs: Mapping[str, Any], *, file: Path) -> HookedTransformer:
 
     cfg = _model_config({**kwargs, "tokenizer_name": None}, "meta", file=file)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), without_warning(MODEL_DEPRECATED):
             return HookedTransformer(cfg)
     except (
         AssertionError,
@@ -277,7 +279,8 @@ def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTr
     if tokenizer is not None:
         cfg.tokenizer_name = None
     try:
-        model = HookedTransformer(cfg)
+        with without_warning(MODEL_DEPRECATED):
+            model = HookedTransformer(cfg)
     except (OSError, ValueError) as exc:
         raise InvalidSpec(
             f"cannot build the model ({one_line(exc)})",
@@ -311,7 +314,8 @@ def _load_named_model(spec: str, device: torch.device, **processing: bool) -> Ho
             fix=f"pass a model directory, a zoo name ({', '.join(ENTRIES)}) or a name like gpt2",
         )
     try:
-        return HookedTransformer.from_pretrained(spec, device=str(device), **processing)
+        with without_warning(MODEL_DEPRECATED):
+            return HookedTransformer.from_pretrained(spec, device=str(device), **processing)
     except OSError as exc:
         raise InvalidSpec(
             f"cannot download the model from the Hugging Face hub ({one_line(exc, 120)})",

@@ -26,6 +26,7 @@ from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import (
     INT64_MAX,
     SAE_CONFIG,
+    SAE_MODEL_KWARGS,
     FieldRules,
     check_fields,
     dataclass_hints,
@@ -37,6 +38,7 @@ from rulecheck.loading._common import (
     read_json_object,
     read_safetensors,
     shown,
+    without_warning,
 )
 from rulecheck.loading.devices import resolve_device
 
@@ -431,7 +433,8 @@ def load_sae(
     path = expand_path(spec)
     for sae_format in SAE_FORMATS:
         if sae_format.recognise(spec, path):
-            return sae_format.read(spec, path, resolved)
+            with without_warning(SAE_MODEL_KWARGS):
+                return sae_format.read(spec, path, resolved)
     *others, last = (sae_format.description for sae_format in SAE_FORMATS)
     raise InvalidSpec(
         "no such file or directory",
