@@ -451,9 +451,10 @@ def bench_rule_evaluation() -> list[tuple[str, float, float, str]]:
     ]
 
 
-def bench_head_extraction() -> list[tuple[str, float, float, str]]:
-    """Goal 2: extracting one head (rulecheck-tiny L0H1, every eligible feature, absence and
-    counting rules validated, the layer's corpus pass included) against its floor: one pass
+def bench_head_extraction(model: str = "rulecheck-tiny") -> list[tuple[str, float, float, str]]:
+    """Goal 2: extracting one head (L0H1 of ``model``, rulecheck-tiny or rulecheck-tiny-llama,
+    every eligible feature, absence and counting rules validated, the layer's corpus pass
+    included) against its floor: one pass
     over the corpus through the head's layer and its output SAE's encode, the layer as
     TransformerLens runs it (the goal's floor), and that head's attention alone (what
     extraction's own corpus pass now runs). The speed-up column is below 1: the head costs
@@ -465,7 +466,7 @@ def bench_head_extraction() -> list[tuple[str, float, float, str]]:
     from rulecheck.specs import Specs
 
     layer, head = 0, 1
-    ckpt = Specs("rulecheck-tiny").resolve()
+    ckpt = Specs(model).resolve()
     art = Workbench(device="cpu", cache_dir=None).layer(ckpt, layer, [head])
     cfg = ExtractConfig(features=1000)  # every eligible feature
 
@@ -482,7 +483,7 @@ def bench_head_extraction() -> list[tuple[str, float, float, str]]:
     names = layer_hooks(art.model, layer)
     t_layer, _ = timed(lambda: floor(lambda b: run_to_layer(art.model, b, layer, names)), 2)
     t_head, _ = timed(lambda: floor(lambda b: run_to_heads(art.model, b, layer, [head])), 2)
-    name = "goal 2: extract tiny L0H1 (all features), vs its floor"
+    name = f"goal 2: extract {model.replace('rulecheck-', '')} L0H1 (all features), vs its floor"
     return [
         (name, t_fast, t_layer, "layer + SAE pass"),
         (name, t_fast, t_head, "the head's attention + SAE pass"),
@@ -555,6 +556,7 @@ def main() -> None:
         bench_cli_yaml_work(),
         *bench_rule_evaluation(),
         *bench_head_extraction(),
+        *bench_head_extraction("rulecheck-tiny-llama"),
         bench_check_vs_extract(),
         bench_gate(),
     ]
