@@ -46,6 +46,8 @@ FIRST = (
     "tests/test_gate_calibration.py",  # 55: degraded and broken retrains gated live
     "rulebooks/rulecheck-tiny/L1H0.yaml",  # 21: streams layer 1
     "rulebooks/rulecheck-tiny/L0H0.yaml",  # 11: streams layer 0
+    "rulebooks/rulecheck-tiny-llama/L1H0.yaml",  # streams layer 1 of the other family
+    "rulebooks/rulecheck-tiny-llama/L0H0.yaml",  # streams its layer 0
     "tests/test_tiny_rulebooks.py",  # 33
     "tests/test_plugin.py",  # 28
     "tests/test_regenerate.py",  # 22

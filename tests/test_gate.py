@@ -5,6 +5,7 @@ permuted, retrained, untrained and mislabelled SAEs through ``--rulecheck-remap`
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -372,11 +373,24 @@ def test_the_example_workflow_runs_real_commands(pytester: pytest.Pytester) -> N
 
 
 def test_the_gate_verdict_is_the_same_under_xdist(
-    pytester: pytest.Pytester, tmp_path: Path, cache: Path
+    pytester: pytest.Pytester, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A book's gate on the shipped retrain (input and output SAEs, seed 1), serial and under
-    xdist: the same verdict, the same statistics and the same outcome of every item (the
-    workers read the exemplars the serial run cached, and compute the gate themselves)."""
+    xdist: the same verdict, the same statistics and the same outcome and measure of every item
+    (the workers read the exemplars the serial run cached, and compute the gate themselves),
+    each of the two workers running torch on its share of the cores (``worker_threads``)."""
+    pytester.makeconftest(
+        """
+        import torch
+
+        def pytest_sessionfinish(session):
+            worker = getattr(session.config, "workerinput", None)
+            if worker is not None:
+                with open(f"threads-{worker['workerid']}.txt", "w") as out:
+                    out.write(str(torch.get_num_threads()))
+        """
+    )
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     book = load_rulebook(SHIPPED / "L0H0.yaml")
     path = pytester.path / "L0H0.yaml"
     path.write_text(dump_rulebook(replace(book, features=book.features[:N_FEATURES])))
@@ -389,15 +403,18 @@ def test_the_gate_verdict_is_the_same_under_xdist(
         assert "Traceback" not in result.stdout.str()
         entries = json.loads((run_dir / "report.json").read_text())
         [gate] = [e for e in entries if e.get("rule") == "gate"]
-        items = {e["nodeid"]: e["outcome"] for e in entries}
+        items = {e["nodeid"]: (e["outcome"], e.get("measured")) for e in entries}
         runs.append((result.ret, gate, items))
     (ret, gate, items), (xret, xgate, xitems) = runs
     assert ret == xret == (0 if gate["passed"] else 1)
     assert {k: v for k, v in gate.items() if k != "nodeid"} == {
         k: v for k, v in xgate.items() if k != "nodeid"
     }
-    assert items == xitems and items["L0H0.yaml::gate"] == gate["outcome"]
-    assert "xfailed" in set(items.values())  # changed claims are evidence, not failures
+    assert items == xitems and items["L0H0.yaml::gate"][0] == gate["outcome"]
+    assert "xfailed" in {o for o, _ in items.values()}  # changed claims: evidence, not failures
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    threads = sorted(pytester.path.glob("threads-*.txt"))
+    assert [t.read_text() for t in threads] == [share, share]
 
 
 @pytest.mark.parametrize(
