@@ -47,6 +47,7 @@ class Specs:
                 sae_out=self.sae_out or f"{name}:sae_out/L{{layer}}H{{head}}",
                 corpus=self.corpus or f"{name}:eval",
             )
+        _check_model_spec(model)
         missing = [o for o in ("sae_in", "sae_out", "corpus") if getattr(self, o) is None]
         if missing:
             option = f"--{missing[0].replace('_', '-')}"
@@ -57,6 +58,33 @@ class Specs:
                 "and the corpus file",
             )
         return Checkpoint(model, self.sae_in, self.sae_out, self.corpus)  # type: ignore[arg-type]
+
+
+def _check_model_spec(model: str) -> None:
+    """A model spec that is neither a zoo name nor a model directory, but reads like a typo of a
+    zoo name or like a path to a directory without a model, is refused naming ``--model``
+    (before the SAE options it would otherwise be blamed on)."""
+    import difflib
+    from pathlib import Path
+
+    if model.startswith("bridge:"):
+        return
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise InvalidSpec(
+            "not a model directory: no config.json",
+            file=model,
+            field="--model",
+            fix="pass a model directory (rulecheck or Hugging Face), a zoo name or a name like gpt2",
+        )
+    close = difflib.get_close_matches(model, zoo.ENTRIES, n=1, cutoff=0.75)
+    if not path.exists() and close:
+        raise InvalidSpec(
+            f"not a zoo model, file or directory (did you mean {close[0]}?)",
+            file=model,
+            field="--model",
+            fix=f"pass --model {close[0]}, or a model directory",
+        )
 
 
 def locate(spec: str) -> str:

@@ -143,6 +143,24 @@ def test_config_dataclasses_check_themselves():
 # ---------------------------------------------------------------------------- output
 
 
+@pytest.mark.parametrize(
+    ("model", "what"),
+    [
+        ("plantd", "(did you mean planted?)"),
+        ("rulecheck-tinyy", "(did you mean rulecheck-tiny?)"),
+        ("{tmp}", "not a model directory: no config.json"),
+    ],
+)
+def test_a_model_spec_that_names_nothing_is_blamed_on_model(capsys, tmp_path, model, what):
+    """A misspelt zoo name, or a directory without a model, is refused naming --model and
+    before any work, not blamed on the SAE options a zoo model would fill in."""
+    model = model.format(tmp=tmp_path)
+    code, err = run_cli(capsys, "--model", model, "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert one_line(err).startswith(f"error: {model}: --model: ") and what in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_that_is_a_file_is_refused_and_left_alone(capsys, tmp_path):
     target = tmp_path / "books"
     target.write_text("not a directory")
