@@ -262,6 +262,7 @@ PLUGIN_OPTION_CASES = [
     ("--rulecheck-report=nowhere/r.json", "--rulecheck-report: no such directory"),
     ("--rulecheck-html=nowhere/r.html", "--rulecheck-html: no such directory"),
     ("--rulecheck-html=.", "--rulecheck-html: is a directory"),
+    ("--hypothesis-profile=nosuch", "--hypothesis-profile: no profile 'nosuch' is registered"),
 ]
 
 

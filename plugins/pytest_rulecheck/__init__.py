@@ -26,7 +26,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-import rulecheck.profiles  # noqa: F401  (before Hypothesis reads --hypothesis-profile)
+import rulecheck.profiles  # registers its profiles before Hypothesis reads --hypothesis-profile
 from rulecheck.errors import InvalidSpec, RulecheckError
 
 STASH_BENCH = pytest.StashKey["Any"]()
@@ -566,6 +566,26 @@ def check_settings(config: pytest.Config):
                 "is a directory", file=path, field=f"--rulecheck-{name}", fix="name a file"
             )
     return checked
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """An unknown ``--hypothesis-profile`` is a usage error naming the option, before
+    Hypothesis's plugin loads it (which raises inside pytest_configure: an INTERNALERROR)."""
+    from hypothesis import settings
+    from hypothesis.errors import InvalidArgument
+
+    name = config.getoption("hypothesis_profile", None)
+    if name is None:
+        return
+    try:
+        settings.get_profile(name)
+    except InvalidArgument:
+        raise pytest.UsageError(
+            f"--hypothesis-profile: no profile {name!r} is registered (fix: use "
+            f"{rulecheck.profiles.DEFAULT_PROFILE} or {rulecheck.profiles.CI_PROFILE}, or "
+            "register yours with settings.register_profile in a conftest.py)"
+        ) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
