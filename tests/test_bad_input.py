@@ -263,6 +263,8 @@ PLUGIN_OPTION_CASES = [
     ("--rulecheck-html=nowhere/r.html", "--rulecheck-html: no such directory"),
     ("--rulecheck-html=.", "--rulecheck-html: is a directory"),
     ("--hypothesis-profile=nosuch", "--hypothesis-profile: no profile 'nosuch' is registered"),
+    ("--rulecheck-device=cuda:99", "--rulecheck-device: cuda:99 requested but "),
+    ("--rulecheck-device=gpu", "--rulecheck-device: 'gpu' is not a device name"),
 ]
 
 

@@ -535,6 +535,12 @@ def check_settings(config: pytest.Config):
         allow_lost=budget,
         gate=gate,
     )
+    from rulecheck.loading.devices import resolve_device
+
+    try:
+        resolve_device(setting(config, "device", "auto"))
+    except InvalidSpec as exc:
+        raise InvalidSpec(exc.what, field="--rulecheck-device", fix=exc.fix) from None
     mode = config.getoption("rulecheck_extract", None)
     if mode is not None and remap is not None:
         raise InvalidSpec(

@@ -29,6 +29,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             field="device",
             fix='use "cpu" or "auto"',
         )
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise InvalidSpec(
+            f"{device!s} requested but this machine has {torch.cuda.device_count()} CUDA devices",
+            field="device",
+            fix='use "cuda" (the first) or "auto"',
+        )
     if resolved.type not in ("cpu", "cuda", "mps"):
         raise InvalidSpec(
             f"unsupported device type {resolved.type!r}",
