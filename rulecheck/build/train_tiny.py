@@ -975,9 +975,12 @@ def _family_lines(mc: dict) -> dict[str, list[str]]:
     }
 
 
-def family_lines(books: dict[str, Path], held_out_loss: float, name: str) -> list[str]:
+def family_lines(
+    books: dict[str, Path], tables: dict[str, dict], held_out_loss: float, name: str
+) -> list[str]:
     """What differs between rulecheck-tiny and another family's model on the same tokens:
-    loss, features extracted, F1 at few terms, and the share of rules of each kind."""
+    loss, features extracted, F1 at few terms (from ``tables``, each model's
+    ``f1_by_layer``), and the share of rules of each kind."""
     import re
 
     from rulecheck.build.census import census
@@ -1003,7 +1006,7 @@ def family_lines(books: dict[str, Path], held_out_loss: float, name: str) -> lis
     ]
     for model_name, path in books.items():
         rows = census(path)
-        f1_4 = {layer: by_n.get(4, []) for layer, by_n in f1_by_layer(path).items()}
+        f1_4 = {layer: by_n.get(4, []) for layer, by_n in tables[model_name].items()}
         for layer, row in rows.items():
             n = row["features"]
             cells = [
@@ -1163,7 +1166,7 @@ def step_card(work: Path, out: Path, rulebooks: Path, cfg: TinyConfig | None = N
     if analysis_path.exists():
         lines += analysis_lines(json.loads(analysis_path.read_text()))
     if both:
-        lines += family_lines(books, model["held_out_loss"], cfg.name)
+        lines += family_lines(books, tables, model["held_out_loss"], cfg.name)
         lines += census_lines(rulebooks, against=("rulecheck-tiny", books["rulecheck-tiny"]))
     else:
         lines += census_lines(rulebooks)

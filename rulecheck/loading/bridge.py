@@ -20,6 +20,7 @@ import torch
 
 from rulecheck.errors import InvalidSpec
 from rulecheck.loading._common import expand_path, one_line
+from rulecheck.loading.tokenizer import check_vocabulary
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -81,12 +82,5 @@ def load_bridge(spec: str, device: torch.device, **processing: bool) -> Transfor
             field="tokenizer",
             fix="save the tokenizer beside the model (tokenizer.save_pretrained(directory))",
         )
-    largest = max(tokenizer.get_vocab().values())
-    if largest >= bridge.cfg.d_vocab:
-        raise InvalidSpec(
-            f"tokenizer has token id {largest} but the model has d_vocab={bridge.cfg.d_vocab}",
-            file=name,
-            field="d_vocab",
-            fix="use the tokenizer the model was trained with",
-        )
+    check_vocabulary(tokenizer, bridge.cfg.d_vocab, file=name)
     return bridge

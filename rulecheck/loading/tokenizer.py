@@ -98,18 +98,23 @@ def tokenizer_from_file(path: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(saved))
 
 
-def attach_tokenizer(
-    model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, *, file: Path
-) -> None:
-    """Set the tokenizer and check that it tokenizes into the model's vocabulary."""
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, d_vocab: int, *, file: Path | str) -> None:
+    """Every token id of ``tokenizer`` is below the model's ``d_vocab``."""
     largest = max(tokenizer.get_vocab().values())
-    if largest >= model.cfg.d_vocab:
+    if largest >= d_vocab:
         raise InvalidSpec(
-            f"tokenizer has token id {largest} but the model has d_vocab={model.cfg.d_vocab}",
+            f"tokenizer has token id {largest} but the model has d_vocab={d_vocab}",
             file=file,
             field="d_vocab",
             fix="use the tokenizer the model was trained with",
         )
+
+
+def attach_tokenizer(
+    model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, *, file: Path
+) -> None:
+    """Set the tokenizer and check that it tokenizes into the model's vocabulary."""
+    check_vocabulary(tokenizer, model.cfg.d_vocab, file=file)
     try:
         model.set_tokenizer(tokenizer)
         tokens = model.to_tokens("hello")
