@@ -16,7 +16,7 @@ from typing import Any, Literal, NoReturn
 
 from rulecheck import kinds
 from rulecheck import schema as sc
-from rulecheck.config import METHODS
+from rulecheck.config import METHODS, Bound, ExemplarConfig, ExtractConfig, bound_of
 from rulecheck.errors import InvalidRulebook
 from rulecheck.refs import RefTable
 
@@ -52,6 +52,32 @@ MEASURED_ORDER = (
 )
 FILE_NAME = re.compile(r"^L(\d+)H(\d+)\.ya?ml$")
 CHECKED = ("f1", "precision", "recall")  # the minimums a format-2 book may give
+SHA256 = "#/$defs/sha256"  # a fingerprint, in the editors' JSON Schema
+FEATURE_DEF, LOST_DEF = "#/$defs/feature", "#/$defs/lost_feature"
+FINGERPRINT_DOCS = {
+    "model": "Fingerprint of the model's weights.",
+    "sae_in": "Fingerprint of the input SAE.",
+    "sae_out": "Fingerprint of the output SAE.",
+    "corpus": "Fingerprint of the corpus.",
+}
+# what editors show of the recorded ``extraction:`` settings (others are kept as written)
+EXTRACTION_DOCS = {
+    "method": "How the candidate (query, key) terms were ranked (--method): weight, by "
+    "attn-score x value-score; gradient (the default), by each term's gradient in a surrogate "
+    "of the head.",
+    "keys": "How many candidate keys were ranked (--keys).",
+    "queries_per_key": "How many candidate queries per key were ranked (--queries-per-key).",
+    "max_terms": "The most skip-gram terms one feature may get (--max-terms).",
+    "term_margin": "The fewest terms whose validation F1 is within this much of the best were "
+    "kept (0: the best).",
+    "seed": "Seed of the exemplar sampling (--seed).",
+    "tolerance": "How far below the measured metrics the `expect` minimums were set (--tolerance).",
+    "ln_scale": "The mean LayerNorm scale of the head's input, measured on the corpus: "
+    "rulecheck reads the model's remaining LayerNorm as centring plus this scale.",
+    "n_eligible": "How many output features were active often enough to be described.",
+    "n_sequences": "How many corpus sequences were read.",
+    "rulecheck": "The version of rulecheck that extracted the book.",
+}
 
 
 class FormatWarning(FutureWarning):
@@ -148,6 +174,62 @@ def _parse_fingerprints(where: sc.Where, value: Any, path: str) -> dict[str, str
     return {k: sc.text(where, data[k], sc.join(path, k)) for k in HEADER_KEYS if k in data}
 
 
+def _bound_hint(bound: Bound | None) -> dict[str, Any]:
+    """A config setting's bound as JSON Schema."""
+    if bound is None:
+        return {}
+    out: dict[str, Any] = {"type": "integer" if bound.kind is int else "number"}
+    for word, x in (("minimum", bound.low), ("maximum", bound.high)):
+        if x != float("inf"):
+            out[word] = int(x) if float(x).is_integer() else x
+    return out
+
+
+def _extraction_hint() -> dict[str, Any]:
+    """The recorded settings editors describe: the extraction's own bounds, and what it
+    measured."""
+    derived = {
+        "method": sc.json_hint(sc.choice(*METHODS)),
+        "seed": _bound_hint(bound_of(ExemplarConfig, "seed")),
+        "ln_scale": sc.json_hint(sc.number()),
+        "n_eligible": sc.json_hint(sc.integer()),
+        "n_sequences": sc.json_hint(sc.integer()),
+        "rulecheck": sc.json_hint(sc.text),
+    }
+    properties = {
+        key: {"description": doc, **(derived.get(key) or _bound_hint(bound_of(ExtractConfig, key)))}
+        for key, doc in EXTRACTION_DOCS.items()
+    }
+    return {"properties": properties}
+
+
+def _fingerprints_hint() -> dict[str, Any]:
+    properties = {k: {"description": FINGERPRINT_DOCS[k], "$ref": SHA256} for k in HEADER_KEYS}
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def _expect_hint() -> dict[str, Any]:
+    names = {"f1": "F1"}
+    properties = {
+        m: {"description": f"Minimum {names.get(m, m)}.", "$ref": "#/$defs/fraction"}
+        for m in CHECKED
+    }
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+REFS_HINT = {
+    "type": "object",
+    "propertyNames": {
+        "description": "An input feature id: a whole number >= 0.",
+        "pattern": "^(?:0|[1-9][0-9]*)(?![\\s\\S])",
+    },
+    "additionalProperties": {
+        "description": "The tokens that fire the input feature most, as decoded text.",
+        **sc.json_hint(sc.list_of(sc.text, "strings")),
+    },
+}
+
+
 def _kind_specs() -> dict[str, sc.Spec]:
     """One field per registered rule kind: a list of its claims (built again only when the
     registry changed: a book asks once a feature)."""
@@ -160,6 +242,8 @@ def _kind_specs() -> dict[str, sc.Spec]:
             kind.key: sc.Spec(
                 sc.list_of(kind.read, "rules"),
                 omit=(lambda rules: False) if kind.always_written else (lambda rules: not rules),
+                doc=kind.doc or None,
+                hint={"type": ["array", "null"], "items": {"$ref": kind.json_ref}},
             )
             for kind in registered
         }
@@ -180,8 +264,15 @@ class BestCandidate(sc.Record):
     (below the matching's threshold, or above it when the one-to-one assignment gave that
     feature to a better-scoring old one); where to look when re-homing its claims."""
 
-    feature: int | None = sc.entry(sc.integer(), default=None)
-    confidence: float | None = sc.entry(sc.number((-1.0, 1.0)), default=None)
+    feature: int | None = sc.entry(
+        sc.integer(), default=None, doc="The candidate's id in the new output SAE."
+    )
+    confidence: float | None = sc.entry(
+        sc.number((-1.0, 1.0)),
+        default=None,
+        doc="Its matching score, -1..1 (decoder cosine, averaged with the activation "
+        "correlation where one was measured).",
+    )
 
 
 @dataclass(init=False)
@@ -192,18 +283,29 @@ class FeatureRules(sc.Record):
     (any registered key) read and assign those lists.
     """
 
-    feature: int = sc.entry(sc.integer(), required=True)
+    feature: int = sc.entry(sc.integer(), required=True, doc="The output SAE feature id, from 0.")
     source: Literal["extracted", "manual"] = sc.entry(
         sc.choice(*SOURCES),
         required=True,
         fix="add `source: manual` for a hand-written entry (or `source: extracted`)",
+        doc="extracted: written by `rulecheck extract`, replaced when the head is extracted "
+        "again; manual: written by hand, kept as it is.",
     )
-    label: str = sc.entry(sc.text, default="", omit=_empty)
+    label: str = sc.entry(
+        sc.text,
+        default="",
+        omit=_empty,
+        doc="A short description shown in test names and reports, e.g. the top skip-gram: "
+        "'[ un] ... [po]'.",
+    )
     claims: dict[str, list[Any]] = sc.entry(None, spread=_kind_specs)  # type: ignore[arg-type]
     expect: dict[str, float] = sc.entry(
         _parse_expect,
         omit=lambda v: not any(m in v for m in CHECKED),
         dump=lambda v: sc.Flow({m: v[m] for m in CHECKED if m in v}),
+        doc="The minimums the skip-gram rules must reach on the test split, each in [0, 1]; a "
+        "metric left out is not checked.",
+        hint=_expect_hint,
     )
     measured: dict[str, Any] = sc.entry(
         _parse_measured,
@@ -211,9 +313,18 @@ class FeatureRules(sc.Record):
         dump=lambda v: sc.ordered(v, MEASURED_ORDER),
         measured=True,
     )
-    xfail: str | None = sc.entry(sc.text)  # a claim expected not to hold: the reason
+    xfail: str | None = sc.entry(  # a claim expected not to hold: the reason
+        sc.text,
+        doc="The claims are expected not to hold, for this reason: their tests are reported as "
+        "expected failures.",
+    )
     # only under a book's ``lost:``: the best candidate of a feature lost in remapping
-    best_candidate: BestCandidate | None = sc.entry(sc.parser(BestCandidate), flow=True)
+    best_candidate: BestCandidate | None = sc.entry(
+        sc.parser(BestCandidate),
+        flow=True,
+        doc="The new SAE's feature that scored best with this one, and that score (below the "
+        "matching's threshold): where to look when re-homing the claims.",
+    )
 
     def __init__(
         self,
@@ -259,41 +370,101 @@ class FeatureRules(sc.Record):
 class Rulebook(sc.Record):
     """The rules for every described output feature of one attention head."""
 
-    schema: int = sc.entry(lambda w, v, p: v, key="rulecheck", default=SCHEMA_VERSION)
-    model: str | None = sc.entry(sc.text, default=None)
-    sae_in: str | None = sc.entry(sc.text, default=None)
-    sae_out: str | None = sc.entry(sc.text, default=None)
-    corpus: str | None = sc.entry(sc.text, default=None)
+    # required: ``parse_book`` checks the version before anything else
+    schema: int = sc.entry(
+        lambda w, v, p: v,
+        key="rulecheck",
+        required=True,
+        default=SCHEMA_VERSION,
+        doc=f"The rulebook format version: {SCHEMA_VERSION}. A version 1 book (`rulecheck: 1`) "
+        "still loads, with a deprecation warning, but is not described by this schema: run "
+        f"`rulecheck upgrade PATH` to rewrite it as version {SCHEMA_VERSION}.",
+        hint={"type": "integer", "const": SCHEMA_VERSION, "default": SCHEMA_VERSION},
+    )
+    model: str | None = sc.entry(
+        sc.text,
+        default=None,
+        doc="The model the head belongs to: a zoo name (rulecheck-tiny) or a spec.",
+        hint={"examples": ["rulecheck-tiny"]},
+    )
+    sae_in: str | None = sc.entry(
+        sc.text,
+        default=None,
+        doc="The input SAE (on the residual stream the head reads): the source of the input "
+        "feature ids that references name.",
+        hint={"examples": ["rulecheck-tiny:sae_in/L0"]},
+    )
+    sae_out: str | None = sc.entry(
+        sc.text,
+        default=None,
+        doc="The output SAE (on the head's output): the source of the ids under `features`.",
+        hint={"examples": ["rulecheck-tiny:sae_out/L0H0"]},
+    )
+    corpus: str | None = sc.entry(
+        sc.text,
+        default=None,
+        doc="The corpus the rules are measured on.",
+        hint={"examples": ["rulecheck-tiny:eval"]},
+    )
     fingerprints: dict[str, str] = sc.entry(
         _parse_fingerprints,
         default_factory=dict,
         omit=_empty,
         dump=lambda v: sc.ordered(v, HEADER_KEYS),
+        doc="SHA-256 of the files the book was extracted from, so that a check against other "
+        "weights or another corpus is noticed.",
+        hint=_fingerprints_hint,
     )
     layer: int = sc.entry(
-        sc.integer(), required=True, fix="add `layer: N` (the head's layer, from 0)"
+        sc.integer(),
+        required=True,
+        fix="add `layer: N` (the head's layer, from 0)",
+        doc="The head's layer, from 0 (the L in the file name L{layer}H{head}).",
     )
     head: int = sc.entry(
-        sc.integer(), required=True, fix="add `head: N` (the head's index in its layer, from 0)"
+        sc.integer(),
+        required=True,
+        fix="add `head: N` (the head's index in its layer, from 0)",
+        doc="The head's index in its layer, from 0 (the H in the file name L{layer}H{head}).",
     )
     extraction: dict[str, Any] = sc.entry(
         sc.free_mapping,
         default_factory=dict,
         omit=_empty,
         dump=lambda v: sc.ordered(v, EXTRACTION_ORDER),
+        doc="The settings `rulecheck extract` used, recorded so that `rulecheck regenerate` can "
+        "repeat it. Free: keys other than the ones described here are kept as written.",
+        hint=_extraction_hint,
     )
     # the table as read; written anew from the claims (``RefTable.of``)
-    refs: dict[int, list[str]] = sc.entry(_parse_refs, default_factory=dict, omit=_empty)
+    refs: dict[int, list[str]] = sc.entry(
+        _parse_refs,
+        default_factory=dict,
+        omit=_empty,
+        doc="The input features that rules name by id: feature id -> the tokens that fire it "
+        "most (shown in names and messages; may be an empty list). Keys are integers >= 0 "
+        "written without leading zeros (YAML 1.1 readers take 010 as octal). JSON Schema sees "
+        "mapping keys as strings, so a key is checked as the text of a whole number: a quoted "
+        "'29' passes here, although rulecheck wants the integer.",
+        hint=REFS_HINT,
+    )
     features: list[FeatureRules] = sc.entry(
         sc.list_of(sc.parser(FeatureRules), "features"),
         default_factory=list,
         omit=lambda v: False,
+        doc="One entry per described output feature of the head.",
+        hint={"items": {"$ref": FEATURE_DEF}},
     )
     # features of the SAE the book was remapped from that the new one has no confident
     # partner for, by their old ids (``rulecheck remap``): each one's items fail, or skip
     # within ``--rulecheck-allow-lost``, until a person re-homes or removes it
     lost: list[FeatureRules] = sc.entry(
-        sc.list_of(sc.parser(FeatureRules), "features"), default_factory=list, omit=_empty
+        sc.list_of(sc.parser(FeatureRules), "features"),
+        default_factory=list,
+        omit=_empty,
+        doc="Features lost in remapping to retrained SAEs (`rulecheck remap`), by their old "
+        "ids: see $defs/lost_feature.",
+        hint={"items": {"$ref": LOST_DEF}},
     )
 
     # where each field path was read from (file and line), for errors about values that only

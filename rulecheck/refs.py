@@ -34,23 +34,43 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from rulecheck import schema
 from rulecheck.errors import InvalidRulebook
+
+REFERENCE = "#/$defs/reference"  # a reference, in the editors' JSON Schema
 
 
 @dataclass(frozen=True)
 class TokenRef(schema.Record):
     """An SAE feature, the tokens that typically fire it, or both."""
 
-    feature: int | None = schema.entry(schema.integer(), default=None)
+    feature: int | None = schema.entry(
+        schema.integer(), default=None, doc="The input SAE feature id."
+    )
     tokens: list[str] = schema.entry(
         schema.list_of(schema.text, "strings"),
         default_factory=list,
         dump=list,
         omit=lambda v: not v,
+        doc="Tokens, as decoded text.",
     )
+    # what ``__schema_check__`` checks, in JSON Schema
+    __json_schema__: ClassVar[dict[str, Any]] = {
+        "anyOf": [
+            {"required": ["feature"]},
+            {
+                "required": ["tokens"],
+                "properties": {
+                    "tokens": {
+                        "description": "Without a feature id: at least one token.",
+                        "minItems": 1,
+                    }
+                },
+            },
+        ]
+    }
 
     def __schema_check__(self, where: schema.Where, path: str) -> None:
         if self.feature is None and not self.tokens:
@@ -78,6 +98,35 @@ def read_ref(where: schema.Where, value: Any, path: str) -> TokenRef:
     return schema.parse(TokenRef, where, value, path)
 
 
+schema.hinted(read_ref, {"$ref": REFERENCE})
+
+
+def reference_schema() -> dict[str, Any]:
+    """What ``read_ref`` takes, as JSON Schema (``$defs/reference``)."""
+    long_form = (
+        "The long form: an input feature id, tokens, or both (with an id, the tokens describe "
+        "the feature; without, they are the reference)."
+    )
+    return {
+        "description": "One input feature or token: an integer (an input feature id, its "
+        "tokens in `refs`), a string (exactly one token of the model's tokenizer, as decoded "
+        'text: " then" with its space), or the long form {feature, tokens}.',
+        "anyOf": [
+            {
+                "description": "An input feature id; its tokens are listed in `refs`.",
+                **schema.json_hint(schema.integer()),
+            },
+            {
+                "description": "Exactly one token of the model's tokenizer, as decoded text, "
+                "spaces included.",
+                **schema.json_hint(schema.text),
+                "minLength": 1,
+            },
+            {"description": long_form, **schema.json_schema(TokenRef)},
+        ],
+    }
+
+
 def ref_entry(**kw: Any) -> Any:
     """A schema field holding a reference, written on one line."""
     return schema.entry(read_ref, flow=True, **kw)
@@ -89,6 +138,25 @@ _BRACKET = re.compile(
     r'\[(?:#(?P<id>[0-9]+)|(?P<json>"(?:[^"\\\n]|\\.)*")|(?P<text>[^\[\]"\n]+))\]'
 )
 _PLAIN = re.compile(r'^[^\[\]"\\]+$')
+# a bracket as the editors' JSON Schema matches it: a JSON string is checked to be one
+BRACKET_PATTERN = (
+    r'\[(?:#[0-9]+|"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})+"|[^\[\]"\n]+)\]'
+)
+BRACKET_DOC = (
+    "A bracket names one reference: [text] is the token `text` exactly as written, spaces "
+    'included (no [, ], " or newline inside); ["..."] is the token as a JSON string (for '
+    "tokens with brackets, quotes, backslashes or newlines, or to make spaces visible: "
+    '[" then"]); [#123] is input feature 123, described in `refs`.'
+)
+BRACKET_COMMENT = (
+    "Each bracket is a [, then one of: # and digits (an input feature); a JSON string (a "
+    "double quote, one or more of: a character other than the double quote, the backslash and "
+    "U+0000 to U+001F, or a JSON escape; a double quote); plain text (one or more characters "
+    "other than [, ], the double quote and newline); then a ]. The pattern ends with "
+    "(?![\\s\\S]), not $, which in Python's re also matches before a final newline. "
+    "tests/test_schema_file.py checks the patterns against a parser."
+)
+END = r"(?![\s\S])"  # the end of the text (``$`` also matches before a final newline)
 
 
 class ShorthandError(ValueError):

@@ -102,6 +102,31 @@ def _suggest(key: Any, known: Iterable[str]) -> str:
     return f"remove it; known keys: {listing}"
 
 
+# ---------------------------------------------------------------------------- JSON Schema hints
+
+Hint = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
+HINT = "json_schema"  # the attribute of a parser that says what it takes, in JSON Schema
+
+
+def hinted(parse: Parse, hint: Hint) -> Parse:
+    """``parse``, marked with what it takes as JSON Schema (a mapping, or a function that
+    makes one when asked): the editors' schema is made from these (``json_schema``)."""
+    setattr(parse, HINT, hint)
+    return parse
+
+
+def json_hint(parse: Parse | None) -> dict[str, Any]:
+    """What ``parse`` takes as JSON Schema; empty when it does not say."""
+    hint = getattr(parse, HINT, None)
+    if callable(hint):
+        hint = hint()
+    return dict(hint or {})
+
+
+def _json_number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
 # ---------------------------------------------------------------------------- value checks
 
 
@@ -138,7 +163,7 @@ def integer(minimum: int = 0) -> Parse:
             where.fail(path, f"must be >= {minimum}, got {value}", f"use a number >= {minimum}")
         return value
 
-    return parse
+    return hinted(parse, {"type": "integer", "minimum": minimum})
 
 
 def number(bounds: tuple[float, float] | None = None, *, allow_nan: bool = False) -> Parse:
@@ -159,7 +184,10 @@ def number(bounds: tuple[float, float] | None = None, *, allow_nan: bool = False
             )
         return x
 
-    return parse
+    hint: dict[str, Any] = {"type": "number"}
+    if bounds is not None:
+        hint.update(minimum=_json_number(bounds[0]), maximum=_json_number(bounds[1]))
+    return hinted(parse, hint)
 
 
 def text(where: Where, value: Any, path: str) -> str:
@@ -175,7 +203,7 @@ def choice(*choices: str) -> Parse:
             where.fail(path, f"must be {listing}, got {describe(value)}", f"write {listing}")
         return value
 
-    return parse
+    return hinted(parse, {"enum": list(choices)})
 
 
 def items(where: Where, value: Any, path: str, what: str) -> list[Any]:
@@ -194,7 +222,11 @@ def list_of(item: Parse, what: str) -> Parse:
             item(where, v, f"{path}[{i}]") for i, v in enumerate(items(where, value, path, what))
         ]
 
-    return parse
+    return hinted(parse, lambda: {"type": "array", **_items(json_hint(item))})
+
+
+def _items(hint: dict[str, Any]) -> dict[str, Any]:
+    return {"items": hint} if hint else {}
 
 
 def free_mapping(where: Where, value: Any, path: str) -> dict[str, Any]:
@@ -206,6 +238,10 @@ def free_mapping(where: Where, value: Any, path: str) -> dict[str, Any]:
             sub = join(path, key)
             where.fail(sub, f"keys must be strings, got {describe(key)}", "quote the key", key=True)
     return dict(value)
+
+
+hinted(text, {"type": "string"})
+hinted(free_mapping, {"type": "object"})
 
 
 # ---------------------------------------------------------------------------- fields
@@ -224,6 +260,8 @@ class Spec:
     spread: Callable[[], Mapping[str, Spec]] | None = None  # keys of the parent, by name
     flow: bool = False  # written on one line: ``{feature: 3, tokens: [If]}``
     measured: bool = False  # a measurement, written beside the book, not in it
+    doc: str | None = None  # the description editors show (``json_schema``)
+    hint: Hint | None = None  # JSON Schema beyond what ``parse`` says of itself
 
 
 def entry(
@@ -237,12 +275,17 @@ def entry(
     spread: Callable[[], Mapping[str, Spec]] | None = None,
     flow: bool = False,
     measured: bool = False,
+    doc: str | None = None,
+    hint: Hint | None = None,
     **field_kw: Any,
 ) -> Any:
     """A dataclass field that the schema reads with ``parse`` and writes with ``dump`` unless
     ``omit(value)``; ``field_kw`` are ``dataclasses.field``'s (``default``, ...). A
-    ``measured`` field is a measurement: the book's report holds it, not the book."""
-    spec = Spec(parse, key, required, fix, spread=spread, flow=flow, measured=measured)
+    ``measured`` field is a measurement: the book's report holds it, not the book. ``doc``
+    describes it to editors, and ``hint`` adds to the JSON Schema ``parse`` gives."""
+    spec = Spec(
+        parse, key, required, fix, spread=spread, flow=flow, measured=measured, doc=doc, hint=hint
+    )
     if dump is not None:
         spec = dataclasses.replace(spec, dump=dump)
     if omit is not None:
@@ -333,7 +376,40 @@ def parser(cls: type[T]) -> Parse:
     def read(where: Where, value: Any, path: str) -> T:
         return parse(cls, where, value, path)
 
-    return read
+    return hinted(read, lambda: json_schema(cls))
+
+
+def json_field(spec: Spec) -> dict[str, Any]:
+    """One field's JSON Schema: its description, what its parser says, then its hint."""
+    out: dict[str, Any] = {"description": spec.doc} if spec.doc else {}
+    out.update(json_hint(spec.parse))
+    hint = spec.hint() if callable(spec.hint) else spec.hint
+    out.update(hint or {})
+    return out
+
+
+def json_schema(cls: type, skip: Iterable[str] = ()) -> dict[str, Any]:
+    """The JSON Schema of what a book holds of schema class ``cls`` (measurements left out;
+    fields named in ``skip`` too): a mapping of its keys, no others. The class's
+    ``__json_schema__`` adds what its ``__schema_check__`` checks."""
+    skip = set(skip)
+    required, properties = [], {}
+    for name, spec in _specs(cls):
+        if spec.measured or name in skip:
+            continue
+        if spec.spread is not None:
+            properties.update((k, json_field(sub)) for k, sub in spec.spread().items())
+            continue
+        key = spec.key or name
+        properties[key] = json_field(spec)
+        if spec.required:
+            required.append(key)
+    out: dict[str, Any] = {"type": "object"}
+    if required:
+        out["required"] = required
+    out.update(additionalProperties=False, properties=properties)
+    out.update(getattr(cls, "__json_schema__", {}))
+    return out
 
 
 def dump(obj: Any, measured: bool | None = None) -> dict[str, Any]:

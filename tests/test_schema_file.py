@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,72 @@ def test_the_schema_is_a_valid_2020_12_schema():
     Draft202012Validator.check_schema(SCHEMA)
     assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert SCHEMA["$id"] == "rulecheck-rulebook-2.schema.json"
+
+
+def test_the_shipped_schema_is_what_the_schema_dataclasses_make():
+    """``python -m rulecheck.schemas --check``, in a process of its own (only the built-in
+    kinds registered), passes on the shipped file."""
+    argv = [sys.executable, "-m", "rulecheck.schemas", "--check"]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+
+
+def test_a_stale_schema_file_is_named_with_how_to_write_it_again(tmp_path, monkeypatch, capsys):
+    from rulecheck.schemas import main
+
+    stale = tmp_path / "rulebook.schema.json"
+    stale.write_text(SHIPPED_SCHEMA.read_text(encoding="utf-8").replace("Minimum F1", "F1"))
+    monkeypatch.setattr("rulecheck.schemas.SCHEMA_FILE", stale)
+    assert main(["--check"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert str(stale) in line and "run `python -m rulecheck.schemas`" in line
+    assert main([]) == 0
+    assert stale.read_bytes() == SHIPPED_SCHEMA.read_bytes()
+    assert main(["--check"]) == 0
+
+
+def test_a_registered_kind_is_in_the_schema_made_with_it():
+    """A kind a project registers gets its key under each feature, its long form (the claim's
+    book fields) and the forms its ``json_forms`` gives: the project's own copy of the schema."""
+    from dataclasses import dataclass
+
+    from rulecheck import kinds, schema
+    from rulecheck.kinds.base import shorthand_form, shorthand_pattern
+    from rulecheck.refs import TokenRef, ref_entry
+    from rulecheck.schemas import json_schema
+
+    @dataclass
+    class Prompt(schema.Record):
+        text: str = schema.entry(schema.text, required=True, doc="The prompt.")
+        token: TokenRef | None = ref_entry(default=None, doc="Where it fires.")
+        score: float | None = schema.entry(schema.number(), default=None, measured=True)
+
+    class Prompts(kinds.RuleKind):
+        key, claim, item = "prompts", Prompt, "prompt"
+        doc, rule_doc = "Prompts the feature fires on.", "One prompt."
+
+        def json_forms(self):
+            return [shorthand_form("Shorthand.", shorthand_pattern("on {}"), ["on [x]"])]
+
+    kinds.register(Prompts())
+    try:
+        made = json_schema()
+    finally:
+        kinds.unregister("prompts")
+    assert made["$defs"]["feature"]["properties"]["prompts"]["description"] == Prompts.doc
+    [short, long] = made["$defs"]["prompts"]["anyOf"]
+    assert short["type"] == "string" and short["pattern"].startswith("^on \\[")
+    assert set(long["properties"]) == {"text", "token"} and long["required"] == ["text"]
+    validator = Draft202012Validator(made)
+    good = load(feature("prompts: ['on [ then]', {text: hi, token: 3}, {text: x}]\n"))
+    assert not (errs := sorted(validator.iter_errors(good), key=str)), show(errs)
+    for bad in (
+        "prompts: ['on []']\n",
+        "prompts: [{token: 3}]\n",
+        "prompts: [{text: a, score: 1}]\n",
+    ):
+        assert not validator.is_valid(load(feature(bad))), bad
+    assert "prompts" not in json_schema()["$defs"]  # unregistered: gone again
 
 
 def test_schema_file_is_the_file_beside_the_module():

@@ -53,7 +53,10 @@ from rulecheck.kinds.base import (
     grid_down,
     read_strength,
     shorthand,
+    shorthand_form,
+    shorthand_pattern,
     strength,
+    strength_pattern,
     strength_text,
 )
 from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name
@@ -75,9 +78,14 @@ _min_drop = strength("min_drop", "that 1-4 copies halve the activation on every 
 class AbsenceRule(schema.Record):
     """A skip-gram that is suppressed when ``distractor`` is also in the context."""
 
-    key: TokenRef = ref_entry(required=True)
-    query: TokenRef = ref_entry(required=True)
-    distractor: TokenRef = ref_entry(required=True)
+    key: TokenRef = ref_entry(required=True, doc="The skip-gram's key.")
+    query: TokenRef = ref_entry(
+        required=True, doc="The skip-gram's query, where the feature fires."
+    )
+    distractor: TokenRef = ref_entry(
+        required=True,
+        doc="The key whose presence steals the query's attention and suppresses the feature.",
+    )
     attn_score: float | None = schema.entry(schema.number(), default=None, measured=True)
     value_score: float | None = schema.entry(schema.number(), default=None, measured=True)
     drop: list[float] = schema.entry(
@@ -88,19 +96,48 @@ class AbsenceRule(schema.Record):
         measured=True,
     )
     # the claim's strength: the smallest mean relative drop of one copy (see module doc)
-    min_drop: float | None = schema.entry(_min_drop, default=None)
+    min_drop: float | None = schema.entry(
+        _min_drop,
+        default=None,
+        doc="The claim's strength: one copy of the distractor inserted right after BOS lowers "
+        "the activation at the query by at least this share on average over the test positives "
+        "that read key ... query (mean of (before - after) / before). At least 0.1: a token with "
+        "no effect measures about 0. Left out: 1-4 copies must halve the activation on every "
+        "prompt.",
+    )
 
 
 SHORTHAND = (
     '"[key] ... [query] unless [distractor]", optionally ending "(drop >= 0.3)", e.g. '
     '"[if] ... [then] unless [unless]"'
 )
+TEMPLATE = "{} ... {} unless {}"  # the shorthand, brackets as ``{}``
 
 
 class Absence(RuleKind):
     key = "absence"
     claim = AbsenceRule
     item = "absence"
+    doc = (
+        "Absence rules [key] ... [query] unless [distractor]: a distractor key in the context "
+        "suppresses the skip-gram. Checked by inserting the distractor into positive examples: "
+        "without a strength, 1-4 copies must halve the activation on every prompt; with one "
+        "(drop >= 0.3, min_drop), one copy must lower it by that share on average. An empty "
+        "list, or a key with nothing after it (null), claims nothing."
+    )
+    rule_doc = (
+        'One absence rule: the shorthand "[key] ... [query] unless [distractor]", optionally '
+        'ending " (drop >= 0.3)", or {key, query, distractor, min_drop}.'
+    )
+
+    def json_forms(self) -> list[dict[str, Any]]:
+        text = shorthand_form(
+            'Shorthand "[key] ... [query] unless [distractor]" (quote it in YAML), optionally '
+            'ending " (drop >= X)" with X in [0.1, 1] written 0.d... or 1 (min_drop).',
+            shorthand_pattern(TEMPLATE, strength_pattern("drop")),
+            ["[if] ... [then] unless [unless]", "[if] ... [then] unless [unless] (drop >= 0.3)"],
+        )
+        return [text]
 
     def read(self, where: schema.Where, value: Any, path: str) -> AbsenceRule:
         """``"[key] ... [query] unless [distractor]"`` or the long form."""
@@ -114,7 +151,7 @@ class Absence(RuleKind):
 
     def write(self, claim: AbsenceRule, table: RefTable) -> Any:
         refs = [claim.key, claim.query, claim.distractor]
-        template = "{} ... {} unless {}" + strength_text("drop", claim.min_drop)
+        template = TEMPLATE + strength_text("drop", claim.min_drop)
         text = as_text(table, refs, template)
         return text if text is not None else super().write(claim, table)
 

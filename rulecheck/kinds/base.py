@@ -34,7 +34,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rulecheck import schema
-from rulecheck.refs import RefTable, Resolver, ShorthandError, TokenRef, escaped, split_shorthand
+from rulecheck.refs import (
+    BRACKET_COMMENT,
+    BRACKET_DOC,
+    BRACKET_PATTERN,
+    END,
+    RefTable,
+    Resolver,
+    ShorthandError,
+    TokenRef,
+    escaped,
+    split_shorthand,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -48,6 +59,8 @@ if TYPE_CHECKING:
 
 STRENGTH_FLOOR = 0.1  # the smallest strength a claim may state (a neutral token measures ~0)
 GRID = 0.05  # extraction states a measured strength rounded down to a multiple of this
+# a strength in [STRENGTH_FLOOR, 1] as a shorthand writes it, in the editors' JSON Schema
+STRENGTH_PATTERN = r"(?:0\.[1-9][0-9]*|1(?:\.0+)?)"
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,28 @@ class RuleKind:
     # the kind's rules are checked together (one set, as skip-grams are): a rule that cannot
     # be translated into a retrained SAE's ids leaves the set, instead of failing on its own
     together: ClassVar[bool] = False
+    doc: ClassVar[str] = ""  # what the key holds, as editors show it (JSON Schema)
+    rule_doc: ClassVar[str] = ""  # what one rule is, as editors show it
+    def_name: ClassVar[str] = ""  # one rule's name under the JSON Schema's $defs (or ``key``)
+
+    @property
+    def json_ref(self) -> str:
+        """Where the editors' JSON Schema defines one rule."""
+        return f"#/$defs/{self.def_name or self.key}"
+
+    def json_forms(self) -> list[dict[str, Any]]:
+        """The forms ``read`` takes besides the long form, as JSON Schema (``shorthand_form``
+        for a shorthand)."""
+        return []
+
+    def json_schema(self) -> dict[str, Any]:
+        """One rule as JSON Schema: the forms of ``json_forms``, then the long form."""
+        long_form = schema.json_schema(self.claim)
+        forms = self.json_forms()
+        head = {"description": self.rule_doc} if self.rule_doc else {}
+        if not forms:
+            return {**head, **long_form}
+        return {**head, "anyOf": [*forms, {"description": "The mapping form.", **long_form}]}
 
     def read(self, where: schema.Where, value: Any, path: str) -> Any:
         """One rule as a book writes it; this default reads the long form (a mapping)."""
@@ -156,7 +191,7 @@ def strength(key: str, without: str) -> schema.Parse:
             )
         return x
 
-    return parse
+    return schema.hinted(parse, {"type": "number", "minimum": STRENGTH_FLOOR, "maximum": 1})
 
 
 NOISE = 0.005  # how far a strength measured on another machine may lie from this one's
@@ -223,6 +258,30 @@ def as_text(table: RefTable, refs: Sequence[TokenRef], template: str) -> str | N
     them needs the long form."""
     brackets = [table.bracket(ref) for ref in refs]
     return None if None in brackets else template.format(*brackets)
+
+
+def shorthand_pattern(template: str, tail: str = "") -> str:
+    """The JSON Schema pattern of the shorthand ``template`` writes (``as_text``: ``{}`` a
+    bracket), then ``tail`` (a pattern), then the end of the text."""
+    # a space unescaped: ``\ `` is no escape in an ECMAScript pattern with the u flag
+    literal = (re.escape(part).replace("\\ ", " ") for part in template.split("{}"))
+    return "^" + BRACKET_PATTERN.join(literal) + tail + END
+
+
+def strength_pattern(word: str) -> str:
+    """The pattern of an optional strength at a shorthand's end: `` (drop >= 0.3)``."""
+    return rf"(?: \({word} >= {STRENGTH_PATTERN}\))?"
+
+
+def shorthand_form(description: str, pattern: str, examples: Sequence[str]) -> dict[str, Any]:
+    """A shorthand as a JSON Schema form: ``description`` (how the brackets read is added)."""
+    return {
+        "description": f"{description} {BRACKET_DOC}",
+        "type": "string",
+        "$comment": BRACKET_COMMENT,
+        "pattern": pattern,
+        "examples": list(examples),
+    }
 
 
 def shorthand(

@@ -60,7 +60,10 @@ from rulecheck.kinds.base import (
     grid_down,
     read_strength,
     shorthand,
+    shorthand_form,
+    shorthand_pattern,
     strength,
+    strength_pattern,
     strength_text,
 )
 from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name
@@ -83,14 +86,29 @@ _min_spearman = strength("min_spearman", "that the activation is monotone in eve
 class CountingRule(schema.Record):
     """The feature grows (or shrinks) with the number of ``key`` tokens in the context."""
 
-    key: TokenRef = ref_entry(required=True)
+    key: TokenRef = ref_entry(required=True, doc="The token whose copies are counted.")
     direction: Literal["increasing", "decreasing"] = schema.entry(
-        schema.choice(*DIRECTIONS), default="increasing"
+        schema.choice(*DIRECTIONS),
+        default="increasing",
+        doc="increasing (the default): the feature grows with the count; decreasing: it shrinks.",
     )
-    threshold_count: int | None = schema.entry(schema.integer(), default=None)
+    threshold_count: int | None = schema.entry(
+        schema.integer(),
+        default=None,
+        doc="The count at which the feature turns on (increasing) or off (decreasing); left "
+        "out: no threshold is claimed.",
+    )
     spearman: float | None = schema.entry(schema.number((-1.0, 1.0)), default=None, measured=True)
     # the claim's strength: the smallest Spearman of the counting curve (see module doc)
-    min_spearman: float | None = schema.entry(_min_spearman, default=None)
+    min_spearman: float | None = schema.entry(
+        _min_spearman,
+        default=None,
+        doc="The claim's strength: the Spearman correlation of the activation at the query with "
+        "the count of the key, over every (base context, count) pair with copies spread over the "
+        "prefix, taken with the direction's sign, is at least this. At least 0.1: a key with no "
+        "effect correlates about 0. Left out: the activation must never move against the "
+        "direction in any context.",
+    )
 
 
 SHORTHAND = (
@@ -102,12 +120,40 @@ _STATE = re.compile(
     r"^(?:(?P<op>>=|<) ?(?P<n>[0-9]+)|(?P<direction>increasing|decreasing))"
     r"(?: (?P<tail>\(.*\)))?$"
 )
+# what follows the key in the shorthand, as the editors' JSON Schema matches it
+STATE_PATTERN = r" (?:>= [0-9]+|< [0-9]+|increasing|decreasing)"
 
 
 class Counting(RuleKind):
     key = "counting"
     claim = CountingRule
     item = "counting"
+    doc = (
+        "Counting rules: the feature grows (or shrinks) with the number of key tokens in the "
+        "context, and turns on (off) at a threshold count. An empty list, or a key with nothing "
+        "after it (null), claims nothing."
+    )
+    rule_doc = (
+        'One counting rule: the shorthand "count [key] >= N" (increasing, on from N copies), '
+        '"count [key] < N" (decreasing, on while fewer than N), "count [key] increasing" or '
+        '"count [key] decreasing" (no threshold), each optionally ending " (spearman >= 0.6)"; '
+        "or {key, direction, threshold_count, min_spearman}."
+    )
+
+    def json_forms(self) -> list[dict[str, Any]]:
+        text = shorthand_form(
+            "Shorthand: count [key] >= N, count [key] < N, count [key] increasing, count [key] "
+            'decreasing, each optionally ending " (spearman >= X)" with X in [0.1, 1] written '
+            "0.d... or 1 (min_spearman).",
+            shorthand_pattern("count {}", STATE_PATTERN + strength_pattern("spearman")),
+            [
+                "count [games] >= 2",
+                "count [https] < 6",
+                "count [x] increasing",
+                "count [games] >= 2 (spearman >= 0.6)",
+            ],
+        )
+        return [text]
 
     def read(self, where: schema.Where, value: Any, path: str) -> CountingRule:
         """``"count [key] >= N"``, ``"count [key] < N"``, ``"count [key] increasing"`` (or

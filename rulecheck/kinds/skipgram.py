@@ -16,8 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from rulecheck import schema
 from rulecheck.errors import RuleFailed
-from rulecheck.kinds.base import CheckContext, Found, RuleKind, as_text, shorthand
+from rulecheck.kinds.base import (
+    CheckContext,
+    Found,
+    RuleKind,
+    as_text,
+    shorthand,
+    shorthand_form,
+    shorthand_pattern,
+)
 from rulecheck.refs import (
+    REFERENCE,
     RefTable,
     Resolver,
     TokenRef,
@@ -45,10 +54,11 @@ def _score() -> Any:
 
 
 SHORTHAND = '"[key] ... [query]", e.g. "[if] ... [then]"'
+TEMPLATE = "{} ... {}"  # the shorthand, brackets as ``{}``
 
 
-def _distance() -> Any:
-    return schema.entry(schema.integer(0), default=None)
+def _distance(doc: str) -> Any:
+    return schema.entry(schema.integer(0), default=None, doc=doc)
 
 
 @dataclass
@@ -57,13 +67,19 @@ class SkipGram(schema.Record):
     with ``max_distance`` (``min_distance``) only where the query is at most (at least) that
     many tokens after the key (0: the same token)."""
 
-    key: TokenRef = ref_entry(required=True)
-    query: TokenRef = ref_entry(required=True)
+    key: TokenRef = ref_entry(required=True, doc="The earlier token the query attends to.")
+    query: TokenRef = ref_entry(required=True, doc="The token where the feature fires.")
     attn_score: float | None = _score()
     value_score: float | None = _score()
     importance: float | None = _score()
-    max_distance: int | None = _distance()
-    min_distance: int | None = _distance()
+    max_distance: int | None = _distance(
+        "The term holds only where the query is at most this many tokens after the key (query "
+        "position minus key position; 0: the same token). Omit it for any distance."
+    )
+    min_distance: int | None = _distance(
+        "The term holds only where the query is at least this many tokens after the key (1: a "
+        "previous-token rule with max_distance 1). At most max_distance."
+    )
 
 
 def distance_text(term: SkipGram) -> str:
@@ -403,6 +419,31 @@ class SkipGrams(RuleKind):
     always_written = True
     validate = False  # extraction measured them on the same exemplars
     together = True  # the terms of one F1 claim
+    def_name = "skipgram"
+    doc = (
+        "Skip-gram rules [key] ... [query]: the feature fires at the query token when the key "
+        "occurred before it. Checked together: the feature's F1, precision and recall against "
+        "`expect`. An empty list, or a key with nothing after it (null), claims nothing."
+    )
+    rule_doc = (
+        'One skip-gram: [key, query] (two references), the shorthand "[key] ... [query]", or '
+        "{key, query}, which alone can bound the distance: {key, query, max_distance: 3}."
+    )
+
+    def json_forms(self) -> list[dict[str, Any]]:
+        pair = {
+            "description": "[key, query]: two references.",
+            "type": "array",
+            "items": {"$ref": REFERENCE},
+            "minItems": 2,
+            "maxItems": 2,
+        }
+        text = shorthand_form(
+            'Shorthand "[key] ... [query]" (quote it in YAML: it starts with [).',
+            shorthand_pattern(TEMPLATE),
+            ["[if] ... [then]", "[#501] ... [ then]"],
+        )
+        return [pair, text]
 
     def read(self, where: schema.Where, value: Any, path: str) -> SkipGram:
         """``[key, query]``, ``"[key] ... [query]"`` or ``{key: ..., query: ...}``, the
@@ -437,7 +478,7 @@ class SkipGrams(RuleKind):
         key, query = table.short(claim.key), table.short(claim.query)
         if isinstance(key, int) and isinstance(query, int):
             return [key, query]
-        text = as_text(table, [claim.key, claim.query], "{} ... {}")
+        text = as_text(table, [claim.key, claim.query], TEMPLATE)
         return text if text is not None else super().write(claim, table)
 
     def items(self, rules: FeatureRules) -> list[tuple[str, int]]:
