@@ -864,7 +864,7 @@ def test_fuzz_mutated_rulebook(tmp_path: Path, text: str) -> None:
 def _readings(text: str) -> tuple[object, object]:
     """What the parser-event reading and the node walk make of ``text``: ``(values, lines,
     key lines)`` each, or None where that reading refuses the text."""
-    from rulecheck import rulebook as rb
+    from rulecheck import yamlread as rb
     from rulecheck.schema import Where
 
     def events() -> object:
