@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from rulecheck import __version__, kinds
-from rulecheck.book import HELD_OUT, FeatureRules, Rulebook
+from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.book.fields import HELD_OUT
 from rulecheck.config import METHODS, ExemplarConfig, bound_of
 from rulecheck.core.extract import (
     ExtractConfig,

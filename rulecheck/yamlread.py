@@ -18,9 +18,7 @@ import yaml
 import yaml.constructor
 import yaml.nodes
 
-from rulecheck.book import (
-    SCHEMA_VERSION,
-)
+from rulecheck.book import SCHEMA_VERSION
 from rulecheck.errors import InvalidRulebook
 from rulecheck.roundtrip import FLOAT_12
 from rulecheck.schema import Where, join
