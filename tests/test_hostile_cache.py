@@ -162,7 +162,7 @@ def test_a_full_disk_while_extraction_writes_is_one_line_and_writes_nothing(
     old = out / "L0H0.yaml"
     old.write_text(BOOK.format(head=0))
     full_disk(monkeypatch, out)
-    code = main(["extract", "--model", "planted", "--layer", "0", "--heads", "0,1", "--features",
+    code = main(["extract", "--model", "planted", "--layer", "0", "--heads", "0", "--features",
                  "1", "--out", str(out)])  # fmt: skip
     err = one_line(capsys.readouterr().err)
     assert code == 2 and "cannot write it: No space left on device (fix: free some" in err
@@ -258,6 +258,16 @@ def test_an_interrupt_swallowed_during_regeneration_rewrites_no_book(books, monk
     assert (books.path / "L0H0.yaml").read_bytes() == before
     assert not (books.path / "L0H0.measured.json").exists()
     assert "passed" not in result.stdout.str()
+
+
+def test_an_interrupt_swallowed_while_a_claim_is_checked_is_no_pass(books, monkeypatch):
+    from rulecheck.kinds.skipgram import SkipGrams
+
+    monkeypatch.setattr(SkipGrams, "check", swallowing_an_interrupt(SkipGrams.check))
+    report = books.path / "run.json"
+    result = run(books, f"--rulecheck-report={report}")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert "passed" not in result.stdout.str() and not report.exists()
 
 
 # ------------------------------------------------------------------------------ kills
