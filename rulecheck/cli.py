@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from rulecheck.atomic import output_directory
+from rulecheck.atomic import interrupted, noting_interrupts, output_directory, recover
 from rulecheck.config import (
     METHODS,
     Bound,
@@ -30,6 +30,7 @@ from rulecheck.config import (
     shard_of,
 )
 from rulecheck.errors import InvalidSpec, RulecheckError
+from rulecheck.paths import check_cache_dir
 
 if TYPE_CHECKING:
     from rulecheck.book import Rulebook
@@ -392,6 +393,8 @@ def run_upgrade(args: argparse.Namespace, console: Console) -> int:
     from rulecheck.book import SCHEMA_VERSION
     from rulecheck.rulebook import upgraded_files
 
+    for given in args.paths:  # a set a killed upgrade was renaming is completed first
+        recover(given if given.is_dir() else given.parent)
     paths = _rulebook_paths(args.paths)
     files, rows = [], []
     for path in paths:
@@ -609,10 +612,44 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         args = build_parser().parse_args(argv)
-        return commands[args.command](args, console)
+        if args.command in LOADING:
+            check_cache_dir()
+        return run_noting_interrupts(commands[args.command], args, console)
     except RulecheckError as e:
         err.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         return 2
+    except KeyboardInterrupt as e:
+        err.print(interrupted_line(e), soft_wrap=True, highlight=False)
+        return INTERRUPTED
+
+
+def run_noting_interrupts(command: Any, args: argparse.Namespace, console: Console) -> int:
+    """``command``, where Ctrl-C is always an interrupt: one that the libraries below turned
+    into another error (a lazy import's ``ModuleNotFoundError``) or swallowed is raised as
+    ``KeyboardInterrupt`` when the command ends (writes after it were refused)."""
+    with noting_interrupts():
+        try:
+            code = command(args, console)
+        except Exception:
+            if interrupted():
+                raise KeyboardInterrupt from None
+            raise
+        if interrupted():
+            raise KeyboardInterrupt
+        return code
+
+
+LOADING = ("extract", "diff", "match", "remap", "report")  # commands that may load models
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    """What an interrupted command says: what it wrote, which is nothing unless the
+    interrupt came while a set of files was renamed (they were completed first)."""
+    written = getattr(exc, "written", [])
+    if not written:
+        return "interrupted; nothing was written"
+    return "interrupted; wrote " + ", ".join(map(str, written))
 
 
 if __name__ == "__main__":

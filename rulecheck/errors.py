@@ -5,6 +5,8 @@ fix (a failed rule adds the evidence on the lines after it).
     ``InvalidRulebook``  a rulebook that cannot be read
     ``InvalidSpec``      a model, SAE, corpus or option that cannot be used
     ``InvalidMapping``   a feature mapping file (``rulecheck match --out``) that cannot be read
+    ``WriteFailed``      an output the system would not let rulecheck write (a full disk):
+                         nothing of it was written (also an ``OSError``)
     ``NotEligible``      a feature too rarely (or too often) active to check
     ``FingerprintMismatch``
                          a rulebook checked against another model, SAE or corpus than the
@@ -16,6 +18,7 @@ fix (a failed rule adds the evidence on the lines after it).
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -68,6 +71,20 @@ class InvalidSpec(RulecheckError):
 class InvalidMapping(RulecheckError):
     """A feature mapping file that cannot be read: bad YAML, a missing or unknown key, a pair
     of the wrong shape."""
+
+
+class WriteFailed(RulecheckError, OSError):
+    """An output that could not be written (no space left, a read-only filesystem): the OS
+    error's words after the path; the files it was to replace are left as they were. Also an
+    ``OSError`` (``errno`` set), so callers treating a write as optional catch it as one."""
+
+    def __init__(self, error: OSError, *, file: str | Path, fix: str | None = None) -> None:
+        what = f"cannot write it: {error.strerror or error}"
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = fix or ("free some space or write elsewhere" if full else "write elsewhere")
+        super().__init__(what, file=file, fix=fix)
+        self.errno = error.errno
+        self.strerror = error.strerror
 
 
 class NotEligible(RulecheckError):

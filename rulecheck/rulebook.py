@@ -265,15 +265,16 @@ def _check_name_matches(rulebook: Rulebook, path: Path) -> None:
 def rulebook_files_out(
     rulebook: Rulebook, path: str | Path, old_text: str | None = None, *, keep_manual: bool = True
 ) -> list[tuple[Path, bytes]]:
-    """The files that writing ``rulebook`` at ``path`` writes: the book, and its
-    measurements when it has any."""
+    """The files that writing ``rulebook`` at ``path`` writes: its measurements when it has
+    any, then the book, renamed in that order, so that a writer killed between the two leaves
+    the old book (an upgrade done again) or the new one with its measurements."""
     path = Path(path)
     _check_name_matches(rulebook, path)
     text = dump_rulebook(rulebook, old_text, path=path, keep_manual=keep_manual)
     out = [(path, text.encode("utf-8"))]
     measured = dump_measured(rulebook)
     if measured is not None:
-        out.append((measured_path(path), measured.encode("utf-8")))
+        out.insert(0, (measured_path(path), measured.encode("utf-8")))
     return out
 
 

@@ -24,7 +24,8 @@ except ImportError:  # Windows has no fcntl: there each process streams its own 
 
 import torch
 from sae_lens import SAE
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
 
 from rulecheck import __version__
@@ -422,6 +423,12 @@ class Workbench:
     # ---------------------------------------------------------------------------- exemplars
 
     def _cache_key(self, head: Head) -> str:
+        """The name of the head's exemplar cache entry: a digest of ``_cache_parts``."""
+        return hashlib.sha256(self._cache_parts(head).encode()).hexdigest()[:32]
+
+    def _cache_parts(self, head: Head) -> str:
+        """What a head's exemplars depend on, as JSON: also kept inside its cache entry, so
+        that an entry copied under another name is told apart on reading."""
         fp = self.fingerprints(head)
         parts = {
             **{k: fp[k] for k in ("model", "sae_out", "corpus")},
@@ -432,7 +439,7 @@ class Workbench:
         }
         if head in self._sample_ids:
             parts["sample_ids"] = self._ids_digest(head)
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+        return json.dumps(parts, sort_keys=True)
 
     def sample_by(self, head: Head, ids: Tensor) -> None:
         """Key the random draws of ``head``'s features by ``ids [d_sae]`` (a retrained
@@ -537,10 +544,16 @@ class Workbench:
         if self.cache_dir is None or fcntl is None:
             yield
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         name = repr((head.specs.model, head.specs.corpus, head.layer)).encode()
         path = self.cache_dir / f"layer-{hashlib.sha256(name).hexdigest()[:16]}.lock"
-        with path.open("a") as lock:
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            lock = path.open("a")
+        except OSError as exc:
+            _cache_warning(f"{path}: exemplar cache unusable ({exc.strerror or exc}); unlocked")
+            yield
+            return
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -558,10 +571,20 @@ class Workbench:
             col.flush()
             self._collectors[other_key] = col
             if self.cache_dir is not None:
-                names = (*COLLECTOR_STATE, *HELD_STATE)
-                state = {name: getattr(col, name).contiguous() for name in names}
-                state["n_seen"] = torch.tensor(col.n_seen)
-                atomic_write(self._cache_path(other), save({k: v.cpu() for k, v in state.items()}))
+                self._store(other, col)
+
+    def _store(self, head: Head, col: ExemplarCollector) -> None:
+        """Write the head's exemplar state to the disk cache, its key inside; a cache that
+        cannot be written (a full disk) is a warning: the run goes on without it."""
+        names = (*COLLECTOR_STATE, *HELD_STATE)
+        state = {name: getattr(col, name).contiguous().cpu() for name in names}
+        state["n_seen"] = torch.tensor(col.n_seen)
+        path = self._cache_path(head)
+        try:
+            atomic_write(path, save(state, metadata={"key": self._cache_parts(head)}))
+        except OSError as exc:
+            why = exc.strerror or exc
+            _cache_warning(f"{path}: exemplar cache entry not written ({why}); going on uncached")
 
     def with_exemplars(self, exemplars: ExemplarConfig) -> Workbench:
         """This workbench under other protocol settings: the loaded models, SAEs and corpora
@@ -611,15 +634,12 @@ class Workbench:
         )
         path = self._cache_path(head)
         try:
-            state = load_file(str(path), device=str(self.device))
+            state = _read_entry(path, self._cache_parts(head), str(self.device))
             _check_state(state, col)
         except Exception as exc:  # any unreadable entry: a cache is never worth a failure
-            warnings.warn(
-                f"{path}: unreadable exemplar cache entry ({type(exc).__name__}), rebuilt",
-                CacheWarning,
-                stacklevel=2,
-            )
-            path.unlink(missing_ok=True)
+            _cache_warning(f"{path}: unreadable exemplar cache entry ({_why(exc)}), rebuilt")
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             return None
         for name in (*COLLECTOR_STATE, *HELD_STATE):
             setattr(col, name, state[name])
@@ -742,7 +762,28 @@ def _short(digest: str) -> str:
 
 
 class CacheWarning(UserWarning):
-    """A cache entry could not be read and was rebuilt."""
+    """A cache entry could not be read and was rebuilt, or could not be written."""
+
+
+class ForeignEntry(ValueError):
+    """A cache entry whose key is not the one it is read for: copied under another name."""
+
+
+def _cache_warning(message: str) -> None:
+    warnings.warn(message, CacheWarning, stacklevel=3)
+
+
+def _why(exc: Exception) -> str:
+    """Why an entry was not used, in the warning: a foreign key says so, else the error's type."""
+    return str(exc) if isinstance(exc, ForeignEntry) else type(exc).__name__
+
+
+def _read_entry(path: Path, key: str, device: str) -> dict[str, Tensor]:
+    """The tensors of the cache entry at ``path``; ``ForeignEntry`` unless it holds ``key``."""
+    with safe_open(str(path), framework="pt", device=device) as entry:
+        if (entry.metadata() or {}).get("key") != key:
+            raise ForeignEntry("its key is another head's or setting's")
+        return {name: entry.get_tensor(name) for name in entry.keys()}  # noqa: SIM118
 
 
 def _check_state(state: dict[str, Tensor], col: ExemplarCollector) -> None:

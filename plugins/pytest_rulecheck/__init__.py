@@ -14,6 +14,7 @@ longer holds reported xfailed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 import rulecheck.profiles  # registers its profiles before Hypothesis reads --hypothesis-profile
+from rulecheck.atomic import interrupted, noting_interrupts
 from rulecheck.errors import InvalidSpec, RulecheckError
 
 STASH_BENCH = pytest.StashKey["Any"]()
@@ -34,6 +36,7 @@ STASH_CHECK = pytest.StashKey["Any"]()
 STASH_CHANGED = pytest.StashKey["dict[str, Any]"]()
 STASH_BOOKS = pytest.StashKey["list[tuple[Any, str]]"]()  # collected books, for the workbench
 STASH_SELECTED = pytest.StashKey["dict[str, set[int]]"]()  # features whose items run, by file
+STASH_INTERRUPTS = pytest.StashKey[contextlib.ExitStack]()  # SIGINT noted for the session
 
 
 # ------------------------------------------------------------------------------------ options
@@ -450,9 +453,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             n = len(features)
             what = f"{n} feature{'' if n == 1 else 's'} changed" if n else "no claim changed"
             notes.append(f"rulecheck: regenerated {path} ({what})")
-        write_rulebooks(fresh)
+        write_rulebooks(fresh)  # refused after an interrupt, even one swallowed below
     except RulecheckError as e:
+        if interrupted():
+            raise KeyboardInterrupt from None
         raise pytest.UsageError(f"--rulecheck-extract: {_relative(config, e)}") from None
+    except Exception:
+        if interrupted():  # an interrupt a library turned into another error
+            raise KeyboardInterrupt from None
+        raise
     config.stash[STASH_CHANGED] = changed
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
@@ -555,6 +564,7 @@ def check_settings(config: pytest.Config):
             fix="give --rulecheck-extract alone (the extracted features) or "
             "--rulecheck-extract=all (also books holding only manual entries)",
         )
+    check_caches(config)
     for name in ("report", "html"):
         path = setting(config, name)
         if path is None or hasattr(config, "workerinput"):
@@ -572,6 +582,18 @@ def check_settings(config: pytest.Config):
                 "is a directory", file=path, field=f"--rulecheck-{name}", fix="name a file"
             )
     return checked
+
+
+def check_caches(config: pytest.Config) -> None:
+    """``--rulecheck-cache`` and ``RULECHECK_CACHE`` as places a cache can be written to
+    (nothing is created yet): a file there, or under a file, is a usage error now, not a
+    traceback in every item after all the work."""
+    from rulecheck.paths import check_cache_dir, check_writable_dir
+
+    check_writable_dir(
+        cache_dir(config), "--rulecheck-cache", "name a directory you can write to, or leave it out"
+    )
+    check_cache_dir()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -599,6 +621,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[STASH_CHECK] = check_settings(config)
     except RulecheckError as e:
         raise pytest.UsageError(str(e)) from None
+    stack = config.stash[STASH_INTERRUPTS] = contextlib.ExitStack()
+    stack.enter_context(noting_interrupts())
     config.pluginmanager.register(Summary(config), "rulecheck-summary")
     threads = worker_threads(
         getattr(config, "workerinput", {}).get("workercount"), os.cpu_count(), os.environ
@@ -607,6 +631,22 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if STASH_INTERRUPTS in config.stash:
+        config.stash[STASH_INTERRUPTS].close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """An interrupt is never a pass: one that the code under test swallowed (a cleanup hook
+    catching everything) interrupts the session after the item, as it would have."""
+    try:
+        return (yield)
+    finally:
+        if interrupted():
+            raise KeyboardInterrupt  # also in place of an error the interrupt became
 
 
 def worker_threads(workers: int | None, cores: int | None, env: Mapping[str, str]) -> int | None:
@@ -689,16 +729,36 @@ class Summary:
             from rulecheck.report import print_gate
 
             print_gate(sorted(self.gates, key=lambda g: _head_order(g["head"])), console)
+        stopped = exitstatus == pytest.ExitCode.INTERRUPTED or interrupted()
         if self.results or self.gates:
             if self.results:
                 console.print(self.table())
             path = setting(self.config, "report")
             if path:
                 entries = [*self.gates, *self.results]
-                Path(path).write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+                data = json.dumps(entries, indent=2, sort_keys=True) + "\n"
+                self.write_output("report", Path(path), data, stopped, terminalreporter)
         html = setting(self.config, "html")
         if html and not hasattr(self.config, "workerinput"):
-            self.write_html(Path(html), terminalreporter)
+            if stopped:
+                terminalreporter.write_line(f"rulecheck: interrupted; {html} not written")
+            else:
+                self.write_html(Path(html), terminalreporter)
+
+    def write_output(self, name: str, path: Path, data: str, stopped: bool, reporter) -> None:
+        """Write a run's output atomically, or say in one line why it was not: an
+        interrupted run's outcomes are not the run's."""
+        from rulecheck.atomic import atomic_write
+
+        if stopped:
+            reporter.write_line(f"rulecheck: interrupted; {path} not written")
+            return
+        try:
+            atomic_write(path, data.encode())
+        except RulecheckError as e:
+            reporter.write_line(
+                f"rulecheck: --rulecheck-{name}: {_relative(self.config, e)}", red=True
+            )
 
     def write_html(self, path: Path, terminalreporter) -> None:
         """The HTML report of the run's rulebooks, measured on the books' own checkpoints
