@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import random_model
 
-from rulecheck.core.gradient import surrogate_activation
+from rulecheck.core.gradient import surrogate_activation, term_importance
 from rulecheck.core.heads import (
     head_weights,
     qk_form,
@@ -230,6 +230,45 @@ def test_the_surrogate_reads_each_score_at_its_distance(window):
     mask = torch.rand(n_terms, generator=g, dtype=torch.float64)
     got = surrogate_activation(feats, t, terms, mask)
     torch.testing.assert_close(got, slow_surrogate(feats, t, terms, mask))
+
+
+@pytest.mark.parametrize("order", ["key by key", "shuffled"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_importance_at_distances_is_the_slow_surrogate_s_derivative(order, window):
+    """The written-out derivative of positional terms (one batched product per key when the
+    terms come key by key, a gather otherwise) against central differences of the slow
+    surrogate, chunked and not."""
+    g = torch.Generator().manual_seed(6)
+    per, d_in, pos = 4, 8, 9
+    key = torch.tensor([1, 4, 6]).repeat_interleave(per)
+    if order == "shuffled":
+        key = key[torch.randperm(len(key), generator=g)]
+    n_terms = len(key)
+    attn_at = torch.randn(n_terms, pos, generator=g, dtype=torch.float64)
+    if window is not None:
+        attn_at[:, window:] = -math.inf
+    value = {1: 0.7, 4: -1.2, 6: 1.5}
+    terms = Terms(
+        query=torch.randint(0, d_in, (n_terms,), generator=g),
+        key=key,
+        attn=attn_at[:, 0].clone(),
+        value=torch.tensor([value[int(k)] for k in key], dtype=torch.float64),
+        attn_at=attn_at,
+    )
+    feats = torch.rand(5, pos, d_in, generator=g, dtype=torch.float64)
+    t = torch.tensor([8, 0, 5, 2, 7])
+    eps, want = 1e-6, torch.zeros(n_terms, dtype=torch.float64)
+    for j in range(n_terms):
+        up, down = (
+            torch.ones(n_terms, dtype=torch.float64),
+            torch.ones(n_terms, dtype=torch.float64),
+        )
+        up[j], down[j] = 1 + eps, 1 - eps
+        diff = slow_surrogate(feats, t, terms, up) - slow_surrogate(feats, t, terms, down)
+        want[j] = diff.mean() / (2 * eps)
+    for batch_size in (64, 2):
+        got = term_importance(feats, t, terms, batch_size=batch_size)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
 
 def test_input_saes_on_a_hook_holding_the_same_tensor_are_accepted():

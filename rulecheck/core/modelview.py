@@ -106,6 +106,23 @@ def attend(attn: Any, form: QKForm, h: Tensor, x_q: Tensor, x_kv: Tensor, t: Ten
     return torch.einsum("bnqp,bpnd->bqnd", pattern.to(v.dtype), v)
 
 
+def attend_causal(attn: Any, form: QKForm, h: Tensor, x: Tensor) -> Tensor:
+    """``attend`` for every position of ``x [batch, pos, d_model]`` where the form has no soft
+    cap and no window: the same steps, the causal softmax fused by
+    ``scaled_dot_product_attention``."""
+    q = form.normed(project(x, attn.W_Q, attn.b_Q, h), form.q_norm)  # [batch, pos, n, d]
+    k = form.normed(project(x, attn.W_K, attn.b_K, h), form.k_norm)
+    v = project(x, attn.W_V, attn.b_V, h)
+    if form.rotary is not None:
+        positions = torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
+        q, k = form.rotary.rotate(q, positions), form.rotary.rotate(k, positions)
+    q, k, v = (y.transpose(1, 2).to(v.dtype) for y in (q, k, v))  # [batch, n, pos, d]
+    z = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=1 / form.attn_scale
+    )
+    return z.transpose(1, 2)
+
+
 class ModelView:
     """What rulecheck reads of ``model`` that its class decides (see the module docstring)."""
 
@@ -133,7 +150,9 @@ class ModelView:
         input ``x [batch, pos, d_model]``. Valid where ``rows_supported``."""
         positions = torch.arange(x.shape[1], device=x.device)
         form = self.qk_form(layer)
-        return attend(self.attention(layer), form, h, x, x, positions.expand(x.shape[0], -1))
+        if form.soft_cap > 0 or form.window is not None:
+            return attend(self.attention(layer), form, h, x, x, positions.expand(x.shape[0], -1))
+        return attend_causal(self.attention(layer), form, h, x)
 
     def output_weights(self, layer: int) -> tuple[Tensor, Tensor]:
         """``W_O [n_heads, d_head, d_model]`` and ``b_O [d_model]`` (zeros where none)."""
