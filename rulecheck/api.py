@@ -6,7 +6,8 @@ and the corpus are read once per session however many heads and rulebooks use th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -163,14 +164,8 @@ def keep_rules_that_hold(book: Rulebook, bench: Workbench, head: Head) -> Rulebo
     each kind that asks for it), so that a fresh rulebook passes its own tests. Of the
     candidates of one slot (``RuleKind.slot``: one claim stated strictly, then with a measured
     strength), the first that holds is kept and the rest are not checked."""
-    from hypothesis import settings
-
-    from rulecheck.profiles import CI_PROFILE
-
     ctx = kinds.CheckContext(bench, head, book.name)
-    previous = settings.get_current_profile_name()
-    settings.load_profile(CI_PROFILE)
-    try:
+    with validation_profile():
         for rules in book.features:
             for kind in kinds.kinds():
                 if not kind.validate:
@@ -182,9 +177,23 @@ def keep_rules_that_hold(book: Rulebook, bench: Workbench, head: Head) -> Rulebo
                         kept.append(claim)
                         filled.add(slot)
                 rules.claims[kind.key] = kept
+    return book
+
+
+@contextmanager
+def validation_profile() -> Iterator[None]:
+    """Hypothesis under the derandomised ``rulecheck-ci`` profile for the block, the profile
+    before it restored after: a claim holds or fails the same way on every run."""
+    from hypothesis import settings
+
+    from rulecheck.profiles import CI_PROFILE
+
+    previous = settings.get_current_profile_name()
+    settings.load_profile(CI_PROFILE)
+    try:
+        yield
     finally:
         settings.load_profile(previous)
-    return book
 
 
 def _holds(kind: kinds.RuleKind, ctx: kinds.CheckContext, rules: FeatureRules, index: int) -> bool:
@@ -221,6 +230,18 @@ def write_rulebooks(books: list[tuple[Rulebook, Path]]) -> list[Path]:
     files = [file for book, path in books for file in regenerated_files(book, Path(path))]
     atomic_write_many([(path, data) for path, data in files if not _holds_bytes(path, data)])
     return [Path(path) for _, path in books]
+
+
+def save_rulebook(book: Rulebook, path: str | Path) -> Path:
+    """Write ``book`` to ``path`` (a ``.yaml`` file, or a directory: ``L{l}H{h}.yaml`` in it)
+    as ``rulecheck extract`` writes it: atomically, its measurements beside it, the manual
+    entries of a file already there kept."""
+    target = Path(path)
+    if target.suffix not in (".yaml", ".yml"):
+        target.mkdir(parents=True, exist_ok=True)
+        target = target / f"{book.name}.yaml"
+    [written] = write_rulebooks([(book, target)])
+    return written
 
 
 def _holds_bytes(path: Path, data: bytes) -> bool:

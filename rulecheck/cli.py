@@ -7,14 +7,11 @@ import argparse
 import os
 import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -31,6 +28,7 @@ from rulecheck.config import (
 )
 from rulecheck.errors import InvalidSpec, RulecheckError
 from rulecheck.paths import check_cache_dir
+from rulecheck.progress import rich_progress
 
 if TYPE_CHECKING:
     from rulecheck.book import Rulebook
@@ -174,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     report.add_argument(
-        "--cache", default=".rulecheck_cache", type=Path, help="directory of cached exemplars"
+        "--cache",
+        default=None,
+        type=Path,
+        help="directory of cached exemplars (default: exemplars/ in $RULECHECK_CACHE,"
+        " ~/.cache/rulecheck)",
     )
     return parser
 
@@ -190,28 +192,6 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
         features=parse_features(args.features, "--features"),
         exemplars=parse_config(ExemplarConfig, texts),
     )
-
-
-@contextmanager
-def rich_progress(console: Console) -> Iterator:
-    """A progress callback ``(task, advance, total)`` drawing one rich bar per task."""
-    bars = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
-    tasks: dict[str, int] = {}
-
-    def update(task: str, advance: int, total: int) -> None:
-        if task not in tasks:
-            tasks[task] = bars.add_task(task, total=total)
-        bars.update(tasks[task], advance=advance)
-
-    with bars:
-        yield update
 
 
 def run_extract(args: argparse.Namespace, console: Console) -> int:
@@ -563,9 +543,9 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
     run = None if args.run is None else read_run(args.run)
     bench = None
     if n:
-        from rulecheck.session import Workbench
+        from rulecheck.session import DEFAULT_CACHE, Workbench
 
-        bench = Workbench(device=args.device, cache_dir=args.cache)
+        bench = Workbench(device=args.device, cache_dir=args.cache or DEFAULT_CACHE)
     with rich_progress(console) as progress:
         html = build_report(
             [(p, str(p)) for p in paths], run, bench=bench, exemplars=n, progress=progress

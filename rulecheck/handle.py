@@ -3,6 +3,7 @@
     def test_if_then(feature):
         f = feature("rulecheck-tiny", layer=0, head=1, id=37)
         assert f.activation("If it is, then")[-1] > 0
+        f.aligned("If it is, then")  # (token, activation) at every position
         f.assert_rule([(" If", " then")], f1=0.6)
 
 The assertions are the ones the YAML form runs, on the same exemplars, and fail the same way
@@ -56,9 +57,25 @@ class FeatureHandle:
     def activation(self, prompt: str | Tensor) -> Tensor:
         """``[pos]`` activation of the feature at every position of ``prompt`` (text gets BOS
         prepended; token ids are used as given)."""
+        tokens = self.tokens(prompt).reshape(1, -1)
+        return self.bench.probe(self.head, self.feature).activations(tokens)[0]
+
+    def tokens(self, prompt: str | Tensor) -> Tensor:
+        """``[pos]`` token ids of ``prompt`` as ``activation`` reads it (text gets BOS)."""
         model = self.bench.load(self.head)[0]
         tokens = model.to_tokens(prompt) if isinstance(prompt, str) else prompt.reshape(1, -1)
-        return self.bench.probe(self.head, self.feature).activations(tokens)[0]
+        return tokens[0]
+
+    def to_str_tokens(self, prompt: str | Tensor) -> list[str]:
+        """The tokens of ``prompt`` as text, one per position of ``activation(prompt)``
+        (as TransformerLens's ``to_str_tokens``, BOS first)."""
+        model = self.bench.load(self.head)[0]
+        return list(model.to_str_tokens(self.tokens(prompt)))
+
+    def aligned(self, prompt: str | Tensor) -> list[tuple[str, float]]:
+        """``(token, activation)`` at every position of ``prompt``."""
+        acts = self.activation(prompt).tolist()
+        return list(zip(self.to_str_tokens(prompt), acts, strict=True))
 
     def rules(self, skipgrams: Sequence[tuple[Ref, Ref]]) -> FeatureRules:
         """``[(key, query), ...]`` as a hand-written feature entry."""

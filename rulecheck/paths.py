@@ -56,3 +56,11 @@ def check_writable_dir(path: Path, field: str, fix: str) -> Path:
         where = "" if existing == path else f" ({existing} is not writable)"
         raise InvalidSpec(f"cannot write here{where}", file=path, field=field, fix=fix)
     return path
+
+
+def exemplar_cache() -> Path:
+    """The exemplar cache's default, ``cache_dir() / "exemplars"``: a ``Workbench``,
+    ``rulecheck report`` and the pytest plugin share it unless ``cache_dir``, ``--cache`` or
+    ``--rulecheck-cache`` name another (its entries are keyed by the fingerprints of what they
+    were measured on, so every project may share it)."""
+    return cache_dir() / "exemplars"

@@ -2,7 +2,7 @@
 rule that is checked (the pytest plugin's session state, usable from plain Python too).
 
 Exemplars are the expensive part (a pass over the corpus per layer); they are cached on disk
-under ``.rulecheck_cache/``, keyed by the fingerprints of model, output SAE and corpus and by
+(``rulecheck.paths.exemplar_cache()`` unless told otherwise), keyed by the fingerprints of model, output SAE and corpus and by
 the protocol's settings, so a second run with unchanged inputs skips the pass.
 """
 
@@ -67,6 +67,8 @@ from rulecheck.loading import (
     load_sae,
     resolve_device,
 )
+from rulecheck.loading.corpora import tokens_of
+from rulecheck.paths import exemplar_cache
 from rulecheck.refs import Resolver
 from rulecheck.specs import Checkpoint, Specs, head_spec, locate, parse_heads, processing_for
 from rulecheck.zoo import is_zoo_spec
@@ -102,7 +104,8 @@ class Layer:
 
 
 # what a workbench loaded, each keyed by what it came from: shared by derived workbenches
-LOADED = ("_models", "_saes", "_corpora", "_fingerprints", "_sample_ids")
+LOADED = ("_models", "_saes", "_corpora", "_fingerprints", "_sample_ids", "_given")
+DEFAULT_CACHE = Path("<exemplar_cache()>")  # the default of ``Workbench(cache_dir=...)``
 
 
 class Workbench:
@@ -112,18 +115,23 @@ class Workbench:
         self,
         overrides: Specs | None = None,
         device: str = "auto",
-        cache_dir: Path | None = Path(".rulecheck_cache"),
+        cache_dir: Path | None = DEFAULT_CACHE,
         exemplars: ExemplarConfig | None = None,
         batch_size: int = 64,
         models: Mapping[str, Model] | None = None,
+        saes: Mapping[str, SAE] | None = None,
+        corpora: Mapping[str, Tensor] | None = None,
     ) -> None:
         """``models``: model objects already loaded (a HookedTransformer, or a
         TransformerBridge in compatibility mode), by the model spec that names each in
         ``Specs`` and rulebooks; used as they are, loaded with whatever processing their
-        caller chose."""
+        caller chose. ``saes`` (sae_lens SAEs) and ``corpora`` (token ids ``[batch, pos]``)
+        likewise, by the spec that names each for a head (``{layer}``/``{head}`` filled in);
+        each is checked as a loaded one is. ``cache_dir``: the exemplar cache, by default
+        ``rulecheck.paths.exemplar_cache()``; None keeps none."""
         self.overrides = overrides or Specs(model=None)
         self.device = resolve_device(device)
-        self.cache_dir = cache_dir
+        self.cache_dir = exemplar_cache() if cache_dir is DEFAULT_CACHE else cache_dir
         self.exemplar_cfg = exemplars or ExemplarConfig()
         self.batch_size = batch_size
         self._models: dict[str, Model] = dict(models or {})
@@ -135,6 +143,8 @@ class Workbench:
         self._books: dict[str, tuple[Rulebook, frozenset[int] | None]] = {}
         self._memo: dict[tuple, Any] = {}
         self._fingerprints: dict[tuple, str] = {}
+        self._given: dict[str, dict[str, Any]] = {"sae": {}, "corpus": {}}
+        self.give(saes=saes, corpora=corpora)
 
     # ------------------------------------------------------------------------------ loading
 
@@ -156,6 +166,22 @@ class Workbench:
         self._books[file] = (book, None if features is None else frozenset(features))
         with contextlib.suppress(RulecheckError):  # reported when the book's items run
             self._announced.add(self._head(book, file, True))
+
+    def give(
+        self,
+        models: Mapping[str, Model] | None = None,
+        saes: Mapping[str, SAE] | None = None,
+        corpora: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Hold these loaded objects, by spec, as ``__init__`` takes them (before they are
+        first read)."""
+        self._models.update(models or {})
+        self._given["sae"].update(saes or {})
+        self._given["corpus"].update(corpora or {})
+
+    def named_head(self, book: Rulebook, file: str) -> Head:
+        """The head ``head_of`` gives, its specs resolved, without loading anything."""
+        return self._head(book, file, True)
 
     def _head(self, book: Rulebook, file: str, saes: bool) -> Head:
         """``head_of`` without loading anything."""
@@ -263,7 +289,9 @@ class Workbench:
         spec = head_spec(head.specs.sae_in, head.layer)
         key = (spec, head.layer, None)
         if key not in self._saes:
-            sae = load_sae(locate(spec), layer=head.layer, device=self.device)
+            sae = self._given["sae"].get(spec)
+            if sae is None:
+                sae = load_sae(locate(spec), layer=head.layer, device=self.device)
             check_sae(
                 sae,
                 self.model(head.specs.model, sae),
@@ -279,7 +307,9 @@ class Workbench:
         spec = head_spec(head.specs.sae_out, head.layer, head.head)
         key = (spec, head.layer, head.head)
         if key not in self._saes:
-            sae = load_sae(locate(spec), layer=head.layer, head=head.head, device=self.device)
+            sae = self._given["sae"].get(spec)
+            if sae is None:
+                sae = load_sae(locate(spec), layer=head.layer, head=head.head, device=self.device)
             model = self.model(head.specs.model)
             check_sae(sae, model, layer=head.layer, head=head.head, kind="out", spec=spec)
             if sae.cfg.metadata.hook_name == attn_out_hook(head.layer):
@@ -292,13 +322,17 @@ class Workbench:
         if key not in self._corpora:
             model = self.model(head.specs.model)
             tok = model.tokenizer
-            self._corpora[key] = load_corpus(
-                locate(head.specs.corpus),
-                tokenizer=tok,
-                bos_token_id=None if tok is None else tok.bos_token_id,
-                seq_len=min(64, model.cfg.n_ctx),
-                d_vocab=model.cfg.d_vocab,
-            )
+            reading = {
+                "bos_token_id": None if tok is None else tok.bos_token_id,
+                "seq_len": min(64, model.cfg.n_ctx),
+                "d_vocab": model.cfg.d_vocab,
+            }
+            given = self._given["corpus"].get(head.specs.corpus)
+            if given is not None:
+                self._corpora[key] = tokens_of(given, where=head.specs.corpus, **reading)
+            else:
+                spec = locate(head.specs.corpus)
+                self._corpora[key] = load_corpus(spec, tokenizer=tok, **reading)
         return self._corpora[key]
 
     def n_layers(self, specs: Checkpoint) -> int:

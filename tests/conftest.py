@@ -10,8 +10,12 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-# zoo entries built by code go to a fresh directory per test process
-os.environ["RULECHECK_CACHE"] = tempfile.mkdtemp(prefix="rulecheck-test-")
+# zoo entries built by code, and the exemplar cache, go to a fresh directory per test run,
+# shared by xdist's workers (they inherit the controller's), so that a layer streamed by one
+# worker is read from the cache by the other
+if "RULECHECK_TEST_CACHE" not in os.environ:
+    os.environ["RULECHECK_TEST_CACHE"] = tempfile.mkdtemp(prefix="rulecheck-test-")
+os.environ["RULECHECK_CACHE"] = os.environ["RULECHECK_TEST_CACHE"]
 
 from typing import TYPE_CHECKING
 

@@ -295,6 +295,22 @@ def test_feature_fixture_runs_the_same_assertions(books):
     )
 
 
+def test_feature_fixture_aligns_activations_with_tokens(books):
+    books.makepyfile(
+        test_tokens="""
+        def test_aligned(feature):
+            f = feature("planted", layer=0, head=0, id=1)
+            tokens = f.to_str_tokens("the if a then")
+            acts = f.activation("the if a then")
+            assert len(tokens) == len(acts) == len(f.tokens("the if a then"))
+            assert [t.strip() for t in tokens[1:]] == ["the", "if", "a", "then"]
+            pairs = f.aligned("the if a then")
+            assert pairs == list(zip(tokens, acts.tolist())) and pairs[-1][1] > 0
+        """
+    )
+    run(books, "test_tokens.py").assert_outcomes(passed=1)
+
+
 def test_xdist_workers_share_the_cores():
     """Each of n workers gets cores // n torch threads (all cores each oversubscribes them and
     runs many times slower); an explicit OMP_NUM_THREADS is left alone."""

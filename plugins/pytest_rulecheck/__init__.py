@@ -63,7 +63,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "write an HTML report of the run to this path: the figures, and every feature's "
         "evidence (exemplars, curves, counterexamples) with its items' outcomes",
     )
-    option("cache", "directory of cached exemplars (default .rulecheck_cache)")
+    option(
+        "cache",
+        "directory of cached exemplars (default: exemplars/ in $RULECHECK_CACHE, "
+        "~/.cache/rulecheck)",
+    )
     option(
         "accept-changed",
         "run rulebooks although these differ from the fingerprints they record: a comma list"
@@ -124,8 +128,14 @@ def setting(config: pytest.Config, name: str, default: Any = None) -> Any:
 
 
 def cache_dir(config: pytest.Config) -> Path:
-    """The exemplar cache's directory (``--rulecheck-cache``; relative to the rootdir)."""
-    cache = Path(setting(config, "cache", ".rulecheck_cache"))
+    """The exemplar cache's directory: ``--rulecheck-cache`` (relative to the rootdir), else
+    the one every rulecheck tool shares (``rulecheck.paths.exemplar_cache``)."""
+    given = setting(config, "cache")
+    if given is None:
+        from rulecheck.paths import exemplar_cache
+
+        return exemplar_cache()
+    cache = Path(given)
     return cache if cache.is_absolute() else config.rootpath / cache
 
 

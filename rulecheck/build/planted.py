@@ -284,7 +284,7 @@ def write_entry(
 ) -> Path:
     """Write a planted zoo entry into ``directory``: the model and its word tokenizer, the
     input SAE of layer 0, each head's output SAE, the corpus and the ground truth."""
-    from rulecheck.loading import save_model
+    from rulecheck.loading.models import save_model
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ import jinja2
 from markupsafe import Markup
 
 TEMPLATE = "report.html.j2"
+CARDS_TEMPLATE = "cards.html.j2"
+CARDS_SCOPE = ".rulecheck-cards"
 
 
 @cache
@@ -57,12 +59,41 @@ def _plotly_js() -> str:
     return get_plotlyjs()
 
 
-def render_page(context: dict[str, Any], data: dict[str, Any]) -> str:
-    """The report's HTML text."""
+def _filtered() -> jinja2.Environment:
     env = _environment()
     env.filters["fmt"] = _fmt
     env.filters["pct"] = _pct
-    template = env.get_template(TEMPLATE)
+    return env
+
+
+def scoped_css(css: str, scope: str = CARDS_SCOPE) -> str:
+    """The report's style applied inside ``scope`` only (a notebook's page keeps its own): each
+    rule's selectors prefixed with it, the page-wide ones (``:root``, ``body``) become it."""
+
+    def selector(text: str) -> str:
+        text = text.strip()
+        return scope if text in (":root", "body") else f"{scope} {text}"
+
+    out = []
+    for line in css.splitlines():
+        head, brace, body = line.partition("{")
+        if not brace or head.lstrip().startswith("@"):
+            out.append(line)
+            continue
+        out.append(", ".join(selector(s) for s in head.split(",")) + " {" + body)
+    return "\n".join(out)
+
+
+def render_cards(title: str, cards: list[dict[str, Any]]) -> str:
+    """The feature cards of one book as an HTML fragment (the report's card template and its
+    style, scoped), for a notebook; figures and exemplars are the full report's."""
+    template = _filtered().get_template(CARDS_TEMPLATE)
+    return template.render(title=title, cards=cards, style=Markup(scoped_css(_asset("report.css"))))
+
+
+def render_page(context: dict[str, Any], data: dict[str, Any]) -> str:
+    """The report's HTML text."""
+    template = _filtered().get_template(TEMPLATE)
     return template.render(
         **context,
         style=Markup(_asset("report.css")),

@@ -156,6 +156,11 @@ def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
             fix="tokenize the corpus with the model's tokenizer",
         )
     tokens = torch.from_numpy(np.array(array, dtype=np.int64))
+    _check_bos(tokens, bos_token_id, where=path)
+    return tokens
+
+
+def _check_bos(tokens: torch.Tensor, bos_token_id: int | None, *, where: Path | str) -> None:
     if bos_token_id is not None and tokens.shape[1] > 0:
         bad = (tokens[:, 0] != bos_token_id).nonzero()
         if len(bad):
@@ -163,11 +168,38 @@ def _npy_tokens(path: Path, *, bos_token_id: int | None) -> torch.Tensor:
             raise InvalidSpec(
                 f"row {row} starts with {int(tokens[row, 0])}, not BOS {bos_token_id}"
                 f" ({len(bad)} of {tokens.shape[0]} rows)",
-                file=path,
+                file=where,
                 field="column 0",
                 fix="put the BOS token id in column 0 of every row",
             )
-    return tokens
+
+
+def tokens_of(
+    tokens: Any,
+    *,
+    where: str = "tokens",
+    bos_token_id: int | None = None,
+    seq_len: int = 64,
+    d_vocab: int | None = None,
+) -> torch.Tensor:
+    """Token ids given in memory (a tensor or array ``[batch, pos]``, BOS in column 0) read as
+    a ``.npy`` file of them is: integers, 2-d, BOS first, rows cut to ``seq_len``, ids in the
+    vocabulary; ``InvalidSpec`` about ``where`` otherwise."""
+    fix = "pass token ids [batch, pos] as model.to_tokens gives them (BOS in column 0)"
+    array = tokens.detach().cpu() if isinstance(tokens, torch.Tensor) else torch.as_tensor(tokens)
+    if array.is_floating_point() or array.is_complex() or array.dtype == torch.bool:
+        raise InvalidSpec(f"expected integer token ids, found {array.dtype}", file=where, fix=fix)
+    if array.dim() != 2:
+        raise InvalidSpec(
+            f"expected shape [batch, pos], found {list(array.shape)}",
+            file=where,
+            field="shape",
+            fix=fix,
+        )
+    out = array.to(torch.int64)[:, :seq_len].contiguous()
+    _check_bos(out, bos_token_id, where=where)
+    _check_tokens(out, where=where, d_vocab=d_vocab)
+    return out
 
 
 def _bos_id(tokenizer: Any, bos_token_id: int | None, *, spec: str) -> int:
