@@ -52,7 +52,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     option("sae-out", "output SAE spec ({layer}, {head}) overriding the rulebooks'")
     option("corpus", "corpus spec overriding the rulebooks'")
     option("device", "auto (CUDA when present), cpu or cuda")
-    option("tolerance", "lower every expected minimum by this much (default 0)")
+    option("tolerance", "lower every expected minimum by this much: a number in [0, 1) (default 0)")
     option("examples", "Hypothesis examples per absence/counting property (default 25)")
     option("report", "write a JSON report of every checked rule to this path")
     option(
@@ -118,6 +118,27 @@ def setting(config: pytest.Config, name: str, default: Any = None) -> Any:
     if value is None:
         value = config.getini(dest) or None
     return default if value is None else value
+
+
+def setting_source(config: pytest.Config, name: str) -> dict[str, Any]:
+    """Where a rulecheck option's value comes from, as an error names it: the command line's
+    ``--rulecheck-NAME``, else the ini file's ``rulecheck_NAME`` key."""
+    dest = "rulecheck_" + name.replace("-", "_")
+    if config.getoption(dest, default=None) is None and config.getini(dest):
+        return {"file": config.inipath, "field": dest}
+    return {"field": f"--rulecheck-{name}"}
+
+
+def parse_setting(config: pytest.Config, name: str, cls: type) -> Any:
+    """The option ``name`` read through the bound of ``cls``'s field of that name (None when
+    not given); an error names the option or the ini key that gave it."""
+    from rulecheck.config import bound_of
+
+    text = setting(config, name)
+    if text is None:
+        return None
+    where = setting_source(config, name)
+    return bound_of(cls, name.replace("-", "_")).parse(text, where.pop("field"), **where)
 
 
 def cache_dir(config: pytest.Config) -> Path:
@@ -514,7 +535,7 @@ def check_settings(config: pytest.Config):
     )
     from rulecheck.core.verdict import STATISTICS
 
-    texts = {name: setting(config, name) for name in ("tolerance", "examples")}
+    given = {name: parse_setting(config, name, CheckConfig) for name in ("tolerance", "examples")}
     accept = parse_accept_changed(
         setting(config, "accept-changed", ""), "--rulecheck-accept-changed"
     )
@@ -526,10 +547,8 @@ def check_settings(config: pytest.Config):
         {name: setting(config, f"gate-{name.replace('_', '-')}") for name in STATISTICS},
         "--rulecheck-gate-{}",
     )
-    checked = parse_config(
-        CheckConfig,
-        texts,
-        "--rulecheck-{}",
+    checked = CheckConfig(
+        **{name: value for name, value in given.items() if value is not None},
         accept_changed=accept,
         remap=remap,
         allow_lost=budget,
