@@ -282,6 +282,8 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
 
     tolerance = Bound(float, 0.0, 1.0).parse(args.tolerance, "--tolerance")
     limit = Bound(int, 0).parse(args.limit, "--limit")
+    if args.mapping is not None:
+        _check_mappings(args.mapping)
     pairs = _book_pairs(args.old, args.new)
     heads, gates = [], []
     for a, b in pairs:
@@ -330,6 +332,15 @@ def _diff_gate(
     out_map = gate.maps["sae_out"]
     mapping = None if out_map is None else out_map.new_of
     return mapping, verdict.record(old.name)
+
+
+def _check_mappings(source: str) -> None:
+    """``--mapping``: ``auto``, or mapping files read and checked now, before any work (even
+    where no SAE changed, so that a bad file is never passed over)."""
+    from rulecheck.mapping import AUTO, read_mappings
+
+    if source != AUTO:
+        read_mappings(source, "--mapping")
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -507,6 +518,7 @@ def run_remap(args: argparse.Namespace, console: Console) -> int:
             fix="pass --sae-out (the retrained output SAEs), --sae-in, or both",
         )
     cfg = parse_config(MatchConfig, {"threshold": args.threshold})
+    _check_mappings(args.mapping)
     paths = _rulebook_paths(args.paths)
     if args.out.exists() and not args.out.is_dir():
         raise InvalidSpec(

@@ -540,6 +540,10 @@ def check_settings(config: pytest.Config):
         setting(config, "accept-changed", ""), "--rulecheck-accept-changed"
     )
     remap = setting(config, "remap")
+    from rulecheck.mapping import AUTO, read_mappings
+
+    if remap is not None and remap != AUTO:
+        read_mappings(remap, setting_source(config, "remap")["field"])
     allow_lost = setting(config, "allow-lost")
     budget = Budget() if allow_lost is None else parse_budget(allow_lost, "--rulecheck-allow-lost")
     gate = parse_config(
