@@ -88,3 +88,66 @@ def test_remap_reads_a_bad_mapping_file_though_no_sae_changed(tmp_path, capsys) 
     err = one_line(capsys.readouterr().err)
     assert f"{mapping}:7: pairs[0]: expected [old, new, " in err and "(fix: " in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------ non-finite weights
+
+
+def _nan_sae(directory) -> str:
+    """The planted head 0's output SAE with a NaN in ``W_enc``, saved with sae_lens under
+    ``directory``; its spec as a template."""
+    import torch
+
+    from rulecheck.loading import load_sae
+    from rulecheck.specs import locate
+
+    sae = load_sae(locate("planted:sae_out/L0H0"))
+    with torch.no_grad():
+        sae.W_enc[0, 0] = float("nan")
+    sae.save_model(str(directory / "L0H0"))
+    return f"{directory}/L{{layer}}H{{head}}"
+
+
+def _inf_model(directory) -> str:
+    """The planted model with an infinity in layer 0's ``W_Q``, saved as a model directory."""
+    import torch
+
+    from rulecheck.loading import load_model
+    from rulecheck.loading.models import save_model
+    from rulecheck.specs import locate
+
+    model = load_model(locate("planted"))
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q[0, 0, 0] = float("inf")
+    return str(save_model(model, directory))
+
+
+def test_non_finite_weights_are_named_when_extracting(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RULECHECK_CACHE", str(tmp_path / "zoo"))
+    base = ["extract", "--model", "planted", "--layer", "0", "--heads", "0"]
+    sae = _nan_sae(tmp_path / "nan")
+    assert main([*base, "--sae-out", sae, "--out", str(tmp_path / "a")]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{tmp_path}/nan/L0H0: W_enc: SAE weight W_enc holds NaN or infinite values" in err
+    assert "corpus" not in err and "(fix: retrain or save it again" in err
+    model = _inf_model(tmp_path / "inf")
+    argv = ["extract", "--model", model, "--layer", "0", "--heads", "0"]
+    argv += ["--sae-in", "planted:sae_in/L{layer}", "--sae-out", "planted:sae_out/L{layer}H{head}"]
+    assert main([*argv, "--corpus", "planted:eval", "--out", str(tmp_path / "b")]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"{model}: blocks.0.attn.W_Q: model weight blocks.0.attn.W_Q holds NaN or" in err
+    assert "corpus" not in err and not (tmp_path / "a").exists()
+
+
+def test_non_finite_weights_are_named_when_checking(planted_books: pytest.Pytester) -> None:
+    sae = _nan_sae(planted_books.path / "nan")
+    result = pytest_run(planted_books, f"--rulecheck-sae-out={sae}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*nan/L0H0: W_enc: SAE weight W_enc holds NaN or infinite*"])
+    model = _inf_model(planted_books.path / "inf")
+    header = f"model: {model}\nsae_in: planted:sae_in/L0\nsae_out: planted:sae_out/L0H0\n"
+    book = BOOK.replace("model: planted\n", header + "corpus: planted:eval\n")
+    planted_books.makefile(".yaml", L0H0=book)
+    result = pytest_run(planted_books)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*model weight blocks.0.attn.W_Q holds NaN or infinite values*"])
