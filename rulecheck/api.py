@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from rulecheck import __version__, kinds
 from rulecheck.book import HELD_OUT, FeatureRules, Rulebook
-from rulecheck.config import METHODS, ExemplarConfig, bound_of
+from rulecheck.config import METHODS
 from rulecheck.core.extract import (
     ExtractConfig,
     FeatureResult,
@@ -24,7 +23,7 @@ from rulecheck.core.extract import (
     no_progress,
 )
 from rulecheck.core.prefixes import KeptInputs
-from rulecheck.errors import InvalidSpec, RuleFailed
+from rulecheck.errors import RuleFailed
 from rulecheck.kinds.skipgram import label
 from rulecheck.schema import significant
 from rulecheck.session import Head, Layer, Workbench
@@ -90,7 +89,7 @@ def head_rulebook(
             "queries_per_key": cfg.queries_per_key,
             "max_terms": cfg.max_terms,
             "term_margin": cfg.term_margin,
-            "seed": cfg.seed,
+            **cfg.exemplars.recorded(),
             "tolerance": cfg.tolerance,
             "ln_scale": significant(result.ln_scale, 3),
             "n_sequences": result.n_sequences,
@@ -234,24 +233,13 @@ def config_from_rulebook(book: Rulebook) -> ExtractConfig:
     """The settings a rulebook was extracted with (defaults where it records none), each
     checked as the command line checks it; its extracted features are regenerated, or a
     fresh sample when it has none. A bad recorded value is ``InvalidRulebook`` at its line."""
-    ex = book.extraction
-    values: dict[type, dict[str, Any]] = {ExtractConfig: dict(UNRECORDED), ExemplarConfig: {}}
-    for cls, names in ((ExtractConfig, RECORDED), (ExemplarConfig, ("seed",))):
-        for name in names:
-            if name in ex:
-                bound = bound_of(cls, name)
-                try:
-                    values[cls][name] = bound.check(ex[name], name) if bound else ex[name]
-                except InvalidSpec as e:
-                    book.fail(f"extraction.{name}", e.what, e.fix)
-    method = values[ExtractConfig].get("method", ExtractConfig.method)
+    values = {**UNRECORDED, **book.recorded(ExtractConfig, RECORDED)}
+    method = values.get("method", ExtractConfig.method)
     if method not in METHODS:
         book.fail("extraction.method", f"unknown ranking method {method!r}", f"use {METHODS}")
     extracted = tuple(f.feature for f in book.features if f.source == "extracted")
     return ExtractConfig(
-        features=extracted or ExtractConfig.features,
-        exemplars=ExemplarConfig(**values[ExemplarConfig]),
-        **values[ExtractConfig],
+        features=extracted or ExtractConfig.features, exemplars=book.protocol(), **values
     )
 
 

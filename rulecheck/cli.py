@@ -325,7 +325,7 @@ def _diff_gate(
     from rulecheck.specs import Specs
 
     overrides = Specs(model=None, sae_in=new.sae_in, sae_out=new.sae_out)
-    bench = Workbench(overrides=overrides, device=args.device, cache_dir=None)
+    bench = Workbench(overrides=overrides, device=args.device, cache_dir=None).for_book(old)
     bench.announce(old, file)
     gate = gated(bench, old, file, args.mapping, option="--mapping")
     verdict = gate_verdict(bench, old, file, args.mapping)
@@ -537,8 +537,9 @@ def run_remap(args: argparse.Namespace, console: Console) -> int:
     for path in paths:
         text = _read_book_text(path)
         book = parse_rulebook(text, path)
-        gate = gated(bench, book, str(path), args.mapping, cfg, option="--mapping")
-        bench.check_fingerprints(book, gate.old, str(path))
+        book_bench = bench.for_book(book)  # the protocol the book was measured with
+        gate = gated(book_bench, book, str(path), args.mapping, cfg, option="--mapping")
+        book_bench.check_fingerprints(book, gate.old, str(path))
         out = args.out / path.name
         new = dump_rulebook(gate.remapped.written(), text, path=out, keep_manual=False)
         files.append((out, new.encode()))

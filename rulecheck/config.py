@@ -115,6 +115,11 @@ class Checked:
                 object.__setattr__(self, f.name, bound.check(getattr(self, f.name), f.name))
 
 
+# the exemplar protocol's settings a rulebook records and is checked with (its measurements
+# were made under them: a book extracted on a small corpus with lowered minimums is checked so)
+PROTOCOL = ("seed", "n_pos", "n_neg", "min_active", "min_inactive", "n_held")
+
+
 @dataclass(frozen=True)
 class ExemplarConfig(Checked):
     """Thresholds of the evaluation protocol; the paper's values are the defaults."""
@@ -127,6 +132,10 @@ class ExemplarConfig(Checked):
     seed: int = bounded(int, 0, 2**31 - 1, default=0)
     # sequences kept at every position, for precision where a rule fires (``core.heldout``)
     n_held: int = bounded(int, 0, default=512)
+
+    def recorded(self) -> dict[str, int]:
+        """The settings a rulebook's ``extraction:`` block records (``PROTOCOL``)."""
+        return {name: getattr(self, name) for name in PROTOCOL}
 
     @property
     def min_sequences(self) -> int:

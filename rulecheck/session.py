@@ -134,6 +134,8 @@ class Workbench:
         self._books: dict[str, tuple[Rulebook, frozenset[int] | None]] = {}
         self._memo: dict[tuple, Any] = {}
         self._fingerprints: dict[tuple, str] = {}
+        # this workbench under each exemplar protocol a book asks for (``with_exemplars``)
+        self._protocols: dict[ExemplarConfig, Workbench] = {self.exemplar_cfg: self}
 
     # ------------------------------------------------------------------------------ loading
 
@@ -152,9 +154,24 @@ class Workbench:
         for its layer then collects its head's exemplars too, so the heads of a layer share
         one pass even when each book names its own output SAE; and the measurements of its
         ``features`` (all when None: those whose items run) share one prefix pass."""
+        try:
+            bench = self.for_book(book)
+        except RulecheckError:  # reported when the book's items run
+            bench = self
+        bench._take(book, file, features)
+
+    def _take(self, book: Rulebook, file: str, features: Iterable[int] | None) -> None:
+        """``announce`` on this workbench, whatever the book's protocol."""
         self._books[file] = (book, None if features is None else frozenset(features))
-        with contextlib.suppress(RulecheckError):  # reported when the book's items run
+        with contextlib.suppress(RulecheckError):
             self._announced.add(self._head(book, file, True))
+
+    def for_book(self, book: Rulebook) -> Workbench:
+        """This workbench under the exemplar protocol ``book`` was measured with (what its
+        ``extraction:`` block records, the defaults where it records nothing): a book
+        extracted with lowered minimums on a small corpus is checked under them.
+        ``InvalidRulebook`` at the line of a recorded value out of range."""
+        return self.with_exemplars(book.protocol())
 
     def _head(self, book: Rulebook, file: str, saes: bool) -> Head:
         """``head_of`` without loading anything."""
@@ -564,11 +581,14 @@ class Workbench:
                 atomic_write(self._cache_path(other), save({k: v.cpu() for k, v in state.items()}))
 
     def with_exemplars(self, exemplars: ExemplarConfig) -> Workbench:
-        """This workbench under other protocol settings: the loaded models, SAEs and corpora
-        are shared, exemplars and measurements are its own."""
-        if exemplars == self.exemplar_cfg:
-            return self
-        return self._sharing(self.overrides, exemplars, LOADED)
+        """This workbench under other protocol settings (the same one each time for the same
+        settings): the loaded models, SAEs and corpora are shared, exemplars, measurements and
+        the books announced are its own."""
+        if exemplars not in self._protocols:
+            other = self._sharing(self.overrides, exemplars, LOADED)
+            other._protocols = self._protocols  # one workbench per protocol, shared
+            self._protocols[exemplars] = other
+        return self._protocols[exemplars]
 
     def with_overrides(self, overrides: Specs) -> Workbench:
         """This workbench with other overrides (another retrained SAE to compare, say):

@@ -151,3 +151,50 @@ def test_non_finite_weights_are_named_when_checking(planted_books: pytest.Pytest
     result = pytest_run(planted_books)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*model weight blocks.0.attn.W_Q holds NaN or infinite values*"])
+
+
+# ---------------------------------------------------------------------- exemplar protocol
+
+LOWERED = {"n_pos": 30, "n_neg": 30, "min_active": 30, "min_inactive": 30, "n_held": 64}
+
+
+def test_a_book_is_checked_with_the_protocol_it_was_extracted_with(
+    planted_books: pytest.Pytester,
+) -> None:
+    """A book extracted on a small corpus with lowered exemplar settings records them, in
+    order after the seed, and its checks run under them (with the defaults the corpus is
+    too small and every item failed)."""
+    import numpy as np
+
+    from rulecheck.rulebook import load_rulebook
+    from rulecheck.specs import locate
+
+    corpus = planted_books.path / "small.npy"
+    np.save(corpus, np.load(locate("planted:eval"))[:200])
+    out = planted_books.path / "books"
+    lowered = [a for k, v in LOWERED.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    argv = ["extract", "--model", "planted", "--layer", "0", "--heads", "0"]
+    assert main([*argv, "--corpus", str(corpus), *lowered, "--out", str(out)]) == 0
+    book = load_rulebook(out / "L0H0.yaml")
+    assert book.features
+    keys = list(book.extraction)
+    assert keys[keys.index("seed") : keys.index("tolerance") + 1] == [
+        "seed",
+        *LOWERED,
+        "tolerance",
+    ]
+    assert {k: book.extraction[k] for k in LOWERED} == LOWERED
+    (planted_books.path / "L0H0.yaml").unlink()  # only the extracted book
+    result = pytest_run(planted_books, "books")
+    outcomes = result.parseoutcomes()
+    assert result.ret == 0 and outcomes["passed"] >= 3 and "failed" not in outcomes
+
+
+def test_a_recorded_protocol_out_of_range_fails_the_book_at_its_line(
+    planted_books: pytest.Pytester,
+) -> None:
+    book = BOOK.replace("head: 0\n", "head: 0\nextraction:\n  seed: 0\n  n_pos: 0\n")
+    planted_books.makefile(".yaml", L0H0=book)
+    result = pytest_run(planted_books)
+    assert result.ret == pytest.ExitCode.INTERRUPTED  # an error collecting the book
+    result.stdout.fnmatch_lines(["*L0H0.yaml:7: extraction.n_pos: must be a whole number >= 1*"])

@@ -222,6 +222,7 @@ class RulebookFile(OneLine, pytest.File):
         from rulecheck.rulebook import load_rulebook
 
         book = load_rulebook(self.path)
+        book.protocol()  # a recorded setting out of range fails the file, with its line
         self.book = book
         self.config.stash.setdefault(STASH_BOOKS, []).append((book, str(self.path)))
         self.regenerated = regeneration(self.config, self.path)
@@ -293,7 +294,7 @@ class RuleItem(OneLine, pytest.Item):
                 field=f"feature[{self.rules.feature}]",
             )
         config = self.config
-        bench = workbench(config)
+        bench = workbench(config).for_book(self.book)  # under the protocol it was measured with
         settings = config.stash[STASH_CHECK]
         file = str(self.path)
         rules = self.rules
@@ -359,7 +360,8 @@ class LostItem(BookItem):
 
         settings = self.config.stash[STASH_CHECK]
         if settings.remap:
-            gate = gated(workbench(self.config), self.parent.book, str(self.path), settings.remap)
+            bench = workbench(self.config).for_book(self.parent.book)
+            gate = gated(bench, self.parent.book, str(self.path), settings.remap)
             changed(lost_reason(gate, self.rules))
         pytest.skip(lost_verdict(self.parent.book, self.rules, settings.allow_lost, str(self.path)))
 
@@ -381,7 +383,8 @@ class GateItem(BookItem):
         from rulecheck.gate import gate_verdict
 
         settings = self.config.stash[STASH_CHECK]
-        bench, book, file = workbench(self.config), self.parent.book, str(self.path)
+        book, file = self.parent.book, str(self.path)
+        bench = workbench(self.config).for_book(book)
         verdict = gate_verdict(
             bench, book, file, settings.remap, settings.gate, accept_changed=settings.accept_changed
         )
