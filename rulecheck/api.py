@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rulecheck import __version__, kinds
-from rulecheck.book import HELD_OUT, FeatureRules, Rulebook
+from rulecheck.book import HEADER_KEYS, HELD_OUT, FeatureRules, Rulebook
 from rulecheck.config import METHODS
 from rulecheck.core.extract import (
     ExtractConfig,
@@ -27,7 +27,7 @@ from rulecheck.errors import RuleFailed
 from rulecheck.kinds.skipgram import label
 from rulecheck.schema import significant
 from rulecheck.session import Head, Layer, Workbench
-from rulecheck.specs import Checkpoint, head_spec
+from rulecheck.specs import Checkpoint, from_book, head_spec
 
 RECORDED = ("method", "keys", "queries_per_key", "max_terms", "term_margin", "tolerance")
 # books written before the margin existed chose the best validation F1
@@ -258,4 +258,20 @@ def regenerated(book: Rulebook, path: Path, bench: Workbench) -> Rulebook:
             return replace(book, features=[], fingerprints=bench.fingerprints(head))
         cfg = replace(cfg, features=kept)
     [fresh] = extract_books(bench, head.specs, book.layer, [book.head], cfg)
-    return fresh
+    return as_written(fresh, book, path)
+
+
+def as_written(fresh: Rulebook, book: Rulebook, path: Path) -> Rulebook:
+    """``fresh`` naming what ``book`` names as the book writes it: a relative path stays
+    relative (``specs.from_book`` read it from the book's directory)."""
+    kept = {}
+    for part in HEADER_KEYS:
+        written, now = getattr(book, part), getattr(fresh, part)
+        if written is None or written == now:
+            continue
+        resolved = from_book(written, path, book.layer, book.head)
+        if resolved == now:
+            kept[part] = written
+        elif head_spec(resolved, book.layer, book.head) == now:  # a template, filled
+            kept[part] = head_spec(written, book.layer, book.head)
+    return replace(fresh, **kept)

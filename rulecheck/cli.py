@@ -292,7 +292,7 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
         new = old if _same_bytes(a, b) else load_rulebook(b, measurements=True)
         mapping = None
         if args.mapping is not None and (old.sae_in, old.sae_out) != (new.sae_in, new.sae_out):
-            mapping, verdict = _diff_gate(old, str(a), new, args)
+            mapping, verdict = _diff_gate(old, str(a), new, str(b), args)
             gates.append(verdict)
         elif args.mapping is not None:  # the same SAEs: paired through the files alone
             from rulecheck.mapping import mapping_for
@@ -316,15 +316,16 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
 
 
 def _diff_gate(
-    old: Rulebook, file: str, new: Rulebook, args: argparse.Namespace
+    old: Rulebook, file: str, new: Rulebook, new_file: str, args: argparse.Namespace
 ) -> tuple[dict[int, int] | None, dict]:
     """The old book gated on the new book's SAEs (``--mapping``: auto or mapping files):
     the output features' pairing (None: the SAE did not change) and the verdict's record."""
     from rulecheck.gate import gate_verdict, gated
-    from rulecheck.session import Workbench
+    from rulecheck.session import Workbench, book_specs
     from rulecheck.specs import Specs
 
-    overrides = Specs(model=None, sae_in=new.sae_in, sae_out=new.sae_out)
+    written = book_specs(new, new_file)  # relative paths read from the new book's directory
+    overrides = Specs(model=None, sae_in=written.sae_in, sae_out=written.sae_out)
     bench = Workbench(overrides=overrides, device=args.device, cache_dir=None).for_book(old)
     bench.announce(old, file)
     gate = gated(bench, old, file, args.mapping, option="--mapping")

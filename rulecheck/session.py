@@ -67,7 +67,15 @@ from rulecheck.loading import (
     resolve_device,
 )
 from rulecheck.refs import Resolver
-from rulecheck.specs import Checkpoint, Specs, head_spec, locate, parse_heads, processing_for
+from rulecheck.specs import (
+    Checkpoint,
+    Specs,
+    from_book,
+    head_spec,
+    locate,
+    parse_heads,
+    processing_for,
+)
 from rulecheck.zoo import is_zoo_spec
 
 T = TypeVar("T")
@@ -183,7 +191,7 @@ class Workbench:
                 field="model",
                 fix="add 'model: rulecheck-tiny' (or a path) or pass --rulecheck-model",
             )
-        written = Specs(book.model, book.sae_in, book.sae_out, book.corpus)
+        written = book_specs(book, file)
         base = written
         if book.model is not None and not (o.model and is_zoo_spec(o.model)):
             # the book's own zoo model fills in its SAEs and corpus before overrides apply
@@ -754,6 +762,13 @@ PART_NAMES = {
     "sae_out": "the output SAE",
     "corpus": "the corpus",
 }
+
+
+def book_specs(book: Rulebook, file: str) -> Specs:
+    """The specs the header of ``book`` (read from ``file``) writes, relative paths read from
+    the book's directory (``specs.from_book``)."""
+    parts = {part: getattr(book, part) for part in ("model", "sae_in", "sae_out", "corpus")}
+    return Specs(**{k: from_book(v, file, book.layer, book.head) for k, v in parts.items()})
 
 
 def _short(digest: str) -> str:

@@ -198,3 +198,43 @@ def test_a_recorded_protocol_out_of_range_fails_the_book_at_its_line(
     result = pytest_run(planted_books)
     assert result.ret == pytest.ExitCode.INTERRUPTED  # an error collecting the book
     result.stdout.fnmatch_lines(["*L0H0.yaml:7: extraction.n_pos: must be a whole number >= 1*"])
+
+
+# ------------------------------------------------------------------------- relative paths
+
+
+def test_relative_paths_in_a_book_are_read_from_its_directory(
+    planted_books: pytest.Pytester, monkeypatch
+) -> None:
+    """The same book, naming its corpus (``./``) and output SAE (a name beside it) by
+    relative paths, gives the same outcome from the rootdir and from another directory."""
+    import json
+    import shutil
+
+    from rulecheck.specs import locate
+
+    books = planted_books.path / "books"
+    books.mkdir()
+    shutil.copy(locate("planted:eval"), books / "eval.npy")
+    shutil.copytree(locate("planted:sae_out/L0H0"), books / "saes" / "L0H0")
+    header = "model: planted\nsae_in: planted:sae_in/L0\nsae_out: saes/L{layer}H{head}\n"
+    (books / "L0H0.yaml").write_text(
+        BOOK.replace("model: planted\n", header + "corpus: ./eval.npy\n")
+    )
+    (planted_books.path / "L0H0.yaml").unlink()
+    elsewhere = planted_books.path / "elsewhere"
+    elsewhere.mkdir()
+    results = []
+    for cwd, arg in ((planted_books.path, "books"), (elsewhere, "../books")):
+        monkeypatch.chdir(cwd)
+        report = planted_books.path / f"{cwd.name}.json"
+        result = pytest_run(planted_books, arg, f"--rulecheck-report={report}")
+        assert result.ret == 0, result.stdout.str()
+        records = json.loads(report.read_text())
+        results.append([(r["feature"], r["outcome"], r.get("measured")) for r in records])
+    assert results[0] == results[1] and results[0]
+    # regenerated from elsewhere, the book still names its files relative to itself
+    pytest_run(planted_books, "../books", "--rulecheck-extract=all", "-k", "nothing")
+    text = (books / "L0H0.yaml").read_text()
+    assert "corpus: ./eval.npy\n" in text and "sae_out: saes/L0H0\n" in text
+    assert "source: extracted" in text and str(planted_books.path) not in text
