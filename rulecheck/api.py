@@ -10,12 +10,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from rulecheck import __version__, kinds
-from rulecheck.book import FeatureRules, Rulebook
+from rulecheck.book import HEADER_KEYS, FeatureRules, Rulebook
 from rulecheck.book.fields import HELD_OUT
-from rulecheck.config import METHODS, ExemplarConfig, bound_of
+from rulecheck.config import METHODS
 from rulecheck.core.extract import (
     ExtractConfig,
     FeatureResult,
@@ -26,11 +25,11 @@ from rulecheck.core.extract import (
     no_progress,
 )
 from rulecheck.core.prefixes import KeptInputs
-from rulecheck.errors import InvalidSpec, RuleFailed
+from rulecheck.errors import RuleFailed
 from rulecheck.kinds.skipgram import label
 from rulecheck.schema import significant
 from rulecheck.session import Head, Layer, Workbench
-from rulecheck.specs import Checkpoint, head_spec
+from rulecheck.specs import Checkpoint, from_book, head_spec
 
 RECORDED = ("method", "keys", "queries_per_key", "max_terms", "term_margin", "tolerance")
 # books written before the margin existed chose the best validation F1
@@ -92,7 +91,7 @@ def head_rulebook(
             "queries_per_key": cfg.queries_per_key,
             "max_terms": cfg.max_terms,
             "term_margin": cfg.term_margin,
-            "seed": cfg.seed,
+            **cfg.exemplars.recorded(),
             "tolerance": cfg.tolerance,
             "ln_scale": significant(result.ln_scale, 3),
             "n_sequences": result.n_sequences,
@@ -256,24 +255,13 @@ def config_from_rulebook(book: Rulebook) -> ExtractConfig:
     """The settings a rulebook was extracted with (defaults where it records none), each
     checked as the command line checks it; its extracted features are regenerated, or a
     fresh sample when it has none. A bad recorded value is ``InvalidRulebook`` at its line."""
-    ex = book.extraction
-    values: dict[type, dict[str, Any]] = {ExtractConfig: dict(UNRECORDED), ExemplarConfig: {}}
-    for cls, names in ((ExtractConfig, RECORDED), (ExemplarConfig, ("seed",))):
-        for name in names:
-            if name in ex:
-                bound = bound_of(cls, name)
-                try:
-                    values[cls][name] = bound.check(ex[name], name) if bound else ex[name]
-                except InvalidSpec as e:
-                    book.fail(f"extraction.{name}", e.what, e.fix)
-    method = values[ExtractConfig].get("method", ExtractConfig.method)
+    values = {**UNRECORDED, **book.recorded(ExtractConfig, RECORDED)}
+    method = values.get("method", ExtractConfig.method)
     if method not in METHODS:
         book.fail("extraction.method", f"unknown ranking method {method!r}", f"use {METHODS}")
     extracted = tuple(f.feature for f in book.features if f.source == "extracted")
     return ExtractConfig(
-        features=extracted or ExtractConfig.features,
-        exemplars=ExemplarConfig(**values[ExemplarConfig]),
-        **values[ExtractConfig],
+        features=extracted or ExtractConfig.features, exemplars=book.protocol(), **values
     )
 
 
@@ -292,4 +280,20 @@ def regenerated(book: Rulebook, path: Path, bench: Workbench) -> Rulebook:
             return replace(book, features=[], fingerprints=bench.fingerprints(head))
         cfg = replace(cfg, features=kept)
     [fresh] = extract_books(bench, head.specs, book.layer, [book.head], cfg)
-    return fresh
+    return as_written(fresh, book, path)
+
+
+def as_written(fresh: Rulebook, book: Rulebook, path: Path) -> Rulebook:
+    """``fresh`` naming what ``book`` names as the book writes it: a relative path stays
+    relative (``specs.from_book`` read it from the book's directory)."""
+    kept = {}
+    for part in HEADER_KEYS:
+        written, now = getattr(book, part), getattr(fresh, part)
+        if written is None or written == now:
+            continue
+        resolved = from_book(written, path, book.layer, book.head)
+        if resolved == now:
+            kept[part] = written
+        elif head_spec(resolved, book.layer, book.head) == now:  # a template, filled
+            kept[part] = head_spec(written, book.layer, book.head)
+    return replace(fresh, **kept)

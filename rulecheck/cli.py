@@ -263,6 +263,8 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
 
     tolerance = Bound(float, 0.0, 1.0).parse(args.tolerance, "--tolerance")
     limit = Bound(int, 0).parse(args.limit, "--limit")
+    if args.mapping is not None:
+        _check_mappings(args.mapping)
     pairs = _book_pairs(args.old, args.new)
     heads, gates = [], []
     for a, b in pairs:
@@ -271,7 +273,7 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
         new = old if _same_bytes(a, b) else load_rulebook(b, measurements=True)
         mapping = None
         if args.mapping is not None and (old.sae_in, old.sae_out) != (new.sae_in, new.sae_out):
-            mapping, verdict = _diff_gate(old, str(a), new, args)
+            mapping, verdict = _diff_gate(old, str(a), new, str(b), args)
             gates.append(verdict)
         elif args.mapping is not None:  # the same SAEs: paired through the files alone
             from rulecheck.mapping import mapping_for
@@ -295,22 +297,32 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
 
 
 def _diff_gate(
-    old: Rulebook, file: str, new: Rulebook, args: argparse.Namespace
+    old: Rulebook, file: str, new: Rulebook, new_file: str, args: argparse.Namespace
 ) -> tuple[dict[int, int] | None, dict]:
     """The old book gated on the new book's SAEs (``--mapping``: auto or mapping files):
     the output features' pairing (None: the SAE did not change) and the verdict's record."""
     from rulecheck.gate import gate_verdict, gated
-    from rulecheck.session import Workbench
+    from rulecheck.session import Workbench, book_specs
     from rulecheck.specs import Specs
 
-    overrides = Specs(model=None, sae_in=new.sae_in, sae_out=new.sae_out)
-    bench = Workbench(overrides=overrides, device=args.device, cache_dir=None)
+    written = book_specs(new, new_file)  # relative paths read from the new book's directory
+    overrides = Specs(model=None, sae_in=written.sae_in, sae_out=written.sae_out)
+    bench = Workbench(overrides=overrides, device=args.device, cache_dir=None).for_book(old)
     bench.announce(old, file)
     gate = gated(bench, old, file, args.mapping, option="--mapping")
     verdict = gate_verdict(bench, old, file, args.mapping)
     out_map = gate.maps["sae_out"]
     mapping = None if out_map is None else out_map.new_of
     return mapping, verdict.record(old.name)
+
+
+def _check_mappings(source: str) -> None:
+    """``--mapping``: ``auto``, or mapping files read and checked now, before any work (even
+    where no SAE changed, so that a bad file is never passed over)."""
+    from rulecheck.mapping import AUTO, read_mappings
+
+    if source != AUTO:
+        read_mappings(source, "--mapping")
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -490,6 +502,7 @@ def run_remap(args: argparse.Namespace, console: Console) -> int:
             fix="pass --sae-out (the retrained output SAEs), --sae-in, or both",
         )
     cfg = parse_config(MatchConfig, {"threshold": args.threshold})
+    _check_mappings(args.mapping)
     paths = _rulebook_paths(args.paths)
     if args.out.exists() and not args.out.is_dir():
         raise InvalidSpec(
@@ -508,8 +521,9 @@ def run_remap(args: argparse.Namespace, console: Console) -> int:
     for path in paths:
         text = _read_book_text(path)
         book = parse_rulebook(text, path)
-        gate = gated(bench, book, str(path), args.mapping, cfg, option="--mapping")
-        bench.check_fingerprints(book, gate.old, str(path))
+        book_bench = bench.for_book(book)  # the protocol the book was measured with
+        gate = gated(book_bench, book, str(path), args.mapping, cfg, option="--mapping")
+        book_bench.check_fingerprints(book, gate.old, str(path))
         out = args.out / path.name
         new = dump_rulebook(gate.remapped.written(), text, path=out, keep_manual=False)
         files.append((out, new.encode()))

@@ -25,11 +25,14 @@ FINGERPRINTED = ("model", "sae_in", "sae_out", "corpus")
 
 @dataclass(frozen=True)
 class Bound:
-    """A numeric setting: ``int`` or ``float``, in ``[low, high]``, finite."""
+    """A numeric setting: ``int`` or ``float``, in ``[low, high]`` (``[low, high)`` when
+    ``open_high``), finite."""
 
     kind: type
     low: float
     high: float = math.inf
+    open_high: bool = False
+    why: str = ""  # what a value out of range would do, said in the fix
 
     def describe(self) -> str:
         noun = "a whole number" if self.kind is int else "a number"
@@ -37,16 +40,24 @@ class Bound:
         if high == math.inf:
             return f"{noun} >= {low:g}" if self.kind is float else f"{noun} >= {low}"
         high = int(high) if self.kind is int else high
+        close = ")" if self.open_high else "]"
         return (
-            f"{noun} in [{low:g}, {high:g}]" if self.kind is float else f"{noun} in [{low}, {high}]"
+            f"{noun} in [{low:g}, {high:g}{close}"
+            if self.kind is float
+            else f"{noun} in [{low}, {high}{close}"
         )
+
+    def contains(self, value: float) -> bool:
+        """Whether a finite ``value`` lies in the range."""
+        below = value < self.high if self.open_high else value <= self.high
+        return self.low <= value and below
 
     def check(self, value: Any, name: str, **where: Any) -> Any:
         """``value`` if it is of the kind and in range, else ``InvalidSpec`` on ``name``."""
         ok_type = isinstance(value, int) if self.kind is int else isinstance(value, int | float)
         if isinstance(value, bool) or not ok_type:
             self._fail(value, name, where)
-        if not (math.isfinite(value) and self.low <= value <= self.high):
+        if not (math.isfinite(value) and self.contains(value)):
             self._fail(value, name, where)
         return self.kind(value)
 
@@ -59,10 +70,11 @@ class Bound:
         return self.check(value, name, **where)
 
     def _fail(self, value: Any, name: str, where: dict[str, Any]) -> None:
+        why = f": {self.why}" if self.why else ""
         raise InvalidSpec(
             f"must be {self.describe()}, got {value!r}",
             field=name,
-            fix=f"give {self.describe()}",
+            fix=f"give {self.describe()}{why}",
             **where,
         )
 
@@ -70,6 +82,19 @@ class Bound:
 def bounded(kind: type, low: float, high: float = math.inf, **field_kw: Any) -> Any:
     """A dataclass field whose values are checked against ``Bound(kind, low, high)``."""
     return dataclasses.field(metadata={"bound": Bound(kind, low, high)}, **field_kw)
+
+
+# how far below a measured metric a minimum is set (extraction) or lowered (checking): the
+# metrics lie in [0, 1], so a tolerance of 1 would turn every minimum into 0, a claim that
+# holds whatever is measured
+TOLERANCE = Bound(
+    float, 0.0, 1.0, open_high=True, why="1 lowers every minimum to 0, so no claim would be checked"
+)
+
+
+def tolerance_field(default: float) -> Any:
+    """A dataclass field holding a tolerance, checked against ``TOLERANCE``."""
+    return dataclasses.field(metadata={"bound": TOLERANCE}, default=default)
 
 
 def bound_of(cls: type, name: str) -> Bound | None:
@@ -90,6 +115,11 @@ class Checked:
                 object.__setattr__(self, f.name, bound.check(getattr(self, f.name), f.name))
 
 
+# the exemplar protocol's settings a rulebook records and is checked with (its measurements
+# were made under them: a book extracted on a small corpus with lowered minimums is checked so)
+PROTOCOL = ("seed", "n_pos", "n_neg", "min_active", "min_inactive", "n_held")
+
+
 @dataclass(frozen=True)
 class ExemplarConfig(Checked):
     """Thresholds of the evaluation protocol; the paper's values are the defaults."""
@@ -102,6 +132,10 @@ class ExemplarConfig(Checked):
     seed: int = bounded(int, 0, 2**31 - 1, default=0)
     # sequences kept at every position, for precision where a rule fires (``core.heldout``)
     n_held: int = bounded(int, 0, default=512)
+
+    def recorded(self) -> dict[str, int]:
+        """The settings a rulebook's ``extraction:`` block records (``PROTOCOL``)."""
+        return {name: getattr(self, name) for name in PROTOCOL}
 
     @property
     def min_sequences(self) -> int:
@@ -119,7 +153,7 @@ class ExtractConfig(Checked):
     # the fewest terms whose validation F1 is within this much of the best (0: the best)
     term_margin: float = bounded(float, 0.0, 1.0, default=0.05)
     features: int | tuple[int, ...] = 100  # a sample size, or feature ids
-    tolerance: float = bounded(float, 0.0, 1.0, default=0.05)
+    tolerance: float = tolerance_field(0.05)
     batch_size: int = bounded(int, 1, default=64)
     top_tokens: int = bounded(int, 0, default=3)
     rules: bool = True  # also search the other rule kinds' claims
@@ -201,7 +235,7 @@ def parse_budget(text: str, name: str) -> Budget:
 class CheckConfig(Checked):
     """Settings of checking rulebooks (the pytest plugin's ``--rulecheck-*`` options)."""
 
-    tolerance: float = bounded(float, 0.0, 1.0, default=0.0)  # lowers every expected minimum
+    tolerance: float = tolerance_field(0.0)  # lowers every expected minimum
     examples: int = bounded(int, 1, 100_000, default=25)  # Hypothesis examples per property
     # the parts (FINGERPRINTED) whose recorded fingerprints may differ from what is loaded
     accept_changed: frozenset[str] = frozenset()

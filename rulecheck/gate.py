@@ -28,13 +28,12 @@ from rulecheck.config import Budget, GateConfig, MatchConfig
 from rulecheck.core.pairs import Matching
 from rulecheck.core.verdict import FeatureChange, Verdict, gate_statistics, judge
 from rulecheck.errors import InvalidMapping, RemapLost, RulecheckError
-from rulecheck.mapping import MappingHeader, mapping_for
+from rulecheck.mapping import AUTO, MappingHeader, mapping_for
 from rulecheck.match import match_saes
 from rulecheck.remap import FeatureMap, Remapped, referenced_inputs, remap_book
 from rulecheck.session import PART_NAMES, Head, Workbench
 from rulecheck.specs import head_spec
 
-AUTO = "auto"
 PARTS = ("sae_in", "sae_out")
 
 

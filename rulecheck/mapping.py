@@ -43,6 +43,7 @@ from rulecheck.errors import InvalidMapping, InvalidSpec
 from rulecheck.schema import Where, significant
 
 FORMAT = 1
+AUTO = "auto"  # the source that matches SAEs on the fly instead of reading mapping files
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where present: same result
 STATUSES = ("matched", "split", "merged")
 PAIR_FIELDS = ("old", "new", "cosine", "correlation", "confidence", "status")
@@ -392,22 +393,8 @@ def mapping_for(
     once per modification. Errors name ``field``, the option that gave ``source``, and end
     their fix with ``or_else``."""
     path = Path(source)
-    if not path.exists():
-        raise InvalidSpec(
-            "no such file or directory",
-            file=path,
-            field=field,
-            fix="give a mapping file or a directory of them (rulecheck match --out)",
-        )
-    files = (
-        sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
-        if path.is_dir()
-        else [path]
-    )
     found = {}
-    for file in files:
-        stat = file.stat()
-        header, matching = _read_mapping(str(file), (stat.st_mtime_ns, stat.st_size))
+    for header, matching in read_mappings(source, field):
         if header.hook == hook:
             found.setdefault(header.head, (header, matching))
     for head in heads:
@@ -421,6 +408,37 @@ def mapping_for(
         fix=f"write one with rulecheck match --old OLD --new NEW --out {path}"
         f"{'/NAME.yaml' if path.is_dir() else ''}{or_else}",
     )
+
+
+def read_mappings(source: str | Path, field: str) -> list[tuple[MappingHeader, Matching]]:
+    """Every mapping in the file or directory ``source`` (given by the option ``field``), each
+    read and checked (once per modification): called before any work, so a bad file or a
+    missing directory is an error even where no SAE changed and no mapping is needed."""
+    path = Path(source)
+    if not path.exists():
+        raise InvalidSpec(
+            "no such file or directory",
+            file=path,
+            field=field,
+            fix="give a mapping file or a directory of them (rulecheck match --out)",
+        )
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        if path.is_dir()
+        else [path]
+    )
+    if not files:
+        raise InvalidSpec(
+            "holds no mapping file (.yaml)",
+            file=path,
+            field=field,
+            fix="write mappings into it with rulecheck match --out DIR/NAME.yaml, or give auto",
+        )
+    out = []
+    for file in files:
+        stat = file.stat()
+        out.append(_read_mapping(str(file), (stat.st_mtime_ns, stat.st_size)))
+    return out
 
 
 @functools.lru_cache(maxsize=64)

@@ -70,7 +70,15 @@ from rulecheck.loading import (
 from rulecheck.loading.corpora import tokens_of
 from rulecheck.paths import exemplar_cache
 from rulecheck.refs import Resolver
-from rulecheck.specs import Checkpoint, Specs, head_spec, locate, parse_heads, processing_for
+from rulecheck.specs import (
+    Checkpoint,
+    Specs,
+    from_book,
+    head_spec,
+    locate,
+    parse_heads,
+    processing_for,
+)
 from rulecheck.zoo import is_zoo_spec
 
 T = TypeVar("T")
@@ -145,6 +153,8 @@ class Workbench:
         self._fingerprints: dict[tuple, str] = {}
         self._given: dict[str, dict[str, Any]] = {"sae": {}, "corpus": {}}
         self.give(saes=saes, corpora=corpora)
+        # this workbench under each exemplar protocol a book asks for (``with_exemplars``)
+        self._protocols: dict[ExemplarConfig, Workbench] = {self.exemplar_cfg: self}
 
     # ------------------------------------------------------------------------------ loading
 
@@ -163,8 +173,16 @@ class Workbench:
         for its layer then collects its head's exemplars too, so the heads of a layer share
         one pass even when each book names its own output SAE; and the measurements of its
         ``features`` (all when None: those whose items run) share one prefix pass."""
+        try:
+            bench = self.for_book(book)
+        except RulecheckError:  # reported when the book's items run
+            bench = self
+        bench._take(book, file, features)
+
+    def _take(self, book: Rulebook, file: str, features: Iterable[int] | None) -> None:
+        """``announce`` on this workbench, whatever the book's protocol."""
         self._books[file] = (book, None if features is None else frozenset(features))
-        with contextlib.suppress(RulecheckError):  # reported when the book's items run
+        with contextlib.suppress(RulecheckError):
             self._announced.add(self._head(book, file, True))
 
     def give(
@@ -183,6 +201,13 @@ class Workbench:
         """The head ``head_of`` gives, its specs resolved, without loading anything."""
         return self._head(book, file, True)
 
+    def for_book(self, book: Rulebook) -> Workbench:
+        """This workbench under the exemplar protocol ``book`` was measured with (what its
+        ``extraction:`` block records, the defaults where it records nothing): a book
+        extracted with lowered minimums on a small corpus is checked under them.
+        ``InvalidRulebook`` at the line of a recorded value out of range."""
+        return self.with_exemplars(book.protocol())
+
     def _head(self, book: Rulebook, file: str, saes: bool) -> Head:
         """``head_of`` without loading anything."""
         o = self.overrides if saes else replace(self.overrides, sae_in=None, sae_out=None)
@@ -193,7 +218,7 @@ class Workbench:
                 field="model",
                 fix="add 'model: rulecheck-tiny' (or a path) or pass --rulecheck-model",
             )
-        written = Specs(book.model, book.sae_in, book.sae_out, book.corpus)
+        written = book_specs(book, file)
         base = written
         if book.model is not None and not (o.model and is_zoo_spec(o.model)):
             # the book's own zoo model fills in its SAEs and corpus before overrides apply
@@ -621,11 +646,14 @@ class Workbench:
             _cache_warning(f"{path}: exemplar cache entry not written ({why}); going on uncached")
 
     def with_exemplars(self, exemplars: ExemplarConfig) -> Workbench:
-        """This workbench under other protocol settings: the loaded models, SAEs and corpora
-        are shared, exemplars and measurements are its own."""
-        if exemplars == self.exemplar_cfg:
-            return self
-        return self._sharing(self.overrides, exemplars, LOADED)
+        """This workbench under other protocol settings (the same one each time for the same
+        settings): the loaded models, SAEs and corpora are shared, exemplars, measurements and
+        the books announced are its own."""
+        if exemplars not in self._protocols:
+            other = self._sharing(self.overrides, exemplars, LOADED)
+            other._protocols = self._protocols  # one workbench per protocol, shared
+            self._protocols[exemplars] = other
+        return self._protocols[exemplars]
 
     def with_overrides(self, overrides: Specs) -> Workbench:
         """This workbench with other overrides (another retrained SAE to compare, say):
@@ -788,6 +816,13 @@ PART_NAMES = {
     "sae_out": "the output SAE",
     "corpus": "the corpus",
 }
+
+
+def book_specs(book: Rulebook, file: str) -> Specs:
+    """The specs the header of ``book`` (read from ``file``) writes, relative paths read from
+    the book's directory (``specs.from_book``)."""
+    parts = {part: getattr(book, part) for part in ("model", "sae_in", "sae_out", "corpus")}
+    return Specs(**{k: from_book(v, file, book.layer, book.head) for k, v in parts.items()})
 
 
 def _short(digest: str) -> str:

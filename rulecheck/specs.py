@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from sae_lens import SAE
 
@@ -65,7 +67,6 @@ def _check_model_spec(model: str) -> None:
     zoo name or like a path to a directory without a model, is refused naming ``--model``
     (before the SAE options it would otherwise be blamed on)."""
     import difflib
-    from pathlib import Path
 
     if model.startswith("bridge:"):
         return
@@ -85,6 +86,29 @@ def _check_model_spec(model: str) -> None:
             field="--model",
             fix=f"pass --model {close[0]}, or a model directory",
         )
+
+
+def from_book(spec: str | None, book_file: str | Path, layer: int, head: int | None) -> str | None:
+    """A spec written in the rulebook at ``book_file``, with a relative path read from the
+    book's directory, so that a book names the same files from any working directory.
+
+    A spec is a relative path when it starts with ``./`` or ``../`` (or ``bridge:`` and one),
+    or when a file or directory of that name is beside the book (``{layer}`` and ``{head}``
+    filled in); zoo specs, absolute and ``~`` paths, model names, registry ids and dataset
+    names (nothing of their name beside the book) are left as written.
+    """
+    if spec is None or zoo.is_zoo_spec(spec):
+        return spec
+    prefix = "bridge:" if spec.startswith("bridge:") else ""
+    target = spec.removeprefix(prefix)
+    if not target or target.startswith("~") or Path(target).is_absolute():
+        return spec
+    base = Path(os.path.abspath(book_file)).parent
+    beside = os.path.normpath(base / target)
+    explicit = target.startswith(("./", "../", ".\\", "..\\")) or target in (".", "..")
+    if explicit or Path(head_spec(beside, layer, head)).exists():
+        return prefix + beside
+    return spec
 
 
 def locate(spec: str) -> str:

@@ -39,8 +39,9 @@ def one_line(err: str) -> str:
 
 CLI_CASES = [
     # args, the option named, part of the message
-    (["--tolerance", "nan"], "--tolerance", "must be a number in [0, 1], got nan"),
-    (["--tolerance", "2"], "--tolerance", "must be a number in [0, 1]"),
+    (["--tolerance", "nan"], "--tolerance", "must be a number in [0, 1), got nan"),
+    (["--tolerance", "2"], "--tolerance", "must be a number in [0, 1)"),
+    (["--tolerance", "1"], "--tolerance", "must be a number in [0, 1), got 1.0"),
     (["--features", "-1"], "--features", "must be a whole number >= 1, got -1"),
     (["--features", "0"], "--features", "got 0"),
     (["--features", ","], "--features", "names no feature"),
@@ -111,7 +112,7 @@ def test_cli_option_parsing_sees_only_documented_errors(name, value):
         return
     for obj in (cfg, cfg.exemplars):
         type(obj)(**{f: getattr(obj, f) for f in obj.__dataclass_fields__})  # checks again
-    assert 0 <= cfg.tolerance <= 1 and cfg.keys >= 1 and cfg.exemplars.n_pos >= 1
+    assert 0 <= cfg.tolerance < 1 and cfg.keys >= 1 and cfg.exemplars.n_pos >= 1
     assert 0 <= cfg.term_margin <= 1
 
 
@@ -127,7 +128,7 @@ def test_plugin_option_parsing_sees_only_documented_errors(tolerance, examples):
     except InvalidSpec as e:
         assert str(e).startswith("--rulecheck-") and "\n" not in str(e)
         return
-    assert 0 <= cfg.tolerance <= 1 and 1 <= cfg.examples <= 100_000
+    assert 0 <= cfg.tolerance < 1 and 1 <= cfg.examples <= 100_000
 
 
 def test_config_dataclasses_check_themselves():
@@ -255,8 +256,9 @@ def planted_books(pytester, monkeypatch, tmp_path):
 
 
 PLUGIN_OPTION_CASES = [
-    ("--rulecheck-tolerance=abc", "--rulecheck-tolerance: must be a number in [0, 1], got 'abc'"),
-    ("--rulecheck-tolerance=nan", "--rulecheck-tolerance: must be a number in [0, 1], got nan"),
+    ("--rulecheck-tolerance=abc", "--rulecheck-tolerance: must be a number in [0, 1), got 'abc'"),
+    ("--rulecheck-tolerance=nan", "--rulecheck-tolerance: must be a number in [0, 1), got nan"),
+    ("--rulecheck-tolerance=1", "--rulecheck-tolerance: must be a number in [0, 1), got 1.0"),
     ("--rulecheck-examples=abc", "--rulecheck-examples: must be a whole number in [1, 100000]"),
     ("--rulecheck-examples=-1", "got -1"),
     ("--rulecheck-report=nowhere/r.json", "--rulecheck-report: no such directory"),
@@ -275,6 +277,20 @@ def test_plugin_refuses_bad_options_before_collection(planted_books, option, mes
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     escaped = "".join({"[": "[[]", "]": "[]]"}.get(c, c) for c in message)
     result.stderr.fnmatch_lines([f"ERROR: *{escaped}*(fix: *"])
+    assert "passed" not in result.stdout.str()
+
+
+def test_a_tolerance_that_empties_every_claim_is_refused_naming_the_ini_key(planted_books):
+    planted_books.makefile(".yaml", L0H0=BOOK)
+    planted_books.makeini("[pytest]\nrulecheck_tolerance = 1\n")
+    result = pytest_run(planted_books)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: *tox.ini: rulecheck_tolerance: must be a number in [[]0, 1), got 1.0 "
+            "(fix: give a number in [[]0, 1): 1 lowers every minimum to 0*"
+        ]
+    )
     assert "passed" not in result.stdout.str()
 
 

@@ -258,7 +258,7 @@ def test_bad_gate_options_are_one_line(gate_dir: pytest.Pytester, tmp_path: Path
     text = run(gate_dir, tmp_path, "--rulecheck-gate-f1-change=lots").stderr.str()
     assert "--rulecheck-gate-f1-change: must be a number in [-1, 1], got 'lots'" in text
     swap = "--rulecheck-sae-in=rulecheck-tiny:retrained/sae_in/L{layer}"
-    text = run(gate_dir, tmp_path, swap, "--rulecheck-remap=nowhere", "-x").stdout.str()
+    text = run(gate_dir, tmp_path, swap, "--rulecheck-remap=nowhere", "-x").stderr.str()
     assert "nowhere: --rulecheck-remap: no such file or directory" in text
     gate_dir.makeini("[pytest]\nrulecheck_gate_fresh = nan\n")
     text = run(gate_dir, tmp_path).stderr.str()

@@ -55,7 +55,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     option("sae-out", "output SAE spec ({layer}, {head}) overriding the rulebooks'")
     option("corpus", "corpus spec overriding the rulebooks'")
     option("device", "auto (CUDA when present), cpu or cuda")
-    option("tolerance", "lower every expected minimum by this much (default 0)")
+    option("tolerance", "lower every expected minimum by this much: a number in [0, 1) (default 0)")
     option("examples", "Hypothesis examples per absence/counting property (default 25)")
     option("report", "write a JSON report of every checked rule to this path")
     option(
@@ -125,6 +125,27 @@ def setting(config: pytest.Config, name: str, default: Any = None) -> Any:
     if value is None:
         value = config.getini(dest) or None
     return default if value is None else value
+
+
+def setting_source(config: pytest.Config, name: str) -> dict[str, Any]:
+    """Where a rulecheck option's value comes from, as an error names it: the command line's
+    ``--rulecheck-NAME``, else the ini file's ``rulecheck_NAME`` key."""
+    dest = "rulecheck_" + name.replace("-", "_")
+    if config.getoption(dest, default=None) is None and config.getini(dest):
+        return {"file": config.inipath, "field": dest}
+    return {"field": f"--rulecheck-{name}"}
+
+
+def parse_setting(config: pytest.Config, name: str, cls: type) -> Any:
+    """The option ``name`` read through the bound of ``cls``'s field of that name (None when
+    not given); an error names the option or the ini key that gave it."""
+    from rulecheck.config import bound_of
+
+    text = setting(config, name)
+    if text is None:
+        return None
+    where = setting_source(config, name)
+    return bound_of(cls, name.replace("-", "_")).parse(text, where.pop("field"), **where)
 
 
 def cache_dir(config: pytest.Config) -> Path:
@@ -214,6 +235,7 @@ class RulebookFile(OneLine, pytest.File):
         from rulecheck.rulebook import load_rulebook
 
         book = load_rulebook(self.path)
+        book.protocol()  # a recorded setting out of range fails the file, with its line
         self.book = book
         self.config.stash.setdefault(STASH_BOOKS, []).append((book, str(self.path)))
         self.regenerated = regeneration(self.config, self.path)
@@ -285,7 +307,7 @@ class RuleItem(OneLine, pytest.Item):
                 field=f"feature[{self.rules.feature}]",
             )
         config = self.config
-        bench = workbench(config)
+        bench = workbench(config).for_book(self.book)  # under the protocol it was measured with
         settings = config.stash[STASH_CHECK]
         file = str(self.path)
         rules = self.rules
@@ -351,7 +373,8 @@ class LostItem(BookItem):
 
         settings = self.config.stash[STASH_CHECK]
         if settings.remap:
-            gate = gated(workbench(self.config), self.parent.book, str(self.path), settings.remap)
+            bench = workbench(self.config).for_book(self.parent.book)
+            gate = gated(bench, self.parent.book, str(self.path), settings.remap)
             changed(lost_reason(gate, self.rules))
         pytest.skip(lost_verdict(self.parent.book, self.rules, settings.allow_lost, str(self.path)))
 
@@ -373,7 +396,8 @@ class GateItem(BookItem):
         from rulecheck.gate import gate_verdict
 
         settings = self.config.stash[STASH_CHECK]
-        bench, book, file = workbench(self.config), self.parent.book, str(self.path)
+        book, file = self.parent.book, str(self.path)
+        bench = workbench(self.config).for_book(book)
         verdict = gate_verdict(
             bench, book, file, settings.remap, settings.gate, accept_changed=settings.accept_changed
         )
@@ -533,11 +557,15 @@ def check_settings(config: pytest.Config):
     )
     from rulecheck.core.verdict import STATISTICS
 
-    texts = {name: setting(config, name) for name in ("tolerance", "examples")}
+    given = {name: parse_setting(config, name, CheckConfig) for name in ("tolerance", "examples")}
     accept = parse_accept_changed(
         setting(config, "accept-changed", ""), "--rulecheck-accept-changed"
     )
     remap = setting(config, "remap")
+    from rulecheck.mapping import AUTO, read_mappings
+
+    if remap is not None and remap != AUTO:
+        read_mappings(remap, setting_source(config, "remap")["field"])
     allow_lost = setting(config, "allow-lost")
     budget = Budget() if allow_lost is None else parse_budget(allow_lost, "--rulecheck-allow-lost")
     gate = parse_config(
@@ -545,10 +573,8 @@ def check_settings(config: pytest.Config):
         {name: setting(config, f"gate-{name.replace('_', '-')}") for name in STATISTICS},
         "--rulecheck-gate-{}",
     )
-    checked = parse_config(
-        CheckConfig,
-        texts,
-        "--rulecheck-{}",
+    checked = CheckConfig(
+        **{name: value for name, value in given.items() if value is not None},
         accept_changed=accept,
         remap=remap,
         allow_lost=budget,

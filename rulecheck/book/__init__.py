@@ -31,7 +31,8 @@ from rulecheck.book.fields import (
     parse_measured,
     parse_refs,
 )
-from rulecheck.errors import InvalidRulebook
+from rulecheck.config import PROTOCOL, ExemplarConfig, bound_of
+from rulecheck.errors import InvalidRulebook, InvalidSpec
 from rulecheck.refs import RefTable
 
 SCHEMA_VERSION = 2
@@ -289,6 +290,26 @@ class Rulebook(sc.Record):
     def fail(self, field: str, what: str, fix: str | None = None) -> NoReturn:
         """``InvalidRulebook`` about ``field`` of this book, at the line it was read from."""
         self.origin.fail(field, what, fix)
+
+    def recorded(self, cls: type, names: tuple[str, ...]) -> dict[str, Any]:
+        """The settings ``names`` of the config dataclass ``cls`` that the ``extraction:``
+        block records, each checked against its field's bound (``InvalidRulebook`` at its
+        line otherwise); a setting not recorded is left out."""
+        values = {}
+        for name in names:
+            if name in self.extraction:
+                bound = bound_of(cls, name)
+                try:
+                    value = self.extraction[name]
+                    values[name] = bound.check(value, name) if bound else value
+                except InvalidSpec as e:
+                    self.fail(f"extraction.{name}", e.what, e.fix)
+        return values
+
+    def protocol(self) -> ExemplarConfig:
+        """The exemplar protocol the book was measured with (``ExemplarConfig``): what its
+        ``extraction:`` block records, the defaults for the rest (a hand-written book)."""
+        return ExemplarConfig(**self.recorded(ExemplarConfig, PROTOCOL))
 
     @property
     def name(self) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rulecheck import schema as sc
-from rulecheck.config import METHODS, Bound, ExemplarConfig, ExtractConfig, bound_of
+from rulecheck.config import METHODS, PROTOCOL, Bound, ExemplarConfig, ExtractConfig, bound_of
 
 METRICS = ("f1", "precision", "recall", "spearman")
 HEADER_KEYS = ("model", "sae_in", "sae_out", "corpus")
@@ -23,6 +23,7 @@ EXTRACTION_ORDER = (
     "max_terms",
     "term_margin",
     "seed",
+    *PROTOCOL[1:],
     "tolerance",
     "ln_scale",
     "n_eligible",
@@ -59,8 +60,18 @@ EXTRACTION_DOCS = {
     "max_terms": "The most skip-gram terms one feature may get (--max-terms).",
     "term_margin": "The fewest terms whose validation F1 is within this much of the best were "
     "kept (0: the best).",
-    "seed": "Seed of the exemplar sampling (--seed).",
-    "tolerance": "How far below the measured metrics the `expect` minimums were set (--tolerance).",
+    "seed": "Seed of the exemplar sampling (--seed); checks use the book's value.",
+    "n_pos": "Positive exemplars (the most active sequences) per feature (--n-pos); checks use "
+    "the book's value.",
+    "n_neg": "Random inactive exemplars per feature (--n-neg); checks use the book's value.",
+    "min_active": "The fewest sequences a feature must be active in to be described "
+    "(--min-active); checks use the book's value.",
+    "min_inactive": "The fewest sequences a feature must be inactive in to be described "
+    "(--min-inactive); checks use the book's value.",
+    "n_held": "Held-out sequences kept at every position, for distance bounds and hard "
+    "negatives (--n-held); checks use the book's value.",
+    "tolerance": "How far below the measured metrics the `expect` minimums were set "
+    "(--tolerance): below 1, which would set every minimum to 0.",
     "ln_scale": "The mean LayerNorm scale of the head's input, measured on the corpus: "
     "rulecheck reads the model's remaining LayerNorm as centring plus this scale.",
     "n_eligible": "How many output features were active often enough to be described.",
@@ -164,7 +175,8 @@ def _bound_hint(bound: Bound | None) -> dict[str, Any]:
     if bound is None:
         return {}
     out: dict[str, Any] = {"type": "integer" if bound.kind is int else "number"}
-    for word, x in (("minimum", bound.low), ("maximum", bound.high)):
+    high = "exclusiveMaximum" if bound.open_high else "maximum"
+    for word, x in (("minimum", bound.low), (high, bound.high)):
         if x != float("inf"):
             out[word] = int(x) if float(x).is_integer() else x
     return out
@@ -175,7 +187,7 @@ def extraction_hint() -> dict[str, Any]:
     measured."""
     derived = {
         "method": sc.json_hint(sc.choice(*METHODS)),
-        "seed": _bound_hint(bound_of(ExemplarConfig, "seed")),
+        **{key: _bound_hint(bound_of(ExemplarConfig, key)) for key in PROTOCOL},
         "ln_scale": sc.json_hint(sc.number()),
         "n_eligible": sc.json_hint(sc.integer()),
         "n_sequences": sc.json_hint(sc.integer()),

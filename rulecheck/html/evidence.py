@@ -138,6 +138,7 @@ def head_evidence(
     """Every feature's evidence on the checkpoint the book names (``RulecheckError`` when the
     head does not load; a feature that cannot be measured carries its one-line error)."""
     label = label or book.name
+    bench = bench.for_book(book)  # the exemplars of the protocol the book was measured with
     head = bench.head_of(book, file)
     bench.check_fingerprints(book, head, file)
     model, sae_in, sae_out, corpus = bench.load(head)

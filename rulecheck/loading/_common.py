@@ -51,6 +51,21 @@ def expand_path(spec: str | Path) -> Path:
     return Path(spec).expanduser()
 
 
+def check_finite(module: torch.nn.Module, spec: str, what: str) -> None:
+    """``InvalidSpec`` naming ``spec`` and the first parameter of ``module`` holding a NaN or an
+    infinity: such a weight makes activations NaN, which would otherwise be reported as a
+    feature never active, far from its cause."""
+    for name, param in module.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise InvalidSpec(
+                f"{what} weight {name} holds NaN or infinite values",
+                file=spec,
+                field=name,
+                fix="retrain or save it again: every weight must be finite (a diverged "
+                "training run or a damaged file writes NaN)",
+            )
+
+
 def looks_like_path(spec: str) -> bool:
     """Whether ``spec`` can only be a path (absolute, or starting with ``~`` or ``.``), never a
     model name, registry id or dataset name, so a missing one is reported as a missing file."""

@@ -28,6 +28,7 @@ from rulecheck.loading._common import (
     MODEL_DEPRECATED,
     FieldRules,
     check_fields,
+    check_finite,
     check_state_dict,
     dataclass_hints,
     dtype_name,
@@ -87,15 +88,24 @@ def load_model(
 
     The processing flags apply to Hugging Face directories and TL names (as in
     ``HookedTransformer.from_pretrained``, or a bridge's ``enable_compatibility_mode``); a
-    rulecheck directory is loaded as saved.
+    rulecheck directory is loaded as saved. A weight holding a NaN or an infinity is an error
+    naming it.
     """
-    resolved = resolve_device(device)
     processing = {
         "fold_ln": fold_ln,
         "center_writing_weights": center_writing_weights,
         "center_unembed": center_unembed,
         "fold_value_biases": fold_value_biases,
     }
+    model = _load_model(spec, resolve_device(device), processing)
+    check_finite(model, spec, "model")
+    return model
+
+
+def _load_model(
+    spec: str, resolved: torch.device, processing: dict[str, bool]
+) -> HookedTransformer | TransformerBridge:
+    """``load_model`` before its weights are checked."""
     if is_bridge_spec(spec):
         return load_bridge(spec, resolved, **processing)
     path = expand_path(spec)

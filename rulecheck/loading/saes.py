@@ -29,6 +29,7 @@ from rulecheck.loading._common import (
     SAE_MODEL_KWARGS,
     FieldRules,
     check_fields,
+    check_finite,
     dataclass_hints,
     expand_path,
     json_text,
@@ -434,7 +435,9 @@ def load_sae(
     for sae_format in SAE_FORMATS:
         if sae_format.recognise(spec, path):
             with without_warning(SAE_MODEL_KWARGS):
-                return sae_format.read(spec, path, resolved)
+                sae = sae_format.read(spec, path, resolved)
+            check_finite(sae, spec, "SAE")
+            return sae
     *others, last = (sae_format.description for sae_format in SAE_FORMATS)
     raise InvalidSpec(
         "no such file or directory",
