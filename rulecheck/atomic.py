@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rulecheck.errors import InvalidSpec
+from rulecheck.files import check_replaceable
 
 _TOKEN_BYTES = 6
 
@@ -36,7 +37,11 @@ def atomic_write_many(files: list[tuple[Path, bytes]]) -> list[Path]:
     """Write every ``(path, data)`` as one set: all temporary files are written and synced
     first, then renamed in one go, so a failure while writing leaves every old file as it
     was (a kill between the renames, a window of microseconds, leaves some new and some old;
-    each file is still whole)."""
+    each file is still whole). Only a regular file or nothing is replaced: a FIFO, a device
+    or a directory at a path (or a symlink to one) is ``InvalidSpec`` before anything is
+    written."""
+    for path, _ in files:
+        check_replaceable(path)
     staged: list[tuple[Path, Path]] = []
     try:
         for path, data in files:
