@@ -188,6 +188,18 @@ class Workbench:
             return specs.resolve()
         except InvalidSpec as e:
             key = (e.field or "--model").removeprefix("--").replace("-", "_")
+            if key == "model" and specs.model != book.model:  # --rulecheck-model's
+                raise InvalidSpec(
+                    e.what, file=e.file, field="--rulecheck-model", fix=e.fix
+                ) from None
+            if key == "model":  # the book's model spec itself names nothing
+                raise InvalidRulebook(
+                    f"{specs.model!r}: {e.what}",
+                    file=file,
+                    line=book.origin.line("model"),
+                    field="model",
+                    fix=e.fix,
+                ) from None
             raise InvalidRulebook(
                 f"model {specs.model!r} is not a zoo model, so `{key}` must be named",
                 file=file,
