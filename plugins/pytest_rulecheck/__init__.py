@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import rulecheck.profiles  # registers its profiles before Hypothesis reads --hypothesis-profile
-from rulecheck.errors import InvalidSpec, RulecheckError
+from rulecheck.errors import InvalidSpec, RulecheckError, printable
 
 STASH_BENCH = pytest.StashKey["Any"]()
 STASH_CHECK = pytest.StashKey["Any"]()
@@ -372,7 +373,7 @@ class GateItem(BookItem):
 def head_name(book) -> str:
     """How the run's tables name a book's head: ``rulecheck-tiny L0H3``."""
     head = f"L{book.layer}H{book.head}"
-    return f"{book.model} {head}" if book.model else head
+    return f"{printable(book.model)} {head}" if book.model else head
 
 
 def changed(reason: str) -> None:
@@ -513,6 +514,7 @@ def check_settings(config: pytest.Config):
         parse_config,
     )
     from rulecheck.core.verdict import STATISTICS
+    from rulecheck.files import check_output_file
 
     texts = {name: setting(config, name) for name in ("tolerance", "examples")}
     accept = parse_accept_changed(
@@ -557,20 +559,8 @@ def check_settings(config: pytest.Config):
         )
     for name in ("report", "html"):
         path = setting(config, name)
-        if path is None or hasattr(config, "workerinput"):
-            continue
-        parent = Path(path).resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise InvalidSpec(
-                "no such directory" if not parent.is_dir() else "cannot write here",
-                file=parent,
-                field=f"--rulecheck-{name}",
-                fix="create the directory or choose another path",
-            )
-        if Path(path).is_dir():
-            raise InvalidSpec(
-                "is a directory", file=path, field=f"--rulecheck-{name}", fix="name a file"
-            )
+        if path is not None and not hasattr(config, "workerinput"):
+            check_output_file(path, f"--rulecheck-{name}")
     return checked
 
 
@@ -678,7 +668,7 @@ class Summary:
             f1 = statistics.median(row["f1"].values()) if row.get("f1") else None
             counts = [str(row[k]) for k in ("passed", "failed", "skipped", "xfailed")]
             table.add_row(
-                head, str(len(row["features"])), *counts, "" if f1 is None else f"{f1:.2f}"
+                escape(head), str(len(row["features"])), *counts, "" if f1 is None else f"{f1:.2f}"
             )
         return table
 
@@ -694,11 +684,21 @@ class Summary:
                 console.print(self.table())
             path = setting(self.config, "report")
             if path:
-                entries = [*self.gates, *self.results]
-                Path(path).write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+                self.write_json(Path(path), [*self.gates, *self.results], terminalreporter)
         html = setting(self.config, "html")
         if html and not hasattr(self.config, "workerinput"):
             self.write_html(Path(html), terminalreporter)
+
+    def write_json(self, path: Path, entries: list[dict[str, Any]], terminalreporter) -> None:
+        """The run's records as JSON, written atomically (``--rulecheck-report``)."""
+        from rulecheck.atomic import atomic_write
+
+        data = json.dumps(entries, indent=2, sort_keys=True) + "\n"
+        try:
+            atomic_write(path, data.encode("utf-8"))
+        except (OSError, RulecheckError) as e:
+            what = _relative(self.config, e) if isinstance(e, RulecheckError) else str(e)
+            terminalreporter.write_line(f"rulecheck: --rulecheck-report: {what}", red=True)
 
     def write_html(self, path: Path, terminalreporter) -> None:
         """The HTML report of the run's rulebooks, measured on the books' own checkpoints
