@@ -244,8 +244,11 @@ def save_rulebook(book: Rulebook, path: str | Path) -> Path:
 
 
 def _holds_bytes(path: Path, data: bytes) -> bool:
-    """Whether ``path`` already holds exactly ``data`` (then it is not rewritten)."""
+    """Whether ``path`` already holds exactly ``data`` (then it is not rewritten): a regular
+    file of that size only, so that a FIFO or device there is never read."""
     try:
+        if not path.is_file() or path.stat().st_size != len(data):
+            return False
         return path.read_bytes() == data
     except OSError:
         return False

@@ -22,6 +22,7 @@ except ImportError:  # Windows: journals are recovered once stale
     fcntl = None  # type: ignore[assignment]
 
 from rulecheck.errors import InvalidSpec, WriteFailed
+from rulecheck.files import check_replaceable
 
 _TOKEN_BYTES = 6
 
@@ -48,8 +49,12 @@ def atomic_write_many(files: list[tuple[Path, bytes]]) -> list[Path]:
     process killed between the renames leaves the journal, and the next write into that
     directory (``recover``) completes the set. SIGINT in that window waits for the renames
     and then raises ``Interrupted``, which says what was written; after an interrupt that
-    something swallowed (``noting_interrupts``), nothing is written."""
+    something swallowed (``noting_interrupts``), nothing is written. Only a regular file or
+    nothing is replaced: a FIFO, a device or a directory at a path (or a symlink to one) is
+    ``InvalidSpec`` before anything is written."""
     _stop_if_interrupted()
+    for path, _ in files:
+        check_replaceable(path)
     if not files:
         return []
     for directory in {path.parent for path, _ in files}:

@@ -26,7 +26,8 @@ from rulecheck.config import (
     parse_shard,
     shard_of,
 )
-from rulecheck.errors import InvalidSpec, RulecheckError
+from rulecheck.errors import InvalidRulebook, InvalidSpec, RulecheckError, printable
+from rulecheck.files import check_replaceable, file_kind, read_limited
 from rulecheck.paths import check_cache_dir
 from rulecheck.progress import rich_progress
 
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(console: Console, line: str) -> None:
+    """Print a line naming user paths: as it is (``errors.printable``), never as markup."""
+    console.print(Text(printable(line)), soft_wrap=True)
+
+
 def extract_config(args: argparse.Namespace) -> ExtractConfig:
     """The extraction settings the command line gives, each checked against its bound;
     ``InvalidSpec`` naming the option otherwise (before any work starts)."""
@@ -195,14 +201,17 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
 
 
 def run_extract(args: argparse.Namespace, console: Console) -> int:
+    cfg = extract_config(args)
+    layer = None if args.layer is None else Bound(int, 0).parse(args.layer, "--layer")
+    shard = None if args.shard is None else parse_shard(args.shard)
+    if args.out.is_dir():
+        _check_book_paths(args.out)  # before the seconds of importing torch and sae_lens
+
     from rulecheck.api import extract_books, write_rulebooks
     from rulecheck.session import Workbench
     from rulecheck.specs import Specs, parse_heads
 
-    cfg = extract_config(args)
-    layer = None if args.layer is None else Bound(int, 0).parse(args.layer, "--layer")
     heads = parse_heads(args.heads)
-    shard = None if args.shard is None else parse_shard(args.shard)
     ckpt = Specs(args.model, args.sae_in, args.sae_out, args.corpus).resolve()
     with output_directory(args.out, "--out") as out:
         bench = Workbench(device=args.device, cache_dir=None, batch_size=cfg.batch_size)
@@ -221,8 +230,15 @@ def run_extract(args: argparse.Namespace, console: Console) -> int:
                 books += extract_books(bench, ckpt, n, group, cfg, progress)
         written = write_rulebooks([(book, out / f"{book.name}.yaml") for book in books])
     for path in written:
-        console.print(f"wrote {path}")
+        _say(console, f"wrote {path}")
     return 0
+
+
+def _check_book_paths(out: Path) -> None:
+    """Before extraction starts: every book or measurements file already in ``out`` is a
+    regular file that writing may replace (``files.check_replaceable``)."""
+    for path in sorted([*out.glob("L*H*.yaml"), *out.glob("L*H*.measured.json")]):
+        check_replaceable(path, "--out")
 
 
 def run_show(args: argparse.Namespace, console: Console) -> int:
@@ -327,19 +343,30 @@ def _check_mappings(source: str) -> None:
 
 def _same_bytes(a: Path, b: Path) -> bool:
     """Whether rulebooks ``a`` and ``b`` and the measurement files beside them are equal."""
-    from rulecheck.rulebook import measured_path
+    from rulecheck.rulebook import MAX_BYTES, MAX_MEASURED_BYTES, measured_path
 
     def content(path: Path) -> tuple[bytes, bytes | None]:
         extra = measured_path(path)
-        return path.read_bytes(), extra.read_bytes() if extra.is_file() else None
+        book = read_limited(path, MAX_BYTES, noun="rulebook", error=InvalidRulebook)
+        if not os.path.lexists(extra):
+            return book, None
+        return book, read_limited(
+            extra, MAX_MEASURED_BYTES, noun="measurements file", error=InvalidRulebook
+        )
 
     return a.name == b.name and content(a) == content(b)
 
 
 def _must_exist(paths: list[Path]) -> None:
+    """Each path is a regular file or a directory (symlinks followed)."""
     for path in paths:
         if not path.exists():
             raise InvalidSpec("no such file or directory", file=path, fix="check the path")
+        kind = None if path.is_dir() else file_kind(path)
+        if kind is not None:
+            raise InvalidSpec(
+                f"is {kind}, not a regular file or a directory", file=path, fix="check the path"
+            )
 
 
 def _rulebook_paths(given: list[Path]) -> list[Path]:
@@ -396,9 +423,9 @@ def run_upgrade(args: argparse.Namespace, console: Console) -> int:
     atomic_write_many(files)  # all or nothing
     for path, version in rows:
         if version == SCHEMA_VERSION:
-            console.print(f"{path}: already format {SCHEMA_VERSION}", soft_wrap=True)
+            _say(console, f"{path}: already format {SCHEMA_VERSION}")
         else:
-            console.print(f"{path}: format {version} -> {SCHEMA_VERSION}", soft_wrap=True)
+            _say(console, f"{path}: format {version} -> {SCHEMA_VERSION}")
     return 0
 
 
@@ -440,8 +467,9 @@ def run_match(args: argparse.Namespace, console: Console) -> int:
             field=missing,
             fix=f"pass {missing} too, or neither for a decoder-cosine match",
         )
-    if args.out.exists() and args.out.is_dir():
+    if args.out.is_dir():
         raise InvalidSpec("is a directory", file=args.out, field="--out", fix="name a file")
+    check_replaceable(args.out, "--out")
     old = load_sae(locate(args.old), device=args.device)
     new = load_sae(locate(args.new), device=args.device)
     _check_pair(old, new, args.old, args.new)
@@ -483,7 +511,7 @@ def run_match(args: argparse.Namespace, console: Console) -> int:
     console.print(f"matched by {method}", soft_wrap=True)
     console.print(table)
     console.print(verdict, soft_wrap=True)
-    console.print(f"wrote {path}", soft_wrap=True)
+    _say(console, f"wrote {path}")
     return 0
 
 
@@ -535,7 +563,8 @@ def run_remap(args: argparse.Namespace, console: Console) -> int:
     for col in ("head", "kept", "lost", "refs by tokens", "rules left out", "written"):
         table.add_column(col, justify="left" if col in ("head", "written") else "right")
     for name, kept, lost, by_tokens, dropped, out in rows:
-        table.add_row(name, str(kept), str(lost), str(by_tokens), str(dropped), str(out))
+        cells = (name, str(kept), str(lost), str(by_tokens), str(dropped), str(out))
+        table.add_row(*(Text(printable(cell)) for cell in cells))
     console.print(table)
     n_lost = sum(row[2] for row in rows)
     if n_lost:
@@ -565,7 +594,7 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
             [(p, str(p)) for p in paths], run, bench=bench, exemplars=n, progress=progress
         )
     write_report(out, html)
-    console.print(f"wrote {out}", soft_wrap=True)
+    _say(console, f"wrote {out}")
     return 0
 
 

@@ -286,9 +286,16 @@ def parse_shard(text: str, name: str = "--shard") -> tuple[int, int]:
     fix = "give i/n with 1 <= i <= n, e.g. --shard 2/4 (a SLURM array: $SLURM_ARRAY_TASK_ID/4)"
     if len(parts) != 2:
         raise InvalidSpec(f"expected i/n, got {text!r}", field=name, fix=fix)
-    n = Bound(int, 1).parse(parts[1].strip(), name)
-    i = Bound(int, 1, n).parse(parts[0].strip(), name)
-    return i, n
+    n = _shard_part("n", Bound(int, 1), parts[1], name, fix)
+    return _shard_part("i", Bound(int, 1, n), parts[0], name, fix), n
+
+
+def _shard_part(part: str, bound: Bound, text: str, name: str, fix: str) -> int:
+    """``i`` or ``n`` of ``--shard i/n`` within ``bound``; an error names the part."""
+    try:
+        return bound.parse(text.strip(), name)
+    except InvalidSpec as exc:
+        raise InvalidSpec(f"{part} {exc.what}", field=name, fix=fix) from None
 
 
 def shard_of(items: list[Any], shard: tuple[int, int]) -> list[Any]:

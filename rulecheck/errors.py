@@ -22,6 +22,19 @@ import errno
 from pathlib import Path
 
 
+def printable(text: str, *, lines: bool = False) -> str:
+    """``text`` as a terminal shows it literally: every control or other unprintable character
+    (the ESC of an escape sequence, a carriage return, a bell) as its escape (``\\x1b``,
+    ``\\r``, ``\\x07``); with ``lines``, line breaks are kept. For text from a user's files
+    (labels, keys, specs, paths) printed by ``rulecheck show``, the CLI and failure messages."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() or (lines and c == "\n") else c.encode("unicode_escape").decode()
+        for c in text
+    )
+
+
 class RulecheckError(Exception):
     """Bad input, reported as ``file:line: field: what is wrong (fix: ...)``.
 
@@ -47,13 +60,15 @@ class RulecheckError(Exception):
 
     @property
     def message(self) -> str:
+        """The error as printed: every part ``printable``, the line breaks of ``what`` (a
+        failed rule's evidence) kept, none anywhere else."""
         where = ""
         if self.file is not None:
             where = self.file if self.line is None else f"{self.file}:{self.line}"
-            where += ": "
-        field = f"{self.field}: " if self.field else ""
-        fix = f" (fix: {self.fix})" if self.fix else ""
-        return f"{where}{field}{self.what}{fix}"
+            where = printable(where) + ": "
+        field = f"{printable(self.field)}: " if self.field else ""
+        fix = f" (fix: {printable(self.fix)})" if self.fix else ""
+        return f"{where}{field}{printable(self.what, lines=True)}{fix}"
 
     def __str__(self) -> str:
         return self.message

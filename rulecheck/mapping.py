@@ -40,10 +40,13 @@ from rulecheck.atomic import atomic_write
 from rulecheck.config import MatchConfig
 from rulecheck.core.pairs import Matching, Pair
 from rulecheck.errors import InvalidMapping, InvalidSpec
+from rulecheck.files import read_limited
 from rulecheck.schema import Where, significant
 
 FORMAT = 1
 AUTO = "auto"  # the source that matches SAEs on the fly instead of reading mapping files
+# one line a pair: an SAE of 2^17 features writes about 10 MiB; larger files are refused at once
+MAX_BYTES = 64 * 2**20
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where present: same result
 STATUSES = ("matched", "split", "merged")
 PAIR_FIELDS = ("old", "new", "cosine", "correlation", "confidence", "status")
@@ -255,13 +258,16 @@ def load_mapping(path: str | Path) -> tuple[MappingHeader, Matching]:
     """Read a mapping file written by :func:`save_mapping`; ``InvalidMapping`` on any problem."""
     path = Path(path)
     file = str(path)
+    data = read_limited(
+        path,
+        MAX_BYTES,
+        noun="mapping file",
+        error=InvalidMapping,
+        missing="run rulecheck match --out FILE first",
+    )
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidMapping(
-            "no such file", file=file, fix="run rulecheck match --out FILE first"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise InvalidMapping(
             f"cannot read it ({exc})", file=file, fix="pass a mapping file"
         ) from None

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from rulecheck import schema
-from rulecheck.errors import InvalidRulebook
+from rulecheck.errors import InvalidRulebook, printable
 
 REFERENCE = "#/$defs/reference"  # a reference, in the editors' JSON Schema
 
@@ -295,9 +295,7 @@ def escaped(text: str) -> str:
 
 
 def _escape_char(c: str) -> str:
-    if c == "\\":
-        return "\\\\"
-    return c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+    return "\\\\" if c == "\\" else printable(c)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.bookdiff import FeatureDiff, HeadDiff
+from rulecheck.errors import printable
 from rulecheck.kinds.skipgram import SkipGram, label, shown_label, shown_term
 from rulecheck.refs import TokenRef, ref_shown
 from rulecheck.rulebook import load_rulebook
@@ -131,7 +132,7 @@ def rulebook_markdown(rulebook: Rulebook, path: str | Path) -> str:
     """The rulebook as GitHub Markdown: its path, header fields, then ``rulebook_rows`` as a
     table, labels and terms as code."""
     header = rulebook_fields(rulebook)
-    lines = [f"### {path}", "", *(f"- {k}: {v}" for k, v in header.items()), ""]
+    lines = [f"### {printable(str(path))}", "", *(f"- {k}: {v}" for k, v in header.items()), ""]
     lines.append(f"**{_rulebook_title(rulebook)}**")
     lines.append("")
     names = SHOW_COLUMNS + SHOW_SCORES
@@ -160,7 +161,9 @@ def rulebook_fields(rulebook: Rulebook) -> dict[str, str]:
         "corpus": rulebook.corpus,
         "extraction": rulebook.extraction.get("method"),
     }
-    return {name: str(value) if value is not None else "-" for name, value in fields.items()}
+    return {
+        name: printable(str(value)) if value is not None else "-" for name, value in fields.items()
+    }
 
 
 def rulebook_header(rulebook: Rulebook) -> Text:
@@ -186,7 +189,7 @@ def print_rulebook(
     if format == "markdown":
         console.file.write(rulebook_markdown(rulebook, path))
         return rulebook
-    console.print(Text(str(path), style="bold underline"))
+    console.print(Text(printable(str(path)), style="bold underline"))
     console.print(rulebook_header(rulebook), end="")
     console.print(rulebook_table(rulebook, console.width))
     if rulebook.lost:

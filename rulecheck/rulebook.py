@@ -18,15 +18,17 @@ import contextlib
 import functools
 import gc
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rulecheck.atomic import atomic_write_many
 from rulecheck.book import (
     FILE_NAME,
+    MEASURED_ORDER,
     SCHEMA_VERSION,
     FormatWarning,
     Rulebook,
@@ -36,11 +38,13 @@ from rulecheck.book import (
     parse_book,
 )
 from rulecheck.errors import InvalidRulebook, RulecheckError
+from rulecheck.files import read_limited, too_large
+from rulecheck.kinds import kinds
 from rulecheck.roundtrip import render
 from rulecheck.schema import Where
 from rulecheck.schema import keys as schema_keys
 from rulecheck.schemas import modeline
-from rulecheck.yamlread import read_values
+from rulecheck.yamlread import first_line, read_values
 
 # Reading costs about 1 s and 80 MiB of memory a MiB of YAML when the node tree is composed
 # (a file the parser events do not read; linear in the size, `make bench`): 8 MiB, eight times
@@ -63,17 +67,17 @@ def _check_file_name(where: Where, rulebook: Rulebook, path: Path) -> None:
         )
 
 
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InvalidRulebook(
-            "no such file", file=path, fix="check the path, or run `rulecheck extract`"
-        ) from None
-    except IsADirectoryError:
-        raise InvalidRulebook("is a directory, not a rulebook file", file=path) from None
-    except OSError as exc:
-        raise InvalidRulebook(f"cannot read: {exc.strerror or exc}", file=path) from None
+def _read_book_text(path: Path) -> str:
+    """The text of the rulebook file at ``path``: a regular file of at most ``MAX_BYTES``
+    (``files.read_limited``), refused at once otherwise."""
+    data = read_limited(
+        path,
+        MAX_BYTES,
+        noun="rulebook",
+        error=InvalidRulebook,
+        missing="check the path, or run `rulecheck extract`",
+        large=_SIZE_FIX,
+    )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -83,16 +87,15 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+_SIZE_FIX = (
+    "split its features over several rulebook files of the same head, or extract fewer terms "
+    "(--max-terms)"
+)
+
+
 def _check_size(size: int, file: str | Path) -> None:
     if size > MAX_BYTES:
-        raise InvalidRulebook(
-            f"rulebook is {size / 2**20:.1f} MiB; rulecheck reads rulebooks up to "
-            f"{MAX_BYTES // 2**20} MiB",
-            file=file,
-            line=1,
-            fix="split its features over several rulebook files of the same head, or extract "
-            "fewer terms (--max-terms)",
-        )
+        raise too_large(size, MAX_BYTES, "rulebook", file, InvalidRulebook, _SIZE_FIX)
 
 
 def parse_rulebook(text: str, file: str | Path = "<string>") -> Rulebook:
@@ -126,15 +129,8 @@ def load_rulebook(path: str | Path, *, measurements: bool = False) -> Rulebook:
     path = Path(path)
     book = parse_rulebook(_read_book_text(path), path)
     if measurements:
-        _fill_measurements(book, load_measured(path))
+        _fill_measurements(book, load_measured(path, (book.layer, book.head)))
     return book
-
-
-def _read_book_text(path: Path) -> str:
-    """The text of the rulebook file at ``path``, refused at once when it is too large."""
-    with contextlib.suppress(OSError):
-        _check_size(path.stat().st_size, path)
-    return _read_text(path)
 
 
 def _fill_measurements(book: Rulebook, measured: dict[int, dict[str, Any]]) -> None:
@@ -189,7 +185,8 @@ def is_rulebook_file(path: str | Path) -> bool:
         path = Path(path)
         if path.suffix not in (".yaml", ".yml") or not path.is_file():
             return False
-        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+        with path.open("rb") as file:  # a regular file: is_file() follows symlinks
+            text = file.read(MAX_BYTES + 1).decode("utf-8-sig", errors="replace")
     except (OSError, ValueError):
         return False
     return _TOP_KEY_LINE.search(text) is not None
@@ -237,19 +234,121 @@ def dump_measured(rulebook: Rulebook) -> str | None:
     return json.dumps(head)[:-1] + ', "features": [\n' + ",\n".join(lines) + "\n]}\n"
 
 
-def load_measured(path: str | Path) -> dict[int, dict[str, Any]]:
+# what extraction writes beside a book is about three times the book (`rulebooks/`)
+MAX_MEASURED_BYTES = 4 * MAX_BYTES
+
+
+def load_measured(
+    path: str | Path, head: tuple[int, int] | None = None
+) -> dict[int, dict[str, Any]]:
     """The measurements beside the book at ``path``, by feature id (empty when there is no
-    such file)."""
+    such file). ``head`` (layer, head), the book's: a file measured on another head is
+    refused. Entries of features the book does not hold (removed by hand) are never used."""
     file = measured_path(path)
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not os.path.lexists(file):
         return {}
-    except (OSError, ValueError) as exc:
+    data = read_limited(
+        file,
+        MAX_MEASURED_BYTES,
+        noun="measurements file",
+        error=InvalidRulebook,
+        large="regenerate the book",
+    )
+    try:
+        data = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise InvalidRulebook(
-            f"cannot read the measurements: {exc}", file=file, fix="regenerate the book"
+            f"cannot read the measurements: {first_line(exc)}",
+            file=file,
+            fix="regenerate the book, or remove the file",
         ) from None
-    return {int(f["feature"]): f for f in data.get("features", [])}
+    return _measured_features(data, file, head)
+
+
+def _measured_features(
+    data: Any, file: Path, head: tuple[int, int] | None
+) -> dict[int, dict[str, Any]]:
+    """The features of a measurements file's JSON, its shape checked (``InvalidRulebook``
+    naming the file and field)."""
+
+    def fail(field: str, what: str) -> NoReturn:
+        raise InvalidRulebook(
+            what, file=file, field=field, fix="regenerate the book, or remove the file"
+        )
+
+    if not isinstance(data, dict):
+        fail("", f"expected a JSON object, found {_json_type(data)}")
+    if head is not None:
+        for name, want in zip(("layer", "head"), head, strict=True):
+            if name not in data:
+                fail(name, f"names no {name}; the rulebook is about {name} {want}")
+            if data[name] != want or isinstance(data[name], bool):
+                fail(name, f"is {data[name]!r}, but the rulebook is about {name} {want}")
+    features = data.get("features", [])
+    if not isinstance(features, list):
+        fail("features", f"expected a list, found {_json_type(features)}")
+    out: dict[int, dict[str, Any]] = {}
+    for i, entry in enumerate(features):
+        where = f"features[{i}]"
+        if not isinstance(entry, dict):
+            fail(where, f"expected an object, found {_json_type(entry)}")
+        feature = entry.get("feature")
+        if "feature" not in entry:
+            fail(where, "has no `feature` id")
+        if isinstance(feature, bool) or not isinstance(feature, int) or feature < 0:
+            fail(f"{where}.feature", f"expected a feature id (a whole number), found {feature!r}")
+        if feature in out:
+            fail(f"{where}.feature", f"feature {feature} is listed twice")
+        _check_measured_entry(entry, where, fail)
+        out[feature] = entry
+    return out
+
+
+_CURVES = ("f1_by_terms",)
+
+
+def _check_measured_entry(entry: dict[str, Any], where: str, fail: Any) -> None:
+    """The values of one feature's measurements that are read as numbers, curves and claim
+    records have those shapes."""
+    for key, value in entry.items():
+        if key in _MEASURED_NUMBERS and not _is_number(value, none=True):
+            fail(f"{where}.{key}", f"expected a number, found {value!r}")
+        elif key in _CURVES and not _is_curve(value):
+            fail(f"{where}.{key}", "expected an object of term counts to numbers")
+        elif key == "f1_by_ranking" and not (
+            isinstance(value, dict) and all(_is_curve(c) for c in value.values())
+        ):
+            fail(f"{where}.{key}", "expected an object of curves (term counts to numbers)")
+        elif key in _claim_keys() and not (
+            isinstance(value, list) and all(isinstance(v, dict) for v in value)
+        ):
+            fail(f"{where}.{key}", "expected a list of objects, one per claim")
+
+
+_MEASURED_NUMBERS = tuple(k for k in MEASURED_ORDER if k not in ("f1_by_terms", "f1_by_ranking"))
+
+
+def _claim_keys() -> tuple[str, ...]:
+    return tuple(kind.key for kind in kinds())
+
+
+def _is_number(value: Any, none: bool = False) -> bool:
+    if value is None:
+        return none
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_curve(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    return all(str(n).isdigit() and _is_number(f, none=True) for n, f in value.items())
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true or false"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
 
 
 def _check_name_matches(rulebook: Rulebook, path: Path) -> None:

@@ -240,6 +240,19 @@ class Workbench:
             return specs.resolve()
         except InvalidSpec as e:
             key = (e.field or "--model").removeprefix("--").replace("-", "_")
+            written = from_book(book.model, file, book.layer, book.head)
+            if key == "model" and specs.model != written:  # --rulecheck-model's
+                raise InvalidSpec(
+                    e.what, file=e.file, field="--rulecheck-model", fix=e.fix
+                ) from None
+            if key == "model":  # the book's model spec itself names nothing
+                raise InvalidRulebook(
+                    f"{book.model!r}: {e.what}",
+                    file=file,
+                    line=book.origin.line("model"),
+                    field="model",
+                    fix=e.fix,
+                ) from None
             raise InvalidRulebook(
                 f"model {specs.model!r} is not a zoo model, so `{key}` must be named",
                 file=file,

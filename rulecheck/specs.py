@@ -68,6 +68,8 @@ def _check_model_spec(model: str) -> None:
     (before the SAE options it would otherwise be blamed on)."""
     import difflib
 
+    from rulecheck.loading._common import looks_like_path
+
     if model.startswith("bridge:"):
         return
     path = Path(model).expanduser()
@@ -77,6 +79,13 @@ def _check_model_spec(model: str) -> None:
             file=model,
             field="--model",
             fix="pass a model directory (rulecheck or Hugging Face), a zoo name or a name like gpt2",
+        )
+    if looks_like_path(model) and not path.exists():
+        raise InvalidSpec(
+            "no such model directory",
+            file=model,
+            field="--model",
+            fix="check the path, or pass a zoo name or a name like gpt2",
         )
     close = difflib.get_close_matches(model, zoo.ENTRIES, n=1, cutoff=0.75)
     if not path.exists() and close:

@@ -159,7 +159,7 @@ class _Walk:
         try:
             value = self.constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, OverflowError, ArithmeticError) as exc:
-            what = f"cannot read value {node.value[:40]!r} as {node.tag}: {_first_line(exc)}"
+            what = f"cannot read value {node.value[:40]!r} as {node.tag}: {first_line(exc)}"
             self.where.fail(path, what, "put it in quotes or correct it")
         if not isinstance(value, _PLAIN_TYPES):
             self.where.fail(
@@ -294,7 +294,7 @@ def read_values(text: str, where: Where, file: str) -> Any:
         raise InvalidRulebook("YAML nested too deeply", file=file, fix="flatten the file") from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -327,7 +327,7 @@ def _compose(text: str, file: str) -> yaml.nodes.Node:
     except yaml.YAMLError as exc:
         line = text.count("\n", 0, getattr(exc, "position", 0) or 0) + 1
         raise InvalidRulebook(
-            f"not valid YAML: {_first_line(exc)}", file=file, line=line, fix="correct the file"
+            f"not valid YAML: {first_line(exc)}", file=file, line=line, fix="correct the file"
         ) from None
     except RecursionError:
         raise InvalidRulebook("YAML nested too deeply", file=file, fix="flatten the file") from None

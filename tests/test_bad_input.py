@@ -61,6 +61,9 @@ CLI_CASES = [
     (["--heads", "-1"], "--heads", "head -1 is out of range"),
     (["--layer", "-1"], "--layer", "got -1"),
     (["--method", "magic"], "--method", "invalid choice"),
+    (["--shard", "1/0"], "--shard", "n must be a whole number >= 1, got 0 (fix: give i/n"),
+    (["--shard", "3/2"], "--shard", "i must be a whole number in [1, 2], got 3 (fix: give i/n"),
+    (["--shard", "x/4"], "--shard", "i must be a whole number in [1, 4], got 'x' (fix: give i/n"),
     (["--bogus", "1"], "", "unrecognized arguments: --bogus 1"),
 ]
 

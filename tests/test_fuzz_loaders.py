@@ -326,3 +326,43 @@ def test_text_corpus_bytes(valid: Valid, suffix: str, body: bytes) -> None:
         path = directory / f"docs{suffix}"
         load = functools.partial(load_corpus, str(path), tokenizer=valid.tokenizer, seq_len=3)
         only_rulecheck_errors(load, where=path)
+
+
+# --------------------------------------------------------------------------------------------
+# the measurements beside a rulebook
+
+MEASURED_BOOK = b"""\
+rulecheck: 2
+layer: 0
+head: 0
+features:
+  - feature: 1
+    source: manual
+    skipgrams:
+      - "[if] ... [then]"
+    absence:
+      - "[if] ... [then] unless [unless]"
+"""
+
+
+def _measured() -> dict[str, Any]:
+    """The first feature of a shipped book's measurements, as feature 1 of ``MEASURED_BOOK``."""
+    root = Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny" / "L0H0.measured.json"
+    data = json.loads(root.read_text())
+    feature = {**data["features"][0], "feature": 1, "absence": [{"drop": 0.5}]}
+    return {**data, "features": [feature]}
+
+
+@FUZZ
+@given(data=st.data())
+def test_measured_json_mutations(data: st.DataObject) -> None:
+    from rulecheck.rulebook import load_rulebook
+
+    body = data.draw(
+        mutated_json(_measured())
+        | st.binary(max_size=64)
+        | JSON_VALUES.map(lambda v: json.dumps(v).encode())
+    )
+    with written({"L0H0.yaml": MEASURED_BOOK, "L0H0.measured.json": body}) as directory:
+        load = functools.partial(load_rulebook, directory / "L0H0.yaml", measurements=True)
+        only_rulecheck_errors(load, where=directory)

@@ -25,11 +25,12 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import rulecheck.profiles  # registers its profiles before Hypothesis reads --hypothesis-profile
 from rulecheck.atomic import interrupted, noting_interrupts
-from rulecheck.errors import InvalidSpec, RulecheckError
+from rulecheck.errors import InvalidSpec, RulecheckError, printable
 
 STASH_BENCH = pytest.StashKey["Any"]()
 STASH_CHECK = pytest.StashKey["Any"]()
@@ -409,7 +410,7 @@ class GateItem(BookItem):
 def head_name(book) -> str:
     """How the run's tables name a book's head: ``rulecheck-tiny L0H3``."""
     head = f"L{book.layer}H{book.head}"
-    return f"{book.model} {head}" if book.model else head
+    return f"{printable(book.model)} {head}" if book.model else head
 
 
 def changed(reason: str) -> None:
@@ -556,6 +557,7 @@ def check_settings(config: pytest.Config):
         parse_config,
     )
     from rulecheck.core.verdict import STATISTICS
+    from rulecheck.files import check_output_file
 
     given = {name: parse_setting(config, name, CheckConfig) for name in ("tolerance", "examples")}
     accept = parse_accept_changed(
@@ -603,20 +605,8 @@ def check_settings(config: pytest.Config):
     check_caches(config)
     for name in ("report", "html"):
         path = setting(config, name)
-        if path is None or hasattr(config, "workerinput"):
-            continue
-        parent = Path(path).resolve().parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise InvalidSpec(
-                "no such directory" if not parent.is_dir() else "cannot write here",
-                file=parent,
-                field=f"--rulecheck-{name}",
-                fix="create the directory or choose another path",
-            )
-        if Path(path).is_dir():
-            raise InvalidSpec(
-                "is a directory", file=path, field=f"--rulecheck-{name}", fix="name a file"
-            )
+        if path is not None and not hasattr(config, "workerinput"):
+            check_output_file(path, f"--rulecheck-{name}")
     return checked
 
 
@@ -754,7 +744,7 @@ class Summary:
             f1 = statistics.median(row["f1"].values()) if row.get("f1") else None
             counts = [str(row[k]) for k in ("passed", "failed", "skipped", "xfailed")]
             table.add_row(
-                head, str(len(row["features"])), *counts, "" if f1 is None else f"{f1:.2f}"
+                escape(head), str(len(row["features"])), *counts, "" if f1 is None else f"{f1:.2f}"
             )
         return table
 
@@ -791,10 +781,9 @@ class Summary:
             return
         try:
             atomic_write(path, data.encode())
-        except RulecheckError as e:
-            reporter.write_line(
-                f"rulecheck: --rulecheck-{name}: {_relative(self.config, e)}", red=True
-            )
+        except (OSError, RulecheckError) as e:
+            what = _relative(self.config, e) if isinstance(e, RulecheckError) else str(e)
+            reporter.write_line(f"rulecheck: --rulecheck-{name}: {what}", red=True)
 
     def write_html(self, path: Path, terminalreporter) -> None:
         """The HTML report of the run's rulebooks, measured on the books' own checkpoints

@@ -27,16 +27,11 @@ Progress = Callable[[str, int, int], None]
 
 
 def check_output(path: Path, option: str) -> Path:
-    """``path`` as a file the report can be written to, checked before any work starts."""
-    path = Path(path)
-    if path.is_dir():
-        raise InvalidSpec("is a directory", file=path, field=option, fix="name the HTML file")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise InvalidSpec(
-            "no such directory", file=parent, field=option, fix="create it or choose another path"
-        )
-    return path
+    """``path`` as a file the report can be written to, checked before any work starts
+    (``files.check_output_file``)."""
+    from rulecheck.files import check_output_file
+
+    return check_output_file(path, option)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from rulecheck.errors import InvalidSpec
+from rulecheck.files import read_limited
+
+MAX_RUN_BYTES = 256 * 2**20  # a run's records with their messages: about 1 KiB an item
 
 NODE = re.compile(
     r"^(?P<file>.+?\.ya?ml)::(?P<kind>feature|lost)\[(?P<id>\d+)\](?:::(?P<item>.+))?$"
@@ -94,11 +97,10 @@ def read_run(path: Path) -> list[Outcome]:
     """The items of a run saved with ``--rulecheck-report``; ``InvalidSpec`` naming the file
     when it cannot be read."""
     fix = "pass the JSON that pytest --rulecheck-report PATH wrote"
+    raw = read_limited(path, MAX_RUN_BYTES, noun="run report", field="--run", missing=fix)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidSpec("no such file", file=path, field="--run", fix=fix) from None
-    except (OSError, ValueError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise InvalidSpec(f"cannot read it: {exc}", file=path, field="--run", fix=fix) from None
     if not isinstance(data, list) or not all(
         isinstance(r, dict) and isinstance(r.get("nodeid"), str) for r in data

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from rulecheck.errors import InvalidSpec
+from rulecheck.files import read_limited
 
 MODEL_CONFIG = "config.json"  # a model directory's config (rulecheck or Hugging Face)
 SAE_CONFIG = "cfg.json"  # a sae_lens directory's config
@@ -72,12 +73,14 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith(("~", ".")) or Path(spec).is_absolute()
 
 
+MAX_JSON_BYTES = 64 * 2**20  # settings files (config.json, cfg.json): kilobytes
+
+
 def _read_json(path: Path) -> Any:
+    data = read_limited(path, MAX_JSON_BYTES, noun="JSON settings file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidSpec("file not found", file=path, fix="check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidSpec(
             f"not readable JSON ({one_line(exc)})", file=path, fix="rewrite the file as JSON"
         ) from None

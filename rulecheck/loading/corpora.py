@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rulecheck.errors import InvalidSpec
+from rulecheck.files import file_kind
 from rulecheck.loading._common import (
     INT64_MAX,
     expand_path,
@@ -60,8 +61,11 @@ def load_corpus(
             fix="pass a .npy, .txt or .jsonl file inside it, or a dataset name",
         )
     if looks_like_file and not path.is_file():
+        kind = file_kind(path)  # a FIFO or device is streamed from forever, or blocks
         raise InvalidSpec(
-            "file not found", file=path, fix="pass a .npy, .txt or .jsonl file or a dataset name"
+            "file not found" if kind is None else f"is {kind}, not a regular file",
+            file=path,
+            fix="pass a .npy, .txt or .jsonl file or a dataset name",
         )
     if suffix == ".npy":
         tokens = _npy_tokens(path, bos_token_id=bos_token_id)[:, :seq_len]
