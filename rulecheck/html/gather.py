@@ -20,7 +20,7 @@ from rulecheck import kinds
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.html.outcomes import Outcome, feature_status
 from rulecheck.kinds.base import RuleKind, unique
-from rulecheck.kinds.card import CardPart, compact, rounded, visible
+from rulecheck.kinds.card import compact, rounded, visible
 
 if TYPE_CHECKING:
     from rulecheck.html.evidence import FeatureEvidence
@@ -94,25 +94,29 @@ def _curves(book: Rulebook, rules: FeatureRules) -> dict[str, dict[int, float]]:
     return out
 
 
-def _outcomes(kind: RuleKind, rules: FeatureRules, by_item: Mapping[str, Outcome]) -> dict:
+def _outcomes(
+    kind: RuleKind, rules: FeatureRules, by_item: Mapping[str, Outcome]
+) -> dict[int, str]:
     """The outcome of each of ``kind``'s items that ran, by the index ``items`` gives it."""
     return {i: by_item[name].outcome for name, i in kind.items(rules) if name in by_item}
 
 
-def _part_view(kind: RuleKind, part: CardPart, key: str, figs: _Figures) -> dict[str, Any]:
-    """A kind's part of a card as the template reads it, its figures added to the page's."""
-    claims = [
-        {
-            "text": compact(c.text),
-            "ids": c.ids,
-            "marks": c.marks,
-            "fig": None
-            if c.figure is None
-            else figs.add(f"{key}-{kind.figure_id(c.index)}", c.figure),
-        }
-        for c in part.claims
-    ]
-    shown = bool(claims) or part.empty is not None
+def _part(
+    kind: RuleKind,
+    rules: FeatureRules,
+    by_item: Mapping[str, Outcome],
+    ev: FeatureEvidence | None,
+    key: str,
+    figs: _Figures,
+) -> dict[str, Any]:
+    """A kind's part of card ``key`` as the template reads it (``RuleKind.card``), its
+    figures added to the page's."""
+    measured = {} if ev is None else ev.of(kind.key)
+    part = kind.card(rules, _outcomes(kind, rules, by_item), measured)
+    claims = []
+    for c in part.claims:
+        fig = None if c.figure is None else figs.add(f"{key}-{kind.figure_id(c.index)}", c.figure)
+        claims.append({"text": compact(c.text), "ids": c.ids, "marks": c.marks, "fig": fig})
     return {
         "title": part.title,
         "note": part.note,
@@ -120,7 +124,7 @@ def _part_view(kind: RuleKind, part: CardPart, key: str, figs: _Figures) -> dict
         "claims": claims,
         "more": part.more,
         "empty": part.empty,
-        "shown": shown,
+        "shown": bool(claims) or part.empty is not None,
     }
 
 
@@ -166,17 +170,7 @@ def _card(
     if curves:
         chosen = rules.measured.get("n_terms")
         f1_fig = figs.add(f"{key}-f1", figures.feature_f1(curves, chosen))
-    parts = [
-        _part_view(
-            kind,
-            kind.card(
-                rules, _outcomes(kind, rules, by_item), {} if ev is None else ev.of(kind.key)
-            ),
-            key,
-            figs,
-        )
-        for kind in kinds.kinds()
-    ]
+    parts = [_part(kind, rules, by_item, ev, key, figs) for kind in kinds.kinds()]
     texts = [c["text"] for p in parts for c in p["claims"]]
     if ev is not None and ev.exemplars:
         data["ex"][key] = [x.plain() for x in ev.exemplars]
