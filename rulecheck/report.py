@@ -13,37 +13,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from rulecheck import kinds
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.bookdiff import FeatureDiff, HeadDiff
 from rulecheck.errors import printable
-from rulecheck.kinds.skipgram import SkipGram, label, shown_label, shown_term
-from rulecheck.refs import TokenRef, ref_shown
+from rulecheck.kinds.card import Column
+from rulecheck.kinds.skipgram import shown_label
 from rulecheck.rulebook import load_rulebook
-
-TOP_TERMS = 3
-
-
-def render_ref(ref: TokenRef) -> str:
-    """``[If]`` for a ref with tokens (its first token; ``[" then"]``, ``["\\n"]`` where a
-    space at either end or an unprintable character must be seen), ``[f1234]`` for a bare
-    feature (``refs.ref_shown``)."""
-    return ref_shown(ref)
-
-
-def render_skipgram(term: SkipGram) -> str:
-    """``[If] ... [" then"]``: the key, then the query that attends to it (and how far after
-    the key, where the term says: ``[(] ... [)] (distance <= 3)``)."""
-    return shown_term(term)
-
-
-def top_terms(entry: FeatureRules, n: int = TOP_TERMS) -> list[SkipGram]:
-    """The ``n`` most important skip-grams, in file order where importance is not given."""
-
-    def rank(pair: tuple[int, SkipGram]) -> tuple[bool, float, int]:
-        index, term = pair
-        return (term.importance is None, -(term.importance or 0.0), index)
-
-    return [term for _, term in sorted(enumerate(entry.skipgrams), key=rank)[:n]]
 
 
 def _number(value: Any) -> str:
@@ -52,29 +28,30 @@ def _number(value: Any) -> str:
     return "nan" if math.isnan(value) else f"{value:.2f}"
 
 
-SHOW_COLUMNS = ("feature", "src", "label", "terms", "next terms", "abs", "cnt")
+FIRST_COLUMNS = (Column("feature"), Column("src"), Column("label"))
 SHOW_SCORES = ("F1", "prec", "recall", "≥F1")
-WIDE_TABLE = 120  # a narrower table leaves out "next terms", so the label keeps its room
+WIDE_TABLE = 120  # a narrower table leaves out the kinds' text columns, so the label keeps room
+
+
+def show_columns() -> list[Column]:
+    """The columns of ``rulecheck show``: the feature's, each registered kind's
+    (``RuleKind.columns``: skip-grams' ``terms`` and ``next terms``, ``abs``, ``cnt``, ...),
+    then the scores."""
+    kind_columns = [c for kind in kinds.kinds() for c in kind.columns()]
+    return [*FIRST_COLUMNS, *kind_columns, *(Column(n) for n in SHOW_SCORES)]
 
 
 def rulebook_rows(rulebook: Rulebook) -> list[list[str]]:
-    """One row per feature (``SHOW_COLUMNS``, then ``SHOW_SCORES``), each cell on one line:
-    its label, its strongest terms, rule counts and scores."""
+    """One row per feature (``show_columns``), each cell on one line: its label, each kind's
+    cells (the strongest terms, rule counts), and its scores."""
     rows = []
     for entry in rulebook.features:
-        # the label is normally the first term; list the ones after it
-        terms = top_terms(entry, TOP_TERMS + 1)
-        shown = [shown_term(t) for t in terms]
-        rest = shown[1:] if terms and entry.label == label(terms[0]) else shown[:TOP_TERMS]
         rows.append(
             [
                 str(entry.feature),
                 "manual" if entry.source == "manual" else "ext",
                 shown_label(entry),
-                str(len(entry.skipgrams)),
-                ", ".join(rest),
-                str(len(entry.absence)),
-                str(len(entry.counting)),
+                *(cell for kind in kinds.kinds() for cell in kind.cells(entry)),
                 _number(entry.measured.get("f1")),
                 _number(entry.measured.get("precision")),
                 _number(entry.measured.get("recall")),
@@ -92,29 +69,38 @@ def _rulebook_title(rulebook: Rulebook) -> str:
 def rulebook_table(rulebook: Rulebook, width: int | None = None) -> Table:
     """``rulebook_rows`` as a table for a console ``width`` columns wide (None: wide). The
     ids, counts and scores never wrap; the label wraps, and below ``WIDE_TABLE`` columns the
-    next terms are left out (``--format plain`` lists them), so that a narrow terminal or a
-    pipe still shows every number."""
+    kinds' text columns (the next terms) are left out (``--format plain`` lists them), so
+    that a narrow terminal or a pipe still shows every number."""
     wide = width is None or width >= WIDE_TABLE
     table = Table(title=_rulebook_title(rulebook))
-    names = [n for n in SHOW_COLUMNS + SHOW_SCORES if wide or n != "next terms"]
-    for name in names:
-        if name in ("label", "next terms"):  # shrink (the label wraps, the terms are cut)
-            table.add_column(name, min_width=8 if name == "label" else None)
+    columns = show_columns()
+    shown = [i for i, c in enumerate(columns) if wide or not c.text]
+    for i in shown:
+        name = columns[i].name
+        if name == "label":  # shrinks, wrapping
+            table.add_column(name, min_width=8)
+        elif columns[i].text:  # shrinks, cut
+            table.add_column(name)
         else:
             table.add_column(name, justify="left" if name == "src" else "right", no_wrap=True)
     for row in rulebook_rows(rulebook):
-        cells = dict(zip(SHOW_COLUMNS + SHOW_SCORES, row, strict=True))
-        # text cells as Text: a label such as "[b]x[/b]" is not markup
-        cells["label"] = Text(cells["label"], overflow="fold")
-        cells["next terms"] = Text(cells["next terms"], no_wrap=True, overflow="ellipsis")
-        table.add_row(*(cells[name] for name in names))
+        cells = [_rich_cell(c, cell) for c, cell in zip(columns, row, strict=True)]
+        table.add_row(*(cells[i] for i in shown))
     return table
+
+
+def _rich_cell(column: Column, cell: str) -> str | Text:
+    """Text cells as ``Text`` (a label such as ``[b]x[/b]`` is not markup): the label wraps,
+    a kind's text is cut."""
+    if column.name == "label":
+        return Text(cell, overflow="fold")
+    return Text(cell, no_wrap=True, overflow="ellipsis") if column.text else cell
 
 
 def rulebook_plain(rulebook: Rulebook) -> str:
     """``rulebook_rows`` as tab-separated lines under a header line: one line per feature,
     for ``cut``, ``sort`` and ``grep``."""
-    lines = ["\t".join(SHOW_COLUMNS + SHOW_SCORES)]
+    lines = ["\t".join(c.name for c in show_columns())]
     lines += ["\t".join(row) for row in rulebook_rows(rulebook)]
     return "\n".join(lines) + "\n"
 
@@ -128,6 +114,10 @@ def _markdown_cell(text: str, code: bool = False) -> str:
     return text.replace("|", "\\|")
 
 
+def _left(column: Column) -> bool:
+    return column.text or column.name in ("src", "label")
+
+
 def rulebook_markdown(rulebook: Rulebook, path: str | Path) -> str:
     """The rulebook as GitHub Markdown: its path, header fields, then ``rulebook_rows`` as a
     table, labels and terms as code."""
@@ -135,15 +125,13 @@ def rulebook_markdown(rulebook: Rulebook, path: str | Path) -> str:
     lines = [f"### {printable(str(path))}", "", *(f"- {k}: {v}" for k, v in header.items()), ""]
     lines.append(f"**{_rulebook_title(rulebook)}**")
     lines.append("")
-    names = SHOW_COLUMNS + SHOW_SCORES
-    lines.append("| " + " | ".join(names) + " |")
-    lines.append(
-        "|" + "|".join("---" if n in ("src", "label", "next terms") else "--:" for n in names) + "|"
-    )
+    columns = show_columns()
+    lines.append("| " + " | ".join(c.name for c in columns) + " |")
+    lines.append("|" + "|".join("---" if _left(c) else "--:" for c in columns) + "|")
     for row in rulebook_rows(rulebook):
         cells = [
-            _markdown_cell(cell, code=name in ("label", "next terms"))
-            for name, cell in zip(names, row, strict=True)
+            _markdown_cell(cell, code=c.name == "label" or c.text)
+            for c, cell in zip(columns, row, strict=True)
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if rulebook.lost:

@@ -8,12 +8,14 @@ token of this text the feature is on (or off)". Its source is written as a proje
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
 import pytest
 
 from rulecheck import kinds
+from rulecheck.cli import main
 from rulecheck.errors import InvalidRulebook
 from rulecheck.rulebook import dump_rulebook, parse_rulebook
 
@@ -44,9 +46,7 @@ class Prompts(kinds.RuleKind):
 
     def check(self, ctx, rules, index):
         claim = rules.prompts[index]
-        model = ctx.bench.load(ctx.head)[0]
-        act = float(ctx.bench.probe(ctx.head, rules.feature).activations(
-            model.to_tokens(claim.text))[0, -1])
+        act = self.evidence(ctx, rules, index)
         record = {"rule": self.key, "passed": (act > 0) == claim.active}
         if not record["passed"]:
             state = "on" if claim.active else "off"
@@ -56,6 +56,16 @@ class Prompts(kinds.RuleKind):
                 record=record,
             )
         return record
+
+    def evidence(self, ctx, rules, index):
+        """The activation at the last token, for the report's card."""
+        model = ctx.bench.load(ctx.head)[0]
+        tokens = model.to_tokens(rules.prompts[index].text)
+        return float(ctx.bench.probe(ctx.head, rules.feature).activations(tokens)[0, -1])
+
+    def marks(self, claim, outcome, evidence):
+        measured = [] if evidence is None else [kinds.Mark.score(f"activation {evidence:.4f}")]
+        return measured + super().marks(claim, outcome, evidence)
 
 
 def pytest_configure(config):
@@ -126,7 +136,7 @@ def test_a_kind_defined_in_a_conftest_runs_as_test_items(pytester, monkeypatch, 
     monkeypatch.setenv("RULECHECK_CACHE", str(tmp_path / "zoo"))
     pytester.makeconftest(TOY_KIND)
     pytester.makefile(".yaml", L0H0=BOOK)
-    result = pytester.runpytest("-p", "no:cacheprovider", "-v")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-v", "--rulecheck-html", "r.html")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -137,6 +147,51 @@ def test_a_kind_defined_in_a_conftest_runs_as_test_items(pytester, monkeypatch, 
         ]
     )
     assert "prompts" not in kinds.KINDS  # the conftest's kind is gone with its session
+    # its card: each claim as the kind reads it, with what it measured and its item's outcome
+    html = (pytester.path / "r.html").read_text(encoding="utf-8")
+    card = html[html.index('id="L0H0-f1"') :]
+    card = card[: card.index("</details>")]
+    part = card[card.index("<h4>Prompts</h4>") :]
+    claims = re.findall(r"<li[^>]*><code>(.*?)</code>\n(.*?)</li>", part)
+    assert [text for text, _ in claims] == [
+        "text: the if a then, active: true",
+        "text: the a then, active: false",
+        "text: the when a then, active: true",
+    ]
+    marks = [re.findall(r'<span class="([^"]*)">([^<]*)</span>', m) for _, m in claims]
+    acts = [float(m[0][1].removeprefix("activation ")) for m in marks]
+    assert acts[0] > 0 and acts[1] == acts[2] == 0.0  # as the checks measured them
+    assert [m[1] for m in marks] == [
+        ("badge passed", "passed"),
+        ("badge passed", "passed"),
+        ("badge failed", "failed"),
+    ]
+    assert "should be on at the end of &#39;the when a then&#39;: activation 0.0000" in card
+
+
+def test_a_registered_kind_has_a_column_in_rulecheck_show(toy, tmp_path, capsys):
+    (tmp_path / "L0H0.yaml").write_text(BOOK)
+    for fmt in ("plain", "markdown", "table"):
+        assert main(["show", str(tmp_path / "L0H0.yaml"), "--format", fmt]) == 0
+        out = capsys.readouterr().out
+        if fmt == "plain":
+            header, row = out.splitlines()
+            assert dict(zip(header.split("\t"), row.split("\t"), strict=True)) == {
+                "feature": "1",
+                "src": "manual",
+                "label": "[if] ... [then]",
+                "terms": "1",
+                "next terms": "",
+                "abs": "0",
+                "cnt": "0",
+                "prompts": "3",
+                "F1": "",
+                "prec": "",
+                "recall": "",
+                "≥F1": "",
+            }
+        else:
+            assert re.search(r"cnt\s*[|┃]\s*prompts\s*[|┃]\s*F1", out), out
 
 
 def test_builtin_kinds_in_the_order_they_are_written():

@@ -1,10 +1,11 @@
 """What the report measures on the model for each feature: its top exemplars with the
-feature's activation at every token and the head's attention from the query, and the curves
-of its absence and counting rules that the measurements beside the book do not hold.
+feature's activation at every token and the head's attention from the query, and what each
+claim's kind measures for it (``RuleKind.evidence``: the curves that the measurements beside
+the book do not hold, such as distractor drops and counting curves).
 
 One batched forward pass per chunk of exemplars (TransformerLens hooks ``hook_resid_pre``,
 ``attn.hook_z`` through the output SAE, and ``attn.hook_pattern``, up to the head's layer);
-counting curves and missing distractor drops through the same probes the checks use.
+a claim's evidence through the same probes its check uses.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from typing import Any
 
 import torch
 
+from rulecheck import kinds
 from rulecheck.book import FeatureRules, Rulebook
-from rulecheck.core.counts import counting_curve, default_filler
-from rulecheck.core.distractors import distractor_drop
 from rulecheck.core.heads import encode_columns, encode_head, resid_pre_hook, run_to_layer, z_hook
 from rulecheck.errors import RulecheckError
-from rulecheck.html.figures import rounded
-from rulecheck.kinds.counting import MAX_COUNT
+from rulecheck.kinds.base import CheckContext
+from rulecheck.kinds.card import rounded
+from rulecheck.kinds.skipgram import ranked, shown_term
 from rulecheck.refs import Resolved
-from rulecheck.report import render_skipgram, top_terms
-from rulecheck.session import Head, Workbench
+from rulecheck.session import Workbench
 
 Progress = Callable[[str, int, int], None]  # (task, advance, total)
 BEFORE = 20  # tokens shown before the query
@@ -68,13 +68,17 @@ class Exemplar:
 
 @dataclass
 class FeatureEvidence:
-    """The exemplars and live curves of one feature, or why there are none."""
+    """The exemplars of one feature and what its claims' kinds measured for them (by kind
+    key and claim index), or why there are none."""
 
     exemplars: list[Exemplar] = field(default_factory=list)
-    drops: dict[int, list[float | None]] = field(default_factory=dict)  # absence index
-    counting: dict[int, dict[str, Any]] = field(default_factory=dict)  # counting index
+    claims: dict[tuple[str, int], Any] = field(default_factory=dict)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+
+    def of(self, key: str) -> dict[int, Any]:
+        """What was measured for the claims of kind ``key``, by index."""
+        return {i: value for (k, i), value in self.claims.items() if k == key}
 
 
 class _Tokens:
@@ -107,14 +111,12 @@ class _Term:
 
 def _terms(rules: FeatureRules, resolve: Callable[[Any, str], Resolved]) -> list[_Term]:
     """The feature's skip-grams, most important first, resolved."""
-    ordered = top_terms(rules, len(rules.skipgrams))
     out = []
-    for term in ordered:
-        i = rules.skipgrams.index(term)
+    for i, term in ranked(rules, len(rules.skipgrams)):
         where = f"feature[{rules.feature}].skipgrams[{i}]"
         key = resolve(term.key, f"{where}.key")
         query = resolve(term.query, f"{where}.query")
-        out.append(_Term(key, query, render_skipgram(term), term.min_distance, term.max_distance))
+        out.append(_Term(key, query, shown_term(term), term.min_distance, term.max_distance))
     return out
 
 
@@ -149,11 +151,10 @@ def head_evidence(
     out: dict[int, FeatureEvidence] = {}
     rows: list[tuple[int, int, int, float]] = []  # feature, sequence, t, activation
     terms: dict[int, list[_Term]] = {}
-    examples: dict[int, Any] = {}
     for rules in book.features:
         ev = out[rules.feature] = FeatureEvidence()
         try:
-            ex = examples[rules.feature] = bench.examples(head, rules.feature, file)
+            ex = bench.examples(head, rules.feature, file)
             terms[rules.feature] = _terms(rules, resolver.resolve)
         except RulecheckError as e:
             ev.error = str(e)
@@ -199,10 +200,11 @@ def head_evidence(
             )
         if progress is not None:
             progress(f"{label} exemplars", len(chunk), len(rows))
+    ctx = CheckContext(bench, head, file)
     for rules in book.features:
         ev = out[rules.feature]
         if ev.error is None:
-            _curves(bench, head, rules, examples[rules.feature], resolver, corpus, ev)
+            _claims(ctx, rules, ev)
         if progress is not None:
             progress(f"{label} curves", 1, len(book.features))
     return out
@@ -244,46 +246,15 @@ def _exemplar(
     )
 
 
-def _curves(
-    bench: Workbench,
-    head: Head,
-    rules: FeatureRules,
-    ex: Any,
-    resolver: Any,
-    corpus: torch.Tensor,
-    ev: FeatureEvidence,
-) -> None:
-    """Counting curves (never in the measurements) and distractor drops the measurements
-    lack (hand-written rules), measured as extraction measures them."""
-    probe = bench.probe(head, rules.feature)
-    for i, rule in enumerate(rules.absence):
-        if rule.drop:
-            continue
-        where = f"feature[{rules.feature}].absence[{i}]"
-        try:
-            distractor = resolver.token(rule.distractor, f"{where}.distractor")
-            key = resolver.token(rule.key, f"{where}.key", required=False)
-            query = resolver.token(rule.query, f"{where}.query", required=False)
-        except RulecheckError as e:
-            ev.notes.append(str(e))
-            continue
-        drop = distractor_drop(probe, corpus, ex, distractor, key_token=key, query_token=query)
-        ev.drops[i] = [rounded(x, 4) for x in drop]
-    for i, rule in enumerate(rules.counting):
-        where = f"feature[{rules.feature}].counting[{i}].key"
-        try:
-            key = resolver.token(rule.key, where)
-        except RulecheckError as e:
-            ev.notes.append(str(e))
-            continue
-        assert key is not None
-        top = max(MAX_COUNT, rule.threshold_count or 0)
-        filler = default_filler(corpus, exclude=(key,))
-        curve = counting_curve(probe, corpus, ex, key, max_count=top, filler_token=filler)
-        ev.counting[i] = {
-            "mean": [rounded(x, 4) for x in curve.mean_by_count],
-            "active": [rounded(x, 4) for x in curve.active_by_count],
-            "spearman": rounded(curve.spearman, 4),
-            "threshold": curve.threshold_count,
-            "contexts": curve.n_contexts,
-        }
+def _claims(ctx: CheckContext, rules: FeatureRules, ev: FeatureEvidence) -> None:
+    """What each claim's kind measures for it on the model; a reference that does not resolve
+    is noted on the card."""
+    for kind in kinds.kinds():
+        for i in range(len(rules.claims[kind.key])):
+            try:
+                value = kind.evidence(ctx, rules, i)
+            except RulecheckError as e:
+                ev.notes.append(str(e))
+                continue
+            if value is not None:
+                ev.claims[(kind.key, i)] = value

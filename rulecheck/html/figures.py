@@ -1,35 +1,19 @@
 """The report's figures as plotly.js figure specs (``{"data": [...], "layout": {...}}``):
 plain values, drawn in the browser by the plotly.js the report carries inline. Each function
-draws only what it is given; the report says when a curve was not measured."""
+draws only what it is given; the report says when a curve was not measured. A claim's own
+figures are its kind's (``RuleKind.figure``); the layout and colours are shared with them
+(``rulecheck.kinds.card``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-Figure = dict[str, Any]
+from rulecheck.kinds.card import BLUE, GREEN, GREY, ORANGE, Figure
+from rulecheck.kinds.card import layout as _layout
 
-
-def rounded(x: float, digits: int = 3) -> float | None:
-    """``x`` to ``digits`` significant digits; None for NaN (JSON has no NaN)."""
-    if math.isnan(x) or math.isinf(x):
-        return None
-    return float(f"{x:.{digits}g}")
-
-
-BLUE, ORANGE, GREEN, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f"
 RANKING_COLOURS = {"gradient": BLUE, "weight": ORANGE}
 LAYER_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
-
-
-def _layout(title: str, x: str, y: str, **more: Any) -> dict[str, Any]:
-    return {
-        "title": {"text": title, "font": {"size": 14}},
-        "xaxis": {"title": {"text": x}},
-        "yaxis": {"title": {"text": y}},
-        **more,
-    }
 
 
 def f1_heatmap(model: str, cells: Mapping[tuple[int, int], float | None]) -> Figure:
@@ -164,80 +148,3 @@ def feature_f1(curves: Mapping[str, Mapping[int, float]], chosen: int | None) ->
     layout["xaxis"] = _counts_axis(sorted({n for c in curves.values() for n in c}))
     layout["yaxis"]["range"] = [0, 1.02]
     return {"data": data, "layout": layout}
-
-
-def distractor_drop(name: str, drop: Sequence[float | None], source: str) -> Figure:
-    """Fig. 6c: the mean relative drop of the activation per inserted copy of a distractor."""
-    copies = list(range(1, len(drop) + 1))
-    return {
-        "data": [
-            {
-                "type": "bar",
-                "x": copies,
-                "y": list(drop),
-                "marker": {"color": ORANGE},
-                "hovertemplate": "%{x} copies: drop %{y:.1%}<extra></extra>",
-            }
-        ],
-        "layout": _layout(
-            f"drop with [{name}] inserted ({source})",
-            "copies inserted",
-            "mean relative drop",
-            yaxis={"title": {"text": "mean relative drop"}, "tickformat": ".1%"},
-            xaxis={"title": {"text": "copies inserted"}, "dtick": 1},
-        ),
-    }
-
-
-def counting(name: str, curve: Mapping[str, Any]) -> Figure:
-    """Fig. 7: the mean activation and the share of active contexts against the count of the
-    key (NaN-free: counts no context has are gaps)."""
-    counts = list(range(len(curve["mean"])))
-    layout = _layout(
-        f"activation against the count of [{name}]",
-        "count of the key in the prefix",
-        "mean activation",
-        yaxis2={
-            "title": {"text": "share active"},
-            "overlaying": "y",
-            "side": "right",
-            "range": [0, 1.02],
-            "tickformat": ".0%",
-        },
-        legend={"orientation": "h", "y": -0.3},
-    )
-    layout["xaxis"]["dtick"] = 1
-    if curve.get("threshold") is not None:
-        layout["shapes"] = [
-            {
-                "type": "line",
-                "x0": curve["threshold"],
-                "x1": curve["threshold"],
-                "y0": 0,
-                "y1": 1,
-                "yref": "paper",
-                "line": {"dash": "dot", "color": GREY},
-            }
-        ]
-    return {
-        "data": [
-            {
-                "type": "scatter",
-                "mode": "lines+markers",
-                "name": "mean activation",
-                "x": counts,
-                "y": curve["mean"],
-                "line": {"color": GREEN},
-            },
-            {
-                "type": "scatter",
-                "mode": "lines+markers",
-                "name": "share active",
-                "x": counts,
-                "y": curve["active"],
-                "yaxis": "y2",
-                "line": {"color": GREY, "dash": "dash"},
-            },
-        ],
-        "layout": layout,
-    }

@@ -9,7 +9,6 @@ run's outcomes and the evidence measured on the model are given.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -19,17 +18,13 @@ from typing import TYPE_CHECKING, Any
 import rulecheck.html.figures as figures
 from rulecheck import kinds
 from rulecheck.book import FeatureRules, Rulebook
-from rulecheck.html.figures import rounded
 from rulecheck.html.outcomes import Outcome, feature_status
-from rulecheck.kinds.base import strength_text, unique
-from rulecheck.kinds.counting import state_text
-from rulecheck.refs import ref_name
-from rulecheck.report import render_ref, render_skipgram, top_terms
+from rulecheck.kinds.base import RuleKind, unique
+from rulecheck.kinds.card import compact, rounded, visible
 
 if TYPE_CHECKING:
     from rulecheck.html.evidence import FeatureEvidence
 
-SHOWN_TERMS = 10  # skip-grams listed on a card (the rest are in the book)
 METRICS = ("f1", "precision", "recall", "spearman")
 # precision as the paper's protocol measures it, over the corpus where the rules fire, and as
 # the books check it (with hard negatives)
@@ -67,20 +62,6 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(numbers) if numbers else None
 
 
-SPACES = re.compile(r" {4,}")
-
-
-def compact(text: str) -> str:
-    """A run of four or more spaces as ``⎵`` and its length (indentation tokens are long)."""
-    return SPACES.sub(lambda m: f"\u23b5{len(m[0])}", text)
-
-
-def shown_token(text: str) -> str:
-    """A token as a page shows it: line breaks and tabs visible, long runs of spaces counted."""
-    text = text.replace("\r", "\u240d").replace("\n", "\u21b5").replace("\t", "\u21e5")
-    return compact(text)
-
-
 class _Figures:
     """The figures of a report by id, as the page's data holds them."""
 
@@ -113,27 +94,38 @@ def _curves(book: Rulebook, rules: FeatureRules) -> dict[str, dict[int, float]]:
     return out
 
 
-def _rule_text(kind: str, claim: Any) -> str:
-    return compact(_claim_text(kind, claim))
+def _outcomes(
+    kind: RuleKind, rules: FeatureRules, by_item: Mapping[str, Outcome]
+) -> dict[int, str]:
+    """The outcome of each of ``kind``'s items that ran, by the index ``items`` gives it."""
+    return {i: by_item[name].outcome for name, i in kind.items(rules) if name in by_item}
 
 
-def _claim_text(kind: str, claim: Any) -> str:
-    if kind == "absence":
-        key, query, dis = (render_ref(r) for r in (claim.key, claim.query, claim.distractor))
-        return f"{key} ... {query} unless {dis}{strength_text('drop', claim.min_drop)}"
-    if kind == "counting":
-        return f"count {render_ref(claim.key)} {state_text(claim)}"
-    return render_skipgram(claim)
-
-
-def _ids(claim: Any) -> str:
-    """The input feature ids a claim names, for a tooltip."""
-    refs = kinds.refs_of(claim)
-    return ", ".join(f"#{r.feature}" if r.feature is not None else ref_name(r) for r in refs)
-
-
-def _item_names(rules: FeatureRules) -> dict[tuple[str, int], str]:
-    return {(kind.key, index): name for kind in kinds.kinds() for name, index in kind.items(rules)}
+def _part(
+    kind: RuleKind,
+    rules: FeatureRules,
+    by_item: Mapping[str, Outcome],
+    ev: FeatureEvidence | None,
+    key: str,
+    figs: _Figures,
+) -> dict[str, Any]:
+    """A kind's part of card ``key`` as the template reads it (``RuleKind.card``), its
+    figures added to the page's."""
+    measured = {} if ev is None else ev.of(kind.key)
+    part = kind.card(rules, _outcomes(kind, rules, by_item), measured)
+    claims = []
+    for c in part.claims:
+        fig = None if c.figure is None else figs.add(f"{key}-{kind.figure_id(c.index)}", c.figure)
+        claims.append({"text": compact(c.text), "ids": c.ids, "marks": c.marks, "fig": fig})
+    return {
+        "title": part.title,
+        "note": part.note,
+        "list": "ol" if part.ordered else "ul",
+        "claims": claims,
+        "more": part.more,
+        "empty": part.empty,
+        "shown": bool(claims) or part.empty is not None,
+    }
 
 
 def _item_view(o: Outcome) -> dict[str, Any]:
@@ -148,7 +140,7 @@ def _item_view(o: Outcome) -> dict[str, Any]:
         inserted = set(cx.get("inserted", []))
         view["counterexample"] = {
             "tokens": [
-                {"text": shown_token(str(t)), "inserted": i in inserted, "query": i == cx.get("t")}
+                {"text": visible(str(t)), "inserted": i in inserted, "query": i == cx.get("t")}
                 for i, t in enumerate(cx["tokens"])
             ],
             "n_inserted": len(inserted),
@@ -172,69 +164,19 @@ def _card(
     book = entry.book
     key = f"{anchor}-f{rules.feature}"
     ev = (entry.evidence or {}).get(rules.feature)
-    names = _item_names(rules)
     by_item = {o.item: o for o in outcomes}
-
-    def outcome_of(kind: str, index: int) -> str | None:
-        o = by_item.get(names.get((kind, index), ""))
-        return None if o is None else o.outcome
-
-    ordered = top_terms(rules, SHOWN_TERMS)
-    skipgrams = [
-        {
-            "text": _rule_text("skipgrams", t),
-            "ids": _ids(t),
-            "importance": t.importance,
-            "attn": t.attn_score,
-            "value": t.value_score,
-        }
-        for t in ordered
-    ]
     curves = _curves(book, rules)
-    fig_ids: dict[str, Any] = {"f1": None, "drops": {}, "counting": {}}
+    f1_fig = None
     if curves:
         chosen = rules.measured.get("n_terms")
-        fig_ids["f1"] = figs.add(f"{key}-f1", figures.feature_f1(curves, chosen))
-    absence = []
-    for i, claim in enumerate(rules.absence):
-        drop, source = list(claim.drop), "measured at extraction"
-        if not drop and ev is not None and i in ev.drops:
-            drop, source = ev.drops[i], "measured for this report"
-        name = shown_token(ref_name(claim.distractor))
-        if drop:
-            fig_ids["drops"][i] = figs.add(
-                f"{key}-drop{i}", figures.distractor_drop(name, drop, source)
-            )
-        absence.append(
-            {
-                "text": _rule_text("absence", claim),
-                "ids": _ids(claim),
-                "drop": [rounded(x) if x is not None else None for x in drop],
-                "outcome": outcome_of("absence", i),
-                "fig": fig_ids["drops"].get(i),
-            }
-        )
-    counting = []
-    for i, claim in enumerate(rules.counting):
-        curve = None if ev is None else ev.counting.get(i)
-        if curve is not None:
-            fig = figures.counting(shown_token(ref_name(claim.key)), curve)
-            fig_ids["counting"][i] = figs.add(f"{key}-count{i}", fig)
-        counting.append(
-            {
-                "text": _rule_text("counting", claim),
-                "ids": _ids(claim),
-                "spearman": claim.spearman,
-                "outcome": outcome_of("counting", i),
-                "fig": fig_ids["counting"].get(i),
-                "contexts": None if curve is None else curve["contexts"],
-            }
-        )
+        f1_fig = figs.add(f"{key}-f1", figures.feature_f1(curves, chosen))
+    parts = [_part(kind, rules, by_item, ev, key, figs) for kind in kinds.kinds()]
+    texts = [c["text"] for p in parts for c in p["claims"]]
     if ev is not None and ev.exemplars:
         data["ex"][key] = [x.plain() for x in ev.exemplars]
     items = [_item_view(o) for o in outcomes]
     remapped = next((o.record["remapped_to"] for o in outcomes if "remapped_to" in o.record), None)
-    label = shown_token(rules.label) or (skipgrams[0]["text"] if skipgrams else "")
+    label = visible(rules.label) or (texts[0] if texts else "")
     return {
         "key": key,
         "feature": rules.feature,
@@ -247,22 +189,15 @@ def _card(
         "measured": {m: _number(rules.measured.get(m)) for m in METRICS},
         "n_terms": rules.measured.get("n_terms"),
         "expect": {m: rules.expect[m] for m in ("f1", "precision", "recall") if m in rules.expect},
-        "skipgrams": skipgrams,
-        "more_terms": max(0, len(rules.skipgrams) - len(ordered)),
-        "absence": absence,
-        "counting": counting,
+        "parts": parts,
         "items": items,
         "failed_items": [i for i in items if i["outcome"] in ("failed", "error", "xfailed")],
-        "figs": fig_ids,
+        "f1_fig": f1_fig,
         "n_exemplars": 0 if ev is None else len(ev.exemplars),
         "evidence_error": None if ev is None else ev.error,
         "notes": [] if ev is None else ev.notes,
         "remapped_to": remapped,
-        "search": " ".join(
-            [str(rules.feature), label, *(s["text"] for s in skipgrams)]
-            + [a["text"] for a in absence]
-            + [c["text"] for c in counting]
-        ).lower(),
+        "search": " ".join([str(rules.feature), label, *texts]).lower(),
     }
 
 

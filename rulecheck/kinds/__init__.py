@@ -9,13 +9,15 @@ its claim dataclass (the schema of its rulebook entries), its finder (extraction
 - ``counting`` (``rulecheck.kinds.counting``): the feature follows the count of a key.
 
 A new kind is one new module that subclasses ``RuleKind`` and calls :func:`register`; its key
-then reads and writes in rulebooks, yields test items and, when it finds claims, is extracted.
+then reads and writes in rulebooks, yields test items, shows on the HTML report's cards and in
+``rulecheck show`` (``rulecheck.kinds.card``) and, when it finds claims, is extracted.
 ``CONTRIBUTING.md`` walks through it.
 """
 
 from __future__ import annotations
 
 from rulecheck.kinds.base import CheckContext, Found, RuleKind, refs_of
+from rulecheck.kinds.card import CardClaim, CardPart, Column, Mark
 
 KINDS: dict[str, RuleKind] = {}  # by rulebook key, in the order they are written
 
@@ -49,8 +51,12 @@ _register_builtins()
 
 __all__ = [
     "KINDS",
+    "CardClaim",
+    "CardPart",
     "CheckContext",
+    "Column",
     "Found",
+    "Mark",
     "RuleKind",
     "kinds",
     "refs_of",

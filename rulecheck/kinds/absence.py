@@ -39,7 +39,7 @@ check passes.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,8 @@ from rulecheck.kinds.base import (
     strength_pattern,
     strength_text,
 )
-from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name
+from rulecheck.kinds.card import ORANGE, Column, Figure, Mark, layout, rounded, visible
+from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name, ref_shown
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
@@ -118,6 +119,7 @@ class Absence(RuleKind):
     key = "absence"
     claim = AbsenceRule
     item = "absence"
+    figure_name = "drop"
     doc = (
         "Absence rules [key] ... [query] unless [distractor]: a distractor key in the context "
         "suppresses the skip-gram. Checked by inserting the distractor into positive examples: "
@@ -157,6 +159,45 @@ class Absence(RuleKind):
 
     def name(self, claim: AbsenceRule) -> str:
         return ref_name(claim.distractor)
+
+    def text(self, claim: AbsenceRule) -> str:
+        """``[if] ... [then] unless [unless]``, and its strength (`` (drop >= 0.3)``)."""
+        key, query, dis = (ref_shown(r) for r in (claim.key, claim.query, claim.distractor))
+        return f"{key} ... {query} unless {dis}{strength_text('drop', claim.min_drop)}"
+
+    def columns(self) -> tuple[Column, ...]:
+        return (Column("abs"),)
+
+    def evidence(
+        self, ctx: CheckContext, rules: FeatureRules, index: int
+    ) -> list[float | None] | None:
+        """The distractor's drop curve as extraction measures it (``drop``), where the
+        measurements beside the book lack it (a hand-written rule)."""
+        from rulecheck.core.distractors import distractor_drop
+
+        rule: AbsenceRule = rules.absence[index]
+        if rule.drop:
+            return None
+        where, refs = self.field(rules, index), ctx.resolver()
+        distractor = refs.token(rule.distractor, f"{where}.distractor")
+        key = refs.token(rule.key, f"{where}.key", required=False)
+        query = refs.token(rule.query, f"{where}.query", required=False)
+        bench, head = ctx.bench, ctx.head
+        ex = bench.examples(head, rules.feature, ctx.file)
+        probe, corpus = bench.probe(head, rules.feature), bench.load(head)[3]
+        drop = distractor_drop(probe, corpus, ex, distractor, key_token=key, query_token=query)
+        return [rounded(x, 4) for x in drop]
+
+    def marks(self, claim: AbsenceRule, outcome: str | None, evidence: Any) -> list[Mark]:
+        unmeasured = [] if claim.drop or evidence else [Mark.note("drop not measured")]
+        return Mark.outcome(outcome) + unmeasured
+
+    def figure(self, claim: AbsenceRule, evidence: Any) -> Figure | None:
+        """Fig. 6c: the mean relative drop of the activation per inserted copy."""
+        drop, source = list(claim.drop), "measured at extraction"
+        if not drop and evidence:
+            drop, source = evidence, "measured for this report"
+        return _drop_figure(visible(ref_name(claim.distractor)), drop, source) if drop else None
 
     def find(self, found: Found) -> list[AbsenceRule]:
         from rulecheck.core.distractors import (
@@ -360,3 +401,26 @@ def _check_every_prompt(
         ),
         record={**p.record, "counterexample": counterexample(model, found)},
     )
+
+
+def _drop_figure(name: str, drop: Sequence[float | None], source: str) -> Figure:
+    """Fig. 6c: the mean relative drop of the activation per inserted copy of a distractor."""
+    copies = list(range(1, len(drop) + 1))
+    return {
+        "data": [
+            {
+                "type": "bar",
+                "x": copies,
+                "y": list(drop),
+                "marker": {"color": ORANGE},
+                "hovertemplate": "%{x} copies: drop %{y:.1%}<extra></extra>",
+            }
+        ],
+        "layout": layout(
+            f"drop with [{name}] inserted ({source})",
+            "copies inserted",
+            "mean relative drop",
+            yaxis={"title": {"text": "mean relative drop"}, "tickformat": ".1%"},
+            xaxis={"title": {"text": "copies inserted"}, "dtick": 1},
+        ),
+    }

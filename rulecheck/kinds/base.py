@@ -16,7 +16,16 @@ A kind owns one key of a feature's entry in a rulebook (``skipgrams:``, ``absenc
   kept candidates are then checked with ``check`` before they are written
   (``validate``), so that a fresh rulebook passes its own tests. Candidates of one ``slot``
   (the same distractor stated strictly and with a measured strength, say) are alternatives,
-  strongest first: extraction keeps the first whose check passes.
+  strongest first: extraction keeps the first whose check passes;
+- ``text(claim)``: how a claim reads on a report's card and in ``rulecheck show``;
+  ``columns()`` and ``cells(rules)``: its columns in ``rulecheck show`` (by default the
+  number of its claims, headed by its key);
+- ``evidence(ctx, rules, index)``: what the HTML report measures on the model for a claim
+  beyond what the book and its measurements hold (a curve), and ``card(rules, outcomes,
+  evidence)``: its part of a feature's card (``rulecheck.kinds.card``), each claim by its
+  ``text``, its ``marks`` (scores, notes, its item's outcome) and its ``figure``. A failed
+  claim's message and the counterexample its check recorded
+  (``rulecheck.properties.counterexample``) are shown for every kind alike.
 
 A claim may state how strong its effect is (absence's ``min_drop``, counting's
 ``min_spearman``): a number in ``[STRENGTH_FLOOR, 1]`` read by :func:`strength`, written
@@ -29,11 +38,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rulecheck import schema
+from rulecheck.kinds.card import CardClaim, CardPart, Column, Figure, Mark
 from rulecheck.refs import (
     BRACKET_COMMENT,
     BRACKET_DOC,
@@ -44,6 +54,8 @@ from rulecheck.refs import (
     ShorthandError,
     TokenRef,
     escaped,
+    ref_name,
+    ref_shown,
     split_shorthand,
 )
 
@@ -107,6 +119,8 @@ class RuleKind:
     # the kind's rules are checked together (one set, as skip-grams are): a rule that cannot
     # be translated into a retrained SAE's ids leaves the set, instead of failing on its own
     together: ClassVar[bool] = False
+    title: ClassVar[str] = ""  # its claims' heading on a card (default: the key, capitalised)
+    figure_name: ClassVar[str] = ""  # its figures' ids on a page: "drop" (default: item)
     doc: ClassVar[str] = ""  # what the key holds, as editors show it (JSON Schema)
     rule_doc: ClassVar[str] = ""  # what one rule is, as editors show it
     def_name: ClassVar[str] = ""  # one rule's name under the JSON Schema's $defs (or ``key``)
@@ -168,6 +182,59 @@ class RuleKind:
     def field(self, rules: FeatureRules, index: int) -> str:
         """The field path of one rule in errors: ``feature[94].absence[0]``."""
         return f"feature[{rules.feature}].{self.key}[{index}]"
+
+    # ------------------------------------------------------------ how its claims are shown
+
+    def text(self, claim: Any) -> str:
+        """How one claim reads on a card and in ``rulecheck show``; this default lists the
+        fields a book holds, references as shown (``text: the if a then, active: true``)."""
+        return ", ".join(f"{k}: {_shown_value(getattr(claim, k, v), v)}" for k, v in _fields(claim))
+
+    def columns(self) -> tuple[Column, ...]:
+        """Its columns in ``rulecheck show``; this default: the number of its claims."""
+        return (Column(self.key),)
+
+    def cells(self, rules: FeatureRules) -> list[str]:
+        """A feature's cells in ``columns()``, each on one line."""
+        return [str(len(rules.claims[self.key]))]
+
+    def evidence(self, ctx: CheckContext, rules: FeatureRules, index: int) -> Any:
+        """What the HTML report measures on the model for claim ``index`` beyond what the book
+        and its measurements hold (plain values, a curve, say), or None (this default: it
+        measures nothing). A reference that does not resolve raises its ``RulecheckError``:
+        the card notes it."""
+        return None
+
+    def marks(self, claim: Any, outcome: str | None, evidence: Any) -> list[Mark]:
+        """What a card shows after a claim; this default, its item's outcome (None: its item
+        did not run)."""
+        return Mark.outcome(outcome)
+
+    def figure(self, claim: Any, evidence: Any) -> Figure | None:
+        """A figure of a claim on its card (a plotly.js figure spec), or None (this default)."""
+        return None
+
+    def card(
+        self, rules: FeatureRules, outcomes: Mapping[int, str], evidence: Mapping[int, Any]
+    ) -> CardPart:
+        """Its part of a feature's card: each claim by ``text``, ``marks`` and ``figure``, given
+        the outcome of each item that ran and the ``evidence`` measured for each claim, both by
+        the index ``items`` gives it; left out of the card when the feature has none."""
+        claims = tuple(
+            CardClaim(
+                i,
+                self.text(claim),
+                ref_ids(claim),
+                tuple(self.marks(claim, outcomes.get(i), evidence.get(i))),
+                self.figure(claim, evidence.get(i)),
+            )
+            for i, claim in enumerate(rules.claims[self.key])
+        )
+        return CardPart(self.title or self.key.capitalize(), claims)
+
+    def figure_id(self, index: int) -> str:
+        """The id of claim ``index``'s figure within its card: ``drop0``."""
+        return f"{self.figure_name or self.item or self.key}{index}"
 
 
 def strength(key: str, without: str) -> schema.Parse:
@@ -235,6 +302,27 @@ def read_strength(
     except ValueError:
         where.fail(path, f"cannot read {match['x']!r} in {text!r} as a number", "write 0.3")
     return parse(where, value, path)
+
+
+def _fields(claim: Any) -> list[tuple[str, Any]]:
+    """A claim's fields as a book holds them (omitted ones left out)."""
+    return list(schema.dump(claim, measured=False).items())
+
+
+def _shown_value(value: Any, plain: Any) -> str:
+    """A field's value on one line: a reference as shown, a flag as YAML writes it."""
+    if isinstance(value, TokenRef):
+        return ref_shown(value)
+    if isinstance(plain, bool):
+        return "true" if plain else "false"
+    return escaped(str(plain))
+
+
+def ref_ids(claim: Any) -> str:
+    """The input features a claim names, for a tooltip: ``#22, #35`` (a token without an id
+    by its name)."""
+    refs = refs_of(claim)
+    return ", ".join(f"#{r.feature}" if r.feature is not None else ref_name(r) for r in refs)
 
 
 def refs_of(claim: Any) -> list[TokenRef]:

@@ -66,7 +66,8 @@ from rulecheck.kinds.base import (
     strength_pattern,
     strength_text,
 )
-from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name
+from rulecheck.kinds.card import GREEN, GREY, Column, Figure, Mark, fixed, layout, rounded, visible
+from rulecheck.refs import RefTable, TokenRef, ref_entry, ref_name, ref_shown
 
 if TYPE_CHECKING:
     from rulecheck.book import FeatureRules
@@ -128,6 +129,7 @@ class Counting(RuleKind):
     key = "counting"
     claim = CountingRule
     item = "counting"
+    figure_name = "count"
     doc = (
         "Counting rules: the feature grows (or shrinks) with the number of key tokens in the "
         "context, and turns on (off) at a threshold count. An empty list, or a key with nothing "
@@ -183,6 +185,43 @@ class Counting(RuleKind):
 
     def name(self, claim: CountingRule) -> str:
         return ref_name(claim.key)
+
+    def text(self, claim: CountingRule) -> str:
+        """``count [games] >= 2``, and its strength (`` (spearman >= 0.6)``)."""
+        return f"count {ref_shown(claim.key)} {state_text(claim)}"
+
+    def columns(self) -> tuple[Column, ...]:
+        return (Column("cnt"),)
+
+    def evidence(self, ctx: CheckContext, rules: FeatureRules, index: int) -> dict[str, Any]:
+        """The counting curve (Fig. 7; the measurements beside the book never hold it): the
+        mean activation and the share of active contexts by count, as extraction measures it."""
+        from rulecheck.core.counts import counting_curve, default_filler
+
+        rule: CountingRule = rules.counting[index]
+        key = ctx.resolver().token(rule.key, f"{self.field(rules, index)}.key")
+        assert key is not None
+        bench, head = ctx.bench, ctx.head
+        corpus, top = bench.load(head)[3], max(MAX_COUNT, rule.threshold_count or 0)
+        ex, probe = bench.examples(head, rules.feature, ctx.file), bench.probe(head, rules.feature)
+        filler = default_filler(corpus, exclude=(key,))
+        curve = counting_curve(probe, corpus, ex, key, max_count=top, filler_token=filler)
+        return {
+            "mean": [rounded(x, 4) for x in curve.mean_by_count],
+            "active": [rounded(x, 4) for x in curve.active_by_count],
+            "spearman": rounded(curve.spearman, 4),
+            "threshold": curve.threshold_count,
+            "contexts": curve.n_contexts,
+        }
+
+    def marks(self, claim: CountingRule, outcome: str | None, evidence: Any) -> list[Mark]:
+        spearman = (
+            [] if claim.spearman is None else [Mark.score(f"Spearman {fixed(claim.spearman, 3)}")]
+        )
+        return spearman + Mark.outcome(outcome)
+
+    def figure(self, claim: CountingRule, evidence: Any) -> Figure | None:
+        return None if evidence is None else _curve_figure(visible(ref_name(claim.key)), evidence)
 
     def slot(self, claim: CountingRule) -> Hashable:
         return schema.identity((claim.key, claim.direction, claim.threshold_count))
@@ -450,3 +489,57 @@ def _claim(feature: int, head: str, key: str, increasing: bool, k: int | None) -
     verb = "rises" if increasing else "falls"
     state = "" if k is None else f", {'on' if increasing else 'off'} from {copies(k)}"
     return f"feature {feature} of {head} {verb} with the count of {key}{state}"
+
+
+def _curve_figure(name: str, curve: dict[str, Any]) -> Figure:
+    """Fig. 7: the mean activation and the share of active contexts against the count of the
+    key (NaN-free: counts no context has are gaps)."""
+    counts = list(range(len(curve["mean"])))
+    fig_layout = layout(
+        f"activation against the count of [{name}]",
+        "count of the key in the prefix",
+        "mean activation",
+        yaxis2={
+            "title": {"text": "share active"},
+            "overlaying": "y",
+            "side": "right",
+            "range": [0, 1.02],
+            "tickformat": ".0%",
+        },
+        legend={"orientation": "h", "y": -0.3},
+    )
+    fig_layout["xaxis"]["dtick"] = 1
+    if curve.get("threshold") is not None:
+        fig_layout["shapes"] = [
+            {
+                "type": "line",
+                "x0": curve["threshold"],
+                "x1": curve["threshold"],
+                "y0": 0,
+                "y1": 1,
+                "yref": "paper",
+                "line": {"dash": "dot", "color": GREY},
+            }
+        ]
+    return {
+        "data": [
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": "mean activation",
+                "x": counts,
+                "y": curve["mean"],
+                "line": {"color": GREEN},
+            },
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": "share active",
+                "x": counts,
+                "y": curve["active"],
+                "yaxis": "y2",
+                "line": {"color": GREY, "dash": "dash"},
+            },
+        ],
+        "layout": fig_layout,
+    }

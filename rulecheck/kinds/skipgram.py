@@ -10,7 +10,7 @@ Items: ``f1``, ``precision`` and ``recall`` of that prediction on the feature's 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +21,12 @@ from rulecheck.kinds.base import (
     Found,
     RuleKind,
     as_text,
+    ref_ids,
     shorthand,
     shorthand_form,
     shorthand_pattern,
 )
+from rulecheck.kinds.card import CardClaim, CardPart, Column, Mark, fixed
 from rulecheck.refs import (
     REFERENCE,
     RefTable,
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
     from rulecheck.session import Head, Workbench
 
 METRICS = ("f1", "precision", "recall")
+SHOWN_TERMS = 10  # skip-grams listed on a card (the rest are in the book)
+NEXT_TERMS = 3  # skip-grams ``rulecheck show`` lists after the label
 
 
 def _score() -> Any:
@@ -112,6 +116,17 @@ def shown_label(rules: FeatureRules) -> str:
     its terms as that term is shown (``shown_term``), any other on one line (``escaped``)."""
     term = next((t for t in rules.skipgrams if rules.label == label(t)), None)
     return escaped(rules.label) if term is None else shown_term(term)
+
+
+def ranked(rules: FeatureRules, n: int) -> list[tuple[int, SkipGram]]:
+    """The ``n`` most important skip-grams with their indices, in file order where importance
+    is not given."""
+
+    def rank(pair: tuple[int, SkipGram]) -> tuple[bool, float, int]:
+        index, term = pair
+        return (term.importance is None, -(term.importance or 0.0), index)
+
+    return sorted(enumerate(rules.skipgrams), key=rank)[:n]
 
 
 def claim_text(rules: FeatureRules, head: str) -> str:
@@ -484,6 +499,32 @@ class SkipGrams(RuleKind):
     def items(self, rules: FeatureRules) -> list[tuple[str, int]]:
         return [(m, i) for i, m in enumerate(METRICS) if m in rules.expect]
 
+    def text(self, claim: SkipGram) -> str:
+        return shown_term(claim)
+
+    def columns(self) -> tuple[Column, ...]:
+        return (Column("terms"), Column("next terms", text=True))
+
+    def cells(self, rules: FeatureRules) -> list[str]:
+        """How many terms, and the strongest after the label (the label is normally the
+        first term)."""
+        terms = [t for _, t in ranked(rules, NEXT_TERMS + 1)]
+        shown = [shown_term(t) for t in terms]
+        rest = shown[1:] if terms and rules.label == label(terms[0]) else shown[:NEXT_TERMS]
+        return [str(len(rules.skipgrams)), ", ".join(rest)]
+
+    def card(
+        self, rules: FeatureRules, outcomes: Mapping[int, str], evidence: Mapping[int, Any]
+    ) -> CardPart:
+        """The ``SHOWN_TERMS`` most important terms with their scores, numbered; the items
+        (``f1``, ...) are the feature's, listed with the others on the card."""
+        ordered = ranked(rules, SHOWN_TERMS)
+        claims = tuple(
+            CardClaim(i, shown_term(t), ref_ids(t), tuple(_marks(t))) for i, t in ordered
+        )
+        more = max(0, len(rules.skipgrams) - len(ordered))
+        return CardPart("Skip-grams", claims, rules.source, ordered=True, more=more, empty="none")
+
     def check(self, ctx: CheckContext, rules: FeatureRules, index: int) -> dict[str, Any]:
         metric = METRICS[index]
         measured = measure(ctx.bench, ctx.head, rules, ctx.file)
@@ -514,3 +555,13 @@ class SkipGrams(RuleKind):
             )
             for i, (q, k, a, v) in enumerate(zip(t.query, t.key, t.attn, t.value, strict=True))
         ]
+
+
+def _marks(term: SkipGram) -> list[Mark]:
+    marks = []
+    if term.importance is not None:
+        marks.append(Mark.score(f"importance {fixed(term.importance, 4)}"))
+    if term.attn_score is not None:
+        value = "–" if term.value_score is None else fixed(term.value_score, 3)
+        marks.append(Mark.score(f"attn {fixed(term.attn_score, 3)}", f"value {value}"))
+    return marks
