@@ -40,6 +40,16 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _libraries_imported_once() -> None:
+    """sae_lens and TransformerLens imported before any test: pytester's in-process runs
+    restore ``sys.modules`` afterwards, dropping what they imported first, and importing
+    ``datasets`` or ``torch.distributed`` a second time registers their types twice (pyarrow's
+    ``ArrowKeyError``, torch's "Only a single TORCH_LIBRARY")."""
+    import sae_lens  # noqa: F401
+    import transformer_lens  # noqa: F401
+
+
 # The files `make test`'s two workers start first (`--dist loadfile --no-loadscope-reorder`
 # hands files out in collection order): the longest first, so that none of them starts last
 # and keeps one worker busy alone; and a rulebook of each layer side by side, so that on a
