@@ -5,7 +5,8 @@ specs (``rulecheck-tiny``, ``rulecheck-tiny:sae_in/L0``, ``planted:eval``), read
 entry's files (an entry built by code is built on first use); the modules below take paths.
 
 - ``models``: ``load_model``, ``save_model`` and their tokenizers
-- ``saes``: ``load_sae`` over a table of SAE formats, ``check_sae``
+- ``saes``: ``load_sae`` over a table of SAE formats
+- ``sae_checks``: ``check_sae``, an SAE against its model, and ``head_view``
 - ``corpora``: ``load_corpus``
 - ``fingerprints``: ``fingerprint_*``, digests of what was loaded
 - ``devices``: ``resolve_device``
@@ -27,7 +28,7 @@ from rulecheck.loading.fingerprints import (
     fingerprint_tensors,
 )
 from rulecheck.loading.models import save_model
-from rulecheck.loading.saes import attn_out_hook, check_sae, head_view
+from rulecheck.loading.sae_checks import attn_out_hook, check_sae, head_view
 
 if TYPE_CHECKING:
     from sae_lens import SAE
