@@ -14,7 +14,8 @@ import torch
 from sae_lens import SAE
 from torch import Tensor
 
-from rulecheck.core.modelview import HeadWeights, Model, attend, project, view
+from rulecheck.core.attention import attend, project
+from rulecheck.core.modelview import HeadWeights, Model, view
 from rulecheck.core.scores import QKForm, reading_directions
 
 
