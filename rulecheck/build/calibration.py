@@ -31,6 +31,7 @@ import torch
 from rulecheck.build.train_tiny import (
     QUALITY_SEQUENCES,
     SaeConfig,
+    TinyConfig,
     machine,
     out_default,
     sae_runs,
@@ -567,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rulecheck.build.calibration")
     parser.add_argument("step", choices=["saes", "table", "card"])
     parser.add_argument("--work", type=Path, default=Path("build/tiny"))
-    parser.add_argument("--out", type=Path, default=out_default())
+    parser.add_argument("--out", type=Path, default=out_default(TinyConfig()))
     parser.add_argument("--rulebooks", type=Path, default=Path("rulebooks/rulecheck-tiny"))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--reruns", type=int, default=RERUNS)
