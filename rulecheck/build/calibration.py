@@ -304,6 +304,7 @@ def step_saes(work: Path, out: Path, threads: int, only: list[str] | None = None
         with atomic_directory(root / case.name) as staging:
             layer, head = (int(x) for x in case.book[1:].split("H"))
             if case.train is not None:
+                assert case.seed is not None  # every trained case names its seed
                 sc = replace(SaeConfig(), **case.train)
                 run = {case.sae: sae_runs(model.cfg, sc)[head][case.sae]}
                 dataset = training_dataset(work)
@@ -456,7 +457,8 @@ def margins(report: dict) -> dict[str, dict[str, float | int | None]]:
     out = {}
     for name in STATISTICS:
         t = report["thresholds"][name]
-        healthy, broken = [], []
+        healthy: list[float] = []
+        broken: list[float] = []
         for case in report["cases"].values():
             if case["held_out"]:
                 continue
