@@ -404,7 +404,7 @@ def mapping_for(
         if path.is_dir()
         else [path]
     )
-    found = {}
+    found: dict[int | None, tuple[MappingHeader, Matching]] = {}
     for file in files:
         stat = file.stat()
         header, matching = _read_mapping(str(file), (stat.st_mtime_ns, stat.st_size))
