@@ -47,6 +47,7 @@ bench-scale: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf build .rulecheck_cache

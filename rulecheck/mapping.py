@@ -399,7 +399,7 @@ def mapping_for(
     once per modification. Errors name ``field``, the option that gave ``source``, and end
     their fix with ``or_else``."""
     path = Path(source)
-    found = {}
+    found: dict[int | None, tuple[MappingHeader, Matching]] = {}
     for header, matching in read_mappings(source, field):
         if header.hook == hook:
             found.setdefault(header.head, (header, matching))

@@ -360,10 +360,10 @@ class Resolver:
 
     def _resolve(self, ref: TokenRef, field: str) -> Resolved:
         if ref.feature is None:
-            ids = tuple(
+            given = tuple(
                 self._token_id(text, f"{field}.tokens[{i}]") for i, text in enumerate(ref.tokens)
             )
-            return Resolved(None, ids, field)
+            return Resolved(None, given, field)
         if not 0 <= ref.feature < self.d_sae_in:
             self._fail(
                 f"{field}.feature",

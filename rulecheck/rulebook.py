@@ -21,7 +21,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -156,9 +156,12 @@ def _fill_measurements(book: Rulebook, measured: dict[int, dict[str, Any]]) -> N
                         setattr(claim, name, value)
 
 
-@functools.cache
-def _measured_fields(cls: type) -> frozenset[str]:
+def _measured_keys(cls: type) -> frozenset[str]:
     return frozenset(schema_keys(cls, measured=True))
+
+
+# typed as a function of any class: mypy takes no ``type[Any]`` for the cache's Hashable
+_measured_fields: Callable[[type], frozenset[str]] = functools.cache(_measured_keys)
 
 
 def _curve(curve: Mapping[Any, float]) -> dict[int, float]:

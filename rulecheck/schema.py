@@ -293,11 +293,14 @@ def entry(
     return dataclasses.field(metadata={METADATA: spec}, **field_kw)
 
 
-@functools.cache
-def _specs(cls: type) -> tuple[tuple[str, Spec], ...]:
+def _fields(cls: type) -> tuple[tuple[str, Spec], ...]:
     return tuple(
         (f.name, f.metadata[METADATA]) for f in dataclasses.fields(cls) if METADATA in f.metadata
     )
+
+
+# typed as a function of any class: mypy takes no ``type[T]`` for the cache's Hashable
+_specs: Callable[[type], tuple[tuple[str, Spec], ...]] = functools.cache(_fields)
 
 
 def identity(obj: Any) -> Any:
@@ -393,7 +396,8 @@ def json_schema(cls: type, skip: Iterable[str] = ()) -> dict[str, Any]:
     fields named in ``skip`` too): a mapping of its keys, no others. The class's
     ``__json_schema__`` adds what its ``__schema_check__`` checks."""
     skip = set(skip)
-    required, properties = [], {}
+    required: list[str] = []
+    properties: dict[str, dict[str, Any]] = {}
     for name, spec in _specs(cls):
         if spec.measured or name in skip:
             continue

@@ -51,6 +51,7 @@ def check_settings(max_examples: int, key: str | None = None) -> settings:
     check its own entries."""
     current = settings.get_current_profile_name()
     parent = settings.get_profile(DEFAULT_PROFILE) if current == "default" else settings.default
+    assert parent is not None  # None only before a profile is loaded, and one is (``current``)
     database = parent.database
     if key is not None and database is not None:
         database = KeyedDatabase(database, key)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 import yaml.constructor
@@ -30,7 +30,13 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads ``1e-05`` (no dot) as a float, as YAML 1.2 does."""
 
 
-class _FastLoader(getattr(yaml, "CSafeLoader", _Loader)):
+if TYPE_CHECKING:  # libyaml's loader reads as PyYAML's, with the same methods
+    _FastBase = _Loader
+else:
+    _FastBase = getattr(yaml, "CSafeLoader", _Loader)
+
+
+class _FastLoader(_FastBase):
     """``_Loader`` with libyaml's parser (three times faster) where PyYAML has it; a file it
     cannot parse is parsed again by ``_Loader``, whose error lines are the more exact.
 
@@ -225,7 +231,7 @@ class _Events:
         raise _Bail
 
     def sequence(self, path: str, line: int) -> list[Any]:
-        out = []
+        out: list[Any] = []
         while True:
             event = self.next()
             kind = type(event)

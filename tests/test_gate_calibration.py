@@ -5,6 +5,9 @@ one line."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,21 @@ def test_the_model_card_shows_the_calibration() -> None:
         assert row["identical"] and len(row["exit"]) == report["reruns"] >= 5, case.name
         assert row["exit"] == [0 if case.healthy else 1] * report["reruns"], case.name
         assert row["passed"] == case.healthy, case.name
+
+
+def test_the_calibration_command_writes_the_card_s_gate_section(tmp_path: Path) -> None:
+    """``python -m rulecheck.build.calibration card``, as the model card names it, writes the
+    card's gate section under ``--out`` from its ``calibration/gate.json``: a card without the
+    section, given the shipped table, becomes the shipped card."""
+    tiny = ROOT / "rulecheck/zoo/tiny"
+    shipped = (tiny / "MODEL_CARD.md").read_text()
+    (tmp_path / "calibration").mkdir()
+    shutil.copy(tiny / "calibration/gate.json", tmp_path / "calibration/gate.json")
+    (tmp_path / "MODEL_CARD.md").write_text(shipped.split("\n## The retraining gate\n")[0])
+    argv = [sys.executable, "-m", "rulecheck.build.calibration", "card", "--out", str(tmp_path)]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "MODEL_CARD.md").read_text() == shipped
 
 
 @pytest.fixture(scope="module")

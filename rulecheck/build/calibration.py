@@ -31,6 +31,7 @@ import torch
 from rulecheck.build.train_tiny import (
     QUALITY_SEQUENCES,
     SaeConfig,
+    TinyConfig,
     machine,
     out_default,
     sae_runs,
@@ -303,6 +304,7 @@ def step_saes(work: Path, out: Path, threads: int, only: list[str] | None = None
         with atomic_directory(root / case.name) as staging:
             layer, head = (int(x) for x in case.book[1:].split("H"))
             if case.train is not None:
+                assert case.seed is not None  # every trained case names its seed
                 sc = replace(SaeConfig(), **case.train)
                 run = {case.sae: sae_runs(model.cfg, sc)[head][case.sae]}
                 dataset = training_dataset(work)
@@ -455,7 +457,8 @@ def margins(report: dict) -> dict[str, dict[str, float | int | None]]:
     out = {}
     for name in STATISTICS:
         t = report["thresholds"][name]
-        healthy, broken = [], []
+        healthy: list[float] = []
+        broken: list[float] = []
         for case in report["cases"].values():
             if case["held_out"]:
                 continue
@@ -567,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rulecheck.build.calibration")
     parser.add_argument("step", choices=["saes", "table", "card"])
     parser.add_argument("--work", type=Path, default=Path("build/tiny"))
-    parser.add_argument("--out", type=Path, default=out_default())
+    parser.add_argument("--out", type=Path, default=out_default(TinyConfig()))
     parser.add_argument("--rulebooks", type=Path, default=Path("rulebooks/rulecheck-tiny"))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--reruns", type=int, default=RERUNS)

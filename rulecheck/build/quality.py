@@ -125,6 +125,7 @@ def sae_quality(
     output = head is not None or all_heads
     losses_wanted = output and losses
     hook = z_hook(layer) if output else resid_pre_hook(layer)
+    heads = list(range(model.cfg.n_heads)) if all_heads or head is None else [head]
     stats = _Reconstruction(sae)
     totals = {"spliced": 0.0, "zero": 0.0}
     for start in range(0, len(tokens), batch_size):
@@ -132,9 +133,7 @@ def sae_quality(
         if not output:
             store = run_to_layer(model, batch, layer, (hook,))
         else:  # the layer's residual and these heads' z only
-            store = run_to_heads(
-                model, batch, layer, list(range(model.cfg.n_heads)) if all_heads else [head]
-            )
+            store = run_to_heads(model, batch, layer, heads)
         stats.add(_sae_input(sae, store[hook], head, output))
         if losses_wanted:
             # spliced and zero-ablated in one run from the layer on: rows [:b] then [b:]

@@ -29,6 +29,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,6 +151,8 @@ def step_corpus(cfg: TinyConfig, work: Path) -> None:
         build_tokenizer(train_docs, cfg).save(str(tok_path))
     tok = Tokenizer.from_file(str(tok_path))
     bos = tok.token_to_id(BOS)
+    if bos is None:
+        raise SystemExit(f"{tok_path}: has no {BOS} token (fix: remove it to train it again)")
     splits: dict[str, list[np.ndarray]] = {"train": [], "eval": []}
     for (name, _), enc in zip(docs, tok.encode_batch([t for _, t in docs]), strict=True):
         splits["eval" if held_out(name) else "train"].append(chunk(enc.ids, bos))
@@ -206,7 +209,7 @@ def debian_versions() -> dict[str, str]:
 def model_config(cfg: TinyConfig):
     from transformer_lens import HookedTransformerConfig
 
-    common = {
+    common: dict[str, Any] = {  # HookedTransformerConfig keyword arguments
         "n_layers": cfg.n_layers,
         "d_model": cfg.d_model,
         "n_heads": cfg.n_heads,
@@ -368,20 +371,24 @@ FAMILY_SAES = {
 }
 
 
-def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, int, dict]]]:
+# one SAE of a run: its hook, head (None: a layer-level SAE), width and sparsity settings
+SaeRun = tuple[str, int | None, int, dict[str, Any]]
+
+
+def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, SaeRun]]:
     """One sae_lens run per head index: that head's output SAE in every layer, plus (in the
     first run) the input SAE of every layer. SAEs that share a hook in one run must share its
     head index, hence a run per head; layer-level hook_z SAEs (``d_sae_z``) read every head and
     get a run of their own. Entry: name -> (hook, head, d_sae, sparsity), sparsity
     ``{"l1": c}`` (standard ReLU SAE) or ``{"k": k, "arch": "topk" | "batchtopk"}``."""
-    out_sparsity = (
+    out_sparsity: dict[str, Any] = (
         {"l1": sc.l1_out}
         if sc.k_out is None
         else {"k": sc.k_out, "arch": sc.k_arch, "dead_window": sc.dead_window}
     )
-    runs = []
+    runs: list[dict[str, SaeRun]] = []
     for h in range(model_cfg.n_heads):
-        run = {
+        run: dict[str, SaeRun] = {
             f"sae_out/L{layer}H{h}": (f"blocks.{layer}.attn.hook_z", h, sc.d_sae_out, out_sparsity)
             for layer in range(model_cfg.n_layers)
         }
@@ -395,7 +402,11 @@ def sae_runs(model_cfg, sc: SaeConfig) -> list[dict[str, tuple[str, int | None, 
                 )
         runs.append(run)
     if sc.d_sae_z is not None:
-        z_sparsity = {"k": sc.k_z, "arch": "batchtopk", "dead_window": sc.dead_window}
+        z_sparsity: dict[str, Any] = {
+            "k": sc.k_z,
+            "arch": "batchtopk",
+            "dead_window": sc.dead_window,
+        }
         runs.append(
             {
                 f"sae_z/L{layer}": (f"blocks.{layer}.attn.hook_z", None, sc.d_sae_z, z_sparsity)
@@ -496,7 +507,7 @@ def step_saes(
     dataset = training_dataset(work)
     per_sae = ("training_tokens", "l1_in", "l1_out", "k_out", "k_arch", "d_sae_out", "dead_window")
     settings_of = {k: v for k, v in asdict(sc).items() if k not in per_sae}
-    report = {"config": settings_of, "machine": machine(), "runs": []}
+    report: dict[str, Any] = {"config": settings_of, "machine": machine(), "runs": []}
     previous = work / "saes.json"
     if previous.exists():
         before = json.loads(previous.read_text())
@@ -721,7 +732,7 @@ def analyse_layer(
     art = Workbench(device="cpu", cache_dir=None).layer(Specs(name).resolve(), layer)
     token_of = top_token(art.model, art.sae_in, layer).cpu()
     f1_by_terms: dict[str, dict[int, list[float]]] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for method in ("weight", "gradient"):
         cfg = ExtractConfig(method=method, rules=method == "weight")
         results = extract_layer(art.model, art.sae_in, art.sae_outs, art.tokens, layer, cfg)
@@ -740,7 +751,11 @@ def analyse_layer(
                 top = [
                     a for a in f.claims["absence"] if (a.query.feature, a.key.feature) == top_term
                 ]
-                row = {"head": hr.head, "feature": f.feature, "distractor": bool(top)}
+                row: dict[str, Any] = {
+                    "head": hr.head,
+                    "feature": f.feature,
+                    "distractor": bool(top),
+                }
                 if top:
                     a = top[0]
                     probe = Probe(art.model, art.sae_outs[hr.head], layer, hr.head, f.feature)
@@ -777,7 +792,7 @@ def step_analysis(work: Path, rulebooks: Path, threads: int, name: str = "rulech
         for method, by_n in f1_by_terms.items():
             report["f1_by_terms"].setdefault(method, {})[layer] = by_n
         report["distractors"][layer] = rows
-    validated = {}
+    validated: dict[int, list[int]] = {}  # layer -> features, with absence, with counting
     for path in sorted(rulebooks.glob("L*H*.yaml")):
         book = load_rulebook(path)
         v = validated.setdefault(book.layer, [0, 0, 0])
@@ -873,7 +888,7 @@ def f1_by_layer(rulebooks: Path) -> dict[int, dict[int, list[float]]]:
 # to 64 terms, every number at 6 significant digits, measurements inside), measured from them
 # on 2026-11-22 before they were replaced: test F1 quartiles and mean skip-grams listed per
 # extracted feature, the largest book and all books of the layer, in bytes.
-FORMER_BOOKS = {
+FORMER_BOOKS: dict[int, dict[str, Any]] = {
     0: {"f1": (0.3175, 0.5695, 0.8265), "terms": 51.4, "largest": 997_458, "all": 3_426_922},
     1: {"f1": (0.6514, 0.8511, 0.9412), "terms": 49.3, "largest": 1_021_177, "all": 3_457_284},
 }
@@ -883,7 +898,7 @@ def shipped_books_lines(rulebooks: Path) -> list[str]:
     """The shipped books against the former ones: quality, terms and size per layer."""
     from rulecheck.rulebook import load_rulebook
 
-    rows: dict[int, dict[str, list]] = {}
+    rows: dict[int, dict[str, Any]] = {}  # layer -> f1, terms, bytes (lists), method (a set)
     for path in sorted(rulebooks.glob("L*H*.yaml")):
         book = load_rulebook(path, measurements=True)
         row = rows.setdefault(book.layer, {"f1": [], "terms": [], "bytes": [], "method": set()})

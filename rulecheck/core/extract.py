@@ -401,6 +401,8 @@ def extract_head(
         for terms, ex, pf in zip(candidates, exs, stats, strict=True):
             rankings = {"weight": rank_by_weight(terms)}
             if cfg.method == "gradient" or pf.importance is not None:  # none without train
+                # every feature has train prefixes: its first positive is one (split_labels)
+                assert pf.importance is not None
                 rankings["gradient"] = rank_by_importance(with_importance(terms, pf.importance))
             ranked = rankings[cfg.method]
             result = evaluate_feature(

@@ -91,10 +91,13 @@ def encode_columns(sae: SAE, x: Tensor, columns: Sequence[int]) -> Tensor:
     return acts
 
 
-def head_input(sae_out: SAE, z: Tensor, head: int) -> Tensor:
+def head_input(sae_out: SAE, z: Tensor, head: int | None) -> Tensor:
     """What the output SAE reads of ``hook_z [batch, pos, n_heads, d_head]``: ``head``'s slice
-    for a per-head SAE, else all heads (flattened unless the SAE reshapes ``hook_z`` itself)."""
+    for a per-head SAE, else all heads (flattened unless the SAE reshapes ``hook_z`` itself;
+    ``head`` None is an SAE of every head's z)."""
     if is_per_head(sae_out):
+        if head is None:
+            raise ValueError("a per-head output SAE reads one head: give its index")
         return z[:, :, head, :]
     if sae_out.cfg.reshape_activations == "hook_z":
         return z

@@ -27,7 +27,7 @@ import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -202,9 +202,13 @@ class HookedView(ModelView):
             )
         q_norm = k_norm = None
         if getattr(cfg, "use_qk_norm", False):
+            assert attn.q_norm is not None and attn.k_norm is not None  # made with use_qk_norm
             q_norm, k_norm = attn.q_norm.w.detach(), attn.k_norm.w.detach()
         cap = getattr(cfg, "attn_scores_soft_cap", -1.0)
-        local = getattr(attn, "attn_type", "global") == "local"
+        window = None
+        if getattr(attn, "attn_type", "global") == "local":
+            assert cfg.window_size is not None  # the config refuses local attention without
+            window = int(cfg.window_size)
         return QKForm(
             attn_scale=float(attn.attn_scale),
             rotary=rotary,
@@ -212,7 +216,7 @@ class HookedView(ModelView):
             k_norm=k_norm,
             norm_eps=float(cfg.eps),
             soft_cap=float(cap) if cap is not None and cap > 0 else 0.0,
-            window=int(cfg.window_size) if local else None,
+            window=window,
         )
 
     def head_weights(self, layer: int, head: int) -> HeadWeights:
@@ -362,7 +366,7 @@ class BridgeView(ModelView):
         found = [what for what, present in checks if present]
         return f"its attention has {found[0]}" if found else None
 
-    def _refuse(self, layer: int, why: str) -> None:
+    def _refuse(self, layer: int, why: str) -> NoReturn:
         arch = getattr(self.model.cfg, "architecture", None) or type(self.model).__name__
         raise InvalidSpec(
             f"rulecheck cannot read layer {layer}'s heads of this {arch} TransformerBridge: {why}",

@@ -183,7 +183,7 @@ def prefix_features(
     fk_parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in sizes]  # (rows, [m, pos, keys])
     for chunk in chunks:
         q, k = chunk.stats()
-        if q_all is None:
+        if q_all is None or k_all is None or t_all is None:  # the first chunk: all three
             q_all, k_all = q.new_zeros(n, q.shape[1]), k.new_zeros(n, k.shape[1])
             t_all = chunk.t.new_zeros(n)
         at = chunk.rows.to(q.device)

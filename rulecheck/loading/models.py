@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from rulecheck.zoo.names import ENTRIES
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.config import TransformerLensConfig
     from transformer_lens.model_bridge import TransformerBridge
 
 MODEL_WEIGHTS = "model.safetensors"
@@ -74,6 +75,15 @@ UNSAVED_CONFIG_FIELDS = frozenset(
 )
 
 
+class Processing(TypedDict):
+    """The weight processing flags of ``HookedTransformer.from_pretrained``."""
+
+    fold_ln: bool
+    center_writing_weights: bool
+    center_unembed: bool
+    fold_value_biases: bool
+
+
 def load_model(
     spec: str,
     device: str | torch.device = "cpu",
@@ -91,7 +101,7 @@ def load_model(
     rulecheck directory is loaded as saved. A weight holding a NaN or an infinity is an error
     naming it.
     """
-    processing = {
+    processing: Processing = {
         "fold_ln": fold_ln,
         "center_writing_weights": center_writing_weights,
         "center_unembed": center_unembed,
@@ -314,7 +324,9 @@ def _load_rulecheck_directory(directory: Path, device: torch.device) -> HookedTr
     return model
 
 
-def _load_named_model(spec: str, device: torch.device, **processing: bool) -> HookedTransformer:
+def _load_named_model(
+    spec: str, device: torch.device, **processing: Unpack[Processing]
+) -> HookedTransformer:
     from transformer_lens import HookedTransformer
 
     if not _is_model_name(spec):
@@ -370,8 +382,9 @@ def save_model(model: HookedTransformer, directory: Path) -> Path:
     return directory
 
 
-def config_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
-    """The HookedTransformerConfig keyword arguments that rebuild ``cfg``, as JSON values."""
+def config_json(cfg: TransformerLensConfig) -> dict[str, Any]:
+    """The config keyword arguments that rebuild ``cfg`` (a ``HookedTransformerConfig``, or a
+    ``TransformerBridgeConfig``'s fields), as JSON values."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         if f.init and f.name not in UNSAVED_CONFIG_FIELDS:

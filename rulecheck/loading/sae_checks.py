@@ -117,17 +117,17 @@ def head_view(
     W_O, b_O = view(model).output_weights(layer)  # b_O: zeros where the model has none
     W_O = W_O[head].to(sae.W_enc.dtype)  # [d_head, d_model]
     b_O = b_O.to(sae.W_enc.dtype)
-    view = copy.deepcopy(sae)
+    per_head = copy.deepcopy(sae)
     b_in = b_O - sae.b_dec.detach() * float(sae.cfg.apply_b_dec_to_input)
     with torch.no_grad():
-        view.W_enc = torch.nn.Parameter(W_O @ sae.W_enc.detach())
-        view.b_enc = torch.nn.Parameter(b_in @ sae.W_enc.detach() + sae.b_enc.detach())
-        view.W_dec = torch.nn.Parameter(sae.W_dec.detach() @ torch.linalg.pinv(W_O))
-        view.b_dec = torch.nn.Parameter(torch.zeros(W_O.shape[0], dtype=W_O.dtype))
-    view.cfg.d_in = W_O.shape[0]
-    view.cfg.metadata.hook_name = f"blocks.{layer}.attn.hook_z"
-    view.cfg.metadata.hook_head_index = head
-    return view
+        per_head.W_enc = torch.nn.Parameter(W_O @ sae.W_enc.detach())
+        per_head.b_enc = torch.nn.Parameter(b_in @ sae.W_enc.detach() + sae.b_enc.detach())
+        per_head.W_dec = torch.nn.Parameter(sae.W_dec.detach() @ torch.linalg.pinv(W_O))
+        per_head.b_dec = torch.nn.Parameter(torch.zeros(W_O.shape[0], dtype=W_O.dtype))
+    per_head.cfg.d_in = W_O.shape[0]
+    per_head.cfg.metadata.hook_name = f"blocks.{layer}.attn.hook_z"
+    per_head.cfg.metadata.hook_head_index = head
+    return per_head
 
 
 def input_hooks(model: HookedTransformer | TransformerBridge, layer: int) -> tuple[str, ...]:

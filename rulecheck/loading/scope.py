@@ -233,8 +233,12 @@ def read_llama_scope(spec: str, path: Path, device: torch.device) -> SAE:
     check_fields(hp, LLAMA_SCOPE_RULES, file=config_path)
     norms = hp["dataset_average_activation_norm"]
     norm_in = norms.get("in") if isinstance(norms, dict) else None
-    number = isinstance(norm_in, int | float) and not isinstance(norm_in, bool)
-    if not number or not math.isfinite(norm_in) or not norm_in > 0:
+    if (
+        isinstance(norm_in, bool)
+        or not isinstance(norm_in, int | float)
+        or not math.isfinite(norm_in)
+        or not norm_in > 0
+    ):
         raise InvalidSpec(
             f"expected a positive number, found {json_text(norm_in)}",
             file=config_path,

@@ -94,7 +94,7 @@ def _cut(
         ends.append(node.value[position + 1][0].start_mark.line)
     else:
         ends.append(len(lines))
-    new_items = {}
+    new_items: dict[tuple[Any, ...] | None, Any] = {}  # None: no id, never a key
     for item in new_list:
         item_id = _item_id(item, id_key)
         if item_id is not None:

@@ -135,7 +135,7 @@ def _update_items(
     """Update the identified items of ``old`` in place to those of ``new`` (``kept``: whether
     each old item is left as it is; ``stand_ins``: old items left out of the parsed text,
     by the scalar that stands for them). Return comments left with no entry."""
-    new_items = {}
+    new_items: dict[tuple[Any, ...] | None, Any] = {}  # None: no id, never a key
     for item in new:
         item_id = _item_id(item, id_key)
         if item_id is not None:
