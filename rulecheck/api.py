@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from rulecheck import __version__, kinds
 from rulecheck.book import HEADER_KEYS, FeatureRules, Rulebook
@@ -39,12 +40,12 @@ UNRECORDED = {"term_margin": 0.0}
 def feature_rules(result: FeatureResult, tolerance: float) -> FeatureRules:
     """One feature's rulebook entry: the claims every kind keeps, measured quality and
     minimums."""
-    claims = {
+    claims: dict[str, list[Any]] = {
         kind.key: [c for c in result.claims.get(kind.key, []) if kind.keep(c)]
         for kind in kinds.kinds()
     }
     skipgrams = claims.get("skipgrams", [])
-    measured = {
+    measured: dict[str, Any] = {
         **{m: significant(result.test[m], 4) for m in ("f1", "precision", "recall", "spearman")},
         "n_test": result.test["n_test"],
         **{m: significant(result.test[m], 4) for m in HELD_OUT if m in result.test},
@@ -294,7 +295,7 @@ def as_written(fresh: Rulebook, book: Rulebook, path: Path) -> Rulebook:
         written, now = getattr(book, part), getattr(fresh, part)
         if written is None or written == now:
             continue
-        resolved = from_book(written, path, book.layer, book.head)
+        resolved = from_book(written, path, book.layer, book.head) or written
         if resolved == now:
             kept[part] = written
         elif head_spec(resolved, book.layer, book.head) == now:  # a template, filled

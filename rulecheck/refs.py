@@ -34,7 +34,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 from rulecheck import schema
 from rulecheck.errors import InvalidRulebook, printable
@@ -335,6 +335,12 @@ class Resolver:
         if cache_key not in self._cache:
             self._cache[cache_key] = self._resolve(ref, field)
         return self._cache[cache_key]
+
+    @overload
+    def token(self, ref: TokenRef, field: str, *, required: Literal[True] = ...) -> int: ...
+
+    @overload
+    def token(self, ref: TokenRef, field: str, *, required: bool) -> int | None: ...
 
     def token(self, ref: TokenRef, field: str, *, required: bool = True) -> int | None:
         """The token a counterfactual inserts for ``ref``; an error when it has none (None

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -69,7 +70,7 @@ class CountingResult:
     (``decreasing``) once the key occurs ``threshold_count`` times in ``[1, t]``."""
 
     key: int
-    direction: str
+    direction: Literal["increasing", "decreasing"]
     threshold_count: int
     spearman: float
     mean_by_count: list[float]
@@ -190,7 +191,9 @@ def as_counting_rule(curve: CountingCurve, min_spearman: float = 0.5) -> Countin
     if c_star is None or c_star < 2 or abs(curve.spearman) <= min_spearman:
         return None
     turns_on = curve.active_by_count[c_star] > curve.active_by_count[curve.first_count]
-    direction = "increasing" if curve.spearman > 0 else "decreasing"
+    direction: Literal["increasing", "decreasing"] = (
+        "increasing" if curve.spearman > 0 else "decreasing"
+    )
     if turns_on != (direction == "increasing"):
         return None
     return CountingResult(

@@ -163,7 +163,13 @@ def head_evidence(
         top = pos[torch.sort(ex.act[pos], descending=True, stable=True).indices][:n_exemplars]
         rows += [(rules.feature, int(ex.seq[i]), int(ex.t[i]), float(ex.act[i])) for i in top]
     columns = sorted(
-        {r.feature for ts in terms.values() for t in ts for r in (t.key, t.query)} - {None}
+        {
+            r.feature
+            for ts in terms.values()
+            for t in ts
+            for r in (t.key, t.query)
+            if r.feature is not None
+        }
     )
     col = {f: i for i, f in enumerate(columns)}
     names = (resid_pre_hook(head.layer), z_hook(head.layer), pattern_hook(head.layer))

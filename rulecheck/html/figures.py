@@ -86,7 +86,7 @@ def _counts_axis(counts: Sequence[int]) -> dict[str, Any]:
 
 
 def f1_by_terms_layers(
-    model: str, ranking: str, curves: Mapping[int, Mapping[int, tuple[float, int]]]
+    model: str, ranking: str, curves: Mapping[int, Mapping[int, tuple[float | None, int]]]
 ) -> Figure:
     """Fig. 4a/4b: mean test F1 against the number of terms, one line per layer, for one
     ranking (``curves[layer][n] = (mean F1, features)``)."""

@@ -287,7 +287,7 @@ def report_data(entries: list[BookInput], run: list[Outcome] | None) -> tuple[di
     )
     entries = [entries[i] for i in order]
     anchors = unique([e.book.name for e in entries], sep="-")
-    books = []
+    books: list[dict[str, Any]] = []
     failed = []
     for entry, anchor in zip(entries, anchors, strict=True):
         by_feature: dict[int, list[Outcome]] = defaultdict(list)

@@ -373,7 +373,7 @@ def shorthand_form(description: str, pattern: str, examples: Sequence[str]) -> d
 
 
 def shorthand(
-    where: schema.Where, text: str, path: str, words: Sequence[str], form: str
+    where: schema.Where, text: str, path: str, words: Sequence[str | None], form: str
 ) -> tuple[list[str], list[TokenRef]]:
     """The references of shorthand ``text`` whose words between brackets must be ``words``
     (a None word matches anything and is returned); ``form`` shows the expected shape."""

@@ -48,7 +48,7 @@ import math
 import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from rulecheck import schema
 from rulecheck.errors import RuleFailed
@@ -82,13 +82,15 @@ KEEP_SPEARMAN = 0.5  # finding: the smallest Spearman stated as a strength
 
 _min_spearman = strength("min_spearman", "that the activation is monotone in every context")
 
+Direction = Literal["increasing", "decreasing"]
+
 
 @dataclass
 class CountingRule(schema.Record):
     """The feature grows (or shrinks) with the number of ``key`` tokens in the context."""
 
     key: TokenRef = ref_entry(required=True, doc="The token whose copies are counted.")
-    direction: Literal["increasing", "decreasing"] = schema.entry(
+    direction: Direction = schema.entry(
         schema.choice(*DIRECTIONS),
         default="increasing",
         doc="increasing (the default): the feature grows with the count; decreasing: it shrinks.",
@@ -170,7 +172,8 @@ class Counting(RuleKind):
         tail = match["tail"] or ""
         min_spearman = read_strength(where, value, tail, field, "spearman", _min_spearman)
         if match["direction"]:
-            return CountingRule(key=key, direction=match["direction"], min_spearman=min_spearman)
+            direction = cast(Direction, match["direction"])
+            return CountingRule(key=key, direction=direction, min_spearman=min_spearman)
         up = match["op"] == ">="
         return CountingRule(
             key=key,
@@ -250,7 +253,7 @@ class Counting(RuleKind):
                 continue
             claim = CountingRule(
                 key=found.ref(k),
-                direction=rule.direction,  # type: ignore[arg-type]
+                direction=rule.direction,
                 threshold_count=rule.threshold_count,
                 spearman=schema.significant(rule.spearman, 4),
             )
@@ -434,6 +437,7 @@ def _check_strength(
 def state_text(claim: CountingRule) -> str:
     """What a counting shorthand says after its key: ``>= 2``, ``< 6``, ``increasing``, then
     its strength (`` (spearman >= 0.6)``) when it states one."""
+    state: str
     if claim.threshold_count is None:
         state = claim.direction
     else:

@@ -10,9 +10,10 @@ Items: ``f1``, ``precision`` and ``recall`` of that prediction on the feature's 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rulecheck import schema
 from rulecheck.errors import RuleFailed
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 METRICS = ("f1", "precision", "recall")
 SHOWN_TERMS = 10  # skip-grams listed on a card (the rest are in the book)
 NEXT_TERMS = 3  # skip-grams ``rulecheck show`` lists after the label
+
+T = TypeVar("T")
 
 
 def _score() -> Any:
@@ -394,12 +397,12 @@ def _measure_batch(
     for (r, _, _, ex, test), pred, fire in zip(prepared, preds, fires, strict=True):
         full = torch.zeros(len(ex.seq))
         full[test] = pred
-        bench.memo(_predictions_key(head, r), lambda f=full: f)  # a failure's misses read them
+        bench.memo(_predictions_key(head, r), functools.partial(_given, full))  # misses read it
         measured = score_predictions(full, ex, fire)
         if strict and r is batch[0]:  # kept by its caller's memo
             first = measured
         else:
-            bench.memo(_measure_key(head, r), lambda m=measured: m)
+            bench.memo(_measure_key(head, r), functools.partial(_given, measured))
     return first
 
 
@@ -565,3 +568,8 @@ def _marks(term: SkipGram) -> list[Mark]:
         value = "–" if term.value_score is None else fixed(term.value_score, 3)
         marks.append(Mark.score(f"attn {fixed(term.attn_score, 3)}", f"value {value}"))
     return marks
+
+
+def _given(value: T) -> T:
+    """``value``: what ``memo`` keeps when it was computed already."""
+    return value

@@ -113,7 +113,7 @@ def load_model(
 
 
 def _load_model(
-    spec: str, resolved: torch.device, processing: dict[str, bool]
+    spec: str, resolved: torch.device, processing: Processing
 ) -> HookedTransformer | TransformerBridge:
     """``load_model`` before its weights are checked."""
     if is_bridge_spec(spec):
