@@ -343,3 +343,25 @@ def test_a_cache_entry_copied_under_another_head_s_key_is_rebuilt_with_a_warning
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*unreadable exemplar cache entry (its key is another*rebuilt*"])
     assert mine.read_bytes() != other.read_bytes()
+
+
+def test_a_full_disk_while_a_zoo_entry_is_built_is_one_line_and_leaves_nothing(
+    capsys, monkeypatch, tmp_path
+):
+    """The planted model is built under the cache on first use: a full disk there is one line
+    naming the entry and the fix, and no half-built entry is left to be taken for a whole."""
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RULECHECK_CACHE", str(cache))
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "save", no_space)  # the corpus, the last large file it writes
+    code = main(["extract", "--model", "planted", "--out", str(tmp_path / "out")])
+    err = one_line(capsys.readouterr().err)
+    assert code == 2 and "Traceback" not in err
+    assert "zoo/planted: cannot write it: No space left on device" in err
+    assert "(fix: free some space, or set RULECHECK_CACHE" in err
+    assert not list((cache / "zoo").iterdir()) and not (tmp_path / "out").exists()

@@ -38,6 +38,7 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rulecheck.atomic import atomic_directory
+from rulecheck.errors import WriteFailed
 from rulecheck.loading._common import MODEL_DEPRECATED, without_warning
 
 VERSION = 4
@@ -365,7 +366,16 @@ def ensure_built(
     if marker.exists():
         return directory
     # an entry an older version left is replaced; one another process built meanwhile is kept
-    with atomic_directory(directory, replace=directory.exists()) as staging:
-        builder(staging)
-        (staging / marker.name).write_text("ok\n")
+    try:
+        with atomic_directory(directory, replace=directory.exists()) as staging:
+            builder(staging)
+            (staging / marker.name).write_text("ok\n")
+    except WriteFailed:
+        raise
+    except OSError as e:  # a full disk: one line, the half-built entry removed
+        raise WriteFailed(
+            e,
+            file=directory,
+            fix="free some space, or set RULECHECK_CACHE to a directory with room",
+        ) from None
     return directory
