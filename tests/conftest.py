@@ -85,6 +85,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=rank)
 
 
+# a manual book of one skip-gram on the planted model, true (its F1 is above 0.5)
+PLANTED_BOOK = """\
+rulecheck: 2
+model: planted
+layer: 0
+head: 0
+features:
+  - feature: 1
+    source: manual
+    skipgrams:
+      - {key: {tokens: [if]}, query: {tokens: [then]}}
+    expect: {f1: 0.5}
+"""
+
+
 def random_model(
     seed: int = 0, normalization_type: str | None = "LN", **config: object
 ) -> HookedTransformer:

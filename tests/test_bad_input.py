@@ -9,6 +9,7 @@ import pathlib
 import time
 
 import pytest
+from conftest import PLANTED_BOOK
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -234,18 +235,7 @@ def test_books_are_written_as_one_set(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- rulebooks
 
-BOOK = """\
-rulecheck: 2
-model: planted
-layer: 0
-head: 0
-features:
-  - feature: 1
-    source: manual
-    skipgrams:
-      - {key: {tokens: [if]}, query: {tokens: [then]}}
-    expect: {f1: 0.5}
-"""
+BOOK = PLANTED_BOOK
 
 
 def pytest_run(pytester, *args: str):

@@ -5,23 +5,13 @@ exemplar protocol recorded and used, relative paths read from the rulebook's dir
 from __future__ import annotations
 
 import pytest
+from conftest import PLANTED_BOOK
 
 from rulecheck.cli import main
 
 pytest_plugins = ["pytester"]
 
-BOOK = """\
-rulecheck: 2
-model: planted
-layer: 0
-head: 0
-features:
-  - feature: 1
-    source: manual
-    skipgrams:
-      - {key: {tokens: [if]}, query: {tokens: [then]}}
-    expect: {f1: 0.5}
-"""
+BOOK = PLANTED_BOOK
 
 # a mapping file whose first pair has three values instead of six
 BAD_MAPPING = """\
