@@ -156,15 +156,15 @@ class Loaded:
     def layer_heads(self, specs: Checkpoint, layer: int, heads: str | Sequence[int]) -> list[Head]:
         """The heads ``heads`` (``"all"``, ``"0,3"`` or ints) of ``layer``, checked against
         the model (command-line fields in the errors)."""
-        where = {"error": InvalidSpec, "field": "--layer"}
         try:
             sae_in = self.sae_in(Head(specs, layer, 0))
         except RulecheckError:
             # a layer past the model has no SAE either: name the layer, not the missing file
-            check_index("layer", layer, self.layer_count(specs.model), **where)
+            n_layers = self.layer_count(specs.model)
+            check_index("layer", layer, n_layers, error=InvalidSpec, field="--layer")
             raise
         model = self.model(specs.model, sae_in)
-        check_index("layer", layer, model.cfg.n_layers, **where)
+        check_index("layer", layer, model.cfg.n_layers, error=InvalidSpec, field="--layer")
         ids = parse_heads(heads, model.cfg.n_heads)
         assert isinstance(ids, list)
         return [Head(specs, layer, h) for h in ids]
@@ -191,7 +191,7 @@ class Loaded:
         s = head.specs
         sae_in_key = ("sae", head_spec(s.sae_in, head.layer), head.layer, None)
         sae_out_key = ("sae", head_spec(s.sae_out, head.layer, head.head), head.layer, head.head)
-        parts = {
+        parts: dict[str, tuple[tuple, Callable[[Any], str], Any]] = {
             "model": (("model", s.model), fingerprint_model, model),
             "sae_in": (sae_in_key, fingerprint_sae, sae_in),
             "sae_out": (sae_out_key, fingerprint_sae, sae_out),
