@@ -1,4 +1,5 @@
-"""What a run is about: the model, SAE and corpus specs of a head, and how to read them."""
+"""What a run is about: the model, SAE and corpus specs of a head (a ``Head``: a checkpoint's
+layer and head), and how to read them."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ class Checkpoint:
     sae_in: str
     sae_out: str
     corpus: str
+
+
+@dataclass(frozen=True)
+class Head:
+    """One head of one checkpoint, as a rulebook names it (after overrides)."""
+
+    specs: Checkpoint
+    layer: int
+    head: int
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}H{self.head}"
 
 
 @dataclass(frozen=True)

@@ -241,18 +241,18 @@ def test_shards_together_write_exactly_the_unsharded_books(tmp_path: Path) -> No
 def test_a_one_head_extraction_streams_the_corpus_for_that_head_only(tmp_path, monkeypatch):
     """The corpus pass encodes with the extracted heads' output SAEs only, and the book is the
     one a whole-layer extraction writes for that head."""
-    import rulecheck.session
+    import rulecheck.passes
     from rulecheck.loading import load_model
     from rulecheck.specs import locate
 
     collected = []
-    real = rulecheck.session.collect_layer
+    real = rulecheck.passes.collect_layer
 
     def spy(model, saes, *args, **kwargs):
         collected.append(sorted(saes))
         return real(model, saes, *args, **kwargs)
 
-    monkeypatch.setattr(rulecheck.session, "collect_layer", spy)
+    monkeypatch.setattr(rulecheck.passes, "collect_layer", spy)
     base = ["extract", "--model", "planted", "--features", "4"]
     assert main([*base, "--heads", "1", "--out", str(tmp_path / "one")]) == 0
     assert collected == [[1]]
@@ -315,19 +315,19 @@ def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch):
     import threading
     import time
 
-    import rulecheck.session
+    import rulecheck.passes
     from rulecheck.session import Workbench
     from rulecheck.specs import Specs
 
     streamed = []
-    real = rulecheck.session.collect_layer
+    real = rulecheck.passes.collect_layer
 
     def slow(*args, **kwargs):
         streamed.append(1)
         time.sleep(0.5)  # long enough for the other session to ask meanwhile
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rulecheck.session, "collect_layer", slow)
+    monkeypatch.setattr(rulecheck.passes, "collect_layer", slow)
     benches = [Workbench(device="cpu", cache_dir=tmp_path / "cache") for _ in range(2)]
     heads = [b.layer_heads(Specs("planted").resolve(), 0, [0])[0] for b in benches]
     got = [None, None]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-import rulecheck.session
+import rulecheck.loaded
 from rulecheck.loading import (
     fingerprint_model,
     fingerprint_sae,
@@ -91,7 +91,8 @@ def error_lines(result) -> list[str]:
 def assert_no_traceback(result) -> None:
     out = result.stdout.str() + result.stderr.str()
     assert "Traceback" not in out
-    assert "session.py" not in out and "raise " not in out and "_ _ _" not in out
+    assert not any(f"{module}.py" in out for module in ("session", "loaded", "targets"))
+    assert "raise " not in out and "_ _ _" not in out
 
 
 # ------------------------------------------------------------------------------ the failure
@@ -255,10 +256,10 @@ def test_each_fingerprint_is_computed_once_per_session(pytester, recorded, cache
             calls[name] = calls.get(name, 0) + 1
             return function(*args, **kwargs)
 
-        monkeypatch.setattr(rulecheck.session, name, wrapper)
+        monkeypatch.setattr(rulecheck.loaded, name, wrapper)
 
     for name in ("load_model", "fingerprint_model", "fingerprint_sae", "fingerprint_corpus"):
-        counted(name, getattr(rulecheck.session, name))
+        counted(name, getattr(rulecheck.loaded, name))
     pytester.makefile(".yaml", L0H0=book_text(recorded))
     pytester.makefile(".yaml", L0H1=book_text({}, head=1))
     run(pytester, cache).assert_outcomes(passed=4)

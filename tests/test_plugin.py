@@ -141,12 +141,14 @@ def test_extract_regenerates_then_runs_keeping_manual_entries(books):
 def test_extract_loads_and_streams_once_per_layer(books, monkeypatch):
     """Two rulebooks of one layer are regenerated from one model load and one corpus pass,
     and the items that follow reuse both."""
-    import rulecheck.session
+    import rulecheck.loaded
+    import rulecheck.passes
 
     calls = {"load_model": 0, "collect_layer": 0}
+    modules = {"load_model": rulecheck.loaded, "collect_layer": rulecheck.passes}
 
     def counted(name):
-        real = getattr(rulecheck.session, name)
+        real = getattr(modules[name], name)
 
         def wrapper(*args, **kwargs):
             calls[name] += 1
@@ -155,7 +157,7 @@ def test_extract_loads_and_streams_once_per_layer(books, monkeypatch):
         return wrapper
 
     for name in calls:
-        monkeypatch.setattr(rulecheck.session, name, counted(name))
+        monkeypatch.setattr(modules[name], name, counted(name))
     result = run(books, "L0H0.yaml", "L0H1.yaml", "--rulecheck-extract=all")
     result.stdout.fnmatch_lines(["*rulecheck: regenerated*L0H0.yaml*", "*regenerated*L0H1.yaml*"])
     assert calls == {"load_model": 1, "collect_layer": 1}
