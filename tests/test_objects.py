@@ -144,9 +144,8 @@ def test_records_round_trip(extracted, objects):
 
 
 def test_one_exemplar_cache_for_python_cli_and_pytest(pytester, monkeypatch, tmp_path):
-    from pytest_rulecheck import cache_dir
-
     from rulecheck.paths import exemplar_cache
+    from rulecheck.plugin.settings import cache_dir
     from rulecheck.session import Workbench
 
     monkeypatch.setenv("RULECHECK_CACHE", str(tmp_path / "cache"))

@@ -316,7 +316,7 @@ def test_feature_fixture_aligns_activations_with_tokens(books):
 def test_xdist_workers_share_the_cores():
     """Each of n workers gets cores // n torch threads (all cores each oversubscribes them and
     runs many times slower); an explicit OMP_NUM_THREADS is left alone."""
-    from pytest_rulecheck import worker_threads
+    from rulecheck.plugin.settings import worker_threads
 
     assert worker_threads(2, 16, {}) == 8
     assert worker_threads(3, 2, {}) == 1

@@ -15,30 +15,25 @@ longer holds reported xfailed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
-import statistics
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-import rulecheck.profiles  # registers its profiles before Hypothesis reads --hypothesis-profile
+import rulecheck.profiles  # noqa: F401  registers its profiles before Hypothesis reads them
 from rulecheck.atomic import interrupted, noting_interrupts
-from rulecheck.errors import InvalidSpec, RulecheckError, printable
-
-STASH_BENCH = pytest.StashKey["Any"]()
-STASH_CHECK = pytest.StashKey["Any"]()
-STASH_CHANGED = pytest.StashKey["dict[str, Any]"]()
-STASH_BOOKS = pytest.StashKey["list[tuple[Any, str]]"]()  # collected books, for the workbench
-STASH_SELECTED = pytest.StashKey["dict[str, set[int]]"]()  # features whose items run, by file
-STASH_INTERRUPTS = pytest.StashKey[contextlib.ExitStack]()  # SIGINT noted for the session
-
+from rulecheck.errors import RulecheckError
+from rulecheck.plugin.settings import check_hypothesis_profile, check_settings, worker_threads
+from rulecheck.plugin.state import (
+    STASH_BOOKS,
+    STASH_CHECK,
+    STASH_INTERRUPTS,
+    STASH_SELECTED,
+    head_name,
+    relative,
+    workbench,
+)
 
 # ------------------------------------------------------------------------------------ options
 
@@ -109,81 +104,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-EXTRACT_MODES = ("extracted", "all")
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args: list[str]) -> None:
     """A bare ``--rulecheck-extract`` takes no value: written out, it cannot swallow the path
     after it (``pytest --rulecheck-extract rulebooks/``)."""
     args[:] = ["--rulecheck-extract=extracted" if a == "--rulecheck-extract" else a for a in args]
-
-
-def setting(config: pytest.Config, name: str, default: Any = None) -> Any:
-    """A rulecheck option: command line first, then ``[tool.pytest.ini_options]``."""
-    dest = "rulecheck_" + name.replace("-", "_")
-    value = config.getoption(dest, default=None)
-    if value is None:
-        value = config.getini(dest) or None
-    return default if value is None else value
-
-
-def setting_source(config: pytest.Config, name: str) -> dict[str, Any]:
-    """Where a rulecheck option's value comes from, as an error names it: the command line's
-    ``--rulecheck-NAME``, else the ini file's ``rulecheck_NAME`` key."""
-    dest = "rulecheck_" + name.replace("-", "_")
-    if config.getoption(dest, default=None) is None and config.getini(dest):
-        return {"file": config.inipath, "field": dest}
-    return {"field": f"--rulecheck-{name}"}
-
-
-def parse_setting(config: pytest.Config, name: str, cls: type) -> Any:
-    """The option ``name`` read through the bound of ``cls``'s field of that name (None when
-    not given); an error names the option or the ini key that gave it."""
-    from rulecheck.config import bound_of
-
-    text = setting(config, name)
-    if text is None:
-        return None
-    where = setting_source(config, name)
-    return bound_of(cls, name.replace("-", "_")).parse(text, where.pop("field"), **where)
-
-
-def cache_dir(config: pytest.Config) -> Path:
-    """The exemplar cache's directory: ``--rulecheck-cache`` (relative to the rootdir), else
-    the one every rulecheck tool shares (``rulecheck.paths.exemplar_cache``)."""
-    given = setting(config, "cache")
-    if given is None:
-        from rulecheck.paths import exemplar_cache
-
-        return exemplar_cache()
-    cache = Path(given)
-    return cache if cache.is_absolute() else config.rootpath / cache
-
-
-def workbench(config: pytest.Config):
-    """The session's Workbench (created on first use, in each xdist worker)."""
-    if STASH_BENCH not in config.stash:
-        from rulecheck.session import Workbench
-        from rulecheck.specs import Specs
-
-        overrides = Specs(
-            model=setting(config, "model"),  # type: ignore[arg-type]
-            sae_in=setting(config, "sae-in"),
-            sae_out=setting(config, "sae-out"),
-            corpus=setting(config, "corpus"),
-        )
-        bench = Workbench(
-            overrides=overrides,
-            device=setting(config, "device", "auto"),
-            cache_dir=cache_dir(config),
-        )
-        selected = config.stash.get(STASH_SELECTED, None)
-        for book, file in config.stash.get(STASH_BOOKS, []):
-            # a layer's heads then share one corpus pass, a book's features one prefix pass
-            bench.announce(book, file, None if selected is None else selected.get(file, ()))
-        config.stash[STASH_BENCH] = bench
-    return config.stash[STASH_BENCH]
 
 
 # ---------------------------------------------------------------------------------- collection
@@ -216,7 +141,7 @@ class OneLine:
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, RulecheckError):
-            return _relative(self.config, excinfo.value)  # type: ignore[attr-defined]
+            return relative(self.config, excinfo.value)  # type: ignore[attr-defined]
         if isinstance(excinfo.value, pytest.xfail.Exception):  # a claim changed in a gate run
             return str(excinfo.value)
         return super().repr_failure(excinfo, style)  # type: ignore[misc]
@@ -233,6 +158,7 @@ class RulebookFile(OneLine, pytest.File):
     """A rulebook: one head's claims."""
 
     def collect(self):
+        from rulecheck.plugin.regenerate import regeneration
         from rulecheck.rulebook import load_rulebook
 
         book = load_rulebook(self.path)
@@ -248,14 +174,6 @@ class RulebookFile(OneLine, pytest.File):
             yield LostItem.from_parent(self, name=f"lost[{rules.feature}]", rules=rules)
         if self.regenerated["removed"]:
             yield RemovedItem.from_parent(self, name="regenerated")
-
-
-def _relative(config: pytest.Config, error: RulecheckError) -> str:
-    """``error``'s line, naming its file relative to where pytest was started."""
-    if error.file is None or not os.path.isabs(error.file):
-        return str(error)
-    rel = os.path.relpath(error.file, config.invocation_params.dir)
-    return str(error).replace(error.file, rel, 1)
 
 
 class FeatureNode(pytest.Collector):
@@ -280,12 +198,13 @@ class FeatureNode(pytest.Collector):
 
 
 class RuleItem(OneLine, pytest.Item):
-    """One claim about a feature, checked by its rule kind."""
+    """One claim about a feature, checked by its rule kind (``rulecheck.plugin.checkrun``)."""
 
     def __init__(self, *, kind, index: int, **kw: Any) -> None:
         super().__init__(**kw)
         self.kind = kind
         self.index = index
+        self.remapped_to: int | None = None  # the feature's id in a gate run's retrained SAE
 
     @property
     def book(self):
@@ -296,64 +215,17 @@ class RuleItem(OneLine, pytest.Item):
         return self.parent.rules
 
     def runtest(self) -> None:
-        from rulecheck.errors import Regenerated, RuleFailed
-        from rulecheck.kinds import CheckContext
+        from rulecheck.plugin.checkrun import run_claim
+        from rulecheck.plugin.regenerate import regenerated_claims
 
         what = self.parent.parent.regenerated["features"].get(self.rules.feature)
         if what is not None:
-            raise Regenerated(
-                f"claims regenerated by --rulecheck-extract ({what}); review the change in the "
-                "book and run again",
-                file=self.path,
-                field=f"feature[{self.rules.feature}]",
-            )
-        config = self.config
-        bench = workbench(config).for_book(self.book)  # under the protocol it was measured with
-        settings = config.stash[STASH_CHECK]
-        file = str(self.path)
-        rules = self.rules
-        if settings.remap:
-            from rulecheck.gate import gated
-
-            gate = gated(bench, self.book, file, settings.remap)
-            bench.check_fingerprints(self.book, gate.old, file, settings.accept_changed)
-            head, translated = gate.new, gate.remapped.rules(rules.feature)
-            if translated is None:
-                self.record({"rule": self.kind.key, "lost": True, "passed": False})
-                changed(lost_reason(gate, gate.remapped.lost[rules.feature]))
-            if (translated.feature, self.kind.key, self.index) in gate.remapped.untranslatable:
-                from rulecheck.gate import untranslatable
-
-                self.record({"rule": self.kind.key, "passed": False})
-                try:
-                    untranslatable(gate, rules.feature, self.kind.key, self.index, file)
-                except RulecheckError as lost:
-                    as_evidence(config, lost)
-                    raise
-            rules = translated
-            self.remapped_to = translated.feature
-        else:
-            head = bench.head_of(self.book, file)
-            bench.check_fingerprints(self.book, head, file, settings.accept_changed)
-        ctx = CheckContext(
-            bench, head, file, tolerance=settings.tolerance, examples=settings.examples
-        )
-        try:
-            record = self.kind.check(ctx, rules, self.index)
-        except RulecheckError as failed:
-            if rules is not self.rules:
-                from rulecheck.gate import note_remapped
-
-                note_remapped(failed, self.rules.feature, rules.feature)
-            if isinstance(failed, RuleFailed):
-                self.record({**failed.record, "message": _relative(config, failed)})
-            as_evidence(config, failed)
-            raise
-        self.record(record)
+            raise regenerated_claims(what, self.path, self.rules.feature)
+        run_claim(self)
 
     def record(self, values: dict[str, Any]) -> None:
         entry = {"head": head_name(self.book), "feature": self.rules.feature, **values}
-        if getattr(self, "remapped_to", None) is not None:
+        if self.remapped_to is not None:
             entry["remapped_to"] = self.remapped_to
         self.user_properties.append(("rulecheck", entry))
 
@@ -370,21 +242,9 @@ class LostItem(BookItem):
         self.rules = rules
 
     def runtest(self) -> None:
-        from rulecheck.gate import gated, lost_verdict
+        from rulecheck.plugin.checkrun import run_lost
 
-        settings = self.config.stash[STASH_CHECK]
-        if settings.remap:
-            bench = workbench(self.config).for_book(self.parent.book)
-            gate = gated(bench, self.parent.book, str(self.path), settings.remap)
-            changed(lost_reason(gate, self.rules))
-        pytest.skip(lost_verdict(self.parent.book, self.rules, settings.allow_lost, str(self.path)))
-
-
-def lost_reason(gate, entry) -> str:
-    """Why a feature of the book has no partner in the retrained SAE."""
-    from rulecheck.gate import lost_reason
-
-    return lost_reason(gate.remapped.book, entry, gate.specs["sae_out"], gate.threshold)
+        run_lost(self.config, self.parent.book, self.rules, str(self.path))
 
 
 class GateItem(BookItem):
@@ -393,56 +253,21 @@ class GateItem(BookItem):
     status, the claims' items show which claims changed."""
 
     def runtest(self) -> None:
-        from rulecheck.errors import GateFailed
-        from rulecheck.gate import gate_verdict
+        from rulecheck.plugin.checkrun import run_gate
 
-        settings = self.config.stash[STASH_CHECK]
-        book, file = self.parent.book, str(self.path)
-        bench = workbench(self.config).for_book(book)
-        verdict = gate_verdict(
-            bench, book, file, settings.remap, settings.gate, accept_changed=settings.accept_changed
-        )
-        self.user_properties.append(("rulecheck-gate", verdict.record(head_name(book))))
-        if not verdict.passed:
-            raise GateFailed(verdict.reason(), file=file, field="gate")
+        def keep(record: dict[str, Any]) -> None:
+            self.user_properties.append(("rulecheck-gate", record))
 
-
-def head_name(book) -> str:
-    """How the run's tables name a book's head: ``rulecheck-tiny L0H3``."""
-    head = f"L{book.layer}H{book.head}"
-    return f"{printable(book.model)} {head}" if book.model else head
-
-
-def changed(reason: str) -> None:
-    """A claim that no longer holds under the retrained SAEs: evidence for the reviewer,
-    reported as xfailed; the gate items decide the run."""
-    pytest.xfail(f"changed under the retrained SAEs: {reason}")
-
-
-def as_evidence(config: pytest.Config, error: RulecheckError) -> None:
-    """In a gate run, a claim that does not hold (not bad input) is reported by ``changed``."""
-    from rulecheck.errors import NotEligible, RemapLost, RuleFailed
-
-    if config.stash[STASH_CHECK].remap and isinstance(error, RuleFailed | RemapLost | NotEligible):
-        changed(_relative(config, error))
+        run_gate(self.config, self.parent.book, str(self.path), keep)
 
 
 class RemovedItem(BookItem):
     """Fails once after regeneration removed extracted features, so the removal is reviewed."""
 
     def runtest(self) -> None:
-        from rulecheck.errors import Regenerated
+        from rulecheck.plugin.regenerate import removed_features
 
-        removed = self.parent.regenerated["removed"]
-        what = (
-            f"feature {removed[0]} is no longer extracted and was"
-            if len(removed) == 1
-            else f"features {', '.join(map(str, removed))} are no longer extracted and were"
-        )
-        raise Regenerated(
-            f"{what} removed by --rulecheck-extract; review the change in the book and run again",
-            file=self.path,
-        )
+        raise removed_features(self.parent.regenerated["removed"], self.path)
 
 
 # ---------------------------------------------------------------------------------- extraction
@@ -452,52 +277,14 @@ class RemovedItem(BookItem):
 def pytest_sessionstart(session: pytest.Session) -> None:
     """With ``--rulecheck-extract``, regenerate the rulebooks named on the command line before
     anything is collected: once, in the main process (before xdist starts its workers). What
-    changed is kept (``STASH_CHANGED``) so that those items fail, to be reviewed."""
+    changed is kept so that those items fail, to be reviewed."""
     config = session.config
     mode = config.getoption("rulecheck_extract")
     if not mode or hasattr(config, "workerinput"):
         return
-    from rulecheck.api import regenerated, write_rulebooks
-    from rulecheck.book import changes, merge_manual
-    from rulecheck.rulebook import load_rulebook, rulebook_files
+    from rulecheck.plugin.regenerate import regenerate
 
-    # =all fills manual-only books only where the user named them, never through testpaths
-    named = config.args_source == pytest.Config.ArgsSource.ARGS
-    notes, fresh, changed = [], [], {}
-    try:
-        todo = []
-        for path in rulebook_files(config.args or [str(config.rootpath)]):
-            old = load_rulebook(path)
-            if not any(f.source == "extracted" for f in old.features) and not (
-                mode == "all" and named
-            ):
-                notes.append(
-                    f"rulecheck: {path}: only manual entries, left as it is "
-                    "(--rulecheck-extract=all with this path named fills it)"
-                )
-                continue
-            todo.append((path, old))
-        bench = workbench(config)
-        for path, old in todo:  # the heads of a layer then share one corpus pass
-            bench.announce(old, str(path))
-        for path, old in todo:
-            new = regenerated(old, path, bench)
-            features, removed = changes(old, merge_manual(new, old))
-            changed[str(path.resolve())] = {"features": features, "removed": removed}
-            fresh.append((new, path))
-            n = len(features)
-            what = f"{n} feature{'' if n == 1 else 's'} changed" if n else "no claim changed"
-            notes.append(f"rulecheck: regenerated {path} ({what})")
-        write_rulebooks(fresh)  # refused after an interrupt, even one swallowed below
-    except RulecheckError as e:
-        if interrupted():
-            raise KeyboardInterrupt from None
-        raise pytest.UsageError(f"--rulecheck-extract: {_relative(config, e)}") from None
-    except Exception:
-        if interrupted():  # an interrupt a library turned into another error
-            raise KeyboardInterrupt from None
-        raise
-    config.stash[STASH_CHANGED] = changed
+    notes = regenerate(config, mode)
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         for line in notes:
@@ -507,19 +294,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist: the workers learn what regeneration changed."""
-    node.workerinput["rulecheck_changed"] = json.dumps(node.config.stash.get(STASH_CHANGED, {}))
+    from rulecheck.plugin.regenerate import changes_for_workers
 
-
-def regeneration(config: pytest.Config, path: Path) -> dict[str, Any]:
-    """What ``--rulecheck-extract`` changed in the book at ``path`` this session."""
-    if STASH_CHANGED not in config.stash:
-        text = getattr(config, "workerinput", {}).get("rulecheck_changed", "{}")
-        config.stash[STASH_CHANGED] = json.loads(text)
-    entry = config.stash[STASH_CHANGED].get(str(path.resolve()), {})
-    return {
-        "features": {int(k): v for k, v in entry.get("features", {}).items()},
-        "removed": entry.get("removed", []),
-    }
+    node.workerinput["rulecheck_changed"] = changes_for_workers(node.config)
 
 
 # -------------------------------------------------------------------------------------- fixtures
@@ -542,107 +319,21 @@ def feature(rulecheck_workbench):
     return make
 
 
-# ---------------------------------------------------------------------------------- reporting
-
-
-def check_settings(config: pytest.Config):
-    """The checking options, each read through its bound (``rulecheck.config``), and the
-    report path checked: all before anything is collected or run."""
-    from rulecheck.config import (
-        Budget,
-        CheckConfig,
-        GateConfig,
-        parse_accept_changed,
-        parse_budget,
-        parse_config,
-    )
-    from rulecheck.core.verdict import STATISTICS
-    from rulecheck.files import check_output_file
-
-    given = {name: parse_setting(config, name, CheckConfig) for name in ("tolerance", "examples")}
-    accept = parse_accept_changed(
-        setting(config, "accept-changed", ""), "--rulecheck-accept-changed"
-    )
-    remap = setting(config, "remap")
-    from rulecheck.mapping import AUTO, read_mappings
-
-    if remap is not None and remap != AUTO:
-        read_mappings(remap, setting_source(config, "remap")["field"])
-    allow_lost = setting(config, "allow-lost")
-    budget = Budget() if allow_lost is None else parse_budget(allow_lost, "--rulecheck-allow-lost")
-    gate = parse_config(
-        GateConfig,
-        {name: setting(config, f"gate-{name.replace('_', '-')}") for name in STATISTICS},
-        "--rulecheck-gate-{}",
-    )
-    checked = CheckConfig(
-        **{name: value for name, value in given.items() if value is not None},
-        accept_changed=accept,
-        remap=remap,
-        allow_lost=budget,
-        gate=gate,
-    )
-    from rulecheck.loading.devices import resolve_device
-
-    try:
-        resolve_device(setting(config, "device", "auto"))
-    except InvalidSpec as exc:
-        raise InvalidSpec(exc.what, field="--rulecheck-device", fix=exc.fix) from None
-    mode = config.getoption("rulecheck_extract", None)
-    if mode is not None and remap is not None:
-        raise InvalidSpec(
-            "cannot regenerate and remap in one run",
-            field="--rulecheck-remap",
-            fix="remap first (rulecheck remap --out DIR), then regenerate the written books",
-        )
-    if mode is not None and mode not in EXTRACT_MODES:
-        raise InvalidSpec(
-            f"unknown mode {mode!r}",
-            field="--rulecheck-extract",
-            fix="give --rulecheck-extract alone (the extracted features) or "
-            "--rulecheck-extract=all (also books holding only manual entries)",
-        )
-    check_caches(config)
-    for name in ("report", "html"):
-        path = setting(config, name)
-        if path is not None and not hasattr(config, "workerinput"):
-            check_output_file(path, f"--rulecheck-{name}")
-    return checked
-
-
-def check_caches(config: pytest.Config) -> None:
-    """``--rulecheck-cache`` and ``RULECHECK_CACHE`` as places a cache can be written to
-    (nothing is created yet): a file there, or under a file, is a usage error now, not a
-    traceback in every item after all the work."""
-    from rulecheck.paths import check_cache_dir, check_writable_dir
-
-    check_writable_dir(
-        cache_dir(config), "--rulecheck-cache", "name a directory you can write to, or leave it out"
-    )
-    check_cache_dir()
+# ------------------------------------------------------------------------------------- session
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
     """An unknown ``--hypothesis-profile`` is a usage error naming the option, before
     Hypothesis's plugin loads it (which raises inside pytest_configure: an INTERNALERROR)."""
-    from hypothesis import settings
-    from hypothesis.errors import InvalidArgument
-
-    name = config.getoption("hypothesis_profile", None)
-    if name is None:
-        return
-    try:
-        settings.get_profile(name)
-    except InvalidArgument:
-        raise pytest.UsageError(
-            f"--hypothesis-profile: no profile {name!r} is registered (fix: use "
-            f"{rulecheck.profiles.DEFAULT_PROFILE} or {rulecheck.profiles.CI_PROFILE}, or "
-            "register yours with settings.register_profile in a conftest.py)"
-        ) from None
+    check_hypothesis_profile(config.getoption("hypothesis_profile", None))
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Every option checked (bad input is a usage error, before collection), interrupts
+    noted, the summary registered and each xdist worker given its share of the cores."""
+    from rulecheck.plugin.summary import Summary
+
     try:
         config.stash[STASH_CHECK] = check_settings(config)
     except RulecheckError as e:
@@ -673,168 +364,3 @@ def pytest_runtest_call(item: pytest.Item):
     finally:
         if interrupted():
             raise KeyboardInterrupt  # also in place of an error the interrupt became
-
-
-def worker_threads(workers: int | None, cores: int | None, env: Mapping[str, str]) -> int | None:
-    """Torch threads for one of ``workers`` xdist workers: ``cores // workers`` (torch's
-    default, all cores in each, oversubscribes them and runs many times slower); None, torch
-    left as it is, outside xdist or where ``OMP_NUM_THREADS`` says."""
-    if not workers or "OMP_NUM_THREADS" in env:
-        return None
-    return max(1, (cores or 1) // int(workers))
-
-
-class Summary:
-    """Collects every checked rule's outcome (from workers too, under xdist) and prints a
-    table per head at the end; optionally writes them as JSON."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.results: list[dict[str, Any]] = []
-        self.gates: list[dict[str, Any]] = []  # each gate item's verdict (--rulecheck-remap)
-        self.items: list[Any] = []  # every rulebook item's outcome, for the HTML report
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call" and not (
-            report.when == "setup" and (report.failed or report.skipped)
-        ):
-            return
-        outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
-        records = [value for name, value in report.user_properties if name == "rulecheck"]
-        if report.when == "call" or report.failed:
-            for value in records:
-                self.results.append(dict(value, outcome=outcome, nodeid=report.nodeid))
-            for name, value in report.user_properties:
-                if name == "rulecheck-gate":
-                    gate = dict(value, rule="gate", outcome=outcome, nodeid=report.nodeid)
-                    self.gates.append(gate)
-                    records.append(gate)
-        if setting(self.config, "html") and report.nodeid.split("::", 1)[0].endswith(
-            (".yaml", ".yml")
-        ):
-            from rulecheck.html.outcomes import Outcome
-
-            failed = report.failed or outcome == "xfailed"
-            self.items.append(
-                Outcome(
-                    nodeid=report.nodeid,
-                    outcome=outcome,
-                    record=dict(records[0]) if records else {},
-                    message=_message(report, records) if failed else None,
-                )
-            )
-
-    def table(self) -> Table:
-        by_head: dict[str, dict[str, Any]] = {}
-        for r in self.results:
-            row = by_head.setdefault(
-                r["head"],
-                {"features": set(), "passed": 0, "failed": 0, "skipped": 0, "xfailed": 0},
-            )
-            row["features"].add(r["feature"])
-            kept = ("passed", "skipped", "xfailed")
-            row[r["outcome"] if r["outcome"] in kept else "failed"] += 1
-            if "f1" in r:
-                row.setdefault("f1", {})[r["feature"]] = r["f1"]
-        table = Table(title="rulecheck: rules by head")
-        for col in ("head", "features", "passed", "failed", "skipped", "xfailed", "median F1"):
-            table.add_column(col, justify="left" if col == "head" else "right")
-        for head in sorted(by_head, key=_head_order):
-            row = by_head[head]
-            f1 = statistics.median(row["f1"].values()) if row.get("f1") else None
-            counts = [str(row[k]) for k in ("passed", "failed", "skipped", "xfailed")]
-            table.add_row(
-                escape(head), str(len(row["features"])), *counts, "" if f1 is None else f"{f1:.2f}"
-            )
-        return table
-
-    def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config) -> None:
-        # 120 columns: the gate's table holds each statistic against its threshold unwrapped
-        console = Console(file=terminalreporter._tw._file, width=120)
-        if self.gates:
-            from rulecheck.report import print_gate
-
-            print_gate(sorted(self.gates, key=lambda g: _head_order(g["head"])), console)
-        stopped = exitstatus == pytest.ExitCode.INTERRUPTED or interrupted()
-        if self.results or self.gates:
-            if self.results:
-                console.print(self.table())
-            path = setting(self.config, "report")
-            if path:
-                entries = [*self.gates, *self.results]
-                data = json.dumps(entries, indent=2, sort_keys=True) + "\n"
-                self.write_output("report", Path(path), data, stopped, terminalreporter)
-        html = setting(self.config, "html")
-        if html and not hasattr(self.config, "workerinput"):
-            if stopped:
-                terminalreporter.write_line(f"rulecheck: interrupted; {html} not written")
-            else:
-                self.write_html(Path(html), terminalreporter)
-
-    def write_output(self, name: str, path: Path, data: str, stopped: bool, reporter) -> None:
-        """Write a run's output atomically, or say in one line why it was not: an
-        interrupted run's outcomes are not the run's."""
-        from rulecheck.atomic import atomic_write
-
-        if stopped:
-            reporter.write_line(f"rulecheck: interrupted; {path} not written")
-            return
-        try:
-            atomic_write(path, data.encode())
-        except (OSError, RulecheckError) as e:
-            what = _relative(self.config, e) if isinstance(e, RulecheckError) else str(e)
-            reporter.write_line(f"rulecheck: --rulecheck-{name}: {what}", red=True)
-
-    def write_html(self, path: Path, terminalreporter) -> None:
-        """The HTML report of the run's rulebooks, measured on the books' own checkpoints
-        (the retrained SAEs' ids mean nothing to a book's features)."""
-        import time
-
-        from rulecheck.html import build_report, write_report
-
-        start = time.perf_counter()
-        root = self.config.rootpath
-        files = sorted({o.file for o in self.items})
-        books = [(root / f, f) for f in files if (root / f).is_file()]
-        if not books:
-            terminalreporter.write_line(f"rulecheck: no rulebook items ran; {path} not written")
-            return
-        settings = self.config.stash[STASH_CHECK]
-        if settings.remap:
-            from rulecheck.session import Workbench
-
-            bench = Workbench(
-                device=setting(self.config, "device", "auto"), cache_dir=cache_dir(self.config)
-            )
-        else:
-            bench = workbench(self.config)
-        try:
-            html = build_report(books, self.items, bench=bench, root=root)
-            write_report(path, html, "--rulecheck-html")
-        except RulecheckError as e:
-            terminalreporter.write_line(
-                f"rulecheck: --rulecheck-html: {_relative(self.config, e)}", red=True
-            )
-            return
-        seconds = time.perf_counter() - start
-        terminalreporter.write_line(f"rulecheck: wrote {path} ({seconds:.1f} s)")
-
-
-def _message(report: pytest.TestReport, records: list[dict[str, Any]]) -> str:
-    """A failed item's message: its record's, else its report's text (without the line
-    naming the xdist worker)."""
-    for record in records:
-        if isinstance(record.get("message"), str):
-            return record["message"]
-    lines = report.longreprtext.splitlines()
-    return "\n".join(line for line in lines if not _WORKER_LINE.match(line)).strip()
-
-
-_WORKER_LINE = re.compile(r"^\[gw\d+\] .* -- Python ")
-
-
-def _head_order(name: str) -> tuple[str, int, int]:
-    """Rows by model, then layer and head (``"model L0H3"``)."""
-    model, _, name = name.rpartition(" ")
-    layer, head = name[1:].split("H")
-    return model, int(layer), int(head)
