@@ -10,6 +10,9 @@ feature yields ``f1``, ``precision`` and ``recall`` items (thresholds from ``exp
 With ``--rulecheck-remap`` (a retraining gate) each book also yields ``L0H3.yaml::gate``, its
 verdict from statistics of the whole book; the claims then are its evidence, a claim that no
 longer holds reported xfailed.
+
+This module holds the options, hooks, items and fixtures; what they do is in
+``rulecheck.plugin`` (settings, regeneration, running a claim, the summary and reports).
 """
 
 from __future__ import annotations
