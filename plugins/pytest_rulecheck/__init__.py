@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -179,6 +179,11 @@ class RulebookFile(OneLine, pytest.File):
             yield RemovedItem.from_parent(self, name="regenerated")
 
 
+def rulebook_of(node: pytest.Item) -> RulebookFile:
+    """The rulebook file ``node`` was collected from."""
+    return cast(RulebookFile, node.getparent(RulebookFile))
+
+
 class FeatureNode(pytest.Collector):
     """One output feature and the items checking its rules: each rule kind names its own."""
 
@@ -221,7 +226,7 @@ class RuleItem(OneLine, pytest.Item):
         from rulecheck.plugin.checkrun import run_claim
         from rulecheck.plugin.regenerate import regenerated_claims
 
-        what = self.parent.parent.regenerated["features"].get(self.rules.feature)
+        what = rulebook_of(self).regenerated["features"].get(self.rules.feature)
         if what is not None:
             raise regenerated_claims(what, self.path, self.rules.feature)
         run_claim(self)
@@ -247,7 +252,7 @@ class LostItem(BookItem):
     def runtest(self) -> None:
         from rulecheck.plugin.checkrun import run_lost
 
-        run_lost(self.config, self.parent.book, self.rules, str(self.path))
+        run_lost(self.config, rulebook_of(self).book, self.rules, str(self.path))
 
 
 class GateItem(BookItem):
@@ -261,7 +266,7 @@ class GateItem(BookItem):
         def keep(record: dict[str, Any]) -> None:
             self.user_properties.append(("rulecheck-gate", record))
 
-        run_gate(self.config, self.parent.book, str(self.path), keep)
+        run_gate(self.config, rulebook_of(self).book, str(self.path), keep)
 
 
 class RemovedItem(BookItem):
@@ -270,7 +275,7 @@ class RemovedItem(BookItem):
     def runtest(self) -> None:
         from rulecheck.plugin.regenerate import removed_features
 
-        raise removed_features(self.parent.regenerated["removed"], self.path)
+        raise removed_features(rulebook_of(self).regenerated["removed"], self.path)
 
 
 # ---------------------------------------------------------------------------------- extraction

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import pytest
 
@@ -122,7 +122,7 @@ def lost_reason(gate, entry) -> str:
     return lost_reason(gate.remapped.book, entry, gate.specs["sae_out"], gate.threshold)
 
 
-def changed(reason: str) -> None:
+def changed(reason: str) -> NoReturn:
     """A claim that no longer holds under the retrained SAEs: evidence for the reviewer,
     reported as xfailed; the gate items decide the run."""
     pytest.xfail(f"changed under the retrained SAEs: {reason}")

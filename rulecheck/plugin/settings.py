@@ -40,8 +40,11 @@ def parse_setting(config: pytest.Config, name: str, cls: type) -> Any:
     text = setting(config, name)
     if text is None:
         return None
+    bound = bound_of(cls, name.replace("-", "_"))
+    if bound is None:
+        raise TypeError(f"{cls.__name__}.{name} has no bound")  # a rulecheck bug
     where = setting_source(config, name)
-    return bound_of(cls, name.replace("-", "_")).parse(text, where.pop("field"), **where)
+    return bound.parse(text, where.pop("field"), **where)
 
 
 def cache_dir(config: pytest.Config) -> Path:

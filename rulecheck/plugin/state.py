@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Any
 
 import pytest
 
 from rulecheck.errors import RulecheckError, printable
 from rulecheck.plugin.settings import cache_dir, setting
 
-STASH_BENCH = pytest.StashKey["Any"]()
-STASH_CHECK = pytest.StashKey["Any"]()
+STASH_BENCH = pytest.StashKey[Any]()
+STASH_CHECK = pytest.StashKey[Any]()
 STASH_CHANGED = pytest.StashKey["dict[str, Any]"]()
 STASH_BOOKS = pytest.StashKey["list[tuple[Any, str]]"]()  # collected books, for the workbench
 STASH_SELECTED = pytest.StashKey["dict[str, set[int]]"]()  # features whose items run, by file

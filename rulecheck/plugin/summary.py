@@ -8,7 +8,7 @@ import json
 import re
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from rich.console import Console
@@ -37,13 +37,17 @@ class Summary:
         ):
             return
         outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else report.outcome
-        records = [value for name, value in report.user_properties if name == "rulecheck"]
+        records = [
+            cast(dict, value) for name, value in report.user_properties if name == "rulecheck"
+        ]
         if report.when == "call" or report.failed:
-            for value in records:
-                self.results.append(dict(value, outcome=outcome, nodeid=report.nodeid))
+            for record in records:
+                self.results.append(dict(record, outcome=outcome, nodeid=report.nodeid))
             for name, value in report.user_properties:
                 if name == "rulecheck-gate":
-                    gate = dict(value, rule="gate", outcome=outcome, nodeid=report.nodeid)
+                    gate = dict(
+                        cast(dict, value), rule="gate", outcome=outcome, nodeid=report.nodeid
+                    )
                     self.gates.append(gate)
                     records.append(gate)
         if setting(self.config, "html") and report.nodeid.split("::", 1)[0].endswith(
