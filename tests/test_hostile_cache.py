@@ -189,6 +189,20 @@ def test_a_full_disk_during_upgrade_is_one_line_and_writes_nothing(capsys, monke
 
 
 # ------------------------------------------------------------------------------ interrupts
+# xdist's workers ignore SIGINT, and an ignored signal stays ignored in the processes they
+# start: each test here gets Ctrl-C as a terminal delivers it, its own process and its children
+
+
+def _sigint_as_at_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python installs its handler over it
+
+
+@pytest.fixture(autouse=True)
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in this process during the test, as in a shell."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def test_ctrl_c_during_extract_exits_130_in_one_line_and_writes_nothing(tmp_path):
@@ -206,7 +220,12 @@ def test_ctrl_c_during_extract_exits_130_in_one_line_and_writes_nothing(tmp_path
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_sigint_as_at_a_terminal,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
     time.sleep(1.0)  # at work: loading torch, the model, streaming the corpus
