@@ -63,10 +63,10 @@ def test_the_calibration_command_writes_the_card_s_gate_section(tmp_path: Path) 
 @pytest.fixture(scope="module")
 def calibration_bench(tmp_path_factory: pytest.TempPathFactory) -> Workbench:
     """One workbench for the calibration cases: the model, the shipped SAEs and the book's
-    measurements on them are loaded and taken once, and an exemplar cache of the module's own
-    holds each output SAE's pass (keyed without the input SAE: an input SAE's case streams no
-    layer)."""
-    return Workbench(cache_dir=tmp_path_factory.mktemp("exemplars"))
+    measurements on them are loaded and taken once; exemplars go to the run's cache (each entry
+    keyed by the output SAE it was measured with), so the shipped SAEs' passes are shared with
+    the shipped books' checks."""
+    return Workbench()
 
 
 # gated live here: a degraded output SAE and a broken input SAE, beside the healthy input
