@@ -61,7 +61,7 @@ def test_the_calibration_command_writes_the_card_s_gate_section(tmp_path: Path) 
 
 
 @pytest.fixture(scope="module")
-def calibration_bench(tmp_path_factory: pytest.TempPathFactory) -> Workbench:
+def calibration_bench() -> Workbench:
     """One workbench for the calibration cases: the model, the shipped SAEs and the book's
     measurements on them are loaded and taken once; exemplars go to the run's cache (each entry
     keyed by the output SAE it was measured with), so the shipped SAEs' passes are shared with
