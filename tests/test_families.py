@@ -232,7 +232,7 @@ def test_the_surrogate_reads_each_score_at_its_distance(window):
     torch.testing.assert_close(got, slow_surrogate(feats, t, terms, mask))
 
 
-@pytest.mark.parametrize("order", ["key by key", "shuffled"])
+@pytest.mark.parametrize("order", ["key by key", "best key first", "shuffled"])
 @pytest.mark.parametrize("window", [None, 3])
 def test_importance_at_distances_is_the_slow_surrogate_s_derivative(order, window):
     """The written-out derivative of positional terms (one batched product per key when the
@@ -241,6 +241,8 @@ def test_importance_at_distances_is_the_slow_surrogate_s_derivative(order, windo
     g = torch.Generator().manual_seed(6)
     per, d_in, pos = 4, 8, 9
     key = torch.tensor([1, 4, 6]).repeat_interleave(per)
+    if order == "best key first":  # as candidate_terms orders them: by value, not by id
+        key = torch.tensor([6, 1, 4]).repeat_interleave(per)
     if order == "shuffled":
         key = key[torch.randperm(len(key), generator=g)]
     n_terms = len(key)

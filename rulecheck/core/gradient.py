@@ -154,14 +154,8 @@ def _importance_at_distances(
     n_terms, n_dist = table.shape
     keys, slot, key_value = key_slots(terms.key.to(device), terms.value.to(device, dtype))
     n_keys = keys.shape[0]
-    grouped = n_keys > 0 and n_terms % n_keys == 0
-    if grouped:  # key-major with equal groups: slot is [0]*Q + [1]*Q + ...
-        per = n_terms // n_keys
-        grouped = bool(
-            (slot.view(n_keys, per) == torch.arange(n_keys, device=device)[:, None]).all()
-        )
-    else:
-        per = 0
+    # key by key with as many terms each, keys in any order: block i holds key block_slot[i]
+    grouped, per, block_slot = _key_blocks(slot, n_keys)
     if not grouped:  # [batch, n_terms, D] per chunk: about 32 MiB at most
         batch_size = max(1, min(batch_size, 2**23 // max(1, table.numel())))
     total = torch.zeros(n_terms, dtype=dtype, device=device)
@@ -171,7 +165,8 @@ def _importance_at_distances(
         b, n_pos = q.shape[0], k.shape[1]
         # per_key [B, n_keys, D]: sum over a key's terms of fq_j attn_j(d)
         if grouped:
-            per_key = torch.bmm(
+            per_key = torch.empty(b, n_keys, n_dist, dtype=dtype, device=device)
+            per_key[:, block_slot] = torch.bmm(
                 q.view(b, n_keys, per).transpose(0, 1), table.view(n_keys, per, n_dist)
             ).transpose(0, 1)
         else:
@@ -191,12 +186,24 @@ def _importance_at_distances(
         )  # [B, n_keys, D]
         if grouped:
             reach = torch.bmm(
-                q.view(b, n_keys, per).permute(1, 2, 0), binned.transpose(0, 1)
+                q.view(b, n_keys, per).permute(1, 2, 0), binned[:, block_slot].transpose(0, 1)
             )  # [n_keys, per, D]
             total += (reach.reshape(n_terms, n_dist) * table).sum(1)
         else:
             total += torch.einsum("bj,bjd,jd->j", q, binned[:, slot], table)
     return total
+
+
+def _key_blocks(slot: Tensor, n_keys: int) -> tuple[bool, int, Tensor]:
+    """Whether the terms come key by key with as many terms each (as ``candidate_terms`` makes
+    them, best key first), the terms per key, and each block's key slot ``[n_keys]``."""
+    n_terms = slot.shape[0]
+    if n_keys == 0 or n_terms % n_keys:
+        return False, 0, slot[:0]
+    blocks = slot.view(n_keys, n_terms // n_keys)
+    first = blocks[:, 0]
+    distinct = torch.unique(first).shape[0] == n_keys
+    return bool((blocks == first[:, None]).all()) and distinct, blocks.shape[1], first
 
 
 def with_importance(terms: Terms, importance: Tensor) -> Terms:
