@@ -63,7 +63,7 @@ class Passes:
             cached = self.store.read(head)
             if cached is not None:
                 return cached
-            self._pass(head)
+            self.layer_pass(head)
         held = self.store.held(head)
         assert held is not None
         return held
@@ -102,18 +102,8 @@ class Passes:
         """One pass over the corpus for ``head``'s layer, once per session: the exemplars of
         the heads of ``layer_group(head)`` (or of ``heads``, ``head`` among them: extraction
         collects only the heads it extracts), by head index, and the layer's mean LayerNorm
-        scale. ``observe`` sees each batch's activations if the pass runs now."""
-        return self._pass(head, progress, heads, observe)
-
-    def _pass(
-        self,
-        head: Head,
-        progress: Progress = no_progress,
-        heads: Sequence[Head] | None = None,
-        observe: Callable[[dict[str, Tensor]], None] | None = None,
-    ) -> tuple[dict[int, ExemplarCollector], float]:
-        """``layer_pass``, its exemplars kept in the store; each head's draws keyed by its
-        sample ids where it has them."""
+        scale. ``observe`` sees each batch's activations if the pass runs now. The exemplars
+        are kept in the store, each head's draws keyed by its sample ids where it has them."""
         model, _, _, tokens = self.loaded.load(head)
         group = self.layer_group(head, heads)
         cfg = self.store.cfg

@@ -24,6 +24,21 @@ def project(inp: Tensor, W: Tensor, b: Tensor, h: Tensor) -> Tensor:
     return (inp @ w + b[h].reshape(n * d_head)).unflatten(-1, (n, d_head))
 
 
+def _qkv(
+    attn: Any, form: QKForm, h: Tensor, x_q: Tensor, x_kv: Tensor, t: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The queries of ``x_q`` at positions ``t [batch, n_q]`` and the keys and values of
+    ``x_kv`` (each ``[batch, n, len(h), d_head]``), q/k norm and rotary positions applied."""
+    q = form.normed(project(x_q, attn.W_Q, attn.b_Q, h), form.q_norm)  # [batch, n_q, n, d]
+    k = form.normed(project(x_kv, attn.W_K, attn.b_K, h), form.k_norm)  # [batch, pos, n, d]
+    v = project(x_kv, attn.W_V, attn.b_V, h)
+    if form.rotary is not None:
+        key_pos = torch.arange(x_kv.shape[1], device=x_kv.device)
+        q = form.rotary.rotate(q, t.unsqueeze(-1))
+        k = form.rotary.rotate(k, key_pos.view(1, -1, 1))
+    return q, k, v
+
+
 def attend(attn: Any, form: QKForm, h: Tensor, x_q: Tensor, x_kv: Tensor, t: Tensor) -> Tensor:
     """``[batch, n_q, len(h), d_head]``: the z of heads ``h`` of a layer whose weights are
     ``attn`` (``AttnWeights``, or a TransformerLens attention module: its ``W_K`` is already
@@ -31,13 +46,8 @@ def attend(attn: Any, form: QKForm, h: Tensor, x_q: Tensor, x_kv: Tensor, t: Ten
     d_model]`` at positions ``t [batch, n_q]`` over the keys and values of ``x_kv [batch, pos,
     d_model]`` (the layer's normalised input), with each step its attention takes: q/k norm,
     rotary positions, the scale, the soft cap, causal and local masks."""
-    q = form.normed(project(x_q, attn.W_Q, attn.b_Q, h), form.q_norm)  # [batch, n_q, n, d]
-    k = form.normed(project(x_kv, attn.W_K, attn.b_K, h), form.k_norm)  # [batch, pos, n, d]
-    v = project(x_kv, attn.W_V, attn.b_V, h)
+    q, k, v = _qkv(attn, form, h, x_q, x_kv, t)
     key_pos = torch.arange(x_kv.shape[1], device=x_kv.device)
-    if form.rotary is not None:
-        q = form.rotary.rotate(q, t.unsqueeze(-1))
-        k = form.rotary.rotate(k, key_pos.view(1, -1, 1))
     scores = form.capped(torch.einsum("bqnd,bpnd->bnqp", q, k) / form.attn_scale)
     distance = (t.unsqueeze(-1) - key_pos).unsqueeze(1)  # [batch, 1, n_q, pos]
     hidden = distance < 0
@@ -52,12 +62,8 @@ def attend_causal(attn: Any, form: QKForm, h: Tensor, x: Tensor) -> Tensor:
     """``attend`` for every position of ``x [batch, pos, d_model]`` where the form has no soft
     cap and no window: the same steps, the causal softmax fused by
     ``scaled_dot_product_attention``."""
-    q = form.normed(project(x, attn.W_Q, attn.b_Q, h), form.q_norm)  # [batch, pos, n, d]
-    k = form.normed(project(x, attn.W_K, attn.b_K, h), form.k_norm)
-    v = project(x, attn.W_V, attn.b_V, h)
-    if form.rotary is not None:
-        positions = torch.arange(x.shape[1], device=x.device).view(1, -1, 1)
-        q, k = form.rotary.rotate(q, positions), form.rotary.rotate(k, positions)
+    positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    q, k, v = _qkv(attn, form, h, x, x, positions)
     q, k, v = (y.transpose(1, 2).to(v.dtype) for y in (q, k, v))  # [batch, n, pos, d]
     z = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=1 / form.attn_scale
