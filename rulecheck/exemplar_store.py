@@ -34,6 +34,7 @@ from rulecheck.specs import Head
 
 COLLECTOR_STATE = ("active", "top_val", "top_seq", "top_pos", "neg_key", "neg_seq")
 HELD_STATE = ("held_feat", "held_row", "held_pos", "held_val")  # ``core.heldout``
+LN_SCALE = "ln_scale"  # the pass's mean inverse LayerNorm scale, exact (float64)
 
 
 class CacheWarning(UserWarning):
@@ -61,6 +62,8 @@ class ExemplarStore:
         self.cache_dir = cache_dir
         self.sample_ids: dict[Head, Tensor] = {} if sample_ids is None else sample_ids
         self._collectors: dict[tuple[Head, str | None], ExemplarCollector] = {}
+        # the mean LayerNorm scale of the pass that collected a head, where known
+        self._ln_scales: dict[tuple[Head, str | None], float] = {}
 
     # ------------------------------------------------------------------------ sample ids
 
@@ -81,15 +84,22 @@ class ExemplarStore:
         """The head's exemplar state if it is in memory."""
         return self._collectors.get((head, self.ids_digest(head)))
 
+    def ln_scale(self, head: Head) -> float | None:
+        """The mean inverse LayerNorm scale of the pass that collected the head's exemplars
+        (the layer's, whichever heads it collected), if known."""
+        return self._ln_scales.get((head, self.ids_digest(head)))
+
     def has(self, head: Head) -> bool:
         """Whether the head's exemplars are at hand (in memory or the disk cache)."""
         if self.held(head) is not None:
             return True
         return self.cache_dir is not None and self._path(head).exists()
 
-    def keep(self, group: Sequence[Head], collectors: dict[int, ExemplarCollector]) -> None:
-        """Hold a pass's exemplars (and write them to the disk cache), so that a head a pass
-        collected is never streamed again in the session, whichever pass it was."""
+    def keep(
+        self, group: Sequence[Head], collectors: dict[int, ExemplarCollector], ln_scale: float
+    ) -> None:
+        """Hold a pass's exemplars and its LayerNorm scale (and write them to the disk cache),
+        so that a head a pass collected is never streamed again, whichever pass it was."""
         for other in group:
             key = (other, self.ids_digest(other))
             if key in self._collectors:
@@ -97,8 +107,9 @@ class ExemplarStore:
             col = collectors[other.head]
             col.flush()
             self._collectors[key] = col
+            self._ln_scales[key] = ln_scale
             if self.cache_dir is not None:
-                self._write(other, col)
+                self._write(other, col, ln_scale)
 
     # ----------------------------------------------------------------------------- disk
 
@@ -152,15 +163,20 @@ class ExemplarStore:
         for name in (*COLLECTOR_STATE, *HELD_STATE):
             setattr(col, name, state[name])
         col.n_seen = int(state["n_seen"])
-        self._collectors[(head, self.ids_digest(head))] = col
+        key = (head, self.ids_digest(head))
+        self._collectors[key] = col
+        if LN_SCALE in state:
+            self._ln_scales[key] = float(state[LN_SCALE])
         return col
 
-    def _write(self, head: Head, col: ExemplarCollector) -> None:
-        """Write the head's exemplar state to the disk cache, its key inside; a cache that
-        cannot be written (a full disk) is a warning: the run goes on without it."""
+    def _write(self, head: Head, col: ExemplarCollector, ln_scale: float) -> None:
+        """Write the head's exemplar state and its pass's LayerNorm scale to the disk cache,
+        its key inside; a cache that cannot be written (a full disk) is a warning: the run
+        goes on without it."""
         names = (*COLLECTOR_STATE, *HELD_STATE)
         state = {name: getattr(col, name).contiguous().cpu() for name in names}
         state["n_seen"] = torch.tensor(col.n_seen)
+        state[LN_SCALE] = torch.tensor(ln_scale, dtype=torch.float64)
         path = self._path(head)
         try:
             atomic_write(path, save(state, metadata={"key": self._key_parts(head)}))
@@ -240,6 +256,9 @@ def _check_state(state: dict[str, Tensor], col: ExemplarCollector) -> None:
     d_sae = col.active.shape[0]
     if state["active"].shape != (d_sae,) or state["n_seen"].numel() != 1:
         raise ValueError("shape")
+    scale = state.get(LN_SCALE)
+    if scale is not None and (scale.numel() != 1 or not bool(torch.isfinite(scale).all())):
+        raise ValueError("ln_scale")
     widths = {state[n].shape[1] if state[n].dim() == 2 else -1 for n in COLLECTOR_STATE[1:]}
     rows = {state[n].shape[0] for n in COLLECTOR_STATE}
     if rows != {d_sae} or -1 in widths:

@@ -72,8 +72,8 @@ class Passes:
         """The heads one corpus pass for ``head`` collects: ``head``, ``heads`` when given
         (extraction collects the heads it extracts), and the heads announced that read the
         same model and corpus at that layer (one head per index; only SAEs that load; none
-        whose draws are keyed by other ids): what the session will read, not every head the
-        SAE's ``{head}`` template could name. A head whose draws are keyed by other ids
+        whose draws are keyed by other ids; none whose exemplars are at hand already): what
+        the session will read, not every head the SAE's ``{head}`` template could name. A head whose draws are keyed by other ids
         (``ExemplarStore.sample_by``) has a pass of its own."""
         keyed = self.store.sample_ids
         if head in keyed:
@@ -88,6 +88,8 @@ class Passes:
         for other in others:
             if other.head in taken or other in keyed or not self.loaded.loads(other):
                 continue
+            if other not in (heads or ()) and self.store.has(other):
+                continue  # announced, and collected by an earlier pass: not streamed again
             group.append(other)
             taken.add(other.head)
         return sorted(group, key=lambda h: h.head)
@@ -116,10 +118,31 @@ class Passes:
             ids = {g.head: keyed[g] for g in group if g in keyed}
             return collect_layer(model, saes, tokens, head.layer, extract, progress, ids, observe)
 
+        def at_hand() -> tuple[dict[int, ExemplarCollector], float]:
+            """What an earlier pass collected for every head of the group, if it did: a pass
+            that keeps nothing else (no ``observe``) is then not run again."""
+            found = None if observe is not None else self._collected(group)
+            return found or compute()
+
         digests = tuple(self.store.ids_digest(g) for g in group)
-        collectors, ln_scale = self.memo(("layer_pass", tuple(group), digests, cfg), compute)
-        self.store.keep(group, collectors)
+        collectors, ln_scale = self.memo(("layer_pass", tuple(group), digests, cfg), at_hand)
+        self.store.keep(group, collectors, ln_scale)
         return collectors, ln_scale
+
+    def _collected(
+        self, group: Sequence[Head]
+    ) -> tuple[dict[int, ExemplarCollector], float] | None:
+        """The exemplars of every head of ``group`` and their pass's LayerNorm scale, from
+        memory or the disk cache; None unless all are there, from passes of one scale."""
+        collectors, scales = {}, set()
+        for g in group:
+            col = self.store.held(g) or self.store.read(g)
+            scale = self.store.ln_scale(g)
+            if col is None or scale is None:
+                return None
+            collectors[g.head] = col
+            scales.add(scale)
+        return (collectors, scales.pop()) if len(scales) == 1 else None
 
     def sequence_chunks(
         self, head: Head, seq: Tensor, t: Tensor, columns: Sequence[int] | None = None

@@ -59,7 +59,7 @@ FIRST = (
     "tests/test_gate.py",  # 90: retrained, permuted and broken SAEs gated end to end
     "tests/test_gate_calibration.py",  # 55: degraded and broken retrains gated live
     "rulebooks/rulecheck-tiny/L1H0.yaml",  # 21: streams layer 1
-    "rulebooks/rulecheck-tiny/L0H0.yaml",  # 11: streams layer 0
+    "rulebooks/rulecheck-tiny/L0H2.yaml",  # 11: streams layer 0 (less what is cached)
     "rulebooks/rulecheck-tiny-llama/L1H0.yaml",  # streams layer 1 of the other family
     "rulebooks/rulecheck-tiny-llama/L0H0.yaml",  # streams its layer 0
     "tests/test_tiny_rulebooks.py",  # 33

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_sae
+from conftest import PLANTED_BOOK, random_sae
 
 from rulecheck import zoo
 from rulecheck.cli import main
-from rulecheck.rulebook import load_rulebook
+from rulecheck.rulebook import load_rulebook, parse_rulebook
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +343,80 @@ def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch):
     assert len(streamed) == 1
     assert got[0] is not None and got[1] is not None
     assert torch.equal(got[0].top_seq, got[1].top_seq)
+
+
+def _streamed_heads(monkeypatch) -> list[list[int]]:
+    """The heads each corpus pass from now on collects (``collect_layer``'s output SAEs)."""
+    import rulecheck.passes
+
+    streamed: list[list[int]] = []
+    real = rulecheck.passes.collect_layer
+
+    def counted(model, saes, *args, **kwargs):
+        streamed.append(sorted(saes))
+        return real(model, saes, *args, **kwargs)
+
+    monkeypatch.setattr(rulecheck.passes, "collect_layer", counted)
+    return streamed
+
+
+def test_a_later_session_extracts_from_the_cached_exemplars(tmp_path, monkeypatch):
+    """A session whose heads' exemplars an earlier one cached (a gate's fresh extraction, a
+    regeneration) extracts from them without streaming the corpus, and writes the book a
+    session without a cache writes; an entry written before entries kept the pass's LayerNorm
+    scale is read for checks, and extraction streams again."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from rulecheck.api import extract_books
+    from rulecheck.config import ExtractConfig
+    from rulecheck.rulebook import dump_rulebook
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
+
+    planted = Specs("planted").resolve()
+    cfg = ExtractConfig(features=(1,))
+
+    def extracted(bench: Workbench) -> str:
+        [book] = extract_books(bench, planted, 0, [0], cfg)
+        return dump_rulebook(book)
+
+    alone = extracted(Workbench(device="cpu", cache_dir=None))
+    first = Workbench(device="cpu", cache_dir=tmp_path / "cache")
+    first.collector(first.layer_heads(planted, 0, [0])[0])
+    streamed = _streamed_heads(monkeypatch)
+    assert extracted(Workbench(device="cpu", cache_dir=tmp_path / "cache")) == alone
+    assert streamed == []
+    [entry] = (tmp_path / "cache").glob("exemplars-*.safetensors")
+    with safe_open(str(entry), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(entry)
+    del state["ln_scale"]
+    save_file(state, entry, metadata=metadata)
+    later = Workbench(device="cpu", cache_dir=tmp_path / "cache")
+    assert later.has_exemplars(later.layer_heads(planted, 0, [0])[0])
+    assert extracted(later) == alone
+    assert streamed == [[0]]
+
+
+def test_a_pass_does_not_stream_again_the_announced_heads_already_cached(tmp_path, monkeypatch):
+    """A layer's pass collects the heads the session will read, except those whose exemplars
+    an earlier pass cached: they are read from the cache."""
+    from rulecheck.session import Workbench
+    from rulecheck.specs import Specs
+
+    planted = Specs("planted").resolve()
+    first = Workbench(device="cpu", cache_dir=tmp_path / "cache")
+    head0, _ = first.layer_heads(planted, 0, [0, 1])
+    cached = first.collector(head0)
+    streamed = _streamed_heads(monkeypatch)
+    later = Workbench(device="cpu", cache_dir=tmp_path / "cache")
+    head0, head1 = later.layer_heads(planted, 0, [0, 1])
+    for text in (PLANTED_BOOK, PLANTED_BOOK.replace("head: 0", "head: 1")):
+        later.announce(parse_rulebook(text), "book.yaml")
+    later.collector(head1)
+    assert streamed == [[1]]
+    assert torch.equal(later.collector(head0).top_seq, cached.top_seq) and streamed == [[1]]
 
 
 @pytest.mark.parametrize(

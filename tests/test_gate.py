@@ -81,10 +81,11 @@ def gate_dir(pytester: pytest.Pytester, tmp_path: Path) -> pytest.Pytester:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One exemplar cache for the module's runs (entries are keyed by the fingerprints and the
-    ids draws are keyed by, so runs against other SAEs never share one)."""
-    return tmp_path_factory.mktemp("cache")
+def cache() -> Path:
+    """The test run's exemplar cache (``conftest``), so that a pass one run streams is read by
+    the next (entries are keyed by the fingerprints and the ids draws are keyed by, so runs
+    against other SAEs never share one)."""
+    return Path(os.environ["RULECHECK_CACHE"])
 
 
 def run(
