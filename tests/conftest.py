@@ -56,13 +56,13 @@ def _libraries_imported_once() -> None:
 # cold exemplar cache each worker streams its own layer instead of waiting on the other's
 # (the cache's layer lock). Seconds on 2 cores, cold cache, in the comments.
 FIRST = (
-    "tests/test_gate.py",  # 90: retrained, permuted and broken SAEs gated end to end
-    "tests/test_gate_calibration.py",  # 55: degraded and broken retrains gated live
+    "tests/test_gate.py",  # 80: retrained, permuted and broken SAEs gated end to end
+    "tests/test_gate_calibration.py",  # 35: a broken and a healthy input retrain gated live
     "rulebooks/rulecheck-tiny/L1H0.yaml",  # 21: streams layer 1
     "rulebooks/rulecheck-tiny/L0H2.yaml",  # 11: streams layer 0 (less what is cached)
     "rulebooks/rulecheck-tiny-llama/L1H0.yaml",  # streams layer 1 of the other family
     "rulebooks/rulecheck-tiny-llama/L0H0.yaml",  # streams its layer 0
-    "tests/test_tiny_rulebooks.py",  # 33
+    "tests/test_tiny_rulebooks.py",  # 25
     "tests/test_plugin.py",  # 28
     "tests/test_regenerate.py",  # 22
     "tests/test_tiny.py",  # 20: the shipped SAEs against the card
