@@ -113,28 +113,11 @@ class ExemplarStore:
 
     # ----------------------------------------------------------------------------- disk
 
-    @contextlib.contextmanager
-    def layer_lock(self, head: Head) -> Iterator[None]:
+    def layer_lock(self, head: Head) -> contextlib.AbstractContextManager[None]:
         """Hold the disk cache's lock of the head's layer: processes sharing the cache (pytest
         workers) wait for one pass over a layer instead of each streaming it."""
-        if self.cache_dir is None or fcntl is None:
-            yield
-            return
         name = repr((head.specs.model, head.specs.corpus, head.layer)).encode()
-        path = self.cache_dir / f"layer-{hashlib.sha256(name).hexdigest()[:16]}.lock"
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            lock = path.open("a")
-        except OSError as exc:
-            _cache_warning(f"{path}: exemplar cache unusable ({exc.strerror or exc}); unlocked")
-            yield
-            return
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return cache_lock(self.cache_dir, f"layer-{hashlib.sha256(name).hexdigest()[:16]}")
 
     def read(self, head: Head) -> ExemplarCollector | None:
         """The head's exemplar state from the disk cache, if a whole entry of its key is there
@@ -156,7 +139,7 @@ class ExemplarStore:
             state = _read_entry(path, self._key_parts(head), str(device))
             _check_state(state, col)
         except Exception as exc:  # any unreadable entry: a cache is never worth a failure
-            _cache_warning(f"{path}: unreadable exemplar cache entry ({_why(exc)}), rebuilt")
+            cache_warning(f"{path}: unreadable exemplar cache entry ({_why(exc)}), rebuilt")
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
             return None
@@ -182,7 +165,7 @@ class ExemplarStore:
             atomic_write(path, save(state, metadata={"key": self._key_parts(head)}))
         except OSError as exc:
             why = exc.strerror or exc
-            _cache_warning(f"{path}: exemplar cache entry not written ({why}); going on uncached")
+            cache_warning(f"{path}: exemplar cache entry not written ({why}); going on uncached")
 
     def _path(self, head: Head) -> Path:
         assert self.cache_dir is not None
@@ -203,6 +186,29 @@ class ExemplarStore:
         if head in self.sample_ids:
             parts["sample_ids"] = self.ids_digest(head)
         return json.dumps(parts, sort_keys=True)
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path | None, name: str) -> Iterator[None]:
+    """Hold the lock ``name`` of the disk cache at ``cache_dir``, so that processes sharing the
+    cache compute what it will hold once; without a cache (or ``fcntl``) nothing is locked."""
+    if cache_dir is None or fcntl is None:
+        yield
+        return
+    path = cache_dir / f"{name}.lock"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = path.open("a")
+    except OSError as exc:
+        cache_warning(f"{path}: cache unusable ({exc.strerror or exc}); unlocked")
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def feature_examples(
@@ -231,7 +237,8 @@ def feature_examples(
     return col.examples(feature)
 
 
-def _cache_warning(message: str) -> None:
+def cache_warning(message: str) -> None:
+    """Warn that a cache entry was not used or not written (never an error)."""
     warnings.warn(message, CacheWarning, stacklevel=3)
 
 

@@ -28,6 +28,7 @@ from rulecheck.config import Budget, GateConfig, MatchConfig
 from rulecheck.core.pairs import Matching
 from rulecheck.core.verdict import FeatureChange, Verdict, gate_statistics, judge
 from rulecheck.errors import InvalidMapping, RemapLost, RulecheckError
+from rulecheck.gate_store import gate_key, stored
 from rulecheck.mapping import AUTO, MappingHeader, mapping_for
 from rulecheck.match import match_saes
 from rulecheck.remap import FeatureMap, Remapped, referenced_inputs, remap_book
@@ -321,5 +322,10 @@ def gate_verdict(
         inputs = None if in_map is None else (sum(f in in_map.new_of for f in named), len(named))
         return feature_changes(bench, gate, book, file), inputs
 
-    changes, inputs = bench.memo(("gate", file, source, cfg, bench.overrides), compute)
+    def once() -> tuple[list[FeatureChange], tuple[int, int] | None]:
+        """Measured once among the processes sharing the cache (``gate_store``)."""
+        key = gate_key(bench, gate, book, cfg or MatchConfig())
+        return stored(bench.cache_dir, key, [r.feature for r in book.features], compute)
+
+    changes, inputs = bench.memo(("gate", file, source, cfg, bench.overrides), once)
     return judge(gate_statistics(changes, inputs), thresholds)

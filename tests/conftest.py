@@ -17,7 +17,8 @@ if "RULECHECK_TEST_CACHE" not in os.environ:
     os.environ["RULECHECK_TEST_CACHE"] = tempfile.mkdtemp(prefix="rulecheck-test-")
 os.environ["RULECHECK_CACHE"] = os.environ["RULECHECK_TEST_CACHE"]
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -98,6 +99,24 @@ features:
       - {key: {tokens: [if]}, query: {tokens: [then]}}
     expect: {f1: 0.5}
 """
+
+
+def at_once(*calls: Callable[[], Any]) -> list[Any]:
+    """Each call in a thread of its own, all started together (sessions sharing a cache, as
+    pytest workers do); their results, in order."""
+    import threading
+
+    got: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        got[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return got
 
 
 def random_model(

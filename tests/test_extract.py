@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PLANTED_BOOK, random_sae
+from conftest import PLANTED_BOOK, at_once, random_sae
 
 from rulecheck import zoo
 from rulecheck.cli import main
@@ -312,7 +312,6 @@ def test_inputs_are_kept_only_when_the_prefixes_outnumber_the_corpus():
 def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch):
     """Two sessions (pytest workers, say) asking at once for a layer's exemplars with a cold
     cache: one streams the corpus, the other waits for it and reads the cache."""
-    import threading
     import time
 
     import rulecheck.passes
@@ -330,16 +329,7 @@ def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch):
     monkeypatch.setattr(rulecheck.passes, "collect_layer", slow)
     benches = [Workbench(device="cpu", cache_dir=tmp_path / "cache") for _ in range(2)]
     heads = [b.layer_heads(Specs("planted").resolve(), 0, [0])[0] for b in benches]
-    got = [None, None]
-
-    def ask(i):
-        got[i] = benches[i].collector(heads[i])
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    got = at_once(*(lambda b=b, h=h: b.collector(h) for b, h in zip(benches, heads, strict=True)))
     assert len(streamed) == 1
     assert got[0] is not None and got[1] is not None
     assert torch.equal(got[0].top_seq, got[1].top_seq)
