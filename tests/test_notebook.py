@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).parents[1]
@@ -91,6 +92,9 @@ def test_the_notebook_runs_in_a_kernel_with_progress_tables_and_cards(tmp_path, 
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     out = tmp_path / "books"
     env = {**os.environ, "RULECHECK_NOTEBOOK_OUT": str(out)}
+    # the kernel's torch on this process's share of the cores (one, beside another xdist
+    # worker): more threads than cores spin against each other, three times the CPU
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cells = code_cells(NOTEBOOK)
     kernel = Kernel(tmp_path, env)
