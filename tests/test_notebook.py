@@ -43,7 +43,13 @@ class Kernel:
         kernel = {"argv": argv, "display_name": "rulecheck test", "language": "python"}
         (spec / "kernel.json").write_text(json.dumps(kernel))
         specs = KernelSpecManager(kernel_dirs=[str(spec.parent)], ensure_native_kernel=False)
-        self.manager = KernelManager(kernel_name="rulecheck-test", kernel_spec_manager=specs)
+        # Unix sockets in ``directory``, not TCP ports: nothing but the file system is needed
+        self.manager = KernelManager(
+            kernel_name="rulecheck-test",
+            kernel_spec_manager=specs,
+            transport="ipc",
+            ip=str(directory / "kernel"),
+        )
         self.manager.start_kernel(cwd=str(directory), env=env)
         self.client = self.manager.client()
         self.client.start_channels()
