@@ -90,3 +90,22 @@ def test_a_broken_entry_is_a_warning_and_is_measured_again(tmp_path, retrained, 
     with pytest.warns(CacheWarning, match="unreadable gate cache entry"):
         assert verdict(tmp_path, retrained).statistics == first.statistics
     assert len(measured) == len(DAMAGES) + 2
+
+
+def test_a_full_disk_under_the_gate_cache_is_a_warning_and_the_verdict_stands(
+    tmp_path, retrained, monkeypatch
+):
+    import errno
+
+    import rulecheck.gate_store
+
+    first = verdict(tmp_path / "one", retrained)
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rulecheck.gate_store, "atomic_write", full)
+    with pytest.warns(CacheWarning, match="gate cache entry not written .No space left"):
+        again = verdict(tmp_path / "two", retrained)
+    assert again.statistics == first.statistics and again.passed == first.passed
+    assert not list((tmp_path / "two").glob("gate-*.json"))
