@@ -61,9 +61,9 @@ class ExemplarStore:
         self.cfg = cfg
         self.cache_dir = cache_dir
         self.sample_ids: dict[Head, Tensor] = {} if sample_ids is None else sample_ids
-        self._collectors: dict[tuple[Head, str | None], ExemplarCollector] = {}
-        # the mean LayerNorm scale of the pass that collected a head, where known
-        self._ln_scales: dict[tuple[Head, str | None], float] = {}
+        # each head's exemplars, with the mean LayerNorm scale of the pass that collected
+        # them where known (an entry written before entries kept it has none)
+        self._held: dict[tuple[Head, str | None], tuple[ExemplarCollector, float | None]] = {}
 
     # ------------------------------------------------------------------------ sample ids
 
@@ -82,12 +82,14 @@ class ExemplarStore:
 
     def held(self, head: Head) -> ExemplarCollector | None:
         """The head's exemplar state if it is in memory."""
-        return self._collectors.get((head, self.ids_digest(head)))
+        held = self._held.get((head, self.ids_digest(head)))
+        return None if held is None else held[0]
 
     def ln_scale(self, head: Head) -> float | None:
         """The mean inverse LayerNorm scale of the pass that collected the head's exemplars
         (the layer's, whichever heads it collected), if known."""
-        return self._ln_scales.get((head, self.ids_digest(head)))
+        held = self._held.get((head, self.ids_digest(head)))
+        return None if held is None else held[1]
 
     def has(self, head: Head) -> bool:
         """Whether the head's exemplars are at hand (in memory or the disk cache)."""
@@ -102,12 +104,11 @@ class ExemplarStore:
         so that a head a pass collected is never streamed again, whichever pass it was."""
         for other in group:
             key = (other, self.ids_digest(other))
-            if key in self._collectors:
+            if key in self._held:
                 continue
             col = collectors[other.head]
             col.flush()
-            self._collectors[key] = col
-            self._ln_scales[key] = ln_scale
+            self._held[key] = (col, ln_scale)
             if self.cache_dir is not None:
                 self._write(other, col, ln_scale)
 
@@ -146,10 +147,8 @@ class ExemplarStore:
         for name in (*COLLECTOR_STATE, *HELD_STATE):
             setattr(col, name, state[name])
         col.n_seen = int(state["n_seen"])
-        key = (head, self.ids_digest(head))
-        self._collectors[key] = col
-        if LN_SCALE in state:
-            self._ln_scales[key] = float(state[LN_SCALE])
+        scale = float(state[LN_SCALE]) if LN_SCALE in state else None
+        self._held[(head, self.ids_digest(head))] = (col, scale)
         return col
 
     def _write(self, head: Head, col: ExemplarCollector, ln_scale: float) -> None:

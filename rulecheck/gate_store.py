@@ -22,7 +22,7 @@ from rulecheck import __version__
 from rulecheck.atomic import atomic_write
 from rulecheck.core.verdict import FeatureChange
 from rulecheck.exemplar_store import cache_lock, cache_warning
-from rulecheck.files import MiB
+from rulecheck.files import MiB, read_limited
 
 if TYPE_CHECKING:
     from rulecheck.book import Rulebook
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from rulecheck.remap import FeatureMap
     from rulecheck.session import Workbench
 
-Measured = tuple[list[FeatureChange], "tuple[int, int] | None"]
+Measured = tuple[list[FeatureChange], tuple[int, int] | None]
 ENTRY_LIMIT = 16 * MiB  # far above any book's entry (a few hundred bytes a feature)
 
 
@@ -91,8 +91,6 @@ def stored(
 def _read(path: Path, key: str, features: list[int]) -> Measured | None:
     """The measurements in the entry at ``path`` if it holds ``key`` and is whole; an entry
     that is not is a warning, and is removed."""
-    from rulecheck.files import read_limited
-
     if not path.exists():
         return None
     try:
