@@ -238,21 +238,28 @@ def test_shards_together_write_exactly_the_unsharded_books(tmp_path: Path) -> No
         assert (whole / name).read_bytes() == (parts / name).read_bytes(), name
 
 
+def _streamed_heads(monkeypatch) -> list[list[int]]:
+    """The heads each corpus pass from now on collects (``collect_layer``'s output SAEs)."""
+    import rulecheck.passes
+
+    streamed: list[list[int]] = []
+    real = rulecheck.passes.collect_layer
+
+    def counted(model, saes, *args, **kwargs):
+        streamed.append(sorted(saes))
+        return real(model, saes, *args, **kwargs)
+
+    monkeypatch.setattr(rulecheck.passes, "collect_layer", counted)
+    return streamed
+
+
 def test_a_one_head_extraction_streams_the_corpus_for_that_head_only(tmp_path, monkeypatch):
     """The corpus pass encodes with the extracted heads' output SAEs only, and the book is the
     one a whole-layer extraction writes for that head."""
-    import rulecheck.passes
     from rulecheck.loading import load_model
     from rulecheck.specs import locate
 
-    collected = []
-    real = rulecheck.passes.collect_layer
-
-    def spy(model, saes, *args, **kwargs):
-        collected.append(sorted(saes))
-        return real(model, saes, *args, **kwargs)
-
-    monkeypatch.setattr(rulecheck.passes, "collect_layer", spy)
+    collected = _streamed_heads(monkeypatch)
     base = ["extract", "--model", "planted", "--features", "4"]
     assert main([*base, "--heads", "1", "--out", str(tmp_path / "one")]) == 0
     assert collected == [[1]]
@@ -333,21 +340,6 @@ def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch):
     assert len(streamed) == 1
     assert got[0] is not None and got[1] is not None
     assert torch.equal(got[0].top_seq, got[1].top_seq)
-
-
-def _streamed_heads(monkeypatch) -> list[list[int]]:
-    """The heads each corpus pass from now on collects (``collect_layer``'s output SAEs)."""
-    import rulecheck.passes
-
-    streamed: list[list[int]] = []
-    real = rulecheck.passes.collect_layer
-
-    def counted(model, saes, *args, **kwargs):
-        streamed.append(sorted(saes))
-        return real(model, saes, *args, **kwargs)
-
-    monkeypatch.setattr(rulecheck.passes, "collect_layer", counted)
-    return streamed
 
 
 def test_a_later_session_extracts_from_the_cached_exemplars(tmp_path, monkeypatch):
