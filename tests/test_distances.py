@@ -10,6 +10,7 @@ import pytest
 
 from rulecheck.errors import InvalidRulebook
 from rulecheck.kinds.skipgram import measure
+from rulecheck.paths import exemplar_cache
 from rulecheck.rulebook import dump_rulebook, load_rulebook, parse_rulebook
 from rulecheck.session import Workbench
 
@@ -48,9 +49,9 @@ def test_distances_are_read_written_and_checked() -> None:
 
 
 @pytest.fixture(scope="module")
-def exemplars(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An exemplar cache for the module: the shipped L0H1 book's layer is streamed once."""
-    return tmp_path_factory.mktemp("exemplars")
+def exemplars() -> Path:
+    """The run's exemplar cache: the shipped L0H1 book's layer is streamed once a run."""
+    return exemplar_cache()
 
 
 def bounded(rules, **bounds):

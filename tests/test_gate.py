@@ -19,6 +19,7 @@ from rulecheck.cli import main
 from rulecheck.gate import gated
 from rulecheck.loading import load_sae
 from rulecheck.mapping import load_mapping
+from rulecheck.paths import exemplar_cache
 from rulecheck.rulebook import dump_rulebook, load_rulebook, parse_rulebook
 from rulecheck.session import Workbench
 from rulecheck.specs import Specs, locate
@@ -82,10 +83,11 @@ def gate_dir(pytester: pytest.Pytester, tmp_path: Path) -> pytest.Pytester:
 
 @pytest.fixture(scope="module")
 def cache() -> Path:
-    """The test run's exemplar cache (``conftest``), so that a pass one run streams is read by
-    the next (entries are keyed by the fingerprints and the ids draws are keyed by, so runs
-    against other SAEs never share one)."""
-    return Path(os.environ["RULECHECK_CACHE"])
+    """The test run's exemplar cache (``conftest``), the one every workbench and command of
+    the run shares, so that a pass one run streams is read by the next (entries are keyed by
+    the fingerprints and the ids draws are keyed by, so runs against other SAEs never share
+    one)."""
+    return exemplar_cache()
 
 
 def run(

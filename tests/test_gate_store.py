@@ -109,3 +109,28 @@ def test_a_full_disk_under_the_gate_cache_is_a_warning_and_the_verdict_stands(
         again = verdict(tmp_path / "two", retrained)
     assert again.statistics == first.statistics and again.passed == first.passed
     assert not list((tmp_path / "two").glob("gate-*.json"))
+
+
+def test_the_diff_command_gates_through_the_cache_sessions_share(
+    tmp_path, retrained, measured, capsys
+):
+    """``rulecheck diff --mapping auto`` gates through the exemplar cache Python and pytest
+    share (``--cache``, else the default): a gate a session measured is read, not measured
+    again."""
+    from dataclasses import replace
+
+    from rulecheck.cli import main
+    from rulecheck.rulebook import dump_rulebook
+
+    cache = tmp_path / "cache"
+    first = verdict(cache, retrained)
+    old, new = tmp_path / "old", tmp_path / "new"
+    for directory, sae_out in ((old, None), (new, retrained.format(layer=0, head=0))):
+        directory.mkdir()
+        book = parse_rulebook(PLANTED_BOOK)
+        book = book if sae_out is None else replace(book, sae_out=sae_out)
+        (directory / "L0H0.yaml").write_text(dump_rulebook(book))
+    code = main(["diff", str(old), str(new), "--mapping", "auto", "--cache", str(cache)])
+    assert code == (0 if first.passed else 1)
+    assert "rulecheck gate" in capsys.readouterr().out
+    assert len(measured) == 1

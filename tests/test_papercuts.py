@@ -133,8 +133,8 @@ def _render(renderable, width: int = 200) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_bench(tmp_path_factory) -> Workbench:
-    return Workbench(device="cpu", cache_dir=tmp_path_factory.mktemp("exemplars"))
+def tiny_bench() -> Workbench:
+    return Workbench(device="cpu")  # the run's exemplar cache: L0H1 is streamed once a run
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "through the mapping files alone",
     )
     diff.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    add_cache_option(diff)
 
     upgrade = sub.add_parser("upgrade", help="rewrite rulebooks in the current format")
     upgrade.add_argument("paths", nargs="+", type=Path, help="rulebook files or directories")
@@ -148,11 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--exemplars", default="5", help="top exemplars per feature, 0 to skip the model: 0..50"
     )
     report.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
-    report.add_argument(
+    add_cache_option(report)
+    return parser
+
+
+def add_cache_option(command: argparse.ArgumentParser) -> None:
+    """``--cache``: the exemplar cache a command shares with Python and pytest."""
+    command.add_argument(
         "--cache",
         default=None,
         type=Path,
         help="directory of cached exemplars (default: exemplars/ in $RULECHECK_CACHE,"
         " ~/.cache/rulecheck)",
     )
-    return parser

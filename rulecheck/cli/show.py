@@ -97,12 +97,13 @@ def _diff_gate(
     """The old book gated on the new book's SAEs (``--mapping``: auto or mapping files):
     the output features' pairing (None: the SAE did not change) and the verdict's record."""
     from rulecheck.gate import gate_verdict, gated
-    from rulecheck.session import Workbench, book_specs
+    from rulecheck.session import DEFAULT_CACHE, Workbench, book_specs
     from rulecheck.specs import Specs
 
     written = book_specs(new, new_file)  # relative paths read from the new book's directory
     overrides = Specs(model=None, sae_in=written.sae_in, sae_out=written.sae_out)
-    bench = Workbench(overrides=overrides, device=args.device, cache_dir=None).for_book(old)
+    cache = args.cache or DEFAULT_CACHE
+    bench = Workbench(overrides=overrides, device=args.device, cache_dir=cache).for_book(old)
     bench.announce(old, file)
     gate = gated(bench, old, file, args.mapping, option="--mapping")
     verdict = gate_verdict(bench, old, file, args.mapping)
