@@ -234,6 +234,38 @@ def test_streaming_exemplars_match_brute_force_and_ignore_batch_size(model, toke
         assert torch.equal(a.seq, b.seq) and torch.equal(a.t, b.t) and torch.equal(a.split, b.split)
 
 
+def test_streaming_exemplars_keep_the_first_position_of_tied_maxima_across_blocks():
+    """Past its first block, the collector finds a sequence's position only where its maximum
+    can still enter the kept positives: with many ties (small integers), blocks of 1024
+    sequences and batches of 7, every positive is the brute-force one, its position the first
+    of its sequence's equal maxima, and the whole state is that of one batch of everything."""
+    g = torch.Generator().manual_seed(0)
+    n_seq, pos, d_sae = 2600, 6, 5
+    acts = torch.randint(0, 4, (n_seq, pos, d_sae), generator=g).float()
+    acts *= torch.rand(n_seq, 1, d_sae, generator=g) < torch.tensor([0.9, 0.5, 0.1, 0.02, 0.005])
+    acts *= 1 + torch.arange(n_seq).view(-1, 1, 1) / 1000  # later maxima displace the kept
+    cfg = ExemplarConfig(n_pos=20, n_neg=20, min_active=3, min_inactive=3, n_held=30, seed=1)
+    streamed = ExemplarCollector(d_sae, pos, cfg, torch.device("cpu"), n_seq=n_seq)
+    for s in range(0, n_seq, 7):
+        streamed.update(acts[s : s + 7])
+    whole = ExemplarCollector(d_sae, pos, cfg, torch.device("cpu"), n_seq=n_seq)
+    whole.update(acts)
+    streamed.flush()
+    whole.flush()
+    for name in ("top_val", "top_seq", "top_pos", "neg_key", "neg_seq", "held_feat", "held_val"):
+        assert torch.equal(getattr(streamed, name), getattr(whole, name)), name
+    for f in streamed.eligible().tolist():
+        best = []
+        for s in range(n_seq):
+            row = acts[s, 1:, f].tolist()
+            best.append((-max(row), s, row.index(max(row)) + 1))
+        best.sort()
+        n_pos = min(cfg.n_pos, int((acts[:, 1:, f].amax(1) > 0).sum()))
+        ex = streamed.examples(f)
+        assert ex.seq[:n_pos].tolist() == [s for _, s, _ in best[:n_pos]]
+        assert ex.t[:n_pos].tolist() == [t for _, _, t in best[:n_pos]]
+
+
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
 def test_encode_columns_equals_encode_then_select(arch):
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig

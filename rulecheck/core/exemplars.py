@@ -67,7 +67,8 @@ class ExemplarCollector:
     @torch.no_grad()
     def update(self, acts: Tensor) -> None:
         """Fold in ``acts [batch, pos, d_sae]`` for the next ``batch`` sequences."""
-        seq_max, arg = acts[:, 1:].max(dim=1)  # [batch, d_sae], BOS never counts
+        body = acts[:, 1:]  # BOS never counts
+        seq_max, arg = self._maxima(body)  # [batch, d_sae]
         batch = seq_max.shape[0]
         seq = torch.arange(self.n_seen, self.n_seen + batch, device=acts.device)
         self.n_seen += batch
@@ -82,6 +83,22 @@ class ExemplarCollector:
             self._held.append((f[keep], rows[b[keep]], p[keep], acts[held][b, p, f][keep].float()))
         if self._buffered >= self.flush_every:
             self.flush(held=False)
+
+    def _maxima(self, body: Tensor) -> tuple[Tensor, Tensor]:
+        """Each sequence's maximum over ``body [batch, pos, d_sae]`` and its position, the
+        position (the first of equal maxima) computed only where the maximum could still
+        enter the kept positives: above the least of the ``n_pos`` kept (kept ones precede
+        new ones of the same value), elsewhere 0, never read. A reduction with positions is
+        many times slower than one without, and after the first block few maxima qualify."""
+        if self.top_val.shape[1] < self.cfg.n_pos:
+            values, positions = body.max(dim=1)
+            return values, positions
+        seq_max = body.amax(dim=1)  # [batch, d_sae]
+        floor = self.top_val[:, -1]  # [d_sae], float32 as kept
+        b, f = torch.nonzero(~(seq_max.float() <= floor), as_tuple=True)  # NaN qualifies
+        arg = torch.zeros(seq_max.shape, dtype=torch.int64, device=body.device)
+        arg[b, f] = body[b, :, f].argmax(dim=1)  # [n, pos] rows: first of equal maxima
+        return seq_max, arg
 
     @torch.no_grad()
     def flush(self, held: bool = True) -> None:
