@@ -266,6 +266,26 @@ def test_streaming_exemplars_keep_the_first_position_of_tied_maxima_across_block
         assert ex.t[:n_pos].tolist() == [t for _, _, t in best[:n_pos]]
 
 
+def test_input_columns_are_the_features_then_each_token_set_s_indicator():
+    """Against one membership test per token set and position: sets sharing tokens, an empty
+    set, tokens in no set, int32 tokens."""
+    from rulecheck.core.evaluate import Columns, input_columns
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 40, (3, 9), generator=g, dtype=torch.int32)
+    feats = torch.rand(3, 9, 6, generator=g)
+    columns = Columns((4, 1), ((3, 7), (7,), (), (39, 0, 12), (55,)))
+    got = input_columns(feats, tokens, columns)
+    assert got.shape == (3, 9, 2 + 5)
+    assert torch.equal(got[..., 0], feats[..., 4]) and torch.equal(got[..., 1], feats[..., 1])
+    for s, ids in enumerate(columns.token_sets):
+        for b in range(3):
+            for p in range(9):
+                assert float(got[b, p, 2 + s]) == float(int(tokens[b, p]) in ids), (s, b, p)
+    none = input_columns(feats, tokens, Columns((), ((), ())))
+    assert none.shape == (3, 9, 2) and not none.any()
+
+
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
 def test_encode_columns_equals_encode_then_select(arch):
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, TopKSAE, TopKSAEConfig

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -34,6 +35,29 @@ class Columns:
             return self.features.index(feature)
         return len(self.features) + self.token_sets.index(token_ids)
 
+    @cached_property
+    def token_members(self) -> tuple[Tensor, Tensor]:
+        """The token ids of the token sets, sorted (``[u]``), and which sets hold each
+        (``[u, n_sets]``, bool): every set's indicator from one lookup."""
+        ids = sorted({i for ts in self.token_sets for i in ts})
+        member = torch.zeros(len(ids), len(self.token_sets), dtype=torch.bool)
+        row = {token: r for r, token in enumerate(ids)}
+        for s, ts in enumerate(self.token_sets):
+            member[[row[i] for i in ts], s] = True
+        return torch.tensor(ids, dtype=torch.long), member
+
+
+def token_set_hits(tokens: Tensor, columns: Columns) -> Tensor:
+    """``[batch, pos, n_sets]`` bool: whether each token is in each of ``columns``' token
+    sets."""
+    ids, member = (x.to(tokens.device) for x in columns.token_members)
+    if not len(ids):
+        return torch.zeros(
+            *tokens.shape, len(columns.token_sets), dtype=torch.bool, device=ids.device
+        )
+    at = torch.searchsorted(ids, tokens.long()).clamp(max=len(ids) - 1)  # [batch, pos]
+    return member[at] & (ids[at] == tokens).unsqueeze(-1)
+
 
 def input_columns(feats: Tensor, tokens: Tensor, columns: Columns) -> Tensor:
     """``[batch, pos, n_columns]``: the input-SAE features, then one indicator per token set.
@@ -41,9 +65,8 @@ def input_columns(feats: Tensor, tokens: Tensor, columns: Columns) -> Tensor:
     ``feats`` is ``[batch, pos, d_sae_in]``, ``tokens`` ``[batch, pos]``.
     """
     parts = [feats[..., list(columns.features)]] if columns.features else []
-    for ids in columns.token_sets:
-        hit = torch.isin(tokens, torch.tensor(ids, device=tokens.device))
-        parts.append(hit.to(feats.dtype).unsqueeze(-1))
+    if columns.token_sets:
+        parts.append(token_set_hits(tokens, columns).to(feats.dtype))
     if not parts:
         return feats.new_zeros(*feats.shape[:2], 0)
     return torch.cat(parts, dim=-1)
