@@ -567,6 +567,46 @@ def test_predict_prefixes_reads_each_features_terms_through_the_union_of_columns
         assert float(got[i]) == pytest.approx(best, rel=1e-5, abs=1e-7)
 
 
+def test_predict_prefixes_is_each_feature_s_own_prediction_bit_for_bit(model, tokens):
+    """All features' rows predicted at once equal, exactly, each feature's rows predicted
+    with its own terms (``predict_from``): features with no term, with a bound, with terms
+    whose scores are not positive, rows of several owners in each chunk."""
+    from rulecheck.core.evaluate import Columns, input_columns, predict_prefixes
+    from rulecheck.core.prefixes import sequence_chunks
+    from rulecheck.core.rules import predict_from, window_key_act
+    from rulecheck.core.scores import Terms
+
+    sae_in = random_sae(16, 24, f"blocks.{LAYER}.hook_resid_pre", seed=4)
+    columns = Columns(tuple(range(0, 24, 2)), ((5, 6), (7,)))
+    n_cols = len(columns.features) + len(columns.token_sets)
+    g = torch.Generator().manual_seed(3)
+
+    def terms(n: int, bound: bool = False) -> Terms:
+        rand = torch.rand(n, generator=g) - 0.2  # some scores not positive
+        cols = [torch.randint(0, n_cols, (n,), generator=g) for _ in range(2)]
+        far = torch.randint(-1, 4, (n,), generator=g) if bound else None
+        value = torch.rand(n, generator=g) - 0.2  # both negative: a product > 0, not a match
+        return Terms(cols[0], cols[1], rand, value, max_distance=far)
+
+    own = [terms(5), terms(0), terms(7, bound=True), terms(1), terms(9)]
+    sizes = [8, 5, 7, 6, 9]
+    seq, t = shared_prefixes(6, sizes, seed=5)
+    owner = torch.repeat_interleave(torch.arange(len(own)), torch.tensor(sizes))
+    read = Columns(tuple(range(len(columns.features))), columns.token_sets)
+    chunks = sequence_chunks(model, sae_in, tokens, LAYER, seq, t, 3, columns.features)
+    got = predict_prefixes(chunks, owner, columns, own)
+    want = torch.zeros(len(owner))
+    for chunk in sequence_chunks(model, sae_in, tokens, LAYER, seq, t, 3, columns.features):
+        cols = input_columns(chunk.feats, chunk.tokens, read)
+        q, k = chunk.stats(cols)
+        for i, x in enumerate(own):
+            mine = owner[chunk.rows] == i
+            k_act = window_key_act(cols, chunk.t[mine], chunk.where[mine], x) if x.bounded else None
+            want[chunk.rows[mine]] = predict_from(q[mine], k[mine], x, k_act)
+    assert (want > 0).any() and (want[owner == 1] == 0).all()
+    assert torch.equal(got, want)
+
+
 def test_bounded_terms_read_their_keys_only_at_their_distances(model, tokens):
     """Terms with ``min_distance``/``max_distance`` (some unbounded, -1), through ``predict``
     and through ``predict_prefixes``'s chunks, against a loop over key positions."""

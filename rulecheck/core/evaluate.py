@@ -161,25 +161,68 @@ def union_columns(columns: Sequence[Columns]) -> tuple[Columns, list[Tensor]]:
     return union, index
 
 
+class JoinedTerms:
+    """The terms of several features end to end (feature ``i``'s are ``[offset[i],
+    offset[i] + count[i])``), to predict rows of different owners in one pass. A feature with
+    distance-bounded terms has none here (``bounded``): its rows are predicted on their own."""
+
+    def __init__(self, terms: Sequence[Terms]) -> None:
+        self.bounded = torch.tensor([t.bounded for t in terms], dtype=torch.bool)
+        kept = [t for t in terms if not t.bounded]
+        self.count = torch.tensor([0 if t.bounded else len(t) for t in terms], dtype=torch.long)
+        self.offset = torch.cumsum(self.count, 0) - self.count
+        empty = torch.zeros(0)
+        self.query, self.key = (
+            torch.cat([empty.long(), *(getattr(t, f) for t in kept)]) for f in ("query", "key")
+        )
+        self.attn, self.value = (
+            torch.cat([empty, *(getattr(t, f) for t in kept)]) for f in ("attn", "value")
+        )
+
+    def predict(self, q_act: Tensor, k_max: Tensor, own: Tensor) -> Tensor:
+        """``predict_from`` of each row of ``q_act, k_max [n, d_sae_in]`` under the terms of its
+        owner ``own [n]`` (none bounded): the same products, the largest per row."""
+        device = q_act.device
+        count = self.count.to(device)[own]  # [n]
+        row = torch.repeat_interleave(torch.arange(len(own), device=device), count)  # [m]
+        start = self.offset.to(device)[own] - (torch.cumsum(count, 0) - count)  # [n]
+        term = torch.arange(len(row), device=device) + start[row]  # [m]
+        query, key, attn, value = (
+            x.to(device)[term] for x in (self.query, self.key, self.attn, self.value)
+        )
+        fq = q_act.clamp(min=0)[row, query]
+        fk = k_max.clamp(min=0)[row, key]
+        contrib = (fq * fk).mul_(attn).mul_(fk).mul_(value)  # term_contributions's order
+        contrib = torch.where((attn > 0) & (value > 0), contrib, 0.0)
+        out = q_act.new_zeros(len(own))
+        return out.scatter_reduce_(0, row, contrib, "amax", include_self=True)
+
+
 def predict_prefixes(
     chunks: Iterable[SequenceChunk], owner: Tensor, columns: Columns, terms: Sequence[Terms]
 ) -> Tensor:
     """``[n]`` predicted activation of each prefix under the terms of its owner (``owner [n]``
     indexes ``terms``, whose columns index ``columns``), from ``chunks`` of the prefixes
-    (``prefixes.sequence_chunks``, encoding the input features of ``columns`` in order)."""
+    (``prefixes.sequence_chunks``, encoding the input features of ``columns`` in order): the
+    rows of every feature without distance bounds at once (``JoinedTerms``), the others
+    feature by feature."""
     read = Columns(tuple(range(len(columns.features))), columns.token_sets)
+    joined_terms = JoinedTerms(terms)
     pred = torch.zeros(len(owner))
     for chunk in chunks:
         cols = input_columns(chunk.feats, chunk.tokens, read)
         q, k = chunk.stats(cols)
         mine_of = owner[chunk.rows].to(q.device)
-        for i in mine_of.unique().tolist():
+        bounded = joined_terms.bounded.to(q.device)[mine_of]  # [rows]
+        free = ~bounded
+        if bool(free.any()):
+            got = joined_terms.predict(q[free], k[free], mine_of[free])
+            pred[chunk.rows[free.cpu()]] = got.float().cpu()
+        for i in mine_of[bounded].unique().tolist():
             mine = mine_of == i
             own_terms = terms[i].to(q.device)
-            k_act = None
-            if own_terms.bounded:
-                where, t = chunk.where.to(q.device)[mine], chunk.t.to(q.device)[mine]
-                k_act = window_key_act(cols, t, where, own_terms)
+            where, t = chunk.where.to(q.device)[mine], chunk.t.to(q.device)[mine]
+            k_act = window_key_act(cols, t, where, own_terms)
             own = predict_from(q[mine], k[mine], own_terms, k_act)
             pred[chunk.rows[mine.cpu()]] = own.float().cpu()
     return pred
