@@ -38,3 +38,29 @@ def test_yaml_commands_import_no_model_libraries(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", script, str(BOOKS), str(tmp_path / "L0H1.yaml")]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     assert out.strip().splitlines()[-1] == "LOADED []"
+
+
+CONTROLLER = """
+import sys
+from rulecheck.plugin.settings import check_device
+
+class Options:  # a pytest config with --rulecheck-device as given, nothing in the ini file
+    def __init__(self, device):
+        self.device = device
+    def getoption(self, name, default=None):
+        return self.device if name == "rulecheck_device" else default
+    def getini(self, name):
+        return ""
+
+for device in (None, "auto", "cpu"):
+    check_device(Options(device))
+print("LOADED", sorted(m for m in HEAVY if m in sys.modules))
+"""
+
+
+def test_the_plugin_checks_the_default_device_without_torch() -> None:
+    """The xdist controller, which runs no test, checks the options before its workers
+    start: for ``auto`` and ``cpu``, which every machine has, it does not import torch."""
+    script = f"HEAVY = {HEAVY!r}\n{CONTROLLER}"
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "LOADED []"

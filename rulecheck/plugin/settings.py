@@ -108,11 +108,16 @@ def read_check_config(config: pytest.Config):
 
 
 def check_device(config: pytest.Config) -> None:
-    """``--rulecheck-device`` names a device this machine has."""
+    """``--rulecheck-device`` names a device this machine has (``auto`` and ``cpu`` always
+    do: torch is not imported for them, as the xdist controller, which runs no test, would
+    pay two seconds for it before any worker starts)."""
+    device = setting(config, "device", "auto")
+    if device in ("auto", "cpu"):
+        return
     from rulecheck.loading.devices import resolve_device
 
     try:
-        resolve_device(setting(config, "device", "auto"))
+        resolve_device(device)
     except InvalidSpec as exc:
         raise InvalidSpec(exc.what, field="--rulecheck-device", fix=exc.fix) from None
 
