@@ -21,6 +21,7 @@ from rulecheck.cli.parser import build_parser
 from rulecheck.cli.show import run_diff, run_report, run_show, run_summary
 from rulecheck.errors import RulecheckError
 from rulecheck.paths import check_cache_dir
+from rulecheck.shutdown import skip_final_collection
 
 __all__ = ["build_parser", "extract_config", "main", "match_summary"]
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command in LOADING:
             check_cache_dir()
+            skip_final_collection()
         return run_noting_interrupts(commands[args.command], args, console)
     except RulecheckError as e:
         err.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)

@@ -1,0 +1,76 @@
+"""Commands and test sessions that load models exit without the cyclic collector's last pass
+over what they loaded (``rulecheck.shutdown``); YAML commands leave the exit as it is."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PLANTED_BOOK
+
+import rulecheck.cli
+import rulecheck.shutdown
+from rulecheck.cli import main
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).parents[1]
+
+# garbage in a cycle whose finalizer speaks: only the exit's last collection can free it
+SCRIPT = """
+import gc, sys
+gc.disable()
+
+class Loud:
+    def __del__(self):
+        print("collected at exit", flush=True)
+
+def cycle():
+    loud = Loud()
+    loud.me = loud
+
+cycle()
+if sys.argv[1] == "skip":
+    from rulecheck.shutdown import skip_final_collection
+    skip_final_collection()
+    skip_final_collection()  # once per process, however often asked
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "printed"), [("skip", "done"), ("keep", "done\ncollected at exit")]
+)
+def test_the_final_collection_is_skipped_only_when_asked(mode: str, printed: str) -> None:
+    argv = [sys.executable, "-c", SCRIPT, mode]
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == printed
+
+
+@pytest.fixture
+def asked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The calls of ``skip_final_collection`` from now on (none of them registers)."""
+    calls: list[str] = []
+    monkeypatch.setattr(rulecheck.cli, "skip_final_collection", lambda: calls.append("cli"))
+    monkeypatch.setattr(rulecheck.shutdown, "skip_final_collection", lambda: calls.append("bench"))
+    return calls
+
+
+def test_commands_that_load_models_skip_it_and_yaml_commands_do_not(
+    asked: list[str], tmp_path: Path
+) -> None:
+    book = ROOT / "rulebooks" / "rulecheck-tiny" / "L0H1.yaml"
+    assert main(["show", str(book)]) == 0
+    assert asked == []
+    assert main(["extract", "--model", "no-such-model", "--out", str(tmp_path)]) == 2
+    assert asked == ["cli"]
+
+
+def test_a_test_session_that_checks_books_skips_it(
+    asked: list[str], pytester: pytest.Pytester
+) -> None:
+    pytester.makefile(".yaml", L0H0=PLANTED_BOOK)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly")
+    assert result.ret == 0 and asked == ["bench"]
