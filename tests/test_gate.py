@@ -29,7 +29,7 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).parents[1]
 SHIPPED = ROOT / "rulebooks" / "rulecheck-tiny"
 SCHEMA = json.loads((ROOT / "rulecheck/schemas/rulebook.schema.json").read_text())
-N_FEATURES = 6  # features of each shipped book the end-to-end runs check (time)
+N_FEATURES = 4  # features of each shipped book the end-to-end runs check (time)
 RETRAINED = {
     "sae_in": "rulecheck-tiny:retrained/sae_in/L{layer}",
     "sae_out": "rulecheck-tiny:retrained/sae_out/L{layer}H{head}",
