@@ -1,5 +1,6 @@
-"""Commands and test sessions that load models exit without the cyclic collector's last pass
-over what they loaded (``rulecheck.shutdown``); YAML commands leave the exit as it is."""
+"""Processes that load models (a Workbench, a command that loads) exit without the cyclic
+collector's last pass over what they loaded (``rulecheck.shutdown``); YAML commands leave the
+exit as it is."""
 
 from __future__ import annotations
 
@@ -68,9 +69,13 @@ def test_commands_that_load_models_skip_it_and_yaml_commands_do_not(
     assert asked == ["cli"]
 
 
-def test_a_test_session_that_checks_books_skips_it(
+def test_a_workbench_skips_it_so_test_sessions_and_notebooks_do(
     asked: list[str], pytester: pytest.Pytester
 ) -> None:
+    from rulecheck.session import Workbench
+
+    Workbench(cache_dir=None)
+    assert asked == ["bench"]
     pytester.makefile(".yaml", L0H0=PLANTED_BOOK)
     result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly")
-    assert result.ret == 0 and asked == ["bench"]
+    assert result.ret == 0 and asked == ["bench", "bench"]

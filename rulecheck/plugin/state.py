@@ -20,14 +20,10 @@ STASH_INTERRUPTS = pytest.StashKey[contextlib.ExitStack]()  # SIGINT noted for t
 
 
 def workbench(config: pytest.Config):
-    """The session's Workbench (created on first use, in each xdist worker); a session that
-    makes one exits without the final collection of what it loaded (``shutdown``)."""
+    """The session's Workbench (created on first use, in each xdist worker)."""
     if STASH_BENCH not in config.stash:
         from rulecheck.session import Workbench
-        from rulecheck.shutdown import skip_final_collection
         from rulecheck.specs import Specs
-
-        skip_final_collection()
 
         overrides = Specs(
             model=setting(config, "model"),  # type: ignore[arg-type]
