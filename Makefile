@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Python caches compiled modules, and pytest the modules it rewrites for its assertions (the
+# tests, and every module of a package that ships a pytest plugin: rulecheck, hypothesis, ...):
+# with PYTHONDONTWRITEBYTECODE set, each test process parses and rewrites ~580 modules again
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install demo test fuzz bench bench-scale lint clean
 
