@@ -41,14 +41,29 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _libraries_imported_once() -> None:
-    """sae_lens and TransformerLens imported before any test: pytester's in-process runs
-    restore ``sys.modules`` afterwards, dropping what they imported first, and importing
-    ``datasets`` or ``torch.distributed`` a second time registers their types twice (pyarrow's
-    ``ArrowKeyError``, torch's "Only a single TORCH_LIBRARY")."""
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """In a process that runs tests (an xdist worker, or a serial run; the controller collects
+    nothing), once collected: sae_lens and TransformerLens imported, and every object alive
+    then frozen out of the cyclic garbage collector.
+
+    Imported before any test: pytester's in-process runs restore ``sys.modules`` afterwards,
+    dropping what they imported first, and importing ``datasets`` or ``torch.distributed`` a
+    second time registers their types twice (pyarrow's ``ArrowKeyError``, torch's "Only a
+    single TORCH_LIBRARY"). Frozen (``gc.freeze``): the ~900k objects of those libraries and
+    the collected tests live as long as the process, and each full collection, dozens a run
+    and pytest's two at the session's end, would walk them all again; objects the tests make
+    are collected as before, the youngest after 7,000 allocations instead of 700 (a full
+    collection walks the ~250k objects the tests keep: models, reports). The collector's time
+    in the two workers of ``make test``: 22 s before, 10 s after."""
+    if not session.items:
+        return
+    import gc
+
     import sae_lens  # noqa: F401
     import transformer_lens  # noqa: F401
+
+    gc.freeze()
+    gc.set_threshold(7000, 10, 10)
 
 
 # The files `make test`'s two workers start first (`--dist loadfile --no-loadscope-reorder`

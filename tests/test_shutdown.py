@@ -82,3 +82,17 @@ def test_a_workbench_skips_it_so_test_sessions_and_notebooks_do(
     pytester.makefile(".yaml", L0H0=PLANTED_BOOK)
     result = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:randomly")
     assert result.ret == 0 and asked == ["bench", "bench"]
+
+
+def test_the_test_processes_keep_the_libraries_out_of_the_collector() -> None:
+    """This suite's own processes (``conftest.pytest_collection_finish``): the libraries and
+    tests loaded before the first test are frozen out of the cyclic collector, which still
+    runs, on what the tests make, less often."""
+    import gc
+
+    import transformer_lens
+
+    assert gc.isenabled() and gc.get_threshold()[0] == 7000
+    assert gc.get_freeze_count() > 100_000
+    assert gc.is_tracked(transformer_lens)  # a module: frozen, not among what a pass walks
+    assert all(o is not transformer_lens for o in gc.get_objects())
