@@ -64,12 +64,13 @@ def input_columns(feats: Tensor, tokens: Tensor, columns: Columns) -> Tensor:
 
     ``feats`` is ``[batch, pos, d_sae_in]``, ``tokens`` ``[batch, pos]``.
     """
-    parts = [feats[..., list(columns.features)]] if columns.features else []
+    whole = columns.features == tuple(range(feats.shape[-1]))  # every column, in order
+    parts = [feats if whole else feats[..., list(columns.features)]] if columns.features else []
     if columns.token_sets:
         parts.append(token_set_hits(tokens, columns).to(feats.dtype))
     if not parts:
         return feats.new_zeros(*feats.shape[:2], 0)
-    return torch.cat(parts, dim=-1)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 @dataclass
