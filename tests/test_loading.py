@@ -400,6 +400,7 @@ def test_model_config_huge_count_fails_before_building(tmp_path: Path) -> None:
     [
         ({"use_local_attn": True, "window_size": 4, "attn_types": []}, "list index out of range"),
         ({"positional_embedding_type": "rotary", "rotary_base": 10**400}, "int too big to convert"),
+        ({"use_normalization_before_and_after": True}, "normalization_layer_after"),
     ],
 )
 def test_model_config_transformerlens_refuses(tmp_path: Path, change: dict, what: str) -> None:

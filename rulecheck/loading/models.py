@@ -256,6 +256,7 @@ def _skeleton(kwargs: Mapping[str, Any], *, file: Path) -> HookedTransformer:
         KeyError,
         IndexError,  # attn_types shorter than n_layers
         OverflowError,  # rotary_base too large for a float
+        NameError,  # use_normalization_before_and_after with LayerNorm: a block's unset local
     ) as exc:
         raise InvalidSpec(
             f"TransformerLens cannot build this model ({one_line(exc)})",
