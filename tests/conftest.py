@@ -41,6 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+GC_YOUNGEST = 7000  # allocations between collections of the youngest generation (Python: 700)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """In a process that runs tests (an xdist worker, or a serial run; the controller collects
     nothing), once collected: sae_lens and TransformerLens imported, and every object alive
@@ -63,7 +66,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     import transformer_lens  # noqa: F401
 
     gc.freeze()
-    gc.set_threshold(7000, 10, 10)
+    gc.set_threshold(GC_YOUNGEST, 10, 10)
 
 
 # The files `make test`'s two workers start first (`--dist loadfile --no-loadscope-reorder`

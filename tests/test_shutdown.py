@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PLANTED_BOOK
+from conftest import GC_YOUNGEST, PLANTED_BOOK
 
 import rulecheck.cli
 import rulecheck.shutdown
@@ -92,7 +92,7 @@ def test_the_test_processes_keep_the_libraries_out_of_the_collector() -> None:
 
     import transformer_lens
 
-    assert gc.isenabled() and gc.get_threshold()[0] == 7000
+    assert gc.isenabled() and gc.get_threshold()[0] == GC_YOUNGEST
     assert gc.get_freeze_count() > 100_000
     assert gc.is_tracked(transformer_lens)  # a module: frozen, not among what a pass walks
     assert all(o is not transformer_lens for o in gc.get_objects())
