@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
 
 # before anything imports huggingface_hub, which reads these once at import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,15 +17,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 # zoo entries built by code, and the exemplar cache, go to a fresh directory per test run,
 # shared by xdist's workers (they inherit the controller's), so that a layer streamed by one
-# worker is read from the cache by the other
+# worker is read from the cache by the other; the process that made it removes it when the run
+# ends (a few hundred megabytes). A directory given in RULECHECK_TEST_CACHE is kept.
+TEST_CACHE: str | None = None  # the directory this process made
 if "RULECHECK_TEST_CACHE" not in os.environ:
-    os.environ["RULECHECK_TEST_CACHE"] = tempfile.mkdtemp(prefix="rulecheck-test-")
+    TEST_CACHE = os.environ["RULECHECK_TEST_CACHE"] = tempfile.mkdtemp(prefix="rulecheck-test-")
 os.environ["RULECHECK_CACHE"] = os.environ["RULECHECK_TEST_CACHE"]
-
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-import pytest
 
 if TYPE_CHECKING:  # loaded where used: the xdist controller runs no test and never loads them
     import torch
@@ -30,15 +32,28 @@ if TYPE_CHECKING:  # loaded where used: the xdist controller runs no test and ne
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+_cache_owner: pytest.Config | None = None  # the first session configured in this process
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Torch on one thread in a serial run; xdist workers get their share of the cores from
-    the rulecheck plugin, and the controller, which runs no test, does not load torch (six
-    seconds before any worker starts)."""
+    """The first session of the process owns the cache it made. Torch on one thread in a
+    serial run; xdist workers get their share of the cores from the rulecheck plugin, and the
+    controller, which runs no test, does not load torch (six seconds before any worker
+    starts)."""
+    global _cache_owner
+    _cache_owner = _cache_owner or config
     if hasattr(config, "workerinput") or config.getoption("numprocesses", None):
         return
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's cache removed by the session of the process that made it (the controller,
+    under xdist: its workers have ended by now; not a session a test runs in this process)."""
+    if TEST_CACHE is not None and config is _cache_owner:
+        shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
 GC_YOUNGEST = 7000  # allocations between collections of the youngest generation (Python: 700)

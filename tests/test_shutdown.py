@@ -4,6 +4,7 @@ exit as it is."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,34 @@ def test_the_test_processes_keep_the_libraries_out_of_the_collector() -> None:
     assert gc.get_freeze_count() > 100_000
     assert gc.is_tracked(transformer_lens)  # a module: frozen, not among what a pass walks
     assert all(o is not transformer_lens for o in gc.get_objects())
+
+
+PRINT_CACHE = """
+import os
+
+def pytest_collection_finish(session):
+    print("cache:", os.environ["RULECHECK_TEST_CACHE"], os.path.isdir(os.environ["RULECHECK_TEST_CACHE"]))
+"""
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["made", "given"])
+def test_a_run_removes_the_cache_it_made_and_keeps_one_it_was_given(
+    tmp_path: Path, given: bool
+) -> None:
+    """The suite's exemplar and zoo cache (``conftest.TEST_CACHE``, some hundred megabytes) is
+    made per run under the temporary directory and removed when the run ends; a directory given
+    in ``RULECHECK_TEST_CACHE`` (as xdist's workers are given their controller's) stays."""
+    (tmp_path / "print_cache.py").write_text(PRINT_CACHE)
+    env = {k: v for k, v in os.environ.items() if k != "RULECHECK_TEST_CACHE"}
+    env |= {"TMPDIR": str(tmp_path), "PYTHONPATH": str(tmp_path)}
+    if given:
+        env["RULECHECK_TEST_CACHE"] = str(tmp_path / "given")
+        (tmp_path / "given").mkdir()
+    argv = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "print_cache"]
+    run = subprocess.run(
+        [*argv, "tests/conftest.py"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("cache:")]
+    _, cache, existed = line.split()
+    assert Path(cache).parent == tmp_path and existed == "True"
+    assert Path(cache).is_dir() == given
