@@ -115,9 +115,12 @@ class ExemplarStore:
     # ----------------------------------------------------------------------------- disk
 
     def layer_lock(self, head: Head) -> contextlib.AbstractContextManager[None]:
-        """Hold the disk cache's lock of the head's layer: processes sharing the cache (pytest
-        workers) wait for one pass over a layer instead of each streaming it."""
-        name = repr((head.specs.model, head.specs.corpus, head.layer)).encode()
+        """Hold the disk cache's lock of the head's layer under its output SAEs: processes
+        sharing the cache (pytest workers) wait for one pass over a layer instead of each
+        streaming it, and a pass for other output SAEs (a retrain gated beside the shipped
+        SAEs' checks) does not wait for it: it collects nothing the other would."""
+        s = head.specs
+        name = repr((s.model, s.corpus, head.layer, s.sae_out)).encode()
         return cache_lock(self.cache_dir, f"layer-{hashlib.sha256(name).hexdigest()[:16]}")
 
     def read(self, head: Head) -> ExemplarCollector | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PLANTED_BOOK, at_once, random_sae
+from conftest import PLANTED_BOOK, at_once, permuted_copy, random_sae
 
 from rulecheck import zoo
 from rulecheck.cli import main
@@ -316,30 +316,44 @@ def test_inputs_are_kept_only_when_the_prefixes_outnumber_the_corpus():
     assert not keeps_inputs(layer, ExtractConfig(features=4))
 
 
-def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("other_sae", [False, True], ids=["same-sae", "other-sae"])
+def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch, other_sae):
     """Two sessions (pytest workers, say) asking at once for a layer's exemplars with a cold
-    cache: one streams the corpus, the other waits for it and reads the cache."""
-    import time
+    cache: one streams the corpus, the other waits for it and reads the cache; a session
+    asking for another output SAE's (a retrain's) streams beside the first, without waiting
+    for a pass that collects nothing it reads."""
+    import threading
 
     import rulecheck.passes
     from rulecheck.session import Workbench
     from rulecheck.specs import Specs
 
-    streamed = []
+    together = threading.Barrier(2)  # met when both sessions stream at once
+    met: list[bool] = []
     real = rulecheck.passes.collect_layer
 
-    def slow(*args, **kwargs):
-        streamed.append(1)
-        time.sleep(0.5)  # long enough for the other session to ask meanwhile
+    def meeting(*args, **kwargs):
+        try:  # long enough for the other session to ask meanwhile
+            together.wait(timeout=10 if other_sae else 0.5)
+            met.append(True)
+        except threading.BrokenBarrierError:
+            met.append(False)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rulecheck.passes, "collect_layer", slow)
+    monkeypatch.setattr(rulecheck.passes, "collect_layer", meeting)
+    specs = [Specs("planted").resolve()] * 2
+    if other_sae:
+        permuted_copy("planted:sae_out/L0H0", tmp_path / "retrained" / "L0H0")
+        specs[1] = Specs("planted", sae_out=f"{tmp_path}/retrained/L{{layer}}H{{head}}").resolve()
     benches = [Workbench(device="cpu", cache_dir=tmp_path / "cache") for _ in range(2)]
-    heads = [b.layer_heads(Specs("planted").resolve(), 0, [0])[0] for b in benches]
+    heads = [b.layer_heads(s, 0, [0])[0] for b, s in zip(benches, specs, strict=True)]
     got = at_once(*(lambda b=b, h=h: b.collector(h) for b, h in zip(benches, heads, strict=True)))
-    assert len(streamed) == 1
     assert got[0] is not None and got[1] is not None
-    assert torch.equal(got[0].top_seq, got[1].top_seq)
+    if other_sae:
+        assert met == [True, True]
+    else:
+        assert met == [False]
+        assert torch.equal(got[0].top_seq, got[1].top_seq)
 
 
 def test_a_later_session_extracts_from_the_cached_exemplars(tmp_path, monkeypatch):
