@@ -74,7 +74,7 @@ class Kernel:
 
     def close(self) -> None:
         self.client.stop_channels()
-        self.manager.shutdown_kernel(now=True)
+        self.manager.shutdown_kernel()  # asked to stop, it exits as a closed notebook does
 
 
 def texts(published: list[dict[str, Any]], mime: str = "text/plain") -> str:
@@ -92,7 +92,8 @@ def texts(published: list[dict[str, Any]], mime: str = "text/plain") -> str:
 def test_the_notebook_runs_in_a_kernel_with_progress_tables_and_cards(tmp_path, monkeypatch):
     """Every cell runs; extraction draws its progress bar live in a widget (a bar updated in
     place, not lines of text); the result and the check display as the report's cards; the
-    book is written, edited and checked, the edited claim failing with its message."""
+    book is written, edited and checked, the edited claim failing with its message; the
+    kernel, closed, leaves no temporary file behind."""
     # the kernel's connection file and IPython's profile in the test's directory, not $HOME
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
@@ -102,12 +103,17 @@ def test_the_notebook_runs_in_a_kernel_with_progress_tables_and_cards(tmp_path, 
     # worker): more threads than cores spin against each other, three times the CPU
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    # the kernel's temporary files (wandb's, which sae_lens imports, among them) where the test
+    # can see that a closed kernel leaves none behind
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
     cells = code_cells(NOTEBOOK)
     kernel = Kernel(tmp_path, env)
     try:
         published = [kernel.run(cell) for cell in cells]
     finally:
         kernel.close()
+    assert not list((tmp_path / "tmp").iterdir())
     [extracting] = [i for i, cell in enumerate(cells) if "rulecheck.extract(" in cell]
     shown = published[extracting]
     # the progress bar: an output widget, cleared and redrawn as the corpus pass goes on
