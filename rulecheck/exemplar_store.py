@@ -118,7 +118,9 @@ class ExemplarStore:
         """Hold the disk cache's lock of the head's layer under its output SAEs: processes
         sharing the cache (pytest workers) wait for one pass over a layer instead of each
         streaming it, and a pass for other output SAEs (a retrain gated beside the shipped
-        SAEs' checks) does not wait for it: it collects nothing the other would."""
+        SAEs' checks) does not wait for it. A pass whose group mixes output SAEs (books naming
+        their own) is held under the asked-for head's: another process may stream one of the
+        others too, which costs a pass, never a wrong entry (entries are written whole)."""
         s = head.specs
         name = repr((s.model, s.corpus, head.layer, s.sae_out)).encode()
         return cache_lock(self.cache_dir, f"layer-{hashlib.sha256(name).hexdigest()[:16]}")
