@@ -49,18 +49,6 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Every object alive when the process's own session ends frozen out of the cyclic
-    collector (``gc.freeze``), as at ``pytest_collection_finish``: pytest's two full
-    collections at the end (unraisable exceptions) would walk the models and reports the tests
-    kept, about 1.5 s each in a worker of ``make test``, when the process exits anyway. Not a
-    session a test runs in this process: that one's objects are garbage of the outer run."""
-    if session.config is _cache_owner:
-        import gc
-
-        gc.freeze()
-
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The run's cache removed by the session of the process that made it (the controller,
     under xdist: its workers have ended by now; not a session a test runs in this process)."""
