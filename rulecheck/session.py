@@ -18,7 +18,7 @@ from typing import TypeVar
 from sae_lens import SAE
 from torch import Tensor
 
-from rulecheck import shutdown
+from rulecheck import heap
 from rulecheck.book import FeatureRules, Rulebook
 from rulecheck.config import FINGERPRINTED
 from rulecheck.core.exemplars import ExemplarCollector, ExemplarConfig, FeatureExamples
@@ -72,8 +72,8 @@ class Workbench:
         likewise, by the spec that names each for a head (``{layer}``/``{head}`` filled in);
         each is checked as a loaded one is. ``cache_dir``: the exemplar cache, by default
         ``rulecheck.paths.exemplar_cache()``; None keeps none. The process then exits
-        without the collector's last pass over what it loaded (``rulecheck.shutdown``)."""
-        shutdown.skip_final_collection()
+        without the collector's last pass over what it loaded (``rulecheck.heap``)."""
+        heap.skip_final_collection()
         self.device = resolve_device(device)
         self.cache_dir = exemplar_cache() if cache_dir is DEFAULT_CACHE else cache_dir
         self.batch_size = batch_size

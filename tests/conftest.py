@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -36,13 +37,19 @@ _cache_owner: pytest.Config | None = None  # the first session configured in thi
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The first session of the process owns the cache it made. Torch on one thread in a
-    serial run; xdist workers get their share of the cores from the rulecheck plugin, and the
-    controller, which runs no test, does not load torch (six seconds before any worker
-    starts)."""
+    """The first session of the process owns the cache it made, and collects with the cyclic
+    collector paused (``pytest_collection_finish`` resumes it): the test modules import torch,
+    TransformerLens and sae_lens, whose half a million objects the collector would walk a
+    thousand times meanwhile. Torch on one thread in a serial run; xdist workers get their share
+    of the cores from the rulecheck plugin, and the controller, which runs no test, does not
+    load torch (six seconds before any worker starts)."""
     global _cache_owner
-    _cache_owner = _cache_owner or config
-    if hasattr(config, "workerinput") or config.getoption("numprocesses", None):
+    controller = config.getoption("numprocesses", None) and not hasattr(config, "workerinput")
+    if _cache_owner is None:
+        _cache_owner = config
+        if not controller:
+            gc.disable()
+    if hasattr(config, "workerinput") or controller:
         return
     import torch
 
@@ -61,8 +68,8 @@ GC_YOUNGEST = 7000  # allocations between collections of the youngest generation
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """In a process that runs tests (an xdist worker, or a serial run; the controller collects
-    nothing), once collected: sae_lens and TransformerLens imported, and every object alive
-    then frozen out of the cyclic garbage collector.
+    nothing), once collected: sae_lens and TransformerLens imported, every object alive then
+    frozen out of the cyclic garbage collector (``rulecheck.heap``), and the collector resumed.
 
     Imported before any test: pytester's in-process runs restore ``sys.modules`` afterwards,
     dropping what they imported first, and importing ``datasets`` or ``torch.distributed`` a
@@ -73,15 +80,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     are collected as before, the youngest after 7,000 allocations instead of 700 (a full
     collection walks the ~250k objects the tests keep: models, reports). The collector's time
     in the two workers of ``make test``: 22 s before, 10 s after."""
-    if not session.items or session.config.option.collectonly:
+    if session.config is not _cache_owner:
         return
-    import gc
+    if session.items and not session.config.option.collectonly:
+        from rulecheck.heap import import_model_libraries
 
-    import sae_lens  # noqa: F401
-    import transformer_lens  # noqa: F401
-
-    gc.freeze()
-    gc.set_threshold(GC_YOUNGEST, 10, 10)
+        import_model_libraries(kept=True)
+        gc.set_threshold(GC_YOUNGEST, 10, 10)
+    gc.enable()
 
 
 # The files `make test`'s two workers start first (`--dist loadfile --no-loadscope-reorder`

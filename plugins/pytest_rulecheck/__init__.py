@@ -127,6 +127,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     config.stash[STASH_SELECTED] = selected
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A session about to run rulebook items imports the model libraries now, with the cyclic
+    collector paused, and, the first session of its process, freezes every object alive out of
+    the collector's reach: it keeps them until it ends, and every full pass of the collector
+    would walk them again (``rulecheck.heap``; a session run inside another keeps its own
+    objects collectable)."""
+    if session.config.option.collectonly:
+        return
+    if any(isinstance(item, (RuleItem, BookItem)) for item in session.items):
+        from rulecheck.heap import import_model_libraries
+
+        import_model_libraries(kept=session.config is _first_config)
+
+
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     """A YAML file with a top-level ``rulecheck:`` key is a rulebook; a YAML file named on the
     command line is read as one too, so that an empty or broken one is reported, not skipped
@@ -337,10 +351,16 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     check_hypothesis_profile(config.getoption("hypothesis_profile", None))
 
 
+_first_config: pytest.Config | None = None  # the process's first session
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Every option checked (bad input is a usage error, before collection), interrupts
     noted, the summary registered and each xdist worker given its share of the cores."""
     from rulecheck.plugin.summary import Summary
+
+    global _first_config
+    _first_config = _first_config or config
 
     try:
         config.stash[STASH_CHECK] = check_settings(config)
@@ -353,7 +373,10 @@ def pytest_configure(config: pytest.Config) -> None:
         getattr(config, "workerinput", {}).get("workercount"), os.cpu_count(), os.environ
     )
     if threads is not None:
-        import torch
+        from rulecheck.heap import collector_paused
+
+        with collector_paused():
+            import torch
 
         torch.set_num_threads(threads)
 

@@ -20,8 +20,8 @@ from rulecheck.cli.migrate import match_summary, run_match, run_remap, run_upgra
 from rulecheck.cli.parser import build_parser
 from rulecheck.cli.show import run_diff, run_report, run_show, run_summary
 from rulecheck.errors import RulecheckError
+from rulecheck.heap import skip_final_collection
 from rulecheck.paths import check_cache_dir
-from rulecheck.shutdown import skip_final_collection
 
 __all__ = ["build_parser", "extract_config", "main", "match_summary"]
 

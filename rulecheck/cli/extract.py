@@ -19,6 +19,7 @@ from rulecheck.config import (
     shard_of,
 )
 from rulecheck.files import check_replaceable
+from rulecheck.heap import import_model_libraries
 from rulecheck.progress import rich_progress
 
 
@@ -42,6 +43,7 @@ def run_extract(args: argparse.Namespace, console: Console) -> int:
     if args.out.is_dir():
         _check_book_paths(args.out)  # before the seconds of importing torch and sae_lens
 
+    import_model_libraries()
     from rulecheck.api import extract_books, write_rulebooks
     from rulecheck.session import Workbench
     from rulecheck.specs import Specs, parse_heads

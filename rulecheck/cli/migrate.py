@@ -15,6 +15,7 @@ from rulecheck.atomic import recover
 from rulecheck.cli.common import check_mappings, rulebook_paths, say
 from rulecheck.errors import InvalidSpec, printable
 from rulecheck.files import check_replaceable
+from rulecheck.heap import import_model_libraries
 
 
 def run_upgrade(args: argparse.Namespace, console: Console) -> int:
@@ -58,6 +59,7 @@ def _check_pair(old: Any, new: Any, old_spec: str, new_spec: str) -> None:
 
 
 def run_match(args: argparse.Namespace, console: Console) -> int:
+    import_model_libraries()
     from rulecheck import zoo
     from rulecheck.config import MatchConfig, parse_config
     from rulecheck.loading import fingerprint_sae, load_corpus, load_model, load_sae
@@ -126,6 +128,7 @@ def run_match(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_remap(args: argparse.Namespace, console: Console) -> int:
+    import_model_libraries()
     from rulecheck.atomic import atomic_write_many
     from rulecheck.config import MatchConfig, parse_config
     from rulecheck.gate import gated

@@ -14,6 +14,7 @@ from rulecheck.cli.common import check_mappings, must_exist, rulebook_paths, say
 from rulecheck.config import Bound
 from rulecheck.errors import InvalidRulebook, InvalidSpec
 from rulecheck.files import read_limited
+from rulecheck.heap import import_model_libraries
 from rulecheck.progress import rich_progress
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ def _diff_gate(
 ) -> tuple[dict[int, int] | None, dict]:
     """The old book gated on the new book's SAEs (``--mapping``: auto or mapping files):
     the output features' pairing (None: the SAE did not change) and the verdict's record."""
+    import_model_libraries()
     from rulecheck.gate import gate_verdict, gated
     from rulecheck.session import DEFAULT_CACHE, Workbench, book_specs
     from rulecheck.specs import Specs
@@ -161,6 +163,7 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
     run = None if args.run is None else read_run(args.run)
     bench = None
     if n:
+        import_model_libraries()
         from rulecheck.session import DEFAULT_CACHE, Workbench
 
         bench = Workbench(device=args.device, cache_dir=args.cache or DEFAULT_CACHE)
