@@ -28,7 +28,8 @@ _registered = False
 
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
-    """The cyclic collector off while the block runs (as it was, after)."""
+    """The cyclic collector off while the block runs (as it was, after): for work that makes
+    many objects and no garbage cycles (an import, reading a rulebook)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
