@@ -167,13 +167,28 @@ def pytest_runtestloop(session):
 """
 
 
-@pytest.mark.parametrize("first", [True, False], ids=["first", "nested"])
+@pytest.mark.parametrize(
+    ("first", "program", "freezes"),
+    [(True, "pytest", True), (True, "ipykernel_launcher", False), (False, "pytest", False)],
+    ids=["first", "in-a-notebook", "nested"],
+)
 def test_a_session_with_rulebook_items_freezes_only_as_its_process_s_first(
-    first: bool, frozen: list[str], pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    first: bool,
+    program: str,
+    freezes: bool,
+    frozen: list[str],
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Its model libraries imported, the process's first session freezes every object alive
-    before its items run; a session run inside another (pytester's) leaves its objects to the
-    collector, and a session without rulebook items freezes nothing."""
+    """Its model libraries imported, the first session of a process that runs pytest freezes
+    every object alive before its items run; a session run inside another (pytester's) or by
+    ``pytest.main`` in a notebook's kernel leaves its objects to the collector, and a session
+    without rulebook items freezes nothing."""
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name=f"{program}.__main__")  # type: ignore[assignment]
+    monkeypatch.setitem(sys.modules, "__main__", main)
     pytester.makeconftest(ONLY_COLLECTED)
     pytester.makepyfile(test_plain="def test_nothing():\n    pass\n")
     pytester.makefile(".yaml", L0H0=PLANTED_BOOK)
@@ -181,8 +196,20 @@ def test_a_session_with_rulebook_items_freezes_only_as_its_process_s_first(
         if first:
             monkeypatch.setattr(pytest_rulecheck, "_first_config", None)
         assert pytester.runpytest("-p", "no:cacheprovider", *args).ret == 0
-        assert frozen == (["freeze"] if first and not args else [])
-    assert frozen == (["freeze"] if first else [])
+        assert frozen == (["freeze"] if freezes and not args else [])
+
+
+def test_a_process_runs_pytest_as_a_command_a_module_or_an_xdist_worker(
+    monkeypatch: pytest.MonkeyPatch, pytestconfig: pytest.Config
+) -> None:
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # a script's
+    for script, runs in (("/venv/bin/pytest", True), ("/venv/bin/py.test", True), ("x.py", False)):
+        monkeypatch.setattr(sys, "argv", [script])
+        assert pytest_rulecheck.runs_the_process(pytestconfig) is (
+            runs or hasattr(pytestconfig, "workerinput")
+        )
 
 
 def test_the_test_processes_keep_the_libraries_out_of_the_collector() -> None:

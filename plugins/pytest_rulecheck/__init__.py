@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -129,16 +130,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """A session about to run rulebook items imports the model libraries now, with the cyclic
-    collector paused, and, the first session of its process, freezes every object alive out of
-    the collector's reach: it keeps them until it ends, and every full pass of the collector
-    would walk them again (``rulecheck.heap``; a session run inside another keeps its own
-    objects collectable)."""
+    collector paused, and, the first session of a process that runs pytest, freezes every
+    object alive out of the collector's reach: it keeps them until it ends, and every full pass
+    of the collector would walk them again (``rulecheck.heap``). A session run inside another,
+    or by ``pytest.main`` in a longer-lived program (a notebook), leaves its objects to the
+    collector."""
     if session.config.option.collectonly:
         return
     if any(isinstance(item, (RuleItem, BookItem)) for item in session.items):
         from rulecheck.heap import import_model_libraries
 
-        import_model_libraries(kept=session.config is _first_config)
+        config = session.config
+        import_model_libraries(kept=config is _first_config and runs_the_process(config))
+
+
+def runs_the_process(config: pytest.Config) -> bool:
+    """Whether pytest is the program its process runs (``pytest``, ``python -m pytest``, an
+    xdist worker), not a ``pytest.main`` call of a longer-lived one."""
+    if hasattr(config, "workerinput"):
+        return True
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = spec.name if spec is not None else Path(sys.argv[0]).name
+    return program.split(".")[0] in ("pytest", "py")
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
