@@ -11,7 +11,6 @@ The Python API (``rulecheck.objects``, ``rulecheck.results``), imported on first
 
 from __future__ import annotations
 
-import gc
 import importlib
 
 from rulecheck.errors import RulecheckError
@@ -64,15 +63,10 @@ __all__ = [
 def __getattr__(name: str) -> object:
     if name not in LAZY:
         raise AttributeError(f"module 'rulecheck' has no attribute {name!r}")
-    # the model libraries are imported without the cyclic collector's passes over them, a fifth
-    # of their import (``rulecheck.heap``, which the root package does not import)
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    from rulecheck.heap import collector_paused
+
+    with collector_paused():  # the model libraries' import, without a fifth of its time
         value = getattr(importlib.import_module(LAZY[name]), name)
-    finally:
-        if collecting:
-            gc.enable()
     globals()[name] = value
     return value
 

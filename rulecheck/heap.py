@@ -5,9 +5,8 @@ Importing them allocates those objects and the collector walks them a thousand t
 (a fifth of the import: 1.2 s of 6); ``import_model_libraries`` imports them with the collector
 paused, and a process that keeps them until it exits (a command, a test session) moves them out
 of the collector's reach (``gc.freeze``), so that each later full pass walks only what was made
-since.
-And the collector's last pass over them as the interpreter exits takes a second or more (1.3 s
-after the shipped models' SAE tests) to free memory the exit frees anyway:
+since. And the collector's last pass over them as the interpreter exits takes a second or more
+(1.3 s after the shipped models' SAE tests) to free memory the exit frees anyway:
 ``skip_final_collection`` freezes every object at exit instead, once the command or session has
 ended. ``atexit`` handlers and ``weakref.finalize`` callbacks still run and the standard streams
 are still flushed; only objects caught in reference cycles are no longer finalized (rulecheck

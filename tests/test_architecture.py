@@ -32,6 +32,7 @@ CORE = (
     "rulecheck.strategies",
     "rulecheck.properties",
     "rulecheck.profiles",
+    "rulecheck.heap",  # the garbage collector's policy: no files, no printing
 )
 # The shell around it, and libraries only the shell may use.
 SHELL_LIBRARIES = ("yaml", "rich", "safetensors", "argparse", "json", "shutil", "tempfile")
