@@ -332,6 +332,51 @@ def bench_cli_yaml_work() -> tuple[str, float, float, str]:
     return "rulecheck show / summary / diff, 8 shipped books", t_fast, t_base, "import torch stack"
 
 
+ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # set by the Makefile
+PASS_CHILD = """
+import hashlib, resource, torch
+torch.set_num_threads(1)
+from rulecheck.config import ExtractConfig
+from rulecheck.core.extract import collect_layer
+from rulecheck.session import Workbench
+from rulecheck.specs import Specs
+art = Workbench(device="cpu", cache_dir=None).layer(Specs("rulecheck-tiny").resolve(), 1)
+def usage():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_minflt
+cpu, faults = usage()
+cols, _ = collect_layer(art.model, art.sae_outs, art.tokens[:2048], 1, ExtractConfig())
+seconds, faults = (b - a for a, b in zip((cpu, faults), usage()))
+digest = hashlib.sha256(b"".join(c.top_val.numpy().tobytes() for c in cols.values()))
+print(seconds, faults, digest.hexdigest())
+"""
+
+
+def bench_allocator() -> tuple[str, float, float, str]:
+    """The corpus pass of rulecheck-tiny's layer 1 (2,048 sequences, its four heads) in a
+    process with the Makefile's glibc settings (blocks below 32 MiB from the heap, freed heap
+    kept), against one without them, where each batch's tensors are mapped and faulted in
+    anew (CPU seconds, user and system, of the pass); the exemplars must be equal."""
+    import subprocess
+    import sys
+
+    def child(keep: bool) -> tuple[float, int, str]:
+        env = {k: v for k, v in os.environ.items() if keep or k not in ALLOCATOR}
+        if keep:
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
+            env.setdefault("MALLOC_TRIM_THRESHOLD_", "1073741824")
+        argv = [sys.executable, "-c", PASS_CHILD]
+        out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
+        seconds, faults, digest = out.split()
+        return float(seconds), int(faults), digest
+
+    fast = min((child(True) for _ in range(2)), key=lambda r: r[0])
+    base = min((child(False) for _ in range(2)), key=lambda r: r[0])
+    assert fast[2] == base[2], "the allocator changed the exemplars"
+    name = f"corpus pass, tiny L1, 2,048 sequences ({fast[1]:,} page faults, {base[1]:,} without)"
+    return name, fast[0], base[0], "glibc defaults"
+
+
 def _tiny(layer: int, head: int):
     """The session, layer artefacts and exemplars of one head of rulecheck-tiny on the CPU."""
     from rulecheck.session import Workbench
@@ -550,7 +595,9 @@ def main() -> None:
         bench_encode_columns(device),
         bench_decoder_cosine(device),
         bench_one_head_pass(),
+        bench_allocator(),
         bench_rulebook_parsing(),
+        bench_fresh_books(),
         bench_rulebook_rewrite(),
         bench_planted_end_to_end(),
         bench_cli_yaml_work(),
