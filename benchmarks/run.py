@@ -241,6 +241,26 @@ def bench_rulebook_parsing() -> tuple[str, float, float, str]:
     return f"read the largest shipped rulebook ({size})", t_fast, t_base, "pure-Python YAML parser"
 
 
+def bench_fresh_books() -> tuple[str, float, float, str]:
+    """Writing the eight shipped rulecheck-tiny books anew (what extraction writes, a book a
+    head): the canonical text written directly, against ruamel.yaml's emitter; same bytes."""
+    from pathlib import Path
+
+    from rulecheck.book import book_dict
+    from rulecheck.roundtrip import _dump
+    from rulecheck.roundtrip.emit import emit
+    from rulecheck.roundtrip.style import _build
+    from rulecheck.rulebook import load_rulebook
+
+    shipped = sorted((Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny").glob("*.yaml"))
+    books = [book_dict(load_rulebook(path)) for path in shipped]
+    t_fast, fast = timed(lambda: [emit(book) for book in books])
+    t_base, base = timed(lambda: [_dump(_build(book)) for book in books])
+    assert fast == base
+    size = f"{sum(len(text) for text in base) / 1e3:.0f} KB"
+    return f"write the 8 shipped books fresh ({size})", t_fast, t_base, "ruamel.yaml emitter"
+
+
 def bench_rulebook_rewrite() -> tuple[str, float, float, str]:
     """Writing a 60 KB rulebook over its old text with one feature changed: the unchanged
     features are copied as text, against parsing and writing them all with ruamel.yaml."""

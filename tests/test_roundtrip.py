@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +18,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from rulecheck import roundtrip
+from rulecheck.book import book_dict, measured_dict
 from rulecheck.roundtrip import render
-from rulecheck.schema import Flow
+from rulecheck.roundtrip.emit import emit
+from rulecheck.roundtrip.style import _build
+from rulecheck.rulebook import load_rulebook
+from rulecheck.schema import Block, Flow
 
 EXAMPLES = int(os.environ.get("RULECHECK_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(
@@ -26,6 +31,7 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+SHIPPED = Path(__file__).parents[1] / "rulebooks" / "rulecheck-tiny"
 HEADER = ("# yaml-language-server: $schema=../rulebook.schema.json", "# written by rulecheck")
 
 
@@ -722,3 +728,43 @@ def test_a_second_feature_with_the_same_id_is_written_too() -> None:
     text = render(new, old)
     assert yaml.safe_load(text) == new
     assert text == full_merge(new, old)
+
+
+# ---------------------------------------------------------------------------- the direct writer
+
+BLOCKS = st.recursive(
+    SCALARS,
+    lambda children: st.one_of(_containers(children), st.lists(children, max_size=4).map(Block)),
+    max_leaves=16,
+)
+
+
+@FUZZ
+@given(st.one_of(DOCUMENTS, BOOKS, st.dictionaries(KEYS, BLOCKS, max_size=6)))
+def test_fuzz_the_direct_writer_writes_what_ruamel_yaml_writes(new: dict[Any, Any]) -> None:
+    """A fresh file's text, written directly, is ruamel.yaml's text of the same document, byte
+    for byte; a shape it leaves to ruamel.yaml is said (None)."""
+    direct = emit(new)
+    assert direct is None or direct == roundtrip._dump(_build(new))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SHIPPED.glob("*.yaml")))
+def test_shipped_books_and_measurements_are_written_directly(name: str) -> None:
+    """Every shipped book of rulecheck-tiny, and the measurements beside it, takes the direct
+    writer, and gets ruamel.yaml's bytes from it."""
+    book = load_rulebook(SHIPPED / name)
+    for new in (book_dict(book), measured_dict(book)):
+        direct = emit(new)
+        assert direct is not None and direct == roundtrip._dump(_build(new))
+        assert render(new) == direct
+
+
+def test_shapes_left_to_ruamel_yaml_are_written_as_it_writes_them() -> None:
+    """A block list right inside a block list (ruamel.yaml's ``-   - 1``) and a key too long to
+    be a simple key are not written directly, and ``render`` writes them as ruamel.yaml does."""
+    nested = {"k": [[1, [2, 3]], [4]]}
+    long_key = {"k" * 130: 1}
+    for new in (nested, long_key):
+        assert emit(new) is None
+        assert render(new) == roundtrip._dump(_build(new))
+    assert render(nested) == "k:\n  -   - 1\n      - [2, 3]\n  - [4]\n"

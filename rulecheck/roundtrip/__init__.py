@@ -48,6 +48,7 @@ from ruamel.yaml.error import YAMLError
 
 from rulecheck.roundtrip.comments import _last, _pop_tail, _push_tail, _push_top
 from rulecheck.roundtrip.cut import _Cut, _cut, _paste, _read, _unchanged
+from rulecheck.roundtrip.emit import emit
 from rulecheck.roundtrip.merge import _settle, _update, _update_items
 from rulecheck.roundtrip.style import (
     _LINE_BREAKS,
@@ -120,7 +121,7 @@ def render(
         raise TypeError(f"new must be a mapping, not {type(new).__name__}")
     prefix = "".join(f"{line}\n" for line in header)
     if old_text is None:
-        return prefix + _dump(_build(new))
+        return prefix + (emit(new) or _dump(_build(new)))
     if any(line.startswith(MODELINE) for line in old_text.splitlines()) or not any(
         line.startswith(MODELINE) for line in header
     ):
