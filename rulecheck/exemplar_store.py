@@ -114,16 +114,24 @@ class ExemplarStore:
 
     # ----------------------------------------------------------------------------- disk
 
-    def layer_lock(self, head: Head) -> contextlib.AbstractContextManager[None]:
-        """Hold the disk cache's lock of the head's layer under its output SAEs: processes
-        sharing the cache (pytest workers) wait for one pass over a layer instead of each
-        streaming it, and a pass for other output SAEs (a retrain gated beside the shipped
-        SAEs' checks) does not wait for it. A pass whose group mixes output SAEs (books naming
-        their own) is held under the asked-for head's: another process may stream one of the
-        others too, which costs a pass, never a wrong entry (entries are written whole)."""
+    @contextlib.contextmanager
+    def layer_lock(self, heads: Sequence[Head]) -> Iterator[None]:
+        """Hold the disk cache's locks of ``heads`` (a pass's group) at their layer under their
+        output SAEs, taken in one order: processes sharing the cache (pytest workers) wait for
+        one pass over a layer instead of each streaming it, also when each asks for another
+        head of the group and each head's book names its own output SAE; a pass for other
+        output SAEs (a retrain gated beside the shipped SAEs' checks) does not wait for it."""
+        names = sorted({self._lock_name(h) for h in heads})
+        with contextlib.ExitStack() as held:
+            for name in names:
+                held.enter_context(cache_lock(self.cache_dir, name))
+            yield
+
+    @staticmethod
+    def _lock_name(head: Head) -> str:
         s = head.specs
         name = repr((s.model, s.corpus, head.layer, s.sae_out)).encode()
-        return cache_lock(self.cache_dir, f"layer-{hashlib.sha256(name).hexdigest()[:16]}")
+        return f"layer-{hashlib.sha256(name).hexdigest()[:16]}"
 
     def read(self, head: Head) -> ExemplarCollector | None:
         """The head's exemplar state from the disk cache, if a whole entry of its key is there

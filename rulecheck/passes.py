@@ -59,7 +59,8 @@ class Passes:
         held = self.store.held(head)
         if held is not None:
             return held
-        with self.store.layer_lock(head):  # another process may be streaming the same layer
+        # another process may be streaming the same layer for the same heads
+        with self.store.layer_lock(self.layer_group(head)):
             cached = self.store.read(head)
             if cached is not None:
                 return cached

@@ -316,12 +316,16 @@ def test_inputs_are_kept_only_when_the_prefixes_outnumber_the_corpus():
     assert not keeps_inputs(layer, ExtractConfig(features=4))
 
 
-@pytest.mark.parametrize("other_sae", [False, True], ids=["same-sae", "other-sae"])
-def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch, other_sae):
+@pytest.mark.parametrize(
+    "case", ["same-sae", "other-sae", "books-of-two-heads"], ids=lambda case: case
+)
+def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch, case):
     """Two sessions (pytest workers, say) asking at once for a layer's exemplars with a cold
-    cache: one streams the corpus, the other waits for it and reads the cache; a session
-    asking for another output SAE's (a retrain's) streams beside the first, without waiting
-    for a pass that collects nothing it reads."""
+    cache: one streams the corpus, the other waits for it and reads the cache, also when they
+    ask for two heads whose books each name their own output SAE (both sessions check both
+    books: the first pass collects both heads); a session asking for another output SAE's (a
+    retrain's) streams beside the first, without waiting for a pass that collects nothing it
+    reads."""
     import threading
 
     import rulecheck.passes
@@ -341,19 +345,36 @@ def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch, oth
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rulecheck.passes, "collect_layer", meeting)
+    other_sae = case == "other-sae"
     specs = [Specs("planted").resolve()] * 2
+    asked = [0, 0]
     if other_sae:
         permuted_copy("planted:sae_out/L0H0", tmp_path / "retrained" / "L0H0")
         specs[1] = Specs("planted", sae_out=f"{tmp_path}/retrained/L{{layer}}H{{head}}").resolve()
+    if case == "books-of-two-heads":
+        specs = [Specs("planted", sae_out=f"planted:sae_out/L0H{h}").resolve() for h in (0, 1)]
+        asked = [0, 1]
     benches = [Workbench(device="cpu", cache_dir=tmp_path / "cache") for _ in range(2)]
-    heads = [b.layer_heads(s, 0, [0])[0] for b, s in zip(benches, specs, strict=True)]
+    heads = [b.layer_heads(s, 0, [h])[0] for b, s, h in zip(benches, specs, asked, strict=True)]
+    if case == "books-of-two-heads":
+        for bench in benches:  # each session checks both books
+            for head in heads:
+                bench.passes.announce(head)
     got = at_once(*(lambda b=b, h=h: b.collector(h) for b, h in zip(benches, heads, strict=True)))
     assert got[0] is not None and got[1] is not None
     if other_sae:
         assert met == [True, True]
     else:
         assert met == [False]
+    if case == "same-sae":
         assert torch.equal(got[0].top_seq, got[1].top_seq)
+    if case == "books-of-two-heads":  # as a session of its own collects them
+        alone = Workbench(device="cpu", cache_dir=None)
+        for head, col in zip(heads, got, strict=True):
+            assert torch.equal(
+                alone.collector(alone.layer_heads(head.specs, 0, [head.head])[0]).top_seq,
+                col.top_seq,
+            )
 
 
 def test_a_later_session_extracts_from_the_cached_exemplars(tmp_path, monkeypatch):
