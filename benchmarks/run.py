@@ -352,7 +352,7 @@ def bench_cli_yaml_work() -> tuple[str, float, float, str]:
     return "rulecheck show / summary / diff, 8 shipped books", t_fast, t_base, "import torch stack"
 
 
-ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # set by the Makefile
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}  # make's
 PASS_CHILD = """
 import hashlib, resource, torch
 torch.set_num_threads(1)
@@ -381,10 +381,8 @@ def bench_allocator() -> tuple[str, float, float, str]:
     import sys
 
     def child(keep: bool) -> tuple[float, int, str]:
-        env = {k: v for k, v in os.environ.items() if keep or k not in ALLOCATOR}
-        if keep:
-            env.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
-            env.setdefault("MALLOC_TRIM_THRESHOLD_", "1073741824")
+        env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR}
+        env |= ALLOCATOR if keep else {}
         argv = [sys.executable, "-c", PASS_CHILD]
         out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
         seconds, faults, digest = out.split()

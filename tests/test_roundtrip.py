@@ -750,8 +750,9 @@ def test_fuzz_the_direct_writer_writes_what_ruamel_yaml_writes(new: dict[Any, An
 
 @pytest.mark.parametrize("name", sorted(p.name for p in SHIPPED.glob("*.yaml")))
 def test_shipped_books_and_measurements_are_written_directly(name: str) -> None:
-    """Every shipped book of rulecheck-tiny, and the measurements beside it, takes the direct
-    writer, and gets ruamel.yaml's bytes from it."""
+    """Every shipped book of rulecheck-tiny takes the direct writer and gets ruamel.yaml's
+    bytes from it; so do its measurements' values (written beside it as JSON, a larger document
+    of the same shapes)."""
     book = load_rulebook(SHIPPED / name)
     for new in (book_dict(book), measured_dict(book)):
         direct = emit(new)

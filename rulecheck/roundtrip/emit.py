@@ -3,8 +3,7 @@
 
 Only the shapes books and their tools produce are written here; :func:`emit` returns None for
 any other (a block list directly inside a block list, a key of more than one line or too long
-to be a simple key), and
-the caller takes ruamel.yaml's text then. A double-quoted string is written by ruamel.yaml
+to be a simple key), and the caller takes ruamel.yaml's text then. A double-quoted string is written by ruamel.yaml
 itself (its escapes), once per distinct string.
 """
 
@@ -18,8 +17,7 @@ from typing import Any
 from ruamel.yaml.comments import CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-from rulecheck.roundtrip.style import _LINE_BREAKS, _float_text, _string_style, _yaml
-from rulecheck.schema import Block, Flow
+from rulecheck.roundtrip.style import _LINE_BREAKS, _float_text, _in_flow, _string_style, _yaml
 
 MAX_KEY = 100  # ruamel.yaml writes a key of 128 characters or more as a complex key ("? ...")
 
@@ -59,18 +57,9 @@ def emit(value: Mapping[str, Any]) -> str | None:
             raise _Unsupported
         return text
 
-    def is_flow(v: Any, flow: bool) -> bool:
+    def is_flow(v: Mapping | list | tuple, flow: bool) -> bool:
         """Whether the collection ``v`` is written on one line (as ``style._build`` sets it)."""
-        if isinstance(v, Mapping):
-            return flow or isinstance(v, Flow) or len(v) == 0
-        return (
-            flow
-            or len(v) == 0
-            or (
-                not isinstance(v, Block)
-                and not any(isinstance(x, Mapping | list | tuple) for x in v)
-            )
-        )
+        return _in_flow(v, flow) or len(v) == 0
 
     def inline(v: Any, in_list: bool = False) -> str:
         """``v`` inside a flow collection (or a flow collection itself); a mapping of one entry

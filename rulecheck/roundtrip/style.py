@@ -254,18 +254,27 @@ def _string(value: str, flow: bool) -> str:
     return PlainScalarString(value)
 
 
+def _in_flow(value: Mapping | list | tuple, flow: bool) -> bool:
+    """Whether the collection ``value`` and its items are written in flow style (``flow``:
+    inside a flow node): a ``Flow`` mapping, or a list of scalars that is not a ``Block``; an
+    empty collection is written ``{}`` or ``[]`` either way (``_set_flow``)."""
+    if isinstance(value, Mapping):
+        return flow or isinstance(value, Flow)
+    return flow or (
+        not isinstance(value, Block)
+        and not any(isinstance(v, Mapping | list | tuple) for v in value)
+    )
+
+
 def _build(value: Any, flow: bool = False) -> Any:
     """``value`` as ruamel.yaml nodes in the canonical style (``flow``: inside a flow node)."""
     if isinstance(value, Mapping):
-        flow = flow or isinstance(value, Flow)
+        flow = _in_flow(value, flow)
         mapping = CommentedMap((_build(k, flow), _build(v, flow)) for k, v in value.items())
         _set_flow(mapping, flow)
         return mapping
     if isinstance(value, list | tuple):
-        flow = flow or (
-            not isinstance(value, Block)
-            and not any(isinstance(v, Mapping | list | tuple) for v in value)
-        )
+        flow = _in_flow(value, flow)
         seq = CommentedSeq(_build(v, flow) for v in value)
         _set_flow(seq, flow)
         return seq
