@@ -17,6 +17,7 @@ from rulecheck.core.extract import collect_layer
 from rulecheck.core.heldout import (
     FireCounts,
     HeldOut,
+    any_of,
     candidate_bounds,
     choose_bounds,
     fire_counts,
@@ -70,6 +71,21 @@ def test_term_matches_are_predict_at_every_position(feats, bounded) -> None:
             want = (predict(feats, t, one) > 0) & (p > 0)  # BOS is never a prediction
             assert torch.equal(got[:, p, j], want), (j, p)
     assert got.any() and not got.all()
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 1, 2, 5, 17, 16, 33, 0, 4], [0, 0], [1], []])
+def test_any_of_is_each_feature_s_terms_or_ed_in_a_loop(sizes) -> None:
+    """Features of every size (none, one, around each power of two) read from ``[..., n_terms]``
+    matches, some of them all false, against a loop over each feature's slice."""
+    offsets = torch.tensor([0, *sizes]).cumsum(0)
+    g = torch.Generator().manual_seed(len(sizes))
+    matches = torch.rand(3, 5, int(offsets[-1]), generator=g) > 0.97
+    got = any_of(matches, offsets)
+    assert got.shape == (3, 5, len(sizes))
+    for i, (lo, hi) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+        assert torch.equal(got[..., i], matches[..., lo:hi].any(dim=-1)), i
+    if sum(sizes) > 10:
+        assert got.any() and not got.all()
 
 
 def test_nearest_key_distances_at_every_position_are_the_prefixes(feats) -> None:

@@ -24,6 +24,7 @@ the rule over the val half's positions by at least ``BOUND_GAIN``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -68,29 +69,39 @@ def term_matches(feats: Tensor, terms: Terms) -> Tensor:
     """``[batch, pos, n_terms]`` bool: where each term predicts the feature on, reading every
     position ``p >= 1`` as the end of a prefix (``rules.term_contributions > 0``): query active
     at ``p``, key active at some ``i <= p`` within the term's distances, scores positive.
-    ``feats`` is ``[batch, pos, d]``. Keys are counted once per column (running counts), and
-    a term reads its window as the difference of two counts."""
+    ``feats`` is ``[batch, pos, d]``. A view of ``term_rows``'s ``[n_terms, batch, pos]``."""
+    return term_rows(feats, terms).permute(1, 2, 0)
+
+
+def term_rows(feats: Tensor, terms: Terms) -> Tensor:
+    """``term_matches`` as ``[n_terms, batch, pos]``: each column of ``feats`` is one
+    contiguous row here, so picking a term's query and key columns copies rows instead of
+    gathering one element at a time. Keys are counted once per column (running counts), and
+    a bounded term reads its window as the difference of two counts."""
     n_pos, dev = feats.shape[1], feats.device
-    active = feats > 0
+    active = _columns_first(feats)  # [d, batch, pos]
     keys, column = torch.unique(terms.key.to(dev), return_inverse=True)  # column [n_terms]
-    count = active[..., keys].to(torch.int32).cumsum(dim=1)  # [b, pos, n_keys]: keys in [0, p]
-    out = active[..., terms.query.to(dev)] & (count > 0)[..., column]
+    count = active[keys].to(torch.int32).cumsum(dim=2)  # [n_keys, batch, pos]: keys in [0, p]
+    query = terms.query.to(dev)
+    out = active[query] & (count > 0)[column]
     none = torch.full((len(terms),), -1, dtype=torch.long, device=dev)
     lo = (none if terms.min_distance is None else terms.min_distance.to(dev)).clamp(min=0)
     hi = none if terms.max_distance is None else terms.max_distance.to(dev)
     hi = torch.where(hi < 0, n_pos, hi)
     bounded = torch.nonzero((lo > 0) | (hi < n_pos - 1)).flatten()
     if len(bounded):
-        padded = torch.nn.functional.pad(count, (0, 0, 1, 0))  # [b, pos + 1, n_keys]
-        p = torch.arange(n_pos, device=dev)[:, None]
-        upper = (p - lo[bounded][None, :] + 1).clamp(min=0)  # keys at i <= p - lo
-        lower = (p - hi[bounded][None, :]).clamp(min=0)  # keys at i >= p - hi
-        col = column[bounded][None, :].expand(n_pos, -1)
-        inside = padded[:, upper, col] - padded[:, lower, col]  # [b, pos, n_bounded]
-        out[..., bounded] = active[..., terms.query[bounded].to(dev)] & (inside > 0)
-    live = ((terms.attn > 0) & (terms.value > 0)).to(dev)
-    out &= live
-    out[:, 0] = False
+        padded = torch.nn.functional.pad(count[column[bounded]], (1, 0))  # [n_b, batch, pos + 1]
+        p = torch.arange(n_pos, device=dev)[None, :]
+        upper = (p - lo[bounded][:, None] + 1).clamp(min=0)  # keys at i <= p - lo
+        lower = (p - hi[bounded][:, None]).clamp(min=0)  # keys at i >= p - hi
+        shape = (len(bounded), feats.shape[0], n_pos)
+        inside = padded.gather(2, upper[:, None].expand(shape)) - padded.gather(
+            2, lower[:, None].expand(shape)
+        )  # [n_b, batch, pos]
+        out[bounded] = active[query[bounded]] & (inside > 0)
+    dead = torch.nonzero(~((terms.attn > 0) & (terms.value > 0))).flatten().to(dev)
+    out[dead] = False
+    out[:, :, 0] = False
     return out
 
 
@@ -117,13 +128,35 @@ def joined(terms: list[Terms]) -> tuple[Terms, Tensor]:
 
 def any_of(matches: Tensor, offsets: Tensor) -> Tensor:
     """``[..., n_features]``: whether any of each feature's terms matches, from ``matches
-    [..., n_terms]`` of ``joined`` terms at ``offsets`` (one product with the terms'
-    membership)."""
-    n_terms, n_features = int(offsets[-1]), len(offsets) - 1
-    owner = torch.repeat_interleave(torch.arange(n_features), offsets.diff())
-    member = torch.zeros(n_terms, n_features, device=matches.device)
-    member[torch.arange(n_terms), owner.to(matches.device)] = 1.0
-    return (matches.float() @ member) > 0
+    [..., n_terms]`` of ``joined`` terms at ``offsets`` (``term_matches``: its terms are
+    contiguous rows of ``term_rows``)."""
+    rows = matches.movedim(-1, 0)
+    return segments_any(rows, offsets).movedim(0, -1)
+
+
+def segments_any(rows: Tensor, offsets: Tensor) -> Tensor:
+    """``[n_features, ...]``: for each feature, whether any of its rows ``[offsets[i],
+    offsets[i + 1])`` of ``rows [n_terms, ...]`` (bool) is true. Features of about one size
+    (counts up to each power of two) are read together, each padded with an all-false row to
+    that size: one row copy and one reduction per size, at most twice the rows there are."""
+    n_features = len(offsets) - 1
+    flat = rows.reshape(rows.shape[0], math.prod(rows.shape[1:]))
+    flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])]).view(torch.uint8)
+    out = flat.new_zeros(n_features, flat.shape[1])
+    offsets = offsets.to(rows.device)
+    sizes = offsets.diff()
+    biggest = int(sizes.max()) if n_features else 0
+    width = 1
+    while width // 2 < biggest:
+        mine = torch.nonzero((sizes > width // 2) & (sizes <= width)).flatten()
+        if len(mine):
+            slot = torch.arange(width, device=rows.device)
+            index = offsets[mine, None] + slot
+            index = torch.where(slot < sizes[mine, None], index, rows.shape[0])  # the false row
+            picked = flat.index_select(0, index.flatten()).view(len(mine), width, -1)
+            out[mine] = picked.amax(dim=1)
+        width *= 2
+    return out.bool().view(n_features, *rows.shape[1:])
 
 
 def nearest_key_distance(feats: Tensor, t: Tensor, where: Tensor, terms: Terms) -> Tensor:
@@ -138,14 +171,20 @@ def nearest_key_distance(feats: Tensor, t: Tensor, where: Tensor, terms: Terms) 
 def nearest_key_distances(feats: Tensor, terms: Terms) -> Tensor:
     """``[batch, pos, n_terms]``: at every position ``p`` of ``feats [batch, pos, d]``, how
     far each term's nearest key is (``p - i`` of the last ``i <= p`` where it is active), -1
-    where the query is inactive at ``p`` or no key is active up to it."""
+    where the query is inactive at ``p`` or no key is active up to it (a view of
+    ``[n_terms, batch, pos]``, its terms' columns copied as rows, as ``term_rows``)."""
     dev = feats.device
-    active = feats > 0
+    active = _columns_first(feats)
     keys, column = torch.unique(terms.key.to(dev), return_inverse=True)
-    pos = torch.arange(feats.shape[1], device=dev)[None, :, None]
-    last = torch.where(active[..., keys], pos, -1).cummax(dim=1).values[..., column]
-    query = active[..., terms.query.to(dev)]
-    return torch.where(query & (last >= 0), pos - last, -1)
+    pos = torch.arange(feats.shape[1], device=dev)
+    last = torch.where(active[keys], pos, -1).cummax(dim=2).values[column]  # [n_terms, b, pos]
+    query = active[terms.query.to(dev)]
+    return torch.where(query & (last >= 0), pos - last, -1).permute(1, 2, 0)
+
+
+def _columns_first(feats: Tensor) -> Tensor:
+    """``[d, batch, pos]`` bool: where each column of ``feats [batch, pos, d]`` is active."""
+    return (feats > 0).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)
