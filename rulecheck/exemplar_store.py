@@ -119,18 +119,20 @@ class ExemplarStore:
         """Hold the disk cache's locks of ``heads`` (a pass's group) at their layer under their
         output SAEs, taken in one order: processes sharing the cache (pytest workers) wait for
         one pass over a layer instead of each streaming it, also when each asks for another
-        head of the group and each head's book names its own output SAE; a pass for other
-        output SAEs (a retrain gated beside the shipped SAEs' checks) does not wait for it."""
+        head of the group and each head's book names its own output SAE, or names it otherwise
+        (a template, the head's own name); a pass for other output SAEs (a retrain gated beside
+        the shipped SAEs' checks) does not wait for it."""
         names = sorted({self._lock_name(h) for h in heads})
         with contextlib.ExitStack() as held:
             for name in names:
                 held.enter_context(cache_lock(self.cache_dir, name))
             yield
 
-    @staticmethod
-    def _lock_name(head: Head) -> str:
-        s = head.specs
-        name = repr((s.model, s.corpus, head.layer, s.sae_out)).encode()
+    def _lock_name(self, head: Head) -> str:
+        """The lock of the head's layer under its output SAE: by what the pass reads (the
+        fingerprints its cache entry is keyed by), not by how the specs spell it."""
+        fp = self.loaded.fingerprints(head, ("model", "corpus", "sae_out"))
+        name = repr((fp["model"], fp["corpus"], head.layer, fp["sae_out"])).encode()
         return f"layer-{hashlib.sha256(name).hexdigest()[:16]}"
 
     def read(self, head: Head) -> ExemplarCollector | None:

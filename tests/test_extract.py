@@ -317,15 +317,18 @@ def test_inputs_are_kept_only_when_the_prefixes_outnumber_the_corpus():
 
 
 @pytest.mark.parametrize(
-    "case", ["same-sae", "other-sae", "books-of-two-heads"], ids=lambda case: case
+    "case",
+    ["same-sae", "same-sae-named-otherwise", "other-sae", "books-of-two-heads"],
+    ids=lambda case: case,
 )
 def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch, case):
     """Two sessions (pytest workers, say) asking at once for a layer's exemplars with a cold
     cache: one streams the corpus, the other waits for it and reads the cache, also when they
     ask for two heads whose books each name their own output SAE (both sessions check both
-    books: the first pass collects both heads); a session asking for another output SAE's (a
-    retrain's) streams beside the first, without waiting for a pass that collects nothing it
-    reads."""
+    books: the first pass collects both heads) and when one names the SAE by its template and
+    the other by the head's own name (what a book holds); a session asking for another output
+    SAE's (a retrain's) streams beside the first, without waiting for a pass that collects
+    nothing it reads."""
     import threading
 
     import rulecheck.passes
@@ -351,6 +354,8 @@ def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch, cas
     if other_sae:
         permuted_copy("planted:sae_out/L0H0", tmp_path / "retrained" / "L0H0")
         specs[1] = Specs("planted", sae_out=f"{tmp_path}/retrained/L{{layer}}H{{head}}").resolve()
+    if case == "same-sae-named-otherwise":
+        specs[1] = Specs("planted", sae_out="planted:sae_out/L0H0").resolve()
     if case == "books-of-two-heads":
         specs = [Specs("planted", sae_out=f"planted:sae_out/L0H{h}").resolve() for h in (0, 1)]
         asked = [0, 1]
@@ -366,7 +371,7 @@ def test_sessions_sharing_a_cache_stream_a_layer_once(tmp_path, monkeypatch, cas
         assert met == [True, True]
     else:
         assert met == [False]
-    if case == "same-sae":
+    if case.startswith("same-sae"):
         assert torch.equal(got[0].top_seq, got[1].top_seq)
     if case == "books-of-two-heads":  # as a session of its own collects them
         alone = Workbench(device="cpu", cache_dir=None)
