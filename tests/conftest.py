@@ -40,20 +40,13 @@ def pytest_configure(config: pytest.Config) -> None:
     """The first session of the process owns the cache it made, and collects with the cyclic
     collector paused (``pytest_collection_finish`` resumes it): the test modules import torch,
     TransformerLens and sae_lens, whose half a million objects the collector would walk a
-    thousand times meanwhile. Torch on one thread in a serial run; xdist workers get their share
-    of the cores from the rulecheck plugin, and the controller, which runs no test, does not
-    load torch (six seconds before any worker starts)."""
+    thousand times meanwhile."""
     global _cache_owner
     controller = config.getoption("numprocesses", None) and not hasattr(config, "workerinput")
     if _cache_owner is None:
         _cache_owner = config
         if not controller:
             gc.disable()
-    if hasattr(config, "workerinput") or controller:
-        return
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -79,7 +72,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     and pytest's two at the session's end, would walk them all again; objects the tests make
     are collected as before, the youngest after 7,000 allocations instead of 700 (a full
     collection walks the ~250k objects the tests keep: models, reports). The collector's time
-    in the two workers of ``make test``: 22 s before, 10 s after."""
+    in the two workers of ``make test``: 22 s before, 10 s after.
+
+    Torch on one thread in a serial run; xdist workers get their share of the cores from the
+    rulecheck plugin. A process that runs no test (the xdist controller, ``--collect-only``)
+    does not load torch here (a second and more before any worker starts)."""
     if session.config is not _cache_owner:
         return
     if session.items and not session.config.option.collectonly:
@@ -87,6 +84,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
         import_model_libraries(kept=True)
         gc.set_threshold(GC_YOUNGEST, 10, 10)
+        if not hasattr(session.config, "workerinput"):
+            import torch
+
+            torch.set_num_threads(1)
     gc.enable()
 
 
