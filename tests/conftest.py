@@ -93,16 +93,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 # The files `make test`'s two workers start first (`--dist loadfile --no-loadscope-reorder`
 # hands files out in collection order): the longest first, so that none of them starts last
-# and keeps one worker busy alone; and a rulebook of each layer side by side, so that on a
-# cold exemplar cache each worker streams its own layer instead of waiting on the other's
-# (the cache's layer lock: the two gate files both start on rulecheck-tiny's layer 0, so they
-# do not start together). Seconds on 2 cores, cold cache, in the comments.
+# and keeps one worker busy alone; a rulebook of each layer side by side, so that on a cold
+# exemplar cache each worker streams its own layer instead of waiting on the other's (the
+# cache's layer lock); and rulecheck-tiny's layer 0 before the gate files, whose books are on
+# it: its pass collects every head, and their sessions read the shipped SAEs' heads from the
+# cache instead of streaming the layer for each of them. Seconds on 2 cores, cold cache, in
+# the comments.
 FIRST = (
-    "tests/test_gate.py",  # 53: retrained, permuted and broken SAEs gated end to end
+    "rulebooks/rulecheck-tiny/L0H2.yaml",  # 8: streams layer 0, every head
     "rulebooks/rulecheck-tiny-llama/L1H0.yaml",  # 26: streams layer 1 of the second family
-    "tests/test_gate_calibration.py",  # 35: a broken and a healthy input retrain gated live
+    "tests/test_gate.py",  # 50: retrained, permuted and broken SAEs gated end to end
+    "tests/test_gate_calibration.py",  # 30: a broken and a healthy input retrain gated live
     "rulebooks/rulecheck-tiny/L1H0.yaml",  # 34: streams layer 1
-    "rulebooks/rulecheck-tiny/L0H2.yaml",  # 11: streams layer 0 (less what is cached)
     "rulebooks/rulecheck-tiny-llama/L0H0.yaml",  # 13: streams its layer 0
     "tests/test_tiny_rulebooks.py",  # 25
     "tests/test_plugin.py",  # 28
