@@ -122,7 +122,8 @@ class ExemplarStore:
         head of the group and each head's book names its own output SAE, or names it otherwise
         (a template, the head's own name); a pass for other output SAEs (a retrain gated beside
         the shipped SAEs' checks) does not wait for it."""
-        names = sorted({self._lock_name(h) for h in heads})
+        # named by fingerprints: without a cache nothing is locked, and nothing need be hashed
+        names = sorted({self._lock_name(h) for h in heads}) if self.cache_dir is not None else []
         with contextlib.ExitStack() as held:
             for name in names:
                 held.enter_context(cache_lock(self.cache_dir, name))
